@@ -1,0 +1,45 @@
+"""Sphinx configuration for the tornado-longconn docs."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(".."))
+
+import tornado_longconn
+
+project = "tornado-longconn"
+author = "tornado-longconn contributors"
+copyright = "2026, tornado-longconn contributors"
+release = tornado_longconn.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+    "myst_parser",
+]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+exclude_patterns = ["_build", "demo", "examples", "**/node_modules"]
+myst_enable_extensions = ["colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_default_options = {"members": True, "show-inheritance": True}
+nitpicky = False
+
+intersphinx_mapping = {
+    "python": ("https://docs.python.org/3", None),
+    "tornado": ("https://www.tornadoweb.org/en/stable/", None),
+}
+# The docs build runs offline in CI; intersphinx inventories are optional.
+intersphinx_disabled_reftypes = ["*"]
+intersphinx_timeout = 1
+
+html_theme = "furo"
+html_title = "tornado-longconn"
+suppress_warnings = ["intersphinx"]

@@ -1,0 +1,85 @@
+"""The backend interface: where fan-out and history live.
+
+A backend carries messages between every process that serves a topic and keeps
+the topic's history. :class:`BroadcastGroup`, the long-poll waiter and the SSE
+handler talk only to this interface, so the in-memory backend (one process,
+the default) and the Redis backend (many processes and hosts) are
+interchangeable. ``tests/backends/`` runs one contract suite against every
+backend.
+
+Contract:
+
+* ``subscribe(topic, subscriber)`` -- from when the returned awaitable resolves,
+  ``subscriber.on_message(message)`` is called on the event loop for every
+  message published to ``topic`` by any process, in one global order per topic
+  (the same order in every process). Subscribing twice with the same subscriber
+  is a no-op; ``unsubscribe`` stops delivery to that subscriber.
+* ``publish(topic, data, history=..., tag=...)`` -- delivers ``data`` to every
+  subscriber of ``topic`` in every process. With ``history`` it is appended to the
+  topic's history and gets the next :class:`~tornado_longconn.log.Cursor`; the
+  returned :class:`~tornado_longconn.log.Message` carries it. Raises
+  :class:`~tornado_longconn.exceptions.BackendUnavailableError` when the message
+  cannot be published.
+* ``since(topic, cursor)`` -- the kept messages after ``cursor``, or a gap answer
+  (see :class:`~tornado_longconn.log.SinceResult`). A topic never published to
+  answers an empty result at offset 0 of its epoch.
+* When a backend cannot guarantee that a subscriber saw every message (e.g. the
+  connection to Redis dropped and came back), it calls
+  ``subscriber.on_gap(topic, reason)`` once; the subscriber must resync from
+  history (``since``) or tell its clients to.
+* A subscriber's callbacks must not raise and must not block; a backend logs and
+  swallows an exception from one subscriber so the others still get the message.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from ..log import Cursor, HistoryLimit, Message, SinceResult
+
+__all__ = ["Backend", "Subscriber"]
+
+
+class Subscriber(Protocol):
+    """Receives the messages of the topics it subscribed to."""
+
+    def on_message(self, message: Message) -> None:
+        """Called on the event loop for each message, in order. Must not raise or block."""
+
+    def on_gap(self, topic: str, reason: str) -> None:
+        """Messages of ``topic`` may have been missed (``reason`` says why); resync."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend implements (see the module docstring for the contract)."""
+
+    async def start(self) -> None:
+        """Connect / start background tasks. Idempotent."""
+
+    async def close(self) -> None:
+        """Stop background tasks and release connections. Idempotent."""
+
+    async def subscribe(self, topic: str, subscriber: Subscriber) -> None:
+        """Start delivering ``topic``'s messages to ``subscriber``."""
+
+    async def unsubscribe(self, topic: str, subscriber: Subscriber) -> None:
+        """Stop delivering ``topic``'s messages to ``subscriber``."""
+
+    async def publish(
+        self,
+        topic: str,
+        data: str | bytes,
+        *,
+        history: HistoryLimit | None = None,
+        tag: str | None = None,
+    ) -> Message:
+        """Publish ``data`` (text ``str`` or binary ``bytes``) to ``topic`` everywhere."""
+
+    async def since(
+        self, topic: str, cursor: Cursor | None, *, limit: int | None = None
+    ) -> SinceResult:
+        """Kept messages of ``topic`` after ``cursor`` (at most ``limit``), or a gap answer."""
+
+    async def head(self, topic: str) -> Cursor:
+        """The cursor of ``topic``'s newest message (offset 0 when it has none)."""

@@ -1,0 +1,45 @@
+"""WebSocket close codes used by tornado-longconn (documented, stable).
+
+Standard codes come from RFC 6455; the library's own codes use the private range
+4000-4999. Upload errors mirror the HTTP status a tus server would answer: 4400
+for 400, 4413 for 413, and so on.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = ["CloseCode"]
+
+
+class CloseCode(IntEnum):
+    """Close codes the library sends, and what a client should do on each."""
+
+    #: Normal closure.
+    NORMAL = 1000
+    #: The server is shutting down (graceful shutdown); reconnect with jittered backoff.
+    GOING_AWAY = 1001
+    #: A message was larger than the configured limit.
+    MESSAGE_TOO_BIG = 1009
+    #: Unexpected server error.
+    INTERNAL_ERROR = 1011
+    #: The client read too slowly and its buffer passed the limit (``CLOSE`` policy);
+    #: reconnect and resume from the last cursor.
+    SLOW_CONSUMER = 4000
+    #: History no longer reaches back to the client's cursor (or the backend lost
+    #: messages); reload state, then continue from the new cursor.
+    RESYNC_REQUIRED = 4001
+    #: An application-level heartbeat went unanswered past the timeout.
+    HEARTBEAT_TIMEOUT = 4002
+    #: Upload: malformed request or protocol message.
+    UPLOAD_BAD_REQUEST = 4400
+    #: Upload: unknown upload id.
+    UPLOAD_NOT_FOUND = 4404
+    #: Upload: offset mismatch or a concurrent writer on the same upload.
+    UPLOAD_CONFLICT = 4409
+    #: Upload: bigger than the declared or the maximum size.
+    UPLOAD_TOO_LARGE = 4413
+    #: Upload: checksum mismatch; the chunk was discarded, the offset is unchanged.
+    UPLOAD_CHECKSUM_MISMATCH = 4460
+    #: Upload: the server's storage is full; the durable offset is unchanged.
+    UPLOAD_STORAGE_FULL = 4507
