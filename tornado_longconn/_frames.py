@@ -20,6 +20,7 @@ suite covers.
 from __future__ import annotations
 
 import json
+import socket
 import struct
 import zlib
 from typing import Any, Final
@@ -33,10 +34,12 @@ __all__ = [
     "OP_PONG",
     "OP_TEXT",
     "Encoded",
+    "abort_stream",
     "build_frame",
     "encode_message",
     "frame_for_connection",
     "stream_pending_bytes",
+    "stream_write_indexes",
     "try_send",
 ]
 
@@ -164,6 +167,30 @@ def frame_for_connection(ws_connection: Any, encoded: Encoded) -> bytes:
 def stream_pending_bytes(stream: IOStream) -> int:
     """Bytes accepted by ``stream.write`` but not yet handed to the kernel."""
     return len(stream._write_buffer)
+
+
+def stream_write_indexes(stream: IOStream) -> tuple[int, int]:
+    """``(total, done)``: bytes ever accepted by ``stream.write`` and bytes handed to the kernel.
+
+    A future returned by ``stream.write`` resolves once ``done`` reaches the value
+    ``total`` had right after that call.
+    """
+    return stream._total_write_index, stream._total_write_done_index
+
+
+def abort_stream(stream: IOStream) -> None:
+    """Close ``stream`` at once, discarding unsent data (TCP reset, ``SO_LINGER`` 0).
+
+    Used when a peer stopped reading: a plain close would leave the kernel
+    retrying the unsent bytes; a reset frees them. Does nothing on a closed stream.
+    """
+    if stream.closed():
+        return
+    try:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except (OSError, AttributeError):
+        pass
+    stream.close()
 
 
 def try_send(stream: IOStream, data: bytes) -> int:

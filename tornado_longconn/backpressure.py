@@ -1,0 +1,828 @@
+"""Flow control for one outgoing connection: :class:`BackpressureWriter`.
+
+A writer sits between the application and one connection -- a
+``WebSocketHandler`` (frames) or a streaming ``RequestHandler`` (``write`` +
+``flush``, e.g. Server-Sent Events or a long HTTP response) -- and keeps the
+bytes held in memory for that connection bounded:
+
+* ``await writer.send(message)`` returns at once while the buffer is at or
+  below the high-water mark, and otherwise waits until it drains to the
+  low-water mark. The wake-up comes from Tornado's write futures, never from
+  a sleep loop.
+* ``writer.send_nowait(message)`` never waits: above the high-water mark it
+  applies the writer's :class:`OverflowPolicy` and says what happened
+  (:class:`SendResult`).
+
+The bookkeeping (buffered bytes, water marks, the overflow queue, counters) is
+the I/O-free :class:`FlowState`; the writer is a thin shell that frames
+messages, corks them (every frame queued in one event-loop iteration goes out
+in one socket write), and hands them to the socket.
+
+Example::
+
+    class Feed(tornado.websocket.WebSocketHandler):
+        async def on_message(self, message):
+            writer = BackpressureWriter.of(self)
+            for item in await load_items():
+                await writer.send(item)          # waits while the client is slow
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Generic, TypeAlias, TypeVar, Union, cast
+
+import tornado.web
+import tornado.websocket
+from tornado.iostream import IOStream, StreamClosedError
+
+from ._frames import (
+    Encoded,
+    abort_stream,
+    encode_message,
+    frame_for_connection,
+    stream_pending_bytes,
+    stream_write_indexes,
+    try_send,
+)
+from .codes import CloseCode
+from .exceptions import ConnectionClosedError, PeerGoneError, SlowConsumerError
+
+__all__ = [
+    "DEFAULT_HIGH_WATER",
+    "DEFAULT_MAX_QUEUE",
+    "BackpressureWriter",
+    "FlowState",
+    "Message",
+    "OverflowPolicy",
+    "SendResult",
+    "WriterStats",
+]
+
+#: Default high-water mark: 1 MiB per connection (see the how-to for why).
+DEFAULT_HIGH_WATER: int = 1 << 20
+
+#: Default bound of the ``DROP_OLDEST`` queue, in messages.
+DEFAULT_MAX_QUEUE: int = 1000
+
+#: Corked frames are written at once when they reach this many bytes.
+_CORK_LIMIT = 64 * 1024
+
+#: What :meth:`BackpressureWriter.send` accepts: ``str`` (text), ``bytes``
+#: (binary), ``dict``/``list`` (JSON text) or an already :class:`Encoded` message.
+Message: TypeAlias = Union[  # noqa: UP007 (a runtime alias on Python 3.10)
+    str, bytes, bytearray, memoryview, dict[str, Any], list[Any], Encoded
+]
+
+T = TypeVar("T")
+
+
+class OverflowPolicy(enum.Enum):
+    """What :meth:`BackpressureWriter.send_nowait` does above the high-water mark."""
+
+    #: Discard the message being sent (the newest); counted in ``stats().dropped``.
+    DROP_NEWEST = "drop_newest"
+    #: Keep a bounded queue of not-yet-written messages (``max_queue``) and
+    #: discard the oldest queued one when it is full; counted in ``stats().dropped``.
+    DROP_OLDEST = "drop_oldest"
+    #: Close the connection as a slow consumer (close code
+    #: :attr:`~tornado_longconn.codes.CloseCode.SLOW_CONSUMER`, 4000); the client
+    #: reconnects and resumes from its last cursor.
+    CLOSE = "close"
+
+
+class SendResult(enum.Enum):
+    """What :meth:`BackpressureWriter.send_nowait` did with a message."""
+
+    #: Accepted for writing, in order (it may still sit in the cork or the
+    #: stream buffer for a moment; no policy will discard it).
+    WRITTEN = "written"
+    #: Held in the ``DROP_OLDEST`` overflow queue; written when the buffer drains,
+    #: unless newer messages push it out first.
+    QUEUED = "queued"
+    #: Discarded by the overflow policy (``DROP_NEWEST``), and counted.
+    DROPPED = "dropped"
+    #: Not sent: the connection is closed (by the peer, by this side, or by the
+    #: ``CLOSE`` policy just now).
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class WriterStats:
+    """A snapshot of one writer's counters (see :meth:`BackpressureWriter.stats`)."""
+
+    #: Messages committed to the connection (framed and handed to the transport).
+    messages_sent: int
+    #: Bytes of those messages on the wire (frame headers included).
+    bytes_sent: int
+    #: Messages discarded by ``DROP_NEWEST`` or ``DROP_OLDEST``.
+    dropped: int
+    #: Times a ``send`` (or ``drained``) had to wait for the buffer to drain.
+    waits: int
+    #: Highest ``buffered`` value seen.
+    peak_buffered: int
+    #: True when the ``CLOSE`` policy closed the connection as a slow consumer.
+    closed_slow: bool
+    #: Messages in the ``DROP_OLDEST`` queue right now.
+    queued: int
+    #: Bytes buffered right now (corked + stream buffer + queue).
+    buffered: int
+
+
+class FlowState(Generic[T]):
+    """Water-mark, queue and policy bookkeeping for one connection, without I/O.
+
+    The shell reports what happens on the wire (:meth:`commit`, :meth:`flushed`,
+    :meth:`set_pending`) and asks what to do (:meth:`must_wait`, :meth:`offer`,
+    :meth:`take_queued`, :meth:`is_drained`). Sizes are byte counts.
+
+    * ``corked`` -- bytes accepted but not yet handed to the transport;
+    * ``pending`` -- bytes the transport holds (not yet taken by the kernel);
+    * ``queued_bytes`` -- bytes of messages in the ``DROP_OLDEST`` queue.
+
+    ``buffered`` is their sum. Raises :class:`ValueError` for marks that are not
+    positive, a low-water mark above the high-water mark, or ``max_queue < 1``.
+    """
+
+    __slots__ = (
+        "bytes_sent",
+        "closed",
+        "closed_slow",
+        "corked",
+        "dropped",
+        "high_water",
+        "low_water",
+        "max_queue",
+        "messages_sent",
+        "peak_buffered",
+        "pending",
+        "policy",
+        "queue",
+        "queued_bytes",
+        "waits",
+    )
+
+    def __init__(
+        self,
+        *,
+        high_water: int = DEFAULT_HIGH_WATER,
+        low_water: int | None = None,
+        policy: OverflowPolicy = OverflowPolicy.CLOSE,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+    ) -> None:
+        if low_water is None:
+            low_water = high_water // 4
+        if high_water <= 0 or low_water <= 0:
+            raise ValueError(
+                f"water marks must be positive (high_water={high_water}, low_water={low_water})"
+            )
+        if low_water > high_water:
+            raise ValueError(f"low_water ({low_water}) is above high_water ({high_water})")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, not {max_queue}")
+        if not isinstance(policy, OverflowPolicy):
+            raise TypeError(f"policy must be an OverflowPolicy, not {policy!r}")
+        self.high_water = high_water
+        self.low_water = low_water
+        self.policy = policy
+        self.max_queue = max_queue
+        self.corked = 0
+        self.pending = 0
+        self.queue: deque[tuple[T, int]] = deque()
+        self.queued_bytes = 0
+        self.closed = False
+        self.closed_slow = False
+        self.messages_sent = 0
+        self.bytes_sent = 0
+        self.dropped = 0
+        self.waits = 0
+        self.peak_buffered = 0
+
+    @property
+    def committed(self) -> int:
+        """Bytes committed to the connection: ``corked + pending``."""
+        return self.corked + self.pending
+
+    @property
+    def buffered(self) -> int:
+        """All bytes held for this connection: ``corked + pending + queued_bytes``."""
+        return self.corked + self.pending + self.queued_bytes
+
+    def must_wait(self) -> bool:
+        """True when an awaited send must wait before committing its message.
+
+        That is when the buffer is above the high-water mark, or messages are
+        queued (they go first, to keep order).
+        """
+        return bool(self.queue) or self.corked + self.pending > self.high_water
+
+    def is_drained(self) -> bool:
+        """True when nothing is queued and the buffer is at or below the low-water mark."""
+        return not self.queue and self.corked + self.pending <= self.low_water
+
+    def commit(self, size: int) -> None:
+        """Record one message of ``size`` bytes accepted for writing (into the cork)."""
+        self.corked += size
+        self.messages_sent += 1
+        self.bytes_sent += size
+        buffered = self.corked + self.pending + self.queued_bytes
+        if buffered > self.peak_buffered:
+            self.peak_buffered = buffered
+
+    def flushed(self, pending: int) -> None:
+        """The cork was handed to the transport, which now holds ``pending`` bytes."""
+        self.corked = 0
+        self.pending = pending
+
+    def set_pending(self, pending: int) -> None:
+        """The transport now holds ``pending`` bytes (it drained, or others wrote)."""
+        self.pending = pending
+        buffered = self.corked + pending + self.queued_bytes
+        if buffered > self.peak_buffered:
+            self.peak_buffered = buffered
+
+    def offer(self, item: T, size: int) -> SendResult:
+        """Decide what happens to a message offered without waiting.
+
+        Returns ``WRITTEN`` when the caller must commit it now (then call
+        :meth:`commit`); ``QUEUED`` when it was put in the queue (``DROP_OLDEST``;
+        the oldest queued message may have been discarded for it); ``DROPPED``
+        (``DROP_NEWEST``); ``CLOSED`` when closed, or when the ``CLOSE`` policy
+        applies now (``closed`` and ``closed_slow`` are then set, the queue emptied).
+        """
+        if self.closed:
+            return SendResult.CLOSED
+        if not self.must_wait():
+            return SendResult.WRITTEN
+        policy = self.policy
+        if policy is OverflowPolicy.DROP_NEWEST:
+            self.dropped += 1
+            return SendResult.DROPPED
+        if policy is OverflowPolicy.DROP_OLDEST:
+            queue = self.queue
+            queue.append((item, size))
+            self.queued_bytes += size
+            if len(queue) > self.max_queue:
+                _, old = queue.popleft()
+                self.queued_bytes -= old
+                self.dropped += 1
+            buffered = self.corked + self.pending + self.queued_bytes
+            if buffered > self.peak_buffered:
+                self.peak_buffered = buffered
+            return SendResult.QUEUED
+        self.close(slow=True)
+        return SendResult.CLOSED
+
+    def take_queued(self) -> T | None:
+        """The next queued message to commit now, or None.
+
+        One is returned while the committed bytes are at or below the high-water
+        mark; the caller commits it (:meth:`commit`) before asking again.
+        """
+        if self.queue and self.corked + self.pending <= self.high_water:
+            item, size = self.queue.popleft()
+            self.queued_bytes -= size
+            return item
+        return None
+
+    def close(self, *, slow: bool = False) -> list[T]:
+        """Mark closed (``slow``: by the ``CLOSE`` policy); return the queued messages dropped."""
+        self.closed = True
+        if slow:
+            self.closed_slow = True
+        items = [item for item, _ in self.queue]
+        self.queue.clear()
+        self.queued_bytes = 0
+        self.corked = 0
+        return items
+
+    def stats(self) -> WriterStats:
+        """A :class:`WriterStats` snapshot."""
+        return WriterStats(
+            messages_sent=self.messages_sent,
+            bytes_sent=self.bytes_sent,
+            dropped=self.dropped,
+            waits=self.waits,
+            peak_buffered=self.peak_buffered,
+            closed_slow=self.closed_slow,
+            queued=len(self.queue),
+            buffered=self.buffered,
+        )
+
+
+class _Flusher:
+    """Flushes every dirty writer of one event loop once per loop iteration."""
+
+    __slots__ = ("__weakref__", "dirty", "loop", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.dirty: list[BackpressureWriter] = []
+        self.scheduled = False
+
+    def mark(self, writer: BackpressureWriter) -> None:
+        self.dirty.append(writer)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        self.scheduled = False
+        dirty, self.dirty = self.dirty, []
+        for writer in dirty:
+            writer._scheduled_flush()
+
+
+# One flusher per event loop (a cache of loop machinery, not application state).
+_flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _flusher_for(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    flusher = _flushers.get(loop)
+    if flusher is None:
+        flusher = _flushers[loop] = _Flusher(loop)
+    return flusher
+
+
+_ATTR = "_longconn_backpressure_writer"
+
+
+class BackpressureWriter:
+    """Bounded, flow-controlled writes to one WebSocket or streaming HTTP response.
+
+    ``target`` is a ``tornado.websocket.WebSocketHandler`` (messages become
+    frames: ``str`` → text, ``bytes`` → binary, ``dict``/``list`` → JSON text)
+    or a ``tornado.web.RequestHandler`` streaming a response (``str`` → UTF-8,
+    ``bytes`` as is, ``dict``/``list`` → JSON; written with ``write`` + ``flush``).
+    Create it once the connection is open (in ``open()`` for a WebSocket), or
+    use :meth:`of`, which returns the writer attached to the handler.
+
+    Arguments:
+
+    * ``high_water`` -- bytes buffered above which ``send`` waits and
+      ``send_nowait`` applies the policy (default 1 MiB);
+    * ``low_water`` -- bytes to drain to before waiting senders resume
+      (default ``high_water // 4``);
+    * ``policy`` -- :class:`OverflowPolicy` for ``send_nowait`` (default ``CLOSE``);
+    * ``max_queue`` -- bound of the ``DROP_OLDEST`` queue in messages (default 1000);
+    * ``close_code`` / ``close_reason`` -- sent when the ``CLOSE`` policy closes
+      a WebSocket (default 4000, ``"slow consumer"``).
+
+    When the ``CLOSE`` policy fires, the close frame sits behind a full buffer
+    and may never reach a peer that stopped reading, so the TCP connection is
+    aborted (reset) after :attr:`close_grace` seconds if it is still open.
+
+    Raises :class:`ValueError` for bad water marks, :class:`TypeError` for an
+    unsupported target, and :class:`RuntimeError` if the handler already has a
+    writer (use :meth:`of`).
+    """
+
+    #: Seconds the ``CLOSE`` policy waits for a clean close before resetting
+    #: the TCP connection. Set on the class or on one writer.
+    close_grace: float = 1.0
+
+    def __init__(
+        self,
+        target: tornado.websocket.WebSocketHandler | tornado.web.RequestHandler,
+        *,
+        high_water: int = DEFAULT_HIGH_WATER,
+        low_water: int | None = None,
+        policy: OverflowPolicy = OverflowPolicy.CLOSE,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        close_code: int = CloseCode.SLOW_CONSUMER,
+        close_reason: str = "slow consumer",
+    ) -> None:
+        self._state: FlowState[Encoded] = FlowState(
+            high_water=high_water, low_water=low_water, policy=policy, max_queue=max_queue
+        )
+        if not isinstance(target, tornado.web.RequestHandler):
+            raise TypeError(
+                f"target must be a WebSocketHandler or RequestHandler, not {type(target).__name__}"
+            )
+        if getattr(target, _ATTR, None) is not None:
+            raise RuntimeError(
+                "this handler already has a BackpressureWriter; use BackpressureWriter.of(handler)"
+            )
+        self._target: Any = cast(Any, target)
+        self._close_code = close_code
+        self._close_reason = close_reason
+        self._loop = asyncio.get_running_loop()
+        self._flusher = _flusher_for(self._loop)
+        self._cork: list[bytes] = []
+        self._dirty = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._watching: asyncio.Future[None] | None = None
+        self._write_futures: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._closed_by_us = False
+        self._gone: BaseException | None = None
+        self._abort_handle: asyncio.TimerHandle | None = None
+        self._proto: Any = None
+        self._websocket = isinstance(target, tornado.websocket.WebSocketHandler)
+        stream: IOStream | None
+        if self._websocket:
+            self._proto = self._target.ws_connection
+            stream = getattr(self._proto, "stream", None)
+        else:
+            stream = getattr(target.request.connection, "stream", None)
+        if stream is None:
+            if self._websocket:
+                self._stream = None
+                self._mark_gone(StreamClosedError())
+                setattr(target, _ATTR, self)
+                return
+            raise TypeError("a RequestHandler target needs an HTTP/1 connection with a stream")
+        self._stream = stream
+        if stream.closed():
+            self._mark_gone(StreamClosedError(real_error=stream.error))
+        setattr(target, _ATTR, self)
+
+    @classmethod
+    def of(
+        cls,
+        target: tornado.websocket.WebSocketHandler | tornado.web.RequestHandler,
+        **kwargs: Any,
+    ) -> BackpressureWriter:
+        """The writer attached to ``target``, created with ``kwargs`` on first use.
+
+        One connection has one writer, so that everything written to it keeps
+        one order and one buffer count. ``kwargs`` (the constructor's keyword
+        arguments) only apply when the writer is created here.
+        """
+        writer: BackpressureWriter | None = getattr(target, _ATTR, None)
+        if writer is None:
+            writer = cls(target, **kwargs)
+        return writer
+
+    # -- public API ----------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for this connection: corked frames, the stream's buffer, the queue."""
+        self._refresh()
+        return self._state.buffered
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed (by the peer, by :meth:`close`, or by policy)."""
+        if self._gone is None and not self._closed_by_us:
+            stream = self._stream
+            if stream is not None and stream.closed():
+                self._mark_gone(StreamClosedError(real_error=stream.error))
+        return self._state.closed
+
+    @property
+    def high_water(self) -> int:
+        """The high-water mark in bytes."""
+        return self._state.high_water
+
+    @property
+    def low_water(self) -> int:
+        """The low-water mark in bytes."""
+        return self._state.low_water
+
+    @property
+    def policy(self) -> OverflowPolicy:
+        """The overflow policy applied by :meth:`send_nowait`."""
+        return self._state.policy
+
+    def stats(self) -> WriterStats:
+        """Counters: messages and bytes sent, dropped, waits, peak and current buffer."""
+        self._refresh()
+        return self._state.stats()
+
+    async def send(self, message: Message) -> None:
+        """Send ``message``, waiting first while the buffer is above the high-water mark.
+
+        Returns at once while ``buffered <= high_water``; otherwise waits (on
+        the stream's write futures) until the buffer drains to the low-water
+        mark, then commits the message. Concurrent senders are served in order.
+
+        Raises :class:`TypeError` for an unsupported message type,
+        :class:`~tornado_longconn.exceptions.PeerGoneError` if the peer is gone
+        (the stream error is its ``__cause__``),
+        :class:`~tornado_longconn.exceptions.SlowConsumerError` if the ``CLOSE``
+        policy closed the connection, and
+        :class:`~tornado_longconn.exceptions.ConnectionClosedError` after
+        :meth:`close`. A message is not guaranteed to arrive once this returns:
+        the peer may vanish while it is buffered.
+        """
+        encoded = encode_message(message)
+        state = self._state
+        stream = self._stream
+        if state.closed or stream is None or stream.closed():
+            self._raise_closed()
+        if (
+            self._waiters
+            or state.queue
+            or state.corked + state.pending + state.queued_bytes > state.high_water
+        ):
+            await self._wait_turn()
+        self._commit(encoded)
+        if self._waiters and not state.must_wait():
+            self._wake_next()
+
+    def send_nowait(self, message: Message) -> SendResult:
+        """Send ``message`` without waiting; apply the overflow policy above high water.
+
+        Returns :class:`SendResult`: ``WRITTEN`` (accepted in order), ``QUEUED``
+        (``DROP_OLDEST``), ``DROPPED`` (``DROP_NEWEST``) or ``CLOSED`` (the
+        connection is closed, or the ``CLOSE`` policy closed it now). Never
+        raises for a closed connection or a gone peer; raises :class:`TypeError`
+        for an unsupported message type. Frames sent in one event-loop
+        iteration are written together, once, at the end of it.
+        """
+        encoded = encode_message(message)
+        state = self._state
+        stream = self._stream
+        if state.closed or stream is None or stream.closed():
+            if not state.closed and stream is not None:
+                self._mark_gone(StreamClosedError(real_error=stream.error))
+            return SendResult.CLOSED
+        if state.queue or state.corked + state.pending > state.high_water:
+            self._refresh()
+        result = state.offer(encoded, len(encoded.payload) + 2)
+        if result is SendResult.WRITTEN:
+            self._commit(encoded)
+        elif result is SendResult.QUEUED:
+            self._watch()
+        elif result is SendResult.CLOSED:
+            self._close_slow()
+        return result
+
+    async def drained(self) -> None:
+        """Wait until nothing is queued and ``buffered <= low_water``.
+
+        Raises like :meth:`send` if the connection is closed or the peer is gone
+        before that.
+        """
+        state = self._state
+        if state.closed:
+            self._raise_closed()
+        self._refresh()
+        if state.is_drained():
+            return
+        state.waits += 1
+        self._flush()
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._drain_waiters.append(fut)
+        self._progress()
+        try:
+            await fut
+        finally:
+            if fut in self._drain_waiters:
+                self._drain_waiters.remove(fut)
+        if state.closed:
+            self._raise_closed()
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Close the connection from this side, after writing what was committed.
+
+        For a WebSocket, sends a close frame with ``code`` and ``reason`` (as
+        ``WebSocketHandler.close``); for an HTTP response, finishes it. Queued
+        (``DROP_OLDEST``) messages are discarded. Waiting senders get
+        :class:`~tornado_longconn.exceptions.ConnectionClosedError`. Closing
+        twice does nothing.
+        """
+        if self._state.closed:
+            return
+        self._flush()
+        self._closed_by_us = True
+        self._state.close()
+        self._release_waiters()
+        target = self._target
+        if self._websocket:
+            target.close(code, reason)
+        elif not target._finished:
+            try:
+                target.finish()
+            except Exception:
+                stream = self._stream
+                if stream is not None:
+                    stream.close()
+
+    # -- internals -----------------------------------------------------------
+
+    def _refresh(self) -> None:
+        stream = self._stream
+        if stream is not None and not self._state.closed:
+            self._state.set_pending(stream_pending_bytes(stream))
+
+    def _raise_closed(self) -> None:
+        state = self._state
+        if not state.closed:
+            stream = self._stream
+            self._mark_gone(StreamClosedError(real_error=None if stream is None else stream.error))
+        if state.closed_slow:
+            raise SlowConsumerError(
+                f"closed as a slow consumer (more than {state.high_water} bytes buffered)"
+            ) from self._gone
+        if self._closed_by_us:
+            raise ConnectionClosedError("the writer was closed by this side")
+        raise PeerGoneError("the peer is gone") from self._gone
+
+    def _commit(self, encoded: Encoded) -> None:
+        frame = frame_for_connection(self._proto, encoded) if self._websocket else encoded.payload
+        self._cork.append(frame)
+        state = self._state
+        state.commit(len(frame))
+        if state.corked >= _CORK_LIMIT or state.corked + state.pending > state.high_water:
+            self._flush()
+        elif not self._dirty:
+            self._dirty = True
+            self._flusher.mark(self)
+
+    def _scheduled_flush(self) -> None:
+        self._dirty = False
+        if self._cork:
+            self._flush()
+
+    def _flush(self) -> None:
+        cork = self._cork
+        if not cork:
+            return
+        self._cork = []
+        state = self._state
+        stream = self._stream
+        if state.closed or stream is None:
+            state.corked = 0
+            return
+        data = cork[0] if len(cork) == 1 else b"".join(cork)
+        if self._websocket:
+            if self._proto.server_terminated or self._proto.client_terminated:
+                # A close frame has gone out (or come in): no data frame may follow.
+                state.corked = 0
+                return
+            try:
+                sent = try_send(stream, data)
+            except OSError as exc:
+                stream.close(exc_info=exc)
+                self._mark_gone(exc)
+                return
+            if sent < len(data):
+                try:
+                    fut = stream.write(memoryview(data)[sent:] if sent else data)
+                except StreamClosedError as exc:
+                    self._mark_gone(exc)
+                    return
+                futures = self._write_futures
+                while futures and futures[0][1].done():
+                    futures.popleft()
+                futures.append((stream_write_indexes(stream)[0], fut))
+        else:
+            target = self._target
+            if target._finished:
+                state.corked = 0
+                return
+            if stream.closed():
+                self._mark_gone(StreamClosedError(real_error=stream.error))
+                return
+            target.write(data)
+            target.flush()
+        state.flushed(stream_pending_bytes(stream))
+
+    async def _wait_turn(self) -> None:
+        state = self._state
+        self._refresh()
+        if not self._waiters and not state.must_wait():
+            return
+        state.waits += 1
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(fut)
+        self._flush()
+        self._progress()
+        try:
+            await fut
+        except BaseException:
+            try:
+                self._waiters.remove(fut)
+            except ValueError:
+                # Woken but cancelled before running: hand the turn on.
+                if not state.must_wait():
+                    self._wake_next()
+            raise
+        if state.closed:
+            self._raise_closed()
+
+    def _wake_next(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _pump(self) -> bool:
+        """Commit queued messages while under high water; False if the writer closed."""
+        state = self._state
+        if not state.queue:
+            return True
+        while True:
+            item = state.take_queued()
+            if item is None:
+                break
+            self._commit(item)
+            if state.closed:
+                return False
+        self._flush()
+        return not state.closed
+
+    def _progress(self) -> None:
+        """Re-check the buffer: pump the queue, wake waiters, or keep watching."""
+        state = self._state
+        if state.closed:
+            self._release_waiters()
+            return
+        self._refresh()
+        if not self._pump():
+            self._release_waiters()
+            return
+        if state.is_drained():
+            drain_waiters, self._drain_waiters = self._drain_waiters, []
+            for fut in drain_waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            if self._waiters:
+                self._wake_next()
+        if self._waiters or self._drain_waiters or state.queue:
+            self._watch()
+
+    def _watch(self) -> None:
+        """Arrange for :meth:`_progress` to run when the stream drains to low water."""
+        watching = self._watching
+        if watching is not None and not watching.done():
+            return
+        stream = self._stream
+        if stream is None or self._state.closed:
+            return
+        self._flush()
+        total, done = stream_write_indexes(stream)
+        target = total - self._state.low_water
+        fut: asyncio.Future[None] | None = None
+        if done < target:
+            for end, candidate in self._write_futures:
+                if end >= target and not candidate.done():
+                    fut = candidate
+                    break
+            if fut is None:
+                try:
+                    fut = stream.write(b"")
+                except StreamClosedError as exc:
+                    self._mark_gone(exc)
+                    return
+        if fut is None:
+            # Already at or below low water (or only the queue is over): check
+            # again on the next iteration, after the stream's own writes.
+            self._loop.call_soon(self._progress)
+            return
+        self._watching = fut
+        fut.add_done_callback(self._on_write_done)
+
+    def _on_write_done(self, fut: asyncio.Future[None]) -> None:
+        if self._watching is fut:
+            self._watching = None
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            self._mark_gone(exc)
+            return
+        self._progress()
+
+    def _mark_gone(self, cause: BaseException) -> None:
+        """The peer is gone (or the stream closed under us): release everything."""
+        state = self._state
+        if self._gone is None:
+            self._gone = cause
+        if not state.closed:
+            state.close()
+        self._cork = []
+        self._release_waiters()
+
+    def _release_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, deque()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+        drain_waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in drain_waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _close_slow(self) -> None:
+        """The ``CLOSE`` policy fired (``FlowState.offer`` already marked it closed)."""
+        self._cork = []
+        self._release_waiters()
+        stream = self._stream
+        if self._gone is None:
+            self._gone = StreamClosedError()
+        if self._websocket:
+            self._target.close(self._close_code, self._close_reason)
+            if stream is not None and not stream.closed():
+                self._abort_handle = self._loop.call_later(self.close_grace, abort_stream, stream)
+        elif stream is not None:
+            abort_stream(stream)
