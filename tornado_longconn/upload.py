@@ -1,0 +1,1033 @@
+"""Resumable, checksummed uploads to local storage that never block the event loop.
+
+Three layers, from the inside out:
+
+* :class:`UploadState` -- the I/O-free state machine of ONE upload: declared size,
+  durable offset, bytes accepted but not yet stored, the size limit, the status
+  (active, complete, aborted) and the last activity time (for expiration). It takes
+  ``now`` and raises :class:`~tornado_longconn.exceptions.UploadError` carrying the
+  HTTP status a tus server answers (409 offset mismatch, 413 too large, ...).
+* :class:`ChunkedUploadSink` -- receives the chunks of one upload from the event loop
+  and writes them to a partial file in an executor, at most ``max_in_flight`` chunks
+  of ``chunk_size`` bytes queued (so memory stays at a few chunks), computing the
+  whole-file sha256 and an optional per-request checksum (sha1/md5/sha256, as the tus
+  checksum extension needs) in the same executor job. It finishes atomically: flush,
+  ``fsync``, rename ``<id>.part`` to ``<id>``, ``fsync`` of the directory.
+* :class:`UploadStore` -- the storage root: creates uploads under ids it generates
+  itself (file paths never come from client names; the original name is kept only as
+  sanitized metadata), reopens them after a restart, expires idle partial uploads
+  (:meth:`UploadStore.sweep`) and locks an upload to one writer at a time.
+
+Durability and restarts
+-----------------------
+The *durable offset* is the number of bytes in the partial file: a chunk counts once
+its ``pwrite`` returned (it is then in the kernel, so it survives the death of the
+server process; :meth:`ChunkedUploadSink.finish` adds the ``fsync`` that makes the
+final file survive a power loss). Nothing else is trusted: after a restart the offset
+is the size of ``<id>.part``. The running sha256 cannot be saved (``hashlib`` state
+is not serialisable), so :meth:`UploadStore.open` re-hashes the partial file in the
+executor the first time it opens an upload in a new process (reading at disk speed,
+off the loop); later opens reuse the in-memory state.
+
+A request that carries a per-request checksum is a *segment*: before the first byte
+is written, a marker ``<id>.seg`` records the segment's start offset; on a mismatch
+(or a disconnect, since the bytes cannot be verified) the partial file is truncated
+back to that offset and the sha256 state restored. If the process dies inside a
+segment, the next :meth:`UploadStore.open` finds the marker and truncates, so
+unverified bytes never count.
+
+Files in the storage root: ``<id>.info`` (JSON: size, sanitized metadata, creation
+time), ``<id>.part`` while receiving, ``<id>.seg`` during a checksummed segment,
+``<id>`` once complete. ``<id>`` is 32 lowercase hex digits from :mod:`secrets`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import time
+import unicodedata
+from collections import deque
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+from tornado_longconn.exceptions import UploadError
+
+__all__ = [
+    "CHECKSUM_ALGORITHMS",
+    "ChunkedUploadSink",
+    "UploadState",
+    "UploadStats",
+    "UploadStatus",
+    "UploadStore",
+    "encode_tus_metadata",
+    "is_upload_id",
+    "parse_tus_metadata",
+    "sanitize_filename",
+]
+
+#: Per-request checksum algorithms (tus ``Tus-Checksum-Algorithm`` names).
+CHECKSUM_ALGORITHMS: tuple[str, ...] = ("sha1", "sha256", "md5")
+
+_log = logging.getLogger("tornado_longconn.upload")
+_ID_RE = re.compile(r"[0-9a-f]{32}")
+_META_KEY_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+_MAX_METADATA_BYTES = 4096
+_MAX_NAME_BYTES = 255
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+    def digest(self) -> bytes: ...
+    def hexdigest(self) -> str: ...
+    def copy(self) -> _Hasher: ...
+
+
+def is_upload_id(value: str) -> bool:
+    """True if ``value`` has the form of an id made by :class:`UploadStore` (32 hex digits).
+
+    Handlers call it on ids taken from URLs before touching storage; anything else
+    is answered with 404.
+    """
+    return _ID_RE.fullmatch(value) is not None
+
+
+def sanitize_filename(name: str) -> str:
+    """A harmless display name made from a client-supplied file name.
+
+    Keeps only the last path component (``/`` and ``\\`` both separate), applies
+    Unicode NFKC normalisation (so full-width slashes and dots become ASCII first),
+    drops control characters (NUL included), leading dots and surrounding spaces,
+    and cuts the result to 255 UTF-8 bytes. Returns ``"upload"`` when nothing is
+    left. The result is metadata only: the library never builds a path from it.
+    """
+    name = unicodedata.normalize("NFKC", name)
+    name = re.split(r"[/\\]", name)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    name = name.strip().lstrip(".").strip()
+    encoded = name.encode("utf-8")[:_MAX_NAME_BYTES]
+    name = encoded.decode("utf-8", errors="ignore").strip()
+    return name or "upload"
+
+
+def parse_tus_metadata(header: str) -> dict[str, str]:
+    """Parse a tus ``Upload-Metadata`` header into ``{key: text}``.
+
+    The header is ``key base64value,key2 base64value2`` (a value may be absent).
+    Values are decoded as UTF-8 (invalid bytes replaced). Raises
+    :class:`~tornado_longconn.exceptions.UploadError` (status 400) on a malformed
+    pair, a duplicate or invalid key, bad base64, or a header over 4 KiB.
+    """
+    if len(header.encode("utf-8", errors="replace")) > _MAX_METADATA_BYTES:
+        raise UploadError("Upload-Metadata is longer than 4096 bytes", status=400)
+    result: dict[str, str] = {}
+    if not header.strip():
+        return result
+    for pair in header.split(","):
+        parts = pair.strip().split(" ")
+        if len(parts) > 2 or not _META_KEY_RE.fullmatch(parts[0]):
+            raise UploadError(f"malformed Upload-Metadata pair {pair[:40]!r}", status=400)
+        key = parts[0]
+        if key in result:
+            raise UploadError(f"duplicate Upload-Metadata key {key!r}", status=400)
+        value = b""
+        if len(parts) == 2:
+            try:
+                value = base64.b64decode(parts[1], validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise UploadError(
+                    f"Upload-Metadata value of {key!r} is not base64", status=400
+                ) from exc
+        result[key] = value.decode("utf-8", errors="replace")
+    return result
+
+
+def encode_tus_metadata(metadata: Mapping[str, str]) -> str:
+    """The inverse of :func:`parse_tus_metadata`: ``key base64(utf-8 value)`` pairs."""
+    return ",".join(
+        f"{key} {base64.b64encode(value.encode('utf-8')).decode('ascii')}"
+        for key, value in metadata.items()
+    )
+
+
+class UploadStatus(str, Enum):
+    """Where an upload is in its life."""
+
+    #: Receiving bytes; the partial file exists.
+    ACTIVE = "active"
+    #: Every declared byte is stored and the final file is in place.
+    COMPLETE = "complete"
+    #: Terminated (``abort()``, tus DELETE, expiry): the files are gone.
+    ABORTED = "aborted"
+
+
+class UploadState:
+    """The I/O-free state machine of one upload (offsets, limits, status, activity time).
+
+    ``size`` is the declared total length, ``max_size`` the server's limit,
+    ``offset`` the durable offset to start from (bytes already stored), ``now`` the
+    creation/activity time in seconds (any monotonic-enough clock; the store uses
+    ``time.time()`` so it survives restarts). Raises
+    :class:`~tornado_longconn.exceptions.UploadError` (400 for a negative size, 413
+    when ``size > max_size``).
+
+    Three counters: :attr:`offset` (durable: stored), :attr:`accepted` (durable plus
+    bytes queued for storage) and :attr:`size`. The chunk checks use
+    :attr:`accepted`, so a client cannot queue more than the declared size.
+    """
+
+    def __init__(self, *, size: int, max_size: int, offset: int = 0, now: float) -> None:
+        if size < 0 or offset < 0:
+            raise UploadError("size and offset must be >= 0", status=400)
+        if size > max_size:
+            raise UploadError(f"upload size {size} exceeds the maximum {max_size}", status=413)
+        if offset > size:
+            raise UploadError(f"offset {offset} is past the size {size}", status=409)
+        self.size = size
+        self.max_size = max_size
+        self.offset = offset
+        self.accepted = offset
+        self.status = UploadStatus.ACTIVE
+        self.last_activity = now
+
+    @property
+    def remaining(self) -> int:
+        """Bytes still to be accepted before the declared size is reached."""
+        return self.size - self.accepted
+
+    @property
+    def is_stored(self) -> bool:
+        """True once every declared byte is durably stored (ready to finish)."""
+        return self.offset == self.size
+
+    def check_offset(self, offset: int) -> None:
+        """Check that a client resumes at the durable offset.
+
+        Raises ``UploadError`` 409 if ``offset`` differs from :attr:`offset`, if
+        bytes are still queued, or if the upload is no longer active (404 once aborted).
+        """
+        self._check_active()
+        if offset != self.offset or self.accepted != self.offset:
+            raise UploadError(
+                f"Upload-Offset {offset} does not match the current offset {self.offset}",
+                status=409,
+            )
+
+    def check_length(self, length: int) -> None:
+        """Raise ``UploadError`` 413 if ``length`` more bytes would pass the declared size."""
+        if length > self.remaining:
+            raise UploadError(
+                f"{length} bytes at offset {self.accepted} pass the declared size {self.size}",
+                status=413,
+            )
+
+    def accept(self, length: int) -> None:
+        """Count ``length`` bytes as queued; raises 413 past the size, 409 if not active."""
+        self._check_active()
+        self.check_length(length)
+        self.accepted += length
+
+    def stored(self, length: int, now: float) -> None:
+        """``length`` queued bytes are now durably stored."""
+        if self.offset + length > self.accepted:
+            raise ValueError("stored more bytes than were accepted")
+        self.offset += length
+        self.last_activity = now
+
+    def drop_queued(self) -> None:
+        """Forget the bytes queued but not stored (after a storage error)."""
+        self.accepted = self.offset
+
+    def rewind(self, offset: int, now: float) -> None:
+        """Move the durable offset back to ``offset`` (a rejected checksummed segment)."""
+        if not 0 <= offset <= self.offset:
+            raise ValueError(f"cannot rewind from {self.offset} to {offset}")
+        self.offset = self.accepted = offset
+        self.last_activity = now
+
+    def complete(self) -> None:
+        """Mark the upload complete; raises ``UploadError`` 409 if bytes are missing."""
+        self._check_active()
+        if not self.is_stored or self.accepted != self.offset:
+            raise UploadError(
+                f"upload is incomplete: {self.offset} of {self.size} bytes stored", status=409
+            )
+        self.status = UploadStatus.COMPLETE
+
+    def abort(self) -> None:
+        """Mark the upload aborted (idempotent)."""
+        self.status = UploadStatus.ABORTED
+
+    def expires_at(self, expire_after: float) -> float:
+        """When an idle partial upload expires: last activity + ``expire_after``."""
+        return self.last_activity + expire_after
+
+    def is_expired(self, now: float, expire_after: float) -> bool:
+        """True if the upload is still active and idle for more than ``expire_after``."""
+        return self.status is UploadStatus.ACTIVE and now >= self.expires_at(expire_after)
+
+    def _check_active(self) -> None:
+        if self.status is UploadStatus.ABORTED:
+            raise UploadError("upload was terminated", status=404)
+        if self.status is UploadStatus.COMPLETE:
+            raise UploadError("upload is already complete", status=409)
+
+
+@dataclass
+class UploadStats:
+    """Counters of an :class:`UploadStore` (all since the store was created)."""
+
+    #: Uploads created.
+    created: int = 0
+    #: Uploads finished (final file renamed into place).
+    completed: int = 0
+    #: Uploads terminated by ``abort()`` / tus DELETE.
+    aborted: int = 0
+    #: Partial uploads removed by :meth:`UploadStore.sweep` (expired).
+    expired: int = 0
+    #: Uploads reopened from disk with a re-hash of the partial file (after a restart
+    #: or an eviction from the in-memory cache).
+    rehashed: int = 0
+    #: Checksummed segments rejected (mismatch or interrupted) and truncated away.
+    checksum_mismatches: int = 0
+    #: Storage write failures (ENOSPC, EIO, ...).
+    storage_errors: int = 0
+    #: Bytes durably stored.
+    bytes_stored: int = 0
+    #: Requests refused because another writer held the upload.
+    lock_conflicts: int = 0
+    #: Idle upload states dropped from the in-memory cache (``max_cached`` policy).
+    evicted: int = 0
+
+
+def _storage_error(exc: OSError) -> UploadError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        err = UploadError(f"storage full: {exc.strerror}", status=507)
+    else:
+        err = UploadError(f"storage error: {exc.strerror or exc}", status=500)
+    err.__cause__ = exc
+    return err
+
+
+class ChunkedUploadSink:
+    """Receives the chunks of ONE upload and stores them without blocking the loop.
+
+    Made by :meth:`UploadStore.create` / :meth:`UploadStore.open`, never directly.
+    Use from the event loop thread only. Typical use::
+
+        sink = await store.open(upload_id)
+        with sink.lock():                    # one writer at a time (else 423/409)
+            sink.state.check_offset(client_offset)
+            for chunk in chunks:
+                await sink.write(chunk)      # waits only when the window is full
+            offset = await sink.flush()      # everything on disk; durable offset
+        if sink.state.is_stored:
+            path = await sink.finish()
+
+    Writes are coalesced to ``chunk_size`` bytes and written by one executor job at a
+    time (in order), which also updates the sha256; at most ``max_in_flight`` such
+    chunks wait, so memory is bounded by ``(max_in_flight + 1) * chunk_size``.
+    """
+
+    def __init__(
+        self,
+        store: UploadStore,
+        upload_id: str,
+        state: UploadState,
+        metadata: dict[str, str],
+        created: float,
+        fd: int,
+        sha256: _Hasher,
+    ) -> None:
+        self.store = store
+        #: The server-generated upload id (32 hex digits).
+        self.id = upload_id
+        #: The I/O-free offset/size/status state.
+        self.state = state
+        #: Sanitized client metadata (``filename`` is passed through
+        #: :func:`sanitize_filename`).
+        self.metadata = metadata
+        #: Creation time (``time.time()``).
+        self.created = created
+        self._fd = fd
+        self._sha256 = sha256
+        self._buffer = bytearray()
+        self._queue: deque[bytes] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        self._room: asyncio.Future[None] | None = None
+        self._idle: asyncio.Future[None] | None = None
+        self._error: UploadError | None = None
+        self._locked = False
+        self._segment: tuple[int, _Hasher, _Hasher, str, bytes] | None = None
+        self._final_sha256: str | None = None
+
+    # -- properties -----------------------------------------------------------------
+
+    @property
+    def offset(self) -> int:
+        """The durable offset: bytes stored in the partial file."""
+        return self.state.offset
+
+    @property
+    def size(self) -> int:
+        """The declared size of the upload."""
+        return self.state.size
+
+    @property
+    def filename(self) -> str:
+        """The sanitized original file name (``"upload"`` if none was given)."""
+        return self.metadata.get("filename", "upload")
+
+    @property
+    def locked(self) -> bool:
+        """True while a writer holds :meth:`lock`."""
+        return self._locked
+
+    @property
+    def error(self) -> UploadError | None:
+        """The storage error that stopped this sink, if any (cleared by :meth:`flush`)."""
+        return self._error
+
+    @property
+    def sha256(self) -> str | None:
+        """Hex sha256 of the whole file, once :meth:`finish` succeeded (else ``None``)."""
+        return self._final_sha256
+
+    @property
+    def path(self) -> str:
+        """Where the file is: the partial file while active, the final file once complete."""
+        if self.state.status is UploadStatus.COMPLETE:
+            return self.store.final_path(self.id)
+        return self.store.partial_path(self.id)
+
+    # -- locking --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self) -> Any:
+        """Context manager: hold this upload for one writer.
+
+        Raises :class:`~tornado_longconn.exceptions.UploadError` with status 423
+        (Locked) if another writer holds it; the caller answers 423 (HTTP) or closes
+        with ``UPLOAD_CONFLICT`` (WebSocket). Prefer :meth:`acquire`/:meth:`release`
+        when the hold spans callbacks (a streamed request).
+        """
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def acquire(self) -> None:
+        """Take the writer lock without waiting; raises ``UploadError`` 423 if held."""
+        if self._locked:
+            self.store.stats.lock_conflicts += 1
+            raise UploadError("another request is writing this upload", status=423)
+        self._locked = True
+
+    def release(self) -> None:
+        """Give the writer lock back (idempotent)."""
+        self._locked = False
+
+    # -- writing --------------------------------------------------------------------
+
+    def write(self, data: bytes) -> asyncio.Future[None]:
+        """Queue ``data`` (the next bytes of the upload) for storage.
+
+        Returns a future that resolves when the sink has room for more (at most
+        ``max_in_flight`` chunks waiting): return it from ``data_received`` or
+        ``on_message`` for inbound flow control. The future never fails; a storage
+        error is raised by the next :meth:`write` or by :meth:`flush`.
+
+        Raises ``UploadError``: 413 if ``data`` passes the declared size, 404/409 if
+        the upload is no longer active, 507/500 after a storage error (the durable
+        offset is what reached the disk).
+        """
+        if self._error is not None:
+            raise self._error
+        self.state.accept(len(data))
+        if not data:
+            return self._done_future()
+        if not self._buffer and len(data) >= self.store.chunk_size:
+            self._queue.append(bytes(data))
+        else:
+            self._buffer += data
+            if len(self._buffer) < self.store.chunk_size:
+                return self._done_future()
+            self._queue.append(bytes(self._buffer))
+            self._buffer.clear()
+        self._start_writer()
+        if len(self._queue) < self.store.max_in_flight:
+            return self._done_future()
+        if self._room is None or self._room.done():
+            self._room = asyncio.get_running_loop().create_future()
+        return self._room
+
+    async def flush(self) -> int:
+        """Store every queued byte; return the durable offset.
+
+        Raises the storage ``UploadError`` (507 when the disk is full, 500 for other
+        I/O errors) if a write failed; the sink then clears the error, so the client
+        can resume from the returned-by-HEAD offset later.
+        """
+        if self._buffer and self._error is None:
+            self._queue.append(bytes(self._buffer))
+            self._buffer.clear()
+            self._start_writer()
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+        self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._buffer.clear()
+            raise error
+        return self.state.offset
+
+    def _done_future(self) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    def _start_writer(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._run_writer())
+
+    async def _run_writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        store = self.store
+        try:
+            while self._queue:
+                data = self._queue[0]
+                hashers: list[_Hasher] = [self._sha256]
+                if self._segment is not None:
+                    hashers.append(self._segment[2])
+                try:
+                    await loop.run_in_executor(
+                        store.executor, store._write_chunk, self._fd, data, self.offset, hashers
+                    )
+                except Exception as exc:
+                    store.stats.storage_errors += 1
+                    if isinstance(exc, OSError):
+                        self._error = _storage_error(exc)
+                    else:
+                        self._error = UploadError(f"storage error: {exc!r}", status=500)
+                        self._error.__cause__ = exc
+                    self._queue.clear()
+                    self._buffer.clear()
+                    self.state.drop_queued()
+                    return
+                self._queue.popleft()
+                self.state.stored(len(data), time.time())
+                store.stats.bytes_stored += len(data)
+                room = self._room
+                if len(self._queue) < store.max_in_flight and room is not None and not room.done():
+                    room.set_result(None)
+        finally:
+            if self._room is not None and not self._room.done():
+                self._room.set_result(None)
+
+    # -- checksummed segments -------------------------------------------------------
+
+    async def begin_segment(self, algorithm: str, expected: bytes) -> None:
+        """Start a segment whose bytes must hash to ``expected`` with ``algorithm``.
+
+        Flushes first, records the start offset in ``<id>.seg`` (so a crash inside
+        the segment is rolled back on the next open) and snapshots the sha256 state.
+        End it with :meth:`end_segment` (verify) or :meth:`rollback_segment`. Raises
+        ``UploadError`` 400 for an algorithm not in :data:`CHECKSUM_ALGORITHMS`.
+        """
+        if algorithm not in CHECKSUM_ALGORITHMS:
+            raise UploadError(f"unsupported checksum algorithm {algorithm!r}", status=400)
+        if self._segment is not None:
+            raise UploadError("a checksummed segment is already open", status=409)
+        start = await self.flush()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.store.executor, self.store._write_marker, self.id, start)
+        hasher: _Hasher = hashlib.new(algorithm)
+        self._segment = (start, self._sha256.copy(), hasher, algorithm, expected)
+
+    async def end_segment(self) -> int:
+        """Flush and verify the open segment; return the durable offset.
+
+        On a mismatch the segment's bytes are truncated away, the offset goes back to
+        where the segment started, and ``UploadError`` 460 is raised.
+        """
+        if self._segment is None:
+            return await self.flush()
+        try:
+            await self.flush()
+        except UploadError:
+            await self.rollback_segment()
+            raise
+        _, _, hasher, algorithm, expected = self._segment
+        if hasher.digest() != expected:
+            await self.rollback_segment()
+            raise UploadError(f"{algorithm} checksum mismatch; chunk discarded", status=460)
+        self._segment = None
+        await asyncio.get_running_loop().run_in_executor(
+            self.store.executor, self.store._remove_marker, self.id
+        )
+        return self.offset
+
+    async def rollback_segment(self) -> int:
+        """Discard the open segment (truncate back to its start); return the offset."""
+        segment, self._segment = self._segment, None
+        if segment is None:
+            return self.offset
+        try:
+            await self.flush()
+        except UploadError:
+            pass
+        start, sha_before, _, _, _ = segment
+        self.store.stats.checksum_mismatches += 1
+        await asyncio.get_running_loop().run_in_executor(
+            self.store.executor, self.store._truncate, self._fd, self.id, start
+        )
+        self._sha256 = sha_before
+        self.state.rewind(start, time.time())
+        return start
+
+    @property
+    def in_segment(self) -> bool:
+        """True between :meth:`begin_segment` and its end."""
+        return self._segment is not None
+
+    # -- finishing ------------------------------------------------------------------
+
+    async def finish(self, *, expected_sha256: str | None = None) -> str:
+        """Complete the upload atomically and return the final file's path.
+
+        Flushes, ``fsync``\\ s the partial file, checks the whole-file sha256 against
+        ``expected_sha256`` (hex, optional), renames ``<id>.part`` to ``<id>`` and
+        ``fsync``\\ s the directory, then records the digest in ``<id>.info``.
+        Raises ``UploadError`` 409 if bytes are missing, 460 if the sha256 differs
+        (the upload is then aborted: its bytes cannot be trusted), or the storage error.
+        """
+        await self.flush()
+        self.state.complete()
+        digest = self._sha256.hexdigest()
+        if expected_sha256 is not None and expected_sha256.lower() != digest:
+            await self.abort()
+            raise UploadError("sha256 of the upload does not match; upload discarded", status=460)
+        loop = asyncio.get_running_loop()
+        fd, self._fd = self._fd, -1
+        await loop.run_in_executor(
+            self.store.executor, self.store._finish_files, fd, self.id, digest
+        )
+        self._final_sha256 = digest
+        self.store.stats.completed += 1
+        self.store._forget(self.id)
+        return self.store.final_path(self.id)
+
+    async def abort(self) -> None:
+        """Terminate the upload: stop writing, delete its files (idempotent).
+
+        Policy: an aborted upload is gone; its id answers 404 from then on. A
+        completed upload is not touched (delete the final file yourself).
+        """
+        if self.state.status is UploadStatus.COMPLETE:
+            return
+        if self.state.status is UploadStatus.ABORTED and self._fd < 0:
+            return
+        self.state.abort()
+        self._queue.clear()
+        self._buffer.clear()
+        if self._writer is not None and not self._writer.done():
+            try:
+                await asyncio.shield(self._writer)
+            except Exception:
+                pass
+        fd, self._fd = self._fd, -1
+        await asyncio.get_running_loop().run_in_executor(
+            self.store.executor, self.store._delete_files, fd, self.id
+        )
+        self.store.stats.aborted += 1
+        self.store._forget(self.id)
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class UploadStore:
+    """A storage root for uploads: creates, reopens, expires and counts them.
+
+    Arguments (defaults in brackets):
+
+    * ``root`` -- directory for every upload file (created if missing).
+    * ``max_size`` [1 GiB] -- largest declared size accepted (tus ``Tus-Max-Size``);
+      above it, creation is refused with 413.
+    * ``chunk_size`` [1 MiB] -- bytes per executor write job.
+    * ``max_in_flight`` [2] -- chunks queued per upload before ``write()`` makes the
+      caller wait.
+    * ``expire_after`` [86400 s] -- an idle partial upload expires this long after its
+      last stored byte; :meth:`sweep` removes it.
+    * ``max_cached`` [1000] -- upload states (hash state + open file) kept in memory;
+      past it the least recently used idle one is dropped (counted as ``evicted``) and
+      rebuilt by re-hashing if it is opened again.
+    * ``executor`` [None: the loop's default executor] -- where file I/O runs.
+
+    Storage faults can be injected by overriding :meth:`write_at`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        max_size: int = 1 << 30,
+        chunk_size: int = 1 << 20,
+        max_in_flight: int = 2,
+        expire_after: float = 86400.0,
+        max_cached: int = 1000,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        if chunk_size <= 0 or max_in_flight <= 0 or max_cached <= 0 or max_size < 0:
+            raise ValueError("chunk_size, max_in_flight and max_cached must be positive")
+        self.root = os.path.realpath(os.fspath(root))
+        os.makedirs(self.root, exist_ok=True)
+        self.max_size = max_size
+        self.chunk_size = chunk_size
+        self.max_in_flight = max_in_flight
+        self.expire_after = expire_after
+        self.max_cached = max_cached
+        self.executor = executor
+        self.stats = UploadStats()
+        self._sinks: dict[str, ChunkedUploadSink] = {}
+        self._opening: dict[str, asyncio.Future[ChunkedUploadSink]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- paths (ids only, never client names) ---------------------------------------
+
+    def _checked(self, upload_id: str) -> str:
+        if not is_upload_id(upload_id):
+            raise UploadError("no such upload", status=404)
+        return upload_id
+
+    def partial_path(self, upload_id: str) -> str:
+        """Path of the partial file ``<root>/<id>.part``; 404 ``UploadError`` for a bad id."""
+        return os.path.join(self.root, self._checked(upload_id) + ".part")
+
+    def final_path(self, upload_id: str) -> str:
+        """Path of the completed file ``<root>/<id>``."""
+        return os.path.join(self.root, self._checked(upload_id))
+
+    def info_path(self, upload_id: str) -> str:
+        """Path of the JSON metadata file ``<root>/<id>.info``."""
+        return os.path.join(self.root, self._checked(upload_id) + ".info")
+
+    def _marker_path(self, upload_id: str) -> str:
+        return os.path.join(self.root, self._checked(upload_id) + ".seg")
+
+    # -- public API -----------------------------------------------------------------
+
+    async def create(
+        self, size: int, *, metadata: Mapping[str, str] | None = None, now: float | None = None
+    ) -> ChunkedUploadSink:
+        """Create a new upload of ``size`` bytes and return its sink.
+
+        ``metadata`` is kept (``filename``, and ``name`` as a fallback, sanitized by
+        :func:`sanitize_filename`; other values cut to 1024 characters). Raises
+        ``UploadError`` 413 if ``size > max_size``, 400 if negative, 507/500 if the
+        files cannot be created.
+        """
+        now = time.time() if now is None else now
+        state = UploadState(size=size, max_size=self.max_size, now=now)
+        clean = {str(k)[:64]: str(v)[:1024] for k, v in (metadata or {}).items()}
+        raw_name = clean.get("filename") or clean.get("name")
+        if raw_name is not None:
+            clean["filename"] = sanitize_filename(raw_name)
+        upload_id = secrets.token_hex(16)
+        info = {"id": upload_id, "size": size, "metadata": clean, "created": now}
+        loop = asyncio.get_running_loop()
+        try:
+            fd = await loop.run_in_executor(self.executor, self._create_files, upload_id, info)
+        except OSError as exc:
+            self.stats.storage_errors += 1
+            raise _storage_error(exc) from exc
+        sink = ChunkedUploadSink(self, upload_id, state, clean, now, fd, hashlib.sha256())
+        self.stats.created += 1
+        self._remember(sink)
+        return sink
+
+    async def open(self, upload_id: str, *, now: float | None = None) -> ChunkedUploadSink:
+        """Return the sink of an existing partial upload, rebuilding it from disk if needed.
+
+        Rebuilding (first open in this process, or after eviction) reads the partial
+        file in the executor to recompute the sha256, and rolls back an unfinished
+        checksummed segment. Raises ``UploadError`` 404 for an unknown, completed-and-
+        forgotten or malformed id, 410 if the upload expired (its files are removed).
+        """
+        self._checked(upload_id)
+        now = time.time() if now is None else now
+        sink = self._sinks.get(upload_id)
+        if sink is None:
+            pending = self._opening.get(upload_id)
+            if pending is None:
+                pending = asyncio.get_running_loop().create_future()
+                self._opening[upload_id] = pending
+                try:
+                    sink = await self._load(upload_id)
+                except BaseException as exc:
+                    pending.set_exception(exc)
+                    pending.exception()
+                    raise
+                else:
+                    pending.set_result(sink)
+                    self._remember(sink)
+                finally:
+                    del self._opening[upload_id]
+            else:
+                sink = await asyncio.shield(pending)
+        if sink.state.is_expired(now, self.expire_after) and not sink.locked:
+            await sink.abort()
+            self.stats.aborted -= 1
+            self.stats.expired += 1
+            raise UploadError("upload expired", status=410)
+        if self._sinks.pop(upload_id, None) is not None:
+            self._sinks[upload_id] = sink  # most recently used last
+        return sink
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Remove expired partial uploads (idle past ``expire_after``); return how many.
+
+        Uploads held by a writer are skipped. Runs the directory scan in the executor.
+        Call it from a timer, e.g. ``PeriodicCallback(store.sweep, 600_000)``.
+        """
+        now = time.time() if now is None else now
+        loop = asyncio.get_running_loop()
+        expired = await loop.run_in_executor(
+            self.executor, self._scan_expired, now - self.expire_after
+        )
+        removed = 0
+        for upload_id in expired:
+            sink = self._sinks.get(upload_id)
+            if sink is not None:
+                if sink.locked or not sink.state.is_expired(now, self.expire_after):
+                    continue
+                await sink.abort()
+                self.stats.aborted -= 1
+            else:
+                await loop.run_in_executor(self.executor, self._delete_files, -1, upload_id)
+            self.stats.expired += 1
+            removed += 1
+        return removed
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task the store keeps a reference to until it ends.
+
+        Handlers use it for clean-up that outlives a request (flushing after a
+        disconnect). Errors other than ``UploadError`` are logged, never lost.
+        """
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, UploadError):
+                _log.error("upload clean-up failed", exc_info=exc)
+
+    async def drain_tasks(self) -> None:
+        """Wait for the clean-up tasks started by :meth:`spawn` (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        """Close every cached upload's file descriptor (partial files stay on disk)."""
+        for sink in self._sinks.values():
+            sink._close_fd()
+        self._sinks.clear()
+
+    def write_at(self, fd: int, data: memoryview, offset: int) -> int:
+        """Write ``data`` at ``offset`` of ``fd``; return the bytes written (executor thread).
+
+        The storage hook: override it to inject faults (raise
+        ``OSError(errno.ENOSPC, ...)``) or to write elsewhere. Default ``os.pwrite``.
+        """
+        return os.pwrite(fd, data, offset)
+
+    # -- executor side --------------------------------------------------------------
+
+    def _write_chunk(self, fd: int, data: bytes, offset: int, hashers: list[_Hasher]) -> None:
+        view = memoryview(data)
+        pos = 0
+        try:
+            while pos < len(view):
+                pos += self.write_at(fd, view[pos:], offset + pos)
+        except OSError:
+            # Keep "offset = bytes on disk": drop the part of this chunk that made it.
+            try:
+                os.ftruncate(fd, offset)
+            except OSError:
+                pass
+            raise
+        for hasher in hashers:
+            hasher.update(view)
+
+    def _create_files(self, upload_id: str, info: dict[str, Any]) -> int:
+        info_path = self.info_path(upload_id)
+        tmp = info_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(info, fh)
+        os.replace(tmp, info_path)
+        return os.open(
+            self.partial_path(upload_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+
+    def _write_marker(self, upload_id: str, start: int) -> None:
+        path = self._marker_path(upload_id)
+        with open(path + ".tmp", "w", encoding="ascii") as fh:
+            fh.write(str(start))
+        os.replace(path + ".tmp", path)
+
+    def _remove_marker(self, upload_id: str) -> None:
+        try:
+            os.unlink(self._marker_path(upload_id))
+        except FileNotFoundError:
+            pass
+
+    def _truncate(self, fd: int, upload_id: str, offset: int) -> None:
+        os.ftruncate(fd, offset)
+        self._remove_marker(upload_id)
+
+    def _finish_files(self, fd: int, upload_id: str, digest: str) -> None:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.partial_path(upload_id), self.final_path(upload_id))
+        info_path = self.info_path(upload_id)
+        with open(info_path, encoding="utf-8") as fh:
+            info = json.load(fh)
+        info.update(sha256=digest, completed=time.time())
+        with open(info_path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump(info, fh)
+        os.replace(info_path + ".tmp", info_path)
+        dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _delete_files(self, fd: int, upload_id: str) -> None:
+        if fd >= 0:
+            os.close(fd)
+        for path in (
+            self.partial_path(upload_id),
+            self.info_path(upload_id),
+            self._marker_path(upload_id),
+        ):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def _load_files(self, upload_id: str) -> tuple[dict[str, Any], int, _Hasher, float] | None:
+        part = self.partial_path(upload_id)
+        try:
+            with open(self.info_path(upload_id), encoding="utf-8") as fh:
+                info = json.load(fh)
+            if "sha256" in info and os.path.exists(self.final_path(upload_id)):
+                info["_offset"] = int(info["size"])
+                return info, -1, hashlib.sha256(), float(info.get("completed", 0.0))
+            fd = os.open(part, os.O_RDWR | os.O_CLOEXEC)
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            try:
+                with open(self._marker_path(upload_id), encoding="ascii") as fh:
+                    start = int(fh.read().strip() or 0)
+                os.ftruncate(fd, min(start, os.fstat(fd).st_size))
+                os.unlink(self._marker_path(upload_id))
+            except FileNotFoundError:
+                pass
+            stat = os.fstat(fd)
+            size = min(stat.st_size, int(info["size"]))
+            if stat.st_size > size:
+                os.ftruncate(fd, size)
+            hasher: _Hasher = hashlib.sha256()
+            pos = 0
+            while pos < size:
+                block = os.pread(fd, min(self.chunk_size, size - pos), pos)
+                if not block:
+                    break
+                hasher.update(block)
+                pos += len(block)
+        except BaseException:
+            os.close(fd)
+            raise
+        info["_offset"] = pos
+        return info, fd, hasher, stat.st_mtime
+
+    async def _load(self, upload_id: str) -> ChunkedUploadSink:
+        loop = asyncio.get_running_loop()
+        try:
+            loaded = await loop.run_in_executor(self.executor, self._load_files, upload_id)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        if loaded is None:
+            raise UploadError("no such upload", status=404)
+        info, fd, hasher, mtime = loaded
+        size = int(info["size"])
+        state = UploadState(
+            size=size, max_size=max(size, self.max_size), offset=info["_offset"], now=mtime
+        )
+        metadata = {str(k): str(v) for k, v in dict(info.get("metadata", {})).items()}
+        sink = ChunkedUploadSink(
+            self, upload_id, state, metadata, float(info["created"]), fd, hasher
+        )
+        if fd < 0:  # completed earlier: answer HEAD with offset == size
+            state.status = UploadStatus.COMPLETE
+            sink._final_sha256 = str(info["sha256"])
+        else:
+            self.stats.rehashed += 1
+        return sink
+
+    def _scan_expired(self, cutoff: float) -> list[str]:
+        found = []
+        for entry in os.scandir(self.root):
+            name = entry.name
+            if name.endswith(".part") and is_upload_id(name[:-5]):
+                try:
+                    if entry.stat().st_mtime <= cutoff:
+                        found.append(name[:-5])
+                except FileNotFoundError:
+                    pass
+        return found
+
+    # -- in-memory cache ------------------------------------------------------------
+
+    def _remember(self, sink: ChunkedUploadSink) -> None:
+        self._sinks[sink.id] = sink
+        if len(self._sinks) <= self.max_cached:
+            return
+        for upload_id, other in list(self._sinks.items()):
+            if len(self._sinks) <= self.max_cached:
+                break
+            if other is sink or other.locked or other._queue or other._buffer:
+                continue
+            if other._writer is not None and not other._writer.done():
+                continue
+            other._close_fd()
+            del self._sinks[upload_id]
+            self.stats.evicted += 1
+
+    def _forget(self, upload_id: str) -> None:
+        sink = self._sinks.pop(upload_id, None)
+        if sink is not None:
+            sink._close_fd()

@@ -1,0 +1,390 @@
+"""A tus 1.0.0 resumable-upload server handler for Tornado, on :class:`UploadStore`.
+
+Extensions: ``creation``, ``creation-with-upload``, ``termination``, ``checksum``
+(``sha1``, ``sha256``, ``md5``) and ``expiration``. Existing tus clients (tus-js-client,
+tuspy, Uppy) work unchanged. Route it with :meth:`TusUploadHandler.routes`::
+
+    store = UploadStore("/var/uploads", max_size=2 << 30)
+    app = tornado.web.Application(
+        TusUploadHandler.routes("/files", store=store, cors_origins=["https://app.example"])
+    )
+
+Status codes beyond the tus specification's: 400 for malformed headers, 404 for
+unknown ids (and any id the store did not generate), 410 for an expired upload, 412
+for a missing or unsupported ``Tus-Resumable``, 413 past ``Tus-Max-Size`` or the
+declared length, 415 for a PATCH without ``application/offset+octet-stream``, 423
+(Locked) when another request is writing the same upload (exactly one PATCH proceeds;
+the client retries after a HEAD), 460 for a checksum mismatch (chunk discarded, offset
+unchanged), 507 when the storage is full (the offset stays at the bytes on disk).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import tornado.routing
+import tornado.web
+
+from tornado_longconn.exceptions import UploadError
+from tornado_longconn.upload import (
+    CHECKSUM_ALGORITHMS,
+    ChunkedUploadSink,
+    UploadStore,
+    encode_tus_metadata,
+    is_upload_id,
+    parse_tus_metadata,
+)
+
+__all__ = ["TUS_EXPOSE_HEADERS", "TUS_VERSION", "TusUploadHandler"]
+
+#: The tus protocol version this handler speaks.
+TUS_VERSION = "1.0.0"
+
+_EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
+_OFFSET_TYPE = "application/offset+octet-stream"
+_INT_RE = re.compile(r"[0-9]{1,19}")
+#: Response headers a browser tus client must be able to read (CORS expose list).
+TUS_EXPOSE_HEADERS = (
+    "Location, Upload-Offset, Upload-Length, Upload-Metadata, Upload-Expires, "
+    "Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm"
+)
+_ALLOW_HEADERS = (
+    "Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, Upload-Checksum, "
+    "Upload-Defer-Length, Upload-Concat, Content-Type, X-HTTP-Method-Override, "
+    "X-Requested-With, Authorization"
+)
+
+CompleteCallback = Callable[[ChunkedUploadSink], "Awaitable[None] | None"]
+
+
+def _parse_int(value: str | None, name: str) -> int:
+    if value is None or not _INT_RE.fullmatch(value.strip()):
+        raise UploadError(f"{name} must be a non-negative integer", status=400)
+    return int(value.strip())
+
+
+def _parse_checksum(header: str) -> tuple[str, bytes]:
+    parts = header.strip().split(" ")
+    if len(parts) != 2:
+        raise UploadError("Upload-Checksum must be '<algorithm> <base64>'", status=400)
+    algorithm, encoded = parts[0].lower(), parts[1]
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise UploadError(f"unsupported checksum algorithm {algorithm!r}", status=400)
+    try:
+        return algorithm, base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise UploadError("Upload-Checksum digest is not base64", status=400) from exc
+
+
+@tornado.web.stream_request_body
+class TusUploadHandler(tornado.web.RequestHandler):
+    """tus 1.0.0 server: POST creates, HEAD reports the offset, PATCH appends, DELETE ends.
+
+    ``initialize`` keyword arguments (pass them in the route's dict, or use
+    :meth:`routes`):
+
+    * ``store`` -- the :class:`~tornado_longconn.upload.UploadStore` (required).
+    * ``cors_origins`` [None] -- origins allowed to call from a browser: a list of
+      origins, ``"*"`` for any, ``None`` to send no CORS headers.
+    * ``on_complete`` [None] -- called with the sink once an upload is complete and
+      renamed into place (may be async; the last PATCH waits for it).
+
+    The request body is streamed: ``data_received`` returns the sink's write
+    awaitable, so Tornado reads no more of the body while the window of chunks
+    waiting for the disk is full. Subclass and override :meth:`upload_complete` as an
+    alternative to ``on_complete``.
+    """
+
+    SUPPORTED_METHODS = ("OPTIONS", "HEAD", "POST", "PATCH", "DELETE")
+
+    @classmethod
+    def routes(cls, prefix: str, **kwargs: Any) -> list[tornado.routing.URLSpec]:
+        """URL rules for ``prefix`` (creation) and ``prefix/<id>`` (one upload).
+
+        ``kwargs`` are the ``initialize`` arguments. Returns two
+        :class:`tornado.routing.URLSpec` to put in the ``Application``'s rule list.
+        """
+        prefix = prefix.rstrip("/")
+        return [
+            tornado.routing.URLSpec(prefix + "/?", cls, kwargs),
+            tornado.routing.URLSpec(prefix + "/([^/]+)", cls, kwargs),
+        ]
+
+    def initialize(
+        self,
+        store: UploadStore,
+        cors_origins: Sequence[str] | str | None = None,
+        on_complete: CompleteCallback | None = None,
+    ) -> None:
+        """Keep the handler configuration (see the class docstring)."""
+        self.store = store
+        self.cors_origins = cors_origins
+        self.on_complete = on_complete
+        self._set_cors_headers()
+        self._sink: ChunkedUploadSink | None = None
+        self._holding = False
+        self._failed = False
+
+    # -- helpers --------------------------------------------------------------------
+
+    def set_default_headers(self) -> None:
+        """``Tus-Resumable`` and ``Cache-Control: no-store`` on every response, plus CORS."""
+        self.set_header("Tus-Resumable", TUS_VERSION)
+        self.set_header("Cache-Control", "no-store")
+        self._set_cors_headers()
+
+    def _set_cors_headers(self) -> None:
+        # Also called by clear() from RequestHandler.__init__, before initialize().
+        origin = self.request.headers.get("Origin")
+        allowed = getattr(self, "cors_origins", None)
+        if origin and allowed is not None and (allowed == "*" or origin in allowed):
+            self.set_header("Access-Control-Allow-Origin", "*" if allowed == "*" else origin)
+            if allowed != "*":
+                self.add_header("Vary", "Origin")
+            self.set_header("Access-Control-Expose-Headers", TUS_EXPOSE_HEADERS)
+
+    def _expires_header(self, sink: ChunkedUploadSink) -> None:
+        if not sink.state.is_stored:
+            when = sink.state.expires_at(self.store.expire_after)
+            self.set_header("Upload-Expires", email.utils.formatdate(when, usegmt=True))
+
+    def _fail(self, error: UploadError) -> None:
+        """Answer ``error`` now (also from ``data_received``: the rest is not read)."""
+        self._failed = True
+        if self._finished:
+            return
+        self.clear()
+        self.set_status(error.status, _REASONS.get(error.status))
+        if error.status == 412:
+            self.set_header("Tus-Version", TUS_VERSION)
+        if self._sink is not None and error.status in (409, 460, 507, 423, 413):
+            self.set_header("Upload-Offset", str(self._sink.offset))
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(str(error) + "\n")
+
+    def _release(self) -> None:
+        if self._sink is not None and self._holding:
+            self._holding = False
+            self._sink.release()
+
+    async def _open(self, upload_id: str) -> ChunkedUploadSink:
+        if not is_upload_id(upload_id):
+            raise UploadError("no such upload", status=404)
+        return await self.store.open(upload_id)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Plain-text errors (tus clients show the body)."""
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(f"{status_code} {self._reason}\n")
+
+    # -- request lifecycle ----------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Check the tus headers and open/lock the upload before any body byte is read."""
+        method = self.request.method
+        if method == "OPTIONS":
+            return
+        try:
+            if self.request.headers.get("Tus-Resumable") != TUS_VERSION:
+                raise UploadError("unsupported or missing Tus-Resumable", status=412)
+            if method == "POST":
+                await self._prepare_create()
+            elif method == "PATCH":
+                await self._prepare_patch()
+        except UploadError as err:
+            self._release()
+            self._fail(err)
+
+    async def _prepare_create(self) -> None:
+        if self.path_args and self.path_args[0]:
+            raise UploadError("POST goes to the collection URL", status=405)
+        headers = self.request.headers
+        if "Upload-Defer-Length" in headers:
+            raise UploadError("Upload-Defer-Length is not supported", status=400)
+        size = _parse_int(headers.get("Upload-Length"), "Upload-Length")
+        if size > self.store.max_size:
+            raise UploadError(
+                f"Upload-Length exceeds Tus-Max-Size {self.store.max_size}", status=413
+            )
+        metadata = parse_tus_metadata(headers.get("Upload-Metadata", ""))
+        with_body = headers.get("Content-Type", "").split(";")[0].strip() == _OFFSET_TYPE
+        length = self._body_length() if with_body else 0
+        if length is not None and length > size:
+            raise UploadError("body is longer than Upload-Length", status=413)
+        checksum = headers.get("Upload-Checksum")
+        parsed = _parse_checksum(checksum) if checksum is not None and with_body else None
+        self._sink = await self.store.create(size, metadata=metadata)
+        if with_body:
+            await self._begin_body(parsed, size)
+
+    async def _prepare_patch(self) -> None:
+        headers = self.request.headers
+        if headers.get("Content-Type", "").split(";")[0].strip() != _OFFSET_TYPE:
+            raise UploadError(f"PATCH needs Content-Type: {_OFFSET_TYPE}", status=415)
+        offset = _parse_int(headers.get("Upload-Offset"), "Upload-Offset")
+        checksum = headers.get("Upload-Checksum")
+        parsed = _parse_checksum(checksum) if checksum is not None else None
+        length = self._body_length()
+        upload_id = self.path_args[0] if self.path_args else ""
+        sink = await self._open(upload_id)
+        self._sink = sink
+        sink.acquire()  # exactly one writer: a concurrent PATCH gets 423
+        self._holding = True
+        sink.state.check_offset(offset)
+        if length is not None:
+            sink.state.check_length(length)
+        await self._begin_body(parsed, sink.state.remaining)
+
+    def _body_length(self) -> int | None:
+        value = self.request.headers.get("Content-Length")
+        return None if value is None else _parse_int(value, "Content-Length")
+
+    async def _begin_body(self, checksum: tuple[str, bytes] | None, limit: int) -> None:
+        assert self._sink is not None
+        if not self._holding:
+            self._sink.acquire()
+            self._holding = True
+        # Tornado's default body limit is 100 MB; the upload's own limit applies instead.
+        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
+        if checksum is not None:
+            await self._sink.begin_segment(*checksum)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        """Hand the chunk to the sink; the returned awaitable is Tornado's flow control."""
+        if self._failed or self._sink is None or not self._holding:
+            return None
+        try:
+            return self._sink.write(chunk)
+        except UploadError as err:
+            self._abandon_body(err)
+            return None
+
+    def _abandon_body(self, err: UploadError) -> None:
+        self._fail(err)
+        sink = self._sink
+        if sink is not None:
+            sink.store.spawn(self._settle(sink))
+
+    async def _settle(self, sink: ChunkedUploadSink) -> None:
+        """After an interrupted body: keep what was stored (or roll back a segment)."""
+        try:
+            if sink.in_segment:
+                await sink.rollback_segment()
+            else:
+                await sink.flush()
+        except UploadError:
+            pass
+        finally:
+            self._release()
+
+    def on_connection_close(self) -> None:
+        """The client went away mid-body: the partial file keeps every stored byte."""
+        super().on_connection_close()
+        if self._holding and self._sink is not None and not self._failed:
+            self._failed = True
+            self._sink.store.spawn(self._settle(self._sink))
+
+    def on_finish(self) -> None:
+        """Release the upload if the response ended without the body being stored."""
+        if self._holding and self._sink is not None and not self._failed:
+            self._release()
+
+    async def _store_body(self) -> ChunkedUploadSink | None:
+        """Flush and verify the body; answer errors; None if the response was sent."""
+        sink = self._sink
+        if self._finished or self._failed or sink is None:
+            return None
+        try:
+            await sink.end_segment()
+            if sink.state.is_stored:
+                await sink.finish()
+                result = self.upload_complete(sink)
+                if inspect.isawaitable(result):
+                    await result
+        except UploadError as err:
+            self._fail(err)
+            return None
+        finally:
+            self._release()
+        return sink
+
+    # -- methods --------------------------------------------------------------------
+
+    def options(self, upload_id: str | None = None) -> None:
+        """Capabilities (and the CORS preflight answer)."""
+        self.set_header("Tus-Version", TUS_VERSION)
+        self.set_header("Tus-Extension", _EXTENSIONS)
+        self.set_header("Tus-Max-Size", str(self.store.max_size))
+        self.set_header("Tus-Checksum-Algorithm", ",".join(CHECKSUM_ALGORITHMS))
+        if self.request.headers.get("Origin") and self._headers.get("Access-Control-Allow-Origin"):
+            self.set_header("Access-Control-Allow-Methods", "POST, HEAD, PATCH, DELETE, OPTIONS")
+            self.set_header("Access-Control-Allow-Headers", _ALLOW_HEADERS)
+            self.set_header("Access-Control-Max-Age", "86400")
+        self.set_status(204)
+
+    async def post(self, upload_id: str | None = None) -> None:
+        """Creation (and creation-with-upload): 201 with ``Location``."""
+        sink = await self._store_body()
+        if sink is None:
+            return
+        base = self.request.path.rstrip("/")
+        self.set_header(
+            "Location", f"{self.request.protocol}://{self.request.host}{base}/{sink.id}"
+        )
+        self.set_header("Upload-Offset", str(sink.offset))
+        self._expires_header(sink)
+        self.set_status(201)
+
+    async def patch(self, upload_id: str) -> None:
+        """Append the body at ``Upload-Offset``; 204 with the new ``Upload-Offset``."""
+        sink = await self._store_body()
+        if sink is None:
+            return
+        self.set_header("Upload-Offset", str(sink.offset))
+        self._expires_header(sink)
+        self.set_status(204)
+
+    async def head(self, upload_id: str) -> None:
+        """The durable offset, length and metadata of an upload."""
+        try:
+            sink = await self._open(upload_id)
+        except UploadError as err:
+            self._fail(err)
+            return
+        self.set_header("Upload-Offset", str(sink.offset))
+        self.set_header("Upload-Length", str(sink.size))
+        if sink.metadata:
+            self.set_header("Upload-Metadata", encode_tus_metadata(sink.metadata))
+        self._expires_header(sink)
+        self.set_status(200)
+
+    async def delete(self, upload_id: str) -> None:
+        """Termination: 204, the upload's files are removed; 423 while it is being written."""
+        try:
+            sink = await self._open(upload_id)
+            if sink.locked:
+                raise UploadError("the upload is being written", status=423)
+            await sink.abort()
+        except UploadError as err:
+            self._fail(err)
+            return
+        self.set_status(204)
+
+    def upload_complete(self, sink: ChunkedUploadSink) -> Awaitable[None] | None:
+        """Called once an upload is complete; default: call ``on_complete`` if given.
+
+        Override in a subclass to move the file (``sink.path``), record it, etc. May
+        be async; the client's last request waits for it.
+        """
+        if self.on_complete is not None:
+            return self.on_complete(sink)
+        return None
+
+
+_REASONS = {460: "Checksum Mismatch", 423: "Locked", 507: "Insufficient Storage"}
