@@ -47,7 +47,7 @@ import json
 import logging
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -72,7 +72,9 @@ __all__ = [
     "RecentMessages",
     "WaiterLimitError",
     "check_timeout",
+    "json_error",
     "message_to_json",
+    "topic_for_request",
 ]
 
 log = logging.getLogger("tornado_longconn.longpoll")
@@ -139,7 +141,7 @@ class PollResult:
     publish; :meth:`to_json` encodes it once.
     """
 
-    __slots__ = ("_body", "cursor", "gap", "messages", "reason")
+    __slots__ = ("_body", "_encoded", "cursor", "gap", "messages", "reason")
 
     def __init__(
         self,
@@ -153,6 +155,7 @@ class PollResult:
         self.gap = gap
         self.reason = reason
         self._body: bytes | None = None
+        self._encoded: dict[str, bytes] | None = None
 
     @classmethod
     def from_since(cls, result: SinceResult) -> PollResult:
@@ -179,6 +182,16 @@ class PollResult:
         if self._body is None:
             self._body = json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
         return self._body
+
+    def encoded(self, key: str, encode: Callable[[PollResult], bytes]) -> bytes:
+        """``encode(self)``, computed once per ``key`` and cached (e.g. the SSE form)."""
+        cache = self._encoded
+        if cache is None:
+            cache = self._encoded = {}
+        body = cache.get(key)
+        if body is None:
+            body = cache[key] = encode(self)
+        return body
 
 
 class RecentMessages:
@@ -678,6 +691,22 @@ class LongPollWaiter:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+def topic_for_request(
+    fixed: str | None, waiter: LongPollWaiter, args: Sequence[str], kwargs: dict[str, str]
+) -> str:
+    """The topic a handler serves: ``fixed``, else the URL's ``topic`` group, else its
+    first group, else the waiter's default topic; ``HTTPError(404)`` when none."""
+    topic = fixed or kwargs.get("topic") or (args[0] if args else None) or waiter.topic
+    if not topic:
+        raise tornado.web.HTTPError(404)
+    return topic
+
+
+def json_error(handler: tornado.web.RequestHandler, status: int, message: str) -> None:
+    """Finish ``handler`` with ``status`` and ``{"error": message}`` (503 adds Retry-After)."""
+    _error(handler, status, message)
+
+
 def _error(handler: tornado.web.RequestHandler, status: int, message: str) -> None:
     handler.set_status(status)
     handler.set_header("Content-Type", "application/json; charset=UTF-8")
@@ -790,11 +819,7 @@ class LongPollHandler(LongPollMixin):
 
     def get_topic(self, *args: str, **kwargs: str) -> str:
         """The topic to serve; raises ``HTTPError(404)`` when there is none."""
-        topic = self.longpoll_topic or kwargs.get("topic") or (args[0] if args else None)
-        topic = topic or self.longpoll_waiter.topic
-        if not topic:
-            raise tornado.web.HTTPError(404)
-        return topic
+        return topic_for_request(self.longpoll_topic, self.longpoll_waiter, args, kwargs)
 
     async def get(self, *args: str, **kwargs: str) -> None:
         """Answer the long-poll (see :meth:`LongPollMixin.long_poll`)."""
