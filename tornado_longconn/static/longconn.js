@@ -148,7 +148,7 @@
     stableAfter: 3000, // ms open before the backoff resets
     openTimeout: 10000, // ms a transport may take to open
     pollTimeout: 25, // seconds the server may hold a long-poll
-    idleTimeout: null, // ms without any inbound data before reconnecting (null: off)
+    idleTimeout: null, // WebSocket: ms without any inbound frame before reconnecting (null: off)
     withCredentials: false, // cookies on cross-origin SSE / long-poll / send
     heartbeat: null, // see DEFAULT_HEARTBEAT
     decode: null, // function(raw, transport) -> {data, cursor} | {control: ...}
@@ -165,9 +165,11 @@
    * send (string) or null when `data` is not a ping.
    */
   var DEFAULT_HEARTBEAT = {
+    // HeartbeatMixin's defaults: heartbeat_message '{"type":"ping"}', heartbeat_reply
+    // '{"type":"pong"}' (compared as exact text).
     match: function (data) {
       if (data && typeof data === "object" && data.type === "ping") {
-        return JSON.stringify({ type: "pong", id: data.id === undefined ? null : data.id });
+        return '{"type":"pong"}';
       }
       return null;
     },
@@ -175,13 +177,20 @@
 
   /**
    * How a transport's raw payload becomes a message. The default understands the
-   * library's WebSocket envelope ({"cursor": ..., "data": ...} or a control object
-   * {"type": "resync", "cursor": ...}), plain JSON and plain text.
+   * library's WebSocket envelope (broadcast.cursor_envelope: {"cursor": ..., "data": ...}),
+   * its resync notice (broadcast.resync_notice: {"type": "resync", "cursor": ..., "reason":
+   * ...}), plain JSON and plain text. SSE and long-poll carry cursors outside the payload.
    */
   function defaultDecode(raw, transport) {
     var value = tryJson(raw);
     if (value && typeof value === "object" && !Array.isArray(value)) {
-      if (value.type === "resync" || value.event === "resync") {
+      var keys = Object.keys(value);
+      if (transport === "websocket" && keys.length === 2 && "cursor" in value && "data" in value) {
+        // cursor_envelope(): {"cursor": "<epoch>-<offset>" | null, "data": <message>}
+        return { data: value.data, cursor: value.cursor, enveloped: true };
+      }
+      if (value.type === "resync" && "cursor" in value && "reason" in value) {
+        // resync_notice() (GapPolicy.NOTICE): reload state, continue after `cursor`.
         return { control: "resync", cursor: value.cursor || null, reason: value.reason || null };
       }
     }
@@ -357,7 +366,9 @@
   Connection.prototype._touch = function () {
     var self = this;
     var idle = this.options.idleTimeout;
-    if (!idle || this.transport === "longpoll") return;
+    // Only WebSocket shows every inbound frame (heartbeats included) to the page; SSE
+    // keep-alive comments and a waiting long-poll are invisible, so they are not judged.
+    if (!idle || this.transport !== "websocket") return;
     clearTimeout(this._idleTimer);
     var gen = this._gen;
     this._idleTimer = setTimeout(function () {
@@ -378,7 +389,7 @@
     }
     if (msg.control === "ignore") return;
     var hb = this.options.heartbeat;
-    if (hb && typeof hb.match === "function" && this.transport === "websocket") {
+    if (hb && typeof hb.match === "function" && this.transport === "websocket" && !msg.enveloped) {
       var reply = hb.match(msg.data);
       if (reply !== null && reply !== undefined) {
         if (this._impl && this._impl.send) this._impl.send(reply);

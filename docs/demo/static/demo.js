@@ -1,0 +1,375 @@
+// The demo page: rooms, chat with history, presence with heartbeat latency, uploads.
+// Everything about connections is done by longconn.js (the library's browser client).
+(function () {
+  "use strict";
+
+  var qs = new URLSearchParams(location.search);
+  var $ = function (id) {
+    return document.getElementById(id);
+  };
+
+  function randomName() {
+    var animals = ["otter", "lynx", "heron", "ibex", "puffin", "gecko", "marten", "wren"];
+    return animals[Math.floor(Math.random() * animals.length)] + "-" + Math.floor(100 + Math.random() * 900);
+  }
+
+  var user = qs.get("user") || sessionStorage.getItem("longconn-demo-user") || randomName();
+  sessionStorage.setItem("longconn-demo-user", user);
+  var room = qs.get("room") || "lobby";
+  var transport = qs.get("transport") || "auto";
+  var backoffMax = Number(qs.get("backoff_max") || 5000);
+
+  var config = null; // from /api/config
+  var conn = null;
+  var seen = new Set(); // cursors already rendered (no duplicates after a resume)
+  var state = { reconnects: 0, resyncs: 0, opened: 0, lastTransport: null };
+  window.demo = { state: state, get conn() { return conn; } };
+
+  $("me").textContent = user;
+  $("transport").value = transport;
+
+  function setNotice(text, kind) {
+    var n = $("notice");
+    n.hidden = !text;
+    n.textContent = text || "";
+    n.className = kind || "";
+  }
+
+  function api(path, options) {
+    return fetch(path, options).then(function (res) {
+      if (!res.ok) throw new Error(path + ": HTTP " + res.status);
+      return res.json();
+    });
+  }
+
+  function time(ts) {
+    var d = ts ? new Date(ts * 1000) : new Date();
+    return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  }
+
+  function fmtSize(n) {
+    if (n < 1024) return n + " B";
+    if (n < 1048576) return (n / 1024).toFixed(1) + " KiB";
+    return (n / 1048576).toFixed(1) + " MiB";
+  }
+
+  // ------------------------------------------------------------ rendering
+
+  function addLine(cls, build, cursor) {
+    var li = document.createElement("li");
+    li.className = cls;
+    if (cursor) li.dataset.cursor = cursor;
+    build(li);
+    var list = $("messages");
+    var atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+    list.appendChild(li);
+    if (atBottom) list.scrollTop = list.scrollHeight;
+    return li;
+  }
+
+  function system(text) {
+    addLine("system", function (li) {
+      li.textContent = text;
+    });
+  }
+
+  function render(msg, cursor, fromHistory) {
+    if (cursor) {
+      if (seen.has(cursor)) return;
+      seen.add(cursor);
+      $("cursor").textContent = cursor;
+    }
+    if (!msg || typeof msg !== "object") return;
+    if (msg.type === "presence") {
+      renderPresence(msg);
+      return;
+    }
+    var cls = (msg.type === "file" ? "file" : "chat") + (fromHistory ? " history" : "");
+    addLine(cls, function (li) {
+      var who = document.createElement("span");
+      who.className = "who";
+      who.textContent = msg.user || "?";
+      li.appendChild(who);
+      if (msg.type === "file") {
+        var a = document.createElement("a");
+        a.href = msg.url;
+        a.textContent = msg.name;
+        a.setAttribute("download", msg.name);
+        li.appendChild(document.createTextNode("uploaded "));
+        li.appendChild(a);
+        li.appendChild(document.createTextNode(" (" + fmtSize(msg.size) + ") "));
+        var sha = document.createElement("span");
+        sha.className = "sha";
+        sha.textContent = "sha256 " + msg.sha256;
+        li.appendChild(sha);
+      } else {
+        var text = document.createElement("span");
+        text.className = "text";
+        text.textContent = msg.text;
+        li.appendChild(text);
+      }
+      var when = document.createElement("span");
+      when.className = "when";
+      when.textContent = time(msg.time);
+      li.appendChild(when);
+    }, cursor);
+  }
+
+  function renderPresence(p) {
+    var ul = $("members");
+    ul.textContent = "";
+    (p.members || []).forEach(function (m) {
+      var li = document.createElement("li");
+      li.dataset.user = m.user;
+      var name = document.createElement("span");
+      name.textContent = m.user + (m.user === user ? " (you)" : "");
+      var tr = document.createElement("span");
+      tr.className = "tr";
+      tr.textContent = m.transport;
+      name.appendChild(tr);
+      var lat = document.createElement("span");
+      lat.className = "lat";
+      lat.textContent = m.latency_ms === null || m.latency_ms === undefined ? "–" : m.latency_ms.toFixed(1) + " ms";
+      li.appendChild(name);
+      li.appendChild(lat);
+      ul.appendChild(li);
+    });
+    $("member-count").textContent = p.count + (p.count === 1 ? " member" : " members");
+    loadRooms();
+  }
+
+  function loadRooms() {
+    return api("/api/rooms").then(function (body) {
+      var ul = $("rooms");
+      ul.textContent = "";
+      var names = body.rooms.map(function (r) {
+        return r.name;
+      });
+      if (names.indexOf(room) < 0) body.rooms.push({ name: room, count: 0 });
+      body.rooms.forEach(function (r) {
+        var li = document.createElement("li");
+        var a = document.createElement("a");
+        a.href = "?room=" + encodeURIComponent(r.name);
+        a.dataset.room = r.name;
+        if (r.name === room) a.className = "current";
+        var n = document.createElement("span");
+        n.textContent = "# " + r.name;
+        var c = document.createElement("span");
+        c.className = "count";
+        c.textContent = r.count;
+        a.appendChild(n);
+        a.appendChild(c);
+        a.addEventListener("click", function (ev) {
+          ev.preventDefault();
+          joinRoom(r.name);
+        });
+        li.appendChild(a);
+        ul.appendChild(li);
+      });
+    }).catch(function () {
+      /* the room list is decoration; the connection status shows real trouble */
+    });
+  }
+
+  // ------------------------------------------------------------ connection
+
+  function roomPath(prefix) {
+    return prefix + encodeURIComponent(room);
+  }
+
+  // Load the recent history over HTTP, then connect from its cursor: every transport
+  // resumes the same way and nothing falls between history and live messages.
+  function loadHistory() {
+    return api(roomPath("/api/history/")).then(function (body) {
+      body.messages.forEach(function (m) {
+        render(m.data, m.cursor, true);
+      });
+      if (body.presence) renderPresence(body.presence);
+      return body.cursor;
+    });
+  }
+
+  function connect(cursor) {
+    var f = config.features;
+    conn = LongConn.connect({
+      url: f.websocket ? roomPath("/ws/") : null,
+      sseUrl: f.sse ? roomPath("/sse/") : null,
+      pollUrl: f.longpoll ? roomPath("/poll/") : null,
+      sendUrl: roomPath("/api/send/"),
+      transport: transport,
+      cursor: cursor,
+      params: { user: user },
+      backoff: { base: 250, max: backoffMax },
+      idleTimeout: config.idle_timeout ? config.idle_timeout * 1000 : null,
+      onMessage: function (data, c) {
+        render(data, c, false);
+      },
+      onResync: function (info) {
+        state.resyncs++;
+        $("resyncs").textContent = state.resyncs;
+        setNotice(
+          "Resync: the server no longer has the messages after your last cursor (" +
+            (info.reason || "history lost") +
+            "). The room was reloaded; messages sent while you were away may be missing.",
+          "resync"
+        );
+        system("— resynced (" + (info.reason || "history lost") + ") —");
+        seen.clear();
+        loadHistory().then(function (c) {
+          if (c && conn && conn.cursor !== c) {
+            conn.cursor = c;
+          }
+        });
+      },
+      onStatus: function (s) {
+        var pill = $("status");
+        pill.dataset.state = s.state;
+        pill.dataset.transport = s.transport || "";
+        var text = s.state + (s.transport ? " · " + s.transport : "");
+        if (s.state === "waiting") text += " · retry in " + (s.delay / 1000).toFixed(1) + " s";
+        pill.textContent = text;
+        $("send").disabled = s.state !== "open";
+        if (s.state === "open") {
+          state.opened++;
+          if (state.opened > 1) {
+            state.reconnects++;
+            $("reconnects").textContent = state.reconnects;
+          }
+          state.lastTransport = s.transport;
+          if (!$("notice").classList.contains("resync")) setNotice("");
+        } else if (s.state === "waiting" && state.opened > 0) {
+          if (!$("notice").classList.contains("resync")) {
+            setNotice("Connection lost; reconnecting and resuming from cursor " + (conn && conn.cursor) + " …", "");
+          }
+        }
+      },
+    });
+  }
+
+  function joinRoom(name) {
+    if (conn) conn.close();
+    conn = null;
+    room = name;
+    seen.clear();
+    qs.set("room", room);
+    history.replaceState(null, "", "?" + qs.toString());
+    $("room-title").textContent = room;
+    $("messages").textContent = "";
+    $("members").textContent = "";
+    setNotice("");
+    loadRooms();
+    return loadHistory()
+      .then(connect)
+      .catch(function (err) {
+        setNotice("Could not load the room: " + err.message, "resync");
+      });
+  }
+
+  // ------------------------------------------------------------ forms
+
+  $("send-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var input = $("text");
+    var text = input.value.trim();
+    if (!text || !conn) return;
+    conn.send({ type: "chat", text: text }).then(function () {
+      input.value = "";
+    }, function (err) {
+      setNotice("Not sent: " + err.message, "");
+    });
+  });
+
+  $("room-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var name = $("room-name").value.trim();
+    if (/^[A-Za-z0-9_-]{1,40}$/.test(name)) {
+      $("room-name").value = "";
+      joinRoom(name);
+    }
+  });
+
+  $("transport").addEventListener("change", function () {
+    transport = $("transport").value;
+    qs.set("transport", transport);
+    history.replaceState(null, "", "?" + qs.toString());
+    if (conn) conn.setTransport(transport);
+  });
+
+  $("upload-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var file = $("file").files[0];
+    if (!file) return;
+    var protocol = $("upload-protocol").value;
+    var bar = $("upload-progress");
+    var status = $("upload-status");
+    var button = $("upload");
+    bar.hidden = false;
+    bar.value = 0;
+    button.disabled = true;
+    status.textContent = "uploading " + file.name + " …";
+    status.dataset.state = "uploading";
+    LongConn.upload(file, {
+      protocol: protocol,
+      endpoint: "/files/",
+      url: "/ws-upload",
+      metadata: { room: room, user: user },
+      onProgress: function (sent, total) {
+        bar.value = total ? sent / total : 1;
+        bar.dataset.sent = sent;
+        status.textContent = "uploading " + file.name + ": " + fmtSize(sent) + " / " + fmtSize(total);
+      },
+    })
+      .then(function (result) {
+        // Ask the server to announce the finished upload in the room.
+        return api(roomPath("/api/files/"), {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ upload: result.url, user: user }),
+        });
+      })
+      .then(function (file) {
+        bar.value = 1;
+        status.dataset.state = "done";
+        status.textContent = "";
+        var a = document.createElement("a");
+        a.href = file.url;
+        a.id = "upload-link";
+        a.textContent = "download " + file.name;
+        a.setAttribute("download", file.name);
+        status.appendChild(a);
+        var sha = document.createElement("div");
+        sha.className = "sha";
+        sha.id = "upload-sha";
+        sha.textContent = "sha256 " + file.sha256;
+        status.appendChild(sha);
+      })
+      .catch(function (err) {
+        status.dataset.state = "error";
+        status.textContent = "upload failed: " + err.message;
+      })
+      .then(function () {
+        button.disabled = false;
+      });
+  });
+
+  // ------------------------------------------------------------ start
+
+  api("/api/config")
+    .then(function (c) {
+      config = c;
+      var missing = Object.keys(c.features).filter(function (k) {
+        return !c.features[k];
+      });
+      if (missing.length) system("not available on this server: " + missing.join(", "));
+      if (!c.features.upload_tus) $("upload-protocol").querySelector('[value="tus"]').disabled = true;
+      if (!c.features.upload_websocket) {
+        $("upload-protocol").querySelector('[value="websocket"]').disabled = true;
+      }
+      if (!c.features.upload_tus && c.features.upload_websocket) $("upload-protocol").value = "websocket";
+      if (!c.features.upload_tus && !c.features.upload_websocket) $("upload").disabled = true;
+      return joinRoom(room);
+    })
+    .catch(function (err) {
+      setNotice("Could not reach the demo server: " + err.message, "resync");
+    });
+})();
