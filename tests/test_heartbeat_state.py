@@ -1,0 +1,252 @@
+"""HeartbeatState, HeartbeatConfig and HeartbeatStats: I/O-free, no event loop, no sleeps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tornado_longconn.heartbeat import (
+    DEFAULT_INTERVAL,
+    HeartbeatAction,
+    HeartbeatConfig,
+    HeartbeatState,
+    HeartbeatStats,
+)
+
+WAIT, PING, CLOSE = HeartbeatAction.WAIT, HeartbeatAction.PING, HeartbeatAction.CLOSE
+
+
+# -- HeartbeatConfig ---------------------------------------------------------------------
+
+
+def test_config_defaults() -> None:
+    config = HeartbeatConfig()
+    assert config.interval == DEFAULT_INTERVAL
+    assert config.timeout is None
+    assert config.effective_timeout == DEFAULT_INTERVAL
+    assert config.mode == "protocol"
+
+
+def test_config_json_message_is_compact() -> None:
+    config = HeartbeatConfig(mode="application", message={"op": "hb"}, reply=["ok"])
+    assert config.message == '{"op":"hb"}'
+    assert config.reply == '["ok"]'
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"interval": -1.0}, r"heartbeat_interval must be > 0 seconds.*-1\.0"),
+        ({"interval": 0}, r"heartbeat_interval must be > 0"),
+        ({"interval": math.inf}, r"heartbeat_interval must be > 0"),
+        ({"interval": math.nan}, r"heartbeat_interval must be > 0"),
+        ({"interval": "20"}, r"heartbeat_interval must be a number of seconds or None"),
+        ({"interval": True}, r"heartbeat_interval must be a number"),
+        ({"timeout": -5}, r"heartbeat_timeout must be > 0"),
+        ({"interval": None, "timeout": 5.0}, r"timeout needs an interval"),
+        ({"mode": "tcp"}, r"heartbeat_mode must be 'protocol' or 'application', not 'tcp'"),
+        ({"message": ""}, r"heartbeat_message must be a non-empty str"),
+        ({"reply": b"pong"}, r"heartbeat_reply must be a non-empty str"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        HeartbeatConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_config_interval_none_turns_off() -> None:
+    assert HeartbeatConfig(interval=None).effective_timeout is None
+
+
+def test_config_settings_override_class_attributes() -> None:
+    class Handler:
+        heartbeat_interval = 5.0
+        heartbeat_mode = "application"
+
+    config = HeartbeatConfig._resolve(Handler, {"heartbeat_interval": 2.0})
+    assert (config.interval, config.mode) == (2.0, "application")
+    # A setting present with value None counts: it turns heartbeats off.
+    assert HeartbeatConfig._resolve(Handler, {"heartbeat_interval": None}).interval is None
+
+
+# -- HeartbeatState: examples --------------------------------------------------------------
+
+
+def test_state_rejects_non_positive_values() -> None:
+    with pytest.raises(ValueError, match="must be > 0"):
+        HeartbeatState(0, 1, now=0.0)
+
+
+def test_first_ping_never_later_than_one_interval() -> None:
+    assert HeartbeatState(10, 5, now=100.0, first_ping=1e9).next_ping == 110.0
+    assert HeartbeatState(10, 5, now=100.0, first_ping=103.0).next_ping == 103.0
+
+
+def test_ping_then_answer_measures_latency() -> None:
+    s = HeartbeatState(10, 5, now=0.0)
+    assert s.latency is None
+    assert s.next_action(9.99) is WAIT
+    assert s.next_action(10.0) is PING
+    assert s.ping_sent_at == 10.0
+    assert s.next_ping == 20.0
+    assert s.answer(10.5) == pytest.approx(0.5)
+    assert s.latency == pytest.approx(0.5)
+    assert s.answer(10.6) is None  # duplicate answer: activity only
+    assert s.last_activity == 10.6
+
+
+def test_silent_peer_is_closed_exactly_at_interval_plus_timeout() -> None:
+    s = HeartbeatState(10, 5, now=0.0)
+    assert s.next_action(10.0) is PING
+    assert s.deadline == 15.0
+    assert s.next_action(14.999) is WAIT
+    assert s.next_action(15.0) is CLOSE
+    assert s.timed_out
+
+
+def test_late_answer_within_timeout_keeps_the_peer() -> None:
+    s = HeartbeatState(10, 5, now=0.0)
+    assert s.next_action(10.0) is PING
+    s.answer(14.9)
+    assert s.next_action(15.0) is WAIT
+    assert s.deadline == 20.0
+    assert s.next_action(20.0) is PING
+    assert s.next_action(29.8) is WAIT
+    assert s.next_action(29.9) is CLOSE
+
+
+def test_progress_change_counts_as_activity() -> None:
+    s = HeartbeatState(1, 1, now=0.0)
+    assert s.next_action(1.0, progress=100) is PING  # first sample is only a baseline
+    assert s.last_activity == 0.0
+    assert s.next_action(1.9, progress=5000) is WAIT  # bytes moved
+    assert s.last_activity == 1.9
+    assert s.next_action(3.8, progress=5000) is PING  # nothing moved since
+    assert s.next_action(3.9, progress=5000) is CLOSE
+
+
+def test_progress_none_means_not_sampled() -> None:
+    s = HeartbeatState(1, 1, now=0.0)
+    s.next_action(0.5, progress=7)
+    assert s.next_action(1.5, progress=None) is PING
+    assert s.progress == 7
+
+
+# -- HeartbeatState: properties --------------------------------------------------------------
+
+durations = st.floats(min_value=0.01, max_value=100.0, allow_nan=False, allow_infinity=False)
+events = st.lists(
+    st.tuples(
+        st.floats(min_value=0.0, max_value=50.0, allow_nan=False, allow_infinity=False),
+        st.sampled_from(["check", "activity", "answer", "progress"]),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(interval=durations, timeout=durations, steps=events)
+def test_never_dead_before_interval_plus_timeout_after_last_activity(
+    interval: float, timeout: float, steps: list[tuple[float, str]]
+) -> None:
+    s = HeartbeatState(interval, timeout, now=0.0)
+    now = 0.0
+    last_activity = 0.0
+    counter = 0
+    for gap, kind in steps:
+        now += gap
+        if kind == "activity":
+            s.activity(now)
+            last_activity = now
+        elif kind == "answer":
+            s.answer(now)
+            last_activity = now
+        else:
+            progress = None
+            if kind == "progress":
+                counter += 1  # bytes moved some time in (previous check, now]
+                progress = counter
+            action = s.next_action(now, progress)
+            if progress is not None and counter > 1:
+                last_activity = now
+            if action is CLOSE:
+                assert now >= last_activity + interval + timeout
+                return
+            assert now < last_activity + interval + timeout
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    interval=durations,
+    timeout=durations,
+    tick=st.floats(min_value=0.001, max_value=5.0),
+    activities=st.lists(st.floats(min_value=0.0, max_value=30.0), max_size=10),
+)
+def test_always_dead_by_interval_plus_timeout_plus_one_tick(
+    interval: float, timeout: float, tick: float, activities: list[float]
+) -> None:
+    """Driven the way the scheduler drives it: at each deadline rounded up to a tick."""
+    s = HeartbeatState(interval, timeout, now=0.0)
+    last_activity = 0.0
+    pending = sorted(activities)
+    now = 0.0
+    def rounded_up(deadline: float) -> float:  # what HeartbeatScheduler._schedule does
+        key = math.ceil(deadline / tick)
+        return (key + 1) * tick if key * tick < deadline else key * tick
+
+    for _ in range(10_000):
+        due = rounded_up(s.deadline)
+        while pending and pending[0] <= due:
+            at = pending.pop(0)
+            if at >= now:
+                s.activity(at)
+                last_activity = max(last_activity, at)
+        now = max(now, due)
+        if s.next_action(now) is CLOSE:
+            break
+    else:
+        pytest.fail("never declared dead")
+    # activities still pending came after the close and were never seen
+    assert last_activity + interval + timeout <= now
+    assert now <= last_activity + interval + timeout + tick * (1 + 1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(interval=durations, timeout=durations, rtt=st.floats(min_value=0.0, max_value=1.0))
+def test_a_peer_answering_within_the_timeout_lives_forever(
+    interval: float, timeout: float, rtt: float
+) -> None:
+    rtt = min(rtt, timeout * 0.99)
+    s = HeartbeatState(interval, timeout, now=0.0)
+    now = 0.0
+    for _ in range(50):
+        now = s.deadline
+        action = s.next_action(now)
+        assert action is not CLOSE
+        if action is PING:
+            s.answer(now + rtt)
+
+
+# -- HeartbeatStats -------------------------------------------------------------------------
+
+
+def test_stats_percentiles_and_bound() -> None:
+    stats = HeartbeatStats(max_samples=100)
+    assert stats.p50 is None and stats.p99 is None
+    for i in range(1, 201):
+        stats.record_latency(i / 1000)
+    assert stats.count == 200
+    # only the last 100 samples (0.101 .. 0.200) are kept
+    assert stats.p50 == pytest.approx(0.150)
+    assert stats.p99 == pytest.approx(0.199)
+    assert stats.percentile(0) == pytest.approx(0.101)
+    assert stats.percentile(1) == pytest.approx(0.200)
+    snap = stats.snapshot()
+    assert snap["count"] == 200 and snap["p99"] == pytest.approx(0.199)
+    with pytest.raises(ValueError, match="within 0..1"):
+        stats.percentile(1.5)
+    with pytest.raises(ValueError, match="max_samples"):
+        HeartbeatStats(max_samples=0)

@@ -1,0 +1,810 @@
+"""Heartbeats for WebSocket handlers: keepalive, dead-peer detection, round-trip latency.
+
+Mix :class:`HeartbeatMixin` into a :class:`tornado.websocket.WebSocketHandler`::
+
+    class Chat(HeartbeatMixin, tornado.websocket.WebSocketHandler):
+        heartbeat_interval = 20.0      # seconds between pings; None turns heartbeats off
+        heartbeat_timeout = 20.0       # extra time a silent peer gets before it is dropped
+
+        def on_message(self, message): ...
+
+The connection is *alive* while anything moves: any inbound frame (message,
+pong, ping) or progress in writing to the peer. A peer that sends nothing and
+drains nothing for ``interval + timeout`` seconds is *dead*: its TCP connection
+is aborted (no close handshake with a peer that is gone) and ``on_close`` runs
+once, as for any other close.
+
+Pieces:
+
+* :class:`HeartbeatConfig` -- validated settings (class attributes, overridden by
+  application settings of the same name).
+* :class:`HeartbeatState` -- the I/O-free decision logic: "ping now?", "is this
+  peer dead?", given ``now``.
+* :class:`HeartbeatScheduler` -- ONE timer wheel per event loop shared by every
+  connection, with jitter; optional, opt-in ``gc.freeze()`` tuning.
+* :class:`HeartbeatStats` -- application-wide counters and latency percentiles,
+  found in ``application.settings["heartbeat_stats"]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import heapq
+import json
+import math
+import random
+import struct
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Final
+
+import tornado.web
+import tornado.websocket
+from tornado.iostream import IOStream
+
+from ._frames import OP_CLOSE, OP_PING, OP_TEXT, build_frame, try_send
+from .codes import CloseCode
+
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "DEFAULT_MESSAGE",
+    "DEFAULT_REPLY",
+    "DEFAULT_RESOLUTION",
+    "PING_PAYLOAD",
+    "HeartbeatAction",
+    "HeartbeatConfig",
+    "HeartbeatMixin",
+    "HeartbeatScheduler",
+    "HeartbeatState",
+    "HeartbeatStats",
+]
+
+#: Default seconds between heartbeats (``heartbeat_interval``).
+DEFAULT_INTERVAL: Final = 20.0
+#: Default application-level heartbeat sent in ``"application"`` mode.
+DEFAULT_MESSAGE: Final = '{"type":"ping"}'
+#: Default application-level reply recognised in ``"application"`` mode.
+DEFAULT_REPLY: Final = '{"type":"pong"}'
+#: Default scheduler tick (seconds): deadlines are rounded UP to a multiple of it.
+DEFAULT_RESOLUTION: Final = 0.05
+#: Payload of the protocol pings this module sends; a pong echoing it is an answer.
+PING_PAYLOAD: Final = b"lc-hb"
+
+_PING_FRAME: Final = build_frame(OP_PING, PING_PAYLOAD)
+_TIMEOUT_CLOSE_FRAME: Final = build_frame(
+    OP_CLOSE, struct.pack("!H", CloseCode.HEARTBEAT_TIMEOUT) + b"heartbeat timeout"
+)
+_MODES: Final = ("protocol", "application")
+_UNSET: Final[Any] = object()
+
+
+def _check_seconds(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds or None, not {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be > 0 seconds (or None), got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatConfig:
+    """Validated heartbeat settings of one handler class (or one connection).
+
+    Arguments (all keyword, all optional):
+
+    * ``interval`` -- seconds between pings (default :data:`DEFAULT_INTERVAL`);
+      ``None`` turns heartbeats off (nothing is sent, nothing is closed).
+    * ``timeout`` -- how long a silent peer may stay silent AFTER the interval
+      before it is declared dead; ``None`` (default) means "same as interval".
+      A peer is dropped when it showed no activity for ``interval + timeout``.
+    * ``mode`` -- ``"protocol"`` (RFC 6455 ping/pong frames, default) or
+      ``"application"`` (a text ``message`` and a text ``reply``, for clients
+      whose code cannot see ping frames).
+    * ``message`` -- the application-level heartbeat: ``str``, or ``dict``/``list``
+      sent as compact JSON (default :data:`DEFAULT_MESSAGE`).
+    * ``reply`` -- the reply that answers it (default :data:`DEFAULT_REPLY`); a
+      ``dict``/``list`` is compared in its compact JSON form.
+
+    Raises ``ValueError`` with the offending name and value for a negative, zero
+    or non-numeric interval/timeout, a timeout without an interval, an unknown
+    mode, or an empty message/reply.
+    """
+
+    interval: float | None = DEFAULT_INTERVAL
+    timeout: float | None = None
+    mode: str = "protocol"
+    message: Any = DEFAULT_MESSAGE
+    reply: Any = DEFAULT_REPLY
+
+    def __post_init__(self) -> None:
+        interval = _check_seconds("heartbeat_interval", self.interval)
+        timeout = _check_seconds("heartbeat_timeout", self.timeout)
+        if interval is None and timeout is not None:
+            raise ValueError(
+                f"heartbeat_timeout={timeout!r} is set but heartbeat_interval is None: "
+                "a timeout needs an interval (set heartbeat_interval, or drop the timeout)"
+            )
+        if self.mode not in _MODES:
+            raise ValueError(
+                f"heartbeat_mode must be 'protocol' or 'application', not {self.mode!r}"
+            )
+        object.__setattr__(self, "interval", interval)
+        object.__setattr__(self, "timeout", timeout)
+        object.__setattr__(self, "message", _as_text("heartbeat_message", self.message))
+        object.__setattr__(self, "reply", _as_text("heartbeat_reply", self.reply))
+
+    @property
+    def effective_timeout(self) -> float | None:
+        """The timeout in use: ``timeout``, or ``interval`` when it is unset."""
+        return self.timeout if self.timeout is not None else self.interval
+
+    @classmethod
+    def for_handler(cls, handler: tornado.web.RequestHandler) -> HeartbeatConfig:
+        """Resolve a handler's configuration.
+
+        Class attributes ``heartbeat_interval``, ``heartbeat_timeout``,
+        ``heartbeat_mode``, ``heartbeat_message`` and ``heartbeat_reply`` give the
+        defaults; application settings with the same names override them (a
+        setting present with value ``None`` counts). Raises ``ValueError`` as the
+        constructor does.
+        """
+        return cls._resolve(type(handler), handler.settings)
+
+    @classmethod
+    def _resolve(cls, klass: type, settings: dict[str, Any]) -> HeartbeatConfig:
+        values: dict[str, Any] = {}
+        for name in ("interval", "timeout", "mode", "message", "reply"):
+            key = "heartbeat_" + name
+            value = settings.get(key, _UNSET)
+            if value is _UNSET:
+                value = getattr(klass, key, _UNSET)
+            if value is not _UNSET:
+                values[name] = value
+        return cls(**values)
+
+
+def _as_text(name: str, value: object) -> str:
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty str (or a dict/list for JSON), not {value!r}")
+    return value
+
+
+class HeartbeatAction(IntEnum):
+    """What :meth:`HeartbeatState.next_action` tells the caller to do."""
+
+    #: Nothing to do until :attr:`HeartbeatState.deadline`.
+    WAIT = 0
+    #: Send a heartbeat now.
+    PING = 1
+    #: The peer is dead: abort the connection.
+    CLOSE = 2
+
+
+_WAIT: Final = HeartbeatAction.WAIT
+_PING: Final = HeartbeatAction.PING
+_CLOSE: Final = HeartbeatAction.CLOSE
+
+
+class HeartbeatState:
+    """Liveness bookkeeping of ONE connection (I/O-free; every method takes ``now``).
+
+    ``interval`` and ``timeout`` are seconds (both > 0); ``now`` is the creation
+    time, counted as activity. ``first_ping`` is when the first heartbeat is due
+    (default ``now + interval``; the scheduler passes a jittered time no later
+    than that).
+
+    The rules:
+
+    * a heartbeat is due every ``interval`` seconds (:attr:`next_ping`);
+    * any activity -- :meth:`activity`, :meth:`answer`, or a changed ``progress``
+      value passed to :meth:`next_action` -- moves :attr:`last_activity` to ``now``;
+    * the peer is dead once ``now >= last_activity + interval + timeout``;
+      never earlier.
+
+    Call :meth:`next_action` at or after :attr:`deadline` and do what it says.
+
+    >>> s = HeartbeatState(interval=10, timeout=5, now=0.0)
+    >>> s.deadline, s.next_action(10.0)
+    (10.0, <HeartbeatAction.PING: 1>)
+    >>> s.answer(10.25)                        # the pong, 0.25 s later
+    0.25
+    >>> s.next_action(20.0), s.deadline       # next ping; dead at 10.25 + 15
+    (<HeartbeatAction.PING: 1>, 25.25)
+    >>> s.next_action(25.2), s.next_action(25.25)
+    (<HeartbeatAction.WAIT: 0>, <HeartbeatAction.CLOSE: 2>)
+    """
+
+    __slots__ = (
+        "_slot",
+        "frame",
+        "interval",
+        "last_activity",
+        "latency",
+        "next_ping",
+        "ping_sent_at",
+        "progress",
+        "stats",
+        "timed_out",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        interval: float,
+        timeout: float,
+        now: float,
+        *,
+        first_ping: float | None = None,
+    ) -> None:
+        if not interval > 0 or not timeout > 0:
+            raise ValueError(f"interval and timeout must be > 0, got {interval!r}, {timeout!r}")
+        self.interval = interval
+        self.timeout = timeout
+        self.last_activity = now
+        self.next_ping = now + interval if first_ping is None else min(first_ping, now + interval)
+        #: When the outstanding heartbeat was sent (None: nothing outstanding).
+        self.ping_sent_at: float | None = None
+        #: The last progress value seen by :meth:`next_action` (opaque to this class).
+        self.progress: object = None
+        #: Last round-trip time in seconds; None before the first answer.
+        self.latency: float | None = None
+        #: True once :meth:`next_action` returned ``CLOSE``.
+        self.timed_out = False
+        # Slots for the shell (the mixin and the scheduler), unused here.
+        self.frame = b""
+        self.stats: HeartbeatStats | None = None
+        self._slot: int | None = None
+
+    @property
+    def dead_at(self) -> float:
+        """The time from which the peer counts as dead, unless activity comes first."""
+        return self.last_activity + self.interval + self.timeout
+
+    @property
+    def deadline(self) -> float:
+        """When :meth:`next_action` has something to do: the next ping or ``dead_at``."""
+        dead_at = self.last_activity + self.interval + self.timeout
+        return self.next_ping if self.next_ping < dead_at else dead_at
+
+    def activity(self, now: float) -> None:
+        """Record activity from the peer (any frame in, or bytes drained) at ``now``."""
+        if now > self.last_activity:
+            self.last_activity = now
+
+    def answer(self, now: float) -> float | None:
+        """Record the answer to a heartbeat; return its round-trip time (or None).
+
+        An answer with no heartbeat outstanding (a duplicate or unsolicited one)
+        still counts as activity and returns None.
+        """
+        self.activity(now)
+        sent = self.ping_sent_at
+        if sent is None:
+            return None
+        self.ping_sent_at = None
+        rtt = now - sent if now > sent else 0.0
+        self.latency = rtt
+        return rtt
+
+    def next_action(self, now: float, progress: object = None) -> HeartbeatAction:
+        """Decide what to do at ``now``: ``WAIT``, ``PING`` (send one) or ``CLOSE``.
+
+        ``progress`` is any value that changes whenever bytes move on the
+        connection (the shell passes I/O counters); a change since the last call
+        counts as activity at ``now``. ``None`` means "not sampled".
+        A ``PING`` answer records the heartbeat as sent at ``now``.
+        """
+        if progress is not None and progress != self.progress:
+            if self.progress is not None:
+                self.activity(now)
+            self.progress = progress
+        if now >= self.last_activity + self.interval + self.timeout:
+            self.timed_out = True
+            return _CLOSE
+        if now >= self.next_ping:
+            # The peer may answer only the latest ping (RFC 6455 5.5.3): time that one.
+            self.ping_sent_at = now
+            self.next_ping = now + self.interval
+            return _PING
+        return _WAIT
+
+
+class HeartbeatStats:
+    """Application-wide heartbeat counters and round-trip latency percentiles.
+
+    One per application, at ``application.settings["heartbeat_stats"]``
+    (created on first use; put your own there to choose ``max_samples``).
+    Percentiles cover the most recent ``max_samples`` answers (default 1024);
+    older samples are dropped, so memory is bounded.
+
+    >>> stats = HeartbeatStats()
+    >>> for rtt in (0.010, 0.020, 0.030):
+    ...     stats.record_latency(rtt)
+    >>> stats.count, stats.p50
+    (3, 0.02)
+    """
+
+    def __init__(self, *, max_samples: int = 1024) -> None:
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        self._samples: deque[float] = deque(maxlen=max_samples)
+        #: Round-trip samples recorded since start (also those no longer kept).
+        self.count = 0
+        #: Heartbeats sent (pings or application-level messages).
+        self.pings_sent = 0
+        #: Connections aborted because their peer was silent past the timeout.
+        self.timeouts = 0
+        #: Connections currently watched.
+        self.connections = 0
+
+    @classmethod
+    def for_application(cls, application: tornado.web.Application) -> HeartbeatStats:
+        """The application's stats (``settings["heartbeat_stats"]``), created if missing."""
+        stats = application.settings.get("heartbeat_stats")
+        if stats is None:
+            stats = application.settings["heartbeat_stats"] = cls()
+        if not isinstance(stats, HeartbeatStats):
+            raise TypeError(f"settings['heartbeat_stats'] must be a HeartbeatStats, not {stats!r}")
+        return stats
+
+    def record_latency(self, seconds: float) -> None:
+        """Add one round-trip sample (seconds)."""
+        self.count += 1
+        self._samples.append(seconds)
+
+    def percentile(self, q: float) -> float | None:
+        """The ``q``-quantile (0..1, nearest rank) of the kept samples; None without any."""
+        if not 0 <= q <= 1:
+            raise ValueError(f"q must be within 0..1, got {q!r}")
+        if not self._samples:
+            return None
+        ordered = sorted(self._samples)
+        rank = max(1, math.ceil(q * len(ordered)))
+        return ordered[rank - 1]
+
+    @property
+    def p50(self) -> float | None:
+        """Median round-trip time in seconds (None before the first answer)."""
+        return self.percentile(0.5)
+
+    @property
+    def p99(self) -> float | None:
+        """99th-percentile round-trip time in seconds (None before the first answer)."""
+        return self.percentile(0.99)
+
+    def snapshot(self) -> dict[str, Any]:
+        """All counters and percentiles as a plain dict (for a metrics endpoint)."""
+        return {
+            "connections": self.connections,
+            "pings_sent": self.pings_sent,
+            "timeouts": self.timeouts,
+            "count": self.count,
+            "p50": self.p50,
+            "p99": self.p99,
+        }
+
+
+def _io_progress(ws: Any, stream: IOStream) -> int:
+    """A number that changes whenever bytes move on a Tornado WebSocket connection.
+
+    Reads PRIVATE Tornado counters, in this one place so that a Tornado upgrade
+    breaks one function: ``IOStream._total_write_done_index`` (bytes handed to the
+    kernel), ``IOStream._read_buffer_size`` (bytes read but not yet parsed) and
+    ``WebSocketProtocol13._wire_bytes_in`` (bytes parsed as frames). Their sum grows
+    with every byte in or out.
+    """
+    progress: int = stream._total_write_done_index + stream._read_buffer_size + ws._wire_bytes_in
+    return progress
+
+
+def _send(stream: IOStream, frame: bytes) -> None:
+    """Queue ``frame`` after anything already pending on ``stream`` (never raises)."""
+    try:
+        sent = try_send(stream, frame)
+        if sent < len(frame):
+            # The write Future is not kept: IOStream marks its exception as
+            # retrieved when the stream closes, so nothing is logged.
+            stream.write(frame[sent:] if sent else frame)
+    except Exception as exc:  # OSError, StreamClosedError: the peer is gone
+        stream.close(exc_info=exc)
+
+
+_SCHEDULERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, HeartbeatScheduler] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class HeartbeatScheduler:
+    """One timer wheel per event loop, shared by every heartbeat connection on it.
+
+    Each connection sits in exactly one bucket: its next deadline rounded UP to a
+    multiple of ``resolution`` seconds (default :data:`DEFAULT_RESOLUTION`). One
+    ``loop.call_at`` timer fires per non-empty bucket and handles all of its
+    connections in one pass, so 10,000 connections cost a few wakeups per second,
+    not 10,000 tasks. First pings are jittered uniformly over one interval, so
+    connections opened together do not ping together.
+
+    Get the loop's scheduler with :meth:`current`; the mixin does this for you.
+    A connection is detected dead at most ``resolution`` seconds after
+    ``interval + timeout`` of silence.
+
+    Opt-in GC tuning (:meth:`enable_gc_freeze`) is process-wide; see its docs.
+    """
+
+    def __init__(self, *, resolution: float = DEFAULT_RESOLUTION) -> None:
+        if not resolution > 0:
+            raise ValueError(f"resolution must be > 0 seconds, got {resolution!r}")
+        self.resolution = resolution
+        self._buckets: dict[int, dict[HeartbeatMixin, None]] = {}
+        self._heap: list[int] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_key: int | None = None
+        self._count = 0
+        self._random = random.Random()
+        self._gc_collect_interval: float | None = None
+        self._gc_next_collect = 0.0
+        #: Full collections run by the GC tuning (see :meth:`enable_gc_freeze`).
+        self.gc_collections = 0
+
+    @classmethod
+    def current(cls) -> HeartbeatScheduler:
+        """The scheduler of the running event loop (created on first use).
+
+        Must be called from within the loop. Schedulers are kept per loop in a
+        weak mapping: a closed, unreferenced loop takes its scheduler with it.
+        """
+        loop = asyncio.get_running_loop()
+        scheduler = _SCHEDULERS.get(loop)
+        if scheduler is None:
+            scheduler = _SCHEDULERS[loop] = cls()
+        return scheduler
+
+    def __len__(self) -> int:
+        """Number of connections watched."""
+        return self._count
+
+    def enable_gc_freeze(self, *, collect_interval: float = 60.0) -> None:
+        """Opt in to ``gc.freeze()`` after every tick (PROCESS-WIDE effect).
+
+        Python's cyclic garbage collector rescans every long-lived object on each
+        full collection; with thousands of idle connections that rescanning is a
+        large share of the heartbeat cost. Freezing moves the objects alive at
+        each tick out of the collector's sight. Objects freed by reference
+        counting (a closed connection whose cycles Tornado and this module break)
+        are still freed at once; to also reclaim frozen objects caught in
+        reference cycles, every ``collect_interval`` seconds the scheduler runs
+        ``gc.unfreeze(); gc.collect(); gc.freeze()`` -- one full collection, a
+        pause of a few milliseconds per thousand connections. Raises
+        ``ValueError`` for a non-positive interval. Undo with
+        :meth:`disable_gc_freeze`.
+        """
+        if not collect_interval > 0:
+            raise ValueError(f"collect_interval must be > 0 seconds, got {collect_interval!r}")
+        if self._gc_collect_interval is None:
+            self._gc_next_collect = asyncio.get_running_loop().time() + collect_interval
+        self._gc_collect_interval = collect_interval
+
+    def disable_gc_freeze(self) -> None:
+        """Stop freezing and hand every frozen object back to the collector."""
+        if self._gc_collect_interval is not None:
+            self._gc_collect_interval = None
+            gc.unfreeze()
+
+    @property
+    def gc_freeze_enabled(self) -> bool:
+        """Whether :meth:`enable_gc_freeze` is in effect."""
+        return self._gc_collect_interval is not None
+
+    def add(self, handler: HeartbeatMixin, state: HeartbeatState, now: float) -> None:
+        """Start watching ``handler`` (whose ``_heartbeat`` is ``state``), jittering its first ping."""
+        state.next_ping = now + self._random.random() * state.interval
+        self._count += 1
+        self._schedule(handler, state)
+
+    def discard(self, handler: HeartbeatMixin, state: HeartbeatState) -> None:
+        """Stop watching ``handler``; a no-op when it is not watched."""
+        slot = state._slot
+        if slot is None:
+            return
+        bucket = self._buckets.get(slot)
+        if bucket is not None:
+            bucket.pop(handler, None)
+        self._forget(state)
+
+    def _forget(self, state: HeartbeatState) -> None:
+        state._slot = None
+        if state.stats is not None:
+            state.stats.connections -= 1
+        self._count -= 1
+        if self._count == 0:
+            self._idle()
+
+    def _idle(self) -> None:
+        # Nothing watched: drop the timer (it references the loop) and the buckets.
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_key = None
+        self._buckets.clear()
+        self._heap.clear()
+
+    def _schedule(self, handler: HeartbeatMixin, state: HeartbeatState) -> None:
+        deadline = state.deadline
+        key = math.ceil(deadline / self.resolution)
+        if key * self.resolution < deadline:  # float rounding: never fire before the deadline
+            key += 1
+        state._slot = key
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = {}
+            heapq.heappush(self._heap, key)
+            if self._timer_key is None or key < self._timer_key:
+                self._arm(key)
+        bucket[handler] = None
+
+    def _arm(self, key: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_key = key
+        self._timer = asyncio.get_running_loop().call_at(key * self.resolution, self._tick)
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        fired = self._timer_key
+        self._timer = None
+        self._timer_key = None
+        now = loop.time()
+        heap = self._heap
+        buckets = self._buckets
+        resolution = self.resolution
+        while heap and (heap[0] == fired or heap[0] * resolution <= now):
+            key = heapq.heappop(heap)
+            bucket = buckets.pop(key, None)
+            if not bucket:
+                continue
+            # A timer may fire a hair early: never judge a bucket before its time.
+            at = max(now, key * resolution)
+            for handler in bucket:
+                self._check(handler, at)
+        if heap:
+            self._arm(heap[0])
+        if self._gc_collect_interval is not None:
+            if now >= self._gc_next_collect:
+                self._gc_next_collect = now + self._gc_collect_interval
+                gc.unfreeze()
+                gc.collect()
+                self.gc_collections += 1
+            gc.freeze()
+
+    def _check(self, handler: HeartbeatMixin, now: float) -> None:
+        state = handler._heartbeat
+        ws = handler.ws_connection
+        stream = None if ws is None else ws.stream
+        if state is None or state._slot is None:
+            return
+        if stream is None or stream.closed():
+            # Closed, or the handshake never completed: stop watching.
+            self._forget(state)
+            return
+        action = state.next_action(now, _io_progress(ws, stream))
+        if action is _PING:
+            if not ws.is_closing():  # type: ignore[union-attr]
+                _send(stream, state.frame)
+                # Our own heartbeat reaching the kernel is not the peer's progress.
+                state.progress = _io_progress(ws, stream)
+                if state.stats is not None:
+                    state.stats.pings_sent += 1
+        elif action is _CLOSE:
+            self._forget(state)
+            handler._heartbeat_expire(stream)
+            return
+        self._schedule(handler, state)
+
+
+def _intercept_on_message(
+    func: Callable[[Any, str | bytes], Awaitable[None] | None],
+) -> Callable[[Any, str | bytes], Awaitable[None] | None]:
+    @functools.wraps(func)
+    def on_message(self: HeartbeatMixin, message: str | bytes) -> Awaitable[None] | None:
+        state = self._heartbeat
+        if (
+            state is not None
+            and state.frame is not _PING_FRAME
+            and isinstance(message, str)
+            and self.is_heartbeat_reply(message)
+        ):
+            self._heartbeat_answer(state)
+            return None
+        return func(self, message)
+
+    on_message._heartbeat_wrapped = True  # type: ignore[attr-defined]
+    return on_message
+
+
+def _intercept_on_pong(func: Callable[[Any, bytes], Any]) -> Callable[[Any, bytes], Any]:
+    @functools.wraps(func)
+    def on_pong(self: HeartbeatMixin, data: bytes) -> Any:
+        state = self._heartbeat
+        if state is not None and data == PING_PAYLOAD and state.frame is _PING_FRAME:
+            self._heartbeat_answer(state)
+        return func(self, data)
+
+    on_pong._heartbeat_wrapped = True  # type: ignore[attr-defined]
+    return on_pong
+
+
+class HeartbeatMixin(tornado.websocket.WebSocketHandler):
+    """Keepalive, dead-peer detection and round-trip latency for a WebSocket handler.
+
+    Put it BEFORE ``WebSocketHandler`` in the bases. Configure it with class
+    attributes; application settings with the same names override them:
+
+    * ``heartbeat_interval`` (default 20.0 s; ``None`` turns heartbeats off),
+    * ``heartbeat_timeout`` (default ``None`` = same as the interval),
+    * ``heartbeat_mode`` -- ``"protocol"`` (ping/pong frames, default) or
+      ``"application"`` (``heartbeat_message`` out, ``heartbeat_reply`` back),
+    * ``heartbeat_message`` / ``heartbeat_reply`` (defaults
+      ``'{"type":"ping"}'`` / ``'{"type":"pong"}'``); override
+      :meth:`is_heartbeat_reply` for looser matching.
+
+    Bad class attributes raise ``ValueError`` when the class is defined; bad
+    settings raise it when a connection is opened (Tornado answers 500).
+
+    You call nothing: your ``open``, ``on_message``, ``on_pong`` and ``on_close``
+    run as usual (the mixin wraps ``on_message``/``on_pong`` of subclasses to see
+    heartbeat answers first; application-level replies are NOT passed to your
+    ``on_message``). If you override ``on_connection_close`` or
+    ``get_websocket_protocol``, call ``super()``.
+
+    When the peer stays silent for ``interval + timeout`` (no frame in, no bytes
+    drained), the TCP connection is aborted after a best-effort close frame with
+    :attr:`~tornado_longconn.codes.CloseCode.HEARTBEAT_TIMEOUT`;
+    :attr:`heartbeat_timed_out` is True in ``on_close``.
+
+    Tornado's own ``websocket_ping_interval`` setting is ignored for handlers
+    with heartbeats on (a ``RuntimeWarning`` says so once); with
+    ``heartbeat_interval = None`` Tornado's pinging works as before.
+    """
+
+    heartbeat_interval: float | None = DEFAULT_INTERVAL
+    heartbeat_timeout: float | None = None
+    heartbeat_mode: str = "protocol"
+    heartbeat_message: Any = DEFAULT_MESSAGE
+    heartbeat_reply: Any = DEFAULT_REPLY
+
+    _heartbeat: HeartbeatState | None = None
+    _heartbeat_reply_text: str = DEFAULT_REPLY
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        HeartbeatConfig._resolve(cls, {})  # bad class attributes fail at definition
+        own = cls.__dict__
+        if "on_message" in own and not getattr(own["on_message"], "_heartbeat_wrapped", False):
+            cls.on_message = _intercept_on_message(own["on_message"])  # type: ignore[method-assign,assignment]
+        if "on_pong" in own and not getattr(own["on_pong"], "_heartbeat_wrapped", False):
+            cls.on_pong = _intercept_on_pong(own["on_pong"])  # type: ignore[method-assign,assignment]
+
+    @property
+    def latency(self) -> float | None:
+        """Last heartbeat round-trip time in seconds; ``None`` before the first answer."""
+        state = self._heartbeat
+        return None if state is None else state.latency
+
+    @property
+    def heartbeat_timed_out(self) -> bool:
+        """True when this connection was closed because the peer went silent."""
+        state = self._heartbeat
+        return state is not None and state.timed_out
+
+    @property
+    def heartbeat_stats(self) -> HeartbeatStats:
+        """The application's :class:`HeartbeatStats` (``settings["heartbeat_stats"]``)."""
+        return HeartbeatStats.for_application(self.application)
+
+    def is_heartbeat_reply(self, message: str) -> bool:
+        """Whether a text ``message`` answers an application-level heartbeat.
+
+        Default: equal to ``heartbeat_reply``. Override for looser matching
+        (e.g. parse JSON). Only called in ``"application"`` mode.
+        """
+        return message == self._heartbeat_reply_text
+
+    @property
+    def ping_interval(self) -> float | None:
+        """Tornado's ping interval: ``None`` while this mixin's heartbeats are on."""
+        tornado_interval: float | None = self.settings.get("websocket_ping_interval")
+        if self._heartbeat is None:
+            return tornado_interval
+        if tornado_interval:
+            warnings.warn(
+                f"{type(self).__name__}: websocket_ping_interval={tornado_interval!r} is "
+                "ignored because HeartbeatMixin heartbeats are on; set heartbeat_interval "
+                "instead, or heartbeat_interval = None to use Tornado's pings",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return None
+
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        """Start heartbeats for the new connection (then Tornado's protocol as usual)."""
+        config = HeartbeatConfig.for_handler(self)
+        state: HeartbeatState | None = None
+        if config.interval is not None:
+            timeout = config.effective_timeout
+            assert timeout is not None
+            state = HeartbeatState(config.interval, timeout, asyncio.get_running_loop().time())
+            if config.mode == "protocol":
+                state.frame = _PING_FRAME
+            else:
+                state.frame = build_frame(OP_TEXT, config.message.encode("utf-8"))
+                self._heartbeat_reply_text = config.reply
+            self._heartbeat = state  # before super(): the ping_interval property reads it
+        protocol = super().get_websocket_protocol()
+        if state is not None:
+            if protocol is None:
+                self._heartbeat = None
+                return None
+            stats = state.stats = HeartbeatStats.for_application(self.application)
+            stats.connections += 1
+            scheduler = HeartbeatScheduler.current()
+            if self.settings.get("heartbeat_gc_freeze") and not scheduler.gc_freeze_enabled:
+                scheduler.enable_gc_freeze()
+            scheduler.add(self, state, state.last_activity)
+        return protocol
+
+    def on_pong(self, data: bytes) -> None:
+        """Record heartbeat answers; then Tornado's ``on_pong`` (overriding it is fine)."""
+        state = self._heartbeat
+        if state is not None and data == PING_PAYLOAD and state.frame is _PING_FRAME:
+            self._heartbeat_answer(state)
+        super().on_pong(data)
+
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        """Swallow application-level heartbeat replies; pass anything else on."""
+        state = self._heartbeat
+        if (
+            state is not None
+            and state.frame is not _PING_FRAME
+            and isinstance(message, str)
+            and self.is_heartbeat_reply(message)
+        ):
+            self._heartbeat_answer(state)
+            return None
+        return super().on_message(message)
+
+    def on_connection_close(self) -> None:
+        """Stop heartbeats, then Tornado's close handling (``on_close`` runs once)."""
+        state = self._heartbeat
+        if state is not None and state._slot is not None:
+            HeartbeatScheduler.current().discard(self, state)
+        super().on_connection_close()
+
+    def _heartbeat_answer(self, state: HeartbeatState) -> None:
+        rtt = state.answer(asyncio.get_running_loop().time())
+        if rtt is not None and state.stats is not None:
+            state.stats.record_latency(rtt)
+
+    def _heartbeat_expire(self, stream: IOStream) -> None:
+        """Abort a connection whose peer went silent (called by the scheduler)."""
+        state = self._heartbeat
+        if state is not None and state.stats is not None:
+            state.stats.timeouts += 1
+            state.stats = None
+        ws = self.ws_connection
+        if ws is not None and not ws.is_closing():
+            # Best effort: a peer that is merely slow learns why; a gone one is not waited for.
+            try:
+                try_send(stream, _TIMEOUT_CLOSE_FRAME)
+            except OSError:
+                pass
+        stream.close()
