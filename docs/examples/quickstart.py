@@ -6,7 +6,8 @@ import os
 import tornado.web
 import tornado.websocket
 
-from tornado_longconn import BroadcastHub, HeartbeatMixin
+from tornado_longconn.broadcast import BroadcastHub
+from tornado_longconn.heartbeat import HeartbeatMixin
 
 
 class Chat(HeartbeatMixin, tornado.websocket.WebSocketHandler):
