@@ -364,7 +364,7 @@ class ChunkedUploadSink:
         self._fd = fd
         self._sha256 = sha256
         self._buffer = bytearray()
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[bytes | memoryview] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._room: asyncio.Future[None] | None = None
         self._idle: asyncio.Future[None] | None = None
@@ -397,7 +397,7 @@ class ChunkedUploadSink:
 
     @property
     def error(self) -> UploadError | None:
-        """The storage error that stopped this sink, if any (cleared by :meth:`flush`)."""
+        """The storage error not yet raised by :meth:`write`/:meth:`flush`, if any."""
         return self._error
 
     @property
@@ -442,8 +442,11 @@ class ChunkedUploadSink:
 
     # -- writing --------------------------------------------------------------------
 
-    def write(self, data: bytes) -> asyncio.Future[None]:
+    def write(self, data: bytes | memoryview) -> asyncio.Future[None]:
         """Queue ``data`` (the next bytes of the upload) for storage.
+
+        ``data`` is kept by reference until it is written (no copy for a full
+        chunk): do not modify it afterwards.
 
         Returns a future that resolves when the sink has room for more (at most
         ``max_in_flight`` chunks waiting): return it from ``data_received`` or
@@ -452,15 +455,19 @@ class ChunkedUploadSink:
 
         Raises ``UploadError``: 413 if ``data`` passes the declared size, 404/409 if
         the upload is no longer active, 507/500 after a storage error (the durable
-        offset is what reached the disk).
+        offset is what reached the disk). A storage error is raised once; after it
+        the sink accepts writes again from the durable offset.
         """
         if self._error is not None:
-            raise self._error
+            error, self._error = self._error, None
+            raise error
+        if self._fd < 0 and self.state.status is UploadStatus.ACTIVE:
+            raise UploadError("this upload handle was closed; open the upload again", status=409)
         self.state.accept(len(data))
         if not data:
             return self._done_future()
         if not self._buffer and len(data) >= self.store.chunk_size:
-            self._queue.append(bytes(data))
+            self._queue.append(data)
         else:
             self._buffer += data
             if len(self._buffer) < self.store.chunk_size:
@@ -615,11 +622,13 @@ class ChunkedUploadSink:
         (the upload is then aborted: its bytes cannot be trusted), or the storage error.
         """
         await self.flush()
-        self.state.complete()
+        if not self.state.is_stored:
+            self.state.complete()  # raises the 409 (or 404 once aborted)
         digest = self._sha256.hexdigest()
         if expected_sha256 is not None and expected_sha256.lower() != digest:
             await self.abort()
             raise UploadError("sha256 of the upload does not match; upload discarded", status=460)
+        self.state.complete()
         loop = asyncio.get_running_loop()
         fd, self._fd = self._fd, -1
         await loop.run_in_executor(
@@ -863,7 +872,9 @@ class UploadStore:
 
     # -- executor side --------------------------------------------------------------
 
-    def _write_chunk(self, fd: int, data: bytes, offset: int, hashers: list[_Hasher]) -> None:
+    def _write_chunk(
+        self, fd: int, data: bytes | memoryview, offset: int, hashers: list[_Hasher]
+    ) -> None:
         view = memoryview(data)
         pos = 0
         try:

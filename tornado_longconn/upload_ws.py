@@ -1,0 +1,272 @@
+"""Resumable uploads over a WebSocket: binary chunks with offsets, acks, a credit window.
+
+The protocol is documented in ``docs/reference/ws-upload-protocol.md``. In short:
+
+1. client: ``{"type": "start", "size": N, "name": "a.bin", "sha256": "<hex>"}``
+   (or ``{"type": "resume", "id": "<id>"}``) as a text message;
+2. server: ``{"type": "ready", "id": ..., "offset": O, "size": N, "window": K,
+   "chunk_size": C}``;
+3. client: binary messages, each an 8-byte big-endian offset followed by at most C
+   bytes, never more than K of them unacknowledged;
+4. server: one ``{"type": "ack", "offset": O}`` per chunk, sent once the chunk is
+   stored (O is the durable offset), and ``{"type": "complete", ...}`` after the last.
+
+Errors close the connection with a :class:`~tornado_longconn.codes.CloseCode`
+``UPLOAD_*`` code; the client reconnects and sends ``resume`` to learn the durable
+offset. :class:`WebSocketUploadMixin` implements the server side on a
+:class:`~tornado_longconn.upload.UploadStore`; ``on_message`` returns the storage
+awaitable, so Tornado reads no further message until the chunk is on disk.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import tornado.iostream
+import tornado.websocket
+
+from tornado_longconn.codes import CloseCode
+from tornado_longconn.exceptions import UploadError
+from tornado_longconn.upload import ChunkedUploadSink, UploadStore, is_upload_id
+
+__all__ = [
+    "OFFSET_HEADER",
+    "WebSocketUploadHandler",
+    "WebSocketUploadMixin",
+    "close_code_for",
+    "encode_chunk",
+]
+
+#: The header of every binary chunk: the chunk's offset, unsigned 64-bit big-endian.
+OFFSET_HEADER = struct.Struct(">Q")
+
+_CODES = {
+    400: CloseCode.UPLOAD_BAD_REQUEST,
+    404: CloseCode.UPLOAD_NOT_FOUND,
+    410: CloseCode.UPLOAD_NOT_FOUND,
+    409: CloseCode.UPLOAD_CONFLICT,
+    423: CloseCode.UPLOAD_CONFLICT,
+    413: CloseCode.UPLOAD_TOO_LARGE,
+    460: CloseCode.UPLOAD_CHECKSUM_MISMATCH,
+    507: CloseCode.UPLOAD_STORAGE_FULL,
+}
+
+
+def close_code_for(error: UploadError) -> CloseCode:
+    """The WebSocket close code for an upload error (``INTERNAL_ERROR`` for 5xx others).
+
+    400 → 4400, 404/410 → 4404, 409/423 → 4409, 413 → 4413, 460 → 4460, 507 → 4507.
+    """
+    return _CODES.get(error.status, CloseCode.INTERNAL_ERROR)
+
+
+def encode_chunk(offset: int, data: bytes) -> bytes:
+    """A binary chunk message: :data:`OFFSET_HEADER` of ``offset`` followed by ``data``."""
+    return OFFSET_HEADER.pack(offset) + data
+
+
+def _reason(text: str) -> str:
+    # A close reason must fit in a control frame (123 bytes of UTF-8).
+    return text.encode("utf-8")[:120].decode("utf-8", errors="ignore")
+
+
+class WebSocketUploadMixin:
+    """Server side of the WebSocket upload protocol; mix into a ``WebSocketHandler``.
+
+    Set :attr:`upload_store` (usually in ``initialize``). Class attributes:
+
+    * :attr:`upload_window` [8] -- K: chunks a client may send before an ack.
+    * :attr:`upload_chunk_size` [1 MiB] -- C: largest chunk payload; bigger closes
+      with 4400. Keep ``websocket_max_message_size`` above ``C + 8``.
+
+    ``on_message`` handles the protocol and returns the awaitable of the storage
+    write. Override :meth:`upload_complete` to act on a finished file. One upload at a
+    time per connection; after ``complete`` the client may ``start`` another.
+    """
+
+    upload_store: UploadStore
+    upload_window: int = 8
+    upload_chunk_size: int = 1 << 20
+    _upload_sink: ChunkedUploadSink | None = None
+    _upload_sha256: str | None = None
+
+    async def on_message(self, message: str | bytes) -> None:
+        """Handle one protocol message; Tornado awaits it before reading the next."""
+        try:
+            if isinstance(message, bytes):
+                await self._upload_chunk(message)
+            else:
+                await self._upload_control(message)
+        except UploadError as err:
+            await self._upload_release()
+            self._ws.close(close_code_for(err), _reason(str(err)))
+
+    def on_close(self) -> None:
+        """The connection ended: keep every stored byte and free the upload for a resume."""
+        sink, self._upload_sink = self._upload_sink, None
+        if sink is not None:
+            sink.store.spawn(self._upload_settle(sink))
+
+    def upload_complete(self, sink: ChunkedUploadSink) -> Awaitable[None] | None:
+        """Called after an upload is complete (renamed into place, sha256 checked).
+
+        ``sink.path`` is the final file, ``sink.filename`` the sanitized client name,
+        ``sink.sha256`` the digest. May be async; the ``complete`` message is sent
+        after it returns. Default: nothing.
+        """
+        return None
+
+    # -- internals ------------------------------------------------------------------
+
+    @property
+    def _ws(self) -> tornado.websocket.WebSocketHandler:
+        return cast(tornado.websocket.WebSocketHandler, self)
+
+    @staticmethod
+    async def _upload_settle(sink: ChunkedUploadSink) -> None:
+        try:
+            await sink.flush()
+        finally:
+            sink.release()
+
+    async def _upload_release(self) -> None:
+        sink, self._upload_sink = self._upload_sink, None
+        if sink is not None:
+            try:
+                await sink.flush()
+            except UploadError:
+                pass
+            finally:
+                sink.release()
+
+    async def _upload_send(self, payload: dict[str, Any]) -> None:
+        try:
+            await self._ws.write_message(json.dumps(payload, separators=(",", ":")))
+        except (tornado.websocket.WebSocketClosedError, tornado.iostream.StreamClosedError):
+            pass
+
+    def _upload_ready(self, sink: ChunkedUploadSink) -> dict[str, Any]:
+        return {
+            "type": "ready",
+            "id": sink.id,
+            "offset": sink.offset,
+            "size": sink.size,
+            "window": self.upload_window,
+            "chunk_size": self.upload_chunk_size,
+        }
+
+    async def _upload_control(self, text: str) -> None:
+        try:
+            msg = json.loads(text)
+        except ValueError as exc:
+            raise UploadError("control message is not JSON", status=400) from exc
+        if not isinstance(msg, dict):
+            raise UploadError("control message must be a JSON object", status=400)
+        kind = msg.get("type")
+        store = self.upload_store
+        if kind in ("start", "resume"):
+            if self._upload_sink is not None:
+                raise UploadError("an upload is already in progress here", status=409)
+            sha256 = msg.get("sha256")
+            if sha256 is not None and (
+                not isinstance(sha256, str)
+                or len(sha256) != 64
+                or any(c not in "0123456789abcdefABCDEF" for c in sha256)
+            ):
+                raise UploadError("sha256 must be 64 hex digits", status=400)
+            if kind == "start":
+                size = msg.get("size")
+                if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                    raise UploadError("size must be a non-negative integer", status=400)
+                name = msg.get("name")
+                meta = msg.get("metadata") or {}
+                if not isinstance(meta, dict) or (name is not None and not isinstance(name, str)):
+                    raise UploadError("name must be a string, metadata an object", status=400)
+                metadata = {str(k): str(v) for k, v in meta.items()}
+                if name is not None:
+                    metadata["filename"] = name
+                sink = await store.create(size, metadata=metadata)
+            else:
+                upload_id = msg.get("id")
+                if not isinstance(upload_id, str) or not is_upload_id(upload_id):
+                    raise UploadError("no such upload", status=404)
+                sink = await store.open(upload_id)
+            sink.acquire()
+            self._upload_sink = sink
+            self._upload_sha256 = sha256
+            await self._upload_send(self._upload_ready(sink))
+            if sink.state.is_stored:
+                await self._upload_finish(sink)
+        elif kind == "abort":
+            current = self._upload_sink
+            if current is None:
+                raise UploadError("no upload in progress", status=400)
+            self._upload_sink = None
+            current.release()
+            await current.abort()
+            await self._upload_send({"type": "aborted", "id": current.id})
+        else:
+            raise UploadError(f"unknown message type {str(kind)[:40]!r}", status=400)
+
+    async def _upload_chunk(self, message: bytes) -> None:
+        sink = self._upload_sink
+        if sink is None:
+            raise UploadError("binary chunk before start/resume", status=400)
+        if len(message) <= OFFSET_HEADER.size:
+            raise UploadError("chunk without payload", status=400)
+        if len(message) - OFFSET_HEADER.size > self.upload_chunk_size:
+            raise UploadError(f"chunk payload above {self.upload_chunk_size} bytes", status=400)
+        (offset,) = OFFSET_HEADER.unpack_from(message)
+        if offset != sink.offset:
+            raise UploadError(f"chunk offset {offset}, expected {sink.offset}", status=409)
+        sink.write(memoryview(message)[OFFSET_HEADER.size :])
+        stored = await sink.flush()
+        await self._upload_send({"type": "ack", "offset": stored})
+        if sink.state.is_stored:
+            await self._upload_finish(sink)
+
+    async def _upload_finish(self, sink: ChunkedUploadSink) -> None:
+        self._upload_sink = None
+        sink.release()
+        await sink.finish(expected_sha256=self._upload_sha256)
+        result = self.upload_complete(sink)
+        if inspect.isawaitable(result):
+            await result
+        await self._upload_send(
+            {"type": "complete", "id": sink.id, "size": sink.size, "sha256": sink.sha256}
+        )
+
+
+class WebSocketUploadHandler(WebSocketUploadMixin, tornado.websocket.WebSocketHandler):
+    """A ready-made upload endpoint: ``(r"/upload", WebSocketUploadHandler, {"store": s})``.
+
+    ``initialize`` keyword arguments: ``store`` (required), ``window`` [8],
+    ``chunk_size`` [1 MiB], ``on_complete`` [None] (called with the sink, may be async).
+    """
+
+    def initialize(
+        self,
+        store: UploadStore,
+        window: int = 8,
+        chunk_size: int = 1 << 20,
+        on_complete: Callable[[ChunkedUploadSink], Awaitable[None] | None] | None = None,
+    ) -> None:
+        """Keep the configuration (see the class docstring)."""
+        self.upload_store = store
+        self.upload_window = window
+        self.upload_chunk_size = chunk_size
+        self._on_complete = on_complete
+
+    def upload_complete(self, sink: ChunkedUploadSink) -> Awaitable[None] | None:
+        """Call ``on_complete`` if given."""
+        if self._on_complete is not None:
+            return self._on_complete(sink)
+        return None
+
+    def get_compression_options(self) -> None:
+        """No permessage-deflate: chunks are usually already compressed media."""
+        return None
