@@ -1,0 +1,816 @@
+"""BroadcastGroup and BroadcastHub over real sockets.
+
+Clients are raw asyncio WebSocket clients (cheap enough for 1,000 at once, and able
+to stop reading at the socket level or vanish with a TCP reset) and, where an
+independent implementation matters (permessage-deflate, close codes), the
+``websockets`` library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import socket
+import struct
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import tornado.web
+import tornado.websocket
+import websockets
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+
+from tornado_longconn.backends.memory import MemoryBackend
+from tornado_longconn.backpressure import BackpressureWriter, OverflowPolicy
+from tornado_longconn.broadcast import (
+    BroadcastGroup,
+    BroadcastHub,
+    GapPolicy,
+    cursor_envelope,
+)
+from tornado_longconn.codes import CloseCode
+from tornado_longconn.exceptions import CursorError
+from tornado_longconn.log import Cursor, HistoryLimit, parse_cursor
+from tornado_longconn.testing import AppServer, scaled
+
+# --------------------------------------------------------------------------- raw client
+
+
+class RawClient(asyncio.Protocol):
+    """A minimal WebSocket client: records every data message, can stop reading or vanish."""
+
+    def __init__(self, *, stop_reading: bool = False, vanish_after: int | None = None) -> None:
+        self.messages: list[tuple[int, bytes]] = []
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.stop_reading = stop_reading
+        self.vanish_after = vanish_after
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._open = False
+        loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop: not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError("closed before the handshake"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self._wake(force=True)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if not self._open:
+            end = self._buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self._buf[:end])
+            del self._buf[: end + 4]
+            if not head.startswith(b"HTTP/1.1 101"):
+                self.opened.set_exception(ConnectionError(head.decode(errors="replace")))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self._open = True
+            self.opened.set_result(None)
+            if self.stop_reading:
+                assert self.transport is not None
+                self.transport.pause_reading()
+        self._parse()
+
+    def _parse(self) -> None:
+        buf = self._buf
+        while len(buf) >= 2:
+            b0, b1 = buf[0], buf[1]
+            n = b1 & 0x7F
+            pos = 2
+            if n == 126:
+                if len(buf) < 4:
+                    return
+                n = struct.unpack_from("!H", buf, 2)[0]
+                pos = 4
+            elif n == 127:
+                if len(buf) < 10:
+                    return
+                n = struct.unpack_from("!Q", buf, 2)[0]
+                pos = 10
+            if len(buf) < pos + n:
+                return
+            payload = bytes(buf[pos : pos + n])
+            del buf[: pos + n]
+            opcode = b0 & 0x0F
+            if opcode in (0x1, 0x2):
+                self.messages.append((opcode, payload))
+                if self.vanish_after is not None and len(self.messages) >= self.vanish_after:
+                    self.vanish()
+                    return
+                self._wake()
+            elif opcode == 0x8:
+                if len(payload) >= 2:
+                    self.close_code = struct.unpack("!H", payload[:2])[0]
+                    self.close_reason = payload[2:].decode()
+                self._send(0x8, payload[:2])
+                assert self.transport is not None
+                self.transport.close()
+                return
+            elif opcode == 0x9:
+                self._send(0xA, payload)
+
+    def _wake(self, *, force: bool = False) -> None:
+        keep = []
+        for count, fut in self._waiters:
+            if fut.done():
+                continue
+            if force or len(self.messages) >= count:
+                fut.set_result(None)
+            else:
+                keep.append((count, fut))
+        self._waiters = keep
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        n = len(payload)
+        if n < 126:
+            header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+        elif n <= 0xFFFF:
+            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+        self.transport.write(header + b"\0\0\0\0" + payload)  # zero mask key
+
+    # -- API
+    @property
+    def texts(self) -> list[str]:
+        return [p.decode() for op, p in self.messages if op == 0x1]
+
+    def send_text(self, text: str) -> None:
+        self._send(0x1, text.encode())
+
+    def vanish(self) -> None:
+        """Reset the TCP connection without a close frame."""
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    def close(self) -> None:
+        self._send(0x8, struct.pack("!H", 1000))
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until ``count`` data messages arrived (or the connection is lost)."""
+        if len(self.messages) >= count or self.lost.done():
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((count, fut))
+        await asyncio.wait_for(fut, scaled(timeout))
+
+
+async def connect(
+    port: int,
+    path: str,
+    *,
+    stop_reading: bool = False,
+    rcvbuf: int | None = None,
+    vanish_after: int | None = None,
+) -> RawClient:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    client = RawClient(stop_reading=stop_reading, vanish_after=vanish_after)
+    await loop.create_connection(lambda: client, sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    assert client.transport is not None
+    client.transport.write(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    await asyncio.wait_for(client.opened, scaled(10))
+    return client
+
+
+async def connect_many(port: int, path: str, n: int, **kwargs: Any) -> list[RawClient]:
+    sem = asyncio.Semaphore(100)
+
+    async def one() -> RawClient:
+        async with sem:
+            return await connect(port, path, **kwargs)
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def close_all(clients: list[RawClient]) -> None:
+    for c in clients:
+        if c.transport is not None:
+            c.transport.abort()
+    await asyncio.wait_for(asyncio.gather(*(c.lost for c in clients)), scaled(10))
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait (bounded) for a state change that has no event of its own."""
+    deadline = asyncio.get_running_loop().time() + scaled(timeout)
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.002)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class Member(tornado.websocket.WebSocketHandler):
+    """Joins ``group`` in open(); options from the query string; echoes to the room."""
+
+    def initialize(
+        self,
+        group: BroadcastGroup,
+        joined: asyncio.Queue[Member] | None = None,
+        sndbuf: int | None = None,
+        compression: dict[str, Any] | None = None,
+        fail_open: bool = False,
+    ) -> None:
+        self.group = group
+        self.joined = joined
+        self.sndbuf = sndbuf
+        self.compression = compression
+        self.fail_open = fail_open
+
+    def get_compression_options(self) -> dict[str, Any] | None:
+        return self.compression
+
+    async def open(self) -> None:
+        if self.sndbuf is not None:
+            assert self.ws_connection is not None
+            sock = self.ws_connection.stream.socket  # type: ignore[attr-defined]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+        policy = self.get_argument("policy", None)
+        cursor = self.get_argument("cursor", None)
+        membership = self.group.join(
+            self, policy=OverflowPolicy(policy) if policy else None, cursor=cursor
+        )
+        if self.fail_open:
+            raise RuntimeError("open() failed after joining")
+        await membership
+        if self.joined is not None:
+            self.joined.put_nowait(self)
+
+    async def on_message(self, message: str | bytes) -> None:
+        await self.group.publish(message, exclude=self)
+
+
+@contextlib.asynccontextmanager
+async def serve(group: BroadcastGroup, **options: Any) -> AsyncIterator[AppServer]:
+    app = tornado.web.Application([(r"/ws", Member, dict(group=group, **options))])
+    async with AppServer(app) as server:
+        yield server
+
+
+async def joined_members(queue: asyncio.Queue[Member], n: int) -> list[Member]:
+    return [await asyncio.wait_for(queue.get(), scaled(10)) for _ in range(n)]
+
+
+def payloads(n: int, size: int = 0) -> list[str]:
+    return [f"{i:08d}".ljust(size, "x") for i in range(n)]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+async def test_thousand_clients_receive_every_message_in_order() -> None:
+    group = BroadcastGroup("room")
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        clients = await connect_many(server.port, "/ws", 1000)
+        await joined_members(joined, 1000)
+        assert len(group) == 1000
+        sent = payloads(100)
+        for i, text in enumerate(sent):
+            result = await group.publish(text)
+            assert result.delivered == 1000 and result.local
+            if i % 10 == 0:
+                await asyncio.sleep(0)  # mix bursts with loop iterations
+        await asyncio.gather(*(c.wait_for(100, timeout=30) for c in clients))
+        for c in clients:
+            assert c.texts == sent
+        stats = group.stats()
+        assert stats.members == 1000
+        assert stats.published == 100
+        assert stats.delivered == stats.frames == 100_000
+        assert stats.dropped == stats.closed == 0
+        await close_all(clients)
+
+
+async def test_publish_encodes_types() -> None:
+    group = BroadcastGroup("types")
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        client = await connect(server.port, "/ws")
+        await joined_members(joined, 1)
+        await group.publish("héllo")
+        await group.publish(b"\x00\xff")
+        await group.publish({"a": [1, "é"]})
+        await group.publish([1, 2])
+        with pytest.raises(TypeError):
+            await group.publish(42)
+        with pytest.raises(TypeError):
+            await group.publish(None)
+        await client.wait_for(4)
+        assert client.messages == [
+            (0x1, "héllo".encode()),
+            (0x2, b"\x00\xff"),
+            (0x1, '{"a":[1,"é"]}'.encode()),
+            (0x1, b"[1,2]"),
+        ]
+        assert group.stats().published == 4
+        await close_all([client])
+
+
+@pytest.mark.parametrize("policy", list(OverflowPolicy))
+async def test_slow_clients_never_hurt_fast_ones(policy: OverflowPolicy) -> None:
+    high_water = 16 * 1024
+    max_queue = 8
+    size = 2048
+    group = BroadcastGroup("slow", policy=policy, high_water=high_water, max_queue=max_queue)
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined, sndbuf=4096) as server:
+        fast = await connect_many(server.port, "/ws", 38)
+        slow = [await connect(server.port, "/ws", stop_reading=True, rcvbuf=4096) for _ in range(2)]
+        members = await joined_members(joined, 40)
+        sent = payloads(400, size)
+        results = []
+        for i, text in enumerate(sent):
+            results.append(await group.publish(text))
+            # Pace on the fast clients: they read as fast as they can.
+            await asyncio.gather(*(c.wait_for(i + 1) for c in fast))
+        for c in fast:
+            assert c.texts == sent, "a fast client lost or reordered messages"
+        stats = group.stats()
+        frame = size + 4
+        if policy is OverflowPolicy.CLOSE:
+            assert stats.closed == stats.closed_slow == 2
+            assert len(group) == 38
+            assert all(r.delivered + r.closed <= 40 for r in results)
+            assert sum(r.closed for r in results) == 2
+            for c in slow:
+                assert c.messages == [] or len(c.messages) < 400
+        else:
+            assert len(group) == 40
+            assert stats.closed == 0
+            assert stats.dropped > 0
+            assert sum(r.dropped for r in results) == stats.dropped
+            limit = high_water + frame
+            if policy is OverflowPolicy.DROP_OLDEST:
+                limit += max_queue * frame
+            for m in members:
+                writer = BackpressureWriter.of(m)
+                assert writer.stats().peak_buffered <= limit
+            assert stats.peak_buffered <= limit
+        assert stats.delivered >= 38 * 400
+        await close_all(fast + slow)
+
+
+async def test_member_vanishes_mid_publish() -> None:
+    group = BroadcastGroup("vanish")
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        clients = await connect_many(server.port, "/ws", 20)
+        ghost = await connect(server.port, "/ws", vanish_after=5)
+        await joined_members(joined, 21)
+        sent = payloads(200, 512)
+        for text in sent:
+            result = await group.publish(text)  # never raises
+            assert result.delivered >= 20
+            await asyncio.sleep(0)
+        await asyncio.gather(*(c.wait_for(200) for c in clients))
+        for c in clients:
+            assert c.texts == sent
+        await wait_until(lambda: len(group) == 20)
+        assert ghost.lost.done()
+        await close_all(clients)
+
+
+async def test_exclude_skips_only_the_excluded_members() -> None:
+    backend = MemoryBackend()
+    group = BroadcastGroup("chat", backend=backend)
+    other_process = BroadcastGroup("chat", backend=backend)  # same topic, same backend
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    joined2: asyncio.Queue[Member] = asyncio.Queue()
+    app = tornado.web.Application(
+        [
+            (r"/ws", Member, {"group": group, "joined": joined}),
+            (r"/ws2", Member, {"group": other_process, "joined": joined2}),
+        ]
+    )
+    async with AppServer(app) as server:
+        a, b, c = [await connect(server.port, "/ws") for _ in range(3)]
+        d = await connect(server.port, "/ws2")
+        ma, mb, _ = await joined_members(joined, 3)
+        await joined_members(joined2, 1)
+        a.send_text("from a")  # the handler publishes with exclude=self
+        await asyncio.gather(b.wait_for(1), c.wait_for(1), d.wait_for(1))
+        result = await group.publish("not to a or b", exclude=[ma, mb])
+        assert result.delivered == 1
+        await asyncio.gather(c.wait_for(2), d.wait_for(2))
+        assert a.texts == []
+        assert b.texts == ["from a"]
+        assert c.texts == ["from a", "not to a or b"]
+        assert d.texts == ["from a", "not to a or b"]
+        await group.publish("all")
+        await asyncio.gather(*(x.wait_for(n) for x, n in ((a, 1), (b, 2), (c, 3), (d, 3))))
+        assert a.texts == ["all"]
+        await close_all([a, b, c, d])
+
+
+async def test_joining_twice_is_harmless() -> None:
+    group = BroadcastGroup("twice")
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        client = await connect(server.port, "/ws")
+        (member,) = await joined_members(joined, 1)
+        first = group.membership(member)
+        again = await group.join(member, policy=OverflowPolicy.DROP_NEWEST)
+        assert again is first
+        assert len(group) == 1 and list(group) == [member]
+        assert group.stats().joined == 1
+        await group.publish("once")
+        await group.publish("twice")
+        await client.wait_for(2)
+        assert client.texts == ["once", "twice"]
+        assert group.leave(member) is True
+        assert group.leave(member) is False
+        assert len(group) == 0
+        await close_all([client])
+
+
+@pytest.mark.parametrize("how", ["close", "vanish", "server_close", "open_raises"])
+async def test_leave_on_close_always_happens(how: str) -> None:
+    group = BroadcastGroup("bye")
+    other = BroadcastGroup("bye2")
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined, fail_open=how == "open_raises") as server:
+        if how == "open_raises":
+            client = await connect(server.port, "/ws")
+            await asyncio.wait_for(client.lost, scaled(5))
+            await wait_until(lambda: len(group) == 0)
+            assert group.stats().joined == 1 and group.stats().left == 1
+            return
+        client = await connect(server.port, "/ws")
+        (member,) = await joined_members(joined, 1)
+        other.join(member)
+        assert len(group) == len(other) == 1
+        if how == "close":
+            client.close()
+        elif how == "vanish":
+            client.vanish()
+        else:
+            member.close(1000, "bye")
+        await asyncio.wait_for(client.lost, scaled(10))
+        await wait_until(lambda: len(group) == 0 and len(other) == 0)
+        # The group unsubscribes from the backend with its last member.
+        backend = group.backend
+        assert isinstance(backend, MemoryBackend)
+        await wait_until(lambda: backend.subscriber_count("bye") == 0)
+
+
+async def test_subscribes_with_first_member_and_unsubscribes_with_last() -> None:
+    backend = MemoryBackend()
+    group = BroadcastGroup("sub", backend=backend)
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        assert backend.subscriber_count("sub") == 0
+        a = await connect(server.port, "/ws")
+        await joined_members(joined, 1)
+        assert backend.subscriber_count("sub") == 1
+        b = await connect(server.port, "/ws")
+        await joined_members(joined, 1)
+        assert backend.subscriber_count("sub") == 1
+        a.close()
+        await wait_until(lambda: len(group) == 1)
+        assert backend.subscriber_count("sub") == 1
+        b.close()
+        await wait_until(lambda: backend.subscriber_count("sub") == 0)
+        # Publishing with no local member still records history / reaches others.
+        result = await group.publish("nobody here")
+        assert result.delivered == 0
+
+
+async def test_publish_nowait_and_threadsafe_keep_order() -> None:
+    group = BroadcastGroup("threads")
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        client = await connect(server.port, "/ws")
+        await joined_members(joined, 1)
+        group.publish_nowait("first")
+        futures = []
+
+        def producer() -> None:
+            for i in range(200):
+                futures.append(group.publish_threadsafe({"n": i}))
+
+        thread = threading.Thread(target=producer)
+        thread.start()
+        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        results = [await asyncio.wrap_future(f) for f in futures]
+        assert all(r.delivered == 1 for r in results)
+        await client.wait_for(201)
+        assert client.texts[0] == "first"
+        assert [json.loads(t)["n"] for t in client.texts[1:]] == list(range(200))
+        await close_all([client])
+
+
+async def test_publish_nowait_right_after_first_join() -> None:
+    """The first member is delivered to even before the backend subscription completes."""
+    group = BroadcastGroup("early")
+
+    class Early(tornado.websocket.WebSocketHandler):
+        def open(self) -> None:
+            group.join(self)
+            group.publish_nowait("welcome")
+
+    app = tornado.web.Application([(r"/ws", Early)])
+    async with AppServer(app) as server:
+        client = await connect(server.port, "/ws")
+        await client.wait_for(1)
+        await group.publish("second")
+        await client.wait_for(2)
+        assert client.texts == ["welcome", "second"]
+        await close_all([client])
+
+
+async def test_permessage_deflate_members_get_correct_frames() -> None:
+    group = BroadcastGroup("deflate")
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined, compression={}) as server:
+        url = server.ws_url("/ws")
+        # Tornado 6.6 drops valueless extension parameters, so it never agrees to
+        # server_no_context_takeover: every compressing client gets its own context.
+        takeover = await websockets.connect(url, compression="deflate")
+        takeover2 = await websockets.connect(
+            url,
+            compression=None,
+            extensions=[ClientPerMessageDeflateFactory(client_max_window_bits=10)],
+        )
+        plain = await websockets.connect(url, compression=None)
+        raw = await connect(server.port, "/ws")
+        await joined_members(joined, 4)
+        assert takeover.protocol.extensions and takeover2.protocol.extensions
+        assert not plain.protocol.extensions
+        sent: list[Any] = []
+        for i in range(50):
+            msg: Any = f"message {i} " + "repetitive text " * (i % 7)
+            if i % 5 == 0:
+                msg = bytes(range(256)) * (i % 3 + 1)
+            sent.append(msg)
+            await group.publish(msg)
+        for ws in (takeover, takeover2, plain):
+            got = [await asyncio.wait_for(ws.recv(), scaled(5)) for _ in range(50)]
+            assert got == sent
+        await raw.wait_for(50)
+        assert [p if op == 2 else p.decode() for op, p in raw.messages] == sent
+        for ws in (takeover, takeover2, plain):
+            await ws.close()
+        await close_all([raw])
+
+
+async def test_group_close_sends_going_away_in_batches() -> None:
+    group = BroadcastGroup("shutdown", close_batch=7, close_spread=0.05)
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        url = server.ws_url("/ws")
+        clients = [await websockets.connect(url) for _ in range(30)]
+        await joined_members(joined, 30)
+        await group.publish("last words")
+        await group.close()
+        assert group.closed and len(group) == 0
+        for ws in clients:
+            assert await asyncio.wait_for(ws.recv(), scaled(5)) == "last words"
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), scaled(5))
+            assert ws.close_code == CloseCode.GOING_AWAY
+        # A late joiner is told to go away too.
+        late = await websockets.connect(url)
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(late.recv(), scaled(5))
+        assert late.close_code == CloseCode.GOING_AWAY
+        await group.close()  # idempotent
+
+
+async def test_hub_registry_settings_and_close() -> None:
+    hub = BroadcastHub(history=10, close_spread=0.0)
+    room = hub.group("room:1")
+    assert hub.group("room:1") is room
+    assert room.history == HistoryLimit(max_messages=10)
+    assert hub.group("room:1", history=10) is room
+    with pytest.raises(ValueError, match="exists"):
+        hub.group("room:1", policy=OverflowPolicy.DROP_NEWEST)
+    with pytest.raises(ValueError, match="already"):
+        BroadcastGroup("room:1", hub=hub)
+    assert "room:1" in hub and len(hub) == 1 and hub.get("nope") is None
+    lobby = hub.group("lobby", history=None)
+
+    class Both(tornado.websocket.WebSocketHandler):
+        async def open(self) -> None:
+            the_hub = BroadcastHub.of(self)
+            await the_hub.group("room:1").join(self)
+            await the_hub.group("lobby").join(self)
+            self.write_message("ready")
+
+    app = tornado.web.Application([(r"/ws", Both)], longconn_hub=hub)
+    assert BroadcastHub.of(app) is hub
+    with pytest.raises(LookupError):
+        BroadcastHub.of(tornado.web.Application())
+    async with AppServer(app) as server:
+        clients = [await websockets.connect(server.ws_url("/ws")) for _ in range(5)]
+        for ws in clients:
+            assert await asyncio.wait_for(ws.recv(), scaled(5)) == "ready"
+        await lobby.publish("hi lobby")
+        r = await room.publish("hi room")
+        assert r.cursor is not None and r.cursor.offset == 1
+        stats = hub.stats()
+        assert stats.groups == 2 and stats.members == 10 and stats.delivered == 10
+        await hub.close()
+        for ws in clients:
+            assert await asyncio.wait_for(ws.recv(), scaled(5)) == "hi lobby"
+            assert await asyncio.wait_for(ws.recv(), scaled(5)) == "hi room"
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), scaled(5))
+            assert ws.close_code == CloseCode.GOING_AWAY
+        assert hub.stats().members == 0
+        assert hub.backend.closed  # type: ignore[attr-defined]
+
+
+async def test_hub_forgets_idle_groups_beyond_its_limit() -> None:
+    hub = BroadcastHub(max_idle_groups=3)
+    for i in range(10):
+        await hub.group(f"g{i}").publish("x")
+    assert len(hub) == 3
+    assert [g.name for g in hub] == ["g7", "g8", "g9"]
+    assert hub.stats().published == 10
+
+
+# --------------------------------------------------------------------------- resume
+
+
+class SlowSinceBackend(MemoryBackend):
+    """An in-memory backend whose history reads take a few loop iterations (like Redis)."""
+
+    async def since(self, topic: str, cursor: Cursor | None, *, limit: int | None = None) -> Any:
+        for _ in range(5):
+            await asyncio.sleep(0)
+        result = self.since_nowait(topic, cursor, limit=limit)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return result
+
+
+async def test_resume_from_cursor_then_live() -> None:
+    group = BroadcastGroup("resume", history=100, envelope=cursor_envelope)
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        cursors = [(await group.publish({"n": i})).cursor for i in range(10)]
+        assert cursors[0] is not None and cursors[3] is not None
+        client = await connect(server.port, f"/ws?cursor={cursors[3]}")
+        (member,) = await joined_members(joined, 1)
+        membership = group.membership(member)
+        assert membership is not None and membership.live and membership.replayed == 6
+        await group.publish({"n": 10})
+        await client.wait_for(7)
+        got = [json.loads(t) for t in client.texts]
+        assert [g["data"]["n"] for g in got] == list(range(4, 11))
+        assert [parse_cursor(g["cursor"]).offset for g in got] == list(range(5, 12))
+        await close_all([client])
+
+
+@pytest.mark.parametrize("page", [10, 500])
+async def test_resume_seam_has_no_gap_and_no_duplicate(
+    page: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages published all through the join arrive exactly once, in order."""
+    monkeypatch.setattr("tornado_longconn.broadcast._RESUME_PAGE", page)
+    group = BroadcastGroup("seam", backend=SlowSinceBackend(), history=1000)
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        for i in range(20):
+            await group.publish(str(i))
+        stop = asyncio.Event()
+        published = 20
+
+        async def publisher() -> None:
+            nonlocal published
+            while not stop.is_set():
+                await group.publish(str(published))
+                published += 1
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(publisher())
+        clients = []
+        for start in (0, 5, 19):
+            head = await group.backend.head("seam")
+            clients.append((start, await connect(server.port, f"/ws?cursor={head.epoch}-{start}")))
+        await joined_members(joined, 3)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        stop.set()
+        await task
+        for start, client in clients:
+            await client.wait_for(published - start)
+            assert client.close_code is None
+            assert client.texts == [str(i) for i in range(start, published)]
+        await close_all([c for _, c in clients])
+
+
+@pytest.mark.parametrize("gap_policy", list(GapPolicy))
+async def test_resume_gap_tells_client_to_resync(gap_policy: GapPolicy) -> None:
+    group = BroadcastGroup("gap", history=5, gap_policy=gap_policy)
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        for i in range(20):
+            await group.publish(str(i))
+        head = await group.backend.head("gap")
+        url = server.ws_url(f"/ws?cursor={head.epoch}-2")  # evicted long ago
+        ws = await websockets.connect(url)
+        if gap_policy is GapPolicy.CLOSE:
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), scaled(5))
+            assert ws.close_code == CloseCode.RESYNC_REQUIRED
+            assert ws.close_reason == "resync required: evicted"
+            assert len(group) == 0
+        else:
+            notice = json.loads(await asyncio.wait_for(ws.recv(), scaled(5)))
+            assert notice == {
+                "type": "resync",
+                "topic": "gap",
+                "cursor": str(head),
+                "reason": "evicted",
+            }
+            await joined_members(joined, 1)
+            await group.publish("after")
+            assert await asyncio.wait_for(ws.recv(), scaled(5)) == "after"
+            await ws.close()
+        assert group.stats().resyncs == 1
+        # A foreign-epoch cursor is a gap too; a malformed one an error.
+        with pytest.raises(CursorError):
+            group.join(None, cursor="garbage")  # type: ignore[arg-type]
+        plain = BroadcastGroup("no-history")
+        with pytest.raises(ValueError, match="no history"):
+            plain.join(None, cursor="abc-1")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("gap_policy", list(GapPolicy))
+async def test_backend_gap_makes_members_resync(gap_policy: GapPolicy) -> None:
+    group = BroadcastGroup("bgap", gap_policy=gap_policy, close_spread=0.01)
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        clients = [await websockets.connect(server.ws_url("/ws")) for _ in range(3)]
+        await joined_members(joined, 3)
+        group.on_gap("bgap", "reconnected")
+        for ws in clients:
+            if gap_policy is GapPolicy.CLOSE:
+                with pytest.raises(websockets.ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), scaled(5))
+                assert ws.close_code == CloseCode.RESYNC_REQUIRED
+            else:
+                notice = json.loads(await asyncio.wait_for(ws.recv(), scaled(5)))
+                assert notice["type"] == "resync" and notice["reason"] == "reconnected"
+                await ws.close()
+        stats = group.stats()
+        assert stats.gaps == 1 and stats.resyncs == 3
+
+
+def test_cursor_envelope_shapes() -> None:
+    from tornado_longconn.log import Message
+
+    c = Cursor("e1", 7)
+    assert json.loads(cursor_envelope(Message("t", '{"a":1}', c))) == {
+        "cursor": "e1-7",
+        "data": {"a": 1},
+    }
+    assert json.loads(cursor_envelope(Message("t", "plain text", c))) == {
+        "cursor": "e1-7",
+        "data": "plain text",
+    }
+    assert json.loads(cursor_envelope(Message("t", "x", None))) == {"cursor": None, "data": "x"}
+    assert cursor_envelope(Message("t", b"\x00", c)) == b"\x00"

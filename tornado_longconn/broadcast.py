@@ -1,0 +1,1368 @@
+"""Broadcast groups: rooms of WebSocket connections with encode-once, corked fan-out.
+
+A :class:`BroadcastGroup` is a named topic (a chat room, a dashboard feed) whose
+members are Tornado ``WebSocketHandler`` connections of this process. A
+:class:`BroadcastHub` is the registry of an application's groups and holds the
+backend they publish through (in-memory by default, Redis for many processes).
+Create one hub per application and hand it to handlers through ``initialize()``
+keyword arguments or application settings::
+
+    class Chat(tornado.websocket.WebSocketHandler):
+        def initialize(self, hub: BroadcastHub) -> None:
+            self.room = hub.group("room:42")
+
+        def open(self) -> None:
+            self.room.join(self)            # left automatically when the socket closes
+
+        async def on_message(self, message: str | bytes) -> None:
+            await self.room.publish(message)
+
+How a message travels: :meth:`BroadcastGroup.publish` encodes it once and
+publishes it through the backend; the backend hands it back to every
+subscribed group in every process (:meth:`BroadcastGroup.on_message`), which
+builds the WebSocket frame once and gives the same bytes to each member's
+:class:`~tornado_longconn.backpressure.BackpressureWriter`. The writer corks:
+frames for one member within one event-loop iteration leave in one socket
+write, so a burst of 100 messages costs about one write per member. A slow
+member is handled by its writer's overflow policy (drop newest, drop oldest,
+or close with :attr:`~tornado_longconn.codes.CloseCode.SLOW_CONSUMER`); it never
+delays the other members and never raises into ``publish()``.
+
+Groups that keep history give every message a cursor; ``join(handler,
+cursor=...)`` replays what the member missed and then continues live, with no
+gap and no duplicate at the seam. When history no longer reaches back, the
+member is told to resync (see :class:`GapPolicy`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import logging
+import random
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Final
+
+from tornado.websocket import WebSocketHandler
+
+from ._frames import OP_TEXT, Encoded, encode_message
+from .backends.base import Backend
+from .backends.memory import MemoryBackend
+from .backpressure import BackpressureWriter, OverflowPolicy, SendResult
+from .codes import CloseCode
+from .exceptions import BackendError, BackendUnavailableError, LongConnError
+from .log import DEFAULT_HISTORY, Cursor, HistoryLimit, Message, SinceResult, parse_cursor
+
+if TYPE_CHECKING:
+    import tornado.web
+
+__all__ = [
+    "DEFAULT_CLOSE_BATCH",
+    "DEFAULT_CLOSE_SPREAD",
+    "DEFAULT_HIGH_WATER",
+    "SETTINGS_KEY",
+    "BroadcastGroup",
+    "BroadcastHub",
+    "BroadcastStats",
+    "GapPolicy",
+    "Membership",
+    "PublishResult",
+    "cursor_envelope",
+    "resync_notice",
+]
+
+log = logging.getLogger("tornado_longconn.broadcast")
+
+#: Application settings key under which :meth:`BroadcastHub.of` finds the hub.
+SETTINGS_KEY: Final = "longconn_hub"
+
+#: Default per-member buffer limit of a group (bytes). Lower than the writer's own
+#: default because a room multiplies it: 10,000 members x 256 KiB = 2.5 GiB at worst.
+DEFAULT_HIGH_WATER: Final = 256 * 1024
+
+#: Members closed per batch on graceful shutdown.
+DEFAULT_CLOSE_BATCH: Final = 500
+
+#: Seconds over which a graceful shutdown spreads its batches (jittered).
+DEFAULT_CLOSE_SPREAD: Final = 1.0
+
+# Messages read from history per ``since`` call while a member resumes.
+_RESUME_PAGE: Final = 500
+# Exclusion sets of publishes whose message has not come back from the backend yet.
+_MAX_PENDING_EXCLUDES: Final = 10_000
+
+Exclude = WebSocketHandler | Iterable[WebSocketHandler] | None
+Envelope = Callable[[Message], Any]
+
+_WRITTEN: Final = SendResult.WRITTEN
+_QUEUED: Final = SendResult.QUEUED
+_DROPPED: Final = SendResult.DROPPED
+
+
+class GapPolicy(Enum):
+    """What a member is told when it cannot be given every message.
+
+    This happens when ``join(handler, cursor=...)`` asks for history that is no
+    longer kept (evicted, another epoch after a restart, a cursor from the
+    future), and when the backend reports that live messages may have been
+    missed (``Subscriber.on_gap``, e.g. the connection to Redis dropped).
+    """
+
+    #: Close the connection with :attr:`CloseCode.RESYNC_REQUIRED` (4001) and the
+    #: reason ``"resync required: <reason>"``. The client reloads its state and
+    #: reconnects with the cursor that came with that state. The default: a client
+    #: cannot miss it, and any WebSocket client understands a close code.
+    CLOSE = "close"
+    #: Send the JSON text message built by :func:`resync_notice`,
+    #: ``{"type": "resync", "topic": ..., "cursor": "<head>", "reason": ...}``, and
+    #: keep the member: it receives the messages after ``cursor`` from then on.
+    #: Pick this when the client handles the notice (``longconn.js`` does).
+    NOTICE = "notice"
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What :meth:`BroadcastGroup.publish` did.
+
+    ``message`` is what the backend recorded (with its ``cursor`` when the group
+    keeps history). ``delivered`` / ``dropped`` / ``closed`` count this process's
+    members: accepted by their writer (written or queued), dropped by an overflow
+    policy, or found closed (slow consumer closed by the ``CLOSE`` policy, or a
+    vanished peer). ``local`` is True when the backend delivered the message to
+    this process before ``publish()`` returned (always with the in-memory
+    backend); when False (an asynchronous backend such as Redis), the counts are
+    zero here and the delivery is counted in :meth:`BroadcastGroup.stats` instead.
+    """
+
+    message: Message
+    delivered: int = 0
+    dropped: int = 0
+    closed: int = 0
+    local: bool = False
+
+    @property
+    def cursor(self) -> Cursor | None:
+        """The published message's cursor (None when the group keeps no history)."""
+        return self.message.cursor
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastStats:
+    """Counters of a group (or, summed, of a hub); see :meth:`BroadcastGroup.stats`.
+
+    * ``groups`` -- groups counted (1 for a group).
+    * ``members`` -- current members (``resuming`` of them are still replaying history).
+    * ``joined`` / ``left`` -- joins and leaves so far (``left`` includes closes).
+    * ``published`` -- messages published through this group.
+    * ``received`` -- messages the backend delivered to this group for fan-out.
+    * ``delivered`` -- member deliveries accepted by a writer (written or queued);
+      ``frames`` is the same count and ``bytes`` their uncompressed frame bytes.
+    * ``dropped`` -- member deliveries discarded by an overflow policy.
+    * ``closed`` -- members removed because their connection was closed while
+      delivering (``CLOSE`` policy on a slow consumer, or a vanished peer).
+    * ``closed_slow`` -- of those, the ones the writer closed as slow consumers.
+    * ``resyncs`` -- members told to resync (:class:`GapPolicy`).
+    * ``gaps`` -- gaps reported by the backend.
+    * ``max_buffered`` -- the largest member buffer right now (bytes);
+      ``peak_buffered`` -- the largest any current member's buffer has been.
+    """
+
+    groups: int = 0
+    members: int = 0
+    resuming: int = 0
+    joined: int = 0
+    left: int = 0
+    published: int = 0
+    received: int = 0
+    delivered: int = 0
+    frames: int = 0
+    bytes: int = 0
+    dropped: int = 0
+    closed: int = 0
+    closed_slow: int = 0
+    resyncs: int = 0
+    gaps: int = 0
+    max_buffered: int = 0
+    peak_buffered: int = 0
+
+
+def cursor_envelope(message: Message) -> Any:
+    """Wrap a text message with its cursor: ``{"cursor": "<epoch>-<offset>", "data": ...}``.
+
+    Pass it as ``envelope=`` to a group that keeps history, so that clients learn
+    each message's cursor and can resume after a reconnect (``longconn.js``
+    understands this shape). ``data`` is the published JSON value when the text
+    is JSON, else the text as a string; ``cursor`` is null without history.
+    Binary messages are sent unchanged (binary frames carry no cursor).
+    """
+    data = message.data
+    if isinstance(data, bytes):
+        return data
+    cursor = json.dumps(str(message.cursor)) if message.cursor is not None else "null"
+    try:
+        json.loads(data)
+    except ValueError:
+        body = json.dumps(data, ensure_ascii=False)
+    else:
+        body = data
+    return f'{{"cursor":{cursor},"data":{body}}}'
+
+
+def resync_notice(topic: str, cursor: Cursor | None, reason: str) -> str:
+    """The JSON text sent to a member under :attr:`GapPolicy.NOTICE`.
+
+    ``{"type": "resync", "topic": topic, "cursor": "<epoch>-<offset>" | null,
+    "reason": reason}``: the client reloads its state; messages after ``cursor``
+    follow on the same connection.
+    """
+    return json.dumps(
+        {
+            "type": "resync",
+            "topic": topic,
+            "cursor": None if cursor is None else str(cursor),
+            "reason": reason,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _wire(message: Any) -> tuple[str | bytes, Encoded]:
+    """Backend data (``str``/``bytes``) and the encoded message, built once."""
+    if isinstance(message, str):
+        return message, Encoded(OP_TEXT, message.encode("utf-8"))
+    if isinstance(message, Encoded):
+        if message.is_text:
+            return message.payload.decode("utf-8"), message
+        return message.payload, message
+    if isinstance(message, (dict, list)):
+        text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+        return text, Encoded(OP_TEXT, text.encode("utf-8"))
+    encoded = encode_message(message)  # bytes-like, or TypeError for anything else
+    return encoded.payload, encoded
+
+
+def _history_limit(history: int | HistoryLimit | None) -> HistoryLimit | None:
+    if history is None or isinstance(history, HistoryLimit):
+        return history
+    if isinstance(history, bool) or not isinstance(history, int):
+        raise TypeError(f"history must be an int, a HistoryLimit or None, not {history!r}")
+    return HistoryLimit(max_messages=history)
+
+
+def _exclude_set(exclude: Exclude) -> frozenset[WebSocketHandler] | None:
+    if exclude is None:
+        return None
+    if isinstance(exclude, WebSocketHandler):
+        return frozenset((exclude,))
+    members = frozenset(exclude)
+    return members or None
+
+
+def _connection_gone(handler: WebSocketHandler) -> bool:
+    conn = handler.ws_connection
+    return conn is None or conn.is_closing()
+
+
+class _Tally:
+    """Counts of one publish call while its message is delivered locally."""
+
+    __slots__ = ("closed", "delivered", "dropped", "seen")
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.dropped = 0
+        self.closed = 0
+        self.seen = False
+
+
+class Membership:
+    """One connection's membership of one group, returned by :meth:`BroadcastGroup.join`.
+
+    Awaiting it is optional: ``await group.join(handler)`` returns once the
+    member receives live messages (the group is subscribed to the backend and,
+    with a cursor, the history after it was handed to the member's writer).
+    It raises :class:`~tornado_longconn.exceptions.BackendUnavailableError` when
+    the group could not subscribe to the backend; the member then stays joined
+    and the subscription is retried on the next join or publish.
+
+    Attributes: ``group``, ``handler``, ``writer`` (the connection's
+    :class:`~tornado_longconn.backpressure.BackpressureWriter`, None when the join
+    was refused because the connection or the group was already closed),
+    ``active`` (still a member), ``live`` (receiving live messages),
+    ``replayed`` (history messages delivered on resume) and ``gap`` (the
+    :class:`~tornado_longconn.log.SinceResult` when resuming hit a gap, else None).
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_buffer_limit",
+        "_dropped_seen",
+        "_overflowed",
+        "_task",
+        "active",
+        "gap",
+        "group",
+        "handler",
+        "live",
+        "replayed",
+        "writer",
+    )
+
+    def __init__(
+        self, group: BroadcastGroup, handler: WebSocketHandler, writer: BackpressureWriter | None
+    ) -> None:
+        self.group = group
+        self.handler = handler
+        self.writer = writer
+        self.active = writer is not None
+        self.live = False
+        self.replayed = 0
+        self.gap: SinceResult | None = None
+        self._buffer: deque[tuple[Message, Encoded, frozenset[WebSocketHandler] | None]] | None
+        self._buffer = None
+        self._buffer_limit = 0
+        self._overflowed = False
+        self._dropped_seen = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        state = "live" if self.live else "resuming" if self.active else "left"
+        return f"<Membership {self.group.name!r} {state}>"
+
+    def __await__(self) -> Any:
+        return self._wait().__await__()
+
+    async def _wait(self) -> Membership:
+        if not self.active:
+            return self
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait((task,))
+        else:
+            await self.group._ensure_subscribed()
+        return self
+
+    def leave(self) -> bool:
+        """Leave the group (same as ``group.leave(handler)``); False if already left."""
+        return self.group.leave(self.handler)
+
+    def _sync_dropped(self) -> int:
+        """Messages the writer dropped since last asked (DROP_OLDEST evictions)."""
+        writer = self.writer
+        if writer is None:
+            return 0
+        total = writer.stats().dropped
+        new = total - self._dropped_seen
+        self._dropped_seen = total
+        return max(new, 0)
+
+
+def _members_of(handler: WebSocketHandler) -> dict[BroadcastGroup, None]:
+    """The groups ``handler`` belongs to, hooking its close the first time.
+
+    The handler's ``on_connection_close`` (every close path of a WebSocket that
+    got as far as its frame loop) and its stream's close callback (covers an
+    ``open()`` that raised after joining) both make it leave every group.
+    """
+    groups: dict[BroadcastGroup, None] | None = handler.__dict__.get("_longconn_groups")
+    if groups is not None:
+        return groups
+    groups = {}
+    handler.__dict__["_longconn_groups"] = groups
+    original = handler.on_connection_close
+
+    def leave_all() -> None:
+        for group in list(groups):
+            try:
+                group._remove(handler, closed=False)
+            except Exception:
+                log.exception("leaving %r on close failed", group)
+
+    def on_connection_close() -> None:
+        try:
+            leave_all()
+        finally:
+            original()
+
+    handler.on_connection_close = on_connection_close  # type: ignore[method-assign]
+    conn = handler.ws_connection
+    stream = getattr(conn, "stream", None)
+    if stream is not None:
+        previous = getattr(stream, "_close_callback", None)
+
+        def on_stream_close() -> None:
+            try:
+                leave_all()
+            finally:
+                if previous is not None:
+                    previous()
+
+        stream.set_close_callback(on_stream_close)
+    return groups
+
+
+class BroadcastGroup:
+    """A named topic whose members are WebSocket connections of this process.
+
+    Arguments (all keyword-only except ``name``; unset ones come from ``hub``,
+    else from the defaults below):
+
+    * ``name`` -- the topic; every process that has a group of this name on the
+      same backend shares its messages.
+    * ``hub`` -- a :class:`BroadcastHub` to take the backend and defaults from;
+      the group registers in it (:meth:`BroadcastHub.group` is the usual way).
+    * ``backend`` -- a :class:`~tornado_longconn.backends.base.Backend` (default:
+      the hub's, else a private :class:`~tornado_longconn.backends.MemoryBackend`).
+    * ``history`` -- keep this many messages (an ``int``), a
+      :class:`~tornado_longconn.log.HistoryLimit`, or None (default: no history,
+      no cursors, no resume).
+    * ``policy`` -- each member writer's overflow policy (default
+      ``OverflowPolicy.CLOSE``); ``high_water`` (default :data:`DEFAULT_HIGH_WATER`),
+      ``low_water`` and ``max_queue`` -- its limits (see ``BackpressureWriter``).
+    * ``gap_policy`` -- :class:`GapPolicy` (default ``CLOSE``).
+    * ``envelope`` -- a function ``Message -> str | bytes | dict | list`` applied
+      once per message before fan-out, e.g. :func:`cursor_envelope`; default None
+      sends the published data unchanged.
+    * ``close_batch`` / ``close_spread`` -- graceful shutdown batching (see :meth:`close`).
+
+    Raises ``ValueError`` when ``hub`` already has a group of this name.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        hub: BroadcastHub | None = None,
+        backend: Backend | None = None,
+        history: int | HistoryLimit | None = None,
+        policy: OverflowPolicy | None = None,
+        high_water: int | None = None,
+        low_water: int | None = None,
+        max_queue: int | None = None,
+        gap_policy: GapPolicy | None = None,
+        envelope: Envelope | None = None,
+        close_batch: int | None = None,
+        close_spread: float | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a group name is a non-empty string, not {name!r}")
+        if hub is not None:
+            if backend is None:
+                backend = hub.backend
+            history = hub.history if history is None else history
+            policy = hub.policy if policy is None else policy
+            high_water = hub.high_water if high_water is None else high_water
+            low_water = hub.low_water if low_water is None else low_water
+            max_queue = hub.max_queue if max_queue is None else max_queue
+            gap_policy = hub.gap_policy if gap_policy is None else gap_policy
+            envelope = hub.envelope if envelope is None else envelope
+            close_batch = hub.close_batch if close_batch is None else close_batch
+            close_spread = hub.close_spread if close_spread is None else close_spread
+        self.name = name
+        self.hub = hub
+        self.backend: Backend = backend if backend is not None else MemoryBackend()
+        self.history = _history_limit(history)
+        self.policy = OverflowPolicy.CLOSE if policy is None else OverflowPolicy(policy)
+        self.high_water = DEFAULT_HIGH_WATER if high_water is None else high_water
+        self.low_water = low_water
+        self.max_queue = max_queue
+        self.gap_policy = GapPolicy.CLOSE if gap_policy is None else GapPolicy(gap_policy)
+        self.envelope = envelope
+        self.close_batch = DEFAULT_CLOSE_BATCH if close_batch is None else close_batch
+        self.close_spread = DEFAULT_CLOSE_SPREAD if close_spread is None else close_spread
+        if self.close_batch < 1:
+            raise ValueError(f"close_batch must be >= 1, got {self.close_batch}")
+        if self.close_spread < 0:
+            raise ValueError(f"close_spread must be >= 0, got {self.close_spread}")
+
+        self._members: dict[WebSocketHandler, Membership] = {}
+        self._resuming: dict[WebSocketHandler, Membership] = {}
+        self._snapshot: (
+            tuple[tuple[WebSocketHandler, Callable[[Any], SendResult], Membership], ...] | None
+        )
+        self._snapshot = None
+        self._token = secrets.token_hex(4)
+        self._seq = itertools.count(1)
+        self._inflight: dict[str, _Tally] = {}
+        self._excludes: OrderedDict[str, frozenset[WebSocketHandler]] = OrderedDict()
+        self._stash: tuple[str | bytes | None, Encoded | None] = (None, None)
+        self._closed = False
+        self._close_code = int(CloseCode.GOING_AWAY)
+        self._close_reason = "going away"
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Backend subscription: wanted while the group has members and is open.
+        self._subscribed = False
+        self._sync_task: asyncio.Task[None] | None = None
+        self._sub_error: BaseException | None = None
+        self._sub_waiters: list[asyncio.Future[None]] = []
+        self._started = False
+        # Counters.
+        self._joined = 0
+        self._left = 0
+        self._published = 0
+        self._received = 0
+        self._delivered = 0
+        self._bytes = 0
+        self._dropped = 0
+        self._closed_members = 0
+        self._closed_slow = 0
+        self._resyncs = 0
+        self._gaps = 0
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
+        if hub is not None:
+            hub._register(self)
+
+    def __repr__(self) -> str:
+        return f"<BroadcastGroup {self.name!r} members={len(self._members)}>"
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __iter__(self) -> Iterator[WebSocketHandler]:
+        return iter(list(self._members))
+
+    def __contains__(self, handler: object) -> bool:
+        return handler in self._members
+
+    def __bool__(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def membership(self, handler: WebSocketHandler) -> Membership | None:
+        """``handler``'s :class:`Membership` of this group, or None."""
+        return self._members.get(handler)
+
+    # ------------------------------------------------------------------ membership
+
+    def join(
+        self,
+        handler: WebSocketHandler,
+        *,
+        policy: OverflowPolicy | None = None,
+        high_water: int | None = None,
+        cursor: str | Cursor | None = None,
+    ) -> Membership:
+        """Add ``handler`` to the group; it leaves automatically when its connection closes.
+
+        Call it from ``open()``. Joining again returns the existing
+        :class:`Membership` and changes nothing. ``policy`` and ``high_water``
+        override the group's for this member's writer; they apply when the
+        connection's writer is created, i.e. on its first join or send.
+
+        ``cursor`` (a client's ``"<epoch>-<offset>"`` string) resumes: the
+        messages after it are replayed from history, then live messages follow,
+        with no gap and no duplicate. When history no longer reaches back, the
+        member is told to resync as ``gap_policy`` says.
+
+        Returns the :class:`Membership`; awaiting it waits until the member is
+        live. A connection that is already closed, or a group that is closed, is
+        not joined: the returned membership is inactive (and on a closed group the
+        connection is closed with the group's close code). Raises
+        :class:`~tornado_longconn.exceptions.CursorError` for a malformed cursor
+        and ``ValueError`` for a cursor on a group without history.
+        """
+        existing = self._members.get(handler)
+        if existing is not None:
+            return existing
+        resume_from: Cursor | None = None
+        if cursor is not None:
+            if self.history is None:
+                raise ValueError(f"group {self.name!r} keeps no history: it cannot resume a cursor")
+            resume_from = parse_cursor(cursor)
+        if self._closed:
+            if not _connection_gone(handler):
+                handler.close(self._close_code, self._close_reason)
+            return Membership(self, handler, None)
+        if _connection_gone(handler):
+            return Membership(self, handler, None)
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        writer = BackpressureWriter.of(handler, **self._writer_options(policy, high_water))
+        member = Membership(self, handler, writer)
+        _members_of(handler)[self] = None
+        self._members[handler] = member
+        self._joined += 1
+        if resume_from is None:
+            member.live = True
+            self._snapshot = None
+        else:
+            limit = self.history.max_messages if self.history is not None else DEFAULT_HISTORY
+            member._buffer = deque()
+            member._buffer_limit = max(limit, _RESUME_PAGE)
+            self._resuming[handler] = member
+            member._task = self._spawn(self._resume(member, resume_from))
+        if not self._subscribed:
+            self._sync_subscription()
+        return member
+
+    def leave(self, handler: WebSocketHandler) -> bool:
+        """Remove ``handler`` from the group; True if it was a member. Never raises."""
+        return self._remove(handler, closed=False)
+
+    def _writer_options(
+        self, policy: OverflowPolicy | None, high_water: int | None
+    ) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "policy": self.policy if policy is None else policy,
+            "high_water": self.high_water if high_water is None else high_water,
+        }
+        if self.low_water is not None and high_water is None:
+            options["low_water"] = self.low_water
+        if self.max_queue is not None:
+            options["max_queue"] = self.max_queue
+        return options
+
+    def _remove(self, handler: WebSocketHandler, *, closed: bool) -> bool:
+        member = self._members.pop(handler, None)
+        if member is None:
+            return False
+        member.active = False
+        member.live = False
+        self._left += 1
+        if closed:
+            self._closed_members += 1
+            writer = member.writer
+            if writer is not None and _closed_as_slow(writer):
+                self._closed_slow += 1
+        if self._resuming.pop(handler, None) is not None:
+            member._buffer = None
+            task = member._task
+            if task is not None and not task.done() and task is not _current_task():
+                task.cancel()
+        else:
+            self._snapshot = None
+        groups = handler.__dict__.get("_longconn_groups")
+        if groups is not None:
+            groups.pop(self, None)
+        if not self._members and self._subscribed:
+            self._sync_subscription()
+        if self.hub is not None and not self._members:
+            self.hub._idle(self)
+        return True
+
+    # ------------------------------------------------------------------ subscription
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        loop = self._loop or asyncio.get_running_loop()
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _sync_subscription(self) -> None:
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = self._spawn(self._run_subscription())
+
+    async def _run_subscription(self) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                want = bool(self._members) and not self._closed
+                if want == self._subscribed:
+                    break
+                try:
+                    if want:
+                        if not self._started:
+                            await self.backend.start()
+                            self._started = True
+                        await self.backend.subscribe(self.name, self)
+                    else:
+                        await self.backend.unsubscribe(self.name, self)
+                except Exception as exc:
+                    log.error(
+                        "group %r: backend %s failed: %r",
+                        self.name,
+                        "sub" if want else "unsub",
+                        exc,
+                    )
+                    error = exc
+                    break
+                self._subscribed = want
+        finally:
+            self._sub_error = error
+            waiters, self._sub_waiters = self._sub_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _ensure_subscribed(self) -> None:
+        """Wait until the group is subscribed (when it has members)."""
+        if self._subscribed or not self._members or self._closed:
+            return
+        self._sync_subscription()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sub_waiters.append(waiter)
+        await waiter
+        if not self._subscribed and self._members and not self._closed:
+            error = self._sub_error
+            raise BackendUnavailableError(
+                f"group {self.name!r} could not subscribe to its backend"
+            ) from error
+
+    # ------------------------------------------------------------------ publishing
+
+    def _begin_publish(self, message: Any, exclude: Exclude) -> tuple[str | bytes, str, _Tally]:
+        data, encoded = _wire(message)
+        excluded = _exclude_set(exclude)
+        tag = f"{self._token}.{next(self._seq)}"
+        if excluded is not None:
+            excludes = self._excludes
+            excludes[tag] = excluded
+            if len(excludes) > _MAX_PENDING_EXCLUDES:
+                excludes.popitem(last=False)
+        tally = self._inflight[tag] = _Tally()
+        self._stash = (data, encoded)
+        self._published += 1
+        return data, tag, tally
+
+    def _end_publish(self, message: Message, tag: str, tally: _Tally) -> PublishResult:
+        self._inflight.pop(tag, None)
+        self._stash = (None, None)
+        if not tally.seen and self._members and not self._subscribed:
+            # Not subscribed yet (first member joined in this loop iteration):
+            # deliver locally; the backend will not hand this message to us.
+            self._fan_out(message, tally)
+        return PublishResult(message, tally.delivered, tally.dropped, tally.closed, tally.seen)
+
+    async def publish(self, message: Any, *, exclude: Exclude = None) -> PublishResult:
+        """Publish ``message`` to every member of the group in every process.
+
+        ``str`` is sent as a text frame, ``bytes`` as a binary frame, ``dict`` and
+        ``list`` as JSON text (encoded once). ``exclude`` is a handler or an
+        iterable of handlers of this process that must not receive it (e.g. the
+        sender). Returns a :class:`PublishResult`. Slow or closed members never
+        make this raise or wait; it raises ``TypeError`` for another message
+        type and :class:`~tornado_longconn.exceptions.BackendUnavailableError`
+        when the backend cannot publish (then nobody received the message).
+        """
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        data, tag, tally = self._begin_publish(message, exclude)
+        try:
+            if self._members and not self._subscribed:
+                await self._ensure_subscribed()
+            published = await self.backend.publish(self.name, data, history=self.history, tag=tag)
+        except BaseException:
+            self._inflight.pop(tag, None)
+            self._excludes.pop(tag, None)
+            self._stash = (None, None)
+            raise
+        return self._end_publish(published, tag, tally)
+
+    def publish_nowait(self, message: Any, *, exclude: Exclude = None) -> PublishResult:
+        """Synchronous :meth:`publish`, for backends that publish without waiting.
+
+        The in-memory backend does (it has ``publish_nowait``); with another
+        backend this raises ``TypeError``: use :meth:`publish`. Must be called on
+        the event loop's thread; from other threads use :meth:`publish_threadsafe`.
+        """
+        publish_nowait = getattr(self.backend, "publish_nowait", None)
+        if publish_nowait is None:
+            raise TypeError(
+                f"{type(self.backend).__name__} cannot publish without waiting: "
+                "use 'await group.publish(...)'"
+            )
+        data, tag, tally = self._begin_publish(message, exclude)
+        try:
+            published: Message = publish_nowait(self.name, data, history=self.history, tag=tag)
+        except BaseException:
+            self._inflight.pop(tag, None)
+            self._excludes.pop(tag, None)
+            self._stash = (None, None)
+            raise
+        return self._end_publish(published, tag, tally)
+
+    def publish_threadsafe(
+        self, message: Any, *, exclude: Exclude = None
+    ) -> concurrent.futures.Future[PublishResult]:
+        """Publish from any thread (sensor readers, blocking SDKs, executors).
+
+        ``message`` is encoded in the calling thread (so later changes to a dict
+        do not leak into the message), then :meth:`publish` runs on the group's
+        event loop via ``loop.call_soon_threadsafe``; messages published from one
+        thread keep their order. Returns a ``concurrent.futures.Future`` with the
+        :class:`PublishResult` (or the exception); ignoring it is fine. Raises
+        ``RuntimeError`` when the group has not seen its event loop yet (create
+        the group, or join or publish once, inside the running loop first).
+        """
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError(
+                f"group {self.name!r} has no event loop yet: create it inside the running loop"
+            )
+        data, _ = _wire(message)
+        return asyncio.run_coroutine_threadsafe(self.publish(data, exclude=exclude), loop)
+
+    # ------------------------------------------------------------------ delivery
+
+    def on_message(self, message: Message) -> None:
+        """Backend callback: fan ``message`` out to this process's members. Never raises."""
+        try:
+            tag = message.tag
+            tally = self._inflight.get(tag) if tag is not None else None
+            if tally is None:
+                tally = _Tally()
+            self._fan_out(message, tally)
+        except Exception:
+            log.exception("group %r: delivering a message failed", self.name)
+
+    def _encode_incoming(self, message: Message) -> Encoded:
+        if self.envelope is not None:
+            return encode_message(self.envelope(message))
+        data, encoded = self._stash
+        if encoded is not None and data is message.data:
+            return encoded
+        return _wire(message.data)[1]
+
+    def _fan_out(self, message: Message, tally: _Tally) -> None:
+        tally.seen = True
+        self._received += 1
+        if not self._members:
+            return
+        tag = message.tag
+        excluded = self._excludes.pop(tag, None) if tag is not None and self._excludes else None
+        encoded = self._encode_incoming(message)
+        if self._resuming:
+            for member in list(self._resuming.values()):
+                self._buffer_for(member, message, encoded, excluded)
+        snapshot = self._snapshot
+        if snapshot is None:
+            snapshot = self._snapshot = tuple(
+                (h, m.writer.send_nowait, m)  # type: ignore[union-attr]
+                for h, m in self._members.items()
+                if m.live
+            )
+        delivered = dropped = 0
+        gone: list[WebSocketHandler] | None = None
+        queued_members: list[Membership] | None = None
+        written, queued, dropped_ = _WRITTEN, _QUEUED, _DROPPED
+        for handler, send, member in snapshot:
+            if excluded is not None and handler in excluded:
+                continue
+            try:
+                result = send(encoded)
+            except Exception:
+                log.exception("group %r: writer of %r failed", self.name, handler)
+                result = SendResult.CLOSED
+            if result is written:
+                delivered += 1
+            elif result is queued:
+                delivered += 1
+                if queued_members is None:
+                    queued_members = []
+                queued_members.append(member)
+            elif result is dropped_:
+                dropped += 1
+                member._dropped_seen += 1
+            else:
+                if gone is None:
+                    gone = []
+                gone.append(handler)
+        if queued_members is not None:
+            # DROP_OLDEST: queuing this message may have pushed an older one out.
+            for member in queued_members:
+                dropped += member._sync_dropped()
+        closed = 0
+        if gone is not None:
+            for handler in gone:
+                if self._remove(handler, closed=True):
+                    closed += 1
+        if delivered:
+            self._delivered += delivered
+            self._bytes += delivered * len(encoded.frame)
+        self._dropped += dropped
+        tally.delivered += delivered
+        tally.dropped += dropped
+        tally.closed += closed
+
+    def _buffer_for(
+        self,
+        member: Membership,
+        message: Message,
+        encoded: Encoded,
+        excluded: frozenset[WebSocketHandler] | None,
+    ) -> None:
+        buffer = member._buffer
+        if buffer is None or member._overflowed:
+            return
+        if len(buffer) >= member._buffer_limit:
+            # Too much arrived while replaying: forget it and re-read from history.
+            buffer.clear()
+            member._overflowed = True
+            return
+        buffer.append((message, encoded, excluded))
+
+    async def _resume(self, member: Membership, cursor: Cursor) -> None:
+        handler = member.handler
+        writer = member.writer
+        assert writer is not None
+        try:
+            await self._ensure_subscribed()
+            last = cursor
+            while True:
+                result = await self.backend.since(self.name, last, limit=_RESUME_PAGE)
+                if not member.active:
+                    return
+                if result.gap:
+                    member.gap = result
+                    if not self._resync(member, result.cursor, result.reason or "gap"):
+                        return
+                    last = result.cursor
+                else:
+                    for message in result.messages:
+                        await writer.send(self._encode_incoming(message))
+                        member.replayed += 1
+                        if message.cursor is not None:
+                            last = message.cursor
+                    if _left(member):
+                        return
+                    if len(result.messages) >= _RESUME_PAGE:
+                        continue  # more history to read
+                buffer = member._buffer
+                assert buffer is not None
+                if member._overflowed:
+                    member._overflowed = False
+                    buffer.clear()
+                    continue
+                while buffer and _at_or_before(buffer[0][0].cursor, last):
+                    buffer.popleft()
+                if buffer and _after_gap(buffer[0][0].cursor, last):
+                    buffer.clear()
+                    continue  # messages missing between history and the buffer: re-read
+                break
+            # Go live: no await from here on, so nothing can slip in between.
+            for _message, encoded, excluded in buffer:
+                if excluded is not None and handler in excluded:
+                    continue
+                result_ = writer.send_nowait(encoded)
+                if result_ is SendResult.CLOSED:
+                    self._remove(handler, closed=True)
+                    return
+            member._buffer = None
+            del self._resuming[handler]
+            member.live = True
+            self._snapshot = None
+        except asyncio.CancelledError:
+            raise
+        except BackendError as exc:
+            log.error("group %r: resuming a member failed: %r", self.name, exc)
+            self._remove(handler, closed=False)
+            if not _connection_gone(handler):
+                handler.close(int(CloseCode.INTERNAL_ERROR), "backend unavailable")
+        except LongConnError:
+            self._remove(handler, closed=True)
+        except Exception:
+            log.exception("group %r: resuming a member failed", self.name)
+            self._remove(handler, closed=False)
+            if not _connection_gone(handler):
+                handler.close(int(CloseCode.INTERNAL_ERROR), "resume failed")
+
+    def _resync(self, member: Membership, head: Cursor | None, reason: str) -> bool:
+        """Tell one member to resync; True when it stays a member."""
+        self._resyncs += 1
+        if self.gap_policy is GapPolicy.NOTICE and member.writer is not None:
+            notice = Encoded(OP_TEXT, resync_notice(self.name, head, reason).encode("utf-8"))
+            if member.writer.send_nowait(notice) is not SendResult.CLOSED:
+                return True
+            self._remove(member.handler, closed=True)
+            return False
+        self._remove(member.handler, closed=False)
+        _close_member(member, int(CloseCode.RESYNC_REQUIRED), f"resync required: {reason}"[:120])
+        return False
+
+    def on_gap(self, topic: str, reason: str) -> None:
+        """Backend callback: messages may have been missed; members resync per ``gap_policy``.
+
+        Members still replaying history re-read it (history covers the gap when
+        it reaches back). Live members get the resync notice, or are closed with
+        :attr:`CloseCode.RESYNC_REQUIRED` in jittered batches. Never raises.
+        """
+        try:
+            self._gaps += 1
+            for member in self._resuming.values():
+                member._overflowed = True
+            live = [m for m in self._members.values() if m.live]
+            if not live:
+                return
+            if self.gap_policy is GapPolicy.NOTICE:
+                for member in live:
+                    self._resync(member, None, reason)
+                return
+            self._resyncs += len(live)
+            for member in live:
+                self._remove(member.handler, closed=False)
+            self._spawn(
+                _close_in_batches(
+                    live,
+                    int(CloseCode.RESYNC_REQUIRED),
+                    f"resync required: {reason}"[:120],
+                    self.close_batch,
+                    self.close_spread,
+                )
+            )
+        except Exception:
+            log.exception("group %r: handling a gap failed", self.name)
+
+    # ------------------------------------------------------------------ stats, close
+
+    def stats(self) -> BroadcastStats:
+        """A snapshot of the group's counters (:class:`BroadcastStats`).
+
+        ``max_buffered``/``peak_buffered`` walk the members' writers: cheap, but
+        O(members), so do not call it per message.
+        """
+        max_buffered = peak = 0
+        for member in self._members.values():
+            writer = member.writer
+            if writer is None:
+                continue
+            buffered = writer.buffered
+            if buffered > max_buffered:
+                max_buffered = buffered
+            writer_peak = _peak_buffered(writer)
+            if writer_peak > peak:
+                peak = writer_peak
+        return BroadcastStats(
+            groups=1,
+            members=len(self._members),
+            resuming=len(self._resuming),
+            joined=self._joined,
+            left=self._left,
+            published=self._published,
+            received=self._received,
+            delivered=self._delivered,
+            frames=self._delivered,
+            bytes=self._bytes,
+            dropped=self._dropped,
+            closed=self._closed_members,
+            closed_slow=self._closed_slow,
+            resyncs=self._resyncs,
+            gaps=self._gaps,
+            max_buffered=max_buffered,
+            peak_buffered=peak,
+        )
+
+    async def close(
+        self,
+        code: int = CloseCode.GOING_AWAY,
+        reason: str = "going away",
+        *,
+        batch_size: int | None = None,
+        spread: float | None = None,
+    ) -> None:
+        """Close every member's connection and stop the group (graceful shutdown).
+
+        Members leave at once; their connections are closed with ``code``
+        (default 1001, going away) and ``reason`` in batches of ``batch_size``
+        (default ``close_batch``), with random pauses that spread the batches over
+        about ``spread`` seconds (default ``close_spread``), so that thousands of
+        clients do not reconnect in the same instant. Pending messages are
+        flushed before each close frame. Later joins are refused (the connection
+        is closed with the same code); :meth:`publish` still reaches other
+        processes. Idempotent; returns when every close frame was sent.
+        """
+        if not self._closed:
+            self._closed = True
+            self._close_code = int(code)
+            self._close_reason = reason
+        members = list(self._members.values())
+        for member in members:
+            self._remove(member.handler, closed=False)
+        for task in list(self._tasks):
+            if task is not _current_task() and task is not self._sync_task:
+                task.cancel()
+        await _close_in_batches(
+            members,
+            int(code),
+            reason,
+            self.close_batch if batch_size is None else batch_size,
+            self.close_spread if spread is None else spread,
+        )
+        if self._subscribed:
+            self._sync_subscription()
+        sync = self._sync_task
+        if sync is not None and not sync.done():
+            await asyncio.wait((sync,))
+
+
+def _left(member: Membership) -> bool:
+    return not member.active
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
+def _at_or_before(cursor: Cursor | None, last: Cursor) -> bool:
+    return cursor is not None and cursor.epoch == last.epoch and cursor.offset <= last.offset
+
+
+def _after_gap(cursor: Cursor | None, last: Cursor) -> bool:
+    if cursor is None:
+        return False
+    return cursor.epoch != last.epoch or cursor.offset > last.offset + 1
+
+
+def _closed_as_slow(writer: BackpressureWriter) -> bool:
+    try:
+        return bool(writer.stats().closed_slow)
+    except AttributeError:
+        return False
+
+
+def _peak_buffered(writer: BackpressureWriter) -> int:
+    try:
+        return int(writer.stats().peak_buffered)
+    except AttributeError:
+        return int(writer.buffered)
+
+
+def _close_member(member: Membership, code: int, reason: str) -> None:
+    handler = member.handler
+    try:
+        writer = member.writer
+        if writer is not None:
+            writer.close(code, reason)
+        elif not _connection_gone(handler):
+            handler.close(code, reason)
+    except Exception:
+        log.exception("closing %r failed", handler)
+
+
+async def _close_in_batches(
+    members: list[Membership], code: int, reason: str, batch_size: int, spread: float
+) -> None:
+    """Close members ``batch_size`` at a time, pausing a random share of ``spread``."""
+    if not members:
+        return
+    batch_size = max(1, batch_size)
+    batches = [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    mean_pause = spread / len(batches) if spread > 0 else 0.0
+    rng = random.Random()
+    for index, batch in enumerate(batches):
+        if index and mean_pause > 0:
+            await asyncio.sleep(rng.uniform(0.0, 2.0 * mean_pause))
+        for member in batch:
+            _close_member(member, code, reason)
+
+
+class BroadcastHub:
+    """The registry of an application's groups, and the backend they share.
+
+    Create one per application, hand it to handlers through ``initialize()``
+    keyword arguments or the application setting :data:`SETTINGS_KEY`
+    (``"longconn_hub"``, read back with :meth:`BroadcastHub.of`), and close it
+    on shutdown::
+
+        hub = BroadcastHub()                       # in-memory backend
+        app = tornado.web.Application([(r"/ws", Chat, {"hub": hub})])
+        ...
+        await hub.close()                          # 1001 to every member, in batches
+
+    ``backend`` defaults to a new :class:`~tornado_longconn.backends.MemoryBackend`
+    (then :meth:`close` closes it too; a backend you pass in is yours to close).
+    The other keyword arguments are the defaults of every group the hub makes
+    (see :class:`BroadcastGroup`). ``max_idle_groups`` (default 1,000) bounds how
+    many groups without members the registry keeps: beyond it the longest-idle
+    one is forgotten (objects still referenced keep working; :meth:`group` then
+    makes a new one for that name).
+    """
+
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        *,
+        history: int | HistoryLimit | None = None,
+        policy: OverflowPolicy = OverflowPolicy.CLOSE,
+        high_water: int = DEFAULT_HIGH_WATER,
+        low_water: int | None = None,
+        max_queue: int | None = None,
+        gap_policy: GapPolicy = GapPolicy.CLOSE,
+        envelope: Envelope | None = None,
+        close_batch: int = DEFAULT_CLOSE_BATCH,
+        close_spread: float = DEFAULT_CLOSE_SPREAD,
+        max_idle_groups: int = 1000,
+    ) -> None:
+        self._owns_backend = backend is None
+        self.backend: Backend = backend if backend is not None else MemoryBackend()
+        self.history = _history_limit(history)
+        self.policy = policy
+        self.high_water = high_water
+        self.low_water = low_water
+        self.max_queue = max_queue
+        self.gap_policy = gap_policy
+        self.envelope = envelope
+        self.close_batch = close_batch
+        self.close_spread = close_spread
+        if max_idle_groups < 0:
+            raise ValueError(f"max_idle_groups must be >= 0, got {max_idle_groups}")
+        self.max_idle_groups = max_idle_groups
+        self._groups: dict[str, BroadcastGroup] = {}
+        self._idle_groups: OrderedDict[str, None] = OrderedDict()
+        self._retired = BroadcastStats()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<BroadcastHub groups={len(self._groups)} backend={self.backend!r}>"
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def __iter__(self) -> Iterator[BroadcastGroup]:
+        return iter(list(self._groups.values()))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._groups
+
+    @staticmethod
+    def of(source: tornado.web.RequestHandler | tornado.web.Application) -> BroadcastHub:
+        """The hub stored in application settings under :data:`SETTINGS_KEY`.
+
+        ``source`` is a handler or an ``Application``. Raises ``LookupError`` when
+        the setting is missing (add ``longconn_hub=BroadcastHub()`` to the
+        ``Application``'s keyword arguments).
+        """
+        app = getattr(source, "application", source)
+        hub = app.settings.get(SETTINGS_KEY)
+        if not isinstance(hub, BroadcastHub):
+            raise LookupError(
+                f"no BroadcastHub in the application settings: pass {SETTINGS_KEY}=BroadcastHub() "
+                "to tornado.web.Application"
+            )
+        return hub
+
+    def group(self, name: str, **options: Any) -> BroadcastGroup:
+        """The group called ``name``, created on first use with the hub's defaults.
+
+        ``options`` (``history``, ``policy``, ``high_water``, ``low_water``,
+        ``max_queue``, ``gap_policy``, ``envelope``, ``close_batch``,
+        ``close_spread``) override the hub's defaults when the group is created;
+        asking again for an existing group with an option that differs from it
+        raises ``ValueError``, so two handlers cannot silently disagree.
+        """
+        group = self._groups.get(name)
+        if group is None:
+            return BroadcastGroup(name, hub=self, **options)
+        for key, value in options.items():
+            current = getattr(group, key)
+            if key == "history":
+                value = _history_limit(value)
+            if value is not None and value != current:
+                raise ValueError(f"group {name!r} exists with {key}={current!r}, not {value!r}")
+        return group
+
+    def get(self, name: str) -> BroadcastGroup | None:
+        """The group called ``name`` if the hub has it, else None (never creates)."""
+        return self._groups.get(name)
+
+    def _register(self, group: BroadcastGroup) -> None:
+        if group.name in self._groups:
+            raise ValueError(f"the hub already has a group named {group.name!r}")
+        self._groups[group.name] = group
+        self._idle(group)
+
+    def _idle(self, group: BroadcastGroup) -> None:
+        """``group`` has no members now: remember it, forget the longest idle beyond the limit."""
+        if self._groups.get(group.name) is not group:
+            return
+        idle = self._idle_groups
+        idle[group.name] = None
+        idle.move_to_end(group.name)
+        while len(idle) > self.max_idle_groups:
+            name, _ = idle.popitem(last=False)
+            old = self._groups.get(name)
+            if old is None:
+                continue
+            if len(old):
+                continue  # busy again; it comes back here when it is idle
+            del self._groups[name]
+            self._retired = _add_stats(self._retired, old.stats(), members=False)
+
+    async def start(self) -> None:
+        """Start the backend (connect to Redis, ...). Optional: groups start it on first join."""
+        await self.backend.start()
+
+    def stats(self) -> BroadcastStats:
+        """Counters summed over every group (including forgotten idle ones)."""
+        total = self._retired
+        for group in self._groups.values():
+            total = _add_stats(total, group.stats(), members=True)
+        return total
+
+    async def close(
+        self,
+        code: int = CloseCode.GOING_AWAY,
+        reason: str = "going away",
+        *,
+        batch_size: int | None = None,
+        spread: float | None = None,
+    ) -> None:
+        """Close every group (see :meth:`BroadcastGroup.close`), then the backend if the hub made it.
+
+        Connections that belong to several groups are closed once; batches and
+        jitter (``batch_size``, ``spread``, defaulting to the hub's
+        ``close_batch`` / ``close_spread``) apply across the whole hub.
+        Idempotent.
+        """
+        self._closed = True
+        groups = list(self._groups.values())
+        members: dict[WebSocketHandler, Membership] = {}
+        for group in groups:
+            if not group._closed:
+                group._closed = True
+                group._close_code = int(code)
+                group._close_reason = reason
+            for handler, member in group._members.items():
+                members.setdefault(handler, member)
+        for group in groups:
+            for handler in list(group._members):
+                group._remove(handler, closed=False)
+        await _close_in_batches(
+            list(members.values()),
+            int(code),
+            reason,
+            self.close_batch if batch_size is None else batch_size,
+            self.close_spread if spread is None else spread,
+        )
+        for group in groups:
+            await group.close(code, reason, batch_size=batch_size, spread=0.0)
+        if self._owns_backend:
+            await self.backend.close()
+
+
+def _add_stats(total: BroadcastStats, more: BroadcastStats, *, members: bool) -> BroadcastStats:
+    return BroadcastStats(
+        groups=total.groups + (more.groups if members else 0),
+        members=total.members + (more.members if members else 0),
+        resuming=total.resuming + (more.resuming if members else 0),
+        joined=total.joined + more.joined,
+        left=total.left + more.left,
+        published=total.published + more.published,
+        received=total.received + more.received,
+        delivered=total.delivered + more.delivered,
+        frames=total.frames + more.frames,
+        bytes=total.bytes + more.bytes,
+        dropped=total.dropped + more.dropped,
+        closed=total.closed + more.closed,
+        closed_slow=total.closed_slow + more.closed_slow,
+        resyncs=total.resyncs + more.resyncs,
+        gaps=total.gaps + more.gaps,
+        max_buffered=max(total.max_buffered, more.max_buffered if members else 0),
+        peak_buffered=max(total.peak_buffered, more.peak_buffered if members else 0),
+    )
