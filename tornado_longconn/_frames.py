@@ -41,6 +41,7 @@ __all__ = [
     "stream_pending_bytes",
     "stream_write_indexes",
     "try_send",
+    "uses_deflate",
 ]
 
 OP_TEXT: Final = 0x1
@@ -164,9 +165,15 @@ def frame_for_connection(ws_connection: Any, encoded: Encoded) -> bytes:
     return build_frame(encoded.opcode, pmd.compress(encoded.payload), rsv1=True)
 
 
+def uses_deflate(ws_connection: Any) -> bool:
+    """True if this Tornado WebSocket connection negotiated permessage-deflate."""
+    return getattr(ws_connection, "_compressor", None) is not None
+
+
 def stream_pending_bytes(stream: IOStream) -> int:
-    """Bytes accepted by ``stream.write`` but not yet handed to the kernel."""
-    return len(stream._write_buffer)
+    """Bytes accepted by ``stream.write`` but not yet handed to the kernel (0 once closed)."""
+    buffer = stream._write_buffer
+    return 0 if buffer is None else len(buffer)
 
 
 def stream_write_indexes(stream: IOStream) -> tuple[int, int]:

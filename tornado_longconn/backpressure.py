@@ -41,13 +41,17 @@ import tornado.websocket
 from tornado.iostream import IOStream, StreamClosedError
 
 from ._frames import (
+    OP_BINARY,
+    OP_TEXT,
     Encoded,
     abort_stream,
+    build_frame,
     encode_message,
     frame_for_connection,
     stream_pending_bytes,
     stream_write_indexes,
     try_send,
+    uses_deflate,
 )
 from .codes import CloseCode
 from .exceptions import ConnectionClosedError, PeerGoneError, SlowConsumerError
@@ -131,6 +135,9 @@ class WriterStats:
     queued: int
     #: Bytes buffered right now (corked + stream buffer + queue).
     buffered: int
+    #: Writes handed to the transport: corked frames go out together, so this
+    #: is usually far below ``messages_sent``.
+    writes: int
 
 
 class FlowState(Generic[T]):
@@ -164,6 +171,7 @@ class FlowState(Generic[T]):
         "queue",
         "queued_bytes",
         "waits",
+        "writes",
     )
 
     def __init__(
@@ -200,6 +208,7 @@ class FlowState(Generic[T]):
         self.bytes_sent = 0
         self.dropped = 0
         self.waits = 0
+        self.writes = 0
         self.peak_buffered = 0
 
     @property
@@ -229,21 +238,18 @@ class FlowState(Generic[T]):
         self.corked += size
         self.messages_sent += 1
         self.bytes_sent += size
-        buffered = self.corked + self.pending + self.queued_bytes
-        if buffered > self.peak_buffered:
-            self.peak_buffered = buffered
 
     def flushed(self, pending: int) -> None:
         """The cork was handed to the transport, which now holds ``pending`` bytes."""
+        self._note_peak()
         self.corked = 0
         self.pending = pending
+        self.writes += 1
 
     def set_pending(self, pending: int) -> None:
         """The transport now holds ``pending`` bytes (it drained, or others wrote)."""
         self.pending = pending
-        buffered = self.corked + pending + self.queued_bytes
-        if buffered > self.peak_buffered:
-            self.peak_buffered = buffered
+        self._note_peak()
 
     def offer(self, item: T, size: int) -> SendResult:
         """Decide what happens to a message offered without waiting.
@@ -270,9 +276,7 @@ class FlowState(Generic[T]):
                 _, old = queue.popleft()
                 self.queued_bytes -= old
                 self.dropped += 1
-            buffered = self.corked + self.pending + self.queued_bytes
-            if buffered > self.peak_buffered:
-                self.peak_buffered = buffered
+            self._note_peak()
             return SendResult.QUEUED
         self.close(slow=True)
         return SendResult.CLOSED
@@ -294,14 +298,23 @@ class FlowState(Generic[T]):
         self.closed = True
         if slow:
             self.closed_slow = True
+        self._note_peak()
         items = [item for item, _ in self.queue]
         self.queue.clear()
         self.queued_bytes = 0
         self.corked = 0
         return items
 
+    def _note_peak(self) -> None:
+        # The cork only grows between flushes, so the peak is taken when it is
+        # flushed, when the pending count changes, and when stats are read.
+        buffered = self.corked + self.pending + self.queued_bytes
+        if buffered > self.peak_buffered:
+            self.peak_buffered = buffered
+
     def stats(self) -> WriterStats:
         """A :class:`WriterStats` snapshot."""
+        self._note_peak()
         return WriterStats(
             messages_sent=self.messages_sent,
             bytes_sent=self.bytes_sent,
@@ -311,6 +324,7 @@ class FlowState(Generic[T]):
             closed_slow=self.closed_slow,
             queued=len(self.queue),
             buffered=self.buffered,
+            writes=self.writes,
         )
 
 
@@ -425,10 +439,13 @@ class BackpressureWriter:
         self._abort_handle: asyncio.TimerHandle | None = None
         self._proto: Any = None
         self._websocket = isinstance(target, tornado.websocket.WebSocketHandler)
+        # A WebSocket without permessage-deflate: str/bytes frames are built directly.
+        self._plain = False
         stream: IOStream | None
         if self._websocket:
             self._proto = self._target.ws_connection
             stream = getattr(self._proto, "stream", None)
+            self._plain = stream is not None and not uses_deflate(self._proto)
         else:
             stream = getattr(target.request.connection, "stream", None)
         if stream is None:
@@ -513,8 +530,15 @@ class BackpressureWriter:
         :meth:`close`. A message is not guaranteed to arrive once this returns:
         the peer may vanish while it is buffered.
         """
-        encoded = encode_message(message)
         state = self._state
+        frame: bytes | None = None
+        encoded: Encoded | None = None
+        if self._plain and isinstance(message, str):
+            frame = build_frame(OP_TEXT, message.encode("utf-8"))
+        elif self._plain and isinstance(message, bytes):
+            frame = build_frame(OP_BINARY, message)
+        else:
+            encoded = encode_message(message)
         stream = self._stream
         if state.closed or stream is None or stream.closed():
             self._raise_closed()
@@ -524,7 +548,17 @@ class BackpressureWriter:
             or state.corked + state.pending + state.queued_bytes > state.high_water
         ):
             await self._wait_turn()
-        self._commit(encoded)
+        if frame is None:
+            assert encoded is not None
+            frame = self._frame(encoded)
+        # Commit (inlined _commit_frame: this is the hot path).
+        self._cork.append(frame)
+        state.commit(len(frame))
+        if state.corked >= _CORK_LIMIT or state.corked + state.pending > state.high_water:
+            self._flush()
+        elif not self._dirty:
+            self._dirty = True
+            self._flusher.mark(self)
         if self._waiters and not state.must_wait():
             self._wake_next()
 
@@ -627,8 +661,16 @@ class BackpressureWriter:
             raise ConnectionClosedError("the writer was closed by this side")
         raise PeerGoneError("the peer is gone") from self._gone
 
+    def _frame(self, encoded: Encoded) -> bytes:
+        """The bytes to write for ``encoded`` (compressing now, in wire order, if negotiated)."""
+        if self._websocket:
+            return frame_for_connection(self._proto, encoded)
+        return encoded.payload
+
     def _commit(self, encoded: Encoded) -> None:
-        frame = frame_for_connection(self._proto, encoded) if self._websocket else encoded.payload
+        self._commit_frame(self._frame(encoded))
+
+    def _commit_frame(self, frame: bytes) -> None:
         self._cork.append(frame)
         state = self._state
         state.commit(len(frame))

@@ -1,0 +1,461 @@
+"""BackpressureWriter over real sockets: delivery, water marks, policies, peer loss.
+
+Every test runs a real Tornado server on 127.0.0.1 (``AppServer``) and drives
+the writer of the accepted connection directly from the test. Clients are the
+``websockets`` library (an independent implementation, for exact delivery) and
+``WebSocketTestClient`` (for a reader that stops reading or vanishes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import tornado.web
+import tornado.websocket
+import websockets
+from tornado.iostream import StreamClosedError
+
+from tornado_longconn._frames import encode_message
+from tornado_longconn.backpressure import (
+    BackpressureWriter,
+    OverflowPolicy,
+    SendResult,
+)
+from tornado_longconn.codes import CloseCode
+from tornado_longconn.exceptions import ConnectionClosedError, PeerGoneError, SlowConsumerError
+from tornado_longconn.testing import AppServer, ClientClosedError, WebSocketTestClient, scaled
+
+KIB = 1024
+
+
+@dataclass
+class Ctx:
+    """What the server side hands to the test: each opened connection's writer."""
+
+    writer_kwargs: dict[str, Any] = field(default_factory=dict)
+    compression: dict[str, Any] | None = None
+    writers: asyncio.Queue[BackpressureWriter] = field(default_factory=asyncio.Queue)
+    closed: asyncio.Queue[tuple[int | None, str | None]] = field(default_factory=asyncio.Queue)
+
+    async def writer(self) -> BackpressureWriter:
+        return await asyncio.wait_for(self.writers.get(), scaled(10))
+
+
+class WriterHandler(tornado.websocket.WebSocketHandler):
+    def initialize(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+
+    def get_compression_options(self) -> dict[str, Any] | None:
+        return self.ctx.compression
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        self.ctx.writers.put_nowait(BackpressureWriter(self, **self.ctx.writer_kwargs))
+
+    def on_close(self) -> None:
+        self.ctx.closed.put_nowait((self.close_code, self.close_reason))
+
+
+@pytest.fixture
+def ctx() -> Ctx:
+    return Ctx()
+
+
+@pytest.fixture
+async def server(ctx: Ctx) -> AsyncIterator[AppServer]:
+    app = tornado.web.Application([("/ws", WriterHandler, {"ctx": ctx})])
+    async with AppServer(app) as srv:
+        yield srv
+
+
+def msg(i: int, size: int = KIB) -> str:
+    """A text message of ``size`` bytes that carries its index."""
+    head = f"{i:08d}:"
+    return head + "x" * (size - len(head))
+
+
+async def fill_until(writer: BackpressureWriter, *, limit: int = 50_000) -> list[str]:
+    """Await ``send`` until the buffer is above high water (so the next send waits)."""
+    sent: list[str] = []
+    while writer.buffered <= writer.high_water:
+        m = msg(len(sent))
+        await writer.send(m)
+        sent.append(m)
+        assert len(sent) < limit, "the buffer never filled"
+    return sent
+
+
+async def stopped_client(server: AppServer, **kwargs: Any) -> WebSocketTestClient:
+    client = await WebSocketTestClient.connect(server.ws_url("/ws"), rcvbuf=4 * KIB, **kwargs)
+    client.stop_reading()
+    return client
+
+
+async def still_pending(task: asyncio.Future[Any]) -> bool:
+    """True if ``task`` is still not done after a short, scaled interval."""
+    done, _ = await asyncio.wait({task}, timeout=scaled(0.2))
+    return not done
+
+
+# -- delivery -------------------------------------------------------------------
+
+
+async def test_exact_delivery_to_websockets_client(server: AppServer, ctx: Ctx) -> None:
+    messages: list[Any] = []
+    for i in range(3000):
+        kind = i % 4
+        if kind == 0:
+            messages.append(msg(i, 10 + i % 3000))
+        elif kind == 1:
+            messages.append(os.urandom(i % 70_000))
+        elif kind == 2:
+            messages.append({"i": i, "text": "héllo ✓"})
+        else:
+            messages.append([i, None, "x" * (i % 200)])
+    async with websockets.connect(server.ws_url("/ws"), max_size=None, compression=None) as ws:
+        writer = await ctx.writer()
+
+        async def produce() -> None:
+            for i, m in enumerate(messages):
+                if i % 3 == 0:
+                    assert writer.send_nowait(m) is SendResult.WRITTEN
+                else:
+                    await writer.send(m)
+
+        producer = asyncio.ensure_future(produce())
+        received = [await asyncio.wait_for(ws.recv(), scaled(10)) for _ in messages]
+        await producer
+    for sent, got in zip(messages, received, strict=True):
+        if isinstance(sent, (dict, list)):
+            assert json.loads(got) == sent
+        else:
+            assert got == sent
+    stats = writer.stats()
+    assert stats.messages_sent == len(messages)
+    assert stats.dropped == 0
+
+
+async def test_encoded_message_is_sent_as_is(server: AppServer, ctx: Ctx) -> None:
+    async with websockets.connect(server.ws_url("/ws"), compression=None) as ws:
+        writer = await ctx.writer()
+        await writer.send(encode_message({"a": 1}))
+        await writer.send(encode_message(b"\x00\x01"))
+        assert json.loads(await asyncio.wait_for(ws.recv(), scaled(5))) == {"a": 1}
+        assert await asyncio.wait_for(ws.recv(), scaled(5)) == b"\x00\x01"
+
+
+async def test_send_nowait_in_one_iteration_is_one_write(server: AppServer, ctx: Ctx) -> None:
+    async with websockets.connect(server.ws_url("/ws"), compression=None) as ws:
+        writer = await ctx.writer()
+        before = writer.stats().writes
+        for i in range(100):
+            assert writer.send_nowait(msg(i, 100)) is SendResult.WRITTEN
+        received = [await asyncio.wait_for(ws.recv(), scaled(5)) for _ in range(100)]
+        assert received == [msg(i, 100) for i in range(100)]
+        assert writer.stats().writes == before + 1
+
+
+async def test_broadcast_to_many_members_costs_one_write_each(server: AppServer, ctx: Ctx) -> None:
+    from tornado_longconn.testing import connect_many
+
+    members = 200
+    clients = await connect_many(server.ws_url("/ws"), members)
+    try:
+        writers = [await ctx.writer() for _ in range(members)]
+        messages = [encode_message(msg(i, 200)) for i in range(100)]
+        for m in messages:
+            for w in writers:
+                w.send_nowait(m)
+        for client in clients:
+            got = await client.recv_many(100, timeout=scaled(10))
+            assert got == [msg(i, 200) for i in range(100)]
+        assert all(w.stats().writes == 1 for w in writers)
+    finally:
+        for client in clients:
+            client.vanish()
+
+
+# -- water marks and the drain wake-up ----------------------------------------------
+
+
+async def test_send_waits_above_high_water_until_reader_resumes(
+    server: AppServer, ctx: Ctx
+) -> None:
+    ctx.writer_kwargs = {"high_water": 64 * KIB}
+    client = await stopped_client(server)
+    try:
+        writer = await ctx.writer()
+        sent = await fill_until(writer)
+        assert writer.stats().waits == 0
+        blocked = asyncio.ensure_future(writer.send(msg(len(sent))))
+        sent.append(msg(len(sent)))
+        assert await still_pending(blocked)
+        assert writer.stats().waits == 1
+        client.resume_reading()
+        await asyncio.wait_for(blocked, scaled(10))
+        assert writer.buffered <= writer.high_water + KIB + 10
+        received = await client.recv_many(len(sent), timeout=scaled(10))
+        assert received == sent
+        stats = writer.stats()
+        # An awaited send never leaves more than high water + one frame buffered.
+        assert stats.peak_buffered <= writer.high_water + KIB + 10
+    finally:
+        client.vanish()
+
+
+async def test_drained_waits_for_low_water(server: AppServer, ctx: Ctx) -> None:
+    ctx.writer_kwargs = {"high_water": 64 * KIB, "low_water": 8 * KIB}
+    client = await stopped_client(server)
+    try:
+        writer = await ctx.writer()
+        sent = await fill_until(writer)
+        drained = asyncio.ensure_future(writer.drained())
+        assert await still_pending(drained)
+        client.resume_reading()
+        await asyncio.wait_for(drained, scaled(10))
+        assert writer.buffered <= writer.low_water
+        assert await client.recv_many(len(sent), timeout=scaled(10)) == sent
+    finally:
+        client.vanish()
+
+
+async def test_concurrent_senders_keep_the_bound(server: AppServer, ctx: Ctx) -> None:
+    ctx.writer_kwargs = {"high_water": 32 * KIB}
+    client = await stopped_client(server)
+    try:
+        writer = await ctx.writer()
+        await fill_until(writer)
+        peaks: list[int] = []
+
+        async def sender(k: int) -> None:
+            for j in range(20):
+                await writer.send(msg(k * 1000 + j))
+                peaks.append(writer.buffered)
+
+        tasks = [asyncio.ensure_future(sender(k)) for k in range(5)]
+        assert await still_pending(asyncio.gather(*tasks))
+        client.resume_reading()
+        await asyncio.wait_for(asyncio.gather(*tasks), scaled(10))
+        assert len(peaks) == 100
+        assert max(peaks) <= writer.high_water + KIB + 10
+    finally:
+        client.vanish()
+
+
+# -- overflow policies --------------------------------------------------------------
+
+
+async def fill_nowait(writer: BackpressureWriter, *, limit: int = 50_000) -> list[str]:
+    """send_nowait until a message is not WRITTEN; return the written ones."""
+    written: list[str] = []
+    while True:
+        m = msg(len(written))
+        result = writer.send_nowait(m)
+        if result is not SendResult.WRITTEN:
+            return written
+        written.append(m)
+        assert len(written) < limit, "the buffer never filled"
+
+
+async def test_drop_newest(server: AppServer, ctx: Ctx) -> None:
+    ctx.writer_kwargs = {"high_water": 64 * KIB, "policy": OverflowPolicy.DROP_NEWEST}
+    client = await stopped_client(server)
+    try:
+        writer = await ctx.writer()
+        written = await fill_nowait(writer)  # the first non-WRITTEN was DROPPED
+        results = [writer.send_nowait(f"late {i}") for i in range(50)]
+        assert results == [SendResult.DROPPED] * 50
+        assert writer.stats().dropped == 51
+        client.resume_reading()
+        await asyncio.wait_for(writer.send("end"), scaled(10))
+        received = await client.recv_many(len(written) + 1, timeout=scaled(10))
+        assert received == [*written, "end"]
+    finally:
+        client.vanish()
+
+
+async def test_drop_oldest_keeps_the_newest_in_order(server: AppServer, ctx: Ctx) -> None:
+    ctx.writer_kwargs = {
+        "high_water": 64 * KIB,
+        "policy": OverflowPolicy.DROP_OLDEST,
+        "max_queue": 10,
+    }
+    client = await stopped_client(server)
+    try:
+        writer = await ctx.writer()
+        written = await fill_nowait(writer)  # the first non-WRITTEN was QUEUED
+        late = [f"late {i}" for i in range(30)]
+        assert [writer.send_nowait(m) for m in late] == [SendResult.QUEUED] * 30
+        stats = writer.stats()
+        assert stats.queued == 10
+        assert stats.dropped == 31 - 10
+        client.resume_reading()
+        await asyncio.wait_for(writer.send("end"), scaled(10))
+        received = await client.recv_many(len(written) + 11, timeout=scaled(10))
+        assert received == [*written, *late[-10:], "end"]
+        assert writer.stats().queued == 0
+    finally:
+        client.vanish()
+
+
+async def test_close_policy_aborts_a_stuck_reader(server: AppServer, ctx: Ctx) -> None:
+    ctx.writer_kwargs = {"high_water": 64 * KIB}
+    client = await stopped_client(server)
+    try:
+        writer = await ctx.writer()
+        writer.close_grace = scaled(0.2)
+        await fill_until(writer)
+        blocked = asyncio.ensure_future(writer.send("waiting"))
+        assert await still_pending(blocked)
+        assert writer.send_nowait("one too many") is SendResult.CLOSED
+        with pytest.raises(SlowConsumerError):
+            await asyncio.wait_for(blocked, scaled(5))
+        assert writer.closed
+        stats = writer.stats()
+        assert stats.closed_slow
+        assert writer.send_nowait("after") is SendResult.CLOSED
+        with pytest.raises(SlowConsumerError):
+            await writer.send("after")
+        # The peer never reads, so the close frame cannot arrive: the server resets
+        # the connection after the grace period and on_close runs.
+        await asyncio.wait_for(ctx.closed.get(), scaled(5))
+        # A paused reader notices nothing until it reads again: then the reset.
+        client.resume_reading()
+        await client.wait_closed(scaled(5))
+        assert client.close_code is None  # no close frame ever arrived
+    finally:
+        client.vanish()
+
+
+async def test_close_policy_sends_slow_consumer_close_code(server: AppServer, ctx: Ctx) -> None:
+    ctx.writer_kwargs = {"high_water": 64 * KIB, "close_reason": "too slow"}
+    client = await stopped_client(server)
+    try:
+        writer = await ctx.writer()
+        writer.close_grace = scaled(10)
+        written = await fill_nowait(writer)
+        assert writer.closed and writer.stats().closed_slow
+        client.resume_reading()
+        received = await client.recv_many(len(written), timeout=scaled(10))
+        assert received == written
+        with pytest.raises(ClientClosedError) as info:
+            await client.recv(timeout=scaled(10))
+        assert info.value.code == CloseCode.SLOW_CONSUMER == 4000
+        assert info.value.reason == "too slow"
+    finally:
+        client.vanish()
+
+
+# -- peer gone, closing ------------------------------------------------------------
+
+
+async def test_peer_vanishes_mid_send(
+    server: AppServer, ctx: Ctx, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx.writer_kwargs = {"high_water": 64 * KIB}
+    caplog.set_level(logging.DEBUG)
+    client = await stopped_client(server)
+    writer = await ctx.writer()
+    await fill_until(writer)
+    blocked = asyncio.ensure_future(writer.send("waiting"))
+    assert await still_pending(blocked)
+    client.vanish()
+    with pytest.raises(PeerGoneError) as info:
+        await asyncio.wait_for(blocked, scaled(5))
+    assert not isinstance(info.value, SlowConsumerError)
+    assert isinstance(info.value.__cause__, (StreamClosedError, OSError))
+    await asyncio.wait_for(ctx.closed.get(), scaled(5))
+    assert writer.closed
+    assert writer.send_nowait("late") is SendResult.CLOSED
+    with pytest.raises(PeerGoneError):
+        await writer.send("late")
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert noisy == []
+
+
+async def test_send_nowait_to_vanished_peer_never_raises(
+    server: AppServer, ctx: Ctx, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+    writer = await ctx.writer()
+    client.vanish()
+    await asyncio.wait_for(ctx.closed.get(), scaled(5))
+    results = {writer.send_nowait(msg(i)) for i in range(1000)}
+    assert results == {SendResult.CLOSED}
+    assert writer.closed
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_vanish_detected_by_direct_write(server: AppServer, ctx: Ctx) -> None:
+    """A reset seen first by the writer's own socket write closes the stream."""
+    client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+    writer = await ctx.writer()
+    client.vanish()
+    with pytest.raises(PeerGoneError):
+        for i in range(100_000):
+            await writer.send(msg(i))
+            if i % 64 == 0:
+                await asyncio.sleep(0)  # let the reset arrive between bursts
+    await asyncio.wait_for(ctx.closed.get(), scaled(5))
+
+
+async def test_close_from_this_side(server: AppServer, ctx: Ctx) -> None:
+    async with websockets.connect(server.ws_url("/ws"), compression=None) as ws:
+        writer = await ctx.writer()
+        writer.send_nowait("last words")
+        writer.close(1000, "bye")
+        assert writer.closed
+        assert writer.send_nowait("after") is SendResult.CLOSED
+        with pytest.raises(ConnectionClosedError):
+            await writer.send("after")
+        assert await asyncio.wait_for(ws.recv(), scaled(5)) == "last words"
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await asyncio.wait_for(ws.recv(), scaled(5))
+        assert ws.close_code == 1000
+        assert ws.close_reason == "bye"
+        writer.close()  # closing twice does nothing
+
+
+# -- API contract -----------------------------------------------------------------------
+
+
+async def test_type_and_value_errors(server: AppServer, ctx: Ctx) -> None:
+    async with websockets.connect(server.ws_url("/ws"), compression=None):
+        writer = await ctx.writer()
+        for bad in (None, 3, 1.5, object(), {1, 2}):
+            with pytest.raises(TypeError):
+                await writer.send(bad)  # type: ignore[arg-type]
+            with pytest.raises(TypeError):
+                writer.send_nowait(bad)  # type: ignore[arg-type]
+        handler = writer._target
+        for kwargs in (
+            {"high_water": 0},
+            {"high_water": -1},
+            {"high_water": 100, "low_water": 0},
+            {"high_water": 100, "low_water": 101},
+            {"max_queue": 0},
+        ):
+            with pytest.raises(ValueError):  # noqa: PT011
+                BackpressureWriter(handler, **kwargs)
+        with pytest.raises(RuntimeError):
+            BackpressureWriter(handler)
+        with pytest.raises(TypeError):
+            BackpressureWriter(object())  # type: ignore[arg-type]
+
+
+async def test_of_returns_the_same_writer(server: AppServer, ctx: Ctx) -> None:
+    async with websockets.connect(server.ws_url("/ws"), compression=None):
+        writer = await ctx.writer()
+        handler = writer._target
+        assert BackpressureWriter.of(handler) is writer
+        assert BackpressureWriter.of(handler, high_water=5) is writer
+        assert writer.high_water == 1 << 20
+        assert writer.low_water == (1 << 20) // 4
+        assert writer.policy is OverflowPolicy.CLOSE
