@@ -48,6 +48,7 @@ TUS_VERSION = "1.0.0"
 
 _EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
 _OFFSET_TYPE = "application/offset+octet-stream"
+_BODY_SLACK = 256 * 1024
 _INT_RE = re.compile(r"[0-9]{1,19}")
 #: Response headers a browser tus client must be able to read (CORS expose list).
 TUS_EXPOSE_HEADERS = (
@@ -251,7 +252,9 @@ class TusUploadHandler(tornado.web.RequestHandler):
             self._sink.acquire()
             self._holding = True
         # Tornado's default body limit is 100 MB; the upload's own limit applies instead.
-        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
+        # The slack lets a chunked body that overshoots reach data_received, which
+        # answers 413 (Tornado itself would answer a bare 400).
+        self.request.connection.set_max_body_size(limit + _BODY_SLACK)  # type: ignore[union-attr]
         if checksum is not None:
             await self._sink.begin_segment(*checksum)
 

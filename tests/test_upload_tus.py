@@ -1,0 +1,564 @@
+"""The tus 1.0.0 handler, driven by httpx, raw sockets and the real tuspy client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import tornado.web
+from tusclient import client as tus_client
+from tusclient.exceptions import TusCommunicationError
+
+from tornado_longconn.testing import AppServer, scaled
+from tornado_longconn.upload import ChunkedUploadSink, UploadStore, is_upload_id
+from tornado_longconn.upload_tus import TusUploadHandler
+
+ROOT = Path(__file__).resolve().parent.parent
+TUS = {"Tus-Resumable": "1.0.0"}
+OCTETS = {**TUS, "Content-Type": "application/offset+octet-stream"}
+
+
+def read(path: str | Path) -> bytes:
+    return Path(path).read_bytes()
+
+
+def exists(path: str | Path) -> bool:
+    return os.path.exists(path)
+
+
+def listdir(path: str | Path) -> list[str]:
+    return os.listdir(path)
+
+
+def size_of(path: str | Path) -> int:
+    return os.path.getsize(path)
+
+
+class Probe(TusUploadHandler):
+    """The real handler plus events a test can wait on."""
+
+    events: dict[str, asyncio.Event]
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self._holding:
+            self.events["writing"].set()
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        self.events["closed"].set()
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    store: UploadStore, handler: type[TusUploadHandler] = Probe, **kwargs: Any
+) -> AsyncIterator[tuple[AppServer, dict[str, asyncio.Event]]]:
+    events = {"writing": asyncio.Event(), "closed": asyncio.Event()}
+    cls = type("H", (handler,), {"events": events})
+    app = tornado.web.Application(cls.routes("/files", store=store, **kwargs))
+    async with AppServer(app) as server:
+        yield server, events
+    await store.drain_tasks()
+    store.close()
+
+
+async def create(http: httpx.AsyncClient, server: AppServer, size: int, **headers: str) -> str:
+    resp = await http.post(
+        server.url("/files/"), headers={**TUS, "Upload-Length": str(size), **headers}
+    )
+    assert resp.status_code == 201, resp.text
+    location = resp.headers["Location"]
+    assert location.startswith(server.url("/files/"))
+    return location
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> UploadStore:
+    return UploadStore(tmp_path / "uploads", max_size=1 << 24, chunk_size=64 * 1024)
+
+
+async def test_options_advertises_the_extensions(store: UploadStore) -> None:
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        resp = await http.options(server.url("/files/"))
+    assert resp.status_code == 204
+    assert resp.headers["Tus-Version"] == "1.0.0"
+    assert resp.headers["Tus-Max-Size"] == str(1 << 24)
+    assert set(resp.headers["Tus-Extension"].split(",")) == {
+        "creation",
+        "creation-with-upload",
+        "termination",
+        "checksum",
+        "expiration",
+    }
+    assert "sha1" in resp.headers["Tus-Checksum-Algorithm"].split(",")
+
+
+async def test_create_head_patch_complete(store: UploadStore) -> None:
+    data = os.urandom(200_000)
+    done: list[ChunkedUploadSink] = []
+    async with serve(store, on_complete=done.append) as (server, _), httpx.AsyncClient() as http:
+        meta = "filename " + base64.b64encode(b"../../etc/passwd").decode()
+        url = await create(http, server, len(data), **{"Upload-Metadata": meta})
+        upload_id = url.rsplit("/", 1)[1]
+        assert is_upload_id(upload_id)
+        head = await http.head(url, headers=TUS)
+        assert head.status_code == 200
+        assert head.headers["Upload-Offset"] == "0"
+        assert head.headers["Upload-Length"] == str(len(data))
+        assert head.headers["Cache-Control"] == "no-store"
+        assert "Upload-Expires" in head.headers
+        assert base64.b64decode(head.headers["Upload-Metadata"].split(" ")[1]) == b"passwd"
+        first = await http.patch(
+            url, headers={**OCTETS, "Upload-Offset": "0"}, content=data[:70_000]
+        )
+        assert first.status_code == 204
+        assert first.headers["Upload-Offset"] == "70000"
+        assert "Upload-Expires" in first.headers
+        last = await http.patch(
+            url, headers={**OCTETS, "Upload-Offset": "70000"}, content=data[70_000:]
+        )
+        assert last.status_code == 204 and last.headers["Upload-Offset"] == str(len(data))
+        head = await http.head(url, headers=TUS)
+        assert head.headers["Upload-Offset"] == str(len(data))
+    assert read(store.final_path(upload_id)) == data
+    assert [s.id for s in done] == [upload_id]
+    assert done[0].sha256 == hashlib.sha256(data).hexdigest()
+
+
+async def test_creation_with_upload(store: UploadStore) -> None:
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        resp = await http.post(
+            server.url("/files"),
+            headers={**OCTETS, "Upload-Length": "10"},
+            content=b"01234",
+        )
+        assert resp.status_code == 201 and resp.headers["Upload-Offset"] == "5"
+        url = resp.headers["Location"]
+        resp = await http.patch(url, headers={**OCTETS, "Upload-Offset": "5"}, content=b"56789")
+        assert resp.status_code == 204
+    assert read(store.final_path(url.rsplit("/", 1)[1])) == b"0123456789"
+
+
+async def test_zero_length_upload_completes_on_creation(store: UploadStore) -> None:
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        url = await create(http, server, 0)
+    assert read(store.final_path(url.rsplit("/", 1)[1])) == b""
+
+
+async def test_offset_mismatch_is_409(store: UploadStore) -> None:
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        url = await create(http, server, 10)
+        resp = await http.patch(url, headers={**OCTETS, "Upload-Offset": "3"}, content=b"abc")
+        assert resp.status_code == 409
+        assert resp.headers["Upload-Offset"] == "0"
+        assert (await http.head(url, headers=TUS)).headers["Upload-Offset"] == "0"
+
+
+async def test_checksum_mismatch_is_460_and_discards_the_chunk(store: UploadStore) -> None:
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        url = await create(http, server, 10)
+        good = await http.patch(
+            url,
+            headers={
+                **OCTETS,
+                "Upload-Offset": "0",
+                "Upload-Checksum": "sha1 "
+                + base64.b64encode(hashlib.sha1(b"abcde").digest()).decode(),
+            },
+            content=b"abcde",
+        )
+        assert good.status_code == 204 and good.headers["Upload-Offset"] == "5"
+        bad = await http.patch(
+            url,
+            headers={
+                **OCTETS,
+                "Upload-Offset": "5",
+                "Upload-Checksum": "sha256 "
+                + base64.b64encode(hashlib.sha256(b"fghij").digest()).decode(),
+            },
+            content=b"fghiX",
+        )
+        assert bad.status_code == 460
+        upload_id = url.rsplit("/", 1)[1]
+        assert (await http.head(url, headers=TUS)).headers["Upload-Offset"] == "5"
+        assert read(store.partial_path(upload_id)) == b"abcde"
+        unsupported = await http.patch(
+            url,
+            headers={**OCTETS, "Upload-Offset": "5", "Upload-Checksum": "crc32 AAAA"},
+            content=b"fghij",
+        )
+        assert unsupported.status_code == 400
+        ok = await http.patch(url, headers={**OCTETS, "Upload-Offset": "5"}, content=b"fghij")
+        assert ok.status_code == 204
+    assert read(store.final_path(upload_id)) == b"abcdefghij"
+
+
+async def test_version_and_header_errors(store: UploadStore) -> None:
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        resp = await http.post(server.url("/files/"), headers={"Upload-Length": "5"})
+        assert resp.status_code == 412 and resp.headers["Tus-Version"] == "1.0.0"
+        resp = await http.post(
+            server.url("/files/"), headers={"Tus-Resumable": "0.2.2", "Upload-Length": "5"}
+        )
+        assert resp.status_code == 412
+        for garbage in ["abc", "-1", "1e3", "", "99999999999999999999999"]:
+            resp = await http.post(server.url("/files/"), headers={**TUS, "Upload-Length": garbage})
+            assert resp.status_code == 400, garbage
+        resp = await http.post(server.url("/files/"), headers=TUS)
+        assert resp.status_code == 400
+        resp = await http.post(
+            server.url("/files/"), headers={**TUS, "Upload-Length": "5", "Upload-Metadata": "x !!"}
+        )
+        assert resp.status_code == 400
+        resp = await http.post(server.url("/files/"), headers={**TUS, "Upload-Defer-Length": "1"})
+        assert resp.status_code == 400
+        url = await create(http, server, 5)
+        for offset in ["x", "-1", ""]:
+            resp = await http.patch(url, headers={**OCTETS, "Upload-Offset": offset}, content=b"a")
+            assert resp.status_code == 400, offset
+        resp = await http.patch(
+            url, headers={**TUS, "Upload-Offset": "0", "Content-Type": "text/plain"}, content=b"a"
+        )
+        assert resp.status_code == 415
+        resp = await http.patch(url, headers={**OCTETS, "Upload-Checksum": "sha1"}, content=b"a")
+        assert resp.status_code == 400
+        # Ids the store did not make are unknown, whatever they contain.
+        for bad_id in ["..%2F..%2Fetc%2Fpasswd", "0" * 31, "A" * 32, "%00"]:
+            resp = await http.head(server.url("/files/" + bad_id), headers=TUS)
+            assert resp.status_code == 404, bad_id
+        resp = await http.head(server.url("/files/" + "0" * 32), headers=TUS)
+        assert resp.status_code == 404
+
+
+async def test_too_large_is_413(store: UploadStore) -> None:
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        resp = await http.post(
+            server.url("/files/"), headers={**TUS, "Upload-Length": str(1 << 30)}
+        )
+        assert resp.status_code == 413
+        url = await create(http, server, 10)
+        resp = await http.patch(url, headers={**OCTETS, "Upload-Offset": "0"}, content=b"x" * 11)
+        assert resp.status_code == 413
+        assert (await http.head(url, headers=TUS)).headers["Upload-Offset"] == "0"
+
+        # Past the size without a Content-Length (chunked body): cut off at the limit.
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(4):
+                yield b"y" * 4
+
+        resp = await http.patch(url, headers={**OCTETS, "Upload-Offset": "0"}, content=body())
+        assert resp.status_code == 413
+
+
+async def test_termination(store: UploadStore) -> None:
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        url = await create(http, server, 10)
+        await http.patch(url, headers={**OCTETS, "Upload-Offset": "0"}, content=b"abc")
+        resp = await http.delete(url, headers=TUS)
+        assert resp.status_code == 204
+        assert (await http.head(url, headers=TUS)).status_code == 404
+        assert (await http.delete(url, headers=TUS)).status_code == 404
+    assert listdir(store.root) == []
+
+
+async def test_expired_uploads_are_gone(tmp_path: Path) -> None:
+    store = UploadStore(tmp_path, expire_after=scaled(0.05))
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        url = await create(http, server, 10)
+        upload_id = url.rsplit("/", 1)[1]
+        await asyncio.sleep(scaled(0.1))  # let the expiry deadline pass (the subject here)
+        assert await store.sweep() == 1
+        assert not exists(store.partial_path(upload_id))
+        assert (await http.head(url, headers=TUS)).status_code == 404
+        url = await create(http, server, 10)
+        await asyncio.sleep(scaled(0.1))
+        assert (await http.head(url, headers=TUS)).status_code == 410
+
+
+async def test_cors_headers_for_browser_clients(store: UploadStore) -> None:
+    origin = "https://app.example"
+    async with (
+        serve(store, cors_origins=[origin]) as (server, _),
+        httpx.AsyncClient() as http,
+    ):
+        pre = await http.options(
+            server.url("/files/"),
+            headers={"Origin": origin, "Access-Control-Request-Method": "POST"},
+        )
+        assert pre.status_code == 204
+        assert pre.headers["Access-Control-Allow-Origin"] == origin
+        assert "PATCH" in pre.headers["Access-Control-Allow-Methods"]
+        assert "Upload-Offset" in pre.headers["Access-Control-Allow-Headers"]
+        resp = await http.post(
+            server.url("/files/"), headers={**TUS, "Upload-Length": "3", "Origin": origin}
+        )
+        exposed = {h.strip() for h in resp.headers["Access-Control-Expose-Headers"].split(",")}
+        assert {"Location", "Upload-Offset", "Upload-Length", "Tus-Resumable"} <= exposed
+        other = await http.post(
+            server.url("/files/"), headers={**TUS, "Upload-Length": "3", "Origin": "https://evil"}
+        )
+        assert "Access-Control-Allow-Origin" not in other.headers
+
+
+async def raw_patch(server: AppServer, path: str, offset: int, length: int) -> socket.socket:
+    """Open a PATCH with ``length`` body bytes announced; the caller sends the body."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    head = (
+        f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+        f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+    await asyncio.get_running_loop().sock_sendall(sock, head)
+    return sock
+
+
+async def test_two_concurrent_patches_exactly_one_proceeds(store: UploadStore) -> None:
+    async with serve(store) as (server, events), httpx.AsyncClient() as http:
+        url = await create(http, server, 100)
+        path = "/files/" + url.rsplit("/", 1)[1]
+        sock = await raw_patch(server, path, 0, 100)
+        try:
+            await asyncio.wait_for(events["writing"].wait(), scaled(5))
+            second = await http.patch(
+                url, headers={**OCTETS, "Upload-Offset": "0"}, content=b"b" * 100
+            )
+            assert second.status_code == 423
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(sock, b"a" * 100)
+            reply = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(5))
+            assert reply.startswith(b"HTTP/1.1 204")
+        finally:
+            sock.close()
+    assert read(store.final_path(path.rsplit("/", 1)[1])) == b"a" * 100
+
+
+async def test_disconnect_mid_patch_keeps_the_partial(store: UploadStore) -> None:
+    data = os.urandom(500_000)
+    async with serve(store) as (server, events), httpx.AsyncClient() as http:
+        url = await create(http, server, len(data))
+        upload_id = url.rsplit("/", 1)[1]
+        sock = await raw_patch(server, "/files/" + upload_id, 0, len(data))
+        await asyncio.get_running_loop().sock_sendall(sock, data[:300_000])
+        sock.close()
+        await asyncio.wait_for(events["closed"].wait(), scaled(5))
+        await store.drain_tasks()
+        head = await http.head(url, headers=TUS)
+        offset = int(head.headers["Upload-Offset"])
+        assert offset == size_of(store.partial_path(upload_id)) == 300_000
+        resp = await http.patch(
+            url, headers={**OCTETS, "Upload-Offset": str(offset)}, content=data[offset:]
+        )
+        assert resp.status_code == 204
+    assert read(store.final_path(upload_id)) == data
+
+
+class TinyDisk(UploadStore):
+    """A store whose "disk" holds ``capacity`` bytes per file (ENOSPC past it)."""
+
+    capacity = 100_000
+
+    def write_at(self, fd: int, data: memoryview, offset: int) -> int:
+        room = self.capacity - offset
+        if room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write_at(fd, data[:room], offset)
+
+
+async def test_disk_full_is_507_and_the_server_stays_up(tmp_path: Path) -> None:
+    store = TinyDisk(tmp_path, chunk_size=32 * 1024)
+    data = os.urandom(200_000)
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        url = await create(http, server, len(data))
+        upload_id = url.rsplit("/", 1)[1]
+        resp = await http.patch(url, headers={**OCTETS, "Upload-Offset": "0"}, content=data)
+        assert resp.status_code == 507
+        offset = int((await http.head(url, headers=TUS)).headers["Upload-Offset"])
+        assert offset == size_of(store.partial_path(upload_id)) <= 100_000
+        assert (await http.options(server.url("/files/"))).status_code == 204
+        store.capacity = 1 << 30
+        resp = await http.patch(
+            url, headers={**OCTETS, "Upload-Offset": str(offset)}, content=data[offset:]
+        )
+        assert resp.status_code == 204
+    assert read(store.final_path(upload_id)) == data
+    assert store.stats.storage_errors == 1
+
+
+# -- the real tuspy client -------------------------------------------------------------
+
+
+def tus_upload(url: str, data: bytes, **kwargs: Any) -> str:
+    uploader = tus_client.TusClient(url).uploader(file_stream=io.BytesIO(data), **kwargs)
+    uploader.upload()
+    return str(uploader.url)
+
+
+async def test_tuspy_uploads_with_checksums(store: UploadStore) -> None:
+    data = os.urandom(1_500_000)
+    async with serve(store) as (server, _):
+        url = await asyncio.to_thread(
+            tus_upload,
+            server.url("/files/"),
+            data,
+            chunk_size=400_000,
+            upload_checksum=True,
+            metadata={"filename": "/abs/../x.bin"},
+        )
+    upload_id = url.rsplit("/", 1)[1]
+    assert read(store.final_path(upload_id)) == data
+    assert (await store.open(upload_id)).metadata["filename"] == "x.bin"
+
+
+class DropHalfway(Probe):
+    """Drops the connection of the first PATCH once half of the upload arrived."""
+
+    dropped = False
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        result = super().data_received(chunk)
+        sink = self._sink
+        if not DropHalfway.dropped and sink is not None and sink.state.accepted >= sink.size // 2:
+            DropHalfway.dropped = True
+            self.request.connection.stream.close()  # type: ignore[union-attr]
+        return result
+
+
+async def test_tuspy_resumes_an_interrupted_upload(store: UploadStore) -> None:
+    data = os.urandom(2_000_000)
+    async with serve(store, DropHalfway) as (server, events):
+        created: list[str] = []
+
+        def first_attempt() -> None:
+            uploader = tus_client.TusClient(server.url("/files/")).uploader(
+                file_stream=io.BytesIO(data), chunk_size=len(data)
+            )
+            created.append(str(uploader.create_url()))
+            uploader.set_url(created[0])
+            uploader.upload()
+
+        with pytest.raises(TusCommunicationError):
+            await asyncio.to_thread(first_attempt)
+        await asyncio.wait_for(events["closed"].wait(), scaled(5))
+        await store.drain_tasks()
+        upload_id = created[0].rsplit("/", 1)[1]
+        stored = size_of(store.partial_path(upload_id))
+        assert len(data) // 2 <= stored < len(data)
+
+        def resume() -> int:
+            uploader = tus_client.TusClient(server.url("/files/")).uploader(
+                file_stream=io.BytesIO(data), url=created[0]
+            )
+            start = int(uploader.offset)  # tuspy asked the server (HEAD)
+            uploader.upload()
+            return start
+
+        assert await asyncio.to_thread(resume) == stored
+    assert read(store.final_path(upload_id)) == data
+
+
+# -- restart of a real server process --------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def server_process(root: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        PORT=str(port),
+        UPLOAD_DIR=str(root),
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "docs" / "examples" / "upload_server.py"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    try:
+        banner = await asyncio.wait_for(proc.stdout.readline(), scaled(20))
+        assert b"/files/" in banner, banner
+        yield proc, port
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(proc.communicate(), scaled(10))
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_upload_survives_a_server_kill(tmp_path: Path) -> None:
+    data = os.urandom(6 << 20)
+    async with server_process(tmp_path) as (proc, port), httpx.AsyncClient() as http:
+        base = f"http://127.0.0.1:{port}/files/"
+        resp = await http.post(base, headers={**TUS, "Upload-Length": str(len(data))})
+        url = resp.headers["Location"]
+        upload_id = url.rsplit("/", 1)[1]
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(
+                sock,
+                (
+                    f"PATCH /files/{upload_id} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+                    "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n"
+                ).encode()
+                + data[: 3 << 20],
+            )
+            # Wait (bounded) until the server reports at least 2 MiB stored, then kill it
+            # with SIGKILL in the middle of the request: no clean-up code runs.
+            deadline = loop.time() + scaled(20)
+            while True:
+                head = await http.head(url, headers=TUS)
+                if int(head.headers["Upload-Offset"]) >= 2 << 20:
+                    break
+                assert loop.time() < deadline, "server never stored 2 MiB"
+                await asyncio.sleep(scaled(0.01))
+            proc.kill()
+            await proc.wait()
+        finally:
+            sock.close()
+    on_disk = size_of(tmp_path / (upload_id + ".part"))
+    assert 2 << 20 <= on_disk <= 3 << 20
+
+    async with server_process(tmp_path) as (proc, port), httpx.AsyncClient() as http:
+        url = f"http://127.0.0.1:{port}/files/{upload_id}"
+        head = await http.head(url, headers=TUS)
+        assert int(head.headers["Upload-Offset"]) == on_disk
+
+        def resume() -> None:
+            uploader = tus_client.TusClient(f"http://127.0.0.1:{port}/files/").uploader(
+                file_stream=io.BytesIO(data), url=url, chunk_size=1 << 20
+            )
+            uploader.upload()
+
+        await asyncio.to_thread(resume)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout is not None
+        output = (await asyncio.wait_for(proc.communicate(), scaled(10)))[0].decode()
+    digest = hashlib.sha256(data).hexdigest()
+    # The server re-hashed the partial file after the restart and got the same digest.
+    assert f"sha256={digest}" in output
+    assert hashlib.sha256(read(tmp_path / upload_id)).hexdigest() == digest
