@@ -22,7 +22,7 @@
   var config = null; // from /api/config
   var conn = null;
   var seen = new Set(); // cursors already rendered (no duplicates after a resume)
-  var state = { reconnects: 0, resyncs: 0, opened: 0, lastTransport: null };
+  var state = { reconnects: 0, resyncs: 0, opened: 0, lastTransport: null, progress: [] };
   window.demo = { state: state, get conn() { return conn; } };
 
   $("me").textContent = user;
@@ -305,6 +305,7 @@
     var button = $("upload");
     bar.hidden = false;
     bar.value = 0;
+    state.progress = [];
     button.disabled = true;
     status.textContent = "uploading " + file.name + " …";
     status.dataset.state = "uploading";
@@ -314,18 +315,16 @@
       url: "/ws-upload",
       metadata: { room: room, user: user },
       onProgress: function (sent, total) {
+        state.progress.push([sent, total]);
         bar.value = total ? sent / total : 1;
         bar.dataset.sent = sent;
         status.textContent = "uploading " + file.name + ": " + fmtSize(sent) + " / " + fmtSize(total);
       },
     })
       .then(function (result) {
-        // Ask the server to announce the finished upload in the room.
-        return api(roomPath("/api/files/"), {
-          method: "POST",
-          headers: { "Content-Type": "application/json" },
-          body: JSON.stringify({ upload: result.url, user: user }),
-        });
+        // The server announced the finished upload in the room; fetch its details.
+        var id = result.id || new URL(result.url, location.href).pathname.split("/").pop();
+        return api("/api/files/" + encodeURIComponent(id));
       })
       .then(function (file) {
         bar.value = 1;

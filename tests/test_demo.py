@@ -1,0 +1,460 @@
+"""The demo app (docs/demo/app.py) in a real browser: headless Chromium driven by Playwright.
+
+The demo runs as its own process on a free port, exactly as a user starts it
+(``python docs/demo/app.py --port N``); the pages load ``longconn.js`` from the
+package. Screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tornado_longconn.testing import scaled
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "docs" / "demo" / "app.py"
+ARTIFACTS = ROOT / "test-artifacts"
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM}"
+    ),
+]
+
+#: Bounded wait for anything the page shows (milliseconds, for Playwright).
+UI_WAIT = scaled(15) * 1000
+HEARTBEAT = scaled(0.5)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class DemoServer:
+    """``python docs/demo/app.py`` as a subprocess; start, stop and start again."""
+
+    def __init__(self, storage: Path, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.storage = storage
+        self.args = args
+        self.proc: asyncio.subprocess.Process | None = None
+        self.output: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(DEMO),
+            "--port",
+            str(self.port),
+            "--storage",
+            str(self.storage),
+            "--heartbeat",
+            str(HEARTBEAT),
+            *self.args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        ready = asyncio.get_running_loop().create_future()
+        assert self.proc.stdout is not None
+        self._reader = asyncio.ensure_future(self._read(self.proc.stdout, ready))
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), scaled(20))
+        except asyncio.TimeoutError:
+            pytest.fail("the demo did not start:\n" + "".join(self.output))
+
+    async def _read(self, stdout: asyncio.StreamReader, ready: asyncio.Future[None]) -> None:
+        while line := (await stdout.readline()).decode(errors="replace"):
+            self.output.append(line)
+            # The demo logs where to point the browser once it listens.
+            if f"open http://localhost:{self.port}/" in line and not ready.done():
+                ready.set_result(None)
+        if not ready.done():
+            ready.set_exception(RuntimeError("the demo exited:\n" + "".join(self.output)))
+            ready.exception()
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), scaled(15))
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, scaled(5))
+            self._reader = None
+
+
+@contextlib.asynccontextmanager
+async def demo_server(storage: Path, *args: str) -> AsyncIterator[DemoServer]:
+    server = DemoServer(storage, *args)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+PageFactory = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+async def open_page(browser: Any) -> AsyncIterator[PageFactory]:
+    """Open a demo page; page errors and console errors fail the test."""
+    errors: list[str] = []
+    contexts: list[Any] = []
+
+    async def open_(url: str, *, init_script: str | None = None) -> Any:
+        context = await browser.new_context(viewport={"width": 1200, "height": 720})
+        contexts.append(context)
+        if init_script:
+            await context.add_init_script(init_script)
+        page = await context.new_page()
+        page.set_default_timeout(UI_WAIT)
+        page.on("pageerror", lambda exc: errors.append(f"{url}: {exc}"))
+        await page.goto(url)
+        return page
+
+    yield open_
+    for context in contexts:
+        await context.close()
+    assert not errors, errors
+
+
+async def screenshot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+async def wait_open(page: Any, transport: str | None = None) -> None:
+    """Wait until the page's connection is open (on ``transport`` when given)."""
+    selector = "#status[data-state=open]"
+    if transport:
+        selector = f"#status[data-state=open][data-transport={transport}]"
+    await page.wait_for_selector(selector)
+
+
+async def say(page: Any, text: str) -> None:
+    await page.fill("#text", text)
+    await page.click("#send")
+    await page.wait_for_function(
+        "text => [...document.querySelectorAll('#messages .text')].some(e => e.textContent === text)",
+        arg=text,
+    )
+
+
+async def texts(page: Any) -> list[str]:
+    result: list[str] = await page.eval_on_selector_all(
+        "#messages .text", "els => els.map(e => e.textContent)"
+    )
+    return result
+
+
+async def wait_texts(page: Any, expected: list[str]) -> None:
+    """Wait until the page's chat lines end with ``expected`` (in order)."""
+    await page.wait_for_function(
+        """expected => {
+            const got = [...document.querySelectorAll('#messages .text')].map(e => e.textContent);
+            return expected.every(t => got.includes(t));
+        }""",
+        arg=expected,
+    )
+    got = await texts(page)
+    assert [t for t in got if t in expected] == expected, got
+
+
+# --------------------------------------------------------------------------- tests
+
+
+async def test_two_pages_chat_in_one_room(tmp_path: Path, open_page: PageFactory) -> None:
+    async with demo_server(tmp_path) as server:
+        room = f"r{secrets.token_hex(3)}"
+        alice = await open_page(f"{server.url}/?room={room}&user=alice")
+        bob = await open_page(f"{server.url}/?room={room}&user=bob")
+        await wait_open(alice, "websocket")
+        await wait_open(bob, "websocket")
+
+        await say(alice, "hello bob")
+        await say(bob, "hi alice")
+        await say(alice, "how are you?")
+        expected = ["hello bob", "hi alice", "how are you?"]
+        await wait_texts(alice, expected)
+        await wait_texts(bob, expected)
+        assert await texts(alice) == await texts(bob) == expected
+
+        # Presence: both members, and each one's heartbeat latency once measured.
+        for page in (alice, bob):
+            await page.wait_for_function(
+                "document.querySelector('#member-count').textContent === '2 members'"
+            )
+            await page.wait_for_function(
+                """() => ['alice', 'bob'].every(u => {
+                    const li = document.querySelector(`#members li[data-user="${u}"] .lat`);
+                    return li && / ms$/.test(li.textContent);
+                })"""
+            )
+        await page_room_count(alice, room, 2)
+
+        # A page that joins later gets the history (and continues from its cursor).
+        carol = await open_page(f"{server.url}/?room={room}&user=carol")
+        await wait_open(carol)
+        await wait_texts(carol, expected)
+        assert await carol.locator("#messages li.history").count() == 3
+        await screenshot(alice, "demo-chat-alice")
+        await screenshot(bob, "demo-chat-bob")
+
+
+async def page_room_count(page: Any, room: str, count: int) -> None:
+    await page.wait_for_function(
+        '([room, count]) => { const a = document.querySelector(`#rooms a[data-room="${room}"] .count`);'
+        " return a && Number(a.textContent) === count; }",
+        arg=[room, count],
+    )
+
+
+NO_WEBSOCKET = "delete window.WebSocket;"
+NO_WEBSOCKET_NO_SSE = "delete window.WebSocket; delete window.EventSource;"
+# A network that refuses WebSocket upgrades: every WebSocket goes to a closed port.
+BLOCKED_WEBSOCKET = """
+(() => {
+  const Real = window.WebSocket;
+  window.WebSocket = function (url, protocols) { return new Real('ws://127.0.0.1:9/', protocols); };
+  window.WebSocket.prototype = Real.prototype;
+})();
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "query", "script", "transport"),
+    [
+        ("no-websocket", "", NO_WEBSOCKET, "sse"),
+        ("websocket-blocked", "", BLOCKED_WEBSOCKET, "sse"),
+        ("no-websocket-no-sse", "", NO_WEBSOCKET_NO_SSE, "longpoll"),
+        ("chosen-sse", "&transport=sse", None, "sse"),
+        ("chosen-longpoll", "&transport=longpoll", None, "longpoll"),
+    ],
+)
+async def test_fallback_transport_sees_every_message(
+    tmp_path: Path,
+    open_page: PageFactory,
+    case: str,
+    query: str,
+    script: str | None,
+    transport: str,
+) -> None:
+    async with demo_server(tmp_path) as server:
+        room = f"f{secrets.token_hex(3)}"
+        ws_page = await open_page(f"{server.url}/?room={room}&user=wsuser")
+        fallback = await open_page(
+            f"{server.url}/?room={room}&user=fbuser{query}", init_script=script
+        )
+        await wait_open(ws_page, "websocket")
+        await wait_open(fallback, transport)
+        assert await fallback.eval_on_selector("#status", "e => e.dataset.transport") == transport
+
+        sent = [f"ws message {i}" for i in range(5)]
+        for text in sent:
+            await ws_page.fill("#text", text)
+            await ws_page.click("#send")
+        await say(fallback, f"reply over {transport}")
+        expected = [*sent, f"reply over {transport}"]
+        await wait_texts(fallback, expected)
+        await wait_texts(ws_page, expected)
+        assert await texts(fallback) == expected  # every message once, in order
+        await fallback.wait_for_function(
+            "document.querySelector('#member-count').textContent === '2 members'"
+        )
+        await screenshot(fallback, f"demo-fallback-{case}")
+
+
+async def test_upload_shows_progress_and_stores_exact_bytes(
+    tmp_path: Path, open_page: PageFactory
+) -> None:
+    payload = secrets.token_bytes(3 * 1024 * 1024 + 123)
+    digest = hashlib.sha256(payload).hexdigest()
+    storage = tmp_path / "uploads"
+    async with demo_server(storage) as server:
+        room = f"u{secrets.token_hex(3)}"
+        page = await open_page(f"{server.url}/?room={room}&user=uploader")
+        watcher = await open_page(f"{server.url}/?room={room}&user=watcher")
+        await wait_open(page)
+        await wait_open(watcher)
+        await page.set_input_files(
+            "#file",
+            files=[
+                {"name": "big file.bin", "mimeType": "application/octet-stream", "buffer": payload}
+            ],
+        )
+        await page.click("#upload")
+        link = page.locator("#upload-link")
+        await link.wait_for()
+        await screenshot(page, "demo-upload-done")
+
+        progress = await page.evaluate("window.demo.state.progress")
+        total = len(payload)
+        assert progress[-1] == [total, total]
+        assert any(0 < sent < total for sent, _ in progress), progress  # shown while uploading
+        assert [sent for sent, _ in progress] == sorted(sent for sent, _ in progress)
+        assert await page.eval_on_selector("#upload-progress", "e => e.value") == 1
+
+        # The sha256 shown, the stored file and the downloaded file all match.
+        assert await page.inner_text("#upload-sha") == f"sha256 {digest}"
+        stored = [p for p in storage.iterdir() if re.fullmatch(r"[0-9a-f]{32}", p.name)]
+        assert len(stored) == 1
+        assert hashlib.sha256(stored[0].read_bytes()).hexdigest() == digest
+        href = await link.get_attribute("href")
+        assert href is not None
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            response = await client.get(href, timeout=scaled(10))
+        assert response.status_code == 200
+        assert hashlib.sha256(response.content).hexdigest() == digest
+        assert "big%20file.bin" in response.headers["content-disposition"]
+
+        # The other member sees the file announced in the room, with its link.
+        announced = watcher.locator("#messages li.file a")
+        await announced.wait_for()
+        assert await announced.inner_text() == "big file.bin"
+        assert await announced.get_attribute("href") == href
+        await screenshot(watcher, "demo-upload-announced")
+
+
+async def test_restart_memory_backend_shows_explicit_resync(
+    tmp_path: Path, open_page: PageFactory
+) -> None:
+    server = DemoServer(tmp_path)
+    await server.start()
+    try:
+        room = f"m{secrets.token_hex(3)}"
+        page = await open_page(f"{server.url}/?room={room}&user=resumer&backoff_max=500")
+        await wait_open(page, "websocket")
+        await say(page, "before the restart")
+
+        await server.stop()
+        await page.wait_for_selector("#status[data-state=waiting]")
+        await server.start()  # same port; the in-memory history is gone (new epoch)
+
+        await page.wait_for_selector("#notice.resync")
+        await wait_open(page, "websocket")
+        assert int(await page.inner_text("#resyncs")) >= 1
+        assert int(await page.inner_text("#reconnects")) >= 1
+        assert "Resync" in await page.inner_text("#notice")
+        await screenshot(page, "demo-restart-memory-resync")
+        # The page is live again on the new server.
+        await say(page, "after the restart")
+    finally:
+        await server.stop()
+
+
+async def redis_available() -> bool:
+    redis = pytest.importorskip("redis.asyncio")
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        await asyncio.wait_for(client.ping(), scaled(2))
+    except (OSError, asyncio.TimeoutError, redis.RedisError):
+        return False
+    finally:
+        await client.aclose()
+    return True
+
+
+@pytest.mark.redis
+async def test_restart_redis_backend_resumes_without_loss(
+    tmp_path: Path, open_page: PageFactory
+) -> None:
+    if not await redis_available():
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    prefix = f"longconn-test-{secrets.token_hex(4)}:"
+    redis_args = ("--redis", REDIS_URL, "--redis-prefix", prefix)
+    server = DemoServer(tmp_path, *redis_args)
+    await server.start()
+    try:
+        room = f"x{secrets.token_hex(3)}"
+        page = await open_page(f"{server.url}/?room={room}&user=resumer&backoff_max=500")
+        await wait_open(page, "websocket")
+        await say(page, "before the restart")
+
+        await server.stop()
+        await page.wait_for_selector("#status[data-state=waiting]")
+        # While the page's server is down, another process on the same Redis takes
+        # messages for the room; the page must get them when it resumes.
+        async with (
+            demo_server(tmp_path, *redis_args) as other,
+            httpx.AsyncClient(base_url=other.url) as client,
+        ):
+            for i in range(3):
+                r = await client.post(
+                    f"/api/send/{room}?user=other",
+                    json={"type": "chat", "text": f"while you were away {i}"},
+                    timeout=scaled(10),
+                )
+                assert r.status_code == 204
+        await server.start()
+
+        expected = ["before the restart"] + [f"while you were away {i}" for i in range(3)]
+        await wait_texts(page, expected)
+        await wait_open(page, "websocket")
+        assert await texts(page) == expected  # nothing lost, nothing twice
+        assert await page.inner_text("#resyncs") == "0"
+        assert int(await page.inner_text("#reconnects")) >= 1
+        await say(page, "after the restart")
+        await screenshot(page, "demo-restart-redis-resumed")
+    finally:
+        await server.stop()
+        redis = pytest.importorskip("redis.asyncio")
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            keys = [k async for k in client.scan_iter(match=prefix + "*")]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
