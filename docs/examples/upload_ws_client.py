@@ -62,9 +62,8 @@ async def upload(
         last: dict[str, Any] = ready
         done = asyncio.get_running_loop().create_future()
 
-        async def read_acks() -> None:
+        async def read_acks(expected: int) -> None:
             nonlocal last
-            expected = offset
             try:
                 async for raw in ws:
                     msg = json.loads(raw)
@@ -81,7 +80,7 @@ async def upload(
                 for _ in range(window):  # wake the sender: it checks why we stopped
                     credit.release()
 
-        reader = asyncio.ensure_future(read_acks())
+        reader = asyncio.ensure_future(read_acks(offset))
         try:
             sent = 0
             view = memoryview(data)
