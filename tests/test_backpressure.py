@@ -9,9 +9,12 @@ the writer of the accepted connection directly from the test. Clients are the
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
+import socket
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -393,17 +396,42 @@ async def test_send_nowait_to_vanished_peer_never_raises(
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-async def test_vanish_detected_by_direct_write(server: AppServer, ctx: Ctx) -> None:
-    """A reset seen first by the writer's own socket write closes the stream."""
-    client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+async def raw_websocket(server: AppServer) -> socket.socket:
+    """A bare non-blocking socket that completed a WebSocket handshake."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16))
+    await loop.sock_sendall(
+        sock,
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(5))
+    assert head.startswith(b"HTTP/1.1 101")
+    return sock
+
+
+async def test_reset_seen_by_direct_write_closes_the_stream(
+    server: AppServer, ctx: Ctx, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reset met first by the writer's own socket write: no raise, no log, on_close runs."""
+    caplog.set_level(logging.DEBUG)
+    sock = await raw_websocket(server)
     writer = await ctx.writer()
-    client.vanish()
-    with pytest.raises(PeerGoneError):
-        for i in range(100_000):
-            await writer.send(msg(i))
-            if i % 64 == 0:
-                await asyncio.sleep(0)  # let the reset arrive between bursts
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # the reset reaches the server's kernel before the server reads
+    results = [writer.send_nowait(msg(i)) for i in range(200)]
+    assert results[0] is SendResult.WRITTEN
+    assert results[-1] is SendResult.CLOSED
+    with pytest.raises(PeerGoneError) as info:
+        await writer.send("late")
+    assert isinstance(info.value.__cause__, (ConnectionResetError, BrokenPipeError))
     await asyncio.wait_for(ctx.closed.get(), scaled(5))
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_close_from_this_side(server: AppServer, ctx: Ctx) -> None:
