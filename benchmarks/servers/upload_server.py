@@ -1,0 +1,128 @@
+"""Upload server variants for ``bench_upload.py``, each with a 10 ms loop-lag ticker.
+
+Usage: ``python upload_server.py VARIANT ROOT``. Every variant serves ``GET /lag``
+(JSON percentiles of the ticker's lateness since the last call, then resets) and
+announces ``PORT <n>``.
+
+Variants:
+
+* ``ours``: ``TusUploadHandler`` at ``/files/`` and ``WebSocketUploadHandler`` at
+  ``/ws`` on one ``UploadStore(ROOT)`` (executor writes, sha256, fsync + rename);
+* ``tutorial``: the tutorial's WebSocket upload: ``self.file.write(chunk)`` inside
+  ``on_message`` on the event loop, no checksum, no fsync; it speaks the same
+  start/ack/complete messages so the same client drives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections import deque
+from typing import Any
+
+import tornado.web
+import tornado.websocket
+from harness import serve_tornado
+
+from tornado_longconn.upload import UploadStore
+from tornado_longconn.upload_tus import TusUploadHandler
+from tornado_longconn.upload_ws import WebSocketUploadHandler
+
+__all__ = ["VARIANTS", "main"]
+
+VARIANTS = ("ours", "tutorial")
+TICK = 0.010
+
+
+class LagTicker:
+    """Lateness (ms) of a ``sleep(10 ms)`` loop on the server's event loop."""
+
+    def __init__(self) -> None:
+        self.samples: deque[float] = deque(maxlen=200_000)
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(TICK)
+            self.samples.append((loop.time() - start - TICK) * 1000.0)
+
+    def report(self) -> dict[str, float]:
+        data = sorted(self.samples)
+        self.samples.clear()
+        if not data:
+            return {"n": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
+
+        def pct(p: float) -> float:
+            return data[min(len(data) - 1, int(p * len(data)))]
+
+        return {"n": len(data), "p50": pct(0.50), "p99": pct(0.99), "max": data[-1]}
+
+
+class Lag(tornado.web.RequestHandler):
+    def initialize(self, ticker: LagTicker) -> None:
+        self.ticker = ticker
+
+    def get(self) -> None:
+        if self.ticker.task is None:
+            self.ticker.task = asyncio.get_running_loop().create_task(self.ticker.run())
+        self.write(self.ticker.report())
+
+
+class TutorialUpload(tornado.websocket.WebSocketHandler):
+    """The tutorial: blocking writes on the loop."""
+
+    def initialize(self, root: str) -> None:
+        self.root = root
+        self.file: Any = None
+        self.size = 0
+        self.received = 0
+
+    def on_message(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            msg = json.loads(message)
+            self.size, self.received = int(msg["size"]), 0
+            self.file = open(os.path.join(self.root, "tutorial.bin"), "wb")  # noqa: SIM115
+            self.write_message(
+                {
+                    "type": "ready",
+                    "id": "tutorial",
+                    "offset": 0,
+                    "size": self.size,
+                    "window": 8,
+                    "chunk_size": 1 << 20,
+                }
+            )
+            return
+        self.file.write(message[8:])
+        self.received += len(message) - 8
+        self.write_message({"type": "ack", "offset": self.received})
+        if self.received == self.size:
+            self.file.close()
+            self.write_message({"type": "complete", "id": "tutorial", "size": self.size})
+
+    def get_compression_options(self) -> None:
+        return None
+
+
+def main() -> None:
+    variant, root = sys.argv[1], sys.argv[2]
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r}; one of {VARIANTS}")
+    ticker = LagTicker()
+    rules: list[Any] = [(r"/lag", Lag, {"ticker": ticker})]
+    if variant == "ours":
+        store = UploadStore(root, max_size=4 << 30, chunk_size=1 << 20, max_in_flight=4)
+        rules += TusUploadHandler.routes("/files", store=store)
+        rules.append((r"/ws", WebSocketUploadHandler, {"store": store, "window": 8}))
+    else:
+        rules.append((r"/ws", TutorialUpload, {"root": root}))
+    app = tornado.web.Application(rules, websocket_max_message_size=2 << 20)
+    serve_tornado(app, max_buffer_size=256 << 20)
+
+
+if __name__ == "__main__":
+    main()
