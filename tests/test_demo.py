@@ -317,8 +317,9 @@ async def test_fallback_transport_sees_every_message(
         await screenshot(fallback, f"demo-fallback-{case}")
 
 
+@pytest.mark.parametrize("protocol", ["tus", "websocket"])
 async def test_upload_shows_progress_and_stores_exact_bytes(
-    tmp_path: Path, open_page: PageFactory
+    tmp_path: Path, open_page: PageFactory, protocol: str
 ) -> None:
     payload = secrets.token_bytes(3 * 1024 * 1024 + 123)
     digest = hashlib.sha256(payload).hexdigest()
@@ -335,10 +336,11 @@ async def test_upload_shows_progress_and_stores_exact_bytes(
                 {"name": "big file.bin", "mimeType": "application/octet-stream", "buffer": payload}
             ],
         )
+        await page.select_option("#upload-protocol", protocol)
         await page.click("#upload")
         link = page.locator("#upload-link")
         await link.wait_for()
-        await screenshot(page, "demo-upload-done")
+        await screenshot(page, f"demo-upload-{protocol}-done")
 
         progress = await page.evaluate("window.demo.state.progress")
         total = len(payload)
@@ -365,7 +367,7 @@ async def test_upload_shows_progress_and_stores_exact_bytes(
         await announced.wait_for()
         assert await announced.inner_text() == "big file.bin"
         assert await announced.get_attribute("href") == href
-        await screenshot(watcher, "demo-upload-announced")
+        await screenshot(watcher, f"demo-upload-{protocol}-announced")
 
 
 async def test_restart_memory_backend_shows_explicit_resync(

@@ -46,11 +46,7 @@ from tornado_longconn.sse import SSEHandler
 from tornado_longconn.staticfiles import static_url_spec
 from tornado_longconn.upload import ChunkedUploadSink, UploadStore
 from tornado_longconn.upload_tus import TusUploadHandler
-
-try:  # A part that a build may not ship yet: the demo says what is missing.
-    from tornado_longconn.upload import WebSocketUploadMixin  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover
-    WebSocketUploadMixin = None
+from tornado_longconn.upload_ws import WebSocketUploadHandler
 
 log = logging.getLogger("demo")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,6 +56,7 @@ RECENT = 50  # messages shown when a page joins a room
 MAX_ROOMS = 100  # rooms this process serves at once
 MAX_TEXT = 2000  # characters per chat message
 MAX_UPLOAD = 256 << 20  # bytes per upload
+UPLOAD_CHUNK = 256 << 10  # bytes per WebSocket upload chunk
 POLL_GRACE = 40.0  # seconds a long-poll user stays present between polls
 
 
@@ -210,7 +207,7 @@ class Demo:
             "sse": True,
             "longpoll": True,
             "upload_tus": True,
-            "upload_websocket": WebSocketUploadMixin is not None,
+            "upload_websocket": True,
         }
 
 
@@ -367,6 +364,14 @@ class FileInfoHandler(DemoHandler):
         self.write(info)
 
 
+class UploadSocket(WebSocketUploadHandler):
+    """The WebSocket chunk protocol; its messages are bigger than chat messages."""
+
+    @property
+    def max_message_size(self) -> int:
+        return UPLOAD_CHUNK + 8  # offset header + chunk
+
+
 class DownloadHandler(tornado.web.StaticFileHandler):
     """Completed uploads (``<storage>/<id>``); the URL only matches 32-hex ids."""
 
@@ -398,6 +403,11 @@ def make_app(demo: Demo) -> tornado.web.Application:
         (r"/download/([0-9a-f]{32})", DownloadHandler, {"path": demo.store.root}),
         static_url_spec("/longconn/"),  # longconn.js, shipped inside the package
         *TusUploadHandler.routes("/files", store=demo.store, on_complete=demo.upload_complete),
+        (
+            r"/ws-upload",
+            UploadSocket,
+            {"store": demo.store, "chunk_size": UPLOAD_CHUNK, "on_complete": demo.upload_complete},
+        ),
     ]
     return tornado.web.Application(
         routes,

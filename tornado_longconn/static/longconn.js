@@ -655,8 +655,8 @@
     protocol: "tus", // "tus" | "websocket"
     endpoint: null, // tus creation URL (e.g. "/files/")
     url: null, // WebSocket upload endpoint
+    params: null, // WebSocket: extra query parameters
     chunkSize: 256 * 1024,
-    window: 4, // WebSocket: chunks in flight before waiting for acknowledgements
     metadata: null, // extra metadata; filename and filetype are added
     headers: null, // extra HTTP headers (tus)
     checksum: "auto", // "auto" (sha256 when crypto.subtle exists) | "sha256" | false
@@ -868,8 +868,154 @@
     return Promise.reject(new Error("LongConn.upload: unknown protocol " + o.protocol));
   }
 
+  // Close codes after which retrying the same upload cannot help.
+  var FATAL_UPLOAD_CODES = [
+    CloseCode.UPLOAD_BAD_REQUEST,
+    CloseCode.UPLOAD_TOO_LARGE,
+    CloseCode.UPLOAD_CHECKSUM_MISMATCH,
+    CloseCode.UPLOAD_STORAGE_FULL,
+    CloseCode.POLICY_VIOLATION,
+    CloseCode.MESSAGE_TOO_BIG,
+  ];
+
+  /**
+   * The WebSocket chunk protocol (tornado_longconn.upload_ws): "start" (or "resume"
+   * with the id), then binary chunks [8-byte big-endian offset][data], at most
+   * `window` unacknowledged; every "ack" carries the durable offset. After a broken
+   * connection it reconnects (backoff) and resumes from the server's offset.
+   */
   function wsUpload(file, o) {
-    return Promise.reject(new Error("LongConn.upload: the WebSocket protocol is not available"));
+    var total = file.size;
+    var key = "longconn-ws:" + o.url + ":" + [file.name, file.size, file.lastModified].join(":");
+    var storage = null;
+    try {
+      storage = o.rememberUrl && typeof localStorage !== "undefined" ? localStorage : null;
+    } catch (e) {
+      storage = null;
+    }
+    var uploadId = storage ? storage.getItem(key) : null;
+    var failures = 0;
+    var wantDigest = o.checksum === "sha256" || (o.checksum === "auto" && total <= 64 * 1024 * 1024);
+    var digest = null;
+    function progress(n) {
+      if (o.onProgress) o.onProgress(Math.min(n, total), total);
+    }
+    function fileDigest() {
+      if (!wantDigest || !useChecksum(o.checksum === "auto" ? "auto" : "sha256")) return Promise.resolve(null);
+      if (digest) return Promise.resolve(digest);
+      return file.arrayBuffer().then(function (buf) {
+        return crypto.subtle.digest("SHA-256", buf);
+      }).then(function (d) {
+        digest = bufToHex(d);
+        return digest;
+      });
+    }
+    function once(sha256) {
+      return new Promise(function (resolve, reject) {
+        var ws = new WebSocket(buildUrl(o.url, o.params, true));
+        ws.binaryType = "arraybuffer";
+        var credit = 1; // chunks the server lets us send before an ack
+        var chunk = o.chunkSize;
+        var next = 0; // next offset to send
+        var inflight = 0;
+        var sending = false;
+        var done = false;
+        function onAbort() {
+          ws.close(CloseCode.NORMAL, "aborted");
+          finish(UploadError("upload aborted"));
+        }
+        function finish(err, result) {
+          if (done) return;
+          done = true;
+          if (o.signal) o.signal.removeEventListener("abort", onAbort);
+          if (err) reject(err);
+          else resolve(result);
+        }
+        function pump() {
+          if (sending || done) return;
+          if (inflight >= credit || next >= total) return;
+          sending = true;
+          var start = next;
+          var end = Math.min(total, start + chunk);
+          file.slice(start, end).arrayBuffer().then(function (buf) {
+            sending = false;
+            if (done || ws.readyState !== 1) return;
+            var msg = new Uint8Array(8 + buf.byteLength);
+            var view = new DataView(msg.buffer);
+            view.setUint32(0, Math.floor(start / 4294967296));
+            view.setUint32(4, start >>> 0);
+            msg.set(new Uint8Array(buf), 8);
+            ws.send(msg);
+            next = end;
+            inflight++;
+            pump();
+          }, function (err) {
+            sending = false;
+            ws.close(CloseCode.NORMAL, "read error");
+            finish(err);
+          });
+        }
+        if (o.signal) {
+          if (o.signal.aborted) return onAbort();
+          o.signal.addEventListener("abort", onAbort);
+        }
+        ws.onopen = function () {
+          var meta = assign({}, o.metadata);
+          var first = uploadId
+            ? { type: "resume", id: uploadId }
+            : { type: "start", size: total, name: file.name || "blob", metadata: meta };
+          if (sha256) first.sha256 = sha256;
+          ws.send(JSON.stringify(first));
+        };
+        ws.onmessage = function (ev) {
+          if (typeof ev.data !== "string") return;
+          var msg = tryJson(ev.data);
+          if (!msg || typeof msg !== "object") return;
+          if (msg.type === "ready") {
+            uploadId = msg.id;
+            if (storage) storage.setItem(key, uploadId);
+            credit = Math.max(1, msg.window || 1);
+            chunk = Math.max(1, Math.min(o.chunkSize, msg.chunk_size || o.chunkSize));
+            next = msg.offset;
+            inflight = 0;
+            progress(msg.offset);
+            pump();
+          } else if (msg.type === "ack") {
+            inflight = Math.max(0, inflight - 1);
+            failures = 0;
+            progress(msg.offset);
+            pump();
+          } else if (msg.type === "complete") {
+            progress(total);
+            if (storage) storage.removeItem(key);
+            ws.close(CloseCode.NORMAL);
+            finish(null, { id: msg.id, size: msg.size, sha256: msg.sha256, protocol: "websocket" });
+          }
+        };
+        ws.onclose = function (ev) {
+          if (done) return;
+          var err = UploadError("upload connection closed: " + ev.code + " " + ev.reason, ev.code);
+          err.code = ev.code;
+          if (FATAL_UPLOAD_CODES.indexOf(ev.code) >= 0) err.fatal = true;
+          if (ev.code === CloseCode.UPLOAD_NOT_FOUND) {
+            // The upload expired or is unknown here: start again from zero.
+            uploadId = null;
+            if (storage) storage.removeItem(key);
+          }
+          finish(err);
+        };
+      });
+    }
+    function attempt() {
+      return Promise.resolve().then(fileDigest).then(once).catch(function (err) {
+        if (err.fatal || (o.signal && o.signal.aborted)) throw err;
+        failures++;
+        if (failures > o.retries) throw err;
+        return sleep(backoffDelay(failures, o.backoff.base, o.backoff.max, o.random), o.signal).then(attempt);
+      });
+    }
+    progress(0);
+    return attempt();
   }
 
   return {
