@@ -183,7 +183,7 @@ class FlowState(Generic[T]):
         max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
         if low_water is None:
-            low_water = high_water // 4
+            low_water = max(1, high_water // 4)
         if high_water <= 0 or low_water <= 0:
             raise ValueError(
                 f"water marks must be positive (high_water={high_water}, low_water={low_water})"
@@ -382,7 +382,7 @@ class BackpressureWriter:
     * ``high_water`` -- bytes buffered above which ``send`` waits and
       ``send_nowait`` applies the policy (default 1 MiB);
     * ``low_water`` -- bytes to drain to before waiting senders resume
-      (default ``high_water // 4``);
+      (default ``high_water // 4``, at least 1);
     * ``policy`` -- :class:`OverflowPolicy` for ``send_nowait`` (default ``CLOSE``);
     * ``max_queue`` -- bound of the ``DROP_OLDEST`` queue in messages (default 1000);
     * ``close_code`` / ``close_reason`` -- sent when the ``CLOSE`` policy closes
