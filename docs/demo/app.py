@@ -431,7 +431,11 @@ async def main() -> None:
     backend = (
         backend_from_url(args.redis, prefix=args.redis_prefix) if args.redis else MemoryBackend()
     )
-    await backend.start()
+    try:
+        await asyncio.wait_for(backend.start(), 10)
+    except (asyncio.TimeoutError, LongConnError, OSError) as exc:
+        log.error("the %s backend did not start: %r", type(backend).__name__, exc)
+        raise SystemExit(1) from exc
     storage = args.storage or os.path.join(tempfile.gettempdir(), "tornado-longconn-demo")
     demo = Demo(backend, storage, args.heartbeat)
     server = make_app(demo).listen(args.port, args.host)

@@ -816,8 +816,9 @@
           progress(offset);
           return;
         }
-        if (res.status === 409 || res.status === 460 || res.status >= 500) {
-          // Offset mismatch, checksum mismatch or a server error: ask the offset again.
+        if ([409, 423, 460].indexOf(res.status) >= 0 || (res.status >= 500 && res.status !== 507)) {
+          // Offset mismatch, a concurrent writer, a chunk damaged on the way (checksum
+          // mismatch) or a server error: ask the offset again and continue from there.
           throw UploadError("tus PATCH: HTTP " + res.status, res.status);
         }
         var fatal = UploadError("tus PATCH refused: HTTP " + res.status + " " + res.responseText, res.status);
