@@ -48,7 +48,15 @@ import tornado.web
 import tornado.websocket
 from tornado.iostream import IOStream
 
-from ._frames import OP_CLOSE, OP_PING, OP_TEXT, build_frame, try_send
+from ._frames import (
+    OP_CLOSE,
+    OP_PING,
+    OP_TEXT,
+    abort_stream,
+    build_frame,
+    stream_write_indexes,
+    try_send,
+)
 from .codes import CloseCode
 
 __all__ = [
@@ -153,21 +161,33 @@ class HeartbeatConfig:
         Class attributes ``heartbeat_interval``, ``heartbeat_timeout``,
         ``heartbeat_mode``, ``heartbeat_message`` and ``heartbeat_reply`` give the
         defaults; application settings with the same names override them (a
-        setting present with value ``None`` counts). Raises ``ValueError`` as the
-        constructor does.
+        setting present with value ``None`` counts: ``heartbeat_interval=None`` in
+        the settings turns heartbeats off whatever timeout the class declares).
+        Raises ``ValueError`` as the constructor does.
         """
         return cls._resolve(type(handler), handler.settings)
 
     @classmethod
     def _resolve(cls, klass: type, settings: dict[str, Any]) -> HeartbeatConfig:
         values: dict[str, Any] = {}
+        from_settings: set[str] = set()
         for name in ("interval", "timeout", "mode", "message", "reply"):
             key = "heartbeat_" + name
             value = settings.get(key, _UNSET)
             if value is _UNSET:
                 value = getattr(klass, key, _UNSET)
+            else:
+                from_settings.add(name)
             if value is not _UNSET:
                 values[name] = value
+        if (
+            "interval" in from_settings
+            and values["interval"] is None
+            and "timeout" not in from_settings
+        ):
+            # heartbeat_interval=None in the settings turns off every handler,
+            # whatever timeout its class declares.
+            values.pop("timeout", None)
         return cls(**values)
 
 
@@ -397,13 +417,13 @@ class HeartbeatStats:
 def _io_progress(ws: Any, stream: IOStream) -> int:
     """A number that changes whenever bytes move on a Tornado WebSocket connection.
 
-    Reads PRIVATE Tornado counters, in this one place so that a Tornado upgrade
-    breaks one function: ``IOStream._total_write_done_index`` (bytes handed to the
-    kernel), ``IOStream._read_buffer_size`` (bytes read but not yet parsed) and
-    ``WebSocketProtocol13._wire_bytes_in`` (bytes parsed as frames). Their sum grows
-    with every byte in or out.
+    Reads PRIVATE Tornado counters, in this one place (plus ``_frames``) so that a
+    Tornado upgrade breaks one function: bytes handed to the kernel
+    (``stream_write_indexes``), ``IOStream._read_buffer_size`` (bytes read but not
+    yet parsed) and ``WebSocketProtocol13._wire_bytes_in`` (bytes parsed as
+    frames). Their sum grows with every byte in or out.
     """
-    progress: int = stream._total_write_done_index + stream._read_buffer_size + ws._wire_bytes_in
+    progress: int = stream_write_indexes(stream)[1] + stream._read_buffer_size + ws._wire_bytes_in
     return progress
 
 
@@ -722,18 +742,10 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
     @property
     def ping_interval(self) -> float | None:
         """Tornado's ping interval: ``None`` while this mixin's heartbeats are on."""
-        tornado_interval: float | None = self.settings.get("websocket_ping_interval")
-        if self._heartbeat is None:
-            return tornado_interval
-        if tornado_interval:
-            warnings.warn(
-                f"{type(self).__name__}: websocket_ping_interval={tornado_interval!r} is "
-                "ignored because HeartbeatMixin heartbeats are on; set heartbeat_interval "
-                "instead, or heartbeat_interval = None to use Tornado's pings",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return None
+        if self._heartbeat is not None:
+            return None
+        interval: float | None = self.settings.get("websocket_ping_interval")
+        return interval
 
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
         """Start heartbeats for the new connection (then Tornado's protocol as usual)."""
@@ -749,6 +761,16 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
                 state.frame = build_frame(OP_TEXT, config.message.encode("utf-8"))
                 self._heartbeat_reply_text = config.reply
             self._heartbeat = state  # before super(): the ping_interval property reads it
+            tornado_interval = self.settings.get("websocket_ping_interval")
+            if tornado_interval:
+                # Shown once per handler class by Python's default warning filter.
+                warnings.warn(
+                    f"{type(self).__name__}: websocket_ping_interval={tornado_interval!r} is "
+                    "ignored because HeartbeatMixin heartbeats are on; set heartbeat_interval "
+                    "instead, or heartbeat_interval = None to use Tornado's pings",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         protocol = super().get_websocket_protocol()
         if state is not None:
             if protocol is None:
@@ -800,9 +822,13 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
         if state is not None and state.stats is not None:
             state.stats.timeouts += 1
             state.stats = None
+        if stream.writing():
+            # The peer is not draining what we wrote: reset, freeing the kernel's buffers.
+            abort_stream(stream)
+            return
         ws = self.ws_connection
         if ws is not None and not ws.is_closing():
-            # Best effort: a peer that is merely slow learns why; a gone one is not waited for.
+            # Best effort, never waited for: a peer that is merely slow learns why.
             try:
                 try_send(stream, _TIMEOUT_CLOSE_FRAME)
             except OSError:

@@ -1,0 +1,418 @@
+"""HeartbeatMixin over real sockets: pings, dead peers, late answers, app-level mode, GC."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import sys
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import tornado.web
+import tornado.websocket
+
+from tornado_longconn.codes import CloseCode
+from tornado_longconn.heartbeat import (
+    HeartbeatMixin,
+    HeartbeatScheduler,
+    HeartbeatStats,
+)
+from tornado_longconn.testing import AppServer, WebSocketTestClient, scaled
+
+INTERVAL = scaled(0.1)
+TIMEOUT = scaled(0.1)
+# Dead within interval + timeout + one scheduler tick; the rest is slack for a busy machine.
+DEAD_BY = INTERVAL + TIMEOUT + HeartbeatScheduler().resolution + scaled(2.0)
+
+
+class Recorder:
+    """What the server side saw; shared with the handler through initialize()."""
+
+    def __init__(self) -> None:
+        self.handler: weakref.ref[Socket] | None = None
+        self.opened = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.closes = 0
+        self.closes_target = 1
+        self.all_closed = asyncio.Event()
+        self.messages: list[str | bytes] = []
+        self.pongs = 0
+        self.pong_target = 0
+        self.enough_pongs = asyncio.Event()
+        self.replies = 0
+        self.enough_replies = asyncio.Event()
+        self.timed_out: bool | None = None
+
+    def get(self) -> Socket:
+        assert self.handler is not None
+        handler = self.handler()
+        assert handler is not None
+        return handler
+
+
+class Socket(HeartbeatMixin, tornado.websocket.WebSocketHandler):
+    """A user's handler: overrides open/on_message/on_pong/on_close and calls no super()."""
+
+    heartbeat_interval = INTERVAL
+    heartbeat_timeout = TIMEOUT
+
+    def initialize(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def open(self) -> None:
+        self.recorder.handler = weakref.ref(self)
+        self.recorder.opened.set()
+
+    async def on_message(self, message: str | bytes) -> None:
+        self.recorder.messages.append(message)
+        await self.write_message(message, binary=isinstance(message, bytes))
+
+    def on_pong(self, data: bytes) -> None:
+        rec = self.recorder
+        rec.pongs += 1
+        if rec.pong_target and rec.pongs >= rec.pong_target:
+            rec.enough_pongs.set()
+
+    def is_heartbeat_reply(self, message: str) -> bool:
+        answered = super().is_heartbeat_reply(message)
+        if answered:
+            rec = self.recorder
+            rec.replies += 1
+            if rec.replies >= 3:
+                rec.enough_replies.set()
+        return answered
+
+    def on_close(self) -> None:
+        rec = self.recorder
+        rec.closes += 1
+        rec.timed_out = self.heartbeat_timed_out
+        rec.closed.set()
+        if rec.closes >= rec.closes_target:
+            rec.all_closed.set()
+
+
+def make_app(recorder: Recorder, **settings: Any) -> tornado.web.Application:
+    return tornado.web.Application([(r"/ws", Socket, {"recorder": recorder})], **settings)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def server(recorder: Recorder) -> AsyncIterator[AppServer]:
+    async with AppServer(make_app(recorder)) as srv:
+        yield srv
+
+
+async def open_client(server: AppServer, recorder: Recorder, **kwargs: Any) -> WebSocketTestClient:
+    client = await WebSocketTestClient.connect(server.ws_url("/ws"), **kwargs)
+    await asyncio.wait_for(recorder.opened.wait(), scaled(5))
+    return client
+
+
+async def test_answered_pings_keep_the_connection_and_measure_latency(
+    server: AppServer, recorder: Recorder
+) -> None:
+    recorder.pong_target = 3
+    async with await open_client(server, recorder) as client:
+        await asyncio.wait_for(recorder.enough_pongs.wait(), DEAD_BY * 3)
+        handler = recorder.get()
+        assert handler.latency is not None and handler.latency >= 0
+        stats = HeartbeatStats.for_application(server.app)
+        assert stats is handler.heartbeat_stats
+        assert stats.count >= 3 and stats.p50 is not None and stats.p99 is not None
+        assert stats.timeouts == 0 and stats.connections == 1
+        assert client.pings_received >= 3
+        # The user's on_message still works next to the heartbeats.
+        await client.send("hello")
+        assert await client.recv(scaled(5)) == "hello"
+        assert not client.closed
+    await asyncio.wait_for(recorder.closed.wait(), scaled(5))
+    assert recorder.closes == 1 and recorder.timed_out is False
+    assert stats.connections == 0
+    assert len(HeartbeatScheduler.current()) == 0
+
+
+async def test_silent_client_that_stops_reading_is_aborted_in_time(
+    server: AppServer, recorder: Recorder
+) -> None:
+    client = await open_client(server, recorder, rcvbuf=4096)
+    try:
+        client.auto_pong = False
+        client.stop_reading()
+        await asyncio.wait_for(recorder.closed.wait(), DEAD_BY)
+        assert recorder.timed_out is True
+        stats = HeartbeatStats.for_application(server.app)
+        assert stats.timeouts == 1 and stats.connections == 0
+        client.resume_reading()
+        await client.wait_closed(scaled(5))
+        assert recorder.closes == 1
+    finally:
+        client.vanish()
+
+
+async def test_a_client_answering_late_but_within_the_timeout_stays(recorder: Recorder) -> None:
+    interval, timeout = scaled(0.15), scaled(0.6)
+    app = make_app(recorder, heartbeat_interval=interval, heartbeat_timeout=timeout)
+    async with AppServer(app) as srv, await open_client(srv, recorder) as client:
+        # A busy client: it reads (and so answers pings) only every half timeout.
+        for _ in range(8):
+            client.stop_reading()
+            await asyncio.sleep(timeout / 2)  # the client's own pacing, not a synchronisation
+            client.resume_reading()
+            await asyncio.sleep(scaled(0.01))
+        assert not client.closed
+        assert not recorder.closed.is_set()
+        stats = HeartbeatStats.for_application(app)
+        assert stats.timeouts == 0 and stats.count >= 2
+        handler = recorder.get()
+        assert handler.latency is not None
+
+
+async def test_sigstopped_client_process_is_detected(server: AppServer, recorder: Recorder) -> None:
+    script = (
+        "import sys\n"
+        "from websockets.sync.client import connect\n"
+        "ws = connect(sys.argv[1])\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    ws.recv()\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, server.ws_url("/ws"), stdout=asyncio.subprocess.PIPE
+    )
+    stopped = False
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), scaled(20))
+        assert line.strip() == b"ready"
+        await asyncio.wait_for(recorder.opened.wait(), scaled(5))
+        recorder.pong_target = 2  # the live process answers pings
+        await asyncio.wait_for(recorder.enough_pongs.wait(), DEAD_BY * 3)
+        assert not recorder.closed.is_set()
+        os.kill(proc.pid, signal.SIGSTOP)  # vanishes without a FIN; its kernel still ACKs
+        stopped = True
+        await asyncio.wait_for(recorder.closed.wait(), DEAD_BY)
+        assert recorder.timed_out is True and recorder.closes == 1
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            if stopped:
+                os.kill(proc.pid, signal.SIGCONT)
+            await asyncio.wait_for(proc.wait(), scaled(10))
+
+
+async def test_application_mode_with_a_text_only_client(recorder: Recorder) -> None:
+    app = make_app(recorder, heartbeat_mode="application")
+    async with AppServer(app) as srv:
+        client = await open_client(srv, recorder)
+        try:
+            client.auto_pong = False  # it cannot see ping frames; only text
+            seen: list[str | bytes] = []
+            echoed = asyncio.Event()
+
+            async def answer() -> None:
+                while True:
+                    message = await client.recv(DEAD_BY * 3)
+                    if message == '{"type":"ping"}':
+                        await client.send('{"type":"pong"}')
+                    else:
+                        seen.append(message)
+                        echoed.set()
+
+            answering = asyncio.create_task(answer())
+            await asyncio.wait_for(recorder.enough_replies.wait(), DEAD_BY * 3)
+            await client.send("hello")
+            await asyncio.wait_for(echoed.wait(), scaled(5))
+            handler = recorder.get()
+            assert handler.latency is not None
+            assert client.pings_received == 0  # no protocol pings in this mode
+            assert '{"type":"pong"}' not in recorder.messages  # replies are not on_message's
+
+            # Now the client stops answering: closed with the heartbeat close code.
+            answering.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await answering
+            assert recorder.messages == ["hello"]
+            await asyncio.wait_for(recorder.closed.wait(), DEAD_BY)
+            assert recorder.timed_out is True
+            await client.wait_closed(scaled(5))
+            assert client.close_code == CloseCode.HEARTBEAT_TIMEOUT
+            assert seen == ["hello"]
+        finally:
+            client.vanish()
+
+
+async def test_interval_none_sends_nothing(recorder: Recorder) -> None:
+    app = make_app(recorder, heartbeat_interval=None)
+    async with AppServer(app) as srv, await open_client(srv, recorder) as client:
+        client.auto_pong = False
+        with pytest.raises(asyncio.TimeoutError):
+            await client.recv((INTERVAL + TIMEOUT) * 3)
+        assert client.frames_received == 0
+        assert len(HeartbeatScheduler.current()) == 0
+        handler = recorder.get()
+        assert handler.latency is None and not handler.heartbeat_timed_out
+        assert not recorder.closed.is_set()
+
+
+def test_bad_class_attributes_fail_when_the_class_is_defined() -> None:
+    with pytest.raises(ValueError, match=r"heartbeat_interval must be > 0 seconds.*-1"):
+
+        class Negative(HeartbeatMixin, tornado.websocket.WebSocketHandler):
+            heartbeat_interval = -1.0
+
+    with pytest.raises(ValueError, match="a timeout needs an interval"):
+
+        class TimeoutOnly(HeartbeatMixin, tornado.websocket.WebSocketHandler):
+            heartbeat_interval = None
+            heartbeat_timeout = 5.0
+
+
+async def test_bad_settings_refuse_the_connection(recorder: Recorder) -> None:
+    app = make_app(recorder, heartbeat_interval=None, heartbeat_timeout=3.0)
+    async with AppServer(app) as srv:
+        with pytest.raises(ConnectionError, match="500"):
+            await WebSocketTestClient.connect(srv.ws_url("/ws"))
+    assert not recorder.opened.is_set()
+
+
+async def test_tornado_ping_interval_is_ignored_with_a_warning(recorder: Recorder) -> None:
+    app = make_app(recorder, websocket_ping_interval=scaled(0.05))
+    async with AppServer(app) as srv:
+        with pytest.warns(RuntimeWarning, match="websocket_ping_interval=.* is ignored"):
+            client = await open_client(srv, recorder)
+        async with client:
+            assert recorder.get().ping_interval is None  # Tornado's pinger does not run
+
+
+async def test_tornado_ping_interval_works_when_heartbeats_are_off(recorder: Recorder) -> None:
+    app = make_app(recorder, heartbeat_interval=None, websocket_ping_interval=scaled(0.05))
+    async with AppServer(app) as srv, await open_client(srv, recorder) as client:
+        assert recorder.get().ping_interval == scaled(0.05)
+        recorder.pong_target = 2
+        await asyncio.wait_for(recorder.enough_pongs.wait(), scaled(5))
+        assert client.pings_received >= 2
+
+
+async def test_connections_share_one_scheduler(server: AppServer, recorder: Recorder) -> None:
+    scheduler = HeartbeatScheduler.current()
+    recorder.closes_target = 3
+    clients = [await WebSocketTestClient.connect(server.ws_url("/ws")) for _ in range(3)]
+    try:
+        assert len(scheduler) == 3
+        assert scheduler is HeartbeatScheduler.current()
+    finally:
+        for client in clients:
+            await client.close()
+    await asyncio.wait_for(recorder.all_closed.wait(), scaled(5))
+    assert len(scheduler) == 0
+    assert scheduler._timer is None  # no timer (and no loop reference) while idle
+
+
+async def _timed_out_handler_is_freed(recorder: Recorder, app: tornado.web.Application) -> None:
+    async with AppServer(app) as srv:
+        client = await open_client(srv, recorder)
+        try:
+            client.auto_pong = False
+            client.stop_reading()
+            handler = recorder.get()
+            freed = asyncio.Event()
+            weakref.finalize(handler, freed.set)
+            del handler
+            await asyncio.wait_for(recorder.closed.wait(), DEAD_BY)
+            assert recorder.timed_out is True
+        finally:
+            client.vanish()
+        await asyncio.wait_for(freed.wait(), scaled(10))
+        assert recorder.handler is not None and recorder.handler() is None
+
+
+async def test_closed_handler_is_garbage_collectable(recorder: Recorder) -> None:
+    app = make_app(recorder)
+    gc.collect()
+    await _timed_out_handler_is_freed(recorder, app)
+
+
+async def test_closed_handler_is_freed_with_gc_freeze_on(recorder: Recorder) -> None:
+    scheduler = HeartbeatScheduler.current()
+    scheduler.enable_gc_freeze(collect_interval=scaled(0.5))
+    try:
+        await _timed_out_handler_is_freed(recorder, make_app(recorder))
+        assert gc.get_freeze_count() > 0 or scheduler.gc_collections > 0
+    finally:
+        scheduler.disable_gc_freeze()
+    assert gc.get_freeze_count() == 0
+
+
+async def test_gc_freeze_setting_turns_it_on(recorder: Recorder) -> None:
+    app = make_app(recorder, heartbeat_gc_freeze=True)
+    scheduler = HeartbeatScheduler.current()
+    try:
+        async with AppServer(app) as srv, await open_client(srv, recorder):
+            assert scheduler.gc_freeze_enabled
+    finally:
+        scheduler.disable_gc_freeze()
+
+
+class Streamer(HeartbeatMixin, tornado.websocket.WebSocketHandler):
+    heartbeat_interval = scaled(0.2)
+
+    def initialize(self, recorder: Recorder, size: int) -> None:
+        self.recorder = recorder
+        self.size = size
+
+    async def open(self) -> None:
+        self.recorder.handler = weakref.ref(self)  # type: ignore[arg-type]
+        self.recorder.opened.set()
+        chunk = b"x" * (1 << 20)
+        for _ in range(self.size // len(chunk)):
+            await self.write_message(chunk, binary=True)
+
+    def on_message(self, message: str | bytes) -> None:
+        pass
+
+    def on_close(self) -> None:
+        self.recorder.timed_out = self.heartbeat_timed_out
+        self.recorder.closed.set()
+
+
+async def test_slow_reader_of_a_50mb_stream_is_not_cut(recorder: Recorder) -> None:
+    size = 50 << 20
+    app = tornado.web.Application([(r"/s", Streamer, {"recorder": recorder, "size": size})])
+    async with AppServer(app) as srv:
+        client = await WebSocketTestClient.connect(srv.ws_url("/s"), rcvbuf=65536)
+        try:
+            client.auto_pong = False  # only the draining shows that it is alive
+            received = 0
+
+            async def read_slowly() -> None:
+                nonlocal received
+                rate = 20 << 20  # a slow reader: about 20 MB/s, paced by pausing
+                while received < size:
+                    before = client.bytes_received
+                    client.resume_reading()
+                    await asyncio.sleep(0.001)
+                    client.stop_reading()
+                    await asyncio.sleep((client.bytes_received - before) / rate)
+                    while client.pending_messages:
+                        received += len(await client.recv(0))
+
+            await asyncio.wait_for(read_slowly(), scaled(90))
+            assert received == size
+            stats = HeartbeatStats.for_application(app)
+            # The transfer spanned several heartbeat intervals, none of them answered.
+            assert stats.pings_sent >= 4
+            assert stats.timeouts == 0 and not recorder.closed.is_set()
+            # Once the stream is done and the client goes silent, it is dropped.
+            client.stop_reading()
+            await asyncio.wait_for(recorder.closed.wait(), scaled(0.4) + DEAD_BY)
+            assert recorder.timed_out is True
+        finally:
+            client.vanish()
