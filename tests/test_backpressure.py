@@ -451,6 +451,30 @@ async def test_close_from_this_side(server: AppServer, ctx: Ctx) -> None:
         writer.close()  # closing twice does nothing
 
 
+async def test_handler_closed_directly(server: AppServer, ctx: Ctx) -> None:
+    async with websockets.connect(server.ws_url("/ws"), compression=None) as ws:
+        writer = await ctx.writer()
+        await writer.send("before")
+        writer._target.close(1000, "handler closed")
+        assert writer.closed
+        assert writer.send_nowait("after") is SendResult.CLOSED
+        with pytest.raises(ConnectionClosedError):
+            await writer.send("after")
+        assert await asyncio.wait_for(ws.recv(), scaled(5)) == "before"
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await asyncio.wait_for(ws.recv(), scaled(5))
+
+
+async def test_client_close_frame_means_peer_gone(server: AppServer, ctx: Ctx) -> None:
+    client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+    writer = await ctx.writer()
+    await client.close(1000, "leaving")
+    await asyncio.wait_for(ctx.closed.get(), scaled(5))
+    assert writer.closed
+    with pytest.raises(PeerGoneError):
+        await writer.send("x")
+
+
 # -- API contract -----------------------------------------------------------------------
 
 

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeAlias, TypeVar, Union, cast
 
@@ -66,6 +68,8 @@ __all__ = [
     "SendResult",
     "WriterStats",
 ]
+
+log = logging.getLogger("tornado_longconn.backpressure")
 
 #: Default high-water mark: 1 MiB per connection (see the how-to for why).
 DEFAULT_HIGH_WATER: int = 1 << 20
@@ -348,7 +352,11 @@ class _Flusher:
         self.scheduled = False
         dirty, self.dirty = self.dirty, []
         for writer in dirty:
-            writer._scheduled_flush()
+            try:
+                writer._scheduled_flush()
+            except Exception:
+                # One broken connection must not keep the others' frames corked.
+                log.exception("flushing %r failed", writer)
 
 
 # One flusher per event loop (a cache of loop machinery, not application state).
@@ -365,6 +373,10 @@ def _flusher_for(loop: asyncio.AbstractEventLoop) -> _Flusher:
 
 
 _ATTR = "_longconn_backpressure_writer"
+
+
+def _true() -> bool:
+    return True
 
 
 class BackpressureWriter:
@@ -438,6 +450,7 @@ class BackpressureWriter:
         self._gone: BaseException | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
         self._proto: Any = None
+        self._is_closing: Callable[[], bool] = _true
         self._websocket = isinstance(target, tornado.websocket.WebSocketHandler)
         # A WebSocket without permessage-deflate: str/bytes frames are built directly.
         self._plain = False
@@ -456,9 +469,26 @@ class BackpressureWriter:
                 return
             raise TypeError("a RequestHandler target needs an HTTP/1 connection with a stream")
         self._stream = stream
-        if stream.closed():
-            self._mark_gone(StreamClosedError(real_error=stream.error))
+        #: True when the connection is closing or closed (one call on the hot path).
+        self._is_closing = self._proto.is_closing if self._websocket else stream.closed
+        if self._is_closing():
+            self._sync_closed()
         setattr(target, _ATTR, self)
+        self._flush_before(target, "close" if self._websocket else "finish")
+
+    def _flush_before(self, target: Any, name: str) -> None:
+        """Make ``target.<name>()`` (``close``/``finish``) write the cork first, to keep order."""
+        original = getattr(target, name)
+        ref = weakref.ref(self)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            writer = ref()
+            if writer is not None and writer._cork and not writer._state.closed:
+                writer._flush()
+            return original(*args, **kwargs)
+
+        wrapper.__doc__ = original.__doc__
+        setattr(target, name, wrapper)
 
     @classmethod
     def of(
@@ -488,10 +518,8 @@ class BackpressureWriter:
     @property
     def closed(self) -> bool:
         """True once the connection is closed (by the peer, by :meth:`close`, or by policy)."""
-        if self._gone is None and not self._closed_by_us:
-            stream = self._stream
-            if stream is not None and stream.closed():
-                self._mark_gone(StreamClosedError(real_error=stream.error))
+        if not self._state.closed and self._is_closing():
+            self._sync_closed()
         return self._state.closed
 
     @property
@@ -539,8 +567,7 @@ class BackpressureWriter:
             frame = build_frame(OP_BINARY, message)
         else:
             encoded = encode_message(message)
-        stream = self._stream
-        if state.closed or stream is None or stream.closed():
+        if state.closed or self._is_closing():
             self._raise_closed()
         if (
             self._waiters
@@ -574,13 +601,21 @@ class BackpressureWriter:
         """
         encoded = encode_message(message)
         state = self._state
-        stream = self._stream
-        if state.closed or stream is None or stream.closed():
-            if not state.closed and stream is not None:
-                self._mark_gone(StreamClosedError(real_error=stream.error))
+        if state.closed or self._is_closing():
+            self._sync_closed()
             return SendResult.CLOSED
-        if state.queue or state.corked + state.pending > state.high_water:
-            self._refresh()
+        if not state.queue and state.corked + state.pending <= state.high_water:
+            # Fast path (FlowState.offer would say WRITTEN): commit into the cork.
+            frame = encoded.frame if self._plain else self._frame(encoded)
+            self._cork.append(frame)
+            state.commit(len(frame))
+            if state.corked >= _CORK_LIMIT or state.corked + state.pending > state.high_water:
+                self._flush()
+            elif not self._dirty:
+                self._dirty = True
+                self._flusher.mark(self)
+            return SendResult.WRITTEN
+        self._refresh()
         result = state.offer(encoded, len(encoded.payload) + 2)
         if result is SendResult.WRITTEN:
             self._commit(encoded)
@@ -648,11 +683,25 @@ class BackpressureWriter:
         if stream is not None and not self._state.closed:
             self._state.set_pending(stream_pending_bytes(stream))
 
+    def _sync_closed(self) -> None:
+        """The connection is closing or closed under the writer: record who closed it."""
+        if self._state.closed:
+            return
+        stream = self._stream
+        proto = self._proto
+        if (
+            proto is not None
+            and proto.server_terminated
+            and not proto.client_terminated
+            and (stream is None or not stream.closed())
+        ):
+            self._closed_here()  # the handler sent a close frame itself
+        else:
+            self._mark_gone(StreamClosedError(real_error=None if stream is None else stream.error))
+
     def _raise_closed(self) -> None:
         state = self._state
-        if not state.closed:
-            stream = self._stream
-            self._mark_gone(StreamClosedError(real_error=None if stream is None else stream.error))
+        self._sync_closed()
         if state.closed_slow:
             raise SlowConsumerError(
                 f"closed as a slow consumer (more than {state.high_water} bytes buffered)"
@@ -697,9 +746,13 @@ class BackpressureWriter:
             return
         data = cork[0] if len(cork) == 1 else b"".join(cork)
         if self._websocket:
-            if self._proto.server_terminated or self._proto.client_terminated:
+            proto = self._proto
+            if proto.server_terminated or proto.client_terminated:
                 # A close frame has gone out (or come in): no data frame may follow.
-                state.corked = 0
+                if proto.client_terminated:
+                    self._mark_gone(StreamClosedError())
+                else:
+                    self._closed_here()
                 return
             try:
                 sent = try_send(stream, data)
@@ -720,7 +773,7 @@ class BackpressureWriter:
         else:
             target = self._target
             if target._finished:
-                state.corked = 0
+                self._closed_here()
                 return
             if stream.closed():
                 self._mark_gone(StreamClosedError(real_error=stream.error))
@@ -834,6 +887,13 @@ class BackpressureWriter:
             self._mark_gone(exc)
             return
         self._progress()
+
+    def _closed_here(self) -> None:
+        """The handler was closed or finished directly (not through :meth:`close`)."""
+        self._closed_by_us = True
+        self._state.close()
+        self._cork = []
+        self._release_waiters()
 
     def _mark_gone(self, cause: BaseException) -> None:
         """The peer is gone (or the stream closed under us): release everything."""
