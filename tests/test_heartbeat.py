@@ -316,8 +316,12 @@ async def test_connections_share_one_scheduler(server: AppServer, recorder: Reco
     assert scheduler._timer is None  # no timer (and no loop reference) while idle
 
 
-async def _timed_out_handler_is_freed(recorder: Recorder, app: tornado.web.Application) -> None:
-    async with AppServer(app) as srv:
+async def _timed_out_handler_is_freed(
+    recorder: Recorder, app: tornado.web.Application, frozen: bool = False
+) -> None:
+    async with AppServer(app) as srv, await open_client(srv, recorder):
+        # A healthy connection keeps the scheduler ticking (and freezing) meanwhile.
+        recorder.opened.clear()
         client = await open_client(srv, recorder)
         try:
             client.auto_pong = False
@@ -332,6 +336,8 @@ async def _timed_out_handler_is_freed(recorder: Recorder, app: tornado.web.Appli
             client.vanish()
         await asyncio.wait_for(freed.wait(), scaled(10))
         assert recorder.handler is not None and recorder.handler() is None
+        if frozen:
+            assert gc.get_freeze_count() > 0
 
 
 async def test_closed_handler_is_garbage_collectable(recorder: Recorder) -> None:
@@ -340,15 +346,34 @@ async def test_closed_handler_is_garbage_collectable(recorder: Recorder) -> None
     await _timed_out_handler_is_freed(recorder, app)
 
 
-async def test_closed_handler_is_freed_with_gc_freeze_on(recorder: Recorder) -> None:
+async def test_closed_handler_is_freed_by_refcount_with_gc_freeze_on(recorder: Recorder) -> None:
+    # No periodic collection in this test: the handler must go by reference counting
+    # alone, i.e. closing leaves no reference cycle that freezing would keep forever.
     scheduler = HeartbeatScheduler.current()
-    scheduler.enable_gc_freeze(collect_interval=scaled(0.5))
+    scheduler.enable_gc_freeze(collect_interval=3600.0)
     try:
-        await _timed_out_handler_is_freed(recorder, make_app(recorder))
-        assert gc.get_freeze_count() > 0 or scheduler.gc_collections > 0
+        await _timed_out_handler_is_freed(recorder, make_app(recorder), frozen=True)
+        assert scheduler.gc_collections == 0
     finally:
         scheduler.disable_gc_freeze()
     assert gc.get_freeze_count() == 0
+
+
+class Cyclic(Socket):
+    def open(self) -> None:
+        super().open()
+        self.me = self  # a user's reference cycle: only the cyclic collector frees it
+
+
+async def test_frozen_cycles_are_collected_periodically(recorder: Recorder) -> None:
+    scheduler = HeartbeatScheduler.current()
+    scheduler.enable_gc_freeze(collect_interval=scaled(0.3))
+    try:
+        app = tornado.web.Application([(r"/ws", Cyclic, {"recorder": recorder})])
+        await _timed_out_handler_is_freed(recorder, app)
+        assert scheduler.gc_collections >= 1
+    finally:
+        scheduler.disable_gc_freeze()
 
 
 async def test_gc_freeze_setting_turns_it_on(recorder: Recorder) -> None:

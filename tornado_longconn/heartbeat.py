@@ -504,9 +504,10 @@ class HeartbeatScheduler:
         are still freed at once; to also reclaim frozen objects caught in
         reference cycles, every ``collect_interval`` seconds the scheduler runs
         ``gc.unfreeze(); gc.collect(); gc.freeze()`` -- one full collection, a
-        pause of a few milliseconds per thousand connections. Raises
-        ``ValueError`` for a non-positive interval. Undo with
-        :meth:`disable_gc_freeze`.
+        pause of a few milliseconds per thousand connections. When the last
+        connection closes, everything is unfrozen (the collector works as usual
+        until the next tick). Raises ``ValueError`` for a non-positive interval.
+        Undo with :meth:`disable_gc_freeze`.
         """
         if not collect_interval > 0:
             raise ValueError(f"collect_interval must be > 0 seconds, got {collect_interval!r}")
@@ -550,7 +551,10 @@ class HeartbeatScheduler:
             self._idle()
 
     def _idle(self) -> None:
-        # Nothing watched: drop the timer (it references the loop) and the buckets.
+        # Nothing watched: drop the timer (it references the loop) and the buckets,
+        # and give frozen objects back to the collector until the next tick.
+        if self._gc_collect_interval is not None:
+            gc.unfreeze()
         if self._timer is not None:
             self._timer.cancel()
         self._timer = None
