@@ -277,11 +277,15 @@ BLOCKED_WEBSOCKET = """
 @pytest.mark.parametrize(
     ("case", "query", "script", "transport"),
     [
-        ("no-websocket", "", NO_WEBSOCKET, "sse"),
-        ("websocket-blocked", "", BLOCKED_WEBSOCKET, "sse"),
-        ("no-websocket-no-sse", "", NO_WEBSOCKET_NO_SSE, "longpoll"),
-        ("chosen-sse", "&transport=sse", None, "sse"),
-        ("chosen-longpoll", "&transport=longpoll", None, "longpoll"),
+        pytest.param("no-websocket", "", NO_WEBSOCKET, "sse", id="no-websocket"),
+        pytest.param("websocket-blocked", "", BLOCKED_WEBSOCKET, "sse", id="websocket-blocked"),
+        pytest.param(
+            "no-websocket-no-sse", "", NO_WEBSOCKET_NO_SSE, "longpoll", id="no-websocket-no-sse"
+        ),
+        pytest.param("chosen-sse", "&transport=sse", None, "sse", id="chosen-sse"),
+        pytest.param(
+            "chosen-longpoll", "&transport=longpoll", None, "longpoll", id="chosen-longpoll"
+        ),
     ],
 )
 async def test_fallback_transport_sees_every_message(
@@ -315,6 +319,28 @@ async def test_fallback_transport_sees_every_message(
             "document.querySelector('#member-count').textContent === '2 members'"
         )
         await screenshot(fallback, f"demo-fallback-{case}")
+
+
+async def test_switching_transport_by_hand_loses_nothing(
+    tmp_path: Path, open_page: PageFactory
+) -> None:
+    async with demo_server(tmp_path) as server:
+        room = f"s{secrets.token_hex(3)}"
+        switcher = await open_page(f"{server.url}/?room={room}&user=switcher")
+        sender = await open_page(f"{server.url}/?room={room}&user=sender")
+        await wait_open(switcher, "websocket")
+        await wait_open(sender, "websocket")
+        expected: list[str] = []
+        for transport in ("sse", "longpoll", "websocket"):
+            await switcher.select_option("#transport", transport)
+            await wait_open(switcher, transport)
+            for i in range(3):
+                expected.append(f"{transport} {i}")
+                await say(sender, expected[-1])
+            await wait_texts(switcher, expected)
+        assert await texts(switcher) == expected  # resumed from its cursor at every switch
+        assert await switcher.inner_text("#resyncs") == "0"
+        assert "transport=websocket" in switcher.url
 
 
 @pytest.mark.parametrize("protocol", ["tus", "websocket"])
@@ -368,6 +394,38 @@ async def test_upload_shows_progress_and_stores_exact_bytes(
         assert await announced.inner_text() == "big file.bin"
         assert await announced.get_attribute("href") == href
         await screenshot(watcher, f"demo-upload-{protocol}-announced")
+
+
+async def test_tus_upload_resumes_after_a_failed_request(
+    tmp_path: Path, open_page: PageFactory
+) -> None:
+    """A PATCH lost on the way: the client asks the offset (HEAD) and continues."""
+    payload = secrets.token_bytes(2 * 1024 * 1024 + 7)
+    storage = tmp_path / "uploads"
+    async with demo_server(storage) as server:
+        page = await open_page(f"{server.url}/?room=resume&user=uploader")
+        await wait_open(page)
+        seen: list[str] = []
+
+        async def flaky(route: Any) -> None:
+            seen.append(route.request.method)
+            if route.request.method == "PATCH" and seen.count("PATCH") == 3:
+                await route.abort("connectionreset")
+            else:
+                await route.continue_()
+
+        await page.route("**/files/*", flaky)
+        await page.set_input_files(
+            "#file",
+            files=[
+                {"name": "resumed.bin", "mimeType": "application/octet-stream", "buffer": payload}
+            ],
+        )
+        await page.click("#upload")
+        await page.locator("#upload-link").wait_for()
+        assert "HEAD" in seen[seen.index("PATCH") :]  # asked for the offset after the failure
+        shown = await page.inner_text("#upload-sha")
+        assert shown == f"sha256 {hashlib.sha256(payload).hexdigest()}"
 
 
 async def test_restart_memory_backend_shows_explicit_resync(
