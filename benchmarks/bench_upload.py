@@ -190,7 +190,10 @@ def table(runs: list[Run]) -> str:
         lag_cells = (
             f"{lag['p50']:.2f} | {lag['p99']:.2f} | {lag['max']:.1f}" if lag else "- | - | -"
         )
-        cpu = f"{r.cpu_s:.2f}" if r.lag else "-"
+        cpu = f"{r.cpu_s:.2f}" if r.lag and r.size else "-"
+        if not r.size:
+            lines.append(f"| {r.variant} | - | - | - | - | {lag_cells} | - | yes |")
+            continue
         lines.append(
             f"| {r.variant} | {r.mb_per_s:.0f} | {ratio(r, raw_sync)} | {ratio(r, raw)} | "
             f"{ratio(r, tutorial)} | {lag_cells} | {cpu} | {'yes' if r.ok else 'NO ' + r.error} |"
@@ -215,6 +218,9 @@ def main() -> int:
             ServerProcess([*server_script("upload_server.py"), "ours", str(ours_root)]) as ours,
             ServerProcess([*server_script("upload_server.py"), "tutorial", str(tut_root)]) as tut,
         ):
+            get_lag(ours.port)  # start the ticker, then measure the idle loop for a second
+            time.sleep(1.0 if not args.tiny else 0.2)
+            runs.append(Run("idle server (no upload)", True, 0.0, 0, get_lag(ours.port)))
             for rep in range(args.repeat):
                 runs.append(raw_write(raw_root, data, fsync=True))
                 runs.append(raw_write(raw_root, data, fsync=False))

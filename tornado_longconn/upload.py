@@ -18,9 +18,7 @@ Three layers, from the inside out:
   sanitized metadata), reopens them after a restart, expires idle partial uploads
   (:meth:`UploadStore.sweep`) and locks an upload to one writer at a time.
 
-Durability and restarts
------------------------
-The *durable offset* is the number of bytes in the partial file: a chunk counts once
+**Durability and restarts.** The *durable offset* is the number of bytes in the partial file: a chunk counts once
 its ``pwrite`` returned (it is then in the kernel, so it survives the death of the
 server process; :meth:`ChunkedUploadSink.finish` adds the ``fsync`` that makes the
 final file survive a power loss). Nothing else is trusted: after a restart the offset

@@ -121,7 +121,8 @@ def main() -> None:
     else:
         rules.append((r"/ws", TutorialUpload, {"root": root}))
     app = tornado.web.Application(rules, websocket_max_message_size=2 << 20)
-    serve_tornado(app, max_buffer_size=256 << 20)
+    # chunk_size: data_received gets up to 1 MiB at a time (Tornado's default is 64 KiB).
+    serve_tornado(app, chunk_size=1 << 20)
 
 
 if __name__ == "__main__":
