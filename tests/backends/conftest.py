@@ -1,0 +1,79 @@
+"""Fixtures for the backend tests: every contract test runs on every backend.
+
+``backend`` is parametrized over ``memory`` and ``redis``. Redis tests use the
+server at ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) with a unique key
+prefix per test, and are skipped with the reason when no server answers there.
+``make_peer()`` returns a second backend on the same bus: for Redis a new
+``RedisBackend`` with the same prefix (it stands for another process); for the
+in-memory backend the same object (one process is all it serves).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from backend_helpers import REDIS_URL, require_redis
+
+from tornado_longconn.backends import Backend, MemoryBackend
+
+
+class BackendFactory:
+    """Makes backends of one kind on one shared bus and closes them all at the end."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.prefix = f"test:{secrets.token_hex(6)}:"
+        self.made: list[Any] = []
+
+    async def make(self, **kwargs: Any) -> Any:
+        if self.kind == "memory":
+            if self.made:
+                return self.made[0]
+            backend: Any = MemoryBackend(**kwargs)
+        else:
+            from tornado_longconn.backends.redis import RedisBackend
+
+            backend = RedisBackend(REDIS_URL, prefix=self.prefix, **kwargs)
+        await backend.start()
+        self.made.append(backend)
+        return backend
+
+    async def close(self) -> None:
+        for backend in self.made:
+            await backend.close()
+        if self.kind == "redis" and self.made:
+            import redis.asyncio
+
+            client = redis.asyncio.Redis.from_url(REDIS_URL)
+            keys = [k async for k in client.scan_iter(match=self.prefix + "*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backends(request: pytest.FixtureRequest) -> AsyncIterator[BackendFactory]:
+    """A :class:`BackendFactory` for each backend kind."""
+    if request.param == "redis":
+        await require_redis()
+    factory = BackendFactory(request.param)
+    try:
+        yield factory
+    finally:
+        await factory.close()
+
+
+@pytest.fixture
+async def backend(backends: BackendFactory) -> Backend:
+    """A started backend of each kind (closed at the end of the test)."""
+    made: Backend = await backends.make()
+    return made
+
+
+@pytest.fixture
+def make_peer(backends: BackendFactory) -> Callable[[], Awaitable[Any]]:
+    """Another backend on the same bus ("another process" for Redis)."""
+    return backends.make
