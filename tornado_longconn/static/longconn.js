@@ -216,6 +216,7 @@
     this._timer = null;
     this._idleTimer = null;
     this._openedAt = 0;
+    this._immediate = false; // the next reconnect skips the backoff (reconnect())
     this._gen = 0;
     this._listeners = {};
     if (this._candidates.length === 0) {
@@ -326,7 +327,8 @@
       this._status("closed", { code: code, reason: info.reason, fatal: true });
       return;
     }
-    var immediate = false;
+    var immediate = this._immediate;
+    this._immediate = false;
     if (code === CloseCode.RESYNC_REQUIRED) {
       // The server could not resume from our cursor: start fresh, tell the app.
       this._resync(null, info.reason || "resync required");
@@ -465,6 +467,7 @@
   Connection.prototype.reconnect = function () {
     if (this.state === "closed") return;
     if (this._impl) {
+      this._immediate = true;
       this._impl.abort("reconnect");
     } else {
       this._open();
@@ -580,7 +583,9 @@
       }
       function poll() {
         if (stopped) return;
-        var timeout = conn.options.pollTimeout;
+        // The first request answers at once (timeout=0): it proves the endpoint works
+        // (the transport is "open") and delivers what the cursor missed.
+        var timeout = opened ? conn.options.pollTimeout : 0;
         var url = buildUrl(conn.options.pollUrl, conn._query({ timeout: timeout }));
         // A response lost on the way must not hang us: give up a bit after the server would.
         clearTimeout(timer);

@@ -214,12 +214,9 @@
           "resync"
         );
         system("— resynced (" + (info.reason || "history lost") + ") —");
-        seen.clear();
-        loadHistory().then(function (c) {
-          if (c && conn && conn.cursor !== c) {
-            conn.cursor = c;
-          }
-        });
+        // Show what the server has now; the connection already continues from the
+        // server's head, and `seen` keeps anything rendered twice out.
+        loadHistory();
       },
       onStatus: function (s) {
         var pill = $("status");
