@@ -85,6 +85,10 @@ _CORK_LIMIT = 64 * 1024
 Message: TypeAlias = Union[  # noqa: UP007 (a runtime alias on Python 3.10)
     str, bytes, bytearray, memoryview, dict[str, Any], list[Any], Encoded
 ]
+Message.__doc__ = (
+    "What a writer sends: str (text), bytes (binary), dict/list (JSON text), "
+    "or an already encoded message."
+)
 
 T = TypeVar("T")
 
