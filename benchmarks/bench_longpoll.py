@@ -1,0 +1,383 @@
+"""Long-poll benchmark: tornado-longconn's LongPollHandler vs a Tornado chat-demo peer.
+
+Two scenarios, both variants in the same run, each server in its own process (pinned
+to one CPU, CPU time measured with psutil through ``harness.ServerProcess``); the load
+client is this process (pinned to the other CPU), a raw asyncio HTTP/1.1 client.
+
+* ``burst``: ``N`` (5,000) concurrent long-poll requests wait; one publish releases
+  them. Measured: wall time from sending the publish until the last of the ``N``
+  responses is read, and server CPU seconds over the same interval. Every response
+  must carry exactly the published message.
+* ``polling``: ``P`` (20) clients poll in a loop with the cursor they were given while
+  a publisher sends ``M`` (2,000) messages in requests of ``B`` (5). Measured:
+  delivered messages per second (``P * M`` over the time from the first publish to
+  the last delivery) and server CPU per 1,000 delivered messages. Every poller must
+  receive every message exactly once, in order (duplicates and misses are counted).
+
+Variants: ``longconn`` (``benchmarks/servers/longpoll_longconn.py``: ``LongPollHandler``,
+``LongPollWaiter``, ``BroadcastGroup`` with history on the in-memory backend) and
+``chat-demo`` (``benchmarks/servers/longpoll_chatdemo.py``: ``tornado.locks.Condition``
++ 200-message cursor cache, as in Tornado's ``demos/chat``).
+
+Usage: ``python benchmarks/bench_longpoll.py [--tiny] [--repeat N] [--out PATH]``.
+``--tiny`` runs both scenarios at a tiny size (a few seconds) and exits non-zero if a
+delivery check of tornado-longconn fails. The full run writes
+``benchmarks/results/longpoll.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (
+    BENCH_DIR,
+    CLIENT_CPU,
+    ServerProcess,
+    bench_args,
+    check_payload,
+    server_script,
+    write_markdown,
+)
+
+__all__ = ["HttpConnection", "Outcome", "main"]
+
+VARIANTS = {"longconn": "longpoll_longconn.py", "chat-demo": "longpoll_chatdemo.py"}
+PEER = "chat-demo"
+SIZE = 64
+
+
+class HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection; one request at a time; Content-Length bodies."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._parse()
+
+    def _parse(self) -> None:
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None:
+            return
+        head = bytes(self.buf[:end]).split(b"\r\n")
+        status = int(head[0].split()[1])
+        length = 0
+        for line in head[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(self.buf) < end + 4 + length:
+            return
+        body = bytes(self.buf[end + 4 : end + 4 + length])
+        del self.buf[: end + 4 + length]
+        waiter, self.waiter = self.waiter, None
+        if not waiter.done():
+            waiter.set_result((status, body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"connection lost: {exc}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def send(self, method: str, path: str) -> asyncio.Future[tuple[int, bytes]]:
+        """Send a request now; the future resolves to ``(status, body)``."""
+        assert self.transport is not None and self.waiter is None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        return self.waiter
+
+    async def request(self, method: str, path: str) -> tuple[int, bytes]:
+        """Send a request and wait for its response."""
+        return await self.send(method, path)
+
+    async def close(self) -> None:
+        """Close and wait until the connection is gone."""
+        if self.transport is not None:
+            self.transport.close()
+        await self.closed
+
+
+async def connect(port: int) -> HttpConnection:
+    """A new connection to 127.0.0.1:port."""
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(HttpConnection, "127.0.0.1", port)
+    return proto
+
+
+async def connect_many(port: int, n: int, batch: int = 250) -> list[HttpConnection]:
+    """``n`` connections, opened ``batch`` at a time."""
+    conns: list[HttpConnection] = []
+    while len(conns) < n:
+        k = min(batch, n - len(conns))
+        conns += await asyncio.gather(*(connect(port) for _ in range(k)))
+    return conns
+
+
+async def wait_waiting(ctl: HttpConnection, n: int, timeout: float = 60.0) -> None:
+    """Poll the server's /stats (a bounded benchmark loop) until ``n`` requests wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, body = await ctl.request("GET", "/stats")
+        if json.loads(body)["waiting"] >= n:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {json.loads(body)['waiting']} of {n} requests waiting")
+        await asyncio.sleep(0.02)
+
+
+def payloads(variant: str, body: bytes) -> tuple[list[str], str | None]:
+    """The message payloads of one poll answer and the cursor to continue from."""
+    doc = json.loads(body)
+    if variant == "chat-demo":
+        msgs = doc["messages"]
+        return [m["body"] for m in msgs], (msgs[-1]["id"] if msgs else None)
+    if doc.get("gap"):
+        raise AssertionError(f"unexpected gap: {doc}")
+    return [m["data"] for m in doc["messages"]], doc["cursor"]
+
+
+def seq_of(payload: str) -> int:
+    """The sequence number a harness payload carries (-1 if it is corrupt)."""
+    data = payload.encode("ascii")
+    seq = int(data[:16], 16)
+    return seq if check_payload(seq, data) else -1
+
+
+def poll_path(variant: str, cursor: str | None, timeout: float = 60) -> str:
+    """The long-poll request path for a variant."""
+    if variant == "chat-demo":
+        return "/poll" + (f"?cursor={cursor}" if cursor else "")
+    return f"/poll?timeout={timeout:g}" + (f"&cursor={cursor}" if cursor else "")
+
+
+@dataclass
+class Outcome:
+    """One scenario run of one variant."""
+
+    scenario: str
+    variant: str
+    ok: bool
+    error: str = ""
+    count: int = 0  # requests answered (burst) / messages delivered (polling)
+    seconds: float = 0.0
+    cpu_s: float = 0.0
+    rss_growth_mb: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        """Answers (or deliveries) per second."""
+        return self.count / self.seconds if self.seconds else 0.0
+
+
+async def burst(server: ServerProcess, variant: str, n: int) -> Outcome:
+    """``n`` waiting long-polls released by one publish."""
+    conns = await connect_many(server.port, n)
+    ctl = await connect(server.port)
+    try:
+        pending = [c.send("GET", poll_path(variant, None)) for c in conns]
+        await wait_waiting(ctl, n)
+        server.mark()
+        t0 = time.perf_counter()
+        await ctl.request("POST", f"/publish?n=1&size={SIZE}&seq=0")
+        answers = await asyncio.wait_for(asyncio.gather(*pending), 120)
+        seconds = time.perf_counter() - t0
+        usage = server.measure()
+        bad = 0
+        for status, body in answers:
+            got = payloads(variant, body)[0] if status == 200 else []
+            if [seq_of(p) for p in got] != [0]:
+                bad += 1
+        return Outcome(
+            "burst",
+            variant,
+            ok=bad == 0,
+            error=f"{bad} of {n} answers wrong" if bad else "",
+            count=n,
+            seconds=seconds,
+            cpu_s=usage["cpu_s"],
+            rss_growth_mb=usage["rss_growth_mb"],
+        )
+    finally:
+        await asyncio.gather(*(c.close() for c in [*conns, ctl]))
+
+
+async def polling(
+    server: ServerProcess, variant: str, pollers: int, messages: int, batch: int
+) -> Outcome:
+    """``pollers`` polling loops while ``messages`` are published ``batch`` at a time."""
+    conns = await connect_many(server.port, pollers)
+    ctl = await connect(server.port)
+    received: list[list[int]] = [[] for _ in range(pollers)]
+    done_at: list[float] = [0.0] * pollers
+
+    async def poll_loop(i: int, conn: HttpConnection) -> None:
+        cursor: str | None = None
+        if variant == "longconn":  # start at the head, like a client's first poll
+            _, body = await conn.request("GET", poll_path(variant, None, timeout=0))
+            cursor = payloads(variant, body)[1]
+        got = received[i]
+        while not got or got[-1] != messages - 1:
+            status, body = await conn.request("GET", poll_path(variant, cursor))
+            if status != 200:
+                raise AssertionError(f"HTTP {status}: {body[:200]!r}")
+            data, cursor = payloads(variant, body)
+            got.extend(seq_of(p) for p in data)
+        done_at[i] = time.perf_counter()
+
+    try:
+        loops = [asyncio.ensure_future(poll_loop(i, c)) for i, c in enumerate(conns)]
+        await wait_waiting(ctl, pollers)
+        server.mark()
+        t0 = time.perf_counter()
+        for seq in range(0, messages, batch):
+            k = min(batch, messages - seq)
+            await ctl.request("POST", f"/publish?n={k}&size={SIZE}&seq={seq}")
+        await asyncio.wait_for(asyncio.gather(*loops), 120)
+        seconds = max(done_at) - t0
+        usage = server.measure()
+    finally:
+        await asyncio.gather(*(c.close() for c in [*conns, ctl]))
+    expected = list(range(messages))
+    dups = sum(len(r) - len(set(r)) for r in received)
+    missing = sum(messages - len(set(r) & set(expected)) for r in received)
+    in_order = all(r == expected for r in received)
+    return Outcome(
+        "polling",
+        variant,
+        ok=in_order,
+        error="" if in_order else f"{dups} duplicates, {missing} missing",
+        count=pollers * messages,
+        seconds=seconds,
+        cpu_s=usage["cpu_s"],
+        rss_growth_mb=usage["rss_growth_mb"],
+        extra={"duplicates": dups, "missing": missing},
+    )
+
+
+def run(variant: str, scenario: str, sizes: dict[str, int]) -> Outcome:
+    """Start a fresh server for the variant and run one scenario against it."""
+    if os.environ.get("BENCH_CLIENT_LOOP", "uvloop") == "uvloop":
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    with ServerProcess(server_script(VARIANTS[variant])) as server:
+        try:
+            if scenario == "burst":
+                return asyncio.run(burst(server, variant, sizes["n"]))
+            return asyncio.run(
+                polling(server, variant, sizes["pollers"], sizes["messages"], sizes["batch"])
+            )
+        except Exception as exc:  # report, do not crash the whole benchmark
+            return Outcome(scenario, variant, ok=False, error=f"{type(exc).__name__}: {exc}")
+
+
+def best(outcomes: list[Outcome]) -> list[Outcome]:
+    """The fastest verified run per (scenario, variant); a failed one if none verified."""
+    chosen: dict[tuple[str, str], Outcome] = {}
+    for o in outcomes:
+        key = (o.scenario, o.variant)
+        cur = chosen.get(key)
+        if cur is None or (o.ok and (not cur.ok or o.seconds < cur.seconds)):
+            chosen[key] = o
+    return list(chosen.values())
+
+
+def table(results: list[Outcome]) -> str:
+    """The markdown results table with ratios vs the chat-demo peer."""
+    by_key = {(r.scenario, r.variant): r for r in results}
+    lines = [
+        "| scenario | variant | verified | answered / delivered | time ms | per second "
+        "| server CPU ms | CPU µs per answer | time vs chat-demo | CPU vs chat-demo |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        peer = by_key.get((r.scenario, PEER))
+        time_ratio = cpu_ratio = "-"
+        if peer is not None and peer.ok and r.ok and peer.seconds and peer.cpu_s:
+            time_ratio = f"{r.seconds / peer.seconds:.2f}x"
+            cpu_ratio = f"{r.cpu_s / peer.cpu_s:.2f}x"
+        lines.append(
+            f"| {r.scenario} | {r.variant} | {'yes' if r.ok else 'NO: ' + r.error} "
+            f"| {r.count:,} | {r.seconds * 1000:,.1f} | {r.rate:,.0f} | {r.cpu_s * 1000:,.1f} "
+            f"| {r.cpu_s / r.count * 1e6 if r.count else 0:,.1f} | {time_ratio} | {cpu_ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; return the exit code."""
+    args = bench_args(__doc__.splitlines()[0] if __doc__ else "bench_longpoll", argv)
+    if CLIENT_CPU is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {CLIENT_CPU})
+    if args.tiny:
+        sizes = {"n": 200, "pollers": 4, "messages": 100, "batch": 5}
+    else:
+        sizes = {"n": 5000, "pollers": 20, "messages": 2000, "batch": 5}
+    outcomes: list[Outcome] = []
+    for _ in range(args.repeat):
+        for scenario in ("burst", "polling"):
+            for variant in VARIANTS:
+                o = run(variant, scenario, sizes)
+                print(
+                    f"{scenario:8} {variant:10} ok={o.ok} {o.count} in {o.seconds * 1000:.1f} ms "
+                    f"cpu {o.cpu_s * 1000:.1f} ms {o.error}",
+                    flush=True,
+                )
+                outcomes.append(o)
+    results = best(outcomes)
+    body = table(results)
+    print(body)
+    if not args.tiny:
+        notes = (
+            f"\nSizes: burst N = {sizes['n']:,} concurrent long-polls released by one publish; "
+            f"polling: {sizes['pollers']} polling loops, {sizes['messages']:,} messages "
+            f"published {sizes['batch']} per request, {SIZE}-byte payloads. Best of "
+            f"{args.repeat} runs per row, each on a fresh server process.\n\n"
+            "*time* is from sending the publish until the last response is read (burst) or "
+            "until the last poller has every message (polling); *server CPU* is user+system "
+            "time of the server process over the same interval. Ratios below 1 mean "
+            "tornado-longconn is faster / cheaper than the chat-demo peer. The chat-demo "
+            "peer has no history bound per client and no gap answer: a poller whose cursor "
+            "left its 200-message cache gets the whole cache again (counted as duplicates "
+            "if it happens).\n"
+        )
+        out = Path(args.out) if args.out else BENCH_DIR / "results" / "longpoll.md"
+        write_markdown(
+            out,
+            "Long-poll: tornado-longconn vs a Tornado chat-demo peer",
+            "python benchmarks/bench_longpoll.py",
+            body + notes,
+        )
+        print(f"wrote {out}")
+    failed = [r for r in results if not r.ok and r.variant != PEER]
+    for r in results:
+        if not r.ok:
+            print(f"FAILED {r.scenario} / {r.variant}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
