@@ -1,0 +1,61 @@
+"""Run every ``benchmarks/bench_*.py``: ``python benchmarks/run_all.py [--tiny] [-k TEXT]``.
+
+With ``--tiny`` each script runs its scenarios once at a tiny size (CI: delivery is
+verified, nothing is written to ``benchmarks/results/``); without it, each runs in
+full and writes its results file. Prints one line per script and exits non-zero if
+any script fails (non-zero exit or timeout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["discover", "main"]
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def discover(directory: Path = BENCH_DIR) -> list[Path]:
+    """The benchmark scripts in ``directory``, sorted by name."""
+    return sorted(directory.glob("bench_*.py"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the scripts; return 0 if all passed, 1 otherwise."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="tiny sizes, for CI")
+    p.add_argument("-k", dest="select", default="", help="only scripts whose name contains this")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per script")
+    args = p.parse_args(argv)
+    timeout = args.timeout or (120.0 if args.tiny else 900.0)
+    scripts = [s for s in discover() if args.select in s.name]
+    if not scripts:
+        print("no benchmark scripts found", file=sys.stderr)
+        return 1
+    failed = []
+    t_all = time.monotonic()
+    for script in scripts:
+        cmd = [sys.executable, str(script)] + (["--tiny"] if args.tiny else [])
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+            output = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            status = f"FAILED (timeout after {timeout:.0f} s)"
+            output = f"{exc.stdout or ''}{exc.stderr or ''}"
+        print(f"{script.name:<32} {status:<24} {time.monotonic() - t0:6.1f} s", flush=True)
+        if status != "ok":
+            failed.append(script.name)
+            print("    " + "\n    ".join(str(output).strip().splitlines()[-20:]), flush=True)
+    total = time.monotonic() - t_all
+    print(f"{len(scripts) - len(failed)}/{len(scripts)} benchmark scripts passed in {total:.1f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
