@@ -787,27 +787,38 @@ class BackpressureWriter:
         state.flushed(stream_pending_bytes(stream))
 
     async def _wait_turn(self) -> None:
+        """Wait (in FIFO order with other senders) until a message may be committed."""
         state = self._state
         self._refresh()
         if not self._waiters and not state.must_wait():
             return
         state.waits += 1
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._waiters.append(fut)
-        self._flush()
-        self._progress()
-        try:
-            await fut
-        except BaseException:
+        first = True
+        while True:
+            fut: asyncio.Future[None] = self._loop.create_future()
+            if first:
+                self._waiters.append(fut)
+                first = False
+            else:
+                self._waiters.appendleft(fut)  # keep this sender's place
+            self._flush()
+            self._progress()
             try:
-                self._waiters.remove(fut)
-            except ValueError:
-                # Woken but cancelled before running: hand the turn on.
-                if not state.must_wait():
-                    self._wake_next()
-            raise
-        if state.closed:
-            self._raise_closed()
+                await fut
+            except BaseException:
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    # Woken but cancelled before running: hand the turn on.
+                    if not state.must_wait():
+                        self._wake_next()
+                raise
+            if state.closed:
+                self._raise_closed()
+            self._refresh()
+            if not state.must_wait():
+                return
+            # Woken, but others (send_nowait) filled the buffer again: wait again.
 
     def _wake_next(self) -> None:
         waiters = self._waiters
