@@ -88,10 +88,13 @@ async def closed_with(ws: Any) -> int:
     return int(info.value.rcvd.code)
 
 
-async def test_upload_with_window_and_acks(store: UploadStore) -> None:
+@pytest.mark.parametrize("read_ahead", [False, True])
+async def test_upload_with_window_and_acks(store: UploadStore, read_ahead: bool) -> None:
     data = os.urandom(1_000_000)
     done: list[ChunkedUploadSink] = []
-    async with serve(store, chunk_size=64 * 1024, window=4, on_complete=done.append) as (url, _):
+    async with serve(
+        store, chunk_size=64 * 1024, window=4, on_complete=done.append, read_ahead=read_ahead
+    ) as (url, _):
         result = await asyncio.wait_for(upload(url, data, name="../../x.bin"), scaled(20))
     assert result["type"] == "complete"
     assert result["sha256"] == hashlib.sha256(data).hexdigest()
@@ -124,10 +127,11 @@ async def test_ready_message_and_acks_carry_durable_offsets(store: UploadStore) 
     assert read(store.final_path(ready["id"])) == b"0123456789ab"
 
 
-async def test_resume_after_disconnect(store: UploadStore) -> None:
+@pytest.mark.parametrize("read_ahead", [False, True])
+async def test_resume_after_disconnect(store: UploadStore, read_ahead: bool) -> None:
     data = os.urandom(300_000)
     ready: list[dict[str, Any]] = []
-    async with serve(store, chunk_size=32 * 1024) as (url, events):
+    async with serve(store, chunk_size=32 * 1024, read_ahead=read_ahead) as (url, events):
         await upload(url, data, on_ready=ready.append, stop_after=3)
         await asyncio.wait_for(events["closed"].wait(), scaled(5))
         await store.drain_tasks()
@@ -209,7 +213,10 @@ async def test_abort_removes_the_upload(store: UploadStore) -> None:
     assert not exists(store.partial_path(upload_id))
 
 
-async def test_disk_full_closes_4507_and_keeps_the_bytes_on_disk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("read_ahead", [False, True])
+async def test_disk_full_closes_4507_and_keeps_the_bytes_on_disk(
+    tmp_path: Path, read_ahead: bool
+) -> None:
     class TinyDisk(UploadStore):
         capacity = 50_000
 
@@ -222,7 +229,7 @@ async def test_disk_full_closes_4507_and_keeps_the_bytes_on_disk(tmp_path: Path)
     store = TinyDisk(tmp_path)
     data = os.urandom(100_000)
     ready: list[dict[str, Any]] = []
-    async with serve(store, chunk_size=20_000) as (url, events):
+    async with serve(store, chunk_size=20_000, read_ahead=read_ahead) as (url, events):
         with pytest.raises(ConnectionClosed) as info:
             await upload(url, data, on_ready=ready.append)
         assert info.value.rcvd is not None
@@ -269,3 +276,35 @@ def test_close_codes_mirror_http_statuses() -> None:
     assert close_code_for(UploadError("x", status=410)) == CloseCode.UPLOAD_NOT_FOUND
     assert close_code_for(UploadError("x", status=500)) == CloseCode.INTERNAL_ERROR
     assert OFFSET_HEADER.unpack(encode_chunk(2**40, b"z")[:8]) == (2**40,)
+
+
+async def test_read_ahead_reads_while_storing_and_acks_only_stored_chunks(tmp_path: Path) -> None:
+    gate = threading.Event()
+    loop = asyncio.get_running_loop()
+    writing = asyncio.Event()
+
+    class Gated(UploadStore):
+        def write_at(self, fd: int, data: memoryview, offset: int) -> int:
+            loop.call_soon_threadsafe(writing.set)
+            gate.wait(scaled(10))
+            return super().write_at(fd, data, offset)
+
+    store = Gated(tmp_path, max_in_flight=2)
+    async with (
+        serve(store, chunk_size=4, read_ahead=True) as (url, events),
+        websockets.connect(url) as ws,
+    ):
+        await ws.send(json.dumps({"type": "start", "size": 12}))
+        await ws.recv()
+        for i in range(3):
+            await ws.send(encode_chunk(4 * i, b"abcd"))
+        await asyncio.wait_for(writing.wait(), scaled(5))
+        # A second chunk is read while the first is being stored; the third waits
+        # for room (max_in_flight=2), and nothing is acknowledged yet.
+        await asyncio.sleep(scaled(0.05))
+        assert events["messages"] == 3
+        gate.set()
+        offsets = [json.loads(await ws.recv())["offset"] for _ in range(3)]
+        assert offsets == [4, 8, 12]
+        assert json.loads(await ws.recv())["type"] == "complete"
+        assert events["messages"] == 4

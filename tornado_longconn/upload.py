@@ -56,7 +56,7 @@ import secrets
 import time
 import unicodedata
 from collections import deque
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -370,6 +370,11 @@ class ChunkedUploadSink:
         self._locked = False
         self._segment: tuple[int, _Hasher, _Hasher, str, bytes] | None = None
         self._final_sha256: str | None = None
+        #: Optional ``callback(durable_offset, error)``, called on the event loop after
+        #: each write job is stored (``error`` None) or failed (``error`` the
+        #: ``UploadError``, which :meth:`write`/:meth:`flush` still raise once).
+        #: Used to acknowledge chunks while later ones are being read.
+        self.stored_callback: Callable[[int, UploadError | None], None] | None = None
 
     # -- properties -----------------------------------------------------------------
 
@@ -473,11 +478,28 @@ class ChunkedUploadSink:
             self._queue.append(bytes(self._buffer))
             self._buffer.clear()
         self._start_writer()
+        return self._room_future()
+
+    def _room_future(self) -> asyncio.Future[None]:
         if len(self._queue) < self.store.max_in_flight:
             return self._done_future()
         if self._room is None or self._room.done():
             self._room = asyncio.get_running_loop().create_future()
         return self._room
+
+    def commit(self) -> asyncio.Future[None]:
+        """Hand the buffered bytes to the writer now, without waiting for the disk.
+
+        Makes the bytes written so far one write job of their own (so
+        :attr:`stored_callback` reports exactly this boundary). Returns the same kind
+        of future as :meth:`write`: resolved once fewer than ``max_in_flight`` jobs
+        wait.
+        """
+        if self._buffer and self._error is None:
+            self._queue.append(bytes(self._buffer))
+            self._buffer.clear()
+            self._start_writer()
+        return self._room_future()
 
     async def flush(self) -> int:
         """Store every queued byte; return the durable offset.
@@ -531,10 +553,14 @@ class ChunkedUploadSink:
                     self._queue.clear()
                     self._buffer.clear()
                     self.state.drop_queued()
+                    if self.stored_callback is not None:
+                        self.stored_callback(self.offset, self._error)
                     return
                 self._queue.popleft()
                 self.state.stored(len(data), time.time())
                 store.stats.bytes_stored += len(data)
+                if self.stored_callback is not None:
+                    self.stored_callback(self.offset, None)
                 room = self._room
                 if len(self._queue) < store.max_in_flight and room is not None and not room.done():
                     room.set_result(None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import json
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -69,6 +70,12 @@ def encode_chunk(offset: int, data: bytes) -> bytes:
     return OFFSET_HEADER.pack(offset) + data
 
 
+def _retrieve(future: Any) -> None:
+    # A failed ack write (peer gone) is normal: mark the exception as retrieved.
+    if not future.cancelled():
+        future.exception()
+
+
 def _reason(text: str) -> str:
     # A close reason must fit in a control frame (123 bytes of UTF-8).
     return text.encode("utf-8")[:120].decode("utf-8", errors="ignore")
@@ -82,6 +89,11 @@ class WebSocketUploadMixin:
     * :attr:`upload_window` [8] -- K: chunks a client may send before an ack.
     * :attr:`upload_chunk_size` [1 MiB] -- C: largest chunk payload; bigger closes
       with 4400. Keep ``websocket_max_message_size`` above ``C + 8``.
+    * :attr:`upload_read_ahead` [False] -- False: ``on_message`` returns once the
+      chunk is stored, so Tornado reads no further message before. True: up to the
+      store's ``max_in_flight`` chunks wait for the disk while the next message is
+      read (higher throughput per connection, same bounded memory); acks still
+      mean "stored".
 
     ``on_message`` handles the protocol and returns the awaitable of the storage
     write. Override :meth:`upload_complete` to act on a finished file. One upload at a
@@ -91,8 +103,10 @@ class WebSocketUploadMixin:
     upload_store: UploadStore
     upload_window: int = 8
     upload_chunk_size: int = 1 << 20
+    upload_read_ahead: bool = False
     _upload_sink: ChunkedUploadSink | None = None
     _upload_sha256: str | None = None
+    _upload_acks: deque[int] | None = None
 
     async def on_message(self, message: str | bytes) -> None:
         """Handle one protocol message; Tornado awaits it before reading the next."""
@@ -131,6 +145,7 @@ class WebSocketUploadMixin:
         try:
             await sink.flush()
         finally:
+            sink.stored_callback = None
             sink.release()
 
     async def _upload_release(self) -> None:
@@ -141,6 +156,7 @@ class WebSocketUploadMixin:
             except UploadError:
                 pass
             finally:
+                sink.stored_callback = None
                 sink.release()
 
     async def _upload_send(self, payload: dict[str, Any]) -> None:
@@ -198,6 +214,9 @@ class WebSocketUploadMixin:
             sink.acquire()
             self._upload_sink = sink
             self._upload_sha256 = sha256
+            if self.upload_read_ahead:
+                self._upload_acks = deque()
+                sink.stored_callback = self._upload_stored
             await self._upload_send(self._upload_ready(sink))
             if sink.state.is_stored:
                 await self._upload_finish(sink)
@@ -206,6 +225,7 @@ class WebSocketUploadMixin:
             if current is None:
                 raise UploadError("no upload in progress", status=400)
             self._upload_sink = None
+            current.stored_callback = None
             current.release()
             await current.abort()
             await self._upload_send({"type": "aborted", "id": current.id})
@@ -221,16 +241,39 @@ class WebSocketUploadMixin:
         if len(message) - OFFSET_HEADER.size > self.upload_chunk_size:
             raise UploadError(f"chunk payload above {self.upload_chunk_size} bytes", status=400)
         (offset,) = OFFSET_HEADER.unpack_from(message)
-        if offset != sink.offset:
-            raise UploadError(f"chunk offset {offset}, expected {sink.offset}", status=409)
+        if offset != sink.state.accepted:
+            raise UploadError(f"chunk offset {offset}, expected {sink.state.accepted}", status=409)
         sink.write(memoryview(message)[OFFSET_HEADER.size :])
-        stored = await sink.flush()
-        await self._upload_send({"type": "ack", "offset": stored})
+        if self.upload_read_ahead and self._upload_acks is not None:
+            self._upload_acks.append(sink.state.accepted)
+            room = sink.commit()  # one write job per chunk: one ack per chunk
+            if sink.state.remaining:
+                await room
+                return
+            await sink.flush()  # the last chunk: acks were sent by _upload_stored
+        else:
+            stored = await sink.flush()
+            await self._upload_send({"type": "ack", "offset": stored})
         if sink.state.is_stored:
             await self._upload_finish(sink)
 
+    def _upload_stored(self, offset: int, error: UploadError | None) -> None:
+        """Read-ahead mode: ack every chunk stored by now, or close on a storage error."""
+        acks = self._upload_acks
+        if error is not None:
+            self._ws.close(close_code_for(error), _reason(str(error)))
+            return
+        while acks and acks[0] <= offset:
+            end = acks.popleft()
+            try:
+                sent = self._ws.write_message(json.dumps({"type": "ack", "offset": end}))
+            except tornado.websocket.WebSocketClosedError:
+                return
+            sent.add_done_callback(_retrieve)
+
     async def _upload_finish(self, sink: ChunkedUploadSink) -> None:
         self._upload_sink = None
+        sink.stored_callback = None
         sink.release()
         await sink.finish(expected_sha256=self._upload_sha256)
         result = self.upload_complete(sink)
@@ -245,7 +288,8 @@ class WebSocketUploadHandler(WebSocketUploadMixin, tornado.websocket.WebSocketHa
     """A ready-made upload endpoint: ``(r"/upload", WebSocketUploadHandler, {"store": s})``.
 
     ``initialize`` keyword arguments: ``store`` (required), ``window`` [8],
-    ``chunk_size`` [1 MiB], ``on_complete`` [None] (called with the sink, may be async).
+    ``chunk_size`` [1 MiB], ``on_complete`` [None] (called with the sink, may be async),
+    ``read_ahead`` [False] (see :attr:`WebSocketUploadMixin.upload_read_ahead`).
     """
 
     def initialize(
@@ -254,11 +298,13 @@ class WebSocketUploadHandler(WebSocketUploadMixin, tornado.websocket.WebSocketHa
         window: int = 8,
         chunk_size: int = 1 << 20,
         on_complete: Callable[[ChunkedUploadSink], Awaitable[None] | None] | None = None,
+        read_ahead: bool = False,
     ) -> None:
         """Keep the configuration (see the class docstring)."""
         self.upload_store = store
         self.upload_window = window
         self.upload_chunk_size = chunk_size
+        self.upload_read_ahead = read_ahead
         self._on_complete = on_complete
 
     def upload_complete(self, sink: ChunkedUploadSink) -> Awaitable[None] | None:

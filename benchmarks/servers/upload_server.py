@@ -7,7 +7,8 @@ announces ``PORT <n>``.
 Variants:
 
 * ``ours``: ``TusUploadHandler`` at ``/files/`` and ``WebSocketUploadHandler`` at
-  ``/ws`` on one ``UploadStore(ROOT)`` (executor writes, sha256, fsync + rename);
+  ``/ws`` (and with ``read_ahead=True`` at ``/ws-ra``) on one ``UploadStore(ROOT)``
+  (executor writes, sha256, fsync + rename);
 * ``tutorial``: the tutorial's WebSocket upload: ``self.file.write(chunk)`` inside
   ``on_message`` on the event loop, no checksum, no fsync; it speaks the same
   start/ack/complete messages so the same client drives it.
@@ -118,6 +119,9 @@ def main() -> None:
         store = UploadStore(root, max_size=4 << 30, chunk_size=1 << 20, max_in_flight=4)
         rules += TusUploadHandler.routes("/files", store=store)
         rules.append((r"/ws", WebSocketUploadHandler, {"store": store, "window": 8}))
+        rules.append(
+            (r"/ws-ra", WebSocketUploadHandler, {"store": store, "window": 8, "read_ahead": True})
+        )
     else:
         rules.append((r"/ws", TutorialUpload, {"root": root}))
     app = tornado.web.Application(rules, websocket_max_message_size=2 << 20)
