@@ -54,7 +54,7 @@ class BackendFactory:
             await client.aclose()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def backends(request: pytest.FixtureRequest) -> AsyncIterator[BackendFactory]:
     """A :class:`BackendFactory` for each backend kind."""
     if request.param == "redis":

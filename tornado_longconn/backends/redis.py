@@ -334,6 +334,9 @@ class RedisBackend:
                 redis,
                 socket_connect_timeout=connect_timeout,
                 socket_timeout=command_timeout,
+                # RESP2: the pool then checks a pooled connection for EOF before use,
+                # so the first command after a Redis restart gets a fresh connection.
+                protocol=2,
                 retry=Retry(NoBackoff(), 0),
             )
             self._owns_client = True
