@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
@@ -562,3 +563,48 @@ async def test_upload_survives_a_server_kill(tmp_path: Path) -> None:
     # The server re-hashed the partial file after the restart and got the same digest.
     assert f"sha256={digest}" in output
     assert hashlib.sha256(read(tmp_path / upload_id)).hexdigest() == digest
+
+
+async def test_body_is_not_read_while_the_disk_is_busy(tmp_path: Path) -> None:
+    """data_received returns the sink's awaitable: a slow disk stops Tornado reading."""
+    gate = threading.Event()
+    loop = asyncio.get_running_loop()
+    writing = asyncio.Event()
+
+    class SlowDisk(UploadStore):
+        def write_at(self, fd: int, data: memoryview, offset: int) -> int:
+            loop.call_soon_threadsafe(writing.set)
+            gate.wait(scaled(10))
+            return super().write_at(fd, data, offset)
+
+    chunk = 64 * 1024
+    store = SlowDisk(tmp_path, chunk_size=chunk, max_in_flight=1)
+    data = os.urandom(8 << 20)
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        url = await create(http, server, len(data))
+        upload_id = url.rsplit("/", 1)[1]
+        sock = await raw_patch(server, "/files/" + upload_id, 0, len(data))
+        sender = asyncio.ensure_future(loop.sock_sendall(sock, data))
+        try:
+            await asyncio.wait_for(writing.wait(), scaled(5))
+            await asyncio.sleep(
+                scaled(0.1)
+            )  # a window in which an unthrottled reader would read on
+            sink = await store.open(upload_id)
+            # One chunk at the disk, at most one queued, one being coalesced.
+            assert sink.state.accepted <= 3 * chunk
+            assert not sender.done()  # the client is blocked by TCP flow control
+            gate.set()
+            await asyncio.wait_for(sender, scaled(20))
+            reply = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(20))
+            assert reply.startswith(b"HTTP/1.1 204")
+        finally:
+            gate.set()
+            sock.close()
+            if not sender.done():
+                sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+    assert (
+        hashlib.sha256(read(store.final_path(upload_id))).hexdigest()
+        == hashlib.sha256(data).hexdigest()
+    )
