@@ -127,6 +127,7 @@ async def test_exact_delivery_to_websockets_client(server: AppServer, ctx: Ctx) 
         async def produce() -> None:
             for i, m in enumerate(messages):
                 if i % 3 == 0:
+                    await writer.drained()  # then send_nowait cannot meet the policy
                     assert writer.send_nowait(m) is SendResult.WRITTEN
                 else:
                     await writer.send(m)

@@ -138,6 +138,7 @@ def check_same(sent: list[Any], received: list[Any]) -> None:
 async def produce(writer: BackpressureWriter, messages: list[Any]) -> None:
     for i, m in enumerate(messages):
         if i % 2:
+            await writer.drained()  # then send_nowait cannot meet the policy
             assert writer.send_nowait(m) is SendResult.WRITTEN
         else:
             await writer.send(m)
@@ -215,6 +216,7 @@ class NoTakeoverHandler(WsHandler):
 
 async def test_deflate_without_context_takeover_shares_one_frame(ctx: Ctx) -> None:
     ctx.compression = {}
+    ctx.writer_kwargs = {"high_water": 64 << 20}  # the whole burst fits: no policy applies
     app = tornado.web.Application([("/ws", NoTakeoverHandler, {"ctx": ctx})])
     async with AppServer(app) as server:
         url = server.ws_url("/ws")
