@@ -134,6 +134,7 @@ async def test_create_head_patch_complete(store: UploadStore) -> None:
         assert last.status_code == 204 and last.headers["Upload-Offset"] == str(len(data))
         head = await http.head(url, headers=TUS)
         assert head.headers["Upload-Offset"] == str(len(data))
+        assert (await http.delete(url, headers=TUS)).status_code == 409
     assert read(store.final_path(upload_id)) == data
     assert [s.id for s in done] == [upload_id]
     assert done[0].sha256 == hashlib.sha256(data).hexdigest()

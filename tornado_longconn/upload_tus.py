@@ -35,6 +35,7 @@ from tornado_longconn.exceptions import UploadError
 from tornado_longconn.upload import (
     CHECKSUM_ALGORITHMS,
     ChunkedUploadSink,
+    UploadStatus,
     UploadStore,
     encode_tus_metadata,
     is_upload_id,
@@ -368,11 +369,19 @@ class TusUploadHandler(tornado.web.RequestHandler):
         self.set_status(200)
 
     async def delete(self, upload_id: str) -> None:
-        """Termination: 204, the upload's files are removed; 423 while it is being written."""
+        """Termination: 204, the upload's files are removed.
+
+        423 while another request writes it; 409 once it is complete (the final file
+        then belongs to the application, see :meth:`upload_complete`).
+        """
         try:
             sink = await self._open(upload_id)
             if sink.locked:
                 raise UploadError("the upload is being written", status=423)
+            if sink.state.status is UploadStatus.COMPLETE:
+                raise UploadError(
+                    "the upload is complete; its file is the application's", status=409
+                )
             await sink.abort()
         except UploadError as err:
             self._fail(err)
