@@ -109,8 +109,12 @@ class Room:
 
     def set_latency(self, user: str, latency: float | None) -> None:
         entry = self.present.get(user)
-        if entry is not None and latency is not None:
-            entry["latency"] = latency
+        if entry is None or latency is None:
+            return
+        old = entry["latency"]
+        entry["latency"] = latency
+        # Snapshots go into the room's history: publish only changes worth showing.
+        if old is None or abs(latency - old) > max(0.002, 0.2 * old):
             self.changed(delay=self.demo.latency_refresh)
 
     def snapshot(self) -> dict[str, Any]:
@@ -171,16 +175,20 @@ class Demo:
             log.warning("could not publish to %s", room.name, exc_info=True)
 
     async def history(self, room: Room) -> dict[str, Any]:
-        """The room's last RECENT messages and the cursor to continue from."""
+        """The room's last RECENT chat and file messages, and the cursor to continue from."""
         topic = room.group.name
         head = await self.backend.head(topic)
-        result = await self.backend.since(topic, Cursor(head.epoch, max(0, head.offset - RECENT)))
+        result = await self.backend.since(topic, Cursor(head.epoch, max(0, head.offset - HISTORY)))
         messages = [
-            {"cursor": str(m.cursor), "data": json.loads(m.data)}
+            {"cursor": str(m.cursor), "data": data}
             for m in result.messages
-            if isinstance(m.data, str)
+            if isinstance(m.data, str) and (data := json.loads(m.data)).get("type") != "presence"
         ]
-        return {"messages": messages, "cursor": str(result.cursor), "presence": room.snapshot()}
+        return {
+            "messages": messages[-RECENT:],
+            "cursor": str(result.cursor),
+            "presence": room.snapshot(),
+        }
 
     async def upload_complete(self, sink: ChunkedUploadSink) -> None:
         """Announce a finished upload in the room named in its metadata."""
