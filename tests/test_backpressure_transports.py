@@ -27,7 +27,7 @@ import websockets
 
 from tornado_longconn._frames import encode_message
 from tornado_longconn.backpressure import BackpressureWriter, OverflowPolicy, SendResult
-from tornado_longconn.exceptions import PeerGoneError
+from tornado_longconn.exceptions import ConnectionClosedError, PeerGoneError
 from tornado_longconn.testing import AppServer, WebSocketTestClient, scaled
 
 KIB = 1024
@@ -318,6 +318,22 @@ async def test_http_stream_delivery(server: AppServer, ctx: Ctx) -> None:
     assert body == expected
     with pytest.raises(TypeError):
         writer.send_nowait(None)  # type: ignore[arg-type]
+
+
+async def test_http_finish_by_the_handler_flushes_first(server: AppServer, ctx: Ctx) -> None:
+    async with (
+        httpx.AsyncClient(timeout=scaled(10)) as http,
+        http.stream("GET", server.url("/stream?headers=now")) as response,
+    ):
+        writer = await ctx.writer()
+        writer.send_nowait("corked, then ")
+        writer._target.finish("finished")  # the cork goes out before the last chunk
+        assert writer.closed
+        assert writer.send_nowait("late") is SendResult.CLOSED
+        with pytest.raises(ConnectionClosedError):
+            await writer.send("late")
+        assert await response.aread() == b"corked, then finished"
+    ctx.finish.set()
 
 
 def dechunk(data: bytes) -> Iterator[bytes]:

@@ -474,7 +474,15 @@ class BackpressureWriter:
             raise TypeError("a RequestHandler target needs an HTTP/1 connection with a stream")
         self._stream = stream
         #: True when the connection is closing or closed (one call on the hot path).
-        self._is_closing = self._proto.is_closing if self._websocket else stream.closed
+        if self._websocket:
+            self._is_closing = self._proto.is_closing
+        else:
+            target_: Any = target
+
+            def http_closing() -> bool:
+                return stream.closed() or bool(target_._finished)
+
+            self._is_closing = http_closing
         if self._is_closing():
             self._sync_closed()
         setattr(target, _ATTR, self)
@@ -694,12 +702,14 @@ class BackpressureWriter:
         stream = self._stream
         proto = self._proto
         if (
-            proto is not None
-            and proto.server_terminated
-            and not proto.client_terminated
-            and (stream is None or not stream.closed())
+            stream is not None
+            and not stream.closed()
+            and (
+                (proto is not None and proto.server_terminated and not proto.client_terminated)
+                or (proto is None and self._target._finished)
+            )
         ):
-            self._closed_here()  # the handler sent a close frame itself
+            self._closed_here()  # the handler sent a close frame, or finished the response
         else:
             self._mark_gone(StreamClosedError(real_error=None if stream is None else stream.error))
 
