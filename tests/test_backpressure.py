@@ -252,6 +252,26 @@ async def test_concurrent_senders_keep_the_bound(server: AppServer, ctx: Ctx) ->
         client.vanish()
 
 
+async def test_cancelled_waiter_hands_its_turn_on(server: AppServer, ctx: Ctx) -> None:
+    ctx.writer_kwargs = {"high_water": 64 * KIB}
+    client = await stopped_client(server)
+    try:
+        writer = await ctx.writer()
+        sent = await fill_until(writer)
+        first = asyncio.ensure_future(writer.send("cancelled"))
+        second = asyncio.ensure_future(writer.send("second"))
+        assert await still_pending(asyncio.gather(first, second))
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        client.resume_reading()
+        await asyncio.wait_for(second, scaled(10))
+        received = await client.recv_many(len(sent) + 1, timeout=scaled(10))
+        assert received == [*sent, "second"]
+    finally:
+        client.vanish()
+
+
 # -- overflow policies --------------------------------------------------------------
 
 

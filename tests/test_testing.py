@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -12,6 +13,8 @@ import pytest
 import tornado.web
 import tornado.websocket
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tornado_longconn._frames import stream_pending_bytes
 from tornado_longconn.testing import (
@@ -65,6 +68,57 @@ def make_app(ctx: Ctx) -> tornado.web.Application:
 async def server(ctx: Ctx) -> AsyncIterator[AppServer]:
     async with AppServer(make_app(ctx)) as srv:
         yield srv
+
+
+def feed_in_pieces(data: bytes, cuts: list[int]) -> WebSocketTestClient:
+    """Feed ``data`` to a client's protocol, split at ``cuts``; return the client."""
+    from tornado_longconn.testing import _ClientProtocol
+
+    async def run() -> WebSocketTestClient:
+        client = WebSocketTestClient()
+        protocol = _ClientProtocol(client)
+        protocol.handshake_done = True
+        edges = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+        for start, end in itertools.pairwise(edges):
+            protocol.data_received(data[start:end])
+        return client
+
+    return asyncio.run(run())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    messages=st.lists(st.one_of(st.text(max_size=300), st.binary(max_size=70_000)), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=1 << 20), max_size=10),
+    masked=st.booleans(),
+)
+def test_client_frame_parser_any_split(
+    messages: list[str | bytes], cuts: list[int], masked: bool
+) -> None:
+    build = WebSocketTestClient.build_frame
+    data = b""
+    for m in messages:
+        if isinstance(m, str):
+            data += build(0x1, m.encode(), mask=masked)
+        else:
+            data += build(0x2, m, mask=masked)
+    client = feed_in_pieces(data, cuts)
+    assert list(client._messages) == messages
+    assert client.frames_received == len(messages)
+
+
+def test_client_parser_fragments_and_control_frames() -> None:
+    build = WebSocketTestClient.build_frame
+    data = (
+        build(0x1, "hé".encode()[:2], fin=False, mask=False)
+        + build(0xA, b"pong", mask=False)  # a control frame between fragments
+        + build(0x0, "hé".encode()[2:], mask=False)
+        + build(0x8, b"\x03\xe8bye", mask=False)
+    )
+    client = feed_in_pieces(data, [1, 3, 7])
+    assert list(client._messages) == ["hé"]
+    assert client.pongs_received == 1
+    assert (client.close_code, client.close_reason) == (1000, "bye")
 
 
 def test_scaled() -> None:
