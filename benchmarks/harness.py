@@ -64,8 +64,10 @@ pinned to CPU 1), stops the server. ``Result`` has ``ok``/``error`` (delivery ve
 ``messages``, ``msgs_per_s``, ``mb_per_s`` (wire bytes, MB = 10^6, wall time from the
 first byte to the last verified byte at the clients), ``server_cpu_s`` (user+system
 during the scenario), ``rss_start_mb``, ``rss_growth_mb`` (peak minus start) and the raw
-client report. ``ServerProcess`` (a context manager) and ``run_client`` are the two
-halves, for benchmarks that bring their own client process.
+client report. ``run_scenarios(server_cmd, [(name, cfg), ...], fresh=False)`` runs several scenarios
+against one server process (quicker, for ``--tiny``). ``ServerProcess`` (a context
+manager) and ``run_client`` are the two halves, for benchmarks that bring their own
+client process or read statistics the server prints (``server.output``).
 
 Reporting
 ---------
@@ -119,6 +121,7 @@ __all__ = [
     "query_int",
     "run_client",
     "run_scenario",
+    "run_scenarios",
     "serve_tornado",
     "serve_until_sigterm",
     "server_script",
@@ -879,8 +882,10 @@ class ServerProcess:
         if proc is None:
             return
         self._proc = None
+        # os.kill, not proc.send_signal: that would reap the child (poll) before wait4,
+        # and wait4 is what reports the child's ru_maxrss.
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 5.0
         status = None
         while status is None:
@@ -889,7 +894,7 @@ class ServerProcess:
                 status = st
                 self.maxrss = usage.ru_maxrss * 1024
             elif time.monotonic() > deadline:
-                proc.kill()
+                os.kill(proc.pid, signal.SIGKILL)
                 pid, status, usage = os.wait4(proc.pid, 0)
             else:
                 time.sleep(0.01)
@@ -978,9 +983,50 @@ def run_scenario(
             m = server.measure()
     except RuntimeError as exc:
         return Result(variant, scenario, False, str(exc), 0, 0, 0.0, 0.0, 0.0, 0.0)
-    growth = m["rss_growth_mb"]
     if server.maxrss:
-        growth = max(growth, server.maxrss / 1e6 - m["rss_start_mb"])
+        m["rss_growth_mb"] = max(m["rss_growth_mb"], server.maxrss / 1e6 - m["rss_start_mb"])
+    return _result(variant, scenario, report, m)
+
+
+def run_scenarios(
+    server_cmd: Sequence[str],
+    scenarios: Sequence[tuple[str, ClientConfig]],
+    *,
+    variant: str = "",
+    fresh: bool = True,
+    env: dict[str, str] | None = None,
+) -> list[Result]:
+    """Run several ``(scenario name, cfg)`` against one variant.
+
+    ``fresh=True``: a new server process per scenario (like :func:`run_scenario`; RSS
+    growth is then per scenario). ``fresh=False``: one server process for all of them,
+    which saves the start-up time (for ``--tiny`` runs); CPU and RSS are measured from
+    the start of each scenario, so RSS growth only shows new peaks.
+    """
+    if fresh:
+        return [
+            run_scenario(server_cmd, cfg, variant=variant, scenario=name, env=env)
+            for name, cfg in scenarios
+        ]
+    results = []
+    try:
+        with ServerProcess(server_cmd, env=env) as server:
+            for name, cfg in scenarios:
+                server.mark()
+                report = run_client(cfg.with_port(server.port))
+                results.append(_result(variant, name, report, server.measure()))
+    except RuntimeError as exc:
+        done = {r.scenario for r in results}
+        results += [
+            Result(variant, name, False, str(exc), 0, 0, 0.0, 0.0, 0.0, 0.0)
+            for name, _ in scenarios
+            if name not in done
+        ]
+    return results
+
+
+def _result(variant: str, scenario: str, report: dict[str, Any], m: dict[str, float]) -> Result:
+    growth = m["rss_growth_mb"]
     errors = report.get("errors") or []
     return Result(
         variant=variant,

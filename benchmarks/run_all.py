@@ -30,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny sizes, for CI")
     p.add_argument("-k", dest="select", default="", help="only scripts whose name contains this")
     p.add_argument("--timeout", type=float, default=None, help="seconds per script")
+    p.add_argument("--dir", type=Path, default=BENCH_DIR, help="where the scripts are")
     args = p.parse_args(argv)
     timeout = args.timeout or (120.0 if args.tiny else 900.0)
-    scripts = [s for s in discover() if args.select in s.name]
+    scripts = [s for s in discover(args.dir) if args.select in s.name]
     if not scripts:
         print("no benchmark scripts found", file=sys.stderr)
         return 1

@@ -45,11 +45,12 @@ def _tornado_app(variant: str) -> Any:
             for seq in range(query_int(self, "count")):
                 self.write_message(make(seq), binary=True)
 
+    # Imported before serving, so that the import does not count as RSS growth.
+    from tornado_longconn.backpressure import BackpressureWriter
+    from tornado_longconn.exceptions import LongConnError
+
     class Ours(tornado.websocket.WebSocketHandler):
         async def open(self) -> None:
-            from tornado_longconn.backpressure import BackpressureWriter
-            from tornado_longconn.exceptions import LongConnError
-
             make = PayloadMaker(query_int(self, "size"))
             writer = BackpressureWriter.of(self)
             try:

@@ -1,0 +1,223 @@
+"""The benchmark harness: its load client verifies delivery, and run_all finds the scripts.
+
+The load client runs in its own process (as in the benchmarks) against a Tornado
+server in the test's event loop, on real 127.0.0.1 sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.web
+import tornado.websocket
+
+from tornado_longconn.testing import AppServer
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import harness  # noqa: E402
+import run_all  # noqa: E402
+
+KIB = 1024
+
+
+class Stream(tornado.websocket.WebSocketHandler):
+    """Streams ``count`` payloads of ``size``; ``corrupt``/``skip``/``dup`` spoil one of them."""
+
+    async def open(self) -> None:
+        count = harness.query_int(self, "count")
+        size = harness.query_int(self, "size")
+        corrupt = harness.query_int(self, "corrupt", -1)
+        skip = harness.query_int(self, "skip", -1)
+        dup = harness.query_int(self, "dup", -1)
+        text = harness.query_int(self, "text", 0)
+        make = harness.PayloadMaker(size)
+        try:
+            for seq in range(count):
+                if seq == skip:
+                    continue
+                payload = make(seq)
+                if seq == corrupt:
+                    payload = payload[:-1] + b"!"
+                await self.write_message(payload.decode() if text else payload, binary=not text)
+                if seq == dup:
+                    await self.write_message(payload, binary=True)
+                if seq % 10 == 0:
+                    self.ping(b"p")
+        except tornado.websocket.WebSocketClosedError:
+            pass
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[AppServer]:
+    async with AppServer(tornado.web.Application([("/stream", Stream)])) as srv:
+        yield srv
+
+
+async def client(server: AppServer, **kwargs: Any) -> dict[str, Any]:
+    cfg = harness.ClientConfig(port=server.port, timeout=30.0, **kwargs)
+    return await asyncio.to_thread(harness.run_client, cfg)
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+async def test_client_verifies_exact_delivery(server: AppServer, connections: int) -> None:
+    report = await client(
+        server, path="/stream?count=50&size=1024", connections=connections, expect=50, size=1024
+    )
+    assert report["ok"], report["errors"]
+    assert report["connections"] == connections
+    assert report["frames"] == 50 * connections
+    assert report["payload_bytes"] == 50 * 1024 * connections
+    assert report["pings"] == 5 * connections  # answered with pongs, not counted as data
+    # 2-byte ping frames + 4-byte headers of 1 KiB frames
+    assert report["bytes"] == (50 * (4 + 1024) + 5 * 3) * connections
+
+
+async def test_client_accepts_text_frames(server: AppServer) -> None:
+    report = await client(server, path="/stream?count=20&size=100&text=1", expect=20)
+    assert report["ok"], report["errors"]
+    assert report["frames"] == 20
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("corrupt=7", "frame 7: wrong payload"),
+        ("skip=3", "frame 3: wrong payload"),
+        ("dup=4", "frame 5: wrong payload"),
+    ],
+)
+async def test_client_detects_wrong_delivery(server: AppServer, query: str, error: str) -> None:
+    report = await client(server, path=f"/stream?count=20&size=64&{query}", expect=20)
+    assert not report["ok"]
+    assert any(error in e for e in report["errors"]), report["errors"]
+
+
+async def test_stream_mode_verifies_bytes(server: AppServer) -> None:
+    n = 300
+    report = await client(
+        server, path=f"/stream?count={n}&size=2000", expect=n, size=2000, verify="stream"
+    )
+    # The handler pings every 10 messages; in stream mode the client expects data frames only.
+    assert not report["ok"]
+    assert any("stream mismatch" in e and "(frame 1)" in e for e in report["errors"])
+
+
+async def test_stream_mode_detects_corruption_and_passes_clean_streams() -> None:
+    class Plain(Stream):
+        def ping(self, data: Any = b"") -> None:
+            pass
+
+    async with AppServer(tornado.web.Application([("/stream", Plain)])) as srv:
+        good = await client(
+            srv, path="/stream?count=300&size=2000", expect=300, size=2000, verify="stream"
+        )
+        bad = await client(
+            srv,
+            path="/stream?count=300&size=2000&corrupt=123",
+            expect=300,
+            size=2000,
+            verify="stream",
+        )
+    assert good["ok"], good["errors"]
+    assert good["frames"] == 300 and good["bytes"] == 300 * (4 + 2000)
+    assert not bad["ok"]
+    assert any("(frame 123)" in e for e in bad["errors"]), bad["errors"]
+
+
+async def test_wrong_count_and_size_fail(server: AppServer) -> None:
+    short = await client(server, path="/stream?count=5&size=64", expect=10, duration=0.5)
+    assert not short["ok"]
+    assert any("received 5 of 10" in e for e in short["errors"]), short["errors"]
+    size = await client(server, path="/stream?count=5&size=64", expect=5, size=65)
+    assert not size["ok"]
+    assert any("64 bytes, expected 65" in e for e in size["errors"]), size["errors"]
+
+
+async def test_stopped_client_reads_nothing(server: AppServer) -> None:
+    report = await client(
+        server, path="/stream?count=2000&size=16384", stop_reading=True, duration=0.3
+    )
+    assert report["ok"], report["errors"]
+    # Only what arrived in the same read as the handshake response (one read, <= 256 KiB)
+    # is seen; 2,000 x 16 KiB were offered.
+    assert report["bytes"] <= 256 * KIB
+    assert report["frames"] * 16 * KIB <= report["bytes"]
+
+
+async def test_slow_reader_is_bounded_by_its_rate(server: AppServer) -> None:
+    rate = 512 * KIB
+    report = await client(
+        server,
+        path="/stream?count=2000&size=16384",
+        read_rate=rate,
+        duration=0.5,
+        rcvbuf=64 * KIB,
+    )
+    assert report["ok"], report["errors"]
+    assert report["frames"] > 0
+    # The token bucket lets one read (at most 256 KiB) through before it pauses.
+    assert report["bytes"] <= rate * report["wall_seconds"] + 256 * KIB
+
+
+def test_payloads() -> None:
+    assert harness.make_payload(255, 20) == b"00000000000000ffqrst"
+    assert harness.PayloadMaker(5000)(7) == harness.make_payload(7, 5000)
+    assert harness.check_payload(7, harness.make_payload(7, 100))
+    assert not harness.check_payload(8, harness.make_payload(7, 100))
+    with pytest.raises(ValueError, match=">= 16"):
+        harness.make_payload(0, 15)
+
+
+def test_markdown_table_ratios() -> None:
+    def result(variant: str, seconds: float, cpu: float) -> harness.Result:
+        return harness.Result(variant, "s", True, "", 1000, 10**6, seconds, cpu, 30.0, 1.0)
+
+    table = harness.markdown_table(
+        [result("ours", 1.0, 0.5), result("peer", 2.0, 2.0)], ratios_vs=["peer"]
+    )
+    lines = table.splitlines()
+    assert "msgs/s vs peer" in lines[0] and "CPU/msg vs peer" in lines[0]
+    assert "| 2.00x | 0.25x |" in lines[2]
+    assert "| 1.00x | 1.00x |" in lines[3]
+    best = harness.best_of([result("ours", 2.0, 1.0), result("ours", 1.0, 1.0)])
+    assert len(best) == 1 and best[0].seconds == 1.0
+
+
+def test_run_all_discovers_and_reports(tmp_path: Path) -> None:
+    assert BENCH_DIR / "bench_backpressure.py" in run_all.discover()
+    (tmp_path / "bench_a.py").write_text(
+        "import sys\nassert sys.argv[1:] == ['--tiny']\nprint('fine')\n"
+    )
+    (tmp_path / "bench_b.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "helper.py").write_text("raise SystemExit(1)\n")
+    cmd = [sys.executable, str(BENCH_DIR / "run_all.py"), "--tiny", "--dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 1
+    assert lines[0].startswith("bench_a.py") and " ok " in lines[0]
+    assert lines[1].startswith("bench_b.py") and "FAILED (exit 3)" in lines[1]
+    assert lines[-1].startswith("1/2 benchmark scripts passed")
+    (tmp_path / "bench_b.py").unlink()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_server_process_runs_a_variant() -> None:
+    cfg = harness.ClientConfig(path="/stream?count=100&size=1024", expect=100, size=1024)
+    script = harness.server_script("stream_server.py")
+    [result] = harness.run_scenarios(
+        [*script, "tornado-await"], [("s", cfg)], variant="tornado-await"
+    )
+    assert result.ok, result.error
+    assert result.messages == 100 and result.bytes == 100 * (4 + 1024)
+    assert result.rss_start_mb > 0 and result.server_cpu_s >= 0
+    broken = harness.run_scenario([sys.executable, "-c", "print('hello')"], cfg)
+    assert not broken.ok and "expected 'PORT <n>'" in broken.error
