@@ -644,7 +644,7 @@ class BackpressureWriter:
         before that.
         """
         state = self._state
-        if state.closed:
+        if state.closed or self._is_closing():
             self._raise_closed()
         self._refresh()
         if state.is_drained():
@@ -684,6 +684,7 @@ class BackpressureWriter:
             try:
                 target.finish()
             except Exception:
+                log.exception("finishing the response failed; closing the connection")
                 stream = self._stream
                 if stream is not None:
                     stream.close()
