@@ -1,0 +1,216 @@
+"""Cross-process fan-out through Redis: N Tornado processes, C clients, 100 x 64 B.
+
+Each scenario starts N server processes (``servers/redis_fanout.py``), spreads C
+WebSocket clients over them (the harness load client, one client process per
+server, verifying that every client gets every message, in order, byte-exact),
+and publishes ``count`` messages of ``size`` bytes back to back from a separate
+publisher process once every client is live. Measured: deliveries per second
+(C x count over the slowest client process's first-to-last-byte time), summed
+server CPU, and Redis commands per publish (``INFO commandstats`` delta around
+the publish burst, on a private ``redis-server``).
+
+Variants: ``ours`` (``RedisBackend`` + ``BroadcastGroup``, history on) and
+``plain`` (the hand-written floor: each process subscribed once with
+``redis.asyncio`` pub/sub, ``write_message`` to a set of handlers, no history).
+
+``python benchmarks/bench_redis.py`` writes ``benchmarks/results/redis.md``;
+``--tiny`` runs one small scenario per variant for CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from harness import (
+    ClientConfig,
+    ServerProcess,
+    bench_args,
+    make_payload,
+    run_client,
+    server_script,
+    write_markdown,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "redis.md"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "benchmarks"), env.get("PYTHONPATH", "")]
+    )
+    return env
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], int, Any]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = tempfile.TemporaryDirectory(prefix="bench-redis-")
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp.name,
+         "--maxclients", "10000", "--logfile", ""],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if b"Ready to accept connections" in line:
+            break
+    else:
+        raise RuntimeError("redis-server did not start")
+    return proc, port, tmp
+
+
+async def publisher(
+    url: str, prefix: str, variant: str, total: int, count: int, size: int
+) -> dict[str, Any]:
+    """Wait until ``total`` clients are live, publish ``count`` messages, report."""
+    import redis.asyncio as aioredis
+
+    from tornado_longconn.backends.redis import RedisBackend
+    from tornado_longconn.log import HistoryLimit
+
+    admin = aioredis.Redis.from_url(url)
+    deadline = time.monotonic() + 120
+    while int(await admin.get(prefix + "joined") or 0) < total:
+        if time.monotonic() > deadline:
+            raise RuntimeError("clients did not all join")
+        await asyncio.sleep(0.02)
+    payloads = [make_payload(seq, size) for seq in range(count)]
+    backend = RedisBackend(url, prefix=prefix)
+    history = HistoryLimit(1000)
+    if variant == "ours":
+        await backend.publish("warm-up", b"x", history=history)  # loads the script
+    before = await admin.info("commandstats")
+    t0 = time.perf_counter()
+    if variant == "ours":
+        for p in payloads:
+            await backend.publish("bench", p, history=history)
+    else:
+        for p in payloads:
+            await admin.publish(prefix + "bench", p)
+    elapsed = time.perf_counter() - t0
+    after = await admin.info("commandstats")
+    await backend.close()
+    await admin.aclose()
+
+    def calls(stats: dict[str, Any]) -> int:
+        return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+    return {"commands": (calls(after) - calls(before)) / count, "publish_s": elapsed}
+
+
+def run(variant: str, procs: int, clients: int, count: int, size: int) -> dict[str, Any]:
+    redis_proc, port, tmp = start_redis()
+    url = f"redis://127.0.0.1:{port}/0"
+    prefix = f"b{secrets.token_hex(3)}:"
+    servers = [
+        ServerProcess(
+            [*server_script("redis_fanout.py"), variant, "--redis", url, "--prefix", prefix]
+        )
+        for _ in range(procs)
+    ]
+    try:
+        for s in servers:
+            s.__enter__()
+        pub = subprocess.Popen(
+            [sys.executable, __file__, "publish", json.dumps([url, prefix, variant, clients, count, size])],
+            stdout=subprocess.PIPE, cwd=str(ROOT), env=_env(),
+        )  # fmt: skip
+        per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+        for s in servers:
+            s.mark()
+        with concurrent.futures.ThreadPoolExecutor(procs) as pool:
+            reports = list(pool.map(
+                lambda sp: run_client(ClientConfig(path="/ws", connections=sp[1], expect=count, size=size, verify="frames", timeout=120).with_port(sp[0].port)),
+                zip(servers, per, strict=True),
+            ))  # fmt: skip
+        cpu = sum(s.measure()["cpu_s"] for s in servers)
+        out, _ = pub.communicate(timeout=60)
+        pub_report = json.loads(out.decode().strip().splitlines()[-1])
+    finally:
+        for s in servers:
+            s.__exit__(None, None, None)
+        redis_proc.kill()
+        redis_proc.wait()
+        assert redis_proc.stdout is not None
+        redis_proc.stdout.close()
+        tmp.cleanup()
+    ok = all(r.get("ok") for r in reports)
+    frames = sum(int(r.get("frames", 0)) for r in reports)
+    seconds = max(float(r.get("seconds", 0) or 0) for r in reports)
+    errors = [e for r in reports for e in r.get("errors", [])][:3]
+    return {
+        "variant": variant, "procs": procs, "clients": clients, "ok": ok and frames == clients * count,
+        "frames": frames, "seconds": seconds, "msgs_per_s": frames / seconds if seconds else 0.0,
+        "cpu_s": cpu, "commands": pub_report["commands"], "errors": errors,
+    }  # fmt: skip
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| processes | clients | variant | verified | deliveries | msgs/s | vs plain | server CPU s | CPU µs/delivery | Redis cmds/publish |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    plain = {(r["procs"], r["clients"]): r["msgs_per_s"] for r in rows if r["variant"] == "plain"}
+    for r in rows:
+        base = plain.get((r["procs"], r["clients"]))
+        ratio = f"{r['msgs_per_s'] / base:.2f}x" if base else "-"
+        per = r["cpu_s"] / r["frames"] * 1e6 if r["frames"] else 0
+        out.append(
+            f"| {r['procs']} | {r['clients']} | {r['variant']} | {'yes' if r['ok'] else 'NO'} | "
+            f"{r['frames']} | {r['msgs_per_s']:,.0f} | {ratio} | {r['cpu_s']:.2f} | {per:.1f} | {r['commands']:.1f} |"
+        )
+    return "\n".join(out)
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "publish":
+        args = json.loads(sys.argv[2])
+        print(json.dumps(asyncio.run(publisher(*args))), flush=True)
+        return 0
+    args = bench_args(__doc__.splitlines()[0])
+    if args.tiny:
+        matrix, count, repeat = [(1, 20), (2, 20)], 10, 1
+    else:
+        matrix, count, repeat = [(p, c) for c in (1000, 5000) for p in (1, 2, 4)], 100, 1
+    rows = []
+    for procs, clients in matrix:
+        for variant in ("ours", "plain"):
+            best = None
+            for _ in range(repeat):
+                row = run(variant, procs, clients, count, 64)
+                print(json.dumps(row), flush=True)
+                if best is None or (row["ok"] and row["msgs_per_s"] > best["msgs_per_s"]):
+                    best = row
+            assert best is not None
+            rows.append(best)
+    body = table(rows)
+    print(body)
+    if not args.tiny:
+        write_markdown(
+            args.out or RESULTS,
+            "Cross-process fan-out through Redis",
+            "python benchmarks/bench_redis.py",
+            body,
+        )
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

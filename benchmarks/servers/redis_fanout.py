@@ -1,0 +1,120 @@
+"""Server process of the cross-process fan-out benchmark (``bench_redis.py``).
+
+Usage: ``python redis_fanout.py VARIANT --redis URL --prefix P``. Clients connect to
+``/ws``; each member, once it receives live messages, is counted in Redis
+(``INCR <P>joined``) so the publisher process knows when every client of every
+process is ready. Messages published to the topic ``bench`` are written to every
+member as binary frames.
+
+* ``ours``: ``RedisBackend`` + ``BroadcastHub``/``BroadcastGroup`` with history
+  (1,000 messages kept), ``room.join(self)``.
+* ``plain``: the hand-written floor: ``redis.asyncio`` pub/sub subscribed once per
+  process, each message written with ``write_message(data, binary=True)`` to a
+  ``set`` of handlers (no history, no cursors, no backpressure, no resync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+import redis.asyncio as aioredis
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+import tornado.websocket
+from harness import serve_until_sigterm
+
+from tornado_longconn.backends.redis import RedisBackend
+from tornado_longconn.broadcast import BroadcastGroup, BroadcastHub
+
+__all__ = ["main"]
+
+TOPIC = "bench"
+
+
+class OursSocket(tornado.websocket.WebSocketHandler):
+    def initialize(self, room: BroadcastGroup, counter: Any, key: str) -> None:
+        self.room = room
+        self.counter = counter
+        self.key = key
+
+    async def open(self) -> None:  # type: ignore[override]
+        await self.room.join(self)  # live once this resolves
+        await self.counter.incr(self.key)
+
+    def on_message(self, message: str | bytes) -> None:
+        pass
+
+
+class PlainSocket(tornado.websocket.WebSocketHandler):
+    def initialize(self, members: set[Any], counter: Any, key: str) -> None:
+        self.members = members
+        self.counter = counter
+        self.key = key
+
+    async def open(self) -> None:  # type: ignore[override]
+        self.members.add(self)
+        await self.counter.incr(self.key)
+
+    def on_close(self) -> None:
+        self.members.discard(self)
+
+    def on_message(self, message: str | bytes) -> None:
+        pass
+
+
+async def plain_pump(client: Any, channel: str, members: set[Any], ready: asyncio.Event) -> None:
+    pubsub = client.pubsub()
+    await pubsub.subscribe(channel)
+    ready.set()
+    async for item in pubsub.listen():
+        if item["type"] != "message":
+            continue
+        data = item["data"]
+        for member in list(members):
+            try:
+                member.write_message(data, binary=True)
+            except tornado.websocket.WebSocketClosedError:
+                members.discard(member)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("variant", choices=["ours", "plain"])
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--prefix", default="bench:")
+    args = p.parse_args()
+    keep: list[Any] = []
+
+    async def start() -> int:
+        counter = aioredis.Redis.from_url(args.redis)
+        key = args.prefix + "joined"
+        if args.variant == "ours":
+            backend = RedisBackend(args.redis, prefix=args.prefix)
+            await backend.start()
+            hub = BroadcastHub(backend, history=1000)
+            room = hub.group(TOPIC)
+            keep.extend([backend, hub])
+            handlers: list[Any] = [
+                (r"/ws", OursSocket, {"room": room, "counter": counter, "key": key})
+            ]
+        else:
+            members: set[Any] = set()
+            ready = asyncio.Event()
+            keep.append(
+                asyncio.create_task(plain_pump(counter, args.prefix + TOPIC, members, ready))
+            )
+            await ready.wait()
+            handlers = [(r"/ws", PlainSocket, {"members": members, "counter": counter, "key": key})]
+        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", backlog=8192)
+        server = tornado.httpserver.HTTPServer(tornado.web.Application(handlers))
+        server.add_sockets(sockets)
+        return int(sockets[0].getsockname()[1])
+
+    serve_until_sigterm(start)
+
+
+if __name__ == "__main__":
+    main()
