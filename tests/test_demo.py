@@ -428,6 +428,57 @@ async def test_tus_upload_resumes_after_a_failed_request(
         assert shown == f"sha256 {hashlib.sha256(payload).hexdigest()}"
 
 
+# Cuts the page's first upload socket after its 4th chunk, as a network change would.
+CUT_UPLOAD_SOCKET = """
+(() => {
+  const Real = window.WebSocket;
+  window.uploadControls = [];
+  let cut = false;
+  window.WebSocket = function (url, protocols) {
+    const ws = new Real(url, protocols);
+    if (String(url).includes('/ws-upload')) {
+      let chunks = 0;
+      const send = ws.send.bind(ws);
+      ws.send = (data) => {
+        if (typeof data === 'string') window.uploadControls.push(JSON.parse(data));
+        else if (!cut && ++chunks === 4) { cut = true; ws.close(3000, 'cut'); return; }
+        send(data);
+      };
+    }
+    return ws;
+  };
+  window.WebSocket.prototype = Real.prototype;
+  Object.assign(window.WebSocket, {CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3});
+})();
+"""
+
+
+async def test_websocket_upload_resumes_after_the_connection_breaks(
+    tmp_path: Path, open_page: PageFactory
+) -> None:
+    """The upload socket breaks after a few chunks: the client resumes from the durable offset."""
+    payload = secrets.token_bytes(2 * 1024 * 1024 + 11)
+    async with demo_server(tmp_path / "uploads") as server:
+        page = await open_page(
+            f"{server.url}/?room=resume&user=uploader", init_script=CUT_UPLOAD_SOCKET
+        )
+        await wait_open(page)
+        await page.select_option("#upload-protocol", "websocket")
+        await page.set_input_files(
+            "#file",
+            files=[{"name": "cut.bin", "mimeType": "application/octet-stream", "buffer": payload}],
+        )
+        await page.click("#upload")
+        await page.locator("#upload-link").wait_for()
+        controls = await page.evaluate("window.uploadControls")
+        assert controls[0]["type"] == "start"
+        assert {c["type"] for c in controls[1:]} == {"resume"}  # never started over
+        sent = [p[0] for p in await page.evaluate("window.demo.state.progress")]
+        assert sent == sorted(sent) and sent[-1] == len(payload)  # progress never went back
+        shown = await page.inner_text("#upload-sha")
+        assert shown == f"sha256 {hashlib.sha256(payload).hexdigest()}"
+
+
 async def test_restart_memory_backend_shows_explicit_resync(
     tmp_path: Path, open_page: PageFactory
 ) -> None:

@@ -372,8 +372,13 @@ class FileInfoHandler(DemoHandler):
         self.write(info)
 
 
-class UploadSocket(WebSocketUploadHandler):
-    """The WebSocket chunk protocol; its messages are bigger than chat messages."""
+# (type: ignore: the two bases annotate on_message differently; both return an awaitable.)
+class UploadSocket(HeartbeatMixin, WebSocketUploadHandler):  # type: ignore[misc]
+    """The WebSocket chunk protocol, with heartbeats (protocol pings: browsers answer them).
+
+    A vanished client is dropped within interval + timeout, which frees its upload for a
+    resume from another connection. Upload messages are bigger than chat messages.
+    """
 
     @property
     def max_message_size(self) -> int:
