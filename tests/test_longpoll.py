@@ -136,8 +136,7 @@ async def test_waits_for_next_publish(backend: CountingBackend) -> None:
     head = (await publish(backend, "a")).cursor
     waiter = LongPollWaiter(backend, "t")
     task = asyncio.ensure_future(waiter.wait(head, timeout=60))
-    while waiter.stats().topics == 0 or waiter.waiting == 0 or not _registered(waiter):
-        await asyncio.sleep(0)
+    await _until(lambda: _registered(waiter) == 1)
     assert not task.done()
     await publish(backend, "b")
     result = await asyncio.wait_for(task, scaled(2))

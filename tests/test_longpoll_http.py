@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
 import tornado.web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tornado_longconn.backends.memory import MemoryBackend
 from tornado_longconn.log import HistoryLimit
@@ -68,6 +72,10 @@ async def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
 
 async def _until_waiting(waiter: LongPollWaiter, n: int) -> None:
     await _until(lambda: waiter.waiting == n)
+
+
+async def _until_parked_or_done(waiter: LongPollWaiter, pending: asyncio.Future[Any]) -> None:
+    await _until(lambda: waiter.waiting == 1 or pending.done())
 
 
 async def test_json_shape_text_and_binary(srv: Server) -> None:
@@ -224,3 +232,83 @@ async def test_one_publish_answers_500_http_polls(srv: Server) -> None:
         for b in bodies
     )
     assert srv.waiter.stats().woken == 500
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    if os.environ.get("LONGCONN_EVENT_LOOP") == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
+
+
+# publish n messages | poll and keep the answer | poll and lose the answer |
+# start a waiting poll, publish, and the client hangs up before the answer
+_http_step = st.one_of(
+    st.tuples(st.just("publish"), st.integers(1, 4)),
+    st.tuples(st.just("poll"), st.booleans()),
+    st.just(("hang_up", None)),
+    st.tuples(st.just("wait_then_publish"), st.booleans()),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(steps=st.lists(_http_step, max_size=12))
+def test_http_client_losing_answers_gets_every_message_once_in_order(
+    steps: list[tuple[str, Any]],
+) -> None:
+    async def scenario() -> None:
+        backend = MemoryBackend(epoch="ep")
+        waiter = LongPollWaiter(backend, "room", recent=4, max_batch=3, linger=0)
+        app = tornado.web.Application([(r"/poll", LongPollHandler, {"waiter": waiter})])
+        published: list[str] = []
+        received: list[str] = []
+        cursor: str | None = None
+
+        async def pub(n: int) -> None:
+            for _ in range(n):
+                published.append(f"m{len(published)}")
+                await backend.publish("room", published[-1], history=HistoryLimit(1000))
+
+        def take(body: dict[str, Any], lost: bool) -> None:
+            nonlocal cursor
+            assert body["gap"] is False
+            if not lost:
+                received.extend(m["data"] for m in body["messages"])
+                cursor = body["cursor"]
+
+        def params(timeout: float) -> dict[str, str]:
+            return {"timeout": str(timeout)} | ({"cursor": cursor} if cursor else {})
+
+        async with AppServer(app) as server, httpx.AsyncClient(timeout=scaled(10)) as client:
+            url = server.url("/poll")
+            take((await client.get(url, params=params(0))).json(), lost=False)
+            for kind, arg in steps:
+                if kind == "publish":
+                    await pub(arg)
+                elif kind == "poll":
+                    take((await client.get(url, params=params(0))).json(), lost=arg)
+                elif kind == "hang_up":
+                    async with httpx.AsyncClient(timeout=scaled(10)) as other:
+                        pending = asyncio.ensure_future(other.get(url, params=params(30)))
+                        # (it may have been answered at once: that answer is lost too)
+                        await _until_parked_or_done(waiter, pending)
+                        pending.cancel()  # the client goes away; so does its answer
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await pending
+                    await _until(lambda: waiter.waiting == 0)
+                else:
+                    pending = asyncio.ensure_future(client.get(url, params=params(30)))
+                    await _until_parked_or_done(waiter, pending)
+                    await pub(1)
+                    take((await pending).json(), lost=arg)
+            while True:
+                body = (await client.get(url, params=params(0))).json()
+                take(body, lost=False)
+                if not body["messages"]:
+                    break
+        assert received == published
+        await waiter.close()
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(scenario())
