@@ -79,7 +79,7 @@ def start_redis() -> tuple[subprocess.Popen[bytes], int, Any]:
 async def publisher(
     url: str, prefix: str, variant: str, total: int, count: int, size: int
 ) -> dict[str, Any]:
-    """Wait until ``total`` clients are live, publish ``count`` messages, report."""
+    """Wait until ``total`` server processes have all their clients live, publish, report."""
     import redis.asyncio as aioredis
 
     from tornado_longconn.backends.redis import RedisBackend
@@ -119,20 +119,29 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> dict[s
     redis_proc, port, tmp = start_redis()
     url = f"redis://127.0.0.1:{port}/0"
     prefix = f"b{secrets.token_hex(3)}:"
+    per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     servers = [
         ServerProcess(
-            [*server_script("redis_fanout.py"), variant, "--redis", url, "--prefix", prefix]
+            [
+                *server_script("redis_fanout.py"),
+                variant,
+                "--redis",
+                url,
+                "--prefix",
+                prefix,
+                "--expect",
+                str(n),
+            ]
         )
-        for _ in range(procs)
+        for n in per
     ]
     try:
         for s in servers:
             s.__enter__()
         pub = subprocess.Popen(
-            [sys.executable, __file__, "publish", json.dumps([url, prefix, variant, clients, count, size])],
+            [sys.executable, __file__, "publish", json.dumps([url, prefix, variant, procs, count, size])],
             stdout=subprocess.PIPE, cwd=str(ROOT), env=_env(),
         )  # fmt: skip
-        per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
         for s in servers:
             s.mark()
         with concurrent.futures.ThreadPoolExecutor(procs) as pool:

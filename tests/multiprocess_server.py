@@ -1,8 +1,9 @@
 """One Tornado server process of the multi-process tests (and a scaling-out example).
 
 Run ``python tests/multiprocess_server.py --redis redis://127.0.0.1:6379/0
---prefix p:`` and it serves, on a free port of 127.0.0.1 (printed as
-``READY <port>`` on stdout once it listens):
+--prefix p:`` and it serves, on a free port of 127.0.0.1 (or ``--port``; printed
+as ``READY <port>`` on stdout by every process once it listens; ``--processes N``
+forks N processes sharing the port with ``tornado.process.fork_processes``):
 
 * ``/ws`` -- a WebSocket that joins the ``room`` group (history kept, each text
   message wrapped with its cursor by ``cursor_envelope``; a gap is announced with
@@ -20,8 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
+import socket
 
+import tornado.httpserver
+import tornado.netutil
+import tornado.process
 import tornado.web
 import tornado.websocket
 
@@ -29,9 +33,8 @@ from tornado_longconn.backends.redis import RedisBackend
 from tornado_longconn.broadcast import BroadcastGroup, BroadcastHub, GapPolicy, cursor_envelope
 from tornado_longconn.longpoll import LongPollHandler, LongPollWaiter
 from tornado_longconn.sse import SSEHandler
-from tornado_longconn.testing import AppServer
 
-__all__ = ["main", "make_app"]
+__all__ = ["main", "make_app", "serve"]
 
 TOPIC = "room"
 
@@ -76,32 +79,48 @@ def make_app(backend: RedisBackend) -> tuple[tornado.web.Application, BroadcastH
     return app, hub, waiter
 
 
-async def main(argv: list[str] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--prefix", default="longconn:")
-    args = parser.parse_args(argv)
-    backend = RedisBackend(args.redis, prefix=args.prefix, reconnect_base=0.02, reconnect_cap=0.5)
+async def serve(sockets: list[socket.socket], redis_url: str, prefix: str) -> None:
+    """Serve the room on ``sockets`` until SIGTERM/SIGINT (one process)."""
+    # Everything that holds a connection is made here, after any fork.
+    backend = RedisBackend(redis_url, prefix=prefix, reconnect_base=0.02, reconnect_cap=0.5)
     await backend.start()
     app, hub, waiter = make_app(backend)
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets(sockets)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with AppServer(app) as server:
-        print(f"READY {server.port}", flush=True)
-        await stop.wait()
+    print(f"READY {sockets[0].getsockname()[1]}", flush=True)
+    await stop.wait()
+    server.stop()
     await waiter.close()
     await hub.close()
+    await server.close_all_connections()
     await backend.close()
 
 
-if __name__ == "__main__":
-    if "--uvloop" in sys.argv:
-        sys.argv.remove("--uvloop")
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line; bind; fork ``--processes`` children; serve in each."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--prefix", default="longconn:")
+    parser.add_argument("--port", type=int, default=0, help="0: a free port")
+    parser.add_argument("--processes", type=int, default=1, help="0: one per CPU")
+    parser.add_argument("--uvloop", action="store_true")
+    args = parser.parse_args(argv)
+    sockets = tornado.netutil.bind_sockets(args.port, "127.0.0.1", family=socket.AF_INET)
+    if args.processes != 1:
+        # The parent waits here and restarts children that crash; each child
+        # returns from fork_processes and runs its own event loop.
+        tornado.process.fork_processes(args.processes)
+    runner = asyncio.run
+    if args.uvloop:
         import uvloop
 
-        uvloop.run(main())
-    else:
-        asyncio.run(main())
+        runner = uvloop.run
+    runner(serve(sockets, args.redis, args.prefix))
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from tests.backends.backend_helpers import require_redis
-from tests.backends.redisproc import RedisProcess
+from tests.backends.redisproc import RedisProcess, free_port
 from tornado_longconn.log import parse_cursor
 from tornado_longconn.testing import scaled
 
@@ -39,25 +39,30 @@ SERVER = Path(__file__).resolve().parent / "multiprocess_server.py"
 class ServerProcess:
     """One ``multiprocess_server.py`` process."""
 
-    def __init__(self, redis_url: str, prefix: str) -> None:
+    def __init__(self, redis_url: str, prefix: str, processes: int = 1) -> None:
         self.redis_url = redis_url
         self.prefix = prefix
+        self.processes = processes
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
 
     async def start(self) -> None:
         args = [str(SERVER), "--redis", self.redis_url, "--prefix", self.prefix]
+        if self.processes != 1:
+            self.port = free_port()
+            args += ["--processes", str(self.processes), "--port", str(self.port)]
         if os.environ.get("LONGCONN_EVENT_LOOP") == "uvloop":
             args.append("--uvloop")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, *args, stdout=asyncio.subprocess.PIPE, env=env
+            sys.executable, *args, stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True
         )
         assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), scaled(20))
-        if not line.startswith(b"READY "):
-            raise RuntimeError(f"server did not start: {line!r}")
-        self.port = int(line.split()[1])
+        for _ in range(self.processes):  # every process says READY once it listens
+            line = await asyncio.wait_for(self.proc.stdout.readline(), scaled(20))
+            if not line.startswith(b"READY "):
+                raise RuntimeError(f"server did not start: {line!r}")
+            self.port = int(line.split()[1])
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -71,12 +76,14 @@ class ServerProcess:
             return
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
+                os.killpg(proc.pid, sig)  # the forked children too
         try:
             await asyncio.wait_for(proc.wait(), scaled(10))
         except asyncio.TimeoutError:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # no child outlives the test
         self.proc = None
 
 
@@ -257,7 +264,9 @@ async def test_redis_restart_gives_an_explicit_resync_never_a_silent_gap(
                 raise AssertionError(f"publishing on {server.port} never recovered")
         for client in clients:
             await client.wait_until(lambda c=client: len(c.data) >= 10)
-            assert client.data == [*(f"a{i}" for i in range(5)), *(f"b{i}" for i in range(5))], client.items
+            assert client.data == [*(f"a{i}" for i in range(5)), *(f"b{i}" for i in range(5))], (
+                client.items
+            )
             assert_no_silent_gap(client)
             assert all(r["reason"] == "reconnect" for r in client.resyncs)
             await client.close()
@@ -297,3 +306,24 @@ async def test_long_poll_and_sse_resume_on_another_process(
             event = await asyncio.wait_for(stream.__anext__(), scaled(10))
             assert (event.data, event.id) == ("from c", after)
             await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_fork_processes_share_one_port() -> None:
+    await require_redis()
+    redis = RedisProcess()
+    await redis.start()
+    forked = ServerProcess(redis.url, f"mp-{secrets.token_hex(4)}:", processes=2)
+    try:
+        await forked.start()
+        async with httpx.AsyncClient(timeout=scaled(10)) as http:
+            clients = await connect_clients(http, [forked], per_server=8)
+            texts = [f"m{i}" for i in range(20)]
+            await asyncio.gather(*(publish(http, forked, t) for t in texts))
+            for client in clients:
+                await client.wait_until(lambda c=client: len(c.data) >= 20)
+                assert client.data == clients[0].data
+                assert sorted(client.data) == sorted(texts)
+                await client.close()
+    finally:
+        await forked.kill(signal.SIGTERM)
+        await redis.close()

@@ -1,9 +1,9 @@
 """Server process of the cross-process fan-out benchmark (``bench_redis.py``).
 
-Usage: ``python redis_fanout.py VARIANT --redis URL --prefix P``. Clients connect to
-``/ws``; each member, once it receives live messages, is counted in Redis
-(``INCR <P>joined``) so the publisher process knows when every client of every
-process is ready. Messages published to the topic ``bench`` are written to every
+Usage: ``python redis_fanout.py VARIANT --redis URL --prefix P --expect N``. Clients
+connect to ``/ws``; once ``N`` members receive live messages the process counts
+itself in Redis (``INCR <P>joined``), so the publisher process knows when every
+client of every process is ready. Messages published to the topic ``bench`` are written to every
 member as binary frames.
 
 * ``ours``: ``RedisBackend`` + ``BroadcastHub``/``BroadcastGroup`` with history
@@ -34,29 +34,42 @@ __all__ = ["main"]
 TOPIC = "bench"
 
 
-class OursSocket(tornado.websocket.WebSocketHandler):
-    def initialize(self, room: BroadcastGroup, counter: Any, key: str) -> None:
-        self.room = room
+class Ready:
+    """Counts live members; tells Redis once this process has all it expects."""
+
+    def __init__(self, counter: Any, key: str, expect: int) -> None:
         self.counter = counter
         self.key = key
+        self.expect = expect
+        self.live = 0
+
+    async def joined(self) -> None:
+        self.live += 1
+        if self.live == self.expect:
+            await self.counter.incr(self.key)
+
+
+class OursSocket(tornado.websocket.WebSocketHandler):
+    def initialize(self, room: BroadcastGroup, ready: Ready) -> None:
+        self.room = room
+        self.ready = ready
 
     async def open(self) -> None:  # type: ignore[override]
         await self.room.join(self)  # live once this resolves
-        await self.counter.incr(self.key)
+        await self.ready.joined()
 
     def on_message(self, message: str | bytes) -> None:
         pass
 
 
 class PlainSocket(tornado.websocket.WebSocketHandler):
-    def initialize(self, members: set[Any], counter: Any, key: str) -> None:
+    def initialize(self, members: set[Any], ready: Ready) -> None:
         self.members = members
-        self.counter = counter
-        self.key = key
+        self.ready = ready
 
     async def open(self) -> None:  # type: ignore[override]
         self.members.add(self)
-        await self.counter.incr(self.key)
+        await self.ready.joined()
 
     def on_close(self) -> None:
         self.members.discard(self)
@@ -85,21 +98,20 @@ def main() -> None:
     p.add_argument("variant", choices=["ours", "plain"])
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     p.add_argument("--prefix", default="bench:")
+    p.add_argument("--expect", type=int, required=True, help="clients this process will get")
     args = p.parse_args()
     keep: list[Any] = []
 
     async def start() -> int:
         counter = aioredis.Redis.from_url(args.redis)
-        key = args.prefix + "joined"
+        ready = Ready(counter, args.prefix + "joined", args.expect)
         if args.variant == "ours":
             backend = RedisBackend(args.redis, prefix=args.prefix)
             await backend.start()
             hub = BroadcastHub(backend, history=1000)
             room = hub.group(TOPIC)
             keep.extend([backend, hub])
-            handlers: list[Any] = [
-                (r"/ws", OursSocket, {"room": room, "counter": counter, "key": key})
-            ]
+            handlers: list[Any] = [(r"/ws", OursSocket, {"room": room, "ready": ready})]
         else:
             members: set[Any] = set()
             ready = asyncio.Event()
@@ -107,7 +119,7 @@ def main() -> None:
                 asyncio.create_task(plain_pump(counter, args.prefix + TOPIC, members, ready))
             )
             await ready.wait()
-            handlers = [(r"/ws", PlainSocket, {"members": members, "counter": counter, "key": key})]
+            handlers = [(r"/ws", PlainSocket, {"members": members, "ready": ready})]
         sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", backlog=8192)
         server = tornado.httpserver.HTTPServer(tornado.web.Application(handlers))
         server.add_sockets(sockets)
