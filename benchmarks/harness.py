@@ -1071,16 +1071,21 @@ def markdown_table(
     *,
     ratios_vs: Sequence[str] = (),
     rate: bool = True,
+    client_cpu: bool = False,
 ) -> str:
     """A markdown table, one row per result, with ratio columns vs named variants.
 
     ``ratios_vs``: variant names; for each, a ``msgs/s vs <name>`` column (this row's
     msgs/s over that variant's in the same scenario) and a ``CPU/msg vs <name>`` column.
-    ``rate=False`` drops the msgs/s and MB/s columns (for duration-bound scenarios).
+    ``rate=False`` drops the msgs/s and MB/s columns (for duration-bound scenarios);
+    ``client_cpu=True`` adds the timed seconds and the load client's CPU seconds (when
+    they are close, the client, not the server, was the bottleneck).
     """
     head = ["scenario", "variant", "verified", "messages"]
     if rate:
         head += ["msgs/s", "MB/s"]
+    if client_cpu:
+        head += ["seconds", "client CPU s"]
     head += ["server CPU s", "RSS start MB", "RSS growth MB"]
     for name in ratios_vs:
         if rate:
@@ -1092,6 +1097,8 @@ def markdown_table(
         row = [r.scenario, r.variant, "yes" if r.ok else f"NO: {r.error[:80]}", _fmt(r.messages)]
         if rate:
             row += [_fmt(r.msgs_per_s), _fmt(r.mb_per_s, 1)]
+        if client_cpu:
+            row += [_fmt(r.seconds, 2), _fmt(float(r.client.get("client_cpu_s", 0.0)), 2)]
         row += [_fmt(r.server_cpu_s, 2), _fmt(r.rss_start_mb, 1), _fmt(r.rss_growth_mb, 1)]
         for name in ratios_vs:
             other = by_key.get((r.scenario, name))
