@@ -386,7 +386,9 @@ async def test_upload_shows_progress_and_stores_exact_bytes(
             response = await client.get(href, timeout=scaled(10))
         assert response.status_code == 200
         assert hashlib.sha256(response.content).hexdigest() == digest
+        assert response.headers["content-disposition"].startswith("attachment;")
         assert "big%20file.bin" in response.headers["content-disposition"]
+        assert response.headers["x-content-type-options"] == "nosniff"
 
         # The other member sees the file announced in the room, with its link.
         announced = watcher.locator("#messages li.file a")

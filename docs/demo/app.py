@@ -38,6 +38,7 @@ import tornado.websocket
 
 from tornado_longconn.backends import Backend, MemoryBackend, backend_from_url
 from tornado_longconn.broadcast import BroadcastGroup, BroadcastHub, GapPolicy, cursor_envelope
+from tornado_longconn.codes import CloseCode
 from tornado_longconn.exceptions import CursorError, LongConnError
 from tornado_longconn.heartbeat import HeartbeatMixin
 from tornado_longconn.log import Cursor
@@ -49,7 +50,7 @@ from tornado_longconn.upload_tus import TusUploadHandler
 from tornado_longconn.upload_ws import WebSocketUploadHandler
 
 log = logging.getLogger("demo")
-HERE = os.path.dirname(os.path.abspath(__file__))
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 ROOM_RE = re.compile(r"[A-Za-z0-9_-]{1,40}")
 HISTORY = 500  # messages kept per room
 RECENT = 50  # messages shown when a page joins a room
@@ -209,15 +210,6 @@ class Demo:
         if ROOM_RE.fullmatch(room_name):
             await self.publish(self.room(room_name), info)
 
-    def features(self) -> dict[str, bool]:
-        return {
-            "websocket": True,
-            "sse": True,
-            "longpoll": True,
-            "upload_tus": True,
-            "upload_websocket": True,
-        }
-
 
 class DemoHandler(tornado.web.RequestHandler):
     def initialize(self, demo: Demo) -> None:
@@ -246,8 +238,8 @@ class RoomSocket(HeartbeatMixin, tornado.websocket.WebSocketHandler):
         assert self.room is not None
         try:
             self.room.group.join(self, cursor=self.get_query_argument("cursor", None) or None)
-        except CursorError:
-            self.close(1008, "malformed cursor")
+        except CursorError:  # not one of ours: the client starts over (longconn.js resyncs)
+            self.close(CloseCode.RESYNC_REQUIRED, "malformed cursor")
             return
         self.room.enter(self.user, "websocket")
 
@@ -355,7 +347,6 @@ class ConfigHandler(DemoHandler):
         interval = self.demo.heartbeat
         self.write(
             {
-                "features": self.demo.features(),
                 "heartbeat_interval": interval,
                 # No heartbeat for two intervals: the server is gone, reconnect.
                 "idle_timeout": 2 * interval + 5,
@@ -390,21 +381,18 @@ class DownloadHandler(tornado.web.StaticFileHandler):
 
     def set_extra_headers(self, path: str) -> None:
         name = self.get_query_argument("name", "download")
+        # Never rendered by the browser as a page of this site (uploaded HTML, SVG...).
         self.set_header(
             "Content-Disposition", "attachment; filename*=UTF-8''" + urllib.parse.quote(name)
         )
-
-
-class Index(tornado.web.RequestHandler):
-    def get(self) -> None:
-        self.render(os.path.join(HERE, "static", "index.html"))
+        self.set_header("X-Content-Type-Options", "nosniff")
 
 
 def make_app(demo: Demo) -> tornado.web.Application:
     d = {"demo": demo}
     room = r"([A-Za-z0-9_-]{1,40})"
     routes: list[Any] = [
-        (r"/", Index),
+        (r"/()", tornado.web.StaticFileHandler, {"path": STATIC, "default_filename": "index.html"}),
         (r"/ws/" + room, RoomSocket, d),
         (r"/poll/" + room, RoomPoll, d),
         (r"/sse/" + room, RoomEvents, d),
@@ -424,7 +412,7 @@ def make_app(demo: Demo) -> tornado.web.Application:
     ]
     return tornado.web.Application(
         routes,
-        static_path=os.path.join(HERE, "static"),
+        static_path=STATIC,
         heartbeat_interval=demo.heartbeat,
         websocket_max_message_size=64 * 1024,
     )
@@ -441,9 +429,12 @@ async def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    backend = (
-        backend_from_url(args.redis, prefix=args.redis_prefix) if args.redis else MemoryBackend()
-    )
+    backend: Backend = MemoryBackend()
+    if args.redis:
+        try:
+            backend = backend_from_url(args.redis, prefix=args.redis_prefix)
+        except (ImportError, ValueError) as exc:  # e.g. pip install -e ".[redis]" is needed
+            parser.error(str(exc))
     try:
         await asyncio.wait_for(backend.start(), 10)
     except (asyncio.TimeoutError, LongConnError, OSError) as exc:
@@ -452,7 +443,6 @@ async def main() -> None:
     storage = args.storage or os.path.join(tempfile.gettempdir(), "tornado-longconn-demo")
     demo = Demo(backend, storage, args.heartbeat)
     server = make_app(demo).listen(args.port, args.host)
-    missing = [name for name, ok in demo.features().items() if not ok]
     where = "localhost" if args.host in ("127.0.0.1", "::1", "localhost") else args.host
     log.info(
         "tornado-longconn demo: open http://%s:%d/ (backend: %s; uploads in %s)",
@@ -461,8 +451,6 @@ async def main() -> None:
         "redis " + args.redis if args.redis else "memory",
         demo.store.root,
     )
-    if missing:
-        log.warning("not available in this build of tornado-longconn: %s", ", ".join(missing))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

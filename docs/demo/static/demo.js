@@ -190,11 +190,10 @@
   }
 
   function connect(cursor) {
-    var f = config.features;
     conn = LongConn.connect({
-      url: f.websocket ? roomPath("/ws/") : null,
-      sseUrl: f.sse ? roomPath("/sse/") : null,
-      pollUrl: f.longpoll ? roomPath("/poll/") : null,
+      url: roomPath("/ws/"),
+      sseUrl: roomPath("/sse/"),
+      pollUrl: roomPath("/poll/"),
       sendUrl: roomPath("/api/send/"),
       transport: transport,
       cursor: cursor,
@@ -353,16 +352,6 @@
   api("/api/config")
     .then(function (c) {
       config = c;
-      var missing = Object.keys(c.features).filter(function (k) {
-        return !c.features[k];
-      });
-      if (missing.length) system("not available on this server: " + missing.join(", "));
-      if (!c.features.upload_tus) $("upload-protocol").querySelector('[value="tus"]').disabled = true;
-      if (!c.features.upload_websocket) {
-        $("upload-protocol").querySelector('[value="websocket"]').disabled = true;
-      }
-      if (!c.features.upload_tus && c.features.upload_websocket) $("upload-protocol").value = "websocket";
-      if (!c.features.upload_tus && !c.features.upload_websocket) $("upload").disabled = true;
       return joinRoom(room);
     })
     .catch(function (err) {
