@@ -33,6 +33,7 @@ import functools
 import gc
 import heapq
 import json
+import logging
 import math
 import random
 import struct
@@ -89,6 +90,7 @@ _TIMEOUT_CLOSE_FRAME: Final = build_frame(
     OP_CLOSE, struct.pack("!H", CloseCode.HEARTBEAT_TIMEOUT) + b"heartbeat timeout"
 )
 _MODES: Final = ("protocol", "application")
+_log = logging.getLogger("tornado_longconn.heartbeat")
 _UNSET: Final[Any] = object()
 
 
@@ -599,7 +601,13 @@ class HeartbeatScheduler:
             # A timer may fire a hair early: never judge a bucket before its time.
             at = max(now, key * resolution)
             for handler in bucket:
-                self._check(handler, at)
+                try:
+                    self._check(handler, at)
+                except Exception:  # one broken connection must not stop the others
+                    _log.exception("heartbeat check failed; connection no longer watched")
+                    state = handler._heartbeat
+                    if state is not None:
+                        self.discard(handler, state)
         if heap:
             self._arm(heap[0])
         if self._gc_collect_interval is not None:
@@ -691,19 +699,27 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
     ``get_websocket_protocol``, call ``super()``.
 
     When the peer stays silent for ``interval + timeout`` (no frame in, no bytes
-    drained), the TCP connection is aborted after a best-effort close frame with
-    :attr:`~tornado_longconn.codes.CloseCode.HEARTBEAT_TIMEOUT`;
-    :attr:`heartbeat_timed_out` is True in ``on_close``.
+    drained), the connection is dropped without a close handshake: if our writes
+    to it are stuck it is reset (``SO_LINGER`` 0, freeing the kernel's buffers);
+    otherwise a close frame with
+    :attr:`~tornado_longconn.codes.CloseCode.HEARTBEAT_TIMEOUT` is handed to the
+    kernel if it takes it at once, and the socket is closed. ``on_close`` runs
+    once, with :attr:`heartbeat_timed_out` True.
 
     Tornado's own ``websocket_ping_interval`` setting is ignored for handlers
     with heartbeats on (a ``RuntimeWarning`` says so once); with
     ``heartbeat_interval = None`` Tornado's pinging works as before.
     """
 
+    #: Seconds between heartbeats; ``None`` turns them off.
     heartbeat_interval: float | None = DEFAULT_INTERVAL
+    #: Extra seconds a silent peer gets after the interval; ``None``: the interval.
     heartbeat_timeout: float | None = None
+    #: ``"protocol"`` (ping/pong frames) or ``"application"`` (text messages).
     heartbeat_mode: str = "protocol"
+    #: The application-level heartbeat (``str``, or ``dict``/``list`` sent as JSON).
     heartbeat_message: Any = DEFAULT_MESSAGE
+    #: The application-level reply that answers it.
     heartbeat_reply: Any = DEFAULT_REPLY
 
     _heartbeat: HeartbeatState | None = None
@@ -826,6 +842,7 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
         if state is not None and state.stats is not None:
             state.stats.timeouts += 1
             state.stats = None
+        _log.debug("heartbeat timeout: dropping %s", self.request.remote_ip)
         if stream.writing():
             # The peer is not draining what we wrote: reset, freeing the kernel's buffers.
             abort_stream(stream)
