@@ -38,6 +38,7 @@ class CountingBackend:
         self.sinces = 0
         self.subscribers: dict[str, set[Subscriber]] = {}
         self.fail_subscribe = False
+        self.gate: asyncio.Event | None = None  # when set: since() waits for it
 
     async def start(self) -> None:
         await self.inner.start()
@@ -71,6 +72,8 @@ class CountingBackend:
         self, topic: str, cursor: Cursor | None, *, limit: int | None = None
     ) -> SinceResult:
         self.sinces += 1
+        if self.gate is not None:
+            await self.gate.wait()
         return await self.inner.since(topic, cursor, limit=limit)
 
     async def head(self, topic: str) -> Cursor:
@@ -452,3 +455,57 @@ def test_lossy_client_receives_every_message_once_in_order(
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(scenario())
+
+
+async def test_concurrent_history_reads_are_shared(backend: CountingBackend) -> None:
+    await publish(backend, "a")
+    waiter = LongPollWaiter(backend, "t")
+    await waiter.wait(None, timeout=0)  # subscribed
+    backend.gate = asyncio.Event()
+    before = backend.sinces
+    tasks = [asyncio.ensure_future(waiter.wait("ep-0", timeout=0)) for _ in range(300)]
+    await _until(lambda: backend.sinces > before)
+    backend.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*tasks), scaled(5))
+    assert backend.sinces == before + 1  # one backend read for 300 waits
+    assert all(r is results[0] for r in results)
+    assert [m.data for m in results[0].messages] == ["a"]
+    await waiter.close()
+
+
+async def test_read_in_flight_is_not_joined_after_a_delivery(backend: CountingBackend) -> None:
+    head = (await publish(backend, "a")).cursor
+    waiter = LongPollWaiter(backend, "t", recent=0)
+    await waiter.wait(None, timeout=0)
+    backend.gate = asyncio.Event()
+    before = backend.sinces
+    first = asyncio.ensure_future(waiter.wait(head, timeout=30))
+    await _until(lambda: backend.sinces == before + 1)
+    # a message is delivered while the read is in flight; a new waiter must not
+    # rely on that read (it may predate the message) and must not miss the message
+    await publish(backend, "b")
+    second = asyncio.ensure_future(waiter.wait(head, timeout=30))
+    await _until(lambda: backend.sinces == before + 2)
+    backend.gate.set()
+    for task in (first, second):
+        result = await asyncio.wait_for(task, scaled(5))
+        assert [m.data for m in result.messages] == ["b"]
+    await waiter.close()
+
+
+async def test_failed_shared_read_reaches_every_waiter(backend: CountingBackend) -> None:
+    class Down(CountingBackend):
+        async def since(
+            self, topic: str, cursor: Cursor | None, *, limit: int | None = None
+        ) -> SinceResult:
+            await asyncio.sleep(0)
+            raise BackendUnavailableError("down")
+
+    down = Down(MemoryBackend(epoch="ep"))
+    waiter = LongPollWaiter(down, "t")
+    results = await asyncio.gather(
+        *(waiter.wait(None, timeout=1) for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, BackendUnavailableError) for r in results)
+    assert waiter.waiting == 0
+    await waiter.close()

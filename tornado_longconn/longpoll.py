@@ -305,11 +305,13 @@ class _Topic:
 
     __slots__ = (
         "__weakref__",
+        "inflight",
         "linger",
         "name",
         "owner",
         "ready",
         "recent",
+        "seq",
         "users",
         "waiting",
         "warned",
@@ -325,6 +327,11 @@ class _Topic:
         self.ready: asyncio.Future[None] | None = None
         self.linger: asyncio.TimerHandle | None = None
         self.warned = False
+        # bumped by every delivery or gap: tells whether a history read in flight
+        # may have missed something a new waiter has not been woken for
+        self.seq = 0
+        # history reads in flight, shared by waiters asking with the same cursor
+        self.inflight: dict[Cursor | None, tuple[int, asyncio.Future[PollResult]]] = {}
 
     def __repr__(self) -> str:
         return f"<longpoll topic {self.name!r} users={self.users}>"
@@ -341,6 +348,7 @@ class _Topic:
 
     # Subscriber protocol -------------------------------------------------
     def on_message(self, message: Message) -> None:
+        self.seq += 1
         cursor = message.cursor
         if cursor is None:
             self.owner._uncursored += 1
@@ -373,6 +381,7 @@ class _Topic:
         self.owner._woken += woken
 
     def on_gap(self, topic: str, reason: str) -> None:
+        self.seq += 1
         log.info(
             "long-poll topic %r: subscription gap (%s); waiters re-read history", topic, reason
         )
@@ -383,6 +392,18 @@ class _Topic:
             for fut in group:
                 if not fut.done():
                     fut.set_result(_RECHECK)
+
+
+def _forget_read(
+    state: _Topic, cursor: Cursor | None, entry: tuple[int, asyncio.Future[PollResult]]
+) -> Callable[[asyncio.Future[PollResult]], None]:
+    def done(fut: asyncio.Future[PollResult]) -> None:
+        if state.inflight.get(cursor) is entry:
+            del state.inflight[cursor]
+        if not fut.cancelled():
+            fut.exception()  # retrieved here: every waiter may have been cancelled
+
+    return done
 
 
 def _set_timeout(fut: asyncio.Future[_Wake]) -> None:
@@ -623,9 +644,9 @@ class LongPollWaiter:
             state.add(key, fut)
             try:
                 if local is None:
-                    since = await self.backend.since(state.name, cursor, limit=self.max_batch)
+                    since = await self._since(state, cursor)
                     if since.gap or since.messages or timeout <= 0:
-                        return PollResult.from_since(since)
+                        return since
                     if key is None:
                         # "from now on": wait after the head we were told
                         state.discard(key, fut)
@@ -654,6 +675,24 @@ class LongPollWaiter:
             self._rechecks += 1
             if deadline - loop.time() <= 0:
                 timeout = 0.0
+
+    async def _since(self, state: _Topic, cursor: Cursor | None) -> PollResult:
+        """``backend.since`` shared by concurrent waits with the same cursor (single-flight).
+
+        A wait joins a read in flight only if no message or gap was delivered
+        since the read was issued: the wait is registered before it asks, so any
+        later message wakes it, and the read saw everything before.
+        """
+        entry = state.inflight.get(cursor)
+        if entry is None or entry[0] != state.seq:
+            fut = asyncio.ensure_future(self._read(state.name, cursor))
+            entry = (state.seq, fut)
+            state.inflight[cursor] = entry
+            fut.add_done_callback(_forget_read(state, cursor, entry))
+        return await asyncio.shield(entry[1])
+
+    async def _read(self, topic: str, cursor: Cursor | None) -> PollResult:
+        return PollResult.from_since(await self.backend.since(topic, cursor, limit=self.max_batch))
 
     @contextmanager
     def stream(self) -> Iterator[None]:
