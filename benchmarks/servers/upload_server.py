@@ -8,7 +8,8 @@ Variants:
 
 * ``ours``: ``TusUploadHandler`` at ``/files/`` and ``WebSocketUploadHandler`` at
   ``/ws`` (and with ``read_ahead=True`` at ``/ws-ra``) on one ``UploadStore(ROOT)``
-  (executor writes, sha256, fsync + rename);
+  (executor writes, sha256, fsync + rename); ``/null/`` and ``/ws-null`` take the same
+  requests and messages and throw the bytes away (the transport's ceiling);
 * ``tutorial``: the tutorial's WebSocket upload: ``self.file.write(chunk)`` inside
   ``on_message`` on the event loop, no checksum, no fsync; it speaks the same
   start/ack/complete messages so the same client drives it.
@@ -109,6 +110,53 @@ class TutorialUpload(tornado.websocket.WebSocketHandler):
         return None
 
 
+class NullWebSocket(tornado.websocket.WebSocketHandler):
+    """Transport ceiling: the same protocol, chunks acknowledged and thrown away."""
+
+    size = 0
+    received = 0
+
+    def on_message(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            self.size, self.received = int(json.loads(message)["size"]), 0
+            self.write_message(
+                {
+                    "type": "ready",
+                    "id": "null",
+                    "offset": 0,
+                    "size": self.size,
+                    "window": 8,
+                    "chunk_size": 1 << 20,
+                }
+            )
+            return
+        self.received += len(message) - 8
+        self.write_message({"type": "ack", "offset": self.received})
+        if self.received == self.size:
+            self.write_message({"type": "complete", "id": "null", "size": self.size})
+
+    def get_compression_options(self) -> None:
+        return None
+
+
+@tornado.web.stream_request_body
+class NullTus(tornado.web.RequestHandler):
+    """Transport ceiling: creation answers 201, a PATCH body is read and thrown away."""
+
+    received = 0
+
+    def data_received(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+
+    def post(self) -> None:
+        self.set_header("Location", f"http://{self.request.host}/null/null")
+        self.set_status(201)
+
+    def patch(self, _id: str = "") -> None:
+        self.set_header("Upload-Offset", str(self.received))
+        self.set_status(204)
+
+
 def main() -> None:
     variant, root = sys.argv[1], sys.argv[2]
     if variant not in VARIANTS:
@@ -122,6 +170,7 @@ def main() -> None:
         rules.append(
             (r"/ws-ra", WebSocketUploadHandler, {"store": store, "window": 8, "read_ahead": True})
         )
+        rules += [(r"/ws-null", NullWebSocket), (r"/null/?", NullTus), (r"/null/(.*)", NullTus)]
     else:
         rules.append((r"/ws", TutorialUpload, {"root": root}))
     app = tornado.web.Application(rules, websocket_max_message_size=2 << 20)
