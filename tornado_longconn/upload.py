@@ -56,7 +56,7 @@ import secrets
 import time
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -418,7 +418,7 @@ class ChunkedUploadSink:
     # -- locking --------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def lock(self) -> Any:
+    def lock(self) -> Iterator[ChunkedUploadSink]:
         """Context manager: hold this upload for one writer.
 
         Raises :class:`~tornado_longconn.exceptions.UploadError` with status 423
