@@ -508,6 +508,30 @@ async def test_restart_memory_backend_shows_explicit_resync(
         await server.stop()
 
 
+async def test_page_drops_a_silent_server_and_resumes(
+    tmp_path: Path, open_page: PageFactory
+) -> None:
+    """The server stops answering (SIGSTOP, like a dead NAT entry): the page notices from
+    the missing heartbeats, reconnects, and resumes once the server is back."""
+    async with demo_server(tmp_path) as server:
+        room = f"h{secrets.token_hex(3)}"
+        page = await open_page(f"{server.url}/?room={room}&user=patient&backoff_max=500")
+        await wait_open(page, "websocket")
+        await say(page, "before the silence")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            await page.wait_for_function(
+                "window.demo.state.closes.some(c => c.reason === 'idle timeout')"
+            )
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        await wait_open(page, "websocket")
+        await say(page, "after the silence")
+        assert await texts(page) == ["before the silence", "after the silence"]
+        assert await page.inner_text("#resyncs") == "0"  # same server: resumed, no gap
+
+
 async def redis_available() -> bool:
     redis = pytest.importorskip("redis.asyncio")
     client = redis.Redis.from_url(REDIS_URL)

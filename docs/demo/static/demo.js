@@ -22,7 +22,7 @@
   var config = null; // from /api/config
   var conn = null;
   var seen = new Set(); // cursors already rendered (no duplicates after a resume)
-  var state = { reconnects: 0, resyncs: 0, opened: 0, lastTransport: null, progress: [] };
+  var state = { reconnects: 0, resyncs: 0, opened: 0, lastTransport: null, progress: [], closes: [] };
   window.demo = { state: state, get conn() { return conn; } };
 
   $("me").textContent = user;
@@ -221,6 +221,7 @@
         var pill = $("status");
         pill.dataset.state = s.state;
         pill.dataset.transport = s.transport || "";
+        if (s.state === "waiting") state.closes.push({ code: s.code, reason: s.reason });
         var text = s.state + (s.transport ? " · " + s.transport : "");
         if (s.state === "waiting") text += " · retry in " + (s.delay / 1000).toFixed(1) + " s";
         pill.textContent = text;
