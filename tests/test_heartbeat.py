@@ -441,3 +441,42 @@ async def test_slow_reader_of_a_50mb_stream_is_not_cut(recorder: Recorder) -> No
             assert recorder.timed_out is True
         finally:
             client.vanish()
+
+
+class Member(Socket):
+    """Joins a BroadcastGroup in open(): the group hooks the close path too."""
+
+    def initialize(self, recorder: Recorder, group: Any) -> None:  # type: ignore[override]
+        super().initialize(recorder)
+        self.group = group
+
+    def open(self) -> None:
+        super().open()
+        self.group.join(self)
+
+
+async def test_composes_with_broadcast_group_membership(recorder: Recorder) -> None:
+    from tornado_longconn.broadcast import BroadcastGroup
+
+    group = BroadcastGroup("room")
+    app = tornado.web.Application([(r"/ws", Member, {"recorder": recorder, "group": group})])
+    async with AppServer(app) as srv:
+        client = await open_client(srv, recorder)
+        try:
+            await group.publish("hello")
+            assert await client.recv(scaled(5)) == "hello"
+            assert len(group) == 1
+            client.auto_pong = False
+            client.stop_reading()
+            handler = recorder.get()
+            freed = asyncio.Event()
+            weakref.finalize(handler, freed.set)
+            del handler
+            await asyncio.wait_for(recorder.closed.wait(), DEAD_BY)
+            assert recorder.timed_out is True and recorder.closes == 1
+            assert len(group) == 0  # the group saw the close and let the member go
+        finally:
+            client.vanish()
+        gc.collect()
+        await asyncio.wait_for(freed.wait(), scaled(5))
+    await group.close()
