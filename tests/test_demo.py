@@ -43,6 +43,7 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.slow,
     pytest.mark.skipif(
         not os.path.exists(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM}"
     ),
@@ -363,7 +364,29 @@ async def test_upload_shows_progress_and_stores_exact_bytes(
             ],
         )
         await page.select_option("#upload-protocol", protocol)
+        held, release = asyncio.Event(), asyncio.Event()
+        if protocol == "tus":
+            # Hold the third PATCH until the half-done page has been looked at.
+            patches = 0
+
+            async def hold(route: Any) -> None:
+                nonlocal patches
+                if route.request.method == "PATCH":
+                    patches += 1
+                    if patches == 3:
+                        held.set()
+                        await release.wait()
+                await route.continue_()
+
+            await page.route("**/files/*", hold)
         await page.click("#upload")
+        if protocol == "tus":
+            await asyncio.wait_for(held.wait(), scaled(15))
+            bar = await page.eval_on_selector("#upload-progress", "e => e.value")
+            assert 0 < bar < 1
+            assert "uploading big file.bin" in await page.inner_text("#upload-status")
+            await screenshot(page, "demo-upload-tus-progress")
+            release.set()
         link = page.locator("#upload-link")
         await link.wait_for()
         await screenshot(page, f"demo-upload-{protocol}-done")
