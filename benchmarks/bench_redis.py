@@ -150,8 +150,13 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> dict[s
                 zip(servers, per, strict=True),
             ))  # fmt: skip
         cpu = sum(s.measure()["cpu_s"] for s in servers)
-        out, _ = pub.communicate(timeout=60)
-        pub_report = json.loads(out.decode().strip().splitlines()[-1])
+        try:
+            out, _ = pub.communicate(timeout=30)
+            pub_report = json.loads(out.decode().strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, IndexError, ValueError):
+            pub.kill()
+            pub.communicate()
+            pub_report = {"commands": float("nan")}
     finally:
         for s in servers:
             s.__exit__(None, None, None)

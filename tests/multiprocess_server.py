@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import socket
+import sys
 
 import tornado.httpserver
 import tornado.netutil
@@ -91,7 +93,8 @@ async def serve(sockets: list[socket.socket], redis_url: str, prefix: str) -> No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"READY {sockets[0].getsockname()[1]}", flush=True)
+    # One write(2) per line: forked processes share the pipe, lines must not interleave.
+    os.write(sys.stdout.fileno(), f"READY {sockets[0].getsockname()[1]}\n".encode())
     await stop.wait()
     server.stop()
     await waiter.close()

@@ -9,8 +9,9 @@ member as binary frames.
 * ``ours``: ``RedisBackend`` + ``BroadcastHub``/``BroadcastGroup`` with history
   (1,000 messages kept), ``room.join(self)``.
 * ``plain``: the hand-written floor: ``redis.asyncio`` pub/sub subscribed once per
-  process, each message written with ``write_message(data, binary=True)`` to a
-  ``set`` of handlers (no history, no cursors, no backpressure, no resync).
+  process, each message's WebSocket frame built once and written straight to every
+  handler's ``IOStream`` from a ``set`` of handlers (no history, no cursors, no
+  backpressure, no resync).
 """
 
 from __future__ import annotations
@@ -86,11 +87,16 @@ async def plain_pump(client: Any, channel: str, members: set[Any], ready: asynci
         if item["type"] != "message":
             continue
         data = item["data"]
+        # The frame is built once (unmasked binary, < 64 KiB) and written as is.
+        n = len(data)
+        head = bytes([0x82, n]) if n < 126 else bytes([0x82, 126]) + n.to_bytes(2, "big")
+        frame = head + data
         for member in list(members):
-            try:
-                member.write_message(data, binary=True)
-            except tornado.websocket.WebSocketClosedError:
+            conn = member.ws_connection
+            if conn is None or conn.stream.closed():
                 members.discard(member)
+                continue
+            conn.stream.write(frame)
 
 
 def main() -> None:
@@ -114,11 +120,10 @@ def main() -> None:
             handlers: list[Any] = [(r"/ws", OursSocket, {"room": room, "ready": ready})]
         else:
             members: set[Any] = set()
-            ready = asyncio.Event()
-            keep.append(
-                asyncio.create_task(plain_pump(counter, args.prefix + TOPIC, members, ready))
-            )
-            await ready.wait()
+            subscribed = asyncio.Event()
+            pump = plain_pump(counter, args.prefix + TOPIC, members, subscribed)
+            keep.append(asyncio.create_task(pump))
+            await subscribed.wait()
             handlers = [(r"/ws", PlainSocket, {"members": members, "ready": ready})]
         sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", backlog=8192)
         server = tornado.httpserver.HTTPServer(tornado.web.Application(handlers))
