@@ -6,7 +6,8 @@ Scenarios (full size; ``--tiny`` runs each once with 50 clients):
   ``burst`` (all messages published back to back) and ``paced`` (one message
   per event-loop iteration); every variant in the same run;
 * slow consumers: 5,000 clients x 50 x 4 KiB paced, with the group's members
-  limited to 64 KiB (``CLOSE`` policy), first with every client reading, then
+  limited to 64 KiB (``CLOSE`` policy) and a 32 KiB ``SO_SNDBUF``, first with every
+  client reading, then
   with 5% (250) clients that stop reading (own client process, 4 KiB receive
   buffer); the fast clients' per-connection rate and the server's RSS growth
   are compared.
@@ -47,13 +48,9 @@ VARIANTS = ("ours", "websockets", "tornado-await", "tutorial")
 SERVER = "broadcast_server.py"
 
 
-def run_cpu(server: ServerProcess) -> list[float]:
-    """The server's CPU seconds of each run, from its ``RUN`` lines, in order."""
-    return [
-        float(json.loads(line[4:])["cpu_s"])
-        for line in server.output.splitlines()
-        if line.startswith("RUN ")
-    ]
+def server_runs(server: ServerProcess) -> list[dict[str, Any]]:
+    """The server's ``RUN`` lines (CPU seconds, RSS at "go"), in order."""
+    return [json.loads(line[4:]) for line in server.output.splitlines() if line.startswith("RUN ")]
 
 
 def server_stats(server: ServerProcess) -> dict[str, Any]:
@@ -80,6 +77,7 @@ def result_of(
         rss_start_mb=measure["rss_start_mb"],
         rss_growth_mb=measure["rss_growth_mb"],
         client=report,
+        extra={"rss_peak_mb": measure["rss_peak_mb"]},
     )
 
 
@@ -107,28 +105,35 @@ def run_fanout(
                 server.mark()
                 report = run_client(cfg.with_port(server.port))
                 results.append(result_of(variant, name, report, server.measure()))
-                r = results[-1]
-                print(
-                    f"  {name:28} {variant:14} {'ok' if r.ok else 'FAILED'} "
-                    f"{r.msgs_per_s:>12,.0f} msgs/s  rss +{r.rss_growth_mb:6.1f} MB",
-                    flush=True,
-                )
     use_run_cpu(results, server)
+    for r in results:
+        print(
+            f"  {r.scenario:28} {variant:14} {'ok' if r.ok else 'FAILED'} "
+            f"{r.msgs_per_s:>12,.0f} msgs/s  cpu {r.server_cpu_s:6.2f} s  "
+            f"rss +{r.rss_growth_mb:6.1f} MB",
+            flush=True,
+        )
     return results
 
 
 def use_run_cpu(results: list[Result], server: ServerProcess) -> None:
-    """Replace the CPU measured around each client run by the server's own figure.
+    """Use the server's own CPU figure, and RSS growth from when all clients were open.
 
-    The runner's figure includes 5,000 WebSocket handshakes per run, which would
-    swamp the fan-out; the server's ``RUN`` line counts from "go" to the last close.
+    The runner's figures include 5,000 WebSocket handshakes and connection objects
+    per run, which would swamp the fan-out; the server's ``RUN`` line counts CPU from
+    "go" to the last close and gives its RSS at "go".
     """
-    cpus = run_cpu(server)
-    if len(cpus) == len(results):
-        for r, cpu in zip(results, cpus, strict=True):
-            r.server_cpu_s = cpu
-    else:
-        print(f"  (server reported {len(cpus)} runs for {len(results)} results)", flush=True)
+    runs = server_runs(server)
+    if len(runs) != len(results):
+        print(f"  (server reported {len(runs)} runs for {len(results)} results)", flush=True)
+        return
+    for r, run in zip(results, runs, strict=True):
+        r.server_cpu_s = float(run["cpu_s"])
+        rss_go = float(run.get("rss_go", 0)) / 1e6
+        peak = float(r.extra.get("rss_peak_mb", 0.0))
+        if rss_go and peak:
+            r.rss_start_mb = rss_go
+            r.rss_growth_mb = max(0.0, peak - rss_go)
 
 
 def start_client_process(cfg: ClientConfig) -> subprocess.Popen[bytes]:
@@ -144,11 +149,14 @@ def start_client_process(cfg: ClientConfig) -> subprocess.Popen[bytes]:
     return proc
 
 
-def run_slow(conns: int, count: int, size: int, high_water: int, stopped: int) -> Result:
+def run_slow(
+    conns: int, count: int, size: int, high_water: int, sndbuf: int, stopped: int
+) -> Result:
     """``conns - stopped`` reading clients and ``stopped`` clients that never read."""
     cfg = fanout_config(conns - stopped, count, size, "paced")
     cfg.start_message = f"go {conns} {count} {size} paced"
-    cmd = [*server_script(SERVER), "ours", "--policy", "close", "--high-water", str(high_water)]
+    cmd = [*server_script(SERVER), "ours", "--policy", "close"]
+    cmd += ["--high-water", str(high_water), "--sndbuf", str(sndbuf)]
     name = f"slow: {stopped} of {conns} stopped"
     with ServerProcess(cmd) as server:
         server.mark()
@@ -219,14 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         results += run_fanout(variant, scenarios, repeat)
     results = best_of(results)
 
-    slow_count, slow_size, high_water = (40, 4096, 16 * 1024) if args.tiny else (50, 4096, 65536)
+    slow_count, slow_size, high_water, sndbuf = (
+        (40, 4096, 16 * 1024, 16 * 1024) if args.tiny else (50, 4096, 65536, 32 * 1024)
+    )
     stopped = max(1, conns // 20)
     slow_results = []
     if not known.no_slow:
-        slow_results = [run_slow(conns, slow_count, slow_size, high_water, stopped)]
+        slow_results = [run_slow(conns, slow_count, slow_size, high_water, sndbuf, stopped)]
         # The baseline (nobody stopped) is skipped in --tiny to keep it short.
         if not args.tiny:
-            slow_results.insert(0, run_slow(conns, slow_count, slow_size, high_water, 0))
+            slow_results.insert(0, run_slow(conns, slow_count, slow_size, high_water, sndbuf, 0))
     elapsed = time.monotonic() - t0
     failed = exit_code(results + slow_results)
 
@@ -248,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         "## Fan-out: every variant, same run\n\n"
         "msgs/s counts frames received and verified by all clients together, from the "
         "first byte to the last. Server CPU is the server's own figure from the start "
-        "of publishing until the last client closed (handshakes excluded). `burst`: all messages published back to back (our "
+        "of publishing until the last client closed (handshakes excluded); RSS start is "
+        "the server's RSS once every client was connected, RSS growth its peak above "
+        "that. `burst`: all messages published back to back (our "
         "writers cork them into about one write per member); `paced`: one message "
         "per event-loop iteration (nothing to coalesce across messages).\n\n"
         + markdown_table(results, ratios_vs=["websockets", "tornado-await", "tutorial"])
@@ -258,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         + "\n\nTargets: paced >= 1.8x websockets, burst >= 5x websockets.\n\n"
         "## Slow consumers (5% of clients stop reading)\n\n"
         f"{conns} clients x {slow_count} x {slow_size} B paced; the group's members are "
-        f"limited to {high_water // 1024} KiB (policy `CLOSE`). The stopped clients "
+        f"limited to {high_water // 1024} KiB (policy `CLOSE`) and their kernel send "
+        f"buffers to {sndbuf // 1024} KiB (`SO_SNDBUF`; Linux would otherwise absorb up "
+        "to 4 MB per connection before the group sees anything). The stopped clients "
         "(own client process, 4 KiB receive buffer) never read.\n\n"
         + markdown_table(slow_results)
         + "\n"

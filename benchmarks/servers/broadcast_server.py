@@ -1,6 +1,6 @@
 """Server variants that broadcast ``count`` binary messages of ``size`` bytes to every client.
 
-Usage: ``python broadcast_server.py VARIANT [--policy P] [--high-water BYTES]``. Clients
+Usage: ``python broadcast_server.py VARIANT [--policy P] [--high-water B] [--sndbuf B]``. Clients
 connect to ``/ws``; one of them sends the text ``"go <members> <count> <size> <mode>"``.
 The server waits until ``members`` connections have joined, then publishes
 ``make_payload(0..count-1, size)`` as binary messages to all of them:
@@ -12,14 +12,19 @@ The server waits until ``members`` connections have joined, then publishes
 Variants:
 
 * ``ours``: a ``BroadcastGroup`` (``room.join(self)`` in ``open()``,
-  ``await room.publish(m)``), with ``--policy`` / ``--high-water`` for its members;
+  ``await room.publish(m)``), with ``--policy`` / ``--high-water`` for its members
+  and ``--sndbuf`` to shrink their kernel send buffers (so that a client that stops
+  reading fills the group's buffer within a short run instead of Linux's up to
+  4 MB of autotuned socket buffer);
 * ``tutorial``: a global list and ``for c in clients: c.write_message(m, binary=True)``;
 * ``tornado-await``: stock Tornado awaiting ``write_message`` for every member
   (``await asyncio.gather(*(c.write_message(m, binary=True) for c in clients))``);
 * ``websockets``: the ``websockets`` library, ``websockets.broadcast(clients, m)``.
 
-After each run (all members gone after a "go") the server prints ``RUN {"cpu_s": ...}``:
-its CPU seconds from "go" until the last member left, connection handshakes excluded.
+After each run (all members gone after a "go") the server prints
+``RUN {"cpu_s": ..., "rss_go": ...}``: its CPU seconds from "go" until the last member
+left (connection handshakes excluded) and its RSS in bytes when "go" arrived (after
+every connection was open).
 On SIGTERM it prints one JSON line ``STATS {...}`` (the group's stats for ``ours``)
 and exits.
 """
@@ -30,6 +35,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import socket
 import time
@@ -51,6 +57,7 @@ class Ready:
         self.expected = 0
         self.event = asyncio.Event()
         self.cpu0: float | None = None
+        self.rss_go = 0
 
     def joined(self) -> None:
         self.members += 1
@@ -61,7 +68,8 @@ class Ready:
         if self.members == 0 and self.cpu0 is not None:
             # One run is over (every client got everything and closed): report the
             # server CPU spent from "go" to here, handshakes excluded.
-            print("RUN " + json.dumps({"cpu_s": time.process_time() - self.cpu0}), flush=True)
+            run = {"cpu_s": time.process_time() - self.cpu0, "rss_go": self.rss_go}
+            print("RUN " + json.dumps(run), flush=True)
             self.cpu0 = None
 
     def check(self) -> None:
@@ -74,6 +82,15 @@ class Ready:
         await self.event.wait()
         self.event.clear()
         self.expected = 0
+
+
+def current_rss() -> int:
+    """This process's resident set size in bytes (Linux ``/proc/self/statm``)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def parse_go(message: str | bytes) -> tuple[int, int, int, str] | None:
@@ -90,6 +107,7 @@ async def run_publisher(
 ) -> None:
     members, count, size, mode = go
     ready.cpu0 = time.process_time()
+    ready.rss_go = current_rss()
     await ready.wait(members)
     make = PayloadMaker(size)
     paced = mode == "paced"
@@ -121,6 +139,9 @@ def tornado_app(variant: str, ready: Ready, args: argparse.Namespace) -> tuple[A
 
         class Ours(tornado.websocket.WebSocketHandler):
             def open(self) -> None:
+                if args.sndbuf:
+                    sock = self.ws_connection.stream.socket  # type: ignore[union-attr]
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, args.sndbuf)
                 room.join(self)
                 ready.joined()
 
@@ -234,12 +255,11 @@ async def serve(variant: str, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    import os
-
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("variant", choices=VARIANTS)
     p.add_argument("--policy", default="close")
     p.add_argument("--high-water", type=int, default=256 * 1024)
+    p.add_argument("--sndbuf", type=int, default=0, help="SO_SNDBUF of each member (ours)")
     args = p.parse_args()
     if os.environ.get("BENCH_LOOP") == "uvloop":
         import uvloop
