@@ -98,7 +98,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -308,7 +308,7 @@ class _Conn(asyncio.Protocol):
             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {self.key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
-        transport.write(request.encode())
+        self._write(request.encode())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.opened.done():
@@ -698,7 +698,7 @@ def query_int(handler: Any, name: str, default: int | None = None) -> int:
     return int(value)
 
 
-def _run(main: Callable[[], Awaitable[None]]) -> None:
+def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     if os.environ.get("BENCH_LOOP") == "uvloop":
         import uvloop
 
@@ -794,7 +794,7 @@ class ServerProcess:
         self._rss0 = 0
 
     def __enter__(self) -> ServerProcess:
-        import psutil
+        import psutil  # type: ignore[import-untyped,unused-ignore]
 
         self._errfile = tempfile.TemporaryFile()
         env = _env()
@@ -841,7 +841,8 @@ class ServerProcess:
         if self._errfile is None:
             return ""
         self._errfile.seek(0)
-        return self._errfile.read().decode(errors="replace")[-2000:]
+        data: bytes = self._errfile.read()
+        return data.decode(errors="replace")[-2000:]
 
     def _sample(self) -> None:
         ps = self._ps
@@ -1139,11 +1140,16 @@ def write_markdown(path: str | Path, title: str, command: str, body: str) -> Pat
     return path
 
 
-def bench_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the common options: ``--tiny``, ``--repeat N`` (default 3), ``--out PATH``."""
+def bench_args(
+    description: str, argv: Sequence[str] | None = None, *, repeat: int = 3
+) -> argparse.Namespace:
+    """Parse the common options: ``--tiny``, ``--repeat N`` (default ``repeat``), ``--out PATH``.
+
+    ``--tiny`` forces one repeat.
+    """
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--tiny", action="store_true", help="tiny sizes, one repeat, no results file")
-    p.add_argument("--repeat", type=int, default=3, help="runs per scenario (best is kept)")
+    p.add_argument("--repeat", type=int, default=repeat, help="runs per scenario (best is kept)")
     p.add_argument("--out", default=None, help="results markdown file")
     args = p.parse_args(argv)
     if args.tiny:

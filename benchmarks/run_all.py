@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             output = proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as exc:
             status = f"FAILED (timeout after {timeout:.0f} s)"
-            output = f"{exc.stdout or ''}{exc.stderr or ''}"
+            output = "".join(
+                x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+                for x in (exc.stdout, exc.stderr)
+            )
         print(f"{script.name:<32} {status:<24} {time.monotonic() - t0:6.1f} s", flush=True)
         if status != "ok":
             failed.append(script.name)
