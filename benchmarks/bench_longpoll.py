@@ -15,8 +15,9 @@ client is this process (pinned to the other CPU), a raw asyncio HTTP/1.1 client.
   receive every message exactly once, in order (duplicates and misses are counted).
 
 Variants: ``longconn`` (``benchmarks/servers/longpoll_longconn.py``: ``LongPollHandler``,
-``LongPollWaiter``, ``BroadcastGroup`` with history on the in-memory backend) and
-``chat-demo`` (``benchmarks/servers/longpoll_chatdemo.py``: ``tornado.locks.Condition``
+``LongPollWaiter``, ``BroadcastGroup`` with history on the in-memory backend),
+``longconn-redis`` (the same on the Redis backend at ``REDIS_URL``, default
+``redis://127.0.0.1:6379/0``; skipped when no Redis answers) and ``chat-demo`` (``benchmarks/servers/longpoll_chatdemo.py``: ``tornado.locks.Condition``
 + 200-message cursor cache, as in Tornado's ``demos/chat``).
 
 Usage: ``python benchmarks/bench_longpoll.py [--tiny] [--repeat N] [--out PATH]``.
@@ -51,7 +52,12 @@ from harness import (
 
 __all__ = ["HttpConnection", "Outcome", "main"]
 
-VARIANTS = {"longconn": "longpoll_longconn.py", "chat-demo": "longpoll_chatdemo.py"}
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+VARIANTS = {
+    "longconn": ["longpoll_longconn.py", "memory://"],
+    "longconn-redis": ["longpoll_longconn.py", REDIS_URL],
+    "chat-demo": ["longpoll_chatdemo.py"],
+}
 PEER = "chat-demo"
 SIZE = 64
 
@@ -148,7 +154,7 @@ async def wait_waiting(ctl: HttpConnection, n: int, timeout: float = 60.0) -> No
 def payloads(variant: str, body: bytes) -> tuple[list[str], str | None]:
     """The message payloads of one poll answer and the cursor to continue from."""
     doc = json.loads(body)
-    if variant == "chat-demo":
+    if variant == PEER:
         msgs = doc["messages"]
         return [m["body"] for m in msgs], (msgs[-1]["id"] if msgs else None)
     if doc.get("gap"):
@@ -165,7 +171,7 @@ def seq_of(payload: str) -> int:
 
 def poll_path(variant: str, cursor: str | None, timeout: float = 60) -> str:
     """The long-poll request path for a variant."""
-    if variant == "chat-demo":
+    if variant == PEER:
         return "/poll" + (f"?cursor={cursor}" if cursor else "")
     return f"/poll?timeout={timeout:g}" + (f"&cursor={cursor}" if cursor else "")
 
@@ -194,12 +200,15 @@ async def burst(server: ServerProcess, variant: str, n: int) -> Outcome:
     """``n`` waiting long-polls released by one publish."""
     conns = await connect_many(server.port, n)
     ctl = await connect(server.port)
+    pending: list[asyncio.Future[tuple[int, bytes]]] = []
     try:
         pending = [c.send("GET", poll_path(variant, None)) for c in conns]
         await wait_waiting(ctl, n)
         server.mark()
         t0 = time.perf_counter()
-        await ctl.request("POST", f"/publish?n=1&size={SIZE}&seq=0")
+        status, body = await ctl.request("POST", f"/publish?n=1&size={SIZE}&seq=0")
+        if status != 200:
+            raise RuntimeError(f"publish failed: HTTP {status} {body[:100]!r}")
         answers = await asyncio.wait_for(asyncio.gather(*pending), 120)
         seconds = time.perf_counter() - t0
         usage = server.measure()
@@ -220,6 +229,7 @@ async def burst(server: ServerProcess, variant: str, n: int) -> Outcome:
         )
     finally:
         await asyncio.gather(*(c.close() for c in [*conns, ctl]))
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def polling(
@@ -229,11 +239,12 @@ async def polling(
     conns = await connect_many(server.port, pollers)
     ctl = await connect(server.port)
     received: list[list[int]] = [[] for _ in range(pollers)]
+    answers = [0]
     done_at: list[float] = [0.0] * pollers
 
     async def poll_loop(i: int, conn: HttpConnection) -> None:
         cursor: str | None = None
-        if variant == "longconn":  # start at the head, like a client's first poll
+        if variant != PEER:  # start at the head, like a client's first poll
             _, body = await conn.request("GET", poll_path(variant, None, timeout=0))
             cursor = payloads(variant, body)[1]
         got = received[i]
@@ -243,21 +254,25 @@ async def polling(
                 raise AssertionError(f"HTTP {status}: {body[:200]!r}")
             data, cursor = payloads(variant, body)
             got.extend(seq_of(p) for p in data)
+            answers[0] += 1
         done_at[i] = time.perf_counter()
 
+    loops = [asyncio.ensure_future(poll_loop(i, c)) for i, c in enumerate(conns)]
     try:
-        loops = [asyncio.ensure_future(poll_loop(i, c)) for i, c in enumerate(conns)]
         await wait_waiting(ctl, pollers)
         server.mark()
         t0 = time.perf_counter()
         for seq in range(0, messages, batch):
             k = min(batch, messages - seq)
-            await ctl.request("POST", f"/publish?n={k}&size={SIZE}&seq={seq}")
+            status, body = await ctl.request("POST", f"/publish?n={k}&size={SIZE}&seq={seq}")
+            if status != 200:
+                raise RuntimeError(f"publish failed: HTTP {status} {body[:100]!r}")
         await asyncio.wait_for(asyncio.gather(*loops), 120)
         seconds = max(done_at) - t0
         usage = server.measure()
     finally:
         await asyncio.gather(*(c.close() for c in [*conns, ctl]))
+        await asyncio.gather(*loops, return_exceptions=True)
     expected = list(range(messages))
     dups = sum(len(r) - len(set(r)) for r in received)
     missing = sum(messages - len(set(r) & set(expected)) for r in received)
@@ -271,7 +286,7 @@ async def polling(
         seconds=seconds,
         cpu_s=usage["cpu_s"],
         rss_growth_mb=usage["rss_growth_mb"],
-        extra={"duplicates": dups, "missing": missing},
+        extra={"duplicates": dups, "missing": missing, "answers": answers[0]},
     )
 
 
@@ -282,7 +297,8 @@ def run(variant: str, scenario: str, sizes: dict[str, int]) -> Outcome:
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    with ServerProcess(server_script(VARIANTS[variant])) as server:
+    script, *script_args = VARIANTS[variant]
+    with ServerProcess(server_script(script) + script_args) as server:
         try:
             if scenario == "burst":
                 return asyncio.run(burst(server, variant, sizes["n"]))
@@ -291,6 +307,20 @@ def run(variant: str, scenario: str, sizes: dict[str, int]) -> Outcome:
             )
         except Exception as exc:  # report, do not crash the whole benchmark
             return Outcome(scenario, variant, ok=False, error=f"{type(exc).__name__}: {exc}")
+
+
+def redis_up() -> bool:
+    """True when a Redis server answers at ``REDIS_URL`` (else that variant is skipped)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(REDIS_URL)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 1):
+            return True
+    except OSError:
+        print(f"no Redis at {REDIS_URL}: skipping longconn-redis", file=sys.stderr)
+        return False
 
 
 def best(outcomes: list[Outcome]) -> list[Outcome]:
@@ -309,8 +339,9 @@ def table(results: list[Outcome]) -> str:
     by_key = {(r.scenario, r.variant): r for r in results}
     lines = [
         "| scenario | variant | verified | answered / delivered | time ms | per second "
-        "| server CPU ms | CPU µs per answer | time vs chat-demo | CPU vs chat-demo |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| poll answers | server CPU ms | CPU µs per delivery | time vs chat-demo "
+        "| CPU vs chat-demo |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         peer = by_key.get((r.scenario, PEER))
@@ -320,7 +351,9 @@ def table(results: list[Outcome]) -> str:
             cpu_ratio = f"{r.cpu_s / peer.cpu_s:.2f}x"
         lines.append(
             f"| {r.scenario} | {r.variant} | {'yes' if r.ok else 'NO: ' + r.error} "
-            f"| {r.count:,} | {r.seconds * 1000:,.1f} | {r.rate:,.0f} | {r.cpu_s * 1000:,.1f} "
+            f"| {r.count:,} | {r.seconds * 1000:,.1f} | {r.rate:,.0f} "
+            f"| {r.extra.get('answers', r.count if r.scenario == 'burst' else 0):,} "
+            f"| {r.cpu_s * 1000:,.1f} "
             f"| {r.cpu_s / r.count * 1e6 if r.count else 0:,.1f} | {time_ratio} | {cpu_ratio} |"
         )
     return "\n".join(lines) + "\n"
@@ -336,10 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {"n": 200, "pollers": 4, "messages": 100, "batch": 5}
     else:
         sizes = {"n": 5000, "pollers": 20, "messages": 2000, "batch": 5}
+    variants = [v for v in VARIANTS if v != "longconn-redis" or redis_up()]
     outcomes: list[Outcome] = []
     for _ in range(args.repeat):
         for scenario in ("burst", "polling"):
-            for variant in VARIANTS:
+            for variant in variants:
                 o = run(variant, scenario, sizes)
                 print(
                     f"{scenario:8} {variant:10} ok={o.ok} {o.count} in {o.seconds * 1000:.1f} ms "
@@ -356,13 +390,17 @@ def main(argv: list[str] | None = None) -> int:
             f"polling: {sizes['pollers']} polling loops, {sizes['messages']:,} messages "
             f"published {sizes['batch']} per request, {SIZE}-byte payloads. Best of "
             f"{args.repeat} runs per row, each on a fresh server process.\n\n"
+            "*poll answers* counts HTTP responses: fewer, bigger answers mean messages "
+            "arrived faster than pollers asked. "
             "*time* is from sending the publish until the last response is read (burst) or "
             "until the last poller has every message (polling); *server CPU* is user+system "
             "time of the server process over the same interval. Ratios below 1 mean "
             "tornado-longconn is faster / cheaper than the chat-demo peer. The chat-demo "
             "peer has no history bound per client and no gap answer: a poller whose cursor "
             "left its 200-message cache gets the whole cache again (counted as duplicates "
-            "if it happens).\n"
+            "if it happens). *longconn-redis* is the same server on the Redis backend "
+            "(history in Redis, wake-ups over pub/sub), which the single-process peer "
+            "cannot do at all; its ratios show the price of running across processes.\n"
         )
         out = Path(args.out) if args.out else BENCH_DIR / "results" / "longpoll.md"
         write_markdown(

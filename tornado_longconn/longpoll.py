@@ -9,7 +9,10 @@ the Protocol only (``subscribe``/``since``), so it works the same on the
 in-memory backend and across processes on Redis. It holds ONE backend
 subscription per topic, shared by every waiting request of that topic; one
 publish resolves the futures of all requests waiting at the previous cursor
-with ONE shared :class:`PollResult`, whose JSON body is encoded once.
+with ONE shared :class:`PollResult`, whose JSON body is encoded once. Requests
+that arrive together with the same cursor share one history read
+(``backend.since``), and cursors at or just behind the live head are answered
+from the last few messages the subscription delivered, without a backend call.
 
 :class:`LongPollHandler` (or :class:`LongPollMixin` in your own handler) answers
 ``GET <url>?cursor=<cursor>&timeout=<seconds>`` with::
@@ -273,7 +276,8 @@ class LongPollStats:
 
     ``waiting`` waits in progress; ``streams`` SSE streams open; ``topics``
     topics with a backend subscription; ``answered`` waits answered with messages
-    (``woken`` of them by a live publish, the rest from history); ``timeouts``
+    (``woken`` of them by a live publish, the rest from history); ``reads``
+    history reads sent to the backend (concurrent equal reads count once); ``timeouts``
     empty answers; ``gaps`` gap answers; ``rechecks`` wake-ups that had to ask the
     backend again (a gap in the subscription, a message that did not follow the
     waiter's cursor); ``rejected`` waits/streams refused at a limit;
@@ -286,6 +290,7 @@ class LongPollStats:
     topics: int
     answered: int
     woken: int
+    reads: int
     timeouts: int
     gaps: int
     rechecks: int
@@ -479,6 +484,7 @@ class LongPollWaiter:
         self._streams = 0
         self._answered = 0
         self._woken = 0
+        self._reads = 0
         self._timeouts = 0
         self._gaps = 0
         self._rechecks = 0
@@ -505,6 +511,7 @@ class LongPollWaiter:
             topics=sum(1 for t in self._topics.values() if t.users or t.linger),
             answered=self._answered,
             woken=self._woken,
+            reads=self._reads,
             timeouts=self._timeouts,
             gaps=self._gaps,
             rechecks=self._rechecks,
@@ -692,6 +699,7 @@ class LongPollWaiter:
         return await asyncio.shield(entry[1])
 
     async def _read(self, topic: str, cursor: Cursor | None) -> PollResult:
+        self._reads += 1
         return PollResult.from_since(await self.backend.since(topic, cursor, limit=self.max_batch))
 
     @contextmanager
