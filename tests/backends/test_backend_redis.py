@@ -472,3 +472,21 @@ async def test_ping_detects_a_silent_connection(server: RedisProcess) -> None:
         await backend.close()
         await admin.execute_command("CLIENT", "UNPAUSE")
         await admin.aclose()
+
+
+@pytest.mark.redis
+async def test_subscribe_confirmations_are_matched_per_channel(prefix: str) -> None:
+    """A SUBSCRIBE confirmed after its topic was left never stands in for a later one."""
+    backend = RedisBackend(REDIS_URL, prefix=prefix, command_timeout=3600)
+    try:
+        await backend.start()
+        a, b = Recorder("a"), Recorder("b")
+        await asyncio.gather(backend.subscribe("t", a), backend.unsubscribe("t", a))
+        await backend.subscribe("other", Recorder())  # confirmed after the two above
+        # Returns when Redis confirms THIS subscription (not after command_timeout).
+        await asyncio.wait_for(backend.subscribe("t", b), scaled(5))
+        await backend.publish("t", "x")
+        await b.wait_messages(1)
+        assert (a.data, b.data, b.gaps) == ([], ["x"], [])
+    finally:
+        await backend.close()

@@ -356,7 +356,9 @@ class RedisBackend:
         self._epoch_candidate = new_epoch()
         self._topics: dict[str, _Topic] = {}
         self._by_channel: dict[bytes, str] = {}
-        self._pending: dict[str, collections.deque[asyncio.Future[None]]] = {}
+        # Futures of SUBSCRIBE commands sent and not yet confirmed, per channel, in
+        # the order sent (Redis confirms in that order).
+        self._pending: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
         self._conn: Any = None  # the pub/sub redis.asyncio.Connection while it is up
         self._task: asyncio.Task[None] | None = None
         self._first_attempt: asyncio.Event | None = None
@@ -458,9 +460,9 @@ class RedisBackend:
         state = self._topics.get(topic)
         if state is not None:
             state.subscribers[subscriber] = None
-            pending = self._pending.get(topic)
+            pending = self._pending.get(state.channel)
             if pending:
-                await self._wait_confirmed(pending[-1])
+                await self._wait_confirmed(topic, pending[-1])
             return
         state = self._topics[topic] = _Topic(self._channel(topic))
         state.subscribers[subscriber] = None
@@ -470,23 +472,23 @@ class RedisBackend:
             state.resync = True
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(topic, collections.deque()).append(future)
+        self._pending.setdefault(state.channel, collections.deque()).append(future)
         try:
             await conn.send_command("SUBSCRIBE", state.channel, check_health=False)
         except _UNAVAILABLE:
             state.resync = True  # the pub/sub task reconnects and subscribes again
             return
-        await self._wait_confirmed(future)
+        await self._wait_confirmed(topic, future)
 
-    async def _wait_confirmed(self, future: asyncio.Future[None]) -> None:
+    async def _wait_confirmed(self, topic: str, future: asyncio.Future[None]) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(future), self.command_timeout)
         except asyncio.TimeoutError:
             # Redis is slow or gone: delivery starts when the subscription is made,
             # and on_gap tells the subscriber it started late.
-            topic = next((t for t, q in self._pending.items() if future in q), None)
-            if topic is not None and topic in self._topics:
-                self._topics[topic].resync = True
+            state = self._topics.get(topic)
+            if state is not None:
+                state.resync = True
 
     async def unsubscribe(self, topic: str, subscriber: Subscriber) -> None:
         """Stop delivering ``topic`` to ``subscriber`` (no error if it was not subscribed).
@@ -707,16 +709,16 @@ class RedisBackend:
             # "unsubscribe" needs nothing; "pong" only proves liveness.
 
     def _on_subscribed(self, channel: bytes) -> None:
-        topic = self._by_channel.get(channel)
-        if topic is None:
-            return
-        queue = self._pending.get(topic)
+        queue = self._pending.get(channel)
         if queue:
             future = queue.popleft()
             if not future.done():
                 future.set_result(None)
             if not queue:
-                del self._pending[topic]
+                del self._pending[channel]
+        topic = self._by_channel.get(channel)
+        if topic is None:
+            return  # unsubscribed meanwhile
         state = self._topics.get(topic)
         if state is not None and state.resync:
             state.resync = False
