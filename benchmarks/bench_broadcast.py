@@ -1,16 +1,16 @@
 """Broadcast fan-out: BroadcastGroup vs the tutorial loop, Tornado awaiting, websockets.
 
-Scenarios (full size; ``--tiny`` runs each once with 50 clients):
+Scenarios (full size; ``--tiny`` runs one burst and one paced shape and the stopped-clients
+case once, with 50 clients, in a few seconds):
 
 * 5,000 clients x 100 messages x 64 B, and x 20 x 4 KiB, each in two modes:
   ``burst`` (all messages published back to back) and ``paced`` (one message
   per event-loop iteration); every variant in the same run;
 * slow consumers: 5,000 clients x 50 x 4 KiB paced, with the group's members
   limited to 64 KiB (``CLOSE`` policy) and a 32 KiB ``SO_SNDBUF``, first with every
-  client reading, then
-  with 5% (250) clients that stop reading (own client process, 4 KiB receive
-  buffer); the fast clients' per-connection rate and the server's RSS growth
-  are compared.
+  client reading, then with 5% (250) clients that stop reading (own client process,
+  4 KiB receive buffer); the fast clients' per-connection rate and the server's RSS
+  growth are compared.
 
 Every client verifies that it received exactly the expected frames, in order.
 Results: ``benchmarks/results/broadcast.md``.
@@ -19,6 +19,7 @@ Results: ``benchmarks/results/broadcast.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -81,6 +82,12 @@ def result_of(
     )
 
 
+#: Seconds a client run may take once connected. The slowest peers (Tornado's
+#: write_message, 5,000 members, paced) can need more on a busy machine: they are
+#: then reported with the rate of what they delivered in that time, marked "NO".
+CLIENT_TIMEOUT = 25.0
+
+
 def fanout_config(conns: int, count: int, size: int, mode: str) -> ClientConfig:
     return ClientConfig(
         path="/ws",
@@ -89,31 +96,40 @@ def fanout_config(conns: int, count: int, size: int, mode: str) -> ClientConfig:
         size=size,
         verify="stream",
         opcode=2,
-        timeout=90.0,
+        timeout=CLIENT_TIMEOUT,
         start_message=f"go {conns} {count} {size} {mode}",
     )
 
 
 def run_fanout(
-    variant: str, scenarios: list[tuple[str, ClientConfig]], repeat: int
+    variants: tuple[str, ...], scenarios: list[tuple[str, ClientConfig]], repeat: int
 ) -> list[Result]:
-    """All fan-out scenarios against one server process of ``variant``."""
-    results = []
-    with ServerProcess([*server_script(SERVER), variant]) as server:
+    """Every scenario against every variant, interleaved.
+
+    One server process per variant stays up for the whole run; each scenario is
+    run against every variant in turn, so the variants of one scenario are measured
+    within seconds of each other on a machine whose load drifts.
+    """
+    results: dict[str, list[Result]] = {v: [] for v in variants}
+    with contextlib.ExitStack() as stack:
+        servers = {
+            v: stack.enter_context(ServerProcess([*server_script(SERVER), v])) for v in variants
+        }
         for name, cfg in scenarios:
             for _ in range(repeat):
-                server.mark()
-                report = run_client(cfg.with_port(server.port))
-                results.append(result_of(variant, name, report, server.measure()))
-    use_run_cpu(results, server)
-    for r in results:
-        print(
-            f"  {r.scenario:28} {variant:14} {'ok' if r.ok else 'FAILED'} "
-            f"{r.msgs_per_s:>12,.0f} msgs/s  cpu {r.server_cpu_s:6.2f} s  "
-            f"rss +{r.rss_growth_mb:6.1f} MB",
-            flush=True,
-        )
-    return results
+                for variant, server in servers.items():
+                    server.mark()
+                    report = run_client(cfg.with_port(server.port))
+                    r = result_of(variant, name, report, server.measure())
+                    results[variant].append(r)
+                    print(
+                        f"  {name:28} {variant:14} {'ok' if r.ok else 'FAILED'} "
+                        f"{r.msgs_per_s:>12,.0f} msgs/s",
+                        flush=True,
+                    )
+    for variant, server in servers.items():
+        use_run_cpu(results[variant], server)
+    return [r for name, _ in scenarios for v in variants for r in results[v] if r.scenario == name]
 
 
 def use_run_cpu(results: list[Result], server: ServerProcess) -> None:
@@ -222,10 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat if "--repeat" in " ".join(rest) else 1
     print(f"broadcast: {conns} clients, repeat {repeat}", flush=True)
     t0 = time.monotonic()
-    results: list[Result] = []
-    for variant in variants:
-        results += run_fanout(variant, scenarios, repeat)
-    results = best_of(results)
+    results = best_of(run_fanout(variants, scenarios, repeat))
 
     slow_count, slow_size, high_water, sndbuf = (
         (40, 4096, 16 * 1024, 16 * 1024) if args.tiny else (50, 4096, 65536, 32 * 1024)
@@ -238,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.tiny:
             slow_results.insert(0, run_slow(conns, slow_count, slow_size, high_water, sndbuf, 0))
     elapsed = time.monotonic() - t0
-    failed = exit_code(results + slow_results)
+    # A peer that runs out of time is a measurement, not a failure of this library:
+    # the exit code reflects our own variant (every variant in --tiny).
+    checked = results if args.tiny else [r for r in results if r.variant == "ours"]
+    failed = exit_code(checked + slow_results)
 
     lines = []
     for name, _ in scenarios:

@@ -1081,9 +1081,6 @@ class BroadcastGroup:
         members = list(self._members.values())
         for member in members:
             self._remove(member.handler, closed=False)
-        for task in list(self._tasks):
-            if task is not _current_task() and task is not self._sync_task:
-                task.cancel()
         await _close_in_batches(
             members,
             int(code),
@@ -1093,9 +1090,11 @@ class BroadcastGroup:
         )
         if self._subscribed:
             self._sync_subscription()
-        sync = self._sync_task
-        if sync is not None and not sync.done():
-            await asyncio.wait((sync,))
+        # Let closes already under way (a backend gap) and the unsubscribe finish.
+        current = _current_task()
+        pending = [t for t in self._tasks if t is not current and not t.done()]
+        if pending:
+            await asyncio.wait(pending)
 
 
 def _left(member: Membership) -> bool:
