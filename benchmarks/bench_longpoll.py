@@ -144,10 +144,12 @@ async def wait_waiting(ctl: HttpConnection, n: int, timeout: float = 60.0) -> No
     deadline = time.monotonic() + timeout
     while True:
         _, body = await ctl.request("GET", "/stats")
-        if json.loads(body)["waiting"] >= n:
+        stats = json.loads(body)
+        waiting = stats.get("parked", stats["waiting"])  # registered for the next message
+        if waiting >= n:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {json.loads(body)['waiting']} of {n} requests waiting")
+            raise TimeoutError(f"only {waiting} of {n} requests waiting: {stats}")
         await asyncio.sleep(0.02)
 
 

@@ -139,17 +139,13 @@ async def test_waits_for_next_publish(backend: CountingBackend) -> None:
     head = (await publish(backend, "a")).cursor
     waiter = LongPollWaiter(backend, "t")
     task = asyncio.ensure_future(waiter.wait(head, timeout=60))
-    await _until(lambda: _registered(waiter) == 1)
+    await _until(lambda: waiter.stats().parked == 1)
     assert not task.done()
     await publish(backend, "b")
     result = await asyncio.wait_for(task, scaled(2))
     assert [m.data for m in result.messages] == ["b"] and result.cursor == Cursor("ep", 2)
     assert waiter.stats().woken == 1
     await waiter.close()
-
-
-def _registered(waiter: LongPollWaiter) -> int:
-    return sum(len(g) for t in waiter._topics.values() for g in t.waiting.values())
 
 
 async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -175,7 +171,7 @@ async def test_no_cursor_means_from_now_on(backend: CountingBackend) -> None:
     now = await waiter.wait(None, timeout=0)
     assert now.messages == () and now.cursor == Cursor("ep", 1)
     task = asyncio.ensure_future(waiter.wait(None, timeout=60))
-    await _until(lambda: _registered(waiter) == 1)
+    await _until(lambda: waiter.stats().parked == 1)
     await publish(backend, "new")
     result = await asyncio.wait_for(task, scaled(2))
     assert [m.data for m in result.messages] == ["new"] and result.cursor == Cursor("ep", 2)
@@ -218,7 +214,7 @@ async def test_one_publish_wakes_5000_waiters_through_one_subscription(
     head = (await publish(backend, "first")).cursor
     waiter = LongPollWaiter(backend, "t")
     tasks = [asyncio.ensure_future(waiter.wait(head, timeout=60)) for _ in range(5000)]
-    await _until(lambda: _registered(waiter) == 5000)
+    await _until(lambda: waiter.stats().parked == 5000)
     assert backend.subscribes == 1 and len(backend.subscribers["t"]) == 1
     sinces = backend.sinces
     await publish(backend, "wake")
@@ -234,11 +230,11 @@ async def test_one_publish_wakes_5000_waiters_through_one_subscription(
 async def test_cancelled_waits_leave_nothing_behind(backend: CountingBackend) -> None:
     waiter = LongPollWaiter(backend, "t", linger=0)
     tasks = [asyncio.ensure_future(waiter.wait(None, timeout=60)) for _ in range(1000)]
-    await _until(lambda: _registered(waiter) == 1000)
+    await _until(lambda: waiter.stats().parked == 1000)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    assert waiter.waiting == 0 and _registered(waiter) == 0
+    assert waiter.waiting == 0 and waiter.stats().parked == 0
     assert waiter.stats().cancelled == 1000
     await _until(lambda: backend.unsubscribes == 1)
     assert not backend.subscribers["t"]
@@ -248,7 +244,7 @@ async def test_cancelled_waits_leave_nothing_behind(backend: CountingBackend) ->
 async def test_waiter_limit_rejects(backend: CountingBackend) -> None:
     waiter = LongPollWaiter(backend, "t", max_waiters=2)
     tasks = [asyncio.ensure_future(waiter.wait(None, timeout=60)) for _ in range(2)]
-    await _until(lambda: _registered(waiter) == 2)
+    await _until(lambda: waiter.stats().parked == 2)
     with pytest.raises(WaiterLimitError):
         await waiter.wait(None, timeout=60)
     assert waiter.stats().rejected == 1
@@ -284,7 +280,7 @@ async def test_subscription_gap_makes_waiters_reread_history(backend: CountingBa
     head = (await publish(backend, "a")).cursor
     waiter = LongPollWaiter(backend, "t")
     task = asyncio.ensure_future(waiter.wait(head, timeout=60))
-    await _until(lambda: _registered(waiter) == 1)
+    await _until(lambda: waiter.stats().parked == 1)
     (subscriber,) = backend.subscribers["t"]
     # the subscription lost a message: it is in history, but was never delivered live
     await backend.unsubscribe("t", subscriber)
@@ -302,7 +298,7 @@ async def test_message_after_unexpected_cursor_rechecks(backend: CountingBackend
     waiter = LongPollWaiter(backend, "t", recent=0)
     await publish(backend, "a")
     task = asyncio.ensure_future(waiter.wait("ep-1", timeout=60))
-    await _until(lambda: _registered(waiter) == 1)
+    await _until(lambda: waiter.stats().parked == 1)
     (subscriber,) = backend.subscribers["t"]
     # deliver a message from another epoch directly: the cursor does not follow
     subscriber.on_message(Message("t", "x", Cursor("zz", 1)))
@@ -319,7 +315,7 @@ async def test_messages_without_history_are_counted_not_delivered(
 ) -> None:
     waiter = LongPollWaiter(backend, "t")
     task = asyncio.ensure_future(waiter.wait(None, timeout=scaled(0.05)))
-    await _until(lambda: _registered(waiter) == 1)
+    await _until(lambda: waiter.stats().parked == 1)
     await backend.publish("t", "no history")
     await backend.publish("t", "no history")
     result = await asyncio.wait_for(task, scaled(2))

@@ -274,7 +274,8 @@ class RecentMessages:
 class LongPollStats:
     """Counters of one :class:`LongPollWaiter` (see :meth:`LongPollWaiter.stats`).
 
-    ``waiting`` waits in progress; ``streams`` SSE streams open; ``topics``
+    ``waiting`` waits in progress; ``parked`` those of them registered for the
+    next message (the rest are still reading history or subscribing); ``streams`` SSE streams open; ``topics``
     topics with a backend subscription; ``answered`` waits answered with messages
     (``woken`` of them by a live publish, the rest from history); ``reads``
     history reads sent to the backend (concurrent equal reads count once); ``timeouts``
@@ -286,6 +287,7 @@ class LongPollStats:
     """
 
     waiting: int
+    parked: int
     streams: int
     topics: int
     answered: int
@@ -507,6 +509,7 @@ class LongPollWaiter:
         """A snapshot of the counters (see :class:`LongPollStats`)."""
         return LongPollStats(
             waiting=self._waiting,
+            parked=sum(len(g) for t in self._topics.values() for g in t.waiting.values()),
             streams=self._streams,
             topics=sum(1 for t in self._topics.values() if t.users or t.linger),
             answered=self._answered,
