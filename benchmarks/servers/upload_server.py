@@ -145,6 +145,9 @@ class NullTus(tornado.web.RequestHandler):
 
     received = 0
 
+    def prepare(self) -> None:
+        self.request.connection.set_max_body_size(1 << 40)  # type: ignore[union-attr]
+
     def data_received(self, chunk: bytes) -> None:
         self.received += len(chunk)
 
