@@ -34,7 +34,7 @@ from tornado_longconn.broadcast import (
     cursor_envelope,
 )
 from tornado_longconn.codes import CloseCode
-from tornado_longconn.exceptions import CursorError
+from tornado_longconn.exceptions import BackendUnavailableError, CursorError
 from tornado_longconn.log import Cursor, HistoryLimit, parse_cursor
 from tornado_longconn.testing import AppServer, scaled
 
@@ -814,3 +814,71 @@ def test_cursor_envelope_shapes() -> None:
     }
     assert json.loads(cursor_envelope(Message("t", "x", None))) == {"cursor": None, "data": "x"}
     assert cursor_envelope(Message("t", b"\x00", c)) == b"\x00"
+
+
+class FlakyBackend(MemoryBackend):
+    """An in-memory backend that is "down" until ``up`` is set."""
+
+    up = False
+
+    async def subscribe(self, topic: str, subscriber: Any) -> None:
+        if not self.up:
+            raise BackendUnavailableError("backend down")
+        await super().subscribe(topic, subscriber)
+
+    async def publish(self, topic: str, data: str | bytes, **kwargs: Any) -> Any:
+        if not self.up:
+            raise BackendUnavailableError("backend down")
+        return await super().publish(topic, data, **kwargs)
+
+
+async def test_backend_outage_raises_to_the_caller_and_recovers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = FlakyBackend()
+    group = BroadcastGroup("flaky", backend=backend)
+
+    class Joiner(tornado.websocket.WebSocketHandler):
+        async def open(self) -> None:
+            try:
+                await group.join(self)
+            except BackendUnavailableError:
+                self.write_message("join: backend unavailable")
+
+    app = tornado.web.Application([(r"/ws", Joiner)])
+    async with AppServer(app) as server:
+        client = await connect(server.port, "/ws")
+        await client.wait_for(1)
+        assert client.texts == ["join: backend unavailable"]
+        assert len(group) == 1  # still a member; the subscription is retried
+        with pytest.raises(BackendUnavailableError):
+            await group.publish("lost")
+        assert group.stats().published == 0
+        backend.up = True
+        result = await group.publish("back")
+        assert result.delivered == 1 and group.stats().published == 1
+        await client.wait_for(2)
+        assert client.texts[1] == "back"
+        await close_all([client])
+    assert "backend subscribe failed" in caplog.text
+
+
+async def test_a_failing_writer_is_isolated_and_closed(caplog: pytest.LogCaptureFixture) -> None:
+    group = BroadcastGroup("broken")
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        clients = [await connect(server.port, "/ws") for _ in range(3)]
+        members = await joined_members(joined, 3)
+
+        def explode(message: Any) -> Any:
+            raise RuntimeError("writer bug")
+
+        BackpressureWriter.of(members[1]).send_nowait = explode  # type: ignore[method-assign]
+        result = await group.publish("still delivered")  # does not raise
+        assert result.delivered == 2 and result.closed == 1
+        assert members[1] not in group and len(group) == 2
+        await asyncio.gather(clients[0].wait_for(1), clients[2].wait_for(1))
+        await asyncio.wait_for(clients[1].lost, scaled(5))
+        assert clients[1].close_code == CloseCode.INTERNAL_ERROR
+        assert "writer bug" in caplog.text
+        await close_all(clients)

@@ -484,8 +484,9 @@ class BroadcastGroup:
 
         self._members: dict[WebSocketHandler, Membership] = {}
         self._resuming: dict[WebSocketHandler, Membership] = {}
+        # Live members and their writers' send_nowait, rebuilt after membership changes.
         self._snapshot: (
-            tuple[tuple[WebSocketHandler, Callable[[Any], SendResult], Membership], ...] | None
+            tuple[tuple[Membership, ...], tuple[Callable[[Any], SendResult], ...]] | None
         )
         self._snapshot = None
         self._token = secrets.token_hex(4)
@@ -685,7 +686,7 @@ class BroadcastGroup:
                     log.error(
                         "group %r: backend %s failed: %r",
                         self.name,
-                        "sub" if want else "unsub",
+                        "subscribe" if want else "unsubscribe",
                         exc,
                     )
                     error = exc
@@ -725,10 +726,10 @@ class BroadcastGroup:
                 excludes.popitem(last=False)
         tally = self._inflight[tag] = _Tally()
         self._stash = (data, encoded)
-        self._published += 1
         return data, tag, tally
 
     def _end_publish(self, message: Message, tag: str, tally: _Tally) -> PublishResult:
+        self._published += 1
         self._inflight.pop(tag, None)
         self._stash = (None, None)
         if not tally.seen and self._members and not self._subscribed:
@@ -840,37 +841,52 @@ class BroadcastGroup:
                 self._buffer_for(member, message, encoded, excluded)
         snapshot = self._snapshot
         if snapshot is None:
-            snapshot = self._snapshot = tuple(
-                (h, m.writer.send_nowait, m)  # type: ignore[union-attr]
-                for h, m in self._members.items()
-                if m.live
+            live = [m for m in self._members.values() if m.live]
+            snapshot = self._snapshot = (
+                tuple(live),
+                tuple(m.writer.send_nowait for m in live),  # type: ignore[union-attr]
             )
-        delivered = dropped = 0
+        members, sends = snapshot
+        if excluded is not None:
+            keep = [i for i, m in enumerate(members) if m.handler not in excluded]
+            members = tuple(members[i] for i in keep)
+            sends = tuple(sends[i] for i in keep)
+        # The hot loop: one call per member, outcomes counted in C afterwards.
+        results: list[SendResult] = []
+        append = results.append
+        total = len(sends)
+        broken: list[Membership] | None = None
+        while True:
+            try:
+                for send in sends[len(results) :] if results else sends:
+                    append(send(encoded))
+            except Exception:
+                member = members[len(results)]
+                log.exception("group %r: writer of %r failed", self.name, member.handler)
+                broken = [*broken, member] if broken else [member]
+                append(SendResult.CLOSED)
+                continue
+            break
+        delivered = results.count(_WRITTEN)
+        dropped = 0
         gone: list[WebSocketHandler] | None = None
         queued_members: list[Membership] | None = None
-        written, queued, dropped_ = _WRITTEN, _QUEUED, _DROPPED
-        for handler, send, member in snapshot:
-            if excluded is not None and handler in excluded:
-                continue
-            try:
-                result = send(encoded)
-            except Exception:
-                log.exception("group %r: writer of %r failed", self.name, handler)
-                result = SendResult.CLOSED
-            if result is written:
-                delivered += 1
-            elif result is queued:
-                delivered += 1
-                if queued_members is None:
-                    queued_members = []
-                queued_members.append(member)
-            elif result is dropped_:
-                dropped += 1
-                member._dropped_seen += 1
-            else:
-                if gone is None:
-                    gone = []
-                gone.append(handler)
+        if delivered != total:
+            for member, result in zip(members, results, strict=True):
+                if result is _WRITTEN:
+                    continue
+                if result is _QUEUED:
+                    delivered += 1
+                    if queued_members is None:
+                        queued_members = []
+                    queued_members.append(member)
+                elif result is _DROPPED:
+                    dropped += 1
+                    member._dropped_seen += 1
+                else:
+                    if gone is None:
+                        gone = []
+                    gone.append(member.handler)
         if queued_members is not None:
             # DROP_OLDEST: queuing this message may have pushed an older one out.
             for member in queued_members:
@@ -880,6 +896,11 @@ class BroadcastGroup:
             for handler in gone:
                 if self._remove(handler, closed=True):
                     closed += 1
+        if broken is not None:
+            # A writer that raised is a bug, not a peer that left: close the connection
+            # so that the client reconnects rather than silently missing messages.
+            for member in broken:
+                _close_member(member, int(CloseCode.INTERNAL_ERROR), "internal error")
         if delivered:
             self._delivered += delivered
             self._bytes += delivered * len(encoded.frame)
