@@ -1,14 +1,29 @@
 """tornado-longconn: production-grade long-lived connections for Tornado.
 
 Mixins and helpers that Tornado applications compose into their own handlers:
-heartbeats with dead-peer detection, broadcast groups with encode-once fan-out,
-per-connection backpressure, resumable uploads, and long-poll / SSE fallbacks
-that resume from a cursor. See https://tornado-longconn.readthedocs.io.
+
+* :class:`HeartbeatMixin` -- keepalive, dead-peer detection and round-trip latency
+  for ``WebSocketHandler``.
+* :class:`BroadcastHub` / :class:`BroadcastGroup` -- rooms of connections with
+  encode-once, corked fan-out that slow and vanished clients cannot hurt.
+* :class:`BackpressureWriter` -- flow control for one outgoing connection.
+* :class:`ChunkedUploadSink`, :class:`TusUploadHandler`,
+  :class:`WebSocketUploadHandler` -- resumable, checksummed uploads off the loop.
+* :class:`LongPollWaiter`, :class:`LongPollHandler`, :class:`SSEHandler` -- HTTP
+  fallbacks that resume from a cursor and never lose a message silently.
+* Backends: :class:`MemoryBackend` (default) and ``RedisBackend``
+  (``tornado_longconn.backends``, extra ``[redis]``), chosen with
+  :func:`backend_from_url`.
+
+Test helpers for your own applications live in :mod:`tornado_longconn.testing`.
 """
 
 from __future__ import annotations
 
-from .backends import Backend, MemoryBackend
+from .backends import Backend, MemoryBackend, Subscriber, backend_from_url
+from .backpressure import BackpressureWriter, OverflowPolicy, SendResult, WriterStats
+from .broadcast import BroadcastGroup, BroadcastHub, BroadcastStats, GapPolicy, PublishResult
+from .codes import CloseCode
 from .exceptions import (
     BackendError,
     BackendUnavailableError,
@@ -19,7 +34,14 @@ from .exceptions import (
     SlowConsumerError,
     UploadError,
 )
+from .heartbeat import HeartbeatMixin, HeartbeatStats
 from .log import Cursor, HistoryLimit, Message, SinceResult, parse_cursor
+from .longpoll import LongPollHandler, LongPollMixin, LongPollWaiter, PollResult
+from .sse import SSEHandler, SSEMixin
+from .staticfiles import static_path, static_url_spec
+from .upload import ChunkedUploadSink, UploadStore
+from .upload_tus import TusUploadHandler
+from .upload_ws import WebSocketUploadHandler, WebSocketUploadMixin
 
 __version__ = "0.1.0.dev0"
 
@@ -27,17 +49,44 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendUnavailableError",
+    "BackpressureWriter",
+    "BroadcastGroup",
+    "BroadcastHub",
+    "BroadcastStats",
+    "ChunkedUploadSink",
+    "CloseCode",
     "ConnectionClosedError",
     "Cursor",
     "CursorError",
+    "GapPolicy",
+    "HeartbeatMixin",
+    "HeartbeatStats",
     "HistoryLimit",
     "LongConnError",
+    "LongPollHandler",
+    "LongPollMixin",
+    "LongPollWaiter",
     "MemoryBackend",
     "Message",
+    "OverflowPolicy",
     "PeerGoneError",
+    "PollResult",
+    "PublishResult",
+    "SSEHandler",
+    "SSEMixin",
+    "SendResult",
     "SinceResult",
     "SlowConsumerError",
+    "Subscriber",
+    "TusUploadHandler",
     "UploadError",
+    "UploadStore",
+    "WebSocketUploadHandler",
+    "WebSocketUploadMixin",
+    "WriterStats",
     "__version__",
+    "backend_from_url",
     "parse_cursor",
+    "static_path",
+    "static_url_spec",
 ]
