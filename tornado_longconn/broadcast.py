@@ -45,7 +45,7 @@ import logging
 import random
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final
@@ -336,7 +336,7 @@ class Membership:
         state = "live" if self.live else "resuming" if self.active else "left"
         return f"<Membership {self.group.name!r} {state}>"
 
-    def __await__(self) -> Any:
+    def __await__(self) -> Generator[Any, None, Membership]:
         return self._wait().__await__()
 
     async def _wait(self) -> Membership:
