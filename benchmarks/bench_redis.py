@@ -96,11 +96,25 @@ async def publisher(
     history = HistoryLimit(1000)
     if variant == "ours":
         await backend.publish("warm-up", b"x", history=history)  # loads the script
+    layer: Any = None
+    if variant.startswith("channels"):
+        import django
+        from channels.layers import get_channel_layer
+        from django.conf import settings
+        from servers.redis_channels import channel_layers
+
+        settings.configure(CHANNEL_LAYERS=channel_layers(variant.split("-")[1], url, prefix))
+        django.setup()
+        layer = get_channel_layer()
+        await layer.group_send("warm-up", {"type": "bench.msg", "data": b"x"})
     before = await admin.info("commandstats")
     t0 = time.perf_counter()
     if variant == "ours":
         for p in payloads:
             await backend.publish("bench", p, history=history)
+    elif variant.startswith("channels"):
+        for p in payloads:
+            await layer.group_send("bench", {"type": "bench.msg", "data": p})
     else:
         for p in payloads:
             await admin.publish(prefix + "bench", p)
@@ -120,19 +134,12 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> dict[s
     url = f"redis://127.0.0.1:{port}/0"
     prefix = f"b{secrets.token_hex(3)}:"
     per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    if variant.startswith("channels"):
+        script = [*server_script("redis_channels.py"), variant.split("-")[1]]
+    else:
+        script = [*server_script("redis_fanout.py"), variant]
     servers = [
-        ServerProcess(
-            [
-                *server_script("redis_fanout.py"),
-                variant,
-                "--redis",
-                url,
-                "--prefix",
-                prefix,
-                "--expect",
-                str(n),
-            ]
-        )
+        ServerProcess([*script, "--redis", url, "--prefix", prefix, "--expect", str(n)])
         for n in per
     ]
     try:
@@ -144,9 +151,12 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> dict[s
         )  # fmt: skip
         for s in servers:
             s.mark()
+        # channels_redis's core layer answers 500 to some handshakes when hundreds
+        # arrive at once (its group_add fails under load): connect it gently.
+        concurrency = 10 if variant == "channels-core" else 200
         with concurrent.futures.ThreadPoolExecutor(procs) as pool:
             reports = list(pool.map(
-                lambda sp: run_client(ClientConfig(path="/ws", connections=sp[1], expect=count, size=size, verify="frames", timeout=120).with_port(sp[0].port)),
+                lambda sp: run_client(ClientConfig(path="/ws", connections=sp[1], expect=count, size=size, verify="frames", timeout=120, connect_concurrency=concurrency).with_port(sp[0].port)),
                 zip(servers, per, strict=True),
             ))  # fmt: skip
         cpu = sum(s.measure()["cpu_s"] for s in servers)
@@ -176,6 +186,8 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> dict[s
     }  # fmt: skip
 
 
+VARIANTS = ("ours", "plain", "channels-core", "channels-pubsub")
+
 NOTES = """
 * **deliveries**: clients x messages, each verified by the load client (payload
   sequence and bytes, in order). **msgs/s**: deliveries over the slowest client
@@ -188,32 +200,44 @@ NOTES = """
   `plain` writes one TCP segment per frame per client (no corking), so the load
   client, not the server, is its bottleneck; `ours` corks the 100 back-to-back
   frames of each member into a few writes.
-* The full matrix takes ~7 minutes because `plain` needs about a minute per
-  5,000-client run; the default run (about 3 minutes) skips `plain` at 5,000
-  clients, `--full` includes it.
-* Not run: the channels_redis (`group_send`) and python-socketio
-  (`AsyncRedisManager`) peers named in the issue. Their reference numbers on this
-  machine, from the issue (1,000 clients, 2 processes, NOT this run): channels_redis
-  core layer ~8-11k msgs/s (15-25 Redis commands per message), its pub/sub layer
-  ~12-17k, python-socketio ~28k.
+* `channels-core` / `channels-pubsub`: Django Channels 4.3 on uvicorn, one
+  `AsyncWebsocketConsumer` per client in group `bench`, the publisher process calls
+  `group_send` with channels_redis 4.3's core (`RedisChannelLayer`) or pub/sub
+  (`RedisPubSubChannelLayer`) layer; the consumer sends the bytes as a binary frame.
+  Two changes were needed to make the peer run at all with redis-py 8: a 30 s
+  socket timeout (the core layer's 5 s blocking pops otherwise time out), and the
+  core layer's clients connect 10 at a time (hundreds at once get HTTP 500 from a
+  failing `group_add`). The consumer skips Channels' per-message database
+  cleanup (there is no database), which only makes the peer faster.
+* Peers run only at 1,000 clients (the core layer only at 2 processes, the issue's
+  reference point), because each of those runs takes about a minute; `--full`
+  runs every variant at every size (about 10 minutes).
+* Not run: python-socketio with `AsyncRedisManager` (the load client does not
+  speak the Socket.IO protocol). The issue's reference on this machine (NOT this
+  run): ~28k msgs/s at 1,000 clients and 2 processes.
 * The machine is shared and noisy (other benchmarks ran at the same time): compare
   rows of one run, not absolute numbers across runs.
 """
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    out = [
-        "| processes | clients | variant | verified | deliveries | msgs/s | vs plain | server CPU s | CPU µs/delivery | Redis cmds/publish |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    plain = {(r["procs"], r["clients"]): r["msgs_per_s"] for r in rows if r["variant"] == "plain"}
+    """One row per run, with msgs/s ratios vs the peers of the same size."""
+    peers = ("plain", "channels-core", "channels-pubsub")
+    rate = {(r["variant"], r["procs"], r["clients"]): r["msgs_per_s"] for r in rows}
+    head = "| processes | clients | variant | verified | deliveries | msgs/s |"
+    head += "".join(f" vs {p} |" for p in peers)
+    head += " server CPU s | CPU µs/delivery | Redis cmds/publish |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        base = plain.get((r["procs"], r["clients"]))
-        ratio = f"{r['msgs_per_s'] / base:.2f}x" if base else "-"
+        ratios = ""
+        for p in peers:
+            base = rate.get((p, r["procs"], r["clients"]))
+            ratios += f" {r['msgs_per_s'] / base:.2f}x |" if base else " - |"
         per = r["cpu_s"] / r["frames"] * 1e6 if r["frames"] else 0
         out.append(
             f"| {r['procs']} | {r['clients']} | {r['variant']} | {'yes' if r['ok'] else 'NO'} | "
-            f"{r['frames']} | {r['msgs_per_s']:,.0f} | {ratio} | {r['cpu_s']:.2f} | {per:.1f} | {r['commands']:.1f} |"
+            f"{r['frames']} | {r['msgs_per_s']:,.0f} |{ratios} {r['cpu_s']:.2f} | {per:.1f} | "
+            f"{r['commands']:.1f} |"
         )
     return "\n".join(out)
 
@@ -231,9 +255,15 @@ def main() -> int:
         matrix, count, repeat = [(p, c) for c in (1000, 5000) for p in (1, 2, 4)], 100, 1
     rows = []
     for procs, clients in matrix:
-        for variant in ("ours", "plain"):
-            if variant == "plain" and clients > 1000 and not full:
+        for variant in VARIANTS:
+            if variant != "ours" and clients > 1000 and not full:
                 continue  # ~1 minute per run: only with --full (see NOTES)
+            if (
+                variant == "channels-core"
+                and (procs, clients) != (2, 1000)
+                and not (full or args.tiny)
+            ):
+                continue  # ~1 minute per run: the issue's reference point only
             best = None
             for _ in range(repeat):
                 row = run(variant, procs, clients, count, 64)
