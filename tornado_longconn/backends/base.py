@@ -22,7 +22,14 @@ Contract:
   cannot be published.
 * ``since(topic, cursor)`` -- the kept messages after ``cursor``, or a gap answer
   (see :class:`~tornado_longconn.log.SinceResult`). A topic never published to
-  answers an empty result at offset 0 of its epoch.
+  answers an empty result at offset 0 of its epoch (the epoch its first message
+  will have, so the cursor stays valid).
+* History and live delivery are not synchronised with each other on every
+  backend: on the in-memory backend a message is in history and delivered to
+  every subscriber before ``publish`` returns, but on Redis ``since`` may return
+  a message that this process's subscribers receive live a moment later. Code
+  that replays history and then goes live must therefore drop live messages at
+  or before the last cursor it replayed (compare cursors: same epoch, offset <=).
 * When a backend cannot guarantee that a subscriber saw every message (e.g. the
   connection to Redis dropped and came back), it calls
   ``subscriber.on_gap(topic, reason)`` once; the subscriber must resync from
