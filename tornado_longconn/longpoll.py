@@ -57,7 +57,7 @@ from typing import Any, Final
 
 import tornado.web
 
-from .backends.base import Backend
+from . import backends
 from .exceptions import BackendError, CursorError, LongConnError
 from .log import Cursor, Message, SinceResult, parse_cursor
 
@@ -448,7 +448,7 @@ class LongPollWaiter:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: backends.Backend,
         topic: str | None = None,
         *,
         max_timeout: float = MAX_TIMEOUT,
