@@ -499,14 +499,15 @@ class HeartbeatScheduler:
         """Opt in to ``gc.freeze()`` after every tick (PROCESS-WIDE effect).
 
         Python's cyclic garbage collector rescans every long-lived object on each
-        full collection; with thousands of idle connections that rescanning is a
-        large share of the heartbeat cost. Freezing moves the objects alive at
-        each tick out of the collector's sight. Objects freed by reference
+        full collection; with thousands of idle connections (and an application
+        keeping many objects per connection) that rescanning can cost more than
+        the heartbeats themselves. Freezing moves the objects alive at each tick
+        out of the collector's sight; measure before turning it on. Objects freed by reference
         counting (a closed connection whose cycles Tornado and this module break)
         are still freed at once; to also reclaim frozen objects caught in
         reference cycles, every ``collect_interval`` seconds the scheduler runs
-        ``gc.unfreeze(); gc.collect(); gc.freeze()`` -- one full collection, a
-        pause of a few milliseconds per thousand connections. When the last
+        ``gc.unfreeze(); gc.collect(); gc.freeze()`` -- one full collection, whose
+        pause grows with the number of live objects. When the last
         connection closes, everything is unfrozen (the collector works as usual
         until the next tick). Raises ``ValueError`` for a non-positive interval.
         Undo with :meth:`disable_gc_freeze`.
