@@ -239,11 +239,14 @@ class SSEMixin(tornado.web.RequestHandler):
                 except LongConnError:  # the waiter was closed
                     break
                 chunk = result.encoded("sse", format_result)
-                try:
-                    await asyncio.wait_for(writer.send(chunk), self.sse_stall_timeout)
-                except asyncio.TimeoutError:
-                    log.info("SSE on %r: client stalled, disconnecting", topic)
-                    break
+                if writer.buffered <= writer.high_water:
+                    await writer.send(chunk)  # below the high-water mark: does not wait
+                else:
+                    try:
+                        await asyncio.wait_for(writer.send(chunk), self.sse_stall_timeout)
+                    except asyncio.TimeoutError:
+                        log.info("SSE on %r: client stalled, disconnecting", topic)
+                        break
                 cursor = result.cursor
         except LongConnError:  # PeerGoneError / ConnectionClosedError: the client is gone
             return
