@@ -237,7 +237,8 @@ async def test_client_that_stops_reading_is_disconnected(srv: Server) -> None:
 
 
 def test_format_helpers() -> None:
-    assert format_comment("keep-alive") == b": keep-alive\n\n"
+    assert format_comment("keep-alive") == b": keep-alive\n"
+    assert format_comment("a\nb") == b": a\n: b\n"
     assert format_event("a\nb", id="e-1", event="x", retry=10) == (
         b"retry: 10\nid: e-1\nevent: x\ndata: a\ndata: b\n\n"
     )
@@ -272,3 +273,17 @@ def test_any_text_survives_an_sse_client(data: str, event: str | None) -> None:
     assert decoded.data == expected
     assert decoded.id == "e-5"
     assert decoded.event == (event if event is not None else "message")
+
+
+async def test_closing_the_waiter_ends_streams(srv: Server) -> None:
+    async with (
+        httpx.AsyncClient(timeout=scaled(10)) as client,
+        aconnect_sse(client, "GET", srv.url()) as es,
+    ):
+        events = _events(es)
+        assert (await _next(events)).event == "ready"
+        await _until(lambda: srv.waiter.stats().parked == 1)
+        await srv.waiter.close()
+        rest = [e async for e in events]  # the response ends: iteration stops
+    assert rest == []
+    assert srv.waiter.stats().streams == 0

@@ -16,8 +16,7 @@ that browsers send when an ``EventSource`` reconnects; the header wins) answers
     event: binary                  <- a binary message: data is base64
     data: AAEC/w==
 
-    : keep-alive                   <- a comment after `keepalive` seconds of silence
-
+    : keep-alive                   <- a comment line after `keepalive` seconds of silence
     id: a1b2c3-42
     event: resync                  <- gap: history no longer reaches back
     data: {"cursor":"a1b2c3-42","reason":"evicted"}
@@ -88,8 +87,12 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def format_comment(text: str = "") -> bytes:
-    """An SSE comment block (``: text``), ignored by clients; keeps proxies from idling out."""
-    return b"".join(b": " + line.encode() + b"\n" for line in _LINE_BREAK.split(text)) + b"\n"
+    """SSE comment lines (``: text``), ignored by clients; keeps proxies from idling out.
+
+    No blank line follows: a blank line would end an (empty) event, which some
+    client libraries report as an empty message.
+    """
+    return b"".join(b": " + line.encode() + b"\n" for line in _LINE_BREAK.split(text))
 
 
 def format_event(
