@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
@@ -82,10 +83,12 @@ def result_of(
     )
 
 
-#: Seconds a client run may take once connected. The slowest peers (Tornado's
-#: write_message, 5,000 members, paced) can need more on a busy machine: they are
-#: then reported with the rate of what they delivered in that time, marked "NO".
+#: Seconds a peer's client run may take once connected. The slowest peers
+#: (Tornado's write_message with 5,000 members) can need more on a busy machine: they
+#: are then reported with the rate of what they delivered in that time, marked "NO".
 CLIENT_TIMEOUT = 15.0
+#: The same for our variant, which must always finish (its failure fails the run).
+OURS_TIMEOUT = 90.0
 
 
 def fanout_config(conns: int, count: int, size: int, mode: str) -> ClientConfig:
@@ -119,7 +122,9 @@ def run_fanout(
             for _ in range(repeat):
                 for variant, server in servers.items():
                     server.mark()
-                    report = run_client(cfg.with_port(server.port))
+                    timeout = OURS_TIMEOUT if variant == "ours" else CLIENT_TIMEOUT
+                    run_cfg = dataclasses.replace(cfg, port=server.port, timeout=timeout)
+                    report = run_client(run_cfg)
                     r = result_of(variant, name, report, server.measure())
                     results[variant].append(r)
                     print(
@@ -154,8 +159,6 @@ def use_run_cpu(results: list[Result], server: ServerProcess) -> None:
 
 def start_client_process(cfg: ClientConfig) -> subprocess.Popen[bytes]:
     """The load client in its own process, pinned like :func:`harness.run_client`."""
-    import dataclasses
-
     cmd = [sys.executable, str(BENCH_DIR / "harness.py"), "client"]
     cmd.append(json.dumps(dataclasses.asdict(cfg)))
     proc = subprocess.Popen(
@@ -170,6 +173,7 @@ def run_slow(
 ) -> Result:
     """``conns - stopped`` reading clients and ``stopped`` clients that never read."""
     cfg = fanout_config(conns - stopped, count, size, "paced")
+    cfg.timeout = OURS_TIMEOUT
     cfg.start_message = f"go {conns} {count} {size} paced"
     cmd = [*server_script(SERVER), "ours", "--policy", "close"]
     cmd += ["--high-water", str(high_water), "--sndbuf", str(sndbuf)]
