@@ -64,7 +64,7 @@ def run_variant(variant: str, connections: int, hold: float) -> dict[str, Any]:
         verify="count",
         # The server's window must lie inside the client's hold, even when a busy
         # machine delays the server's start of measurement by a few seconds.
-        duration=hold + 6.0,
+        duration=hold + max(2.0, 0.6 * hold),
         timeout=max(60.0, connections / 50),  # opening is slow on a busy machine
     )
     with ServerProcess(cmd, ready_timeout=60.0) as server:
