@@ -84,6 +84,9 @@ class ServerProcess:
             await proc.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # no child outlives the test
+        if proc.stdout is not None:
+            # EOF once every forked child (they share the pipe) has exited.
+            await asyncio.wait_for(proc.stdout.read(), scaled(10))
         self.proc = None
 
 

@@ -6,6 +6,7 @@ is a second backend on the same Redis: it stands for another process.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -317,3 +318,30 @@ async def test_close_stops_delivery_and_is_idempotent(backend: Backend, make_pee
     assert rec.messages == []
     with pytest.raises(ConnectionClosedError):
         await backend.publish("t", "from a closed backend")
+
+
+async def test_history_never_runs_ahead_of_local_delivery(
+    backend: Backend, make_peer: Peer
+) -> None:
+    """What ``since`` returns was already delivered to this process's subscribers.
+
+    So a subscriber that replays history and then goes live sees no duplicate.
+    """
+    peer = await make_peer()
+    rec = Recorder()
+    await backend.subscribe("t", rec)
+    start = await backend.head("t")
+    ahead: list[Any] = []
+
+    async def read() -> None:
+        got = await backend.since("t", start)
+        delivered = {m.cursor for m in rec.messages}  # checked the moment it returns
+        ahead.extend(m.cursor for m in got.messages if m.cursor not in delivered)
+
+    for round_ in range(10):
+        await asyncio.gather(
+            *(peer.publish("t", f"{round_}.{i}", history=H) for i in range(10)),
+            *(read() for _ in range(10)),
+        )
+    assert ahead == []
+    await rec.wait_messages(100)

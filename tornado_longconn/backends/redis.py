@@ -164,7 +164,7 @@ return {epoch, n, off}
 """
 
 # KEYS: meta, history. ARGV: epoch candidate, cursor epoch ("": head only),
-# first wanted offset, count (0: all).
+# first wanted offset, count (0: all), sync channel ("": none), sync token.
 _SINCE_LUA = """
 local meta, hist = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'e')
@@ -183,6 +183,9 @@ if ARGV[2] == epoch and start <= head then
   else
     entries = redis.call('XRANGE', hist, '0-' .. start, '+')
   end
+end
+if ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
 end
 return {epoch, head, age, entries}
 """
@@ -354,6 +357,11 @@ class RedisBackend:
         self._publish_script = self._client.register_script(_PUBLISH_LUA)
         self._since_script = self._client.register_script(_SINCE_LUA)
         self._epoch_candidate = new_epoch()
+        # The channel on which history reads publish a marker to this process's own
+        # pub/sub connection (see since()).
+        self._sync_channel = f"{prefix}sync:{new_epoch()}{new_epoch()}".encode()
+        self._sync_seq = 0
+        self._syncs: dict[bytes, asyncio.Future[None]] = {}
         self._topics: dict[str, _Topic] = {}
         self._by_channel: dict[bytes, str] = {}
         # Futures of SUBSCRIBE commands sent and not yet confirmed, per channel, in
@@ -582,13 +590,38 @@ class RedisBackend:
         epoch: Redis lost the topic's keys, or the cursor is foreign), ``"future"``
         (offset beyond the head), ``"evicted"`` (trimmed by the history limit, by
         ``max_age``, or the stream key was evicted). Raises like :meth:`publish`.
+
+        When ``topic`` has subscribers in this process, the returned messages have
+        already been delivered to them (as on the in-memory backend): the read
+        publishes a marker to this process's own pub/sub connection, and when it
+        returned messages, this waits (at most ``command_timeout``) until the marker
+        arrives, i.e. until live delivery has caught up with the read. So code
+        that replays history and then goes live sees no duplicate at the seam.
         """
         meta, hist = self._keys(topic)
+        sync: tuple[bytes, bytes] = (b"", b"")
+        future: asyncio.Future[None] | None = None
+        if topic in self._topics and self._conn is not None:
+            self._sync_seq += 1
+            token = b"%d" % self._sync_seq
+            future = asyncio.get_running_loop().create_future()
+            self._syncs[token] = future
+            sync = (self._sync_channel, token)
         if cursor is None:
-            args: tuple[Any, ...] = (self._candidate(), "", 0, 0)
+            args: tuple[Any, ...] = (self._candidate(), "", 0, 0, *sync)
         else:
-            args = (self._candidate(), cursor.epoch, cursor.offset + 1, limit or 0)
-        epoch_b, head_off, age_b, entries = await self._call(self._since_script, (meta, hist), args)
+            args = (self._candidate(), cursor.epoch, cursor.offset + 1, limit or 0, *sync)
+        try:
+            result = await self._call(self._since_script, (meta, hist), args)
+            if future is not None and result[3]:
+                try:
+                    await asyncio.wait_for(asyncio.shield(future), self.command_timeout)
+                except asyncio.TimeoutError:
+                    log.warning("topic %r: live delivery is behind a history read", topic)
+        finally:
+            if future is not None:
+                self._syncs.pop(sync[1], None)
+        epoch_b, head_off, age_b, entries = result
         epoch = epoch_b.decode("ascii")
         self._used_candidate(epoch)
         head = Cursor(epoch, int(head_off))
@@ -628,6 +661,10 @@ class RedisBackend:
     # -- the pub/sub connection --------------------------------------------------
 
     def _release_pending(self) -> None:
+        for future in self._syncs.values():
+            if not future.done():
+                future.set_result(None)  # the connection is gone: on_gap follows
+        self._syncs.clear()
         for queue in self._pending.values():
             for future in queue:
                 if not future.done():
@@ -649,12 +686,13 @@ class RedisBackend:
                 ever_connected = True
                 self._conn = conn
                 self._first_attempt.set()
-                channels = [state.channel for state in self._topics.values()]
+                channels = [self._sync_channel]
+                channels += [state.channel for state in self._topics.values()]
                 for i in range(0, len(channels), 1000):
                     await conn.send_command(
                         "SUBSCRIBE", *channels[i : i + 1000], check_health=False
                     )
-                if not channels:
+                if len(channels) == 1:
                     self._backoff.reset()
                 await self._read(conn)
             except _UNAVAILABLE as exc:
@@ -703,7 +741,12 @@ class RedisBackend:
             self._backoff.reset()
             kind = response[0]
             if kind == b"message":
-                self._on_payload(response[1], response[2])
+                if response[1] == self._sync_channel:
+                    future = self._syncs.get(response[2])
+                    if future is not None and not future.done():
+                        future.set_result(None)
+                else:
+                    self._on_payload(response[1], response[2])
             elif kind == b"subscribe":
                 self._on_subscribed(response[1])
             # "unsubscribe" needs nothing; "pong" only proves liveness.
