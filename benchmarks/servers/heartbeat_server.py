@@ -17,6 +17,9 @@ interval):
 * ``ours-gc-freeze``: the same with ``heartbeat_gc_freeze=True``;
 * ``tornado``: Tornado's ``websocket_ping_interval`` (one task per connection);
 * ``websockets``: the ``websockets`` library's keepalive (one task per connection).
+
+With ``BENCH_DEBUG=1`` the ``ours`` variants print the event-loop lag and the
+heartbeat counters to stderr every second.
 """
 
 from __future__ import annotations
