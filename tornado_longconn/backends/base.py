@@ -24,12 +24,12 @@ Contract:
   (see :class:`~tornado_longconn.log.SinceResult`). A topic never published to
   answers an empty result at offset 0 of its epoch (the epoch its first message
   will have, so the cursor stays valid).
-* History and live delivery are not synchronised with each other on every
-  backend: on the in-memory backend a message is in history and delivered to
-  every subscriber before ``publish`` returns, but on Redis ``since`` may return
-  a message that this process's subscribers receive live a moment later. Code
-  that replays history and then goes live must therefore drop live messages at
-  or before the last cursor it replayed (compare cursors: same epoch, offset <=).
+* History never runs ahead of live delivery in the calling process: when
+  ``topic`` has subscribers in this process, every message ``since`` returns has
+  already been delivered to them. So code that replays history and then goes
+  live (drop live messages at or before the last replayed cursor) sees neither a
+  gap nor a duplicate at the seam. (In memory this holds because ``publish``
+  records and delivers at once; Redis waits for its pub/sub stream to catch up.)
 * When a backend cannot guarantee that a subscriber saw every message (e.g. the
   connection to Redis dropped and came back), it calls
   ``subscriber.on_gap(topic, reason)`` once; the subscriber must resync from

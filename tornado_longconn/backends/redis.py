@@ -19,7 +19,11 @@ How it works
   shared by all topics. A topic is ``SUBSCRIBE``-d when it gains its first local
   subscriber and ``UNSUBSCRIBE``-d when it loses its last.
 * **History reads** (:meth:`RedisBackend.since`) are one script call that reads
-  the epoch, the head offset and the stream range (``XRANGE``) together.
+  the epoch, the head offset and the stream range (``XRANGE``) together. When
+  the topic has local subscribers, the script also publishes a marker on this
+  process's private channel ``Psync:<random>``, and a read that returned
+  messages waits until the marker comes back on the pub/sub connection: live
+  delivery has then caught up, so history never runs ahead of it.
 * **Epochs.** Each topic's epoch is kept in Redis and made on first use. When
   the key is missing (Redis restarted without persistence, flushed, or evicted
   under ``maxmemory``) a new epoch is made and the old history dropped: clients
@@ -38,6 +42,7 @@ For a topic ``T`` and the key prefix ``P`` (default ``"longconn:"``):
 ``P{T}:h``             stream: the history; entry ID ``0-<offset>``, fields
                        ``s`` (payload size) and ``m`` (the message *tail*, below)
 ``P{T}``               the pub/sub channel
+``Psync:<random>``     one per backend object: markers of its history reads
 =====================  ==========================================================
 
 All keys of a topic share the hash tag ``{T}``, so a script touches one Redis
