@@ -883,3 +883,14 @@ async def test_a_failing_writer_is_isolated_and_closed(caplog: pytest.LogCapture
         assert clients[1].close_code == CloseCode.INTERNAL_ERROR
         assert "writer bug" in caplog.text
         await close_all(clients)
+
+
+def test_publish_threadsafe_needs_a_live_loop() -> None:
+    group = BroadcastGroup("no-loop")  # created outside any event loop
+    with pytest.raises(RuntimeError, match="no event loop"):
+        group.publish_threadsafe("x")
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(group.publish("bind"))
+    loop.close()
+    with pytest.raises(RuntimeError):  # closed loop: no never-awaited coroutine is left
+        group.publish_threadsafe("x")

@@ -797,7 +797,8 @@ class BroadcastGroup:
         thread keep their order. Returns a ``concurrent.futures.Future`` with the
         :class:`PublishResult` (or the exception); ignoring it is fine. Raises
         ``RuntimeError`` when the group has not seen its event loop yet (create
-        the group, or join or publish once, inside the running loop first).
+        the group, or join or publish once, inside the running loop first) or
+        when that loop is closed.
         """
         loop = self._loop
         if loop is None:
@@ -805,7 +806,26 @@ class BroadcastGroup:
                 f"group {self.name!r} has no event loop yet: create it inside the running loop"
             )
         data, _ = _wire(message)
-        return asyncio.run_coroutine_threadsafe(self.publish(data, exclude=exclude), loop)
+        future: concurrent.futures.Future[PublishResult] = concurrent.futures.Future()
+
+        def start() -> None:  # on the loop's thread
+            if not future.set_running_or_notify_cancel():
+                return  # cancelled by the caller before it started
+            task = self._spawn(self.publish(data, exclude=exclude))
+            task.add_done_callback(done)
+
+        def done(task: asyncio.Task[PublishResult]) -> None:
+            if task.cancelled():
+                future.set_exception(asyncio.CancelledError())
+            elif (error := task.exception()) is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(task.result())
+
+        # The coroutine is only created on the loop, so a closed loop raises
+        # RuntimeError here and leaves no never-awaited coroutine behind.
+        loop.call_soon_threadsafe(start)
+        return future
 
     # ------------------------------------------------------------------ delivery
 
