@@ -6,8 +6,7 @@ import os
 import tornado.web
 import tornado.websocket
 
-from tornado_longconn.broadcast import BroadcastHub
-from tornado_longconn.heartbeat import HeartbeatMixin
+from tornado_longconn import BroadcastHub, HeartbeatMixin
 
 
 class Chat(HeartbeatMixin, tornado.websocket.WebSocketHandler):
