@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.abspath(".."))
+sys.path.insert(0, os.path.abspath("../benchmarks"))
+
+import charts  # benchmarks/charts.py
 
 import tornado_longconn
+
+# Bar charts of the committed benchmark results, drawn at every build.
+charts.write_charts(Path(__file__).parent / "_generated" / "charts")
 
 project = "tornado-longconn"
 author = "tornado-longconn contributors"
@@ -22,7 +29,7 @@ extensions = [
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "demo", "examples", "**/node_modules"]
+exclude_patterns = ["_build", "_generated", "demo", "examples", "**/node_modules"]
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 
