@@ -154,15 +154,66 @@ async def test_encoded_message_is_sent_as_is(server: AppServer, ctx: Ctx) -> Non
         assert await asyncio.wait_for(ws.recv(), scaled(5)) == b"\x00\x01"
 
 
-async def test_send_nowait_in_one_iteration_is_one_write(server: AppServer, ctx: Ctx) -> None:
+async def test_send_nowait_in_one_iteration_is_two_writes(server: AppServer, ctx: Ctx) -> None:
+    # The first frame of the iteration goes straight to the socket, the other 99 are
+    # corked and leave together at the end of the iteration.
     async with websockets.connect(server.ws_url("/ws"), compression=None) as ws:
         writer = await ctx.writer()
         before = writer.stats().writes
         for i in range(100):
             assert writer.send_nowait(msg(i, 100)) is SendResult.WRITTEN
+        assert writer.stats().writes == before + 1  # the first frame, already written
         received = [await asyncio.wait_for(ws.recv(), scaled(5)) for _ in range(100)]
         assert received == [msg(i, 100) for i in range(100)]
-        assert writer.stats().writes == before + 1
+        stats = writer.stats()
+        assert stats.writes == before + 2
+        assert stats.messages_sent == 100 and stats.bytes_sent == 100 * 102
+
+
+async def test_one_message_per_iteration_goes_straight_to_the_socket(
+    server: AppServer, ctx: Ctx
+) -> None:
+    async with websockets.connect(server.ws_url("/ws"), compression=None) as ws:
+        writer = await ctx.writer()
+        for i in range(20):
+            assert writer.send_nowait(msg(i, 100)) is SendResult.WRITTEN
+            # Written before the loop runs again: nothing corked, nothing pending.
+            assert writer.stats().writes == i + 1
+            assert writer.buffered == 0
+            await asyncio.sleep(0)
+        received = [await asyncio.wait_for(ws.recv(), scaled(5)) for _ in range(20)]
+        assert received == [msg(i, 100) for i in range(20)]
+        stats = writer.stats()
+        assert stats.writes == 20 and stats.messages_sent == 20 and stats.bytes_sent == 20 * 102
+
+
+async def test_direct_and_corked_frames_keep_order(server: AppServer, ctx: Ctx) -> None:
+    # Mixed shapes: single frames per iteration, bursts, awaited sends, and frames too
+    # large for the kernel to take at once (the rest goes through the stream).
+    ctx.writer_kwargs = {"high_water": 64 * KIB * KIB}
+    async with websockets.connect(
+        server.ws_url("/ws"), compression=None, max_size=None, max_queue=None
+    ) as ws:
+        writer = await ctx.writer()
+        expected: list[str] = []
+        i = 0
+        for burst in (1, 3, 1, 1, 10, 1, 2, 1):
+            for _ in range(burst):
+                size = 8 * KIB * KIB if i % 7 == 3 else 100
+                expected.append(msg(i, size))
+                assert writer.send_nowait(expected[-1]) is SendResult.WRITTEN
+                i += 1
+            expected.append(msg(i, 50))
+            await writer.send(expected[-1])
+            i += 1
+            await asyncio.sleep(0)
+        received = [await asyncio.wait_for(ws.recv(), scaled(10)) for _ in expected]
+        assert received == expected
+        stats = writer.stats()
+        assert stats.peak_buffered > 0  # some frame did not fit the socket at once
+        assert stats.messages_sent == len(expected)
+        header = {True: 2, False: 10}
+        assert stats.bytes_sent == sum(len(m) + header[len(m) < 126] for m in expected)
 
 
 async def test_broadcast_to_many_members_costs_one_write_each(server: AppServer, ctx: Ctx) -> None:
@@ -179,7 +230,8 @@ async def test_broadcast_to_many_members_costs_one_write_each(server: AppServer,
         for client in clients:
             got = await client.recv_many(100, timeout=scaled(10))
             assert got == [msg(i, 200) for i in range(100)]
-        assert all(w.stats().writes == 1 for w in writers)
+        # The first frame of the iteration goes straight out, the other 99 in one write.
+        assert all(w.stats().writes == 2 for w in writers)
     finally:
         for client in clients:
             client.vanish()
@@ -446,8 +498,9 @@ async def test_reset_seen_by_direct_write_closes_the_stream(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # the reset reaches the server's kernel before the server reads
     results = [writer.send_nowait(msg(i)) for i in range(200)]
-    assert results[0] is SendResult.WRITTEN
-    assert results[-1] is SendResult.CLOSED
+    # The first frame goes straight to the socket and meets the reset there.
+    assert results[0] is SendResult.CLOSED
+    assert set(results) == {SendResult.CLOSED}
     with pytest.raises(PeerGoneError) as info:
         await writer.send("late")
     assert isinstance(info.value.__cause__, (ConnectionResetError, BrokenPipeError))

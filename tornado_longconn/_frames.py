@@ -38,6 +38,7 @@ __all__ = [
     "build_frame",
     "encode_message",
     "frame_for_connection",
+    "plain_socket",
     "stream_pending_bytes",
     "stream_write_indexes",
     "try_send",
@@ -198,6 +199,18 @@ def abort_stream(stream: IOStream) -> None:
     except (OSError, AttributeError):
         pass
     stream.close()
+
+
+def plain_socket(stream: IOStream) -> socket.socket | None:
+    """The socket of a plain TCP ``IOStream``, for direct sends; None for TLS or a closed stream.
+
+    The caller only sends on it while ``not stream.writing()`` and the stream is
+    open, and passes any unsent remainder to ``stream.write``.
+    """
+    if isinstance(stream, SSLIOStream) or stream.closed():
+        return None
+    sock = stream.socket
+    return sock if isinstance(sock, socket.socket) else None
 
 
 def try_send(stream: IOStream, data: bytes) -> int:

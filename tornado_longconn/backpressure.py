@@ -50,6 +50,7 @@ from ._frames import (
     build_frame,
     encode_message,
     frame_for_connection,
+    plain_socket,
     stream_pending_bytes,
     stream_write_indexes,
     try_send,
@@ -247,6 +248,19 @@ class FlowState(Generic[T]):
         self.messages_sent += 1
         self.bytes_sent += size
 
+    def sent(self, size: int, pending: int) -> None:
+        """Record one message of ``size`` bytes written straight to the transport.
+
+        It bypassed the cork (nothing was corked); the transport now holds
+        ``pending`` bytes (the part the kernel did not take yet).
+        """
+        self.messages_sent += 1
+        self.bytes_sent += size
+        self.writes += 1
+        self.pending = pending
+        if pending:
+            self._note_peak()
+
     def flushed(self, pending: int) -> None:
         """The cork was handed to the transport, which now holds ``pending`` bytes."""
         self._note_peak()
@@ -337,14 +351,21 @@ class FlowState(Generic[T]):
 
 
 class _Flusher:
-    """Flushes every dirty writer of one event loop once per loop iteration."""
+    """Flushes every dirty writer of one event loop once per loop iteration.
 
-    __slots__ = ("__weakref__", "dirty", "loop", "scheduled")
+    ``epoch`` counts its runs: a writer that wrote a frame straight to the socket
+    remembers the epoch, and corks its further frames until the epoch moves on
+    (at the start of the next loop iteration), so a burst still leaves in one
+    more write per member while one message per iteration costs no cork at all.
+    """
+
+    __slots__ = ("__weakref__", "dirty", "epoch", "loop", "scheduled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.dirty: list[BackpressureWriter] = []
         self.scheduled = False
+        self.epoch = 0
 
     def mark(self, writer: BackpressureWriter) -> None:
         self.dirty.append(writer)
@@ -354,6 +375,7 @@ class _Flusher:
 
     def run(self) -> None:
         self.scheduled = False
+        self.epoch += 1
         dirty, self.dirty = self.dirty, []
         for writer in dirty:
             try:
@@ -446,6 +468,11 @@ class BackpressureWriter:
         self._flusher = _flusher_for(self._loop)
         self._cork: list[bytes] = []
         self._dirty = False
+        # The plain TCP socket of a WebSocket (None for TLS and HTTP responses): the
+        # first frame of a loop iteration goes straight to it when nothing is pending.
+        self._sock: Any = None
+        # The flusher epoch in which a frame last went straight to the socket.
+        self._epoch = -1
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._watching: asyncio.Future[None] | None = None
@@ -476,6 +503,7 @@ class BackpressureWriter:
         #: True when the connection is closing or closed (one call on the hot path).
         if self._websocket:
             self._is_closing = self._proto.is_closing
+            self._sock = plain_socket(stream)
         else:
             target_: Any = target
 
@@ -611,14 +639,26 @@ class BackpressureWriter:
         for an unsupported message type. Frames sent in one event-loop
         iteration are written together, once, at the end of it.
         """
-        encoded = encode_message(message)
+        return self._offer(encode_message(message))
+
+    def _offer(self, encoded: Encoded) -> SendResult:
+        """:meth:`send_nowait` for an encoded message (the broadcast fan-out calls this)."""
         state = self._state
         if state.closed or self._is_closing():
             self._sync_closed()
             return SendResult.CLOSED
         if not state.queue and state.corked + state.pending <= state.high_water:
-            # Fast path (FlowState.offer would say WRITTEN): commit into the cork.
+            # Fast path (FlowState.offer would say WRITTEN).
             frame = encoded.frame if self._plain else self._frame(encoded)
+            if (
+                not self._cork
+                and self._sock is not None
+                and self._epoch != self._flusher.epoch
+                and not self._stream.writing()  # type: ignore[union-attr]
+            ):
+                # The first frame of this iteration, nothing pending: straight to the socket.
+                return self._send_direct(frame)
+            # Commit into the cork (inlined _commit_frame).
             self._cork.append(frame)
             state.commit(len(frame))
             if state.corked >= _CORK_LIMIT or state.corked + state.pending > state.high_water:
@@ -636,6 +676,42 @@ class BackpressureWriter:
         elif result is SendResult.CLOSED:
             self._close_slow()
         return result
+
+    def _send_direct(self, frame: bytes) -> SendResult:
+        """Write ``frame`` to the socket now; the part the kernel refuses goes to the stream.
+
+        Only with nothing corked and nothing pending in the stream (so order is
+        kept). Later frames of the same loop iteration are corked.
+        """
+        stream: IOStream = self._stream  # type: ignore[assignment]
+        size = len(frame)
+        try:
+            sent = self._sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            stream.close(exc_info=exc)
+            self._mark_gone(exc)
+            return SendResult.CLOSED
+        flusher = self._flusher
+        self._epoch = flusher.epoch
+        if not flusher.scheduled:
+            flusher.scheduled = True
+            flusher.loop.call_soon(flusher.run)
+        pending = 0
+        if sent < size:
+            try:
+                fut = stream.write(memoryview(frame)[sent:] if sent else frame)
+            except StreamClosedError as exc:
+                self._mark_gone(exc)
+                return SendResult.CLOSED
+            futures = self._write_futures
+            while futures and futures[0][1].done():
+                futures.popleft()
+            futures.append((stream_write_indexes(stream)[0], fut))
+            pending = stream_pending_bytes(stream)
+        self._state.sent(size, pending)
+        return SendResult.WRITTEN
 
     async def drained(self) -> None:
         """Wait until nothing is queued and ``buffered <= low_water``.
