@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -179,10 +180,10 @@ async def test_sigstopped_client_process_is_detected(server: AppServer, recorder
     script = (
         "import sys\n"
         "from websockets.sync.client import connect\n"
-        "ws = connect(sys.argv[1])\n"
-        "print('ready', flush=True)\n"
-        "while True:\n"
-        "    ws.recv()\n"
+        "with connect(sys.argv[1]) as ws:\n"
+        "    print('ready', flush=True)\n"
+        "    while True:\n"
+        "        ws.recv()\n"
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", script, server.ws_url("/ws"), stdout=asyncio.subprocess.PIPE
@@ -202,9 +203,12 @@ async def test_sigstopped_client_process_is_detected(server: AppServer, recorder
         assert recorder.timed_out is True and recorder.closes == 1
     finally:
         if proc.returncode is None:
-            proc.kill()
-            if stopped:
-                os.kill(proc.pid, signal.SIGCONT)
+            # SIGKILL ends a stopped process too; the child watcher may reap it at
+            # once, so the pid can be gone before (or after) either signal.
+            with contextlib.suppress(ProcessLookupError):
+                if stopped:
+                    os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
             await asyncio.wait_for(proc.wait(), scaled(10))
 
 
