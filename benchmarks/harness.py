@@ -46,6 +46,17 @@ client '<json>'``, started by :func:`run_scenario`; it uses uvloop when installe
   client keeps up with > 1M frames/s; the server must send nothing else before the end);
 * ``verify="count"``: only count frames and bytes.
 
+``protocol="socketio"`` speaks Socket.IO v5 / Engine.IO v4 over the WebSocket transport
+(``path`` such as ``/socket.io/?EIO=4&transport=websocket``): after the upgrade it waits
+for the Engine.IO open packet (``0{...}``), connects to the default namespace (``40``),
+counts the connection as open once the server confirms it (``40{"sid":...}``), answers
+Engine.IO pings (``2``) with pongs (``3``), and treats only Socket.IO events
+``42["<event>","<text>"]`` as data messages (``event``, default ``"m"``; the text is the
+payload, checked like a frame's in ``verify="frames"``; ``size`` is the text length). The
+timed part starts at the first event. ``send_count`` messages go out as events,
+``start_message`` as a raw text frame (a whole Engine.IO packet); ``verify="stream"`` is
+not available in this mode.
+
 ``expect`` = exact number of data messages per connection (then it closes with a close
 frame once all arrived). ``duration`` = stop after that many seconds from the moment all
 connections are open (abort the TCP connection). ``read_rate`` (bytes/s) makes a slow
@@ -209,6 +220,8 @@ class ClientConfig:
     send_size: int = 0
     host: str = "127.0.0.1"
     port: int = 0
+    protocol: str = "websocket"
+    event: str = "m"
 
     def with_port(self, port: int) -> ClientConfig:
         """A copy aimed at ``port``."""
@@ -295,6 +308,10 @@ class _Conn(asyncio.Protocol):
         self.write_ok: asyncio.Event = asyncio.Event()
         self.write_ok.set()
         self.tails: dict[int, bytes] = {}
+        self.sio = self.cfg.protocol == "socketio"
+        self.sio_state = "open"  # Engine.IO open packet -> namespace connect -> events
+        self.sio_prefix = b'42["' + self.cfg.event.encode() + b'","'
+        self.ping_interval = 0.0  # Engine.IO pingInterval (s), from the open packet
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -336,7 +353,8 @@ class _Conn(asyncio.Protocol):
             self.handshake = False
             if not self._check_handshake(head):
                 return
-            self.opened.set_result(None)
+            if not self.sio:
+                self.opened.set_result(None)
             if self.cfg.stop_reading:
                 self._pause()
             if not rest:
@@ -345,9 +363,10 @@ class _Conn(asyncio.Protocol):
         if self.finished:
             return
         now = time.perf_counter()
-        if self.first is None:
-            self.first = now
+        if not self.read_started:
             self.read_started = now
+        if self.first is None and not self.sio:
+            self.first = now
         self.bytes += len(data)
         if self.stream is not None and (
             self.stream.total is None or self.stream_off < self.stream.total
@@ -467,7 +486,13 @@ class _Conn(asyncio.Protocol):
             if end > n:
                 break
             op = b0 & 0x0F
-            if op == 1 or op == 2:
+            if self.sio and (op == 1 or op == 2):
+                if b0 & 0xF0 != 0x80 or op != 1:
+                    self._fail("Socket.IO: expected unfragmented text frames")
+                    return
+                if not self._sio_packet(buf, ps, end, now):
+                    return
+            elif op == 1 or op == 2:
                 if b0 & 0x70:
                     self._fail("RSV bit set (no extension negotiated)")
                     return
@@ -518,6 +543,78 @@ class _Conn(asyncio.Protocol):
         elif pos < n:
             self.buf = bytearray(buf[pos:])
 
+    def _sio_packet(self, buf: bytes | bytearray, ps: int, end: int, now: float) -> bool:
+        """Handle one Socket.IO / Engine.IO packet (a text frame); False: stop parsing."""
+        cfg = self.cfg
+        prefix = self.sio_prefix
+        if self.sio_state == "live" and buf[ps : ps + len(prefix)] == prefix:
+            ds = ps + len(prefix)
+            de = end - 2
+            seq = self.next_seq
+            if buf[de:end] != b'"]' or de < ds:
+                self._fail(f"event {seq}: not a one-string event {bytes(buf[ps:end])[:48]!r}")
+                return False
+            ln = de - ds
+            if cfg.verify != "count":
+                if cfg.size is not None and ln != cfg.size:
+                    self._fail(f"event {seq}: {ln} bytes, expected {cfg.size}")
+                    return False
+                tail = self.tails.get(ln)
+                if tail is None:
+                    tail = self.tails[ln] = _pattern_of(ln)[_SEQ_LEN:]
+                if (
+                    ln < _SEQ_LEN
+                    or buf[ds : ds + _SEQ_LEN] != b"%016x" % seq
+                    or buf[ds + _SEQ_LEN : de] != tail
+                ):
+                    self._fail(f"event {seq}: wrong payload {bytes(buf[ds : ds + 24])!r}")
+                    return False
+            if self.first is None:
+                self.first = now
+            self.next_seq = seq + 1
+            self.frames += 1
+            self.payload_bytes += ln
+            self.last = now
+            if cfg.expect is not None and self.frames >= cfg.expect:
+                self._complete()
+                return False
+            return True
+        packet = bytes(buf[ps:end])
+        kind = packet[:1]
+        if kind == b"2":  # Engine.IO ping: answer with a pong carrying the same data
+            self.pings += 1
+            self._write(_client_frame(1, b"3" + packet[1:]))
+        elif kind in (b"3", b"6"):  # pong, noop
+            pass
+        elif kind == b"0" and self.sio_state == "open":
+            try:
+                info = json.loads(packet[1:])
+                self.ping_interval = float(info["pingInterval"]) / 1000
+            except (ValueError, KeyError, TypeError):
+                self._fail(f"Engine.IO: bad open packet {packet[:80]!r}")
+                return False
+            self.sio_state = "connecting"
+            self._write(_client_frame(1, b"40"))
+        elif packet.startswith(b"40") and self.sio_state == "connecting":
+            try:
+                sid = json.loads(packet[2:])["sid"]
+            except (ValueError, KeyError, TypeError):
+                sid = None
+            if not isinstance(sid, str):
+                self._fail(f"Socket.IO: bad connect packet {packet[:80]!r}")
+                return False
+            self.sio_state = "live"
+            if not self.opened.done():
+                self.opened.set_result(None)
+        elif kind == b"1" or packet.startswith(b"41"):  # Engine.IO close, namespace disconnect
+            self.closed_by_server = True
+            self._finish()
+            return False
+        else:
+            self._fail(f"Socket.IO: unexpected packet {packet[:80]!r} ({self.sio_state})")
+            return False
+        return True
+
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -556,7 +653,10 @@ class _Conn(asyncio.Protocol):
             if self.finished:
                 return
             await self.write_ok.wait()
-            self._write(_client_frame(2, make(seq)))
+            if self.sio:
+                self._write(_client_frame(1, self.sio_prefix + make(seq) + b'"]'))
+            else:
+                self._write(_client_frame(2, make(seq)))
 
     def report(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -586,6 +686,10 @@ class _LoadClient:
             self.expected = _ExpectedStream(cfg.opcode, cfg.size, cfg.expect)
         elif cfg.verify not in ("frames", "count"):
             raise ValueError(f"unknown verify mode {cfg.verify!r}")
+        if cfg.protocol not in ("websocket", "socketio"):
+            raise ValueError(f"unknown protocol {cfg.protocol!r}")
+        if cfg.protocol == "socketio" and cfg.verify == "stream":
+            raise ValueError('verify="stream" is not available with protocol="socketio"')
 
     async def _open(self, index: int, sem: asyncio.Semaphore) -> _Conn:
         cfg = self.cfg

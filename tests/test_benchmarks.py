@@ -221,3 +221,98 @@ def test_server_process_runs_a_variant() -> None:
     assert result.rss_start_mb > 0 and result.server_cpu_s >= 0
     broken = harness.run_scenario([sys.executable, "-c", "print('hello')"], cfg)
     assert not broken.ok and "expected 'PORT <n>'" in broken.error
+
+
+SIO_PATH = "/socket.io/?EIO=4&transport=websocket"
+
+
+@pytest.fixture
+async def sio_server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[AppServer, Any]]:
+    """python-socketio on Tornado: on ``go``, emits ``count`` payloads to every client.
+
+    ``go`` takes ``{"count": n, "skip": k}``; after every 10th event the server also sends
+    each client an Engine.IO ping. The pongs it receives are counted in ``sio.pongs``.
+    """
+    engineio = pytest.importorskip("engineio")
+    socketio = pytest.importorskip("socketio")
+    sio = socketio.AsyncServer(async_mode="tornado")
+    sio.pongs = 0
+    sio.pong_event = asyncio.Event()
+    receive = engineio.async_socket.AsyncSocket.receive
+
+    async def counting_receive(self: Any, pkt: Any) -> None:
+        if pkt.packet_type == engineio.packet.PONG:
+            sio.pongs += 1
+            sio.pong_event.set()
+        await receive(self, pkt)
+
+    monkeypatch.setattr(engineio.async_socket.AsyncSocket, "receive", counting_receive)
+
+    @sio.on("connect")  # type: ignore[untyped-decorator,unused-ignore]
+    async def connect(sid: str, environ: dict[str, Any]) -> None:
+        await sio.enter_room(sid, "r")
+
+    @sio.on("go")  # type: ignore[untyped-decorator,unused-ignore]
+    async def go(sid: str, spec: dict[str, int]) -> None:
+        make = harness.PayloadMaker(64)
+        for seq in range(spec["count"]):
+            if seq != spec.get("skip"):
+                await sio.emit("m", make(seq).decode(), room="r")
+            if seq % 10 == 0:
+                for _, eio_sid in list(sio.manager.get_participants("/", "r")):
+                    ping = engineio.packet.Packet(engineio.packet.PING)
+                    await sio.eio.send_packet(eio_sid, ping)
+
+    app = tornado.web.Application([(r"/socket.io/", socketio.get_tornado_handler(sio))])
+    async with AppServer(app) as srv:
+        yield srv, sio
+    await sio.shutdown()
+
+
+async def test_socketio_mode_verifies_events_and_answers_pings(
+    sio_server: tuple[AppServer, Any],
+) -> None:
+    srv, sio = sio_server
+    report = await client(
+        srv,
+        path=SIO_PATH,
+        protocol="socketio",
+        connections=3,
+        expect=30,
+        size=64,
+        start_message='42["go",{"count":30}]',
+    )
+    assert report["ok"], report["errors"]
+    assert report["connections"] == 3
+    assert report["frames"] == 90  # events only: not the open, connect or ping packets
+    assert report["payload_bytes"] == 90 * 64
+    assert report["pings"] == 9
+    while sio.pongs < 9:
+        sio.pong_event.clear()
+        await asyncio.wait_for(sio.pong_event.wait(), 10.0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "error"),
+    [
+        ('{"count":20,"skip":3}', {"expect": 20}, "event 3: wrong payload"),
+        ('{"count":20}', {"expect": 20, "size": 65}, "event 0: 64 bytes, expected 65"),
+        ('{"count":5}', {"expect": 10, "duration": 0.5}, "received 5 of 10"),
+    ],
+)
+async def test_socketio_mode_detects_wrong_delivery(
+    sio_server: tuple[AppServer, Any], spec: str, kwargs: dict[str, Any], error: str
+) -> None:
+    srv, _ = sio_server
+    report = await client(
+        srv, path=SIO_PATH, protocol="socketio", start_message=f'42["go",{spec}]', **kwargs
+    )
+    assert not report["ok"]
+    assert any(error in e for e in report["errors"]), report["errors"]
+
+
+async def test_socketio_mode_needs_a_socketio_server(server: AppServer) -> None:
+    report = await client(server, path="/stream?count=5&size=64", protocol="socketio", expect=5)
+    assert not report["ok"]
+    assert report["connections"] == 0 and report["connect_errors"] == 1
+    assert any("Socket.IO: expected unfragmented text frames" in e for e in report["errors"])
