@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     results = best_of(run_fanout(variants, scenarios, repeat))
 
     slow_count, slow_size, high_water, sndbuf = (
-        (40, 4096, 16 * 1024, 16 * 1024) if args.tiny else (50, 4096, 65536, 32 * 1024)
+        (40, 4096, 64 * 1024, 16 * 1024) if args.tiny else (50, 4096, 65536, 32 * 1024)
     )
     stopped = max(1, conns // 20)
     slow_results = []
