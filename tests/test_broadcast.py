@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import os
 import socket
 import struct
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -322,6 +324,36 @@ async def test_thousand_clients_receive_every_message_in_order() -> None:
         await close_all(clients)
 
 
+async def test_paced_publish_writes_each_frame_straight_out_and_counts_exactly() -> None:
+    # One message per loop iteration: every member's frame goes straight to its socket
+    # (one write per message); a burst in one iteration: the first frame straight out,
+    # the rest in one corked write. Stats stay exact either way.
+    group = BroadcastGroup("paced")
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        clients = await connect_many(server.port, "/ws", 20)
+        members = await joined_members(joined, 20)
+        writers = [BackpressureWriter.of(m) for m in members]
+        sent = payloads(30, 100)
+        for text in sent[:10]:
+            result = await group.publish(text)
+            assert result.delivered == 20
+            assert all(w.stats().writes == w.stats().messages_sent for w in writers)
+            await asyncio.sleep(0)
+        for text in sent[10:]:
+            assert (await group.publish(text)).delivered == 20
+        await asyncio.gather(*(c.wait_for(30, timeout=scaled(10)) for c in clients))
+        for c in clients:
+            assert c.texts == sent
+        for w in writers:
+            stats = w.stats()
+            assert stats.messages_sent == 30 and stats.bytes_sent == 30 * (100 + 2)
+            assert stats.writes == 12 and stats.buffered == 0
+        stats_ = group.stats()
+        assert stats_.delivered == 600 and stats_.bytes == 600 * 102
+        await close_all(clients)
+
+
 async def test_publish_encodes_types() -> None:
     group = BroadcastGroup("types")
     joined: asyncio.Queue[Member] = asyncio.Queue()
@@ -493,6 +525,37 @@ async def test_leave_on_close_always_happens(how: str) -> None:
         backend = group.backend
         assert isinstance(backend, MemoryBackend)
         await wait_until(lambda: backend.subscriber_count("bye") == 0)
+
+
+@pytest.mark.parametrize("how", ["client_close", "server_close", "leave_then_close"])
+async def test_closed_member_is_freed_without_the_cycle_collector(how: str) -> None:
+    # Nothing the group or the writer attach to a handler may keep it in a reference
+    # cycle: with the cycle collector off, a closed member is freed by refcounting.
+    group = BroadcastGroup("freed")
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        client = await connect(server.port, "/ws")
+        (member,) = await joined_members(joined, 1)
+        await group.publish("hello")
+        await client.wait_for(1)
+        ref = weakref.ref(member)
+        gc.collect()
+        gc.disable()
+        try:
+            if how == "leave_then_close":
+                group.leave(member)
+                member.close(1000, "bye")
+            elif how == "server_close":
+                member.close(1000, "bye")
+            else:
+                client.close()
+            del member
+            await asyncio.wait_for(client.lost, scaled(10))
+            await wait_until(lambda: ref() is None)
+        finally:
+            gc.enable()
+        stats = group.stats()
+        assert stats.members == 0 and stats.left == 1 and stats.delivered == 1
 
 
 async def test_subscribes_with_first_member_and_unsubscribes_with_last() -> None:
@@ -874,7 +937,9 @@ async def test_a_failing_writer_is_isolated_and_closed(caplog: pytest.LogCapture
         def explode(message: Any) -> Any:
             raise RuntimeError("writer bug")
 
-        BackpressureWriter.of(members[1]).send_nowait = explode  # type: ignore[method-assign]
+        writer = BackpressureWriter.of(members[1])
+        writer._fast_sock = None  # through the writer's own path, which raises
+        writer._offer = explode  # type: ignore[method-assign]
         result = await group.publish("still delivered")  # does not raise
         assert result.delivered == 2 and result.closed == 1
         assert members[1] not in group and len(group) == 2

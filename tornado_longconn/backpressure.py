@@ -405,6 +405,18 @@ def _true() -> bool:
     return True
 
 
+def _detach_writer(target: Any) -> None:
+    """Forget the writer attached to ``target`` once its connection closed.
+
+    Breaks the handler <-> writer reference cycle, so a closed handler is freed
+    by reference counting; whoever still holds the writer keeps its stats.
+    Called by :mod:`tornado_longconn.broadcast` after the handler's close.
+    """
+    writer = target.__dict__.pop(_ATTR, None)
+    if writer is not None and not writer._state.closed:
+        writer._sync_closed()
+
+
 class BackpressureWriter:
     """Bounded, flow-controlled writes to one WebSocket or streaming HTTP response.
 
@@ -473,6 +485,9 @@ class BackpressureWriter:
         self._sock: Any = None
         # The flusher epoch in which a frame last went straight to the socket.
         self._epoch = -1
+        # ``_sock`` while the broadcast fan-out may write straight to it without
+        # asking the writer (plain frames, nothing queued, open); None otherwise.
+        self._fast_sock: Any = None
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._watching: asyncio.Future[None] | None = None
@@ -515,17 +530,50 @@ class BackpressureWriter:
             self._sync_closed()
         setattr(target, _ATTR, self)
         self._flush_before(target, "close" if self._websocket else "finish")
+        if self._plain and self._sock is not None and not self._state.closed:
+            self._fast_sock = self._sock
+            self._hook_protocol_close(self._proto)
+
+    def _hook_protocol_close(self, proto: Any) -> None:
+        """Stop the fan-out's direct writes as soon as the protocol starts closing.
+
+        Tornado calls ``ws_connection.close()`` right after every change that ends
+        the data phase (a close frame sent or received, an abort), so the fan-out
+        need not read the protocol's flags per message.
+        """
+        writer_ref = weakref.ref(self)
+        proto_ref = weakref.ref(proto)
+        close = type(proto).close
+
+        def close_protocol(*args: Any, **kwargs: Any) -> Any:
+            writer = writer_ref()
+            if writer is not None:
+                writer._fast_sock = None
+            return close(proto_ref(), *args, **kwargs)
+
+        proto.close = close_protocol
 
     def _flush_before(self, target: Any, name: str) -> None:
         """Make ``target.<name>()`` (``close``/``finish``) write the cork first, to keep order."""
-        original = getattr(target, name)
         ref = weakref.ref(self)
+        if name in target.__dict__:  # already wrapped by someone else: keep that
+            original = target.__dict__[name]
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                return original(*args, **kwargs)
+
+        else:  # the class's method, with no strong reference back to the handler
+            original = getattr(type(target), name)
+            target_ref = weakref.ref(target)
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                return original(target_ref(), *args, **kwargs)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             writer = ref()
             if writer is not None and writer._cork and not writer._state.closed:
                 writer._flush()
-            return original(*args, **kwargs)
+            return call(*args, **kwargs)
 
         wrapper.__doc__ = original.__doc__
         setattr(target, name, wrapper)
@@ -672,6 +720,7 @@ class BackpressureWriter:
         if result is SendResult.WRITTEN:
             self._commit(encoded)
         elif result is SendResult.QUEUED:
+            self._fast_sock = None  # queued messages go first: no direct writes until drained
             self._watch()
         elif result is SendResult.CLOSED:
             self._close_slow()
@@ -683,21 +732,25 @@ class BackpressureWriter:
         Only with nothing corked and nothing pending in the stream (so order is
         kept). Later frames of the same loop iteration are corked.
         """
-        stream: IOStream = self._stream  # type: ignore[assignment]
-        size = len(frame)
         try:
             sent = self._sock.send(frame)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
-            stream.close(exc_info=exc)
+            self._stream.close(exc_info=exc)  # type: ignore[union-attr]
             self._mark_gone(exc)
             return SendResult.CLOSED
+        return self._sent_direct(frame, sent)
+
+    def _sent_direct(self, frame: bytes, sent: int) -> SendResult:
+        """``sent`` bytes of ``frame`` went straight to the socket: queue the rest, count it."""
+        stream: IOStream = self._stream  # type: ignore[assignment]
         flusher = self._flusher
         self._epoch = flusher.epoch
         if not flusher.scheduled:
             flusher.scheduled = True
             flusher.loop.call_soon(flusher.run)
+        size = len(frame)
         pending = 0
         if sent < size:
             try:
@@ -751,6 +804,7 @@ class BackpressureWriter:
             return
         self._flush()
         self._closed_by_us = True
+        self._fast_sock = None
         self._state.close()
         self._release_waiters()
         target = self._target
@@ -928,7 +982,11 @@ class BackpressureWriter:
             if state.closed:
                 return False
         self._flush()
-        return not state.closed
+        if state.closed:
+            return False
+        if not state.queue and self._plain and not self._is_closing():
+            self._fast_sock = self._sock  # drained: the fan-out may write directly again
+        return True
 
     def _progress(self) -> None:
         """Re-check the buffer: pump the queue, wake waiters, or keep watching."""
@@ -993,6 +1051,7 @@ class BackpressureWriter:
     def _closed_here(self) -> None:
         """The handler was closed or finished directly (not through :meth:`close`)."""
         self._closed_by_us = True
+        self._fast_sock = None
         self._state.close()
         self._cork = []
         self._release_waiters()
@@ -1002,6 +1061,7 @@ class BackpressureWriter:
         state = self._state
         if self._gone is None:
             self._gone = cause
+        self._fast_sock = None
         if not state.closed:
             state.close()
         self._cork = []
@@ -1019,6 +1079,7 @@ class BackpressureWriter:
 
     def _close_slow(self) -> None:
         """The ``CLOSE`` policy fired (``FlowState.offer`` already marked it closed)."""
+        self._fast_sock = None
         self._cork = []
         self._release_waiters()
         stream = self._stream
@@ -1030,3 +1091,62 @@ class BackpressureWriter:
                 self._abort_handle = self._loop.call_later(self.close_grace, abort_stream, stream)
         elif stream is not None:
             abort_stream(stream)
+
+
+_WRITTEN = SendResult.WRITTEN
+
+
+def _offer_all(
+    writers: tuple[BackpressureWriter, ...], encoded: Encoded, results: list[SendResult]
+) -> None:
+    """``send_nowait(encoded)`` to ``writers[len(results):]``, appending each result.
+
+    The broadcast fan-out's hot loop (writers of the running loop). A writer
+    whose frame may go straight to its socket -- plain WebSocket, open, nothing
+    queued, corked or pending in its stream, nothing written yet in this loop
+    iteration -- is served inline (what :meth:`BackpressureWriter._send_direct`
+    does); any other case goes through :meth:`BackpressureWriter._offer`. The
+    inline test reads the stream's write indexes and closed flag directly (see
+    :func:`~tornado_longconn._frames.stream_write_indexes`): one attribute read
+    each instead of a call, which is most of the group's cost per member.
+    Raises what a writer raises (a bug); ``results`` then says how far it got.
+    """
+    if len(results) >= len(writers):
+        return
+    append = results.append
+    frame = encoded.frame
+    size = len(frame)
+    flusher = writers[0]._flusher
+    epoch = flusher.epoch
+    direct = False
+    for writer in writers[len(results) :] if results else writers:
+        sock = writer._fast_sock
+        if (
+            sock is not None
+            and writer._epoch != epoch
+            and not writer._dirty
+            and writer._flusher is flusher
+        ):
+            stream: Any = writer._stream
+            if stream._total_write_index == stream._total_write_done_index and not stream._closed:
+                try:
+                    sent = sock.send(frame)
+                except OSError:
+                    append(writer._offer(encoded))  # would block, or the peer is gone
+                    continue
+                if sent != size:
+                    append(writer._sent_direct(frame, sent))
+                    continue
+                writer._epoch = epoch
+                state = writer._state
+                state.messages_sent += 1
+                state.bytes_sent += size
+                state.writes += 1
+                state.pending = 0
+                append(_WRITTEN)
+                direct = True
+                continue
+        append(writer._offer(encoded))
+    if direct and not flusher.scheduled:
+        flusher.scheduled = True
+        flusher.loop.call_soon(flusher.run)

@@ -44,6 +44,7 @@ import json
 import logging
 import random
 import secrets
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -55,7 +56,13 @@ from tornado.websocket import WebSocketHandler
 from ._frames import OP_TEXT, Encoded, encode_message
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
-from .backpressure import BackpressureWriter, OverflowPolicy, SendResult
+from .backpressure import (
+    BackpressureWriter,
+    OverflowPolicy,
+    SendResult,
+    _detach_writer,
+    _offer_all,
+)
 from .codes import CloseCode
 from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import DEFAULT_HISTORY, Cursor, HistoryLimit, Message, SinceResult, parse_cursor
@@ -100,6 +107,9 @@ _MAX_PENDING_EXCLUDES: Final = 10_000
 
 Exclude = WebSocketHandler | Iterable[WebSocketHandler] | None
 Envelope = Callable[[Message], Any]
+
+# The handler attribute holding the groups a connection belongs to.
+_GROUPS_ATTR: Final = "_longconn_groups"
 
 _WRITTEN: Final = SendResult.WRITTEN
 _QUEUED: Final = SendResult.QUEUED
@@ -369,19 +379,34 @@ def _members_of(handler: WebSocketHandler) -> dict[BroadcastGroup, None]:
 
     The handler's ``on_connection_close`` (every close path of a WebSocket that
     got as far as its frame loop) and its stream's close callback (covers an
-    ``open()`` that raised after joining) both make it leave every group.
+    ``open()`` that raised after joining) both make it leave every group. The
+    hooks hold the handler weakly and are removed once it closed (with its
+    writer), so a closed member is freed by reference counting alone.
     """
-    groups: dict[BroadcastGroup, None] | None = handler.__dict__.get("_longconn_groups")
+    groups: dict[BroadcastGroup, None] | None = handler.__dict__.get(_GROUPS_ATTR)
     if groups is not None:
         return groups
     groups = {}
-    handler.__dict__["_longconn_groups"] = groups
-    original = handler.on_connection_close
+    handler.__dict__[_GROUPS_ATTR] = groups
+    handler_ref = weakref.ref(handler)
+    original: Callable[[], None]
+    if "on_connection_close" in handler.__dict__:  # already hooked by someone else
+        original = handler.__dict__["on_connection_close"]
+    else:
+        class_close = type(handler).on_connection_close
+
+        def original() -> None:
+            target = handler_ref()
+            if target is not None:
+                class_close(target)
 
     def leave_all() -> None:
+        target = handler_ref()
+        if target is None:
+            return
         for group in list(groups):
             try:
-                group._remove(handler, closed=False)
+                group._remove(target, closed=False)
             except Exception:
                 log.exception("leaving %r on close failed", group)
 
@@ -389,7 +414,12 @@ def _members_of(handler: WebSocketHandler) -> dict[BroadcastGroup, None]:
         try:
             leave_all()
         finally:
-            original()
+            try:
+                original()
+            finally:
+                target = handler_ref()
+                if target is not None:
+                    _forget(target, on_connection_close)
 
     handler.on_connection_close = on_connection_close  # type: ignore[method-assign]
     conn = handler.ws_connection
@@ -406,6 +436,17 @@ def _members_of(handler: WebSocketHandler) -> dict[BroadcastGroup, None]:
 
         stream.set_close_callback(on_stream_close)
     return groups
+
+
+def _forget(handler: WebSocketHandler, hook: Callable[[], None]) -> None:
+    """Drop what :func:`_members_of` attached to a closed handler, and its writer."""
+    attrs = handler.__dict__
+    if attrs.get("on_connection_close") is hook:
+        del attrs["on_connection_close"]
+    groups = attrs.get(_GROUPS_ATTR)
+    if groups is not None and not groups:
+        del attrs[_GROUPS_ATTR]
+    _detach_writer(handler)
 
 
 class BroadcastGroup:
@@ -484,10 +525,8 @@ class BroadcastGroup:
 
         self._members: dict[WebSocketHandler, Membership] = {}
         self._resuming: dict[WebSocketHandler, Membership] = {}
-        # Live members and their writers' send_nowait, rebuilt after membership changes.
-        self._snapshot: (
-            tuple[tuple[Membership, ...], tuple[Callable[[Any], SendResult], ...]] | None
-        )
+        # Live members and their writers, rebuilt after membership changes.
+        self._snapshot: tuple[tuple[Membership, ...], tuple[BackpressureWriter, ...]] | None
         self._snapshot = None
         self._token = secrets.token_hex(4)
         self._seq = itertools.count(1)
@@ -645,7 +684,7 @@ class BroadcastGroup:
                 task.cancel()
         else:
             self._snapshot = None
-        groups = handler.__dict__.get("_longconn_groups")
+        groups = handler.__dict__.get(_GROUPS_ATTR)
         if groups is not None:
             groups.pop(self, None)
         if not self._members and self._subscribed:
@@ -864,27 +903,25 @@ class BroadcastGroup:
             live = [m for m in self._members.values() if m.live]
             snapshot = self._snapshot = (
                 tuple(live),
-                tuple(m.writer.send_nowait for m in live),  # type: ignore[union-attr]
+                tuple(m.writer for m in live),  # type: ignore[misc]
             )
-        members, sends = snapshot
+        members, writers = snapshot
         if excluded is not None:
             keep = [i for i, m in enumerate(members) if m.handler not in excluded]
             members = tuple(members[i] for i in keep)
-            sends = tuple(sends[i] for i in keep)
-        # The hot loop: one call per member, outcomes counted in C afterwards.
+            writers = tuple(writers[i] for i in keep)
+        # The hot loop (one pass over the writers), outcomes counted in C afterwards.
         results: list[SendResult] = []
-        append = results.append
-        total = len(sends)
+        total = len(writers)
         broken: list[Membership] | None = None
         while True:
             try:
-                for send in sends[len(results) :] if results else sends:
-                    append(send(encoded))
+                _offer_all(writers, encoded, results)
             except Exception:
                 member = members[len(results)]
                 log.exception("group %r: writer of %r failed", self.name, member.handler)
                 broken = [*broken, member] if broken else [member]
-                append(SendResult.CLOSED)
+                results.append(SendResult.CLOSED)
                 continue
             break
         delivered = results.count(_WRITTEN)
