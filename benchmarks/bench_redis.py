@@ -1,6 +1,7 @@
 """Cross-process fan-out through Redis: N Tornado processes, C clients, 100 x 64 B.
 
-Each scenario starts N server processes (``servers/redis_fanout.py``), spreads C
+Each scenario starts N server processes (``servers/redis_fanout.py``, or a peer's
+script: ``redis_socketio.py``, ``redis_channels.py``), spreads C
 WebSocket clients over them (the harness load client, one client process per
 server, verifying that every client gets every message, in order, byte-exact),
 and publishes ``count`` messages of ``size`` bytes back to back from a separate
@@ -9,9 +10,12 @@ publisher process once every client is live. Measured: deliveries per second
 server CPU, and Redis commands per publish (``INFO commandstats`` delta around
 the publish burst, on a private ``redis-server``).
 
-Variants: ``ours`` (``RedisBackend`` + ``BroadcastGroup``, history on) and
+Variants: ``ours`` (``RedisBackend`` + ``BroadcastGroup``, history on),
 ``plain`` (the hand-written floor: each process subscribed once with
-``redis.asyncio`` pub/sub, ``write_message`` to a set of handlers, no history).
+``redis.asyncio`` pub/sub, the frame written to a set of handlers, no history),
+and the peers ``socketio`` (python-socketio's ``AsyncRedisManager`` emitting to a
+room, on Tornado; the load client speaks Socket.IO) and ``channels-core`` /
+``channels-pubsub`` (channels_redis ``group_send``).
 
 ``python benchmarks/bench_redis.py`` writes ``benchmarks/results/redis.md``;
 ``--tiny`` runs one small scenario per variant for CI.
@@ -107,6 +111,18 @@ async def publisher(
         django.setup()
         layer = get_channel_layer()
         await layer.group_send("warm-up", {"type": "bench.msg", "data": b"x"})
+    if variant == "socketio":
+        import socketio
+        from servers.redis_socketio import ROOM, channel
+
+        # Every server process subscribes when its first client connects: wait for all.
+        while (await admin.pubsub_numsub(channel(prefix)))[0][1] < total:
+            if time.monotonic() > deadline:
+                raise RuntimeError("socketio servers did not all subscribe")
+            await asyncio.sleep(0.02)
+        layer = socketio.AsyncRedisManager(url, channel=channel(prefix), write_only=True)
+        await layer.emit("m", "x", room="warm-up")  # connects
+        texts = [p.decode() for p in payloads]
     before = await admin.info("commandstats")
     t0 = time.perf_counter()
     if variant == "ours":
@@ -115,12 +131,17 @@ async def publisher(
     elif variant.startswith("channels"):
         for p in payloads:
             await layer.group_send("bench", {"type": "bench.msg", "data": p})
+    elif variant == "socketio":
+        for text in texts:
+            await layer.emit("m", text, room=ROOM)
     else:
         for p in payloads:
             await admin.publish(prefix + "bench", p)
     elapsed = time.perf_counter() - t0
     after = await admin.info("commandstats")
     await backend.close()
+    if variant == "socketio" and layer.redis is not None:
+        await layer.redis.aclose()
     await admin.aclose()
 
     def calls(stats: dict[str, Any]) -> int:
@@ -134,8 +155,12 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> dict[s
     url = f"redis://127.0.0.1:{port}/0"
     prefix = f"b{secrets.token_hex(3)}:"
     per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    path, protocol = "/ws", "websocket"
     if variant.startswith("channels"):
         script = [*server_script("redis_channels.py"), variant.split("-")[1]]
+    elif variant == "socketio":
+        script = server_script("redis_socketio.py")
+        path, protocol = "/socket.io/?EIO=4&transport=websocket", "socketio"
     else:
         script = [*server_script("redis_fanout.py"), variant]
     servers = [
@@ -156,7 +181,7 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> dict[s
         concurrency = 10 if variant == "channels-core" else 200
         with concurrent.futures.ThreadPoolExecutor(procs) as pool:
             reports = list(pool.map(
-                lambda sp: run_client(ClientConfig(path="/ws", connections=sp[1], expect=count, size=size, verify="frames", timeout=120, connect_concurrency=concurrency).with_port(sp[0].port)),
+                lambda sp: run_client(ClientConfig(path=path, protocol=protocol, connections=sp[1], expect=count, size=size, verify="frames", timeout=120, connect_concurrency=concurrency).with_port(sp[0].port)),
                 zip(servers, per, strict=True),
             ))  # fmt: skip
         cpu = sum(s.measure()["cpu_s"] for s in servers)
@@ -186,7 +211,7 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> dict[s
     }  # fmt: skip
 
 
-VARIANTS = ("ours", "plain", "channels-core", "channels-pubsub")
+VARIANTS = ("ours", "plain", "socketio", "channels-core", "channels-pubsub")
 
 NOTES = """
 * **deliveries**: clients x messages, each verified by the load client (payload
@@ -209,12 +234,28 @@ NOTES = """
   core layer's clients connect 10 at a time (hundreds at once get HTTP 500 from a
   failing `group_add`). The consumer skips Channels' per-message database
   cleanup (there is no database), which only makes the peer faster.
+* `socketio`: python-socketio 5.18 (python-engineio 4.15), `AsyncServer(async_mode=
+  "tornado")` with `AsyncRedisManager` as client manager, served by Tornado
+  (`socketio.get_tornado_handler`); each client enters room `bench` in the connect
+  handler. The publisher process emits with a write-only `AsyncRedisManager`
+  (`emit("m", text, room="bench")`: one `PUBLISH` of a JSON message); every server
+  process receives it on its one subscription and sends `42["m","<64 B text>"]` as
+  one text frame per client. The load client speaks Socket.IO v5 / Engine.IO v4 over
+  the WebSocket transport directly (no long-polling first): it waits for the open
+  packet, connects to the default namespace, answers pings, counts only event frames
+  and verifies each event's string argument like a frame's payload. No
+  permessage-deflate is negotiated (the load client does not offer it; browsers do,
+  which would cost that server more). python-socketio hands every event to every
+  recipient through a task of its own, the connection's Engine.IO queue and writer
+  task, then one `write_message`: that is where its CPU goes. The issue quotes
+  ~28k msgs/s for this peer at 2 processes, measured outside this harness; here all
+  server processes share one CPU (next note), so compare the ratios and the CPU
+  µs/delivery column rather than that figure.
 * Peers run only at 1,000 clients (the core layer only at 2 processes, the issue's
-  reference point), because each of those runs takes about a minute; `--full`
-  runs every variant at every size (about 10 minutes).
-* Not run: python-socketio with `AsyncRedisManager` (the load client does not
-  speak the Socket.IO protocol). The issue's reference on this machine (NOT this
-  run): ~28k msgs/s at 1,000 clients and 2 processes.
+  reference point), because each of those runs takes 15 s to a minute; `--full`
+  runs every variant at every size (several times longer than the default run).
+* All server processes of a run share one CPU (the harness pins servers to CPU 0 and
+  the load clients to CPU 1), so more processes add Redis fan-out work, not cores.
 * The machine is shared and noisy (other benchmarks ran at the same time): compare
   rows of one run, not absolute numbers across runs.
 """
@@ -222,7 +263,7 @@ NOTES = """
 
 def table(rows: list[dict[str, Any]]) -> str:
     """One row per run, with msgs/s ratios vs the peers of the same size."""
-    peers = ("plain", "channels-core", "channels-pubsub")
+    peers = ("plain", "socketio", "channels-core", "channels-pubsub")
     rate = {(r["variant"], r["procs"], r["clients"]): r["msgs_per_s"] for r in rows}
     head = "| processes | clients | variant | verified | deliveries | msgs/s |"
     head += "".join(f" vs {p} |" for p in peers)
