@@ -530,6 +530,11 @@ class BackpressureWriter:
             self._sync_closed()
         setattr(target, _ATTR, self)
         self._flush_before(target, "close" if self._websocket else "finish")
+        if self._sock is not None:
+            # Frames are coalesced here (the cork), so Nagle's algorithm only adds delay:
+            # it would hold the corked write that follows a direct one until the peer's
+            # delayed ACK (tens of milliseconds).
+            stream.set_nodelay(True)
         if self._plain and self._sock is not None and not self._state.closed:
             self._fast_sock = self._sock
             self._hook_protocol_close(self._proto)
@@ -1101,11 +1106,13 @@ def _offer_all(
 ) -> None:
     """``send_nowait(encoded)`` to ``writers[len(results):]``, appending each result.
 
-    The broadcast fan-out's hot loop (writers of the running loop). A writer
-    whose frame may go straight to its socket -- plain WebSocket, open, nothing
-    queued, corked or pending in its stream, nothing written yet in this loop
-    iteration -- is served inline (what :meth:`BackpressureWriter._send_direct`
-    does); any other case goes through :meth:`BackpressureWriter._offer`. The
+    The broadcast fan-out's hot loop (writers of the running loop). For a plain
+    WebSocket writer that is open with nothing queued, two cases are served
+    inline: frames already corked in this iteration (the frame joins the cork),
+    and nothing corked, nothing pending in the stream and nothing written yet in
+    this iteration (the frame goes straight to the socket, as
+    :meth:`BackpressureWriter._send_direct`). Any other case goes through
+    :meth:`BackpressureWriter._offer`. The
     inline test reads the stream's write indexes and closed flag directly (see
     :func:`~tornado_longconn._frames.stream_write_indexes`): one attribute read
     each instead of a call, which is most of the group's cost per member.
@@ -1121,31 +1128,41 @@ def _offer_all(
     direct = False
     for writer in writers[len(results) :] if results else writers:
         sock = writer._fast_sock
-        if (
-            sock is not None
-            and writer._epoch != epoch
-            and not writer._dirty
-            and writer._flusher is flusher
-        ):
-            stream: Any = writer._stream
-            if stream._total_write_index == stream._total_write_done_index and not stream._closed:
-                try:
-                    sent = sock.send(frame)
-                except OSError:
-                    append(writer._offer(encoded))  # would block, or the peer is gone
-                    continue
-                if sent != size:
-                    append(writer._sent_direct(frame, sent))
-                    continue
-                writer._epoch = epoch
+        if sock is not None and writer._flusher is flusher:
+            if writer._dirty:
+                # Frames already corked in this iteration: add this one (inlined _offer).
                 state = writer._state
-                state.messages_sent += 1
-                state.bytes_sent += size
-                state.writes += 1
-                state.pending = 0
-                append(_WRITTEN)
-                direct = True
-                continue
+                corked = state.corked + size
+                if corked < _CORK_LIMIT and corked + state.pending <= state.high_water:
+                    writer._cork.append(frame)
+                    state.corked = corked
+                    state.messages_sent += 1
+                    state.bytes_sent += size
+                    append(_WRITTEN)
+                    continue
+            elif writer._epoch != epoch:
+                stream: Any = writer._stream
+                if (
+                    stream._total_write_index == stream._total_write_done_index
+                    and not stream._closed
+                ):
+                    try:
+                        sent = sock.send(frame)
+                    except OSError:
+                        append(writer._offer(encoded))  # would block, or the peer is gone
+                        continue
+                    if sent != size:
+                        append(writer._sent_direct(frame, sent))
+                        continue
+                    writer._epoch = epoch
+                    state = writer._state
+                    state.messages_sent += 1
+                    state.bytes_sent += size
+                    state.writes += 1
+                    state.pending = 0
+                    append(_WRITTEN)
+                    direct = True
+                    continue
         append(writer._offer(encoded))
     if direct and not flusher.scheduled:
         flusher.scheduled = True
