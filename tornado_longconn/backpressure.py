@@ -488,6 +488,9 @@ class BackpressureWriter:
         # ``_sock`` while the broadcast fan-out may write straight to it without
         # asking the writer (plain frames, nothing queued, open); None otherwise.
         self._fast_sock: Any = None
+        # Messages and bytes the fan-out wrote straight out, not yet added to the FlowState.
+        self._direct_messages = 0
+        self._direct_bytes = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._watching: asyncio.Future[None] | None = None
@@ -633,6 +636,14 @@ class BackpressureWriter:
     def stats(self) -> WriterStats:
         """Counters: messages and bytes sent, dropped, waits, peak and current buffer."""
         self._refresh()
+        messages = self._direct_messages
+        if messages:
+            # One write each, sent whole with nothing pending (see _offer_all).
+            state = self._state
+            state.messages_sent += messages
+            state.bytes_sent += self._direct_bytes
+            state.writes += messages
+            self._direct_messages = self._direct_bytes = 0
         return self._state.stats()
 
     async def send(self, message: Message) -> None:
@@ -1155,11 +1166,10 @@ def _offer_all(
                         append(writer._sent_direct(frame, sent))
                         continue
                     writer._epoch = epoch
-                    state = writer._state
-                    state.messages_sent += 1
-                    state.bytes_sent += size
-                    state.writes += 1
-                    state.pending = 0
+                    # Counted on the writer (folded into its FlowState by stats()),
+                    # so this path does not touch the FlowState at all.
+                    writer._direct_messages += 1
+                    writer._direct_bytes += size
                     append(_WRITTEN)
                     direct = True
                     continue
