@@ -533,11 +533,6 @@ class BackpressureWriter:
             self._sync_closed()
         setattr(target, _ATTR, self)
         self._flush_before(target, "close" if self._websocket else "finish")
-        if self._sock is not None:
-            # Frames are coalesced here (the cork), so Nagle's algorithm only adds delay:
-            # it would hold the corked write that follows a direct one until the peer's
-            # delayed ACK (tens of milliseconds).
-            stream.set_nodelay(True)
         if self._plain and self._sock is not None and not self._state.closed:
             self._fast_sock = self._sock
             self._hook_protocol_close(self._proto)
