@@ -15,8 +15,12 @@ bytes held in memory for that connection bounded:
 
 The bookkeeping (buffered bytes, water marks, the overflow queue, counters) is
 the I/O-free :class:`FlowState`; the writer is a thin shell that frames
-messages, corks them (every frame queued in one event-loop iteration goes out
-in one socket write), and hands them to the socket.
+messages, corks them, and hands them to the socket. On a plain (non-TLS)
+WebSocket, a ``send_nowait`` frame with nothing corked or pending in front of
+it, and nothing written yet in this event-loop iteration, goes straight to the
+socket; the frames after it in the same iteration are corked and leave in one
+socket write at the end of the iteration. So one message per iteration costs
+one ``send()`` and no bookkeeping, and a burst costs about two writes.
 
 Example::
 
@@ -695,8 +699,10 @@ class BackpressureWriter:
         (``DROP_OLDEST``), ``DROPPED`` (``DROP_NEWEST``) or ``CLOSED`` (the
         connection is closed, or the ``CLOSE`` policy closed it now). Never
         raises for a closed connection or a gone peer; raises :class:`TypeError`
-        for an unsupported message type. Frames sent in one event-loop
-        iteration are written together, once, at the end of it.
+        for an unsupported message type. On a plain WebSocket, the first frame
+        of an event-loop iteration goes straight to the socket when nothing is
+        corked or pending (a reset peer then gives ``CLOSED`` at once); the
+        frames after it in that iteration are written together at its end.
         """
         return self._offer(encode_message(message))
 

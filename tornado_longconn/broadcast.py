@@ -21,9 +21,11 @@ How a message travels: :meth:`BroadcastGroup.publish` encodes it once and
 publishes it through the backend; the backend hands it back to every
 subscribed group in every process (:meth:`BroadcastGroup.on_message`), which
 builds the WebSocket frame once and gives the same bytes to each member's
-:class:`~tornado_longconn.backpressure.BackpressureWriter`. The writer corks:
-frames for one member within one event-loop iteration leave in one socket
-write, so a burst of 100 messages costs about one write per member. A slow
+:class:`~tornado_longconn.backpressure.BackpressureWriter`. The first frame a
+member gets in an event-loop iteration goes straight to its socket when nothing
+is pending for it; the frames after it in that iteration are corked and leave
+in one socket write, so a burst of 100 messages costs about two writes per
+member and one message per iteration one ``send()`` per member. A slow
 member is handled by its writer's overflow policy (drop newest, drop oldest,
 or close with :attr:`~tornado_longconn.codes.CloseCode.SLOW_CONSUMER`); it never
 delays the other members and never raises into ``publish()``.
