@@ -354,6 +354,49 @@ async def test_paced_publish_writes_each_frame_straight_out_and_counts_exactly()
         await close_all(clients)
 
 
+async def test_drop_oldest_member_drains_then_gets_direct_writes_in_order() -> None:
+    # A member whose writer queued (DROP_OLDEST) must not get direct writes ahead of
+    # its queue; once drained, frames go straight to its socket again, in order.
+    group = BroadcastGroup(
+        "oldest", policy=OverflowPolicy.DROP_OLDEST, high_water=16 * 1024, max_queue=5
+    )
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined, sndbuf=4096) as server:
+        client = await connect(server.port, "/ws", stop_reading=True, rcvbuf=4096)
+        (member,) = await joined_members(joined, 1)
+        writer = BackpressureWriter.of(member)
+        sent: list[str] = []
+
+        async def publish_one() -> None:
+            sent.append(f"{len(sent):08d}".ljust(4000, "x"))
+            await group.publish(sent[-1])
+            await asyncio.sleep(0)
+
+        while writer.stats().dropped == 0:
+            await publish_one()
+            assert len(sent) < 5000, "the member's queue never overflowed"
+        for _ in range(3):
+            await publish_one()  # queued behind the others, never ahead of them
+        assert writer.stats().queued > 0
+        assert writer._fast_sock is None  # the fan-out's inline direct path is off
+        assert client.transport is not None
+        client.stop_reading = False
+        client.transport.resume_reading()
+        await wait_until(lambda: writer.stats().queued == 0 and writer.buffered == 0)
+        assert writer._fast_sock is not None  # and on again once the queue drained
+        before = writer.stats().writes
+        for _ in range(10):
+            await publish_one()
+        assert writer.stats().writes == before + 10  # one direct write per message again
+        expected = len(sent) - group.stats().dropped
+        await client.wait_for(expected, timeout=scaled(10))
+        got = client.texts
+        assert len(got) == expected
+        assert got == sorted(got) and len(set(got)) == len(got)  # in order, no duplicate
+        assert got[-13:] == sent[-13:]
+        await close_all([client])
+
+
 async def test_publish_encodes_types() -> None:
     group = BroadcastGroup("types")
     joined: asyncio.Queue[Member] = asyncio.Queue()
