@@ -280,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         "first byte to the last. Server CPU is the server's own figure from the start "
         "of publishing until the last client closed (handshakes excluded); RSS start is "
         "the server's RSS once every client was connected, RSS growth its peak above "
-        "that. `burst`: all messages published back to back (our "
-        "writers cork them into about one write per member); `paced`: one message "
+        "that. `burst`: all messages published back to back (the first frame goes "
+        "straight to the socket, our writers cork the rest into about one more write "
+        "per member); `paced`: one message "
         "per event-loop iteration (nothing to coalesce across messages).\n\n"
         + markdown_table(results, ratios_vs=["websockets", "tornado-await", "tutorial"])
         + "\n### Ratios of `ours`\n\n"
