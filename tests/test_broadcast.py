@@ -816,7 +816,10 @@ async def test_resume_seam_has_no_gap_and_no_duplicate(
 ) -> None:
     """Messages published all through the join arrive exactly once, in order."""
     monkeypatch.setattr("tornado_longconn.broadcast._RESUME_PAGE", page)
-    group = BroadcastGroup("seam", backend=SlowSinceBackend(), history=1000)
+    # History far larger than what the publisher can send while three clients
+    # connect on a slow machine, so no cursor is ever evicted (that would be a gap).
+    limit = 50_000
+    group = BroadcastGroup("seam", backend=SlowSinceBackend(), history=limit)
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined) as server:
         for i in range(20):
@@ -826,7 +829,7 @@ async def test_resume_seam_has_no_gap_and_no_duplicate(
 
         async def publisher() -> None:
             nonlocal published
-            while not stop.is_set():
+            while not stop.is_set() and published < limit:
                 await group.publish(str(published))
                 published += 1
                 await asyncio.sleep(0)
