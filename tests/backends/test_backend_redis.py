@@ -118,6 +118,8 @@ def test_backend_from_url() -> None:
         RedisBackend("http://x")
     with pytest.raises(ValueError, match="prefix"):
         RedisBackend(REDIS_URL, prefix="a{b}")
+    with pytest.raises(ValueError, match="max_connections"):
+        RedisBackend(REDIS_URL, max_connections=0)
 
 
 # -- against the shared Redis ---------------------------------------------------------
@@ -146,6 +148,24 @@ async def backend(prefix: str) -> AsyncIterator[Any]:
     await b.start()
     yield b
     await b.close()
+
+
+@pytest.mark.redis
+async def test_more_concurrent_commands_than_connections_wait_for_one(prefix: str) -> None:
+    backend = RedisBackend(REDIS_URL, prefix=prefix, max_connections=4)
+    await backend.start()
+    try:
+        for i in range(3):
+            await backend.publish("t", f"m{i}", history=H)
+        results = await asyncio.gather(
+            *(backend.since("t", None) for _ in range(150)),
+            *(backend.publish("t", "more", history=H) for _ in range(50)),
+        )
+        assert all(r.cursor.offset >= 3 for r in results)
+        head = await backend.head("t")
+        assert head.offset == 53
+    finally:
+        await backend.close()
 
 
 @pytest.mark.redis

@@ -315,9 +315,12 @@ class RedisBackend:
       liveness check of an idle pub/sub connection.
     * ``reconnect_base`` (0.05 s), ``reconnect_cap`` (5 s) -- see
       :class:`ReconnectBackoff`.
+    * ``max_connections`` (64) -- command connections of a client made from a URL;
+      past it, a command waits up to ``command_timeout`` for a free connection
+      (then :class:`~tornado_longconn.exceptions.BackendUnavailableError`).
     * ``clock`` (default :func:`time.time`) -- stamps messages and ages history.
 
-    Raises :class:`ValueError` for a bad prefix or URL scheme.
+    Raises :class:`ValueError` for a bad prefix, URL scheme or ``max_connections``.
     """
 
     def __init__(
@@ -331,15 +334,23 @@ class RedisBackend:
         ping_timeout: float = 5.0,
         reconnect_base: float = 0.05,
         reconnect_cap: float = 5.0,
+        max_connections: int = 64,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must not contain '{{' or '}}': {prefix!r}")
         if isinstance(redis, str):
             if not redis.startswith(("redis://", "rediss://", "unix://")):
                 raise ValueError(f"not a Redis URL: {redis!r}")
-            self._client: aioredis.Redis = aioredis.Redis.from_url(
+            # A blocking pool: past ``max_connections`` concurrent commands a command
+            # waits (bounded by ``command_timeout``) for a free connection instead of
+            # failing with "Too many connections".
+            pool = aioredis.BlockingConnectionPool.from_url(
                 redis,
+                max_connections=max_connections,
+                timeout=command_timeout,
                 socket_connect_timeout=connect_timeout,
                 socket_timeout=command_timeout,
                 # RESP2: the pool then checks a pooled connection for EOF before use,
@@ -347,6 +358,7 @@ class RedisBackend:
                 protocol=2,
                 retry=Retry(NoBackoff(), 0),
             )
+            self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)
             self._owns_client = True
             self.url: str | None = redis
         else:
