@@ -39,6 +39,7 @@ from harness import (
     best_of,
     exit_code,
     markdown_table,
+    result_from,
     run_client,
     server_script,
     write_markdown,
@@ -66,20 +67,8 @@ def server_stats(server: ServerProcess) -> dict[str, Any]:
 def result_of(
     variant: str, scenario: str, report: dict[str, Any], measure: dict[str, float]
 ) -> Result:
-    errors = report.get("errors") or []
-    return Result(
-        variant=variant,
-        scenario=scenario,
-        ok=bool(report.get("ok")),
-        error="; ".join(errors)[:500],
-        messages=int(report.get("frames", 0)),
-        bytes=int(report.get("bytes", 0)),
-        seconds=float(report.get("seconds", 0.0)),
-        server_cpu_s=measure["cpu_s"],
-        rss_start_mb=measure["rss_start_mb"],
-        rss_growth_mb=measure["rss_growth_mb"],
-        client=report,
-        extra={"rss_peak_mb": measure["rss_peak_mb"]},
+    return result_from(
+        variant, scenario, report, measure, extra={"rss_peak_mb": measure["rss_peak_mb"]}
     )
 
 

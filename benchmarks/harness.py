@@ -130,6 +130,7 @@ __all__ = [
     "make_payload",
     "markdown_table",
     "query_int",
+    "result_from",
     "run_client",
     "run_scenario",
     "run_scenarios",
@@ -1090,7 +1091,7 @@ def run_scenario(
         return Result(variant, scenario, False, str(exc), 0, 0, 0.0, 0.0, 0.0, 0.0)
     if server.maxrss:
         m["rss_growth_mb"] = max(m["rss_growth_mb"], server.maxrss / 1e6 - m["rss_start_mb"])
-    return _result(variant, scenario, report, m)
+    return result_from(variant, scenario, report, m)
 
 
 def run_scenarios(
@@ -1119,7 +1120,7 @@ def run_scenarios(
             for name, cfg in scenarios:
                 server.mark()
                 report = run_client(cfg.with_port(server.port))
-                results.append(_result(variant, name, report, server.measure()))
+                results.append(result_from(variant, name, report, server.measure()))
     except RuntimeError as exc:
         done = {r.scenario for r in results}
         results += [
@@ -1130,7 +1131,14 @@ def run_scenarios(
     return results
 
 
-def _result(variant: str, scenario: str, report: dict[str, Any], m: dict[str, float]) -> Result:
+def result_from(
+    variant: str,
+    scenario: str,
+    report: dict[str, Any],
+    m: dict[str, float],
+    extra: dict[str, Any] | None = None,
+) -> Result:
+    """A :class:`Result` from a load-client report and a server ``measure()`` dict."""
     growth = m["rss_growth_mb"]
     errors = report.get("errors") or []
     return Result(
@@ -1145,6 +1153,7 @@ def _result(variant: str, scenario: str, report: dict[str, Any], m: dict[str, fl
         rss_start_mb=m["rss_start_mb"],
         rss_growth_mb=growth,
         client=report,
+        extra=extra or {},
     )
 
 
