@@ -165,7 +165,7 @@ def run_server_variant(
             }.get(variant, "/ws")
             url = f"ws://127.0.0.1:{server.port}{path}"
             start = time.perf_counter()
-            result = asyncio.run(ws_upload(url, data, name="bench.bin"))
+            result = asyncio.run(ws_upload(url, data, name="bench.bin", sha256=digest))
             seconds = time.perf_counter() - start
             if variant.startswith("ours websocket"):
                 stored = root / result["id"]

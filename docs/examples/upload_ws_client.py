@@ -34,23 +34,26 @@ async def upload(
     upload_id: str | None = None,
     on_ready: Callable[[dict[str, Any]], None] | None = None,
     stop_after: int | None = None,
+    sha256: str | None = None,
 ) -> dict[str, Any]:
     """Upload ``data`` (or resume ``upload_id``) and return the server's last message.
 
     ``on_ready`` sees the ``ready`` message (it carries the id to resume with).
     ``stop_after`` sends only that many chunks and then closes (to test resuming); the
-    ``ready`` message is returned then.
+    ``ready`` message is returned then. ``sha256`` is the hex digest of ``data`` if
+    the caller has it already (else it is computed here).
     """
+    digest = sha256 if sha256 is not None else hashlib.sha256(data).hexdigest()
     async with websockets.connect(url, max_size=None, compression=None) as ws:
         if upload_id is None:
             start = {
                 "type": "start",
                 "size": len(data),
                 "name": name,
-                "sha256": hashlib.sha256(data).hexdigest(),
+                "sha256": digest,
             }
         else:
-            start = {"type": "resume", "id": upload_id, "sha256": hashlib.sha256(data).hexdigest()}
+            start = {"type": "resume", "id": upload_id, "sha256": digest}
         await ws.send(json.dumps(start))
         ready = json.loads(await ws.recv())
         if ready.get("type") != "ready":
