@@ -20,11 +20,10 @@ Variants:
 * ``tornado-await``: stock Tornado awaiting ``write_message`` for every member
   (``await asyncio.gather(*(c.write_message(m, binary=True) for c in clients))``);
 * ``websockets``: the ``websockets`` library, ``websockets.broadcast(clients, m)``;
-* ``bare-send``: the floor for one syscall per member and message: the frame is built
-  once and ``socket.send`` straight to every member whose stream has nothing pending
-  (the rest goes to ``IOStream.write``), with no flow control, no corking and no
-  bookkeeping at all -- what any library that writes each message as it comes must
-  at least spend.
+* ``bare-send``: the reference technique: the frame is built once and ``socket.send``
+  straight to every member whose stream has nothing pending (the rest goes to
+  ``IOStream.write``), with no flow control, no corking and no bookkeeping at all --
+  about the least a server that writes each message as it comes can spend.
 
 Every variant runs ``gc.collect()`` once all members have joined, before the clock
 starts: the handshakes are not measured, and neither is the garbage-collector debt
