@@ -170,6 +170,20 @@ async def test_send_nowait_in_one_iteration_is_two_writes(server: AppServer, ctx
         assert stats.messages_sent == 100 and stats.bytes_sent == 100 * 102
 
 
+async def test_a_burst_of_large_frames_is_still_two_writes(server: AppServer, ctx: Ctx) -> None:
+    # 50 x 4 KiB in one iteration: the first frame goes straight out, the other 49
+    # (about 200 KiB) stay in the cork and leave in one write, not one per 64 KiB.
+    async with websockets.connect(server.ws_url("/ws"), compression=None, max_queue=None) as ws:
+        writer = await ctx.writer()
+        before = writer.stats().writes
+        expected = [msg(i, 4 * KIB) for i in range(50)]
+        for m in expected:
+            assert writer.send_nowait(m) is SendResult.WRITTEN
+        received = [await asyncio.wait_for(ws.recv(), scaled(5)) for _ in expected]
+        assert received == expected
+        assert writer.stats().writes == before + 2
+
+
 async def test_one_message_per_iteration_goes_straight_to_the_socket(
     server: AppServer, ctx: Ctx
 ) -> None:
