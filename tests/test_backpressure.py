@@ -184,6 +184,22 @@ async def test_a_burst_of_large_frames_is_still_two_writes(server: AppServer, ct
         assert writer.stats().writes == before + 2
 
 
+async def test_large_frames_are_not_joined(server: AppServer, ctx: Ctx) -> None:
+    # Frames of 64 KiB and more leave one write each: joining them would copy every
+    # byte and briefly hold the connection's data twice.
+    async with websockets.connect(
+        server.ws_url("/ws"), compression=None, max_queue=None, max_size=None
+    ) as ws:
+        writer = await ctx.writer()
+        before = writer.stats().writes
+        expected = [msg(i, 64 * KIB) for i in range(4)]
+        for m in expected:
+            assert writer.send_nowait(m) is SendResult.WRITTEN
+        assert writer.stats().writes == before + 4
+        received = [await asyncio.wait_for(ws.recv(), scaled(5)) for _ in expected]
+        assert received == expected
+
+
 async def test_one_message_per_iteration_goes_straight_to_the_socket(
     server: AppServer, ctx: Ctx
 ) -> None:

@@ -86,6 +86,11 @@ DEFAULT_MAX_QUEUE: int = 1000
 #: 20 x 4 KiB to 5,000 members is then two writes per member (the direct first frame
 #: and one of the rest); at 64 KiB it was three, and 25-35% slower.
 _CORK_LIMIT = 256 * 1024
+#: A frame this large is written at once with whatever is corked before it: joining
+#: large frames saves no system call worth the copy, and the copy would briefly hold
+#: a connection's bytes twice (a slow reader's memory stays within high water plus
+#: one message).
+_LARGE_FRAME = 64 * 1024
 
 #: What :meth:`BackpressureWriter.send` accepts: ``str`` (text), ``bytes``
 #: (binary), ``dict``/``list`` (JSON text) or an already :class:`Encoded` message.
@@ -686,7 +691,11 @@ class BackpressureWriter:
         # Commit (inlined _commit_frame: this is the hot path).
         self._cork.append(frame)
         state.commit(len(frame))
-        if state.corked >= _CORK_LIMIT or state.corked + state.pending > state.high_water:
+        if (
+            state.corked >= _CORK_LIMIT
+            or len(frame) >= _LARGE_FRAME
+            or state.corked + state.pending > state.high_water
+        ):
             self._flush()
         elif not self._dirty:
             self._dirty = True
@@ -728,7 +737,11 @@ class BackpressureWriter:
             # Commit into the cork (inlined _commit_frame).
             self._cork.append(frame)
             state.commit(len(frame))
-            if state.corked >= _CORK_LIMIT or state.corked + state.pending > state.high_water:
+            if (
+                state.corked >= _CORK_LIMIT
+                or len(frame) >= _LARGE_FRAME
+                or state.corked + state.pending > state.high_water
+            ):
                 self._flush()
             elif not self._dirty:
                 self._dirty = True
@@ -887,7 +900,11 @@ class BackpressureWriter:
         self._cork.append(frame)
         state = self._state
         state.commit(len(frame))
-        if state.corked >= _CORK_LIMIT or state.corked + state.pending > state.high_water:
+        if (
+            state.corked >= _CORK_LIMIT
+            or len(frame) >= _LARGE_FRAME
+            or state.corked + state.pending > state.high_water
+        ):
             self._flush()
         elif not self._dirty:
             self._dirty = True
@@ -1137,6 +1154,8 @@ def _offer_all(
     append = results.append
     frame = encoded.frame
     size = len(frame)
+    # A large frame never joins a cork inline (see _LARGE_FRAME): the limit is then 0.
+    cork_limit = _CORK_LIMIT if size < _LARGE_FRAME else 0
     flusher = writers[0]._flusher
     epoch = flusher.epoch
     direct = False
@@ -1147,7 +1166,7 @@ def _offer_all(
                 # Frames already corked in this iteration: add this one (inlined _offer).
                 state = writer._state
                 corked = state.corked + size
-                if corked < _CORK_LIMIT and corked + state.pending <= state.high_water:
+                if corked < cork_limit and corked + state.pending <= state.high_water:
                     writer._cork.append(frame)
                     state.corked = corked
                     state.messages_sent += 1
