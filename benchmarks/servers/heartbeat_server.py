@@ -88,7 +88,17 @@ class Meter:
         rss0, cpu0, t0 = rss_bytes(), cpu_seconds(), time.monotonic()
         closed0 = self.closed
         gc0 = [g["collections"] for g in gc.get_stats()]
+        gc_time = [0.0, 0.0]  # seconds in the collector during the hold, start of the current
+
+        def on_gc(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                gc_time[1] = time.perf_counter()
+            else:
+                gc_time[0] += time.perf_counter() - gc_time[1]
+
+        gc.callbacks.append(on_gc)
         await asyncio.sleep(self.hold)
+        gc.callbacks.remove(on_gc)
         cpu1, rss1, t1 = cpu_seconds(), rss_bytes(), time.monotonic()
         gc1 = [g["collections"] for g in gc.get_stats()]
         stats = {
@@ -101,6 +111,7 @@ class Meter:
             "rss_per_conn": (rss1 - self.rss_before) / max(1, self.opened),
             "closed_during_hold": self.closed - closed0,
             "gc_collections": [b - a for a, b in zip(gc0, gc1, strict=True)],
+            "gc_seconds": gc_time[0],
         }
         if self.extra is not None:
             stats.update(self.extra())
