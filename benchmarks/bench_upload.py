@@ -1,8 +1,8 @@
 """Large uploads: tus over HTTP and the WebSocket chunk protocol vs a raw disk write.
 
-One upload of SIZE random bytes (512 MiB: 1 GiB for every variant and repeat does not
-fit in 3 minutes on the shared 2-CPU machine; ``--tiny``: 8 MiB) per variant and repeat, all
-variants in the same run, interleaved, the median of ``--repeat`` runs (default 3):
+One upload of SIZE random bytes (1 GiB; ``--size MIB`` to change it, e.g. on a busy
+machine; ``--tiny``: 8 MiB) per variant and repeat, all variants in the same run,
+interleaved, the median of ``--repeat`` runs (default 3):
 
 * ``raw write + fsync`` / ``raw write``: this process writes the same bytes to a file
   in the same directory, 1 MiB ``write`` calls (then ``fsync``) -- the disk's ceiling;
@@ -55,8 +55,8 @@ from harness import (
 sys.path.insert(0, str(ROOT / "docs" / "examples"))
 from upload_ws_client import upload as ws_upload
 
-# 1 GiB with every variant and 3 repeats takes > 3 minutes on the shared 2-CPU machine.
-FULL_SIZE = 512 << 20
+# 1 GiB x 9 variants x 3 repeats: about a minute on a quiet machine, several on a busy one.
+FULL_SIZE = 1 << 30
 TINY_SIZE = 8 << 20
 CHUNK = 1 << 20
 
@@ -247,9 +247,56 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Seconds of pause before each run of the second regime (see NOTES).
+SETTLE = 4.0
+
+
+def run_settled(
+    ours: ServerProcess,
+    tut: ServerProcess,
+    ours_root: Path,
+    tut_root: Path,
+    raw_root: Path,
+    full: bytes,
+    repeat: int,
+) -> list[Run]:
+    """The disk-writing variants again, half the size, each after a :data:`SETTLE` pause.
+
+    On this VM memory freed by the guest (the page cache of the file just deleted)
+    goes back to the host within about 2 s, and touching it again costs about 10 µs
+    per 4 KiB page; without a pause, whether a run gets such pages depends on what
+    ran just before. After the pause every run gets them.
+    """
+    data = full[: len(full) // 2]
+    digest = hashlib.sha256(data).hexdigest()
+    runs: list[Run] = []
+    for rep in range(repeat):
+        makers = [
+            lambda: raw_write(raw_root, data, fsync=True),
+            lambda: raw_write(raw_root, data, fsync=True, digest=digest),
+            lambda: run_server_variant(ours, ours_root, "ours tus", data, digest),
+            lambda: run_server_variant(ours, ours_root, "ours websocket", data, digest),
+            lambda: run_server_variant(ours, ours_root, "ours websocket read-ahead", data, digest),
+            lambda: run_server_variant(tut, tut_root, "tutorial websocket", data, digest),
+        ]
+        for make in makers:
+            time.sleep(SETTLE)
+            r = make()
+            runs.append(r)
+            print(f"settled {rep}: {r.variant:20s} {r.mb_per_s:7.0f} MB/s ok={r.ok}", flush=True)
+    return runs
+
+
 def main() -> int:
-    args = bench_args(__doc__.splitlines()[0] if __doc__ else "upload benchmark")
-    size = TINY_SIZE if args.tiny else FULL_SIZE
+    argv = sys.argv[1:]
+    size = FULL_SIZE
+    if "--size" in argv:  # MiB, e.g. a smaller full run on a busy machine
+        i = argv.index("--size")
+        size = int(argv[i + 1]) << 20
+        del argv[i : i + 2]
+    args = bench_args(__doc__.splitlines()[0] if __doc__ else "upload benchmark", argv)
+    if args.tiny:
+        size = TINY_SIZE
     if CLIENT_CPU is not None:
         os.sched_setaffinity(0, {CLIENT_CPU})
     load_before = os.getloadavg()[0]
@@ -257,6 +304,7 @@ def main() -> int:
     digest = hashlib.sha256(data).hexdigest()
     base = Path(tempfile.mkdtemp(prefix="bench-upload-"))
     runs: list[Run] = []
+    settled: list[Run] = []
     try:
         ours_root, tut_root, raw_root = base / "ours", base / "tutorial", base / "raw"
         for p in (ours_root, tut_root, raw_root):
@@ -289,10 +337,18 @@ def main() -> int:
                         f"lag p99 {r.lag.get('p99', 0):6.2f} ms ok={r.ok} {r.error}",
                         flush=True,
                     )
+            if not args.tiny:
+                settled = run_settled(ours, tut, ours_root, tut_root, raw_root, data, args.repeat)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     load = os.getloadavg()[0]
-    body = table(runs) + (
+    body = table(runs)
+    if settled:
+        body += (
+            f"\n### After the host took freed memory back ({SETTLE:g} s pause before every "
+            f"run, {settled[0].size >> 20} MiB)\n\n" + table(settled)
+        )
+    body += (
         f"\nLoad average (1 min) of the shared machine: {load_before:.1f} at the start, "
         f"{load:.1f} at the end of the run.\n"
     )
@@ -303,7 +359,8 @@ def main() -> int:
         write_markdown(
             out,
             "Uploads: tus and WebSocket vs a raw disk write",
-            "python benchmarks/bench_upload.py",
+            "python benchmarks/bench_upload.py"
+            + ("" if size == FULL_SIZE else f" --size {size >> 20}"),
             f"One {size_text} upload per variant; each row is the median (by MB/s) of "
             f"{args.repeat} runs, variants interleaved in the same run. Client (this process) and server (own process) "
             "on 127.0.0.1. Loop lag: lateness of a 10 ms `asyncio.sleep` ticker on the "
@@ -329,9 +386,16 @@ Notes:
   one CPU can reach 0.8x here; `vs raw write + sha256 + fsync` says how much of what
   is possible each variant reaches. (On a disk-bound machine, where the fsync'ed
   write ran at 673 MB/s, tus reached 0.89x of `raw write + fsync`.)
-* The first large write of a process is markedly slower on this VM (the page cache
-  takes fresh memory), so one untimed raw write runs first; the same effect still
-  moves single runs of every variant by up to 2x, hence the medians.
+* Memory on this VM: the guest hands freed memory back to the host within about
+  2 s (free page reporting), and touching such a page again costs about 10 µs --
+  a 1 GiB write into the page cache then takes 2 s instead of 0.2 s. In the first
+  table the runs follow each other at once, so most of them reuse the page cache
+  just freed by the run before (`raw write + fsync` at about 2 GB/s), but not all:
+  single server runs still land on reclaimed memory and move by up to 3x, hence
+  the medians. The second table pauses before every run, so every variant pays
+  for reclaimed memory alike, as a server whose memory sat idle does: there the
+  fsync'ed write runs at about 0.5 GB/s, a disk-bound machine's figure. One
+  untimed raw write runs first.
 * The tutorial's throughput can look fine: its cost is the loop lag column -- every
   `file.write` of a 1 MiB chunk blocks every other connection on that loop.
 * The server process is pinned to ONE CPU: its event loop, the TCP receive path, the
