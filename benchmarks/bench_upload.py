@@ -345,7 +345,7 @@ def main() -> int:
     body = table(runs)
     if settled:
         body += (
-            f"\n### After the host took freed memory back ({SETTLE:g} s pause before every "
+            f"\n## After the host took freed memory back ({SETTLE:g} s pause before every "
             f"run, {settled[0].size >> 20} MiB)\n\n" + table(settled)
         )
     body += (
