@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from docs.examples.upload_ws_client import upload
 from tornado_longconn.codes import CloseCode
 from tornado_longconn.exceptions import UploadError
-from tornado_longconn.testing import AppServer, scaled
+from tornado_longconn.testing import AppServer, WebSocketTestClient, scaled
 from tornado_longconn.upload import ChunkedUploadSink, UploadStore
 from tornado_longconn.upload_ws import (
     OFFSET_HEADER,
@@ -191,15 +191,65 @@ async def test_checksum_mismatch_discards_the_upload(store: UploadStore) -> None
     assert not exists(store.final_path(upload_id))
 
 
-async def test_second_writer_on_one_upload_is_a_conflict(store: UploadStore) -> None:
+async def test_resume_takes_the_upload_over_from_an_older_connection(store: UploadStore) -> None:
+    # The newer connection wins (as with tusd's lock release requests): the older one
+    # is closed with 4409, what it sent is kept, and the resume starts from there.
     async with serve(store) as (url, _), websockets.connect(url) as first:
         await first.send(json.dumps({"type": "start", "size": 10}))
         upload_id = json.loads(await first.recv())["id"]
+        await first.send(encode_chunk(0, b"01234"))
+        assert json.loads(await first.recv()) == {"type": "ack", "offset": 5}
         async with websockets.connect(url) as second:
             await second.send(json.dumps({"type": "resume", "id": upload_id}))
-            assert await closed_with(second) == CloseCode.UPLOAD_CONFLICT
-        await first.send(encode_chunk(0, b"0123456789"))
-        assert json.loads(await first.recv())["offset"] == 10
+            ready = json.loads(await second.recv())
+            assert ready["type"] == "ready" and ready["offset"] == 5
+            assert await closed_with(first) == CloseCode.UPLOAD_CONFLICT
+            await second.send(encode_chunk(5, b"56789"))
+            assert json.loads(await second.recv()) == {"type": "ack", "offset": 10}
+            assert json.loads(await second.recv())["type"] == "complete"
+    assert read(store.final_path(upload_id)) == b"0123456789"
+    assert store.stats.takeovers == 1
+
+
+@pytest.mark.parametrize("read_ahead", [False, True])
+async def test_client_back_after_a_network_change_resumes_at_once(
+    store: UploadStore, read_ahead: bool
+) -> None:
+    # A phone changes networks mid-upload: its old connection is half-open (the
+    # server hears nothing, not even a close), and the client reconnects and resumes.
+    data = os.urandom(200_000)
+    chunk = 16 * 1024
+    async with serve(store, chunk_size=chunk, window=4, read_ahead=read_ahead) as (url, events):
+        old = await WebSocketTestClient.connect(url)
+        await old.send(json.dumps({"type": "start", "size": len(data)}))
+        upload_id = json.loads(await old.recv(timeout=scaled(5)))["id"]
+        for offset in range(0, 4 * chunk, chunk):
+            await old.send(encode_chunk(offset, data[offset : offset + chunk]))
+        acks = [json.loads(await old.recv(timeout=scaled(5))) for _ in range(4)]
+        assert acks[-1] == {"type": "ack", "offset": 4 * chunk}
+        old.stop_reading()  # and never closes: half-open as far as the server can tell
+        ready: list[dict[str, Any]] = []
+        result = await asyncio.wait_for(
+            upload(url, data, upload_id=upload_id, on_ready=ready.append), scaled(10)
+        )
+        assert ready[0]["offset"] == 4 * chunk
+        assert result["type"] == "complete"
+        assert result["sha256"] == hashlib.sha256(data).hexdigest()
+        await asyncio.wait_for(events["closed"].wait(), scaled(5))
+        old.vanish()
+    assert read(store.final_path(upload_id)) == data
+
+
+async def test_an_http_writer_is_not_taken_over(store: UploadStore) -> None:
+    # Only a holder that can let go is asked to: a tus PATCH in progress keeps its
+    # lock, and a WebSocket resume meanwhile gets 4409 as before.
+    sink = await store.create(10)
+    sink.acquire()  # what TusUploadHandler does for the length of a PATCH
+    async with serve(store) as (url, _), websockets.connect(url) as ws:
+        await ws.send(json.dumps({"type": "resume", "id": sink.id}))
+        assert await closed_with(ws) == CloseCode.UPLOAD_CONFLICT
+    sink.release()
+    assert store.stats.takeovers == 0 and store.stats.lock_conflicts == 1
 
 
 async def test_abort_removes_the_upload(store: UploadStore) -> None:

@@ -56,7 +56,7 @@ import secrets
 import time
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -306,6 +306,9 @@ class UploadStats:
     bytes_stored: int = 0
     #: Requests refused because another writer held the upload.
     lock_conflicts: int = 0
+    #: Writers that asked the holder of an upload to let go, and got it (see
+    #: :meth:`ChunkedUploadSink.take_over`).
+    takeovers: int = 0
     #: Idle upload states dropped from the in-memory cache (``max_cached`` policy).
     evicted: int = 0
 
@@ -368,6 +371,7 @@ class ChunkedUploadSink:
         self._idle: asyncio.Future[None] | None = None
         self._error: UploadError | None = None
         self._locked = False
+        self._let_go: Callable[[], Awaitable[None]] | None = None
         self._segment: tuple[int, _Hasher, _Hasher, str, bytes] | None = None
         self._final_sha256: str | None = None
         #: Optional ``callback(durable_offset, error)``, called on the event loop after
@@ -432,16 +436,47 @@ class ChunkedUploadSink:
         finally:
             self.release()
 
-    def acquire(self) -> None:
-        """Take the writer lock without waiting; raises ``UploadError`` 423 if held."""
+    def acquire(self, let_go: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Take the writer lock without waiting; raises ``UploadError`` 423 if held.
+
+        ``let_go``, if given, is how a later writer may ask this one to give the
+        upload up (:meth:`take_over`): a callable that stops this writer, stores
+        what it accepted, calls :meth:`release` and returns an awaitable that
+        completes once it did. Without it the lock can only be waited out.
+        """
         if self._locked:
             self.store.stats.lock_conflicts += 1
             raise UploadError("another request is writing this upload", status=423)
         self._locked = True
+        self._let_go = let_go
+
+    async def take_over(
+        self, let_go: Callable[[], Awaitable[None]] | None = None, *, timeout: float = 10.0
+    ) -> None:
+        """Take the writer lock, asking its holder to let go first if it allows that.
+
+        For a client that reconnected while the server still believes in its old
+        connection (a phone that changed networks leaves a half-open TCP connection
+        behind, which only a heartbeat or TCP itself notices, after seconds or
+        minutes): the newer writer wins, as in tusd's lock release requests. The
+        holder's ``let_go`` (see :meth:`acquire`) stores what it accepted and
+        releases within ``timeout`` seconds; the durable offset is then final for
+        the newcomer. Raises ``UploadError`` 423 if the holder gave no ``let_go``
+        (an HTTP request: tus keeps its 423) or did not let go in time.
+        """
+        holder = self._let_go
+        if self._locked and holder is not None:
+            self._let_go = None
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(holder(), timeout)
+            if not self.locked:  # the holder let go (else acquire raises 423)
+                self.store.stats.takeovers += 1
+        self.acquire(let_go)
 
     def release(self) -> None:
         """Give the writer lock back (idempotent)."""
         self._locked = False
+        self._let_go = None
 
     # -- writing --------------------------------------------------------------------
 

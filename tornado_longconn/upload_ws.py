@@ -70,6 +70,10 @@ def encode_chunk(offset: int, data: bytes) -> bytes:
     return OFFSET_HEADER.pack(offset) + data
 
 
+async def _nothing() -> None:
+    return None
+
+
 def _retrieve(future: Any) -> None:
     # A failed ack write (peer gone) is normal: mark the exception as retrieved.
     if not future.cancelled():
@@ -94,6 +98,12 @@ class WebSocketUploadMixin:
       store's ``max_in_flight`` chunks wait for the disk while the next message is
       read (higher throughput per connection, same bounded memory); acks still
       mean "stored".
+    * :attr:`upload_takeover_timeout` [10 s] -- a ``resume`` of an upload that
+      another connection is still writing asks that connection to let go: it is
+      closed with 4409, what it sent is stored, and the newcomer gets ``ready`` with
+      the durable offset. A client that reconnected after a network change so
+      resumes at once instead of waiting for the server to notice its old, half-open
+      connection. Past this timeout the newcomer gets 4409 instead.
 
     ``on_message`` handles the protocol and returns the awaitable of the storage
     write. Override :meth:`upload_complete` to act on a finished file. One upload at a
@@ -104,6 +114,7 @@ class WebSocketUploadMixin:
     upload_window: int = 8
     upload_chunk_size: int = 1 << 20
     upload_read_ahead: bool = False
+    upload_takeover_timeout: float = 10.0
     _upload_sink: ChunkedUploadSink | None = None
     _upload_sha256: str | None = None
     _upload_acks: deque[int] | None = None
@@ -206,12 +217,18 @@ class WebSocketUploadMixin:
                 if name is not None:
                     metadata["filename"] = name
                 sink = await store.create(size, metadata=metadata)
+                sink.acquire(self._upload_let_go)
             else:
                 upload_id = msg.get("id")
                 if not isinstance(upload_id, str) or not is_upload_id(upload_id):
                     raise UploadError("no such upload", status=404)
                 sink = await store.open(upload_id)
-            sink.acquire()
+                # A connection still writing this upload is asked to let go: the
+                # client reconnected, so that one is most likely half-open.
+                await sink.take_over(self._upload_let_go, timeout=self.upload_takeover_timeout)
+            if not self.ws_connection_open():
+                sink.release()  # this connection closed while waiting: leave the upload free
+                return
             self._upload_sink = sink
             self._upload_sha256 = sha256
             if self.upload_read_ahead:
@@ -231,6 +248,25 @@ class WebSocketUploadMixin:
             await self._upload_send({"type": "aborted", "id": current.id})
         else:
             raise UploadError(f"unknown message type {str(kind)[:40]!r}", status=400)
+
+    def _upload_let_go(self) -> Awaitable[None]:
+        """Give this connection's upload up to a newer connection (see ``take_over``).
+
+        Closes this connection with 4409 (a live client learns that another
+        connection took over; a half-open one never hears it), stores what was
+        accepted and releases the upload. Returns the awaitable of that.
+        """
+        sink, self._upload_sink = self._upload_sink, None
+        if self.ws_connection_open():
+            self._ws.close(CloseCode.UPLOAD_CONFLICT, "upload resumed on another connection")
+        if sink is None:
+            return self.upload_store.spawn(_nothing())
+        return sink.store.spawn(self._upload_settle(sink))
+
+    def ws_connection_open(self) -> bool:
+        """True while this handler's WebSocket connection is open."""
+        ws = self._ws.ws_connection
+        return ws is not None and not ws.is_closing()
 
     async def _upload_chunk(self, message: bytes) -> None:
         sink = self._upload_sink
@@ -253,8 +289,10 @@ class WebSocketUploadMixin:
             await sink.flush()  # the last chunk: acks were sent by _upload_stored
         else:
             stored = await sink.flush()
+            if self._upload_sink is not sink:
+                return  # taken over by another connection meanwhile
             await self._upload_send({"type": "ack", "offset": stored})
-        if sink.state.is_stored:
+        if sink.state.is_stored and self._upload_sink is sink:
             await self._upload_finish(sink)
 
     def _upload_stored(self, offset: int, error: UploadError | None) -> None:
