@@ -226,7 +226,7 @@ class WebSocketUploadMixin:
                 # A connection still writing this upload is asked to let go: the
                 # client reconnected, so that one is most likely half-open.
                 await sink.take_over(self._upload_let_go, timeout=self.upload_takeover_timeout)
-            if not self.ws_connection_open():
+            if not self._upload_connection_open():
                 sink.release()  # this connection closed while waiting: leave the upload free
                 return
             self._upload_sink = sink
@@ -257,13 +257,13 @@ class WebSocketUploadMixin:
         accepted and releases the upload. Returns the awaitable of that.
         """
         sink, self._upload_sink = self._upload_sink, None
-        if self.ws_connection_open():
+        if self._upload_connection_open():
             self._ws.close(CloseCode.UPLOAD_CONFLICT, "upload resumed on another connection")
         if sink is None:
             return self.upload_store.spawn(_nothing())
         return sink.store.spawn(self._upload_settle(sink))
 
-    def ws_connection_open(self) -> bool:
+    def _upload_connection_open(self) -> bool:
         """True while this handler's WebSocket connection is open."""
         ws = self._ws.ws_connection
         return ws is not None and not ws.is_closing()
