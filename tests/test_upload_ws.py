@@ -75,6 +75,23 @@ def store(tmp_path: Path) -> UploadStore:
     return UploadStore(tmp_path / "uploads", max_size=1 << 24)
 
 
+def gated_store(
+    tmp_path: Path, **kwargs: Any
+) -> tuple[UploadStore, threading.Event, asyncio.Event]:
+    """A store whose writes wait for ``gate``; ``writing`` is set once a write started."""
+    gate = threading.Event()
+    loop = asyncio.get_running_loop()
+    writing = asyncio.Event()
+
+    class Gated(UploadStore):
+        def write_at(self, fd: int, data: memoryview, offset: int) -> int:
+            loop.call_soon_threadsafe(writing.set)
+            gate.wait(scaled(10))
+            return super().write_at(fd, data, offset)
+
+    return Gated(tmp_path, **kwargs), gate, writing
+
+
 async def closed_with(ws: Any) -> int:
     """Read until the server closes; return its close code."""
 
@@ -296,17 +313,7 @@ async def test_disk_full_closes_4507_and_keeps_the_bytes_on_disk(
 
 
 async def test_no_message_is_read_while_a_chunk_is_being_stored(tmp_path: Path) -> None:
-    gate = threading.Event()
-    loop = asyncio.get_running_loop()
-    writing = asyncio.Event()
-
-    class Gated(UploadStore):
-        def write_at(self, fd: int, data: memoryview, offset: int) -> int:
-            loop.call_soon_threadsafe(writing.set)
-            gate.wait(scaled(10))
-            return super().write_at(fd, data, offset)
-
-    store = Gated(tmp_path)
+    store, gate, writing = gated_store(tmp_path)
     async with serve(store, chunk_size=4) as (url, events), websockets.connect(url) as ws:
         await ws.send(json.dumps({"type": "start", "size": 12}))
         await ws.recv()
@@ -329,17 +336,7 @@ def test_close_codes_mirror_http_statuses() -> None:
 
 
 async def test_read_ahead_reads_while_storing_and_acks_only_stored_chunks(tmp_path: Path) -> None:
-    gate = threading.Event()
-    loop = asyncio.get_running_loop()
-    writing = asyncio.Event()
-
-    class Gated(UploadStore):
-        def write_at(self, fd: int, data: memoryview, offset: int) -> int:
-            loop.call_soon_threadsafe(writing.set)
-            gate.wait(scaled(10))
-            return super().write_at(fd, data, offset)
-
-    store = Gated(tmp_path, max_in_flight=2)
+    store, gate, writing = gated_store(tmp_path, max_in_flight=2)
     async with (
         serve(store, chunk_size=4, read_ahead=True) as (url, events),
         websockets.connect(url) as ws,

@@ -467,8 +467,9 @@ class ChunkedUploadSink:
         holder = self._let_go
         if self._locked and holder is not None:
             self._let_go = None
+            # Shielded: a holder slower than the timeout still finishes letting go.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(holder(), timeout)
+                await asyncio.wait_for(asyncio.shield(holder()), timeout)
             if not self.locked:  # the holder let go (else acquire raises 423)
                 self.store.stats.takeovers += 1
         self.acquire(let_go)

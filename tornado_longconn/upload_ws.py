@@ -20,6 +20,7 @@ awaitable, so Tornado reads no further message until the chunk is on disk.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import struct
@@ -68,10 +69,6 @@ def close_code_for(error: UploadError) -> CloseCode:
 def encode_chunk(offset: int, data: bytes) -> bytes:
     """A binary chunk message: :data:`OFFSET_HEADER` of ``offset`` followed by ``data``."""
     return OFFSET_HEADER.pack(offset) + data
-
-
-async def _nothing() -> None:
-    return None
 
 
 def _retrieve(future: Any) -> None:
@@ -259,8 +256,10 @@ class WebSocketUploadMixin:
         sink, self._upload_sink = self._upload_sink, None
         if self._upload_connection_open():
             self._ws.close(CloseCode.UPLOAD_CONFLICT, "upload resumed on another connection")
-        if sink is None:
-            return self.upload_store.spawn(_nothing())
+        if sink is None:  # already let go (closed meanwhile): nothing to wait for
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
         return sink.store.spawn(self._upload_settle(sink))
 
     def _upload_connection_open(self) -> bool:
