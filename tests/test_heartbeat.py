@@ -212,6 +212,39 @@ async def test_sigstopped_client_process_is_detected(server: AppServer, recorder
             await asyncio.wait_for(proc.wait(), scaled(10))
 
 
+@pytest.mark.parametrize("last", ["pong", "message"])
+async def test_a_peer_silent_after_its_last_frame_is_dropped_within_interval_plus_timeout(
+    recorder: Recorder, last: str
+) -> None:
+    # The bound is measured on the server's own clock and timers, so a busy
+    # machine delays both sides alike: the check below runs one scheduler tick
+    # after the bound, and the one before it just before the bound.
+    interval, timeout = scaled(0.3), scaled(0.2)
+    app = make_app(recorder, heartbeat_interval=interval, heartbeat_timeout=timeout)
+    resolution = HeartbeatScheduler.current().resolution
+    async with AppServer(app) as srv, await open_client(srv, recorder) as client:
+        recorder.pong_target = 1
+        await asyncio.wait_for(recorder.enough_pongs.wait(), scaled(5))
+        client.auto_pong = False  # from now on the peer answers nothing
+        handler = recorder.get()
+        state = handler._heartbeat
+        assert state is not None
+        if last == "message":
+            await client.send("last words")
+            assert await client.recv(scaled(5)) == "last words"
+        last_frame = state.last_activity
+        loop = asyncio.get_running_loop()
+        bound = last_frame + interval + timeout
+        before = loop.create_future()
+        after = loop.create_future()
+        loop.call_at(bound - resolution / 2, lambda: before.set_result(state.timed_out))
+        loop.call_at(bound + 2 * resolution, lambda: after.set_result(state.timed_out))
+        assert await before is False
+        assert await after is True
+        await asyncio.wait_for(recorder.closed.wait(), scaled(5))
+        assert recorder.timed_out is True
+
+
 async def test_application_mode_with_a_text_only_client(recorder: Recorder) -> None:
     app = make_app(recorder, heartbeat_mode="application")
     async with AppServer(app) as srv:

@@ -128,6 +128,41 @@ def test_progress_change_counts_as_activity() -> None:
     assert s.next_action(3.9, progress=5000) is CLOSE
 
 
+def test_a_peer_silent_after_its_pong_is_dead_at_pong_plus_interval_plus_timeout() -> None:
+    # The pong's bytes are dated with the pong: the next check must not take them
+    # as new activity (which would make the bound 2 x interval + timeout).
+    s = HeartbeatState(2, 1, now=0.0)
+    assert s.next_action(2.0, progress=100) is PING
+    s.answer(2.001, progress=120)  # the pong; the counters include its bytes
+    assert s.next_action(4.0, progress=120) is PING  # nothing moved since the pong
+    assert s.last_activity == 2.001
+    assert s.deadline == pytest.approx(5.001)
+    assert s.next_action(5.0, progress=120) is WAIT
+    assert s.next_action(5.001, progress=120) is CLOSE
+
+
+def test_only_writes_the_peer_made_room_for_are_activity() -> None:
+    s = HeartbeatState(1, 1, now=0.0)
+    s.writes(0.2, total=100, done=100)  # all sent at once: a dead peer's kernel takes it too
+    s.writes(0.9, total=300, done=300)
+    assert s.last_activity == 0.0
+    s.writes(1.0, total=5000, done=1000)  # 4,000 bytes wait for the peer
+    assert s.last_activity == 0.0
+    s.writes(1.5, total=5000, done=3000)  # it read some
+    assert s.last_activity == 1.5
+    s.writes(2.5, total=5000, done=3000)  # and stopped
+    assert s.next_action(3.5) is CLOSE
+
+
+def test_activity_with_progress_dates_the_bytes_at_that_time() -> None:
+    s = HeartbeatState(1, 1, now=0.0)
+    s.next_action(0.5, progress=10)
+    s.activity(0.7, progress=50)  # a message arrived
+    assert s.next_action(1.0, progress=50) is PING
+    assert s.last_activity == 0.7
+    assert s.next_action(2.7, progress=50) is CLOSE
+
+
 def test_progress_none_means_not_sampled() -> None:
     s = HeartbeatState(1, 1, now=0.0)
     s.next_action(0.5, progress=7)

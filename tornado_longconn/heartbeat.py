@@ -9,10 +9,14 @@ Mix :class:`HeartbeatMixin` into a :class:`tornado.websocket.WebSocketHandler`::
         def on_message(self, message): ...
 
 The connection is *alive* while anything moves: any inbound frame (message,
-pong, ping) or progress in writing to the peer. A peer that sends nothing and
-drains nothing for ``interval + timeout`` seconds is *dead*: its TCP connection
-is aborted (no close handshake with a peer that is gone) and ``on_close`` runs
-once, as for any other close.
+pong, ping), dated when it arrives, or the peer making room for bytes that were
+waiting to be sent to it, dated at the scheduler's check that sees it (checks
+run at least once per interval). A peer that sends nothing and drains nothing
+for ``interval + timeout`` seconds is *dead*: it is dropped within one
+scheduler tick (:data:`DEFAULT_RESOLUTION`) of that bound, its TCP connection
+aborted (no close handshake with a peer that is gone), and ``on_close`` runs
+once, as for any other close. Bytes the kernel takes at once are not activity:
+a dead peer's kernel buffer takes them too.
 
 Pieces:
 
@@ -258,6 +262,8 @@ class HeartbeatState:
         "stats",
         "timed_out",
         "timeout",
+        "write_done",
+        "write_total",
     )
 
     def __init__(
@@ -282,6 +288,9 @@ class HeartbeatState:
         self.latency: float | None = None
         #: True once :meth:`next_action` returned ``CLOSE``.
         self.timed_out = False
+        #: Write counters at the last :meth:`writes` sample (bytes accepted, bytes sent).
+        self.write_total = 0
+        self.write_done = 0
         # Slots for the shell (the mixin and the scheduler), unused here.
         self.frame = b""
         self.stats: HeartbeatStats | None = None
@@ -298,18 +307,37 @@ class HeartbeatState:
         dead_at = self.last_activity + self.interval + self.timeout
         return self.next_ping if self.next_ping < dead_at else dead_at
 
-    def activity(self, now: float) -> None:
-        """Record activity from the peer (any frame in, or bytes drained) at ``now``."""
+    def activity(self, now: float, progress: object = None) -> None:
+        """Record activity from the peer (any frame in, or room made for waiting bytes) at ``now``.
+
+        ``progress`` is the shell's I/O counter sampled at ``now`` (see
+        :meth:`next_action`); passing it dates the bytes of this activity at
+        ``now``, so the next check does not count them again, later. Without
+        it, the bytes that carried this activity are seen as new progress at
+        the next check, which then moves :attr:`last_activity` to that check's
+        time and detection is up to one interval late.
+        """
         if now > self.last_activity:
             self.last_activity = now
+        if progress is not None:
+            self.progress = progress
 
-    def answer(self, now: float) -> float | None:
+    def answer(self, now: float, progress: object = None) -> float | None:
         """Record the answer to a heartbeat; return its round-trip time (or None).
 
-        An answer with no heartbeat outstanding (a duplicate or unsolicited one)
-        still counts as activity and returns None.
+        ``progress`` as for :meth:`activity`. An answer with no heartbeat
+        outstanding (a duplicate or unsolicited one) still counts as activity
+        and returns None.
+
+        >>> s = HeartbeatState(interval=2, timeout=1, now=0.0)
+        >>> s.next_action(0.5, progress=10), s.next_action(2.0, progress=10)
+        (<HeartbeatAction.WAIT: 0>, <HeartbeatAction.PING: 1>)
+        >>> s.answer(2.25, progress=30)           # the pong's bytes, dated now
+        0.25
+        >>> s.next_action(4.0, progress=30), s.dead_at   # nothing new since the pong
+        (<HeartbeatAction.PING: 1>, 5.25)
         """
-        self.activity(now)
+        self.activity(now, progress)
         sent = self.ping_sent_at
         if sent is None:
             return None
@@ -318,11 +346,33 @@ class HeartbeatState:
         self.latency = rtt
         return rtt
 
+    def writes(self, now: float, total: int, done: int) -> None:
+        """Sample the write counters at ``now``: ``total`` bytes accepted, ``done`` sent.
+
+        Only bytes that were already waiting at the previous sample and have
+        since been sent prove that the peer is reading: it made room for them.
+        Bytes that went out at once prove nothing (the kernel buffers them for a
+        dead peer too), so they are not activity.
+
+        >>> s = HeartbeatState(interval=1, timeout=1, now=0.0)
+        >>> s.writes(0.5, total=100, done=100)    # sent at once: not the peer
+        >>> s.last_activity
+        0.0
+        >>> s.writes(0.8, total=900, done=300)    # 600 bytes left waiting
+        >>> s.writes(1.5, total=900, done=500)    # the peer made room for 200
+        >>> s.last_activity
+        1.5
+        """
+        if done > self.write_done and self.write_done < self.write_total:
+            self.activity(now)
+        self.write_total = total
+        self.write_done = done
+
     def next_action(self, now: float, progress: object = None) -> HeartbeatAction:
         """Decide what to do at ``now``: ``WAIT``, ``PING`` (send one) or ``CLOSE``.
 
-        ``progress`` is any value that changes whenever bytes move on the
-        connection (the shell passes I/O counters); a change since the last call
+        ``progress`` is any value that changes whenever the peer sends bytes
+        (the shell passes its read counters); a change since the last call
         counts as activity at ``now``. ``None`` means "not sampled".
         A ``PING`` answer records the heartbeat as sent at ``now``.
         """
@@ -416,17 +466,20 @@ class HeartbeatStats:
         }
 
 
-def _io_progress(ws: Any, stream: IOStream) -> int:
-    """A number that changes whenever bytes move on a Tornado WebSocket connection.
+def _read_progress(ws: Any, stream: IOStream) -> int:
+    """Bytes ever read from the peer on a Tornado WebSocket connection.
 
-    Reads PRIVATE Tornado counters, in this one place (plus ``_frames``) so that a
-    Tornado upgrade breaks one function: bytes handed to the kernel
-    (``stream_write_indexes``), ``IOStream._read_buffer_size`` (bytes read but not
-    yet parsed) and ``WebSocketProtocol13._wire_bytes_in`` (bytes parsed as
-    frames). Their sum grows with every byte in or out.
+    Reads PRIVATE Tornado counters: ``IOStream._read_buffer_size`` (bytes read
+    but not yet parsed) and ``WebSocketProtocol13._wire_bytes_in`` (bytes parsed
+    as frames). Their sum grows with every byte the peer sends.
     """
-    progress: int = stream_write_indexes(stream)[1] + stream._read_buffer_size + ws._wire_bytes_in
+    progress: int = stream._read_buffer_size + ws._wire_bytes_in
     return progress
+
+
+def _sample_writes(state: HeartbeatState, stream: IOStream, now: float) -> None:
+    total, done = stream_write_indexes(stream)
+    state.writes(now, total, done)
 
 
 def _send(stream: IOStream, frame: bytes) -> None:
@@ -629,12 +682,14 @@ class HeartbeatScheduler:
             # Closed, or the handshake never completed: stop watching.
             self._forget(state)
             return
-        action = state.next_action(now, _io_progress(ws, stream))
+        _sample_writes(state, stream, now)
+        action = state.next_action(now, _read_progress(ws, stream))
         if action is _PING:
             if not ws.is_closing():  # type: ignore[union-attr]
                 _send(stream, state.frame)
-                # Our own heartbeat reaching the kernel is not the peer's progress.
-                state.progress = _io_progress(ws, stream)
+                # Our own heartbeat is not the peer's progress; what of it waits
+                # in the stream is, once the peer makes room for it.
+                _sample_writes(state, stream, now)
                 if state.stats is not None:
                     state.stats.pings_sent += 1
         elif action is _CLOSE:
@@ -658,6 +713,8 @@ def _intercept_on_message(
         ):
             self._heartbeat_answer(state)
             return None
+        if state is not None:
+            self._heartbeat_seen(state)
         return func(self, message)
 
     on_message._heartbeat_wrapped = True  # type: ignore[attr-defined]
@@ -668,12 +725,27 @@ def _intercept_on_pong(func: Callable[[Any, bytes], Any]) -> Callable[[Any, byte
     @functools.wraps(func)
     def on_pong(self: HeartbeatMixin, data: bytes) -> Any:
         state = self._heartbeat
-        if state is not None and data == PING_PAYLOAD and state.frame is _PING_FRAME:
-            self._heartbeat_answer(state)
+        if state is not None:
+            if data == PING_PAYLOAD and state.frame is _PING_FRAME:
+                self._heartbeat_answer(state)
+            else:
+                self._heartbeat_seen(state)
         return func(self, data)
 
     on_pong._heartbeat_wrapped = True  # type: ignore[attr-defined]
     return on_pong
+
+
+def _intercept_on_ping(func: Callable[[Any, bytes], Any]) -> Callable[[Any, bytes], Any]:
+    @functools.wraps(func)
+    def on_ping(self: HeartbeatMixin, data: bytes) -> Any:
+        state = self._heartbeat
+        if state is not None:
+            self._heartbeat_seen(state)
+        return func(self, data)
+
+    on_ping._heartbeat_wrapped = True  # type: ignore[attr-defined]
+    return on_ping
 
 
 class HeartbeatMixin(tornado.websocket.WebSocketHandler):
@@ -699,8 +771,8 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
     ``on_message``). If you override ``on_connection_close`` or
     ``get_websocket_protocol``, call ``super()``.
 
-    When the peer stays silent for ``interval + timeout`` (no frame in, no bytes
-    drained), the connection is dropped without a close handshake: if our writes
+    When the peer stays silent for ``interval + timeout`` (no frame in, no room
+    made for bytes waiting to be sent to it), the connection is dropped without a close handshake: if our writes
     to it are stuck it is reset (``SO_LINGER`` 0, freeing the kernel's buffers);
     otherwise a close frame with
     :attr:`~tornado_longconn.codes.CloseCode.HEARTBEAT_TIMEOUT` is handed to the
@@ -734,6 +806,8 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
             cls.on_message = _intercept_on_message(own["on_message"])  # type: ignore[method-assign,assignment]
         if "on_pong" in own and not getattr(own["on_pong"], "_heartbeat_wrapped", False):
             cls.on_pong = _intercept_on_pong(own["on_pong"])  # type: ignore[method-assign,assignment]
+        if "on_ping" in own and not getattr(own["on_ping"], "_heartbeat_wrapped", False):
+            cls.on_ping = _intercept_on_ping(own["on_ping"])  # type: ignore[method-assign,assignment]
 
     @property
     def latency(self) -> float | None:
@@ -808,9 +882,19 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
     def on_pong(self, data: bytes) -> None:
         """Record heartbeat answers; then Tornado's ``on_pong`` (overriding it is fine)."""
         state = self._heartbeat
-        if state is not None and data == PING_PAYLOAD and state.frame is _PING_FRAME:
-            self._heartbeat_answer(state)
+        if state is not None:
+            if data == PING_PAYLOAD and state.frame is _PING_FRAME:
+                self._heartbeat_answer(state)
+            else:
+                self._heartbeat_seen(state)
         super().on_pong(data)
+
+    def on_ping(self, data: bytes) -> None:
+        """Count a ping from the peer as activity; then Tornado's ``on_ping``."""
+        state = self._heartbeat
+        if state is not None:
+            self._heartbeat_seen(state)
+        super().on_ping(data)
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         """Swallow application-level heartbeat replies; pass anything else on."""
@@ -823,6 +907,8 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
         ):
             self._heartbeat_answer(state)
             return None
+        if state is not None:
+            self._heartbeat_seen(state)
         return super().on_message(message)
 
     def on_connection_close(self) -> None:
@@ -832,8 +918,20 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
             HeartbeatScheduler.current().discard(self, state)
         super().on_connection_close()
 
+    def _heartbeat_progress(self) -> int | None:
+        # The I/O counters at this instant, so that the bytes of the frame just
+        # received are dated now and not again at the next check.
+        ws = self.ws_connection
+        stream = None if ws is None else ws.stream
+        if ws is None or stream is None:
+            return None
+        return _read_progress(ws, stream)
+
+    def _heartbeat_seen(self, state: HeartbeatState) -> None:
+        state.activity(asyncio.get_running_loop().time(), self._heartbeat_progress())
+
     def _heartbeat_answer(self, state: HeartbeatState) -> None:
-        rtt = state.answer(asyncio.get_running_loop().time())
+        rtt = state.answer(asyncio.get_running_loop().time(), self._heartbeat_progress())
         if rtt is not None and state.stats is not None:
             state.stats.record_latency(rtt)
 
