@@ -11,21 +11,20 @@ no context takeover) or compress per connection, in wire order.
 ``IOStream.write`` creates per call; the caller passes any unsent remainder to
 ``IOStream.write`` so byte order is kept.
 
-Everything here touches private attributes of Tornado's ``WebSocketProtocol13``
-(``_compressor``) and ``IOStream`` (``socket``, ``_write_buffer``); they are
-read in one place so that a Tornado upgrade breaks one module, which the test
-suite covers.
+The private names of Tornado's ``WebSocketProtocol13`` and ``IOStream`` are read
+through the door (:mod:`tornado_longconn._tornado.websocket_proto` and
+:mod:`tornado_longconn._tornado.iostream`); the stream helpers here are
+re-exported from it under their historical names.
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import zlib
 from typing import Any, Final
 
-from tornado.iostream import IOStream, SSLIOStream
+from ._tornado import iostream, websocket_proto
 
 __all__ = [
     "OP_BINARY",
@@ -39,6 +38,7 @@ __all__ = [
     "encode_message",
     "frame_for_connection",
     "plain_socket",
+    "read_progress",
     "stream_pending_bytes",
     "stream_write_indexes",
     "try_send",
@@ -148,7 +148,7 @@ def encode_message(message: Any) -> Encoded:
     )
 
 
-def frame_for_connection(ws_connection: Any, encoded: Encoded) -> bytes:
+def frame_for_connection(ws_connection: object, encoded: Encoded) -> bytes:
     """The frame bytes to send ``encoded`` on one Tornado WebSocket connection.
 
     ``ws_connection`` is ``handler.ws_connection`` (``WebSocketProtocol13``).
@@ -158,73 +158,39 @@ def frame_for_connection(ws_connection: Any, encoded: Encoded) -> bytes:
     is used: call this exactly when the frame is committed to the stream, in
     wire order, and never drop the result afterwards.
     """
-    pmd = getattr(ws_connection, "_compressor", None)
+    pmd = websocket_proto.deflate_of(ws_connection)
     if pmd is None:
         return encoded.frame
-    if pmd._compressor is None:  # no context takeover: one compression for everyone
-        return encoded.deflated_frame(pmd._max_wbits, pmd._compression_level, pmd._mem_level)
+    params = websocket_proto.shared_deflate_params(pmd)
+    if params is not None:  # no context takeover: one compression for everyone
+        return encoded.deflated_frame(*params)
     return build_frame(encoded.opcode, pmd.compress(encoded.payload), rsv1=True)
 
 
-def uses_deflate(ws_connection: Any) -> bool:
+def uses_deflate(ws_connection: object) -> bool:
     """True if this Tornado WebSocket connection negotiated permessage-deflate."""
-    return getattr(ws_connection, "_compressor", None) is not None
+    return websocket_proto.uses_deflate(ws_connection)
 
 
-def stream_pending_bytes(stream: IOStream) -> int:
-    """Bytes accepted by ``stream.write`` but not yet handed to the kernel (0 once closed)."""
-    buffer = stream._write_buffer
-    return 0 if buffer is None else len(buffer)
+#: Bytes accepted by ``stream.write`` but not yet handed to the kernel (0 once closed).
+stream_pending_bytes = iostream.pending_bytes
 
+#: ``(total, done)``: bytes ever accepted by ``stream.write`` and bytes handed to
+#: the kernel. A future returned by ``stream.write`` resolves once ``done``
+#: reaches the value ``total`` had right after that call.
+stream_write_indexes = iostream.write_indexes
 
-def stream_write_indexes(stream: IOStream) -> tuple[int, int]:
-    """``(total, done)``: bytes ever accepted by ``stream.write`` and bytes handed to the kernel.
+#: Close a stream at once, discarding unsent data (TCP reset, ``SO_LINGER`` 0).
+#: Used when a peer stopped reading. Does nothing on a closed stream.
+abort_stream = iostream.abort
 
-    A future returned by ``stream.write`` resolves once ``done`` reaches the value
-    ``total`` had right after that call.
-    """
-    return stream._total_write_index, stream._total_write_done_index
+#: The socket of a plain TCP ``IOStream``, for direct sends; None for TLS or a
+#: closed stream. Send on it only while ``not stream.writing()``.
+plain_socket = iostream.plain_socket
 
+#: Send as much of ``data`` as the socket takes now, without blocking; 0 (nothing
+#: sent) for TLS, closed or busy streams: the caller ``stream.write``\ s the rest.
+try_send = iostream.try_send
 
-def abort_stream(stream: IOStream) -> None:
-    """Close ``stream`` at once, discarding unsent data (TCP reset, ``SO_LINGER`` 0).
-
-    Used when a peer stopped reading: a plain close would leave the kernel
-    retrying the unsent bytes; a reset frees them. Does nothing on a closed stream.
-    """
-    if stream.closed():
-        return
-    try:
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except (OSError, AttributeError):
-        pass
-    stream.close()
-
-
-def plain_socket(stream: IOStream) -> socket.socket | None:
-    """The socket of a plain TCP ``IOStream``, for direct sends; None for TLS or a closed stream.
-
-    The caller only sends on it while ``not stream.writing()`` and the stream is
-    open, and passes any unsent remainder to ``stream.write``.
-    """
-    if isinstance(stream, SSLIOStream) or stream.closed():
-        return None
-    sock = stream.socket
-    return sock if isinstance(sock, socket.socket) else None
-
-
-def try_send(stream: IOStream, data: bytes) -> int:
-    """Send as much of ``data`` as the socket takes now, without blocking.
-
-    Only for plain TCP ``IOStream`` with nothing pending (``not stream.writing()``);
-    for TLS streams, closed streams and busy streams it sends nothing and returns
-    0, and the caller must ``stream.write`` the whole of ``data``. Returns how
-    many bytes the kernel accepted. Connection errors propagate as ``OSError``;
-    the caller closes the stream.
-    """
-    if stream.writing() or stream.closed() or isinstance(stream, SSLIOStream):
-        return 0
-    try:
-        return stream.socket.send(data)
-    except (BlockingIOError, InterruptedError):
-        return 0
+#: A number that grows whenever bytes move on a WebSocket connection (``(ws, stream)``).
+read_progress = websocket_proto.read_progress

@@ -36,11 +36,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import socket
 import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeAlias, TypeVar, Union, cast
+from typing import Any, Generic, TypeAlias, TypeVar, Union
 
 import tornado.web
 import tornado.websocket
@@ -50,16 +51,12 @@ from ._frames import (
     OP_BINARY,
     OP_TEXT,
     Encoded,
-    abort_stream,
     build_frame,
     encode_message,
     frame_for_connection,
-    plain_socket,
-    stream_pending_bytes,
-    stream_write_indexes,
-    try_send,
-    uses_deflate,
 )
+from ._tornado import iostream, web, websocket_proto
+from ._tornado.hooks import HandlerHooks, Hook
 from .codes import CloseCode
 from .exceptions import ConnectionClosedError, PeerGoneError, SlowConsumerError
 
@@ -68,6 +65,7 @@ __all__ = [
     "DEFAULT_MAX_QUEUE",
     "BackpressureWriter",
     "FlowState",
+    "Lifecycle",
     "Message",
     "OverflowPolicy",
     "SendResult",
@@ -119,6 +117,26 @@ class OverflowPolicy(enum.Enum):
     CLOSE = "close"
 
 
+class Lifecycle(enum.Enum):
+    """Where a writer's connection is in its life (:attr:`FlowState.lifecycle`)."""
+
+    #: Messages are accepted.
+    OPEN = "open"
+    #: The connection started closing under the writer (a close frame went out or
+    #: came in, or it was aborted); no data frame may follow. The writer settles
+    #: on ``CLOSED_BY_US`` or ``GONE`` the next time it is used.
+    CLOSING = "closing"
+    #: This side closed it (:meth:`BackpressureWriter.close`, ``handler.close()``,
+    #: ``finish()``); using the writer raises ``ConnectionClosedError``.
+    CLOSED_BY_US = "closed_by_us"
+    #: The peer is gone, or the ``CLOSE`` policy closed it as a slow consumer;
+    #: using the writer raises ``PeerGoneError`` (``SlowConsumerError``).
+    GONE = "gone"
+
+
+_OPEN = Lifecycle.OPEN
+
+
 class SendResult(enum.Enum):
     """What :meth:`BackpressureWriter.send_nowait` did with a message."""
 
@@ -165,7 +183,9 @@ class FlowState(Generic[T]):
 
     The shell reports what happens on the wire (:meth:`commit`, :meth:`flushed`,
     :meth:`set_pending`) and asks what to do (:meth:`must_wait`, :meth:`offer`,
-    :meth:`take_queued`, :meth:`is_drained`). Sizes are byte counts.
+    :meth:`admit`, :meth:`take_queued`, :meth:`is_drained`; :meth:`commit` and
+    :meth:`admit` answer "flush now?"). Every path of the writer, the broadcast
+    fan-out's included, goes through these methods. Sizes are byte counts.
 
     * ``corked`` -- bytes accepted but not yet handed to the transport;
     * ``pending`` -- bytes the transport holds (not yet taken by the kernel);
@@ -177,11 +197,11 @@ class FlowState(Generic[T]):
 
     __slots__ = (
         "bytes_sent",
-        "closed",
         "closed_slow",
         "corked",
         "dropped",
         "high_water",
+        "lifecycle",
         "low_water",
         "max_queue",
         "messages_sent",
@@ -222,7 +242,7 @@ class FlowState(Generic[T]):
         self.pending = 0
         self.queue: deque[tuple[T, int]] = deque()
         self.queued_bytes = 0
-        self.closed = False
+        self.lifecycle = Lifecycle.OPEN
         self.closed_slow = False
         self.messages_sent = 0
         self.bytes_sent = 0
@@ -230,6 +250,11 @@ class FlowState(Generic[T]):
         self.waits = 0
         self.writes = 0
         self.peak_buffered = 0
+
+    @property
+    def closed(self) -> bool:
+        """True unless :attr:`lifecycle` is ``OPEN``: no message may be committed."""
+        return self.lifecycle is not _OPEN
 
     @property
     def committed(self) -> int:
@@ -253,11 +278,41 @@ class FlowState(Generic[T]):
         """True when nothing is queued and the buffer is at or below the low-water mark."""
         return not self.queue and self.corked + self.pending <= self.low_water
 
-    def commit(self, size: int) -> None:
-        """Record one message of ``size`` bytes accepted for writing (into the cork)."""
-        self.corked += size
+    def commit(self, size: int) -> bool:
+        """Record one message of ``size`` bytes accepted for writing (into the cork).
+
+        Returns True when the cork must be handed to the transport now: it
+        reached ``_CORK_LIMIT`` (256 KiB), the frame is large (64 KiB or more,
+        written at once), or the committed bytes are above the high-water mark.
+        Otherwise the cork is flushed at the end of the event-loop iteration.
+        """
+        corked = self.corked = self.corked + size
         self.messages_sent += 1
         self.bytes_sent += size
+        return (
+            corked >= _CORK_LIMIT or size >= _LARGE_FRAME or corked + self.pending > self.high_water
+        )
+
+    def admit(self, size: int) -> int:
+        """:meth:`must_wait`, then :meth:`commit`, in one call (the fan-out's per-member rule).
+
+        Returns 0 when the message must wait (nothing recorded: the caller
+        applies :meth:`offer`), 1 when it was committed into the cork, 2 when it
+        was committed and the cork must be flushed now. Same answers and
+        counters as the two calls (a property test holds them together).
+        """
+        if self.queue:
+            return 0
+        pending = self.pending
+        corked = self.corked
+        if corked + pending > self.high_water:
+            return 0
+        corked = self.corked = corked + size
+        self.messages_sent += 1
+        self.bytes_sent += size
+        if corked >= _CORK_LIMIT or size >= _LARGE_FRAME or corked + pending > self.high_water:
+            return 2
+        return 1
 
     def sent(self, size: int, pending: int) -> None:
         """Record one message of ``size`` bytes written straight to the transport.
@@ -326,9 +381,18 @@ class FlowState(Generic[T]):
             return item
         return None
 
-    def close(self, *, slow: bool = False) -> list[T]:
-        """Mark closed (``slow``: by the ``CLOSE`` policy); return the queued messages dropped."""
-        self.closed = True
+    def closing(self) -> None:
+        """The connection started closing (``OPEN`` → ``CLOSING``; otherwise no change)."""
+        if self.lifecycle is _OPEN:
+            self.lifecycle = Lifecycle.CLOSING
+
+    def close(self, *, slow: bool = False, gone: bool = False) -> list[T]:
+        """Mark closed; return the queued messages dropped.
+
+        ``CLOSED_BY_US`` by default, ``GONE`` when ``gone`` or ``slow`` (closed by
+        the ``CLOSE`` policy; also sets ``closed_slow``).
+        """
+        self.lifecycle = Lifecycle.GONE if slow or gone else Lifecycle.CLOSED_BY_US
         if slow:
             self.closed_slow = True
         self._note_peak()
@@ -412,10 +476,6 @@ def _flusher_for(loop: asyncio.AbstractEventLoop) -> _Flusher:
 _ATTR = "_longconn_backpressure_writer"
 
 
-def _true() -> bool:
-    return True
-
-
 def _detach_writer(target: Any) -> None:
     """Forget the writer attached to ``target`` once its connection closed.
 
@@ -424,8 +484,178 @@ def _detach_writer(target: Any) -> None:
     Called by :mod:`tornado_longconn.broadcast` after the handler's close.
     """
     writer = target.__dict__.pop(_ATTR, None)
-    if writer is not None and not writer._state.closed:
+    if writer is not None and writer._state.lifecycle in _UNSETTLED:
         writer._sync_closed()
+
+
+_UNSETTLED = (Lifecycle.OPEN, Lifecycle.CLOSING)
+
+
+class _Transport:
+    """How a writer reaches its connection: the interface of the two transports.
+
+    ``stream`` is the connection's ``IOStream`` (None when the connection was
+    gone before the writer was made); ``sock`` its plain TCP socket when the
+    first frame of a loop iteration may go straight to it (else None);
+    ``plain`` is True when ``str``/``bytes`` frames can be built without the
+    connection (no compression); ``close_hook`` is the handler method that must
+    flush the cork first.
+    """
+
+    __slots__ = ("close_hook", "plain", "sock", "stream")
+
+    close_hook: Hook
+
+    def __init__(self, stream: IOStream | None) -> None:
+        self.stream = stream
+        self.sock: socket.socket | None = None
+        self.plain = False
+
+    def frame(self, encoded: Encoded) -> bytes:
+        """The bytes to write for ``encoded`` (compressing now, in wire order, if negotiated)."""
+        raise NotImplementedError
+
+    def is_closing(self) -> bool:
+        """True when the connection is closing or closed."""
+        raise NotImplementedError
+
+    def ended_here(self) -> bool:
+        """True when this side ended the connection and the stream is still open."""
+        raise NotImplementedError
+
+    def write(self, writer: BackpressureWriter, data: bytes) -> bool:
+        """Hand ``data`` to the connection; False (and the writer told why) if it cannot."""
+        raise NotImplementedError
+
+    def close(self, code: int | None, reason: str | None) -> None:
+        """Close the connection from this side, after what was written."""
+        raise NotImplementedError
+
+    def close_slow(self, writer: BackpressureWriter) -> None:
+        """Close as a slow consumer (the ``CLOSE`` policy)."""
+        raise NotImplementedError
+
+
+class _WebSocketTransport(_Transport):
+    """A ``WebSocketHandler``: messages become frames, written to the stream (or socket)."""
+
+    __slots__ = ("handler", "proto")
+
+    close_hook = Hook.CLOSE
+
+    def __init__(self, handler: tornado.websocket.WebSocketHandler) -> None:
+        proto: Any = handler.ws_connection
+        super().__init__(getattr(proto, "stream", None))
+        self.handler = handler
+        self.proto = proto
+        if self.stream is not None:
+            self.plain = not websocket_proto.uses_deflate(proto)
+            self.sock = iostream.plain_socket(self.stream)
+
+    def frame(self, encoded: Encoded) -> bytes:
+        return frame_for_connection(self.proto, encoded)
+
+    def is_closing(self) -> bool:
+        return bool(self.proto.is_closing())
+
+    def ended_here(self) -> bool:
+        stream = self.stream
+        proto = self.proto
+        return (
+            stream is not None
+            and not stream.closed()
+            and bool(proto.server_terminated)
+            and not proto.client_terminated
+        )
+
+    def write(self, writer: BackpressureWriter, data: bytes) -> bool:
+        proto = self.proto
+        stream = self.stream
+        assert stream is not None
+        if proto.server_terminated or proto.client_terminated:
+            # A close frame has gone out (or come in): no data frame may follow.
+            if proto.client_terminated:
+                writer._mark_gone(StreamClosedError())
+            else:
+                writer._closed_here()
+            return False
+        try:
+            sent = iostream.try_send(stream, data)
+        except OSError as exc:
+            stream.close(exc_info=exc)
+            writer._mark_gone(exc)
+            return False
+        if sent < len(data):
+            try:
+                fut = stream.write(memoryview(data)[sent:] if sent else data)
+            except StreamClosedError as exc:
+                writer._mark_gone(exc)
+                return False
+            writer._track(stream, fut)
+        return True
+
+    def close(self, code: int | None, reason: str | None) -> None:
+        self.handler.close(code, reason)
+
+    def close_slow(self, writer: BackpressureWriter) -> None:
+        stream = self.stream
+        self.handler.close(writer._close_code, writer._close_reason)
+        if stream is not None and not stream.closed():
+            writer._abort_handle = writer._loop.call_later(
+                writer.close_grace, iostream.abort, stream
+            )
+
+
+class _ResponseTransport(_Transport):
+    """A streaming ``RequestHandler``: payloads written with ``write`` + ``flush``."""
+
+    __slots__ = ("handler",)
+
+    close_hook = Hook.FINISH
+
+    def __init__(self, handler: tornado.web.RequestHandler, stream: IOStream) -> None:
+        super().__init__(stream)
+        self.handler = handler
+
+    def frame(self, encoded: Encoded) -> bytes:
+        return encoded.payload
+
+    def is_closing(self) -> bool:
+        stream = self.stream
+        return stream is None or stream.closed() or web.finished(self.handler)
+
+    def ended_here(self) -> bool:
+        stream = self.stream
+        return stream is not None and not stream.closed() and web.finished(self.handler)
+
+    def write(self, writer: BackpressureWriter, data: bytes) -> bool:
+        stream = self.stream
+        assert stream is not None
+        handler = self.handler
+        if web.finished(handler):
+            writer._closed_here()
+            return False
+        if stream.closed():
+            writer._mark_gone(StreamClosedError(real_error=stream.error))
+            return False
+        handler.write(data)
+        handler.flush()
+        return True
+
+    def close(self, code: int | None, reason: str | None) -> None:
+        handler = self.handler
+        if web.finished(handler):
+            return
+        try:
+            handler.finish()
+        except Exception:
+            log.exception("finishing the response failed; closing the connection")
+            if self.stream is not None:
+                self.stream.close()
+
+    def close_slow(self, writer: BackpressureWriter) -> None:
+        if self.stream is not None:
+            iostream.abort(self.stream)
 
 
 class BackpressureWriter:
@@ -484,113 +714,68 @@ class BackpressureWriter:
             raise RuntimeError(
                 "this handler already has a BackpressureWriter; use BackpressureWriter.of(handler)"
             )
-        self._target: Any = cast(Any, target)
+        self._target = target
         self._close_code = close_code
         self._close_reason = close_reason
         self._loop = asyncio.get_running_loop()
         self._flusher = _flusher_for(self._loop)
         self._cork: list[bytes] = []
         self._dirty = False
-        # The plain TCP socket of a WebSocket (None for TLS and HTTP responses): the
-        # first frame of a loop iteration goes straight to it when nothing is pending.
-        self._sock: Any = None
         # The flusher epoch in which a frame last went straight to the socket.
         self._epoch = -1
-        # ``_sock`` while the broadcast fan-out may write straight to it without
-        # asking the writer (plain frames, nothing queued, open); None otherwise.
-        self._fast_sock: Any = None
-        # Messages and bytes the fan-out wrote straight out, not yet added to the FlowState.
-        self._direct_messages = 0
-        self._direct_bytes = 0
+        # The transport's socket while the broadcast fan-out may write straight to
+        # it without asking the writer: plain frames, OPEN, nothing queued. A cache
+        # of those three facts, kept by the methods that change them.
+        self._fast_sock: socket.socket | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._watching: asyncio.Future[None] | None = None
         self._write_futures: deque[tuple[int, asyncio.Future[None]]] = deque()
-        self._closed_by_us = False
         self._gone: BaseException | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
-        self._proto: Any = None
-        self._is_closing: Callable[[], bool] = _true
-        self._websocket = isinstance(target, tornado.websocket.WebSocketHandler)
-        # A WebSocket without permessage-deflate: str/bytes frames are built directly.
-        self._plain = False
-        stream: IOStream | None
-        if self._websocket:
-            self._proto = self._target.ws_connection
-            stream = getattr(self._proto, "stream", None)
-            self._plain = stream is not None and not uses_deflate(self._proto)
+        transport: _Transport
+        if isinstance(target, tornado.websocket.WebSocketHandler):
+            transport = _WebSocketTransport(target)
         else:
             stream = getattr(target.request.connection, "stream", None)
-        if stream is None:
-            if self._websocket:
-                self._stream = None
-                self._mark_gone(StreamClosedError())
-                setattr(target, _ATTR, self)
-                return
-            raise TypeError("a RequestHandler target needs an HTTP/1 connection with a stream")
-        self._stream = stream
+            if stream is None:
+                raise TypeError("a RequestHandler target needs an HTTP/1 connection with a stream")
+            transport = _ResponseTransport(target, stream)
+        self._transport = transport
+        self._stream = transport.stream
+        # A WebSocket without permessage-deflate: str/bytes frames are built directly.
+        self._plain = transport.plain
+        # The plain TCP socket (None for TLS and HTTP responses): the first frame
+        # of a loop iteration goes straight to it when nothing is pending.
+        self._sock = transport.sock
         #: True when the connection is closing or closed (one call on the hot path).
-        if self._websocket:
-            self._is_closing = self._proto.is_closing
-            self._sock = plain_socket(stream)
-        else:
-            target_: Any = target
-
-            def http_closing() -> bool:
-                return stream.closed() or bool(target_._finished)
-
-            self._is_closing = http_closing
+        self._is_closing: Callable[[], bool] = transport.is_closing
+        if transport.stream is None:
+            self._mark_gone(StreamClosedError())
+            setattr(target, _ATTR, self)
+            return
+        if isinstance(transport, _WebSocketTransport):
+            self._is_closing = transport.proto.is_closing
         if self._is_closing():
             self._sync_closed()
         setattr(target, _ATTR, self)
-        self._flush_before(target, "close" if self._websocket else "finish")
-        if self._plain and self._sock is not None and not self._state.closed:
+        hooks = HandlerHooks.of(target)
+        hooks.add(transport.close_hook, self._flush_before_close)
+        if self._plain and self._sock is not None and self._state.lifecycle is _OPEN:
             self._fast_sock = self._sock
-            self._hook_protocol_close(self._proto)
+            # Tornado calls ws_connection.close() right after every change that ends
+            # the data phase, so the fan-out need not read the protocol's flags.
+            hooks.add(Hook.PROTOCOL_CLOSE, self._on_protocol_close)
 
-    def _hook_protocol_close(self, proto: Any) -> None:
-        """Stop the fan-out's direct writes as soon as the protocol starts closing.
+    def _flush_before_close(self) -> None:
+        """``handler.close()``/``finish()`` is about to run: write the cork first, to keep order."""
+        if self._cork and self._state.lifecycle is _OPEN:
+            self._flush()
 
-        Tornado calls ``ws_connection.close()`` right after every change that ends
-        the data phase (a close frame sent or received, an abort), so the fan-out
-        need not read the protocol's flags per message.
-        """
-        writer_ref = weakref.ref(self)
-        proto_ref = weakref.ref(proto)
-        close = type(proto).close
-
-        def close_protocol(*args: Any, **kwargs: Any) -> Any:
-            writer = writer_ref()
-            if writer is not None:
-                writer._fast_sock = None
-            return close(proto_ref(), *args, **kwargs)
-
-        proto.close = close_protocol
-
-    def _flush_before(self, target: Any, name: str) -> None:
-        """Make ``target.<name>()`` (``close``/``finish``) write the cork first, to keep order."""
-        ref = weakref.ref(self)
-        if name in target.__dict__:  # already wrapped by someone else: keep that
-            original = target.__dict__[name]
-
-            def call(*args: Any, **kwargs: Any) -> Any:
-                return original(*args, **kwargs)
-
-        else:  # the class's method, with no strong reference back to the handler
-            original = getattr(type(target), name)
-            target_ref = weakref.ref(target)
-
-            def call(*args: Any, **kwargs: Any) -> Any:
-                return original(target_ref(), *args, **kwargs)
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            writer = ref()
-            if writer is not None and writer._cork and not writer._state.closed:
-                writer._flush()
-            return call(*args, **kwargs)
-
-        wrapper.__doc__ = original.__doc__
-        setattr(target, name, wrapper)
+    def _on_protocol_close(self) -> None:
+        """The WebSocket protocol started closing: no more direct writes."""
+        self._fast_sock = None
+        self._state.closing()
 
     @classmethod
     def of(
@@ -620,9 +805,20 @@ class BackpressureWriter:
     @property
     def closed(self) -> bool:
         """True once the connection is closed (by the peer, by :meth:`close`, or by policy)."""
-        if not self._state.closed and self._is_closing():
+        state = self._state
+        if state.lifecycle is not _OPEN or self._is_closing():
             self._sync_closed()
-        return self._state.closed
+        return state.lifecycle is not _OPEN
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """Where the connection is in its life (:class:`Lifecycle`), settled now.
+
+        ``OPEN``, ``CLOSED_BY_US`` or ``GONE`` (``CLOSING`` is settled on reading).
+        """
+        if self.closed:
+            self._sync_closed()
+        return self._state.lifecycle
 
     @property
     def high_water(self) -> int:
@@ -642,14 +838,6 @@ class BackpressureWriter:
     def stats(self) -> WriterStats:
         """Counters: messages and bytes sent, dropped, waits, peak and current buffer."""
         self._refresh()
-        messages = self._direct_messages
-        if messages:
-            # One write each, sent whole with nothing pending (see _offer_all).
-            state = self._state
-            state.messages_sent += messages
-            state.bytes_sent += self._direct_bytes
-            state.writes += messages
-            self._direct_messages = self._direct_bytes = 0
         return self._state.stats()
 
     async def send(self, message: Message) -> None:
@@ -677,29 +865,14 @@ class BackpressureWriter:
             frame = build_frame(OP_BINARY, message)
         else:
             encoded = encode_message(message)
-        if state.closed or self._is_closing():
+        if state.lifecycle is not _OPEN or self._is_closing():
             self._raise_closed()
-        if (
-            self._waiters
-            or state.queue
-            or state.corked + state.pending + state.queued_bytes > state.high_water
-        ):
+        if self._waiters or state.must_wait():
             await self._wait_turn()
         if frame is None:
             assert encoded is not None
-            frame = self._frame(encoded)
-        # Commit (inlined _commit_frame: this is the hot path).
-        self._cork.append(frame)
-        state.commit(len(frame))
-        if (
-            state.corked >= _CORK_LIMIT
-            or len(frame) >= _LARGE_FRAME
-            or state.corked + state.pending > state.high_water
-        ):
-            self._flush()
-        elif not self._dirty:
-            self._dirty = True
-            self._flusher.mark(self)
+            frame = self._transport.frame(encoded)
+        self._cork_frame(frame)
         if self._waiters and not state.must_wait():
             self._wake_next()
 
@@ -720,12 +893,11 @@ class BackpressureWriter:
     def _offer(self, encoded: Encoded) -> SendResult:
         """:meth:`send_nowait` for an encoded message (the broadcast fan-out calls this)."""
         state = self._state
-        if state.closed or self._is_closing():
+        if state.lifecycle is not _OPEN or self._is_closing():
             self._sync_closed()
             return SendResult.CLOSED
-        if not state.queue and state.corked + state.pending <= state.high_water:
-            # Fast path (FlowState.offer would say WRITTEN).
-            frame = encoded.frame if self._plain else self._frame(encoded)
+        if not state.must_wait():
+            frame = encoded.frame if self._plain else self._transport.frame(encoded)
             if (
                 not self._cork
                 and self._sock is not None
@@ -734,23 +906,12 @@ class BackpressureWriter:
             ):
                 # The first frame of this iteration, nothing pending: straight to the socket.
                 return self._send_direct(frame)
-            # Commit into the cork (inlined _commit_frame).
-            self._cork.append(frame)
-            state.commit(len(frame))
-            if (
-                state.corked >= _CORK_LIMIT
-                or len(frame) >= _LARGE_FRAME
-                or state.corked + state.pending > state.high_water
-            ):
-                self._flush()
-            elif not self._dirty:
-                self._dirty = True
-                self._flusher.mark(self)
+            self._cork_frame(frame)
             return SendResult.WRITTEN
         self._refresh()
         result = state.offer(encoded, len(encoded.payload) + 2)
         if result is SendResult.WRITTEN:
-            self._commit(encoded)
+            self._cork_frame(self._transport.frame(encoded))
         elif result is SendResult.QUEUED:
             self._fast_sock = None  # queued messages go first: no direct writes until drained
             self._watch()
@@ -764,10 +925,9 @@ class BackpressureWriter:
         Only with nothing corked and nothing pending in the stream (so order is
         kept). Later frames of the same loop iteration are corked.
         """
+        assert self._sock is not None
         try:
-            sent = self._sock.send(frame)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+            sent = iostream.socket_send(self._sock, frame)
         except OSError as exc:
             self._stream.close(exc_info=exc)  # type: ignore[union-attr]
             self._mark_gone(exc)
@@ -790,11 +950,8 @@ class BackpressureWriter:
             except StreamClosedError as exc:
                 self._mark_gone(exc)
                 return SendResult.CLOSED
-            futures = self._write_futures
-            while futures and futures[0][1].done():
-                futures.popleft()
-            futures.append((stream_write_indexes(stream)[0], fut))
-            pending = stream_pending_bytes(stream)
+            self._track(stream, fut)
+            pending = iostream.pending_bytes(stream)
         self._state.sent(size, pending)
         return SendResult.WRITTEN
 
@@ -805,7 +962,7 @@ class BackpressureWriter:
         before that.
         """
         state = self._state
-        if state.closed or self._is_closing():
+        if state.lifecycle is not _OPEN or self._is_closing():
             self._raise_closed()
         self._refresh()
         if state.is_drained():
@@ -820,7 +977,7 @@ class BackpressureWriter:
         finally:
             if fut in self._drain_waiters:
                 self._drain_waiters.remove(fut)
-        if state.closed:
+        if state.lifecycle is not _OPEN:
             self._raise_closed()
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
@@ -832,48 +989,29 @@ class BackpressureWriter:
         :class:`~tornado_longconn.exceptions.ConnectionClosedError`. Closing
         twice does nothing.
         """
-        if self._state.closed:
+        if self._state.lifecycle is not _OPEN:
             return
         self._flush()
-        self._closed_by_us = True
         self._fast_sock = None
         self._state.close()
         self._release_waiters()
-        target = self._target
-        if self._websocket:
-            target.close(code, reason)
-        elif not target._finished:
-            try:
-                target.finish()
-            except Exception:
-                log.exception("finishing the response failed; closing the connection")
-                stream = self._stream
-                if stream is not None:
-                    stream.close()
+        self._transport.close(code, reason)
 
     # -- internals -----------------------------------------------------------
 
     def _refresh(self) -> None:
         stream = self._stream
-        if stream is not None and not self._state.closed:
-            self._state.set_pending(stream_pending_bytes(stream))
+        if stream is not None and self._state.lifecycle is _OPEN:
+            self._state.set_pending(iostream.pending_bytes(stream))
 
     def _sync_closed(self) -> None:
         """The connection is closing or closed under the writer: record who closed it."""
-        if self._state.closed:
+        if self._state.lifecycle not in _UNSETTLED:
             return
-        stream = self._stream
-        proto = self._proto
-        if (
-            stream is not None
-            and not stream.closed()
-            and (
-                (proto is not None and proto.server_terminated and not proto.client_terminated)
-                or (proto is None and self._target._finished)
-            )
-        ):
+        if self._transport.ended_here():
             self._closed_here()  # the handler sent a close frame, or finished the response
         else:
+            stream = self._stream
             self._mark_gone(StreamClosedError(real_error=None if stream is None else stream.error))
 
     def _raise_closed(self) -> None:
@@ -883,32 +1021,25 @@ class BackpressureWriter:
             raise SlowConsumerError(
                 f"closed as a slow consumer (more than {state.high_water} bytes buffered)"
             ) from self._gone
-        if self._closed_by_us:
+        if state.lifecycle is Lifecycle.CLOSED_BY_US:
             raise ConnectionClosedError("the writer was closed by this side")
         raise PeerGoneError("the peer is gone") from self._gone
 
-    def _frame(self, encoded: Encoded) -> bytes:
-        """The bytes to write for ``encoded`` (compressing now, in wire order, if negotiated)."""
-        if self._websocket:
-            return frame_for_connection(self._proto, encoded)
-        return encoded.payload
-
-    def _commit(self, encoded: Encoded) -> None:
-        self._commit_frame(self._frame(encoded))
-
-    def _commit_frame(self, frame: bytes) -> None:
+    def _cork_frame(self, frame: bytes) -> None:
+        """Commit ``frame`` into the cork; flush now or at the end of the iteration."""
         self._cork.append(frame)
-        state = self._state
-        state.commit(len(frame))
-        if (
-            state.corked >= _CORK_LIMIT
-            or len(frame) >= _LARGE_FRAME
-            or state.corked + state.pending > state.high_water
-        ):
+        if self._state.commit(len(frame)):
             self._flush()
         elif not self._dirty:
             self._dirty = True
             self._flusher.mark(self)
+
+    def _track(self, stream: IOStream, fut: asyncio.Future[None]) -> None:
+        """Remember a write future with the write index it resolves at (for :meth:`_watch`)."""
+        futures = self._write_futures
+        while futures and futures[0][1].done():
+            futures.popleft()
+        futures.append((iostream.write_indexes(stream)[0], fut))
 
     def _scheduled_flush(self) -> None:
         self._dirty = False
@@ -922,46 +1053,12 @@ class BackpressureWriter:
         self._cork = []
         state = self._state
         stream = self._stream
-        if state.closed or stream is None:
+        if state.lifecycle is not _OPEN or stream is None:
             state.corked = 0
             return
         data = cork[0] if len(cork) == 1 else b"".join(cork)
-        if self._websocket:
-            proto = self._proto
-            if proto.server_terminated or proto.client_terminated:
-                # A close frame has gone out (or come in): no data frame may follow.
-                if proto.client_terminated:
-                    self._mark_gone(StreamClosedError())
-                else:
-                    self._closed_here()
-                return
-            try:
-                sent = try_send(stream, data)
-            except OSError as exc:
-                stream.close(exc_info=exc)
-                self._mark_gone(exc)
-                return
-            if sent < len(data):
-                try:
-                    fut = stream.write(memoryview(data)[sent:] if sent else data)
-                except StreamClosedError as exc:
-                    self._mark_gone(exc)
-                    return
-                futures = self._write_futures
-                while futures and futures[0][1].done():
-                    futures.popleft()
-                futures.append((stream_write_indexes(stream)[0], fut))
-        else:
-            target = self._target
-            if target._finished:
-                self._closed_here()
-                return
-            if stream.closed():
-                self._mark_gone(StreamClosedError(real_error=stream.error))
-                return
-            target.write(data)
-            target.flush()
-        state.flushed(stream_pending_bytes(stream))
+        if self._transport.write(self, data):
+            state.flushed(iostream.pending_bytes(stream))
 
     async def _wait_turn(self) -> None:
         """Wait (in FIFO order with other senders) until a message may be committed."""
@@ -990,7 +1087,7 @@ class BackpressureWriter:
                     if not state.must_wait():
                         self._wake_next()
                 raise
-            if state.closed:
+            if state.lifecycle is not _OPEN:
                 self._raise_closed()
             self._refresh()
             if not state.must_wait():
@@ -1014,11 +1111,11 @@ class BackpressureWriter:
             item = state.take_queued()
             if item is None:
                 break
-            self._commit(item)
-            if state.closed:
+            self._cork_frame(self._transport.frame(item))
+            if state.lifecycle is not _OPEN:
                 return False
         self._flush()
-        if state.closed:
+        if state.lifecycle is not _OPEN:
             return False
         if not state.queue and self._plain and not self._is_closing():
             self._fast_sock = self._sock  # drained: the fan-out may write directly again
@@ -1027,7 +1124,7 @@ class BackpressureWriter:
     def _progress(self) -> None:
         """Re-check the buffer: pump the queue, wake waiters, or keep watching."""
         state = self._state
-        if state.closed:
+        if state.lifecycle is not _OPEN:
             self._release_waiters()
             return
         self._refresh()
@@ -1050,10 +1147,10 @@ class BackpressureWriter:
         if watching is not None and not watching.done():
             return
         stream = self._stream
-        if stream is None or self._state.closed:
+        if stream is None or self._state.lifecycle is not _OPEN:
             return
         self._flush()
-        total, done = stream_write_indexes(stream)
+        total, done = iostream.write_indexes(stream)
         target = total - self._state.low_water
         fut: asyncio.Future[None] | None = None
         if done < target:
@@ -1086,9 +1183,9 @@ class BackpressureWriter:
 
     def _closed_here(self) -> None:
         """The handler was closed or finished directly (not through :meth:`close`)."""
-        self._closed_by_us = True
         self._fast_sock = None
-        self._state.close()
+        if self._state.lifecycle in _UNSETTLED:
+            self._state.close()
         self._cork = []
         self._release_waiters()
 
@@ -1098,8 +1195,8 @@ class BackpressureWriter:
         if self._gone is None:
             self._gone = cause
         self._fast_sock = None
-        if not state.closed:
-            state.close()
+        if state.lifecycle in _UNSETTLED:
+            state.close(gone=True)
         self._cork = []
         self._release_waiters()
 
@@ -1114,19 +1211,14 @@ class BackpressureWriter:
                 fut.set_result(None)
 
     def _close_slow(self) -> None:
-        """The ``CLOSE`` policy fired (``FlowState.offer`` already marked it closed)."""
+        """The ``CLOSE`` policy fired (``FlowState.offer`` already marked it ``GONE``)."""
         self._fast_sock = None
         self._cork = []
         self._release_waiters()
-        stream = self._stream
         if self._gone is None:
             self._gone = StreamClosedError()
-        if self._websocket:
-            self._target.close(self._close_code, self._close_reason)
-            if stream is not None and not stream.closed():
-                self._abort_handle = self._loop.call_later(self.close_grace, abort_stream, stream)
-        elif stream is not None:
-            abort_stream(stream)
+        if self._stream is not None:
+            self._transport.close_slow(self)
 
 
 _WRITTEN = SendResult.WRITTEN
@@ -1138,60 +1230,52 @@ def _offer_all(
     """``send_nowait(encoded)`` to ``writers[len(results):]``, appending each result.
 
     The broadcast fan-out's hot loop (writers of the running loop). For a plain
-    WebSocket writer that is open with nothing queued, two cases are served
-    inline: frames already corked in this iteration (the frame joins the cork),
-    and nothing corked, nothing pending in the stream and nothing written yet in
-    this iteration (the frame goes straight to the socket, as
-    :meth:`BackpressureWriter._send_direct`). Any other case goes through
-    :meth:`BackpressureWriter._offer`. The
-    inline test reads the stream's write indexes and closed flag directly (see
-    :func:`~tornado_longconn._frames.stream_write_indexes`): one attribute read
-    each instead of a call, which is most of the group's cost per member.
-    Raises what a writer raises (a bug); ``results`` then says how far it got.
+    WebSocket writer that is open with nothing queued (``_fast_sock`` set), two
+    cases are served here: frames already corked in this iteration (the frame
+    joins the cork if :meth:`FlowState.admit` says so), and nothing corked,
+    nothing pending in the stream and nothing written yet in this iteration
+    (the frame goes straight to the socket through
+    :func:`~tornado_longconn._tornado.iostream.send_if_idle`, counted by
+    :meth:`FlowState.sent`). Any other case goes through
+    :meth:`BackpressureWriter._offer`. Every counter lives in the writer's
+    :class:`FlowState`. Raises what a writer raises (a bug); ``results`` then
+    says how far it got.
     """
     if len(results) >= len(writers):
         return
     append = results.append
     frame = encoded.frame
     size = len(frame)
-    # A large frame never joins a cork inline (see _LARGE_FRAME): the limit is then 0.
-    cork_limit = _CORK_LIMIT if size < _LARGE_FRAME else 0
     flusher = writers[0]._flusher
     epoch = flusher.epoch
+    send_if_idle = iostream.send_if_idle
     direct = False
     for writer in writers[len(results) :] if results else writers:
         sock = writer._fast_sock
         if sock is not None and writer._flusher is flusher:
             if writer._dirty:
-                # Frames already corked in this iteration: add this one (inlined _offer).
-                state = writer._state
-                corked = state.corked + size
-                if corked < cork_limit and corked + state.pending <= state.high_water:
+                # Frames already corked in this iteration: add this one.
+                admitted = writer._state.admit(size)
+                if admitted:
                     writer._cork.append(frame)
-                    state.corked = corked
-                    state.messages_sent += 1
-                    state.bytes_sent += size
+                    if admitted == 2:
+                        writer._flush()
                     append(_WRITTEN)
                     continue
             elif writer._epoch != epoch:
-                stream: Any = writer._stream
-                if (
-                    stream._total_write_index == stream._total_write_done_index
-                    and not stream._closed
-                ):
-                    try:
-                        sent = sock.send(frame)
-                    except OSError:
-                        append(writer._offer(encoded))  # would block, or the peer is gone
-                        continue
+                try:
+                    sent = send_if_idle(writer._stream, sock, frame)  # type: ignore[arg-type]
+                except OSError:
+                    append(writer._offer(encoded))  # would block, or the peer is gone
+                    continue
+                if sent >= 0:
                     if sent != size:
                         append(writer._sent_direct(frame, sent))
                         continue
+                    # Sent whole with nothing pending: not must_wait (_fast_sock
+                    # says nothing is queued; not dirty means nothing is corked).
                     writer._epoch = epoch
-                    # Counted on the writer (folded into its FlowState by stats()),
-                    # so this path does not touch the FlowState at all.
-                    writer._direct_messages += 1
-                    writer._direct_bytes += size
+                    writer._state.sent(size, 0)
                     append(_WRITTEN)
                     direct = True
                     continue
