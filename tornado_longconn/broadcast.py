@@ -47,15 +47,15 @@ import logging
 import random
 import secrets
 import weakref
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass
-from enum import Enum
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Final
 
 from tornado.websocket import WebSocketHandler
 
 from ._frames import OP_TEXT, Encoded, encode_message
+from ._groupcore import GapPolicy, GroupCore, MemberSlot, MemberState
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
 from .backpressure import (
@@ -69,6 +69,8 @@ from .codes import CloseCode
 from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import DEFAULT_HISTORY, Cursor, HistoryLimit, Message, SinceResult, parse_cursor
 
+# GapPolicy is defined with the I/O-free core (_groupcore) and public here.
+
 if TYPE_CHECKING:
     import tornado.web
 
@@ -81,6 +83,7 @@ __all__ = [
     "BroadcastHub",
     "BroadcastStats",
     "GapPolicy",
+    "GroupOptions",
     "Membership",
     "PublishResult",
     "cursor_envelope",
@@ -116,27 +119,6 @@ _GROUPS_ATTR: Final = "_longconn_groups"
 _WRITTEN: Final = SendResult.WRITTEN
 _QUEUED: Final = SendResult.QUEUED
 _DROPPED: Final = SendResult.DROPPED
-
-
-class GapPolicy(Enum):
-    """What a member is told when it cannot be given every message.
-
-    This happens when ``join(handler, cursor=...)`` asks for history that is no
-    longer kept (evicted, another epoch after a restart, a cursor from the
-    future), and when the backend reports that live messages may have been
-    missed (``Subscriber.on_gap``, e.g. the connection to Redis dropped).
-    """
-
-    #: Close the connection with :attr:`CloseCode.RESYNC_REQUIRED` (4001) and the
-    #: reason ``"resync required: <reason>"``. The client reloads its state and
-    #: reconnects with the cursor that came with that state. The default: a client
-    #: cannot miss it, and any WebSocket client understands a close code.
-    CLOSE = "close"
-    #: Send the JSON text message built by :func:`resync_notice`,
-    #: ``{"type": "resync", "topic": ..., "cursor": "<head>", "reason": ...}``, and
-    #: keep the member: it receives the messages after ``cursor`` from then on.
-    #: Pick this when the client handles the notice (``longconn.js`` does).
-    NOTICE = "notice"
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +187,109 @@ class BroadcastStats:
     peak_buffered: int = 0
 
 
+def _history_limit(history: int | HistoryLimit | None) -> HistoryLimit | None:
+    if history is None or isinstance(history, HistoryLimit):
+        return history
+    if isinstance(history, bool) or not isinstance(history, int):
+        raise TypeError(f"history must be an int, a HistoryLimit or None, not {history!r}")
+    return HistoryLimit(max_messages=history)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupOptions:
+    """A group's settings, resolved and validated once (see :class:`BroadcastGroup`).
+
+    A hub holds one as the defaults of its groups (``hub.defaults``); each group
+    holds its own (``group.options``), made by :meth:`merged` from the hub's
+    defaults and the group's keyword arguments. ``history`` may be given as an
+    ``int`` (a number of messages); it is stored as a
+    :class:`~tornado_longconn.log.HistoryLimit`. ``low_water`` and
+    ``max_queue`` None leave the writer's own defaults.
+
+    Raises ``ValueError`` for an out-of-range value (``high_water < 1``,
+    ``low_water`` outside 1..``high_water``, ``max_queue < 1``,
+    ``close_batch < 1``, ``close_spread < 0``, a policy name that does not
+    exist) and ``TypeError`` for a value of the wrong type.
+    """
+
+    history: HistoryLimit | None = None
+    policy: OverflowPolicy = OverflowPolicy.CLOSE
+    high_water: int = DEFAULT_HIGH_WATER
+    low_water: int | None = None
+    max_queue: int | None = None
+    gap_policy: GapPolicy = GapPolicy.CLOSE
+    envelope: Envelope | None = None
+    close_batch: int = DEFAULT_CLOSE_BATCH
+    close_spread: float = DEFAULT_CLOSE_SPREAD
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "history", _history_limit(self.history))
+        set_(self, "policy", _enum(OverflowPolicy, self.policy, "policy"))
+        set_(self, "gap_policy", _enum(GapPolicy, self.gap_policy, "gap_policy"))
+        high = _int(self.high_water, "high_water")
+        if high < 1:
+            raise ValueError(f"high_water must be >= 1, got {high}")
+        if self.low_water is not None:
+            low = _int(self.low_water, "low_water")
+            if not 1 <= low <= high:
+                raise ValueError(f"low_water must be between 1 and high_water ({high}), got {low}")
+        if self.max_queue is not None and _int(self.max_queue, "max_queue") < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.envelope is not None and not callable(self.envelope):
+            raise TypeError(f"envelope must be callable or None, not {self.envelope!r}")
+        if _int(self.close_batch, "close_batch") < 1:
+            raise ValueError(f"close_batch must be >= 1, got {self.close_batch}")
+        spread = self.close_spread
+        if isinstance(spread, bool) or not isinstance(spread, (int, float)):
+            raise TypeError(f"close_spread must be a number, not {spread!r}")
+        if not spread >= 0:
+            raise ValueError(f"close_spread must be >= 0, got {spread}")
+
+    def merged(self, **overrides: Any) -> GroupOptions:
+        """These options with ``overrides`` applied (validated); None values keep the current one.
+
+        Raises ``TypeError`` for a name that is not an option.
+        """
+        changes = {}
+        for key, value in overrides.items():
+            if key not in _OPTION_NAMES:
+                raise TypeError(f"unknown group option {key!r}")
+            if value is not None:
+                changes[key] = value
+        if not changes:
+            return self
+        values = {name: getattr(self, name) for name in _OPTION_NAMES}
+        values.update(changes)
+        return GroupOptions(**values)
+
+    def differences(self, other: GroupOptions) -> list[tuple[str, Any, Any]]:
+        """``(name, mine, theirs)`` for every option where ``other`` differs."""
+        return [
+            (name, getattr(self, name), getattr(other, name))
+            for name in _OPTION_NAMES
+            if getattr(self, name) != getattr(other, name)
+        ]
+
+
+def _enum(kind: Any, value: Any, name: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in kind)
+        raise ValueError(f"{name} must be one of {choices}, not {value!r}") from None
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {value!r}")
+    return value
+
+
+_OPTION_NAMES: Final = tuple(f.name for f in fields(GroupOptions))
+_DEFAULT_OPTIONS: Final = GroupOptions()
+
+
 def cursor_envelope(message: Message) -> Any:
     """Wrap a text message with its cursor: ``{"cursor": "<epoch>-<offset>", "data": ...}``.
 
@@ -260,14 +345,6 @@ def _wire(message: Any) -> tuple[str | bytes, Encoded]:
     return encoded.payload, encoded
 
 
-def _history_limit(history: int | HistoryLimit | None) -> HistoryLimit | None:
-    if history is None or isinstance(history, HistoryLimit):
-        return history
-    if isinstance(history, bool) or not isinstance(history, int):
-        raise TypeError(f"history must be an int, a HistoryLimit or None, not {history!r}")
-    return HistoryLimit(max_messages=history)
-
-
 def _exclude_set(exclude: Exclude) -> frozenset[WebSocketHandler] | None:
     if exclude is None:
         return None
@@ -294,7 +371,12 @@ class _Tally:
         self.seen = False
 
 
-class Membership:
+# What a member replaying history gets buffered with each live message: the
+# encoded frame and the publish's exclusion set.
+_Live = tuple[Encoded, frozenset[WebSocketHandler] | None]
+
+
+class Membership(MemberSlot[_Live]):
     """One connection's membership of one group, returned by :meth:`BroadcastGroup.join`.
 
     Awaiting it is optional: ``await group.join(handler)`` returns once the
@@ -307,22 +389,19 @@ class Membership:
     Attributes: ``group``, ``handler``, ``writer`` (the connection's
     :class:`~tornado_longconn.backpressure.BackpressureWriter`, None when the join
     was refused because the connection or the group was already closed),
-    ``active`` (still a member), ``live`` (receiving live messages),
-    ``replayed`` (history messages delivered on resume) and ``gap`` (the
-    :class:`~tornado_longconn.log.SinceResult` when resuming hit a gap, else None).
+    ``state`` (a :class:`~tornado_longconn._groupcore.MemberState`: replaying
+    history, live, or left), ``active`` (still a member), ``live`` (receiving
+    live messages), ``replayed`` (history messages delivered on resume) and
+    ``gap`` (the :class:`~tornado_longconn.log.SinceResult` when resuming hit a
+    gap, else None).
     """
 
     __slots__ = (
-        "_buffer",
-        "_buffer_limit",
         "_dropped_seen",
-        "_overflowed",
         "_task",
-        "active",
         "gap",
         "group",
         "handler",
-        "live",
         "replayed",
         "writer",
     )
@@ -330,19 +409,24 @@ class Membership:
     def __init__(
         self, group: BroadcastGroup, handler: WebSocketHandler, writer: BackpressureWriter | None
     ) -> None:
+        super().__init__()
         self.group = group
         self.handler = handler
         self.writer = writer
-        self.active = writer is not None
-        self.live = False
         self.replayed = 0
         self.gap: SinceResult | None = None
-        self._buffer: deque[tuple[Message, Encoded, frozenset[WebSocketHandler] | None]] | None
-        self._buffer = None
-        self._buffer_limit = 0
-        self._overflowed = False
         self._dropped_seen = 0
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        """True while the connection is a member (live or replaying history)."""
+        return self.state is not MemberState.LEFT
+
+    @property
+    def live(self) -> bool:
+        """True once the member receives live messages."""
+        return self.state is MemberState.LIVE
 
     def __repr__(self) -> str:
         state = "live" if self.live else "resuming" if self.active else "left"
@@ -475,7 +559,14 @@ class BroadcastGroup:
       sends the published data unchanged.
     * ``close_batch`` / ``close_spread`` -- graceful shutdown batching (see :meth:`close`).
 
-    Raises ``ValueError`` when ``hub`` already has a group of this name.
+    The options are resolved once into :attr:`options` (a frozen
+    :class:`GroupOptions`) and read back as attributes (``group.history``, ...).
+    Raises ``ValueError`` when ``hub`` already has a group of this name, or for
+    an invalid option (see :class:`GroupOptions`).
+
+    Membership and the history-to-live hand-over live in an I/O-free core
+    (:class:`~tornado_longconn._groupcore.GroupCore`); the group reads history
+    from the backend, writes to the members' writers and counts.
     """
 
     def __init__(
@@ -496,38 +587,32 @@ class BroadcastGroup:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"a group name is a non-empty string, not {name!r}")
-        if hub is not None:
-            if backend is None:
-                backend = hub.backend
-            history = hub.history if history is None else history
-            policy = hub.policy if policy is None else policy
-            high_water = hub.high_water if high_water is None else high_water
-            low_water = hub.low_water if low_water is None else low_water
-            max_queue = hub.max_queue if max_queue is None else max_queue
-            gap_policy = hub.gap_policy if gap_policy is None else gap_policy
-            envelope = hub.envelope if envelope is None else envelope
-            close_batch = hub.close_batch if close_batch is None else close_batch
-            close_spread = hub.close_spread if close_spread is None else close_spread
+        if hub is not None and backend is None:
+            backend = hub.backend
+        base = hub.defaults if hub is not None else _DEFAULT_OPTIONS
+        options = base.merged(
+            history=history,
+            policy=policy,
+            high_water=high_water,
+            low_water=low_water,
+            max_queue=max_queue,
+            gap_policy=gap_policy,
+            envelope=envelope,
+            close_batch=close_batch,
+            close_spread=close_spread,
+        )
         self.name = name
         self.hub = hub
         self.backend: Backend = backend if backend is not None else MemoryBackend()
-        self.history = _history_limit(history)
-        self.policy = OverflowPolicy.CLOSE if policy is None else OverflowPolicy(policy)
-        self.high_water = DEFAULT_HIGH_WATER if high_water is None else high_water
-        self.low_water = low_water
-        self.max_queue = max_queue
-        self.gap_policy = GapPolicy.CLOSE if gap_policy is None else GapPolicy(gap_policy)
-        self.envelope = envelope
-        self.close_batch = DEFAULT_CLOSE_BATCH if close_batch is None else close_batch
-        self.close_spread = DEFAULT_CLOSE_SPREAD if close_spread is None else close_spread
-        if self.close_batch < 1:
-            raise ValueError(f"close_batch must be >= 1, got {self.close_batch}")
-        if self.close_spread < 0:
-            raise ValueError(f"close_spread must be >= 0, got {self.close_spread}")
-
-        self._members: dict[WebSocketHandler, Membership] = {}
-        self._resuming: dict[WebSocketHandler, Membership] = {}
-        # Live members and their writers, rebuilt after membership changes.
+        self.options: GroupOptions = options
+        self._envelope = options.envelope
+        limit = options.history.max_messages if options.history is not None else DEFAULT_HISTORY
+        # Membership and the resume hand-over (I/O-free); a replaying member buffers
+        # at most a page or its history's size of live messages before re-reading.
+        self._core: GroupCore[WebSocketHandler, Membership, _Live] = GroupCore(
+            options.gap_policy, buffer_limit=max(limit, _RESUME_PAGE)
+        )
+        # The core's live members and their writers, rebuilt when the core's changes.
         self._snapshot: tuple[tuple[Membership, ...], tuple[BackpressureWriter, ...]] | None
         self._snapshot = None
         self._token = secrets.token_hex(4)
@@ -564,16 +649,16 @@ class BroadcastGroup:
             hub._register(self)
 
     def __repr__(self) -> str:
-        return f"<BroadcastGroup {self.name!r} members={len(self._members)}>"
+        return f"<BroadcastGroup {self.name!r} members={len(self._core)}>"
 
     def __len__(self) -> int:
-        return len(self._members)
+        return len(self._core)
 
     def __iter__(self) -> Iterator[WebSocketHandler]:
-        return iter(list(self._members))
+        return iter(self._core)
 
     def __contains__(self, handler: object) -> bool:
-        return handler in self._members
+        return handler in self._core
 
     def __bool__(self) -> bool:
         return True
@@ -583,9 +668,54 @@ class BroadcastGroup:
         """True once :meth:`close` was called."""
         return self._closed
 
+    @property
+    def history(self) -> HistoryLimit | None:
+        """The history kept for the topic (None: no history, no cursors)."""
+        return self.options.history
+
+    @property
+    def policy(self) -> OverflowPolicy:
+        """The members' writers' overflow policy."""
+        return self.options.policy
+
+    @property
+    def high_water(self) -> int:
+        """The members' writers' high-water mark (bytes)."""
+        return self.options.high_water
+
+    @property
+    def low_water(self) -> int | None:
+        """The members' writers' low-water mark (None: the writer's default)."""
+        return self.options.low_water
+
+    @property
+    def max_queue(self) -> int | None:
+        """The members' writers' queue limit (None: the writer's default)."""
+        return self.options.max_queue
+
+    @property
+    def gap_policy(self) -> GapPolicy:
+        """What members are told when they cannot be given every message."""
+        return self.options.gap_policy
+
+    @property
+    def envelope(self) -> Envelope | None:
+        """The function applied to each message before fan-out, or None."""
+        return self.options.envelope
+
+    @property
+    def close_batch(self) -> int:
+        """Members closed per batch on :meth:`close`."""
+        return self.options.close_batch
+
+    @property
+    def close_spread(self) -> float:
+        """Seconds over which :meth:`close` spreads its batches."""
+        return self.options.close_spread
+
     def membership(self, handler: WebSocketHandler) -> Membership | None:
         """``handler``'s :class:`Membership` of this group, or None."""
-        return self._members.get(handler)
+        return self._core.get(handler)
 
     # ------------------------------------------------------------------ membership
 
@@ -616,7 +746,7 @@ class BroadcastGroup:
         :class:`~tornado_longconn.exceptions.CursorError` for a malformed cursor
         and ``ValueError`` for a cursor on a group without history.
         """
-        existing = self._members.get(handler)
+        existing = self._core.get(handler)
         if existing is not None:
             return existing
         resume_from: Cursor | None = None
@@ -635,17 +765,10 @@ class BroadcastGroup:
         writer = BackpressureWriter.of(handler, **self._writer_options(policy, high_water))
         member = Membership(self, handler, writer)
         _members_of(handler)[self] = None
-        self._members[handler] = member
+        self._core.add(handler, member, cursor=resume_from)
         self._joined += 1
-        if resume_from is None:
-            member.live = True
-            self._snapshot = None
-        else:
-            limit = self.history.max_messages if self.history is not None else DEFAULT_HISTORY
-            member._buffer = deque()
-            member._buffer_limit = max(limit, _RESUME_PAGE)
-            self._resuming[handler] = member
-            member._task = self._spawn(self._resume(member, resume_from))
+        if resume_from is not None:
+            member._task = self._spawn(self._resume(member))
         if not self._subscribed:
             self._sync_subscription()
         return member
@@ -657,42 +780,39 @@ class BroadcastGroup:
     def _writer_options(
         self, policy: OverflowPolicy | None, high_water: int | None
     ) -> dict[str, Any]:
+        group = self.options
         options: dict[str, Any] = {
-            "policy": self.policy if policy is None else policy,
-            "high_water": self.high_water if high_water is None else high_water,
+            "policy": group.policy if policy is None else policy,
+            "high_water": group.high_water if high_water is None else high_water,
         }
-        if self.low_water is not None and high_water is None:
-            options["low_water"] = self.low_water
-        if self.max_queue is not None:
-            options["max_queue"] = self.max_queue
+        if group.low_water is not None and high_water is None:
+            options["low_water"] = group.low_water
+        if group.max_queue is not None:
+            options["max_queue"] = group.max_queue
         return options
 
     def _remove(self, handler: WebSocketHandler, *, closed: bool) -> bool:
-        member = self._members.pop(handler, None)
+        member = self._core.leave(handler)
         if member is None:
             return False
-        member.active = False
-        member.live = False
+        self._snapshot = None  # holds the member: a closed one must be freed at once
         self._left += 1
         if closed:
             self._closed_members += 1
             writer = member.writer
             if writer is not None and _closed_as_slow(writer):
                 self._closed_slow += 1
-        if self._resuming.pop(handler, None) is not None:
-            member._buffer = None
-            task = member._task
-            if task is not None and not task.done() and task is not _current_task():
-                task.cancel()
-        else:
-            self._snapshot = None
+        task = member._task
+        if task is not None and not task.done() and task is not _current_task():
+            task.cancel()
         groups = handler.__dict__.get(_GROUPS_ATTR)
         if groups is not None:
             groups.pop(self, None)
-        if not self._members and self._subscribed:
-            self._sync_subscription()
-        if self.hub is not None and not self._members:
-            self.hub._idle(self)
+        if not self._core:
+            if self._subscribed:
+                self._sync_subscription()
+            if self.hub is not None:
+                self.hub._idle(self)
         return True
 
     # ------------------------------------------------------------------ subscription
@@ -712,7 +832,7 @@ class BroadcastGroup:
         error: BaseException | None = None
         try:
             while True:
-                want = bool(self._members) and not self._closed
+                want = bool(self._core) and not self._closed
                 if want == self._subscribed:
                     break
                 try:
@@ -742,13 +862,13 @@ class BroadcastGroup:
 
     async def _ensure_subscribed(self) -> None:
         """Wait until the group is subscribed (when it has members)."""
-        if self._subscribed or not self._members or self._closed:
+        if self._subscribed or not self._core or self._closed:
             return
         self._sync_subscription()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sub_waiters.append(waiter)
         await waiter
-        if not self._subscribed and self._members and not self._closed:
+        if not self._subscribed and self._core and not self._closed:
             error = self._sub_error
             raise BackendUnavailableError(
                 f"group {self.name!r} could not subscribe to its backend"
@@ -773,7 +893,7 @@ class BroadcastGroup:
         self._published += 1
         self._inflight.pop(tag, None)
         self._stash = (None, None)
-        if not tally.seen and self._members and not self._subscribed:
+        if not tally.seen and self._core and not self._subscribed:
             # Not subscribed yet (first member joined in this loop iteration):
             # deliver locally; the backend will not hand this message to us.
             self._fan_out(message, tally)
@@ -794,7 +914,7 @@ class BroadcastGroup:
             self._loop = asyncio.get_running_loop()
         data, tag, tally = self._begin_publish(message, exclude)
         try:
-            if self._members and not self._subscribed:
+            if self._core and not self._subscribed:
                 await self._ensure_subscribed()
             published = await self.backend.publish(self.name, data, history=self.history, tag=tag)
         except BaseException:
@@ -882,8 +1002,9 @@ class BroadcastGroup:
             log.exception("group %r: delivering a message failed", self.name)
 
     def _encode_incoming(self, message: Message) -> Encoded:
-        if self.envelope is not None:
-            return encode_message(self.envelope(message))
+        envelope = self._envelope
+        if envelope is not None:
+            return encode_message(envelope(message))
         data, encoded = self._stash
         if encoded is not None and data is message.data:
             return encoded
@@ -892,19 +1013,19 @@ class BroadcastGroup:
     def _fan_out(self, message: Message, tally: _Tally) -> None:
         tally.seen = True
         self._received += 1
-        if not self._members:
+        core = self._core
+        if not core:
             return
         tag = message.tag
         excluded = self._excludes.pop(tag, None) if tag is not None and self._excludes else None
         encoded = self._encode_incoming(message)
-        if self._resuming:
-            for member in list(self._resuming.values()):
-                self._buffer_for(member, message, encoded, excluded)
+        if core.resuming:
+            core.offer(message, (encoded, excluded))
+        live = core.live()
         snapshot = self._snapshot
-        if snapshot is None:
-            live = [m for m in self._members.values() if m.live]
+        if snapshot is None or snapshot[0] is not live:
             snapshot = self._snapshot = (
-                tuple(live),
+                live,
                 tuple(m.writer for m in live),  # type: ignore[misc]
             )
         members, writers = snapshot
@@ -968,73 +1089,51 @@ class BroadcastGroup:
         tally.dropped += dropped
         tally.closed += closed
 
-    def _buffer_for(
-        self,
-        member: Membership,
-        message: Message,
-        encoded: Encoded,
-        excluded: frozenset[WebSocketHandler] | None,
-    ) -> None:
-        buffer = member._buffer
-        if buffer is None or member._overflowed:
-            return
-        if len(buffer) >= member._buffer_limit:
-            # Too much arrived while replaying: forget it and re-read from history.
-            buffer.clear()
-            member._overflowed = True
-            return
-        buffer.append((message, encoded, excluded))
+    async def _resume(self, member: Membership) -> None:
+        """Replay history after the member's cursor, then hand it over to the live stream.
 
-    async def _resume(self, member: Membership, cursor: Cursor) -> None:
+        The decisions are the core's (:meth:`GroupCore.history`,
+        :meth:`GroupCore.go_live`); this reads pages from the backend and writes
+        them through the member's writer, awaiting its flow control.
+        """
         handler = member.handler
         writer = member.writer
         assert writer is not None
+        core = self._core
         try:
             await self._ensure_subscribed()
-            last = cursor
             while True:
-                result = await self.backend.since(self.name, last, limit=_RESUME_PAGE)
-                if not member.active:
+                position = member.position
+                assert position is not None
+                result = await self.backend.since(self.name, position, limit=_RESUME_PAGE)
+                if _left(member):
                     return
-                if result.gap:
+                replay = core.history(handler, result, page_size=_RESUME_PAGE)
+                resync = replay.resync
+                if resync is not None:
                     member.gap = result
-                    if not self._resync(member, result.cursor, result.reason or "gap"):
+                    if not self._resync(member, resync.policy, resync.head, resync.reason):
                         return
-                    last = result.cursor
-                else:
-                    for message in result.messages:
-                        await writer.send(self._encode_incoming(message))
-                        member.replayed += 1
-                        if message.cursor is not None:
-                            last = message.cursor
+                for message in replay.messages:
+                    await writer.send(self._encode_incoming(message))
+                    member.replayed += 1
                     if _left(member):
                         return
-                    if len(result.messages) >= _RESUME_PAGE:
-                        continue  # more history to read
-                buffer = member._buffer
-                assert buffer is not None
-                if member._overflowed:
-                    member._overflowed = False
-                    buffer.clear()
-                    continue
-                while buffer and _at_or_before(buffer[0][0].cursor, last):
-                    buffer.popleft()
-                if buffer and _after_gap(buffer[0][0].cursor, last):
-                    buffer.clear()
-                    continue  # messages missing between history and the buffer: re-read
-                break
-            # Go live: no await from here on, so nothing can slip in between.
-            for _message, encoded, excluded in buffer:
+                if replay.more:
+                    continue  # more history to read
+                entries = core.go_live(handler)
+                if entries is not None:
+                    break
+                if _left(member):
+                    return
+                # The buffer overflowed or does not join history: read history again.
+            # Live from here on: no await, so nothing can slip in between.
+            for _message, (encoded, excluded) in entries:
                 if excluded is not None and handler in excluded:
                     continue
-                result_ = writer.send_nowait(encoded)
-                if result_ is SendResult.CLOSED:
+                if writer.send_nowait(encoded) is SendResult.CLOSED:
                     self._remove(handler, closed=True)
                     return
-            member._buffer = None
-            del self._resuming[handler]
-            member.live = True
-            self._snapshot = None
         except asyncio.CancelledError:
             raise
         except BackendError as exc:
@@ -1050,10 +1149,12 @@ class BroadcastGroup:
             if not _connection_gone(handler):
                 handler.close(int(CloseCode.INTERNAL_ERROR), "resume failed")
 
-    def _resync(self, member: Membership, head: Cursor | None, reason: str) -> bool:
-        """Tell one member to resync; True when it stays a member."""
+    def _resync(
+        self, member: Membership, policy: GapPolicy, head: Cursor | None, reason: str
+    ) -> bool:
+        """Tell one member to resync as ``policy`` says; True when it stays a member."""
         self._resyncs += 1
-        if self.gap_policy is GapPolicy.NOTICE and member.writer is not None:
+        if policy is GapPolicy.NOTICE and member.writer is not None:
             notice = Encoded(OP_TEXT, resync_notice(self.name, head, reason).encode("utf-8"))
             if member.writer.send_nowait(notice) is not SendResult.CLOSED:
                 return True
@@ -1072,14 +1173,13 @@ class BroadcastGroup:
         """
         try:
             self._gaps += 1
-            for member in self._resuming.values():
-                member._overflowed = True
-            live = [m for m in self._members.values() if m.live]
+            resync = self._core.backend_gap(reason)
+            live = list(resync.members)
             if not live:
                 return
-            if self.gap_policy is GapPolicy.NOTICE:
+            if resync.keeps_members:
                 for member in live:
-                    self._resync(member, None, reason)
+                    self._resync(member, resync.policy, None, reason)
                 return
             self._resyncs += len(live)
             for member in live:
@@ -1105,7 +1205,8 @@ class BroadcastGroup:
         O(members), so do not call it per message.
         """
         max_buffered = peak = 0
-        for member in self._members.values():
+        core = self._core
+        for member in core.members():
             writer = member.writer
             if writer is None:
                 continue
@@ -1117,8 +1218,8 @@ class BroadcastGroup:
                 peak = writer_peak
         return BroadcastStats(
             groups=1,
-            members=len(self._members),
-            resuming=len(self._resuming),
+            members=len(core),
+            resuming=core.resuming,
             joined=self._joined,
             left=self._left,
             published=self._published,
@@ -1142,6 +1243,7 @@ class BroadcastGroup:
         *,
         batch_size: int | None = None,
         spread: float | None = None,
+        close_connections: bool = True,
     ) -> None:
         """Close every member's connection and stop the group (graceful shutdown).
 
@@ -1153,21 +1255,27 @@ class BroadcastGroup:
         flushed before each close frame. Later joins are refused (the connection
         is closed with the same code); :meth:`publish` still reaches other
         processes. Idempotent; returns when every close frame was sent.
+
+        ``close_connections=False`` makes the members leave without closing their
+        connections, for a caller that closes them itself (this is how
+        :meth:`BroadcastHub.close` closes a connection that is in several groups
+        once, batched across the hub).
         """
         if not self._closed:
             self._closed = True
             self._close_code = int(code)
             self._close_reason = reason
-        members = list(self._members.values())
+        members = self._core.members()
         for member in members:
             self._remove(member.handler, closed=False)
-        await _close_in_batches(
-            members,
-            int(code),
-            reason,
-            self.close_batch if batch_size is None else batch_size,
-            self.close_spread if spread is None else spread,
-        )
+        if close_connections:
+            await _close_in_batches(
+                members,
+                int(code),
+                reason,
+                self.close_batch if batch_size is None else batch_size,
+                self.close_spread if spread is None else spread,
+            )
         if self._subscribed:
             self._sync_subscription()
         # Let closes already under way (a backend gap) and the unsubscribe finish.
@@ -1178,6 +1286,8 @@ class BroadcastGroup:
 
 
 def _left(member: Membership) -> bool:
+    # A function, not ``not member.active`` inline: mypy would keep that narrowed
+    # across the awaits in between, where the member may leave.
     return not member.active
 
 
@@ -1186,16 +1296,6 @@ def _current_task() -> asyncio.Task[Any] | None:
         return asyncio.current_task()
     except RuntimeError:
         return None
-
-
-def _at_or_before(cursor: Cursor | None, last: Cursor) -> bool:
-    return cursor is not None and cursor.epoch == last.epoch and cursor.offset <= last.offset
-
-
-def _after_gap(cursor: Cursor | None, last: Cursor) -> bool:
-    if cursor is None:
-        return False
-    return cursor.epoch != last.epoch or cursor.offset > last.offset + 1
 
 
 def _closed_as_slow(writer: BackpressureWriter) -> bool:
@@ -1257,7 +1357,9 @@ class BroadcastHub:
     ``backend`` defaults to a new :class:`~tornado_longconn.backends.MemoryBackend`
     (then :meth:`close` closes it too; a backend you pass in is yours to close).
     The other keyword arguments are the defaults of every group the hub makes
-    (see :class:`BroadcastGroup`). ``max_idle_groups`` (default 1,000) bounds how
+    (see :class:`BroadcastGroup`), resolved once into :attr:`defaults` (a
+    :class:`GroupOptions`; ``ValueError`` when one is invalid).
+    ``max_idle_groups`` (default 1,000) bounds how
     many groups without members the registry keeps: beyond it the longest-idle
     one is forgotten (objects still referenced keep working; :meth:`group` then
     makes a new one for that name).
@@ -1278,17 +1380,20 @@ class BroadcastHub:
         close_spread: float = DEFAULT_CLOSE_SPREAD,
         max_idle_groups: int = 1000,
     ) -> None:
+        #: The defaults of every group the hub makes, validated once (:class:`GroupOptions`).
+        self.defaults = GroupOptions(
+            history=_history_limit(history),
+            policy=policy,
+            high_water=high_water,
+            low_water=low_water,
+            max_queue=max_queue,
+            gap_policy=gap_policy,
+            envelope=envelope,
+            close_batch=close_batch,
+            close_spread=close_spread,
+        )
         self._owns_backend = backend is None
         self.backend: Backend = backend if backend is not None else MemoryBackend()
-        self.history = _history_limit(history)
-        self.policy = policy
-        self.high_water = high_water
-        self.low_water = low_water
-        self.max_queue = max_queue
-        self.gap_policy = gap_policy
-        self.envelope = envelope
-        self.close_batch = close_batch
-        self.close_spread = close_spread
         if max_idle_groups < 0:
             raise ValueError(f"max_idle_groups must be >= 0, got {max_idle_groups}")
         self.max_idle_groups = max_idle_groups
@@ -1308,6 +1413,31 @@ class BroadcastHub:
 
     def __contains__(self, name: object) -> bool:
         return name in self._groups
+
+    @property
+    def history(self) -> HistoryLimit | None:
+        """The groups' default history (``defaults.history``)."""
+        return self.defaults.history
+
+    @property
+    def policy(self) -> OverflowPolicy:
+        """The groups' default overflow policy (``defaults.policy``)."""
+        return self.defaults.policy
+
+    @property
+    def gap_policy(self) -> GapPolicy:
+        """The groups' default gap policy (``defaults.gap_policy``)."""
+        return self.defaults.gap_policy
+
+    @property
+    def close_batch(self) -> int:
+        """Connections closed per batch by :meth:`close` (``defaults.close_batch``)."""
+        return self.defaults.close_batch
+
+    @property
+    def close_spread(self) -> float:
+        """Seconds over which :meth:`close` spreads its batches (``defaults.close_spread``)."""
+        return self.defaults.close_spread
 
     @staticmethod
     def of(source: tornado.web.RequestHandler | tornado.web.Application) -> BroadcastHub:
@@ -1338,12 +1468,10 @@ class BroadcastHub:
         group = self._groups.get(name)
         if group is None:
             return BroadcastGroup(name, hub=self, **options)
-        for key, value in options.items():
-            current = getattr(group, key)
-            if key == "history":
-                value = _history_limit(value)
-            if value is not None and value != current:
-                raise ValueError(f"group {name!r} exists with {key}={current!r}, not {value!r}")
+        if options:
+            current = group.options
+            for key, mine, asked in current.differences(current.merged(**options)):
+                raise ValueError(f"group {name!r} exists with {key}={mine!r}, not {asked!r}")
         return group
 
     def get(self, name: str) -> BroadcastGroup | None:
@@ -1400,27 +1528,22 @@ class BroadcastHub:
         Idempotent.
         """
         self._closed = True
-        groups = list(self._groups.values())
         members: dict[WebSocketHandler, Membership] = {}
-        for group in groups:
-            if not group._closed:
-                group._closed = True
-                group._close_code = int(code)
-                group._close_reason = reason
-            for handler, member in group._members.items():
-                members.setdefault(handler, member)
-        for group in groups:
-            for handler in list(group._members):
-                group._remove(handler, closed=False)
+        for group in list(self._groups.values()):
+            # Collected right before the group closes: its close removes them at once.
+            for handler in group:
+                member = group.membership(handler)
+                if member is not None:
+                    members.setdefault(handler, member)
+            await group.close(code, reason, close_connections=False)
+        defaults = self.defaults
         await _close_in_batches(
             list(members.values()),
             int(code),
             reason,
-            self.close_batch if batch_size is None else batch_size,
-            self.close_spread if spread is None else spread,
+            defaults.close_batch if batch_size is None else batch_size,
+            defaults.close_spread if spread is None else spread,
         )
-        for group in groups:
-            await group.close(code, reason, batch_size=batch_size, spread=0.0)
         if self._owns_backend:
             await self.backend.close()
 

@@ -33,6 +33,7 @@ __all__ = [
     "Message",
     "SinceResult",
     "TopicLog",
+    "gap_reason",
     "new_epoch",
     "parse_cursor",
 ]
@@ -71,6 +72,65 @@ class Cursor:
     def next(self) -> Cursor:
         """The cursor of the message after this one, in the same epoch."""
         return Cursor(self.epoch, self.offset + 1)
+
+    # Cursors of different epochs are not ordered: every comparison below is
+    # False across epochs except :meth:`skips`, which treats another epoch as a gap.
+
+    def at_or_before(self, other: Cursor) -> bool:
+        """True when this cursor is ``other`` or older, in the same epoch.
+
+        A message with this cursor was already delivered to a client at ``other``.
+
+        >>> Cursor("e", 3).at_or_before(Cursor("e", 3)), Cursor("e", 3).at_or_before(Cursor("x", 9))
+        (True, False)
+        """
+        return self.epoch == other.epoch and self.offset <= other.offset
+
+    def is_after(self, other: Cursor) -> bool:
+        """True when this cursor is newer than ``other``, in the same epoch."""
+        return self.epoch == other.epoch and self.offset > other.offset
+
+    def follows(self, other: Cursor) -> bool:
+        """True when this is the cursor of the message right after ``other`` (no gap between)."""
+        return self.epoch == other.epoch and self.offset == other.offset + 1
+
+    def skips(self, other: Cursor) -> bool:
+        """True when messages are missing between ``other`` and this cursor.
+
+        That is: another epoch, or an offset beyond ``other.offset + 1``. A client
+        at ``other`` given this message next would miss something.
+
+        >>> Cursor("e", 5).skips(Cursor("e", 3)), Cursor("e", 4).skips(Cursor("e", 3))
+        (True, False)
+        >>> Cursor("f", 1).skips(Cursor("e", 3))
+        True
+        """
+        return self.epoch != other.epoch or self.offset > other.offset + 1
+
+
+def gap_reason(cursor: Cursor, *, epoch: str, first_offset: int, head_offset: int) -> str | None:
+    """Whether history reaches back to ``cursor``: None if it does, else the gap's reason.
+
+    ``epoch`` is the history's epoch, ``first_offset`` the offset of its oldest
+    kept message (``head_offset + 1`` when it keeps none) and ``head_offset`` the
+    offset of its newest message ever. The reasons are ``"epoch"`` (another
+    epoch), ``"future"`` (ahead of the head) and ``"evicted"`` (messages after
+    ``cursor`` are no longer kept).
+
+    >>> gap_reason(Cursor("e", 4), epoch="e", first_offset=5, head_offset=9) is None
+    True
+    >>> gap_reason(Cursor("e", 3), epoch="e", first_offset=5, head_offset=9)
+    'evicted'
+    >>> gap_reason(Cursor("e", 9), epoch="e", first_offset=10, head_offset=9) is None
+    True
+    """
+    if cursor.epoch != epoch:
+        return "epoch"
+    if cursor.offset > head_offset:
+        return "future"
+    if cursor.offset < head_offset and cursor.offset + 1 < first_offset:
+        return "evicted"
+    return None
 
 
 def parse_cursor(value: str | Cursor) -> Cursor:
@@ -232,15 +292,12 @@ class TopicLog:
         head = self.head
         if cursor is None:
             return SinceResult((), head)
-        if cursor.epoch != self.epoch:
-            return SinceResult((), head, gap=True, reason="epoch")
-        if cursor.offset > self._last:
-            return SinceResult((), head, gap=True, reason="future")
+        first = self.first_offset
+        reason = gap_reason(cursor, epoch=self.epoch, first_offset=first, head_offset=self._last)
+        if reason is not None:
+            return SinceResult((), head, gap=True, reason=reason)
         if cursor.offset == self._last:
             return SinceResult((), cursor)
-        first = self.first_offset
-        if cursor.offset + 1 < first:
-            return SinceResult((), head, gap=True, reason="evicted")
         start = cursor.offset + 1 - first
         stop = len(self._messages) if limit is None else min(len(self._messages), start + limit)
         msgs = list(itertools.islice(self._messages, start, stop))
