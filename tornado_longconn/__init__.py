@@ -39,6 +39,7 @@ from .log import Cursor, HistoryLimit, Message, SinceResult, parse_cursor
 from .longpoll import LongPollHandler, LongPollMixin, LongPollWaiter, PollResult
 from .sse import SSEHandler, SSEMixin
 from .staticfiles import static_path, static_url_spec
+from .streaming import EarlyAnswer, EarlyAnswerMixin
 from .upload import ChunkedUploadSink, UploadStore
 from .upload_tus import TusUploadHandler
 from .upload_ws import WebSocketUploadHandler, WebSocketUploadMixin
@@ -58,6 +59,8 @@ __all__ = [
     "ConnectionClosedError",
     "Cursor",
     "CursorError",
+    "EarlyAnswer",
+    "EarlyAnswerMixin",
     "GapPolicy",
     "HeartbeatMixin",
     "HeartbeatStats",

@@ -52,10 +52,11 @@ import json
 import logging
 import os
 import re
+import resource
 import secrets
 import time
 import unicodedata
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -70,6 +71,7 @@ __all__ = [
     "UploadStats",
     "UploadStatus",
     "UploadStore",
+    "default_max_open_files",
     "encode_tus_metadata",
     "is_upload_id",
     "parse_tus_metadata",
@@ -84,6 +86,24 @@ _ID_RE = re.compile(r"[0-9a-f]{32}")
 _META_KEY_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 _MAX_METADATA_BYTES = 4096
 _MAX_NAME_BYTES = 255
+#: The default open-file budget is this fraction of the soft ``RLIMIT_NOFILE``...
+_OPEN_FILES_FRACTION = 4
+#: ... never fewer than this ...
+_OPEN_FILES_MIN = 16
+#: ... and never more (an unlimited or huge soft limit).
+_OPEN_FILES_MAX = 4096
+
+
+def default_max_open_files() -> int:
+    """The default fd budget of an :class:`UploadStore`: a quarter of the soft fd limit.
+
+    ``RLIMIT_NOFILE``'s soft limit // 4, at least 16 and at most 4096 (1024 -> 256,
+    65536 -> 4096). The rest of the descriptors stay for sockets, logs and libraries.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return _OPEN_FILES_MAX
+    return max(_OPEN_FILES_MIN, min(_OPEN_FILES_MAX, soft // _OPEN_FILES_FRACTION))
 
 
 class _Hasher(Protocol):
@@ -311,6 +331,15 @@ class UploadStats:
     takeovers: int = 0
     #: Idle upload states dropped from the in-memory cache (``max_cached`` policy).
     evicted: int = 0
+    #: Completed uploads removed (tus DELETE of a completed upload, :meth:`ChunkedUploadSink.delete`).
+    deleted: int = 0
+    #: Partial-file descriptors open now (never more than ``max_open_files``).
+    open_files: int = 0
+    #: Descriptors of idle uploads closed to stay within ``max_open_files`` (least
+    #: recently used first; reopened on the next write, offset and hashes kept).
+    files_closed: int = 0
+    #: Times a write waited for a descriptor because every one in the budget was busy.
+    file_waits: int = 0
 
 
 def _storage_error(exc: OSError) -> UploadError:
@@ -363,6 +392,11 @@ class ChunkedUploadSink:
         #: Creation time (``time.time()``).
         self.created = created
         self._fd = fd
+        #: Executor jobs using ``_fd`` right now (the store never closes it then).
+        self._fd_users = 0
+        self._fd_opening: asyncio.Future[None] | None = None
+        #: Set when the store dropped this handle (eviction, finish, abort, close).
+        self._retired = False
         self._sha256 = sha256
         self._buffer = bytearray()
         self._queue: deque[bytes | memoryview] = deque()
@@ -500,7 +534,7 @@ class ChunkedUploadSink:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-        if self._fd < 0 and self.state.status is UploadStatus.ACTIVE:
+        if self._retired and self.state.status is UploadStatus.ACTIVE:
             raise UploadError("this upload handle was closed; open the upload again", status=409)
         self.state.accept(len(data))
         if not data:
@@ -576,9 +610,13 @@ class ChunkedUploadSink:
                 if self._segment is not None:
                     hashers.append(self._segment[2])
                 try:
-                    await loop.run_in_executor(
-                        store.executor, store._write_chunk, self._fd, data, self.offset, hashers
-                    )
+                    fd = await self._use_fd()
+                    try:
+                        await loop.run_in_executor(
+                            store.executor, store._write_chunk, fd, data, self.offset, hashers
+                        )
+                    finally:
+                        self._done_fd()
                 except Exception as exc:
                     store.stats.storage_errors += 1
                     if isinstance(exc, OSError):
@@ -658,9 +696,13 @@ class ChunkedUploadSink:
             pass
         start, sha_before, _, _, _ = segment
         self.store.stats.checksum_mismatches += 1
-        await asyncio.get_running_loop().run_in_executor(
-            self.store.executor, self.store._truncate, self._fd, self.id, start
-        )
+        fd = await self._use_fd()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self.store.executor, self.store._truncate, fd, self.id, start
+            )
+        finally:
+            self._done_fd()
         self._sha256 = sha_before
         self.state.rewind(start, time.time())
         return start
@@ -688,12 +730,23 @@ class ChunkedUploadSink:
         if expected_sha256 is not None and expected_sha256.lower() != digest:
             await self.abort()
             raise UploadError("sha256 of the upload does not match; upload discarded", status=460)
-        self.state.complete()
+        self.state._check_active()
+        try:
+            fd = await self._use_fd()
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        try:
+            self.state.complete()
+        except UploadError:
+            self._done_fd()
+            raise
         loop = asyncio.get_running_loop()
-        fd, self._fd = self._fd, -1
-        await loop.run_in_executor(
-            self.store.executor, self.store._finish_files, fd, self.id, digest
-        )
+        try:
+            await loop.run_in_executor(
+                self.store.executor, self.store._finish_files, fd, self.id, digest
+            )
+        finally:
+            self._fd_closed_by_job()
         self._final_sha256 = digest
         self.store.stats.completed += 1
         self.store._forget(self.id)
@@ -703,11 +756,11 @@ class ChunkedUploadSink:
         """Terminate the upload: stop writing, delete its files (idempotent).
 
         Policy: an aborted upload is gone; its id answers 404 from then on. A
-        completed upload is not touched (delete the final file yourself).
+        completed upload is not touched (:meth:`delete` removes it).
         """
         if self.state.status is UploadStatus.COMPLETE:
             return
-        if self.state.status is UploadStatus.ABORTED and self._fd < 0:
+        if self.state.status is UploadStatus.ABORTED and self._retired:
             return
         self.state.abort()
         self._queue.clear()
@@ -717,17 +770,88 @@ class ChunkedUploadSink:
                 await asyncio.shield(self._writer)
             except Exception:
                 pass
-        fd, self._fd = self._fd, -1
-        await asyncio.get_running_loop().run_in_executor(
-            self.store.executor, self.store._delete_files, fd, self.id
-        )
+        if self._fd_opening is not None:
+            await asyncio.shield(self._fd_opening)
+        fd = self._fd
+        if fd >= 0:
+            self._fd_users += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self.store.executor, self.store._delete_files, fd, self.id
+            )
+        finally:
+            if fd >= 0:
+                self._fd_closed_by_job()
         self.store.stats.aborted += 1
         self.store._forget(self.id)
 
+    async def delete(self) -> None:
+        """Remove the upload whatever its status; its id answers 404 from then on.
+
+        A partial upload is aborted (:meth:`abort`). A completed one loses its final
+        file (if it is still at ``store.final_path(id)``; a file the application moved
+        elsewhere is not touched) and its ``<id>.info`` record; counted as
+        ``deleted``. Idempotent.
+        """
+        if self.state.status is not UploadStatus.COMPLETE:
+            await self.abort()
+            return
+        self.state.abort()
+        await asyncio.get_running_loop().run_in_executor(
+            self.store.executor, self.store._delete_completed, self.id
+        )
+        self.store.stats.deleted += 1
+        self.store._forget(self.id)
+
+    # -- the partial file's descriptor (bounded by the store's max_open_files) --------
+
+    async def _use_fd(self) -> int:
+        """The partial file's descriptor for one executor job, reopened if it was closed.
+
+        Pair with :meth:`_done_fd`. Raises ``OSError`` if the file cannot be opened.
+        """
+        store = self.store
+        while self._fd_opening is not None:
+            await asyncio.shield(self._fd_opening)
+        if self._fd >= 0:
+            store._touch_fd(self)
+        else:
+            loop = asyncio.get_running_loop()
+            opening = self._fd_opening = loop.create_future()
+            try:
+                await store._reserve_fd()
+                try:
+                    fd = await loop.run_in_executor(store.executor, store._open_partial, self.id)
+                except BaseException:
+                    store._unreserve_fd()
+                    raise
+                self._fd = fd
+                store._fd_opened(self)
+            finally:
+                self._fd_opening = None
+                opening.set_result(None)
+        self._fd_users += 1
+        return self._fd
+
+    def _done_fd(self) -> None:
+        self._fd_users -= 1
+        if self._fd_users == 0:
+            self.store._wake_fd_waiter()
+
+    def _fd_closed_by_job(self) -> None:
+        """The executor job closed ``_fd`` itself (finish, abort): forget it."""
+        self._fd_users -= 1
+        self._fd = -1
+        self._retired = True
+        self.store._fd_gone(self)
+
     def _close_fd(self) -> None:
+        """Close the descriptor now (store eviction/close); the handle is retired."""
+        self._retired = True
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self.store._fd_gone(self)
 
 
 class UploadStore:
@@ -743,9 +867,19 @@ class UploadStore:
       caller wait.
     * ``expire_after`` [86400 s] -- an idle partial upload expires this long after its
       last stored byte; :meth:`sweep` removes it.
-    * ``max_cached`` [1000] -- upload states (hash state + open file) kept in memory;
+    * ``max_cached`` [1000] -- upload states (offset, hash state) kept in memory;
       past it the least recently used idle one is dropped (counted as ``evicted``) and
       rebuilt by re-hashing if it is opened again.
+    * ``max_open_files`` [None: :func:`default_max_open_files`, a quarter of the soft
+      ``RLIMIT_NOFILE``, at least 16, at most 4096] -- partial-file descriptors held
+      open at once. An upload holds one only while it is being written and until the
+      budget needs it back: past the budget the least recently used idle one is
+      closed (counted as ``files_closed``) and reopened on its next write, its offset
+      and running hashes intact (no re-hash). When every descriptor in the budget is
+      in use by a write, the next write waits for one (``file_waits``). Creating or
+      reopening an upload holds none. (Short-lived descriptors of the executor jobs
+      -- ``<id>.info`` writes, the re-hash read -- are outside the budget; at most one
+      per executor thread.)
     * ``executor`` [None: the loop's default executor] -- where file I/O runs.
 
     Storage faults can be injected by overriding :meth:`write_at`.
@@ -760,10 +894,15 @@ class UploadStore:
         max_in_flight: int = 2,
         expire_after: float = 86400.0,
         max_cached: int = 1000,
+        max_open_files: int | None = None,
         executor: concurrent.futures.Executor | None = None,
     ) -> None:
         if chunk_size <= 0 or max_in_flight <= 0 or max_cached <= 0 or max_size < 0:
             raise ValueError("chunk_size, max_in_flight and max_cached must be positive")
+        if max_open_files is None:
+            max_open_files = default_max_open_files()
+        if max_open_files <= 0:
+            raise ValueError("max_open_files must be positive")
         self.root = os.path.realpath(os.fspath(root))
         os.makedirs(self.root, exist_ok=True)
         self.max_size = max_size
@@ -771,11 +910,16 @@ class UploadStore:
         self.max_in_flight = max_in_flight
         self.expire_after = expire_after
         self.max_cached = max_cached
+        self.max_open_files = max_open_files
         self.executor = executor
         self.stats = UploadStats()
         self._sinks: dict[str, ChunkedUploadSink] = {}
         self._opening: dict[str, asyncio.Future[ChunkedUploadSink]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Sinks holding a partial-file descriptor, least recently used first.
+        self._open_fds: OrderedDict[str, ChunkedUploadSink] = OrderedDict()
+        self._fd_reserved = 0
+        self._fd_waiters: deque[asyncio.Future[None]] = deque()
 
     # -- paths (ids only, never client names) ---------------------------------------
 
@@ -821,11 +965,11 @@ class UploadStore:
         info = {"id": upload_id, "size": size, "metadata": clean, "created": now}
         loop = asyncio.get_running_loop()
         try:
-            fd = await loop.run_in_executor(self.executor, self._create_files, upload_id, info)
+            await loop.run_in_executor(self.executor, self._create_files, upload_id, info)
         except OSError as exc:
             self.stats.storage_errors += 1
             raise _storage_error(exc) from exc
-        sink = ChunkedUploadSink(self, upload_id, state, clean, now, fd, hashlib.sha256())
+        sink = ChunkedUploadSink(self, upload_id, state, clean, now, -1, hashlib.sha256())
         self.stats.created += 1
         self._remember(sink)
         return sink
@@ -920,6 +1064,8 @@ class UploadStore:
         """Close every cached upload's file descriptor (partial files stay on disk)."""
         for sink in self._sinks.values():
             sink._close_fd()
+        for sink in list(self._open_fds.values()):
+            sink._close_fd()
         self._sinks.clear()
 
     def write_at(self, fd: int, data: memoryview, offset: int) -> int:
@@ -950,15 +1096,29 @@ class UploadStore:
         for hasher in hashers:
             hasher.update(view)
 
-    def _create_files(self, upload_id: str, info: dict[str, Any]) -> int:
+    def _create_files(self, upload_id: str, info: dict[str, Any]) -> None:
         info_path = self.info_path(upload_id)
         tmp = info_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(info, fh)
         os.replace(tmp, info_path)
-        return os.open(
-            self.partial_path(upload_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        os.close(
+            os.open(
+                self.partial_path(upload_id),
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                0o600,
+            )
         )
+
+    def _open_partial(self, upload_id: str) -> int:
+        return os.open(self.partial_path(upload_id), os.O_RDWR | os.O_CLOEXEC)
+
+    def _delete_completed(self, upload_id: str) -> None:
+        for path in (self.final_path(upload_id), self.info_path(upload_id)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def _write_marker(self, upload_id: str, start: int) -> None:
         path = self._marker_path(upload_id)
@@ -1039,11 +1199,11 @@ class UploadStore:
                     break
                 hasher.update(block)
                 pos += len(block)
-        except BaseException:
+        finally:
+            # Writes reopen the file within the store's descriptor budget.
             os.close(fd)
-            raise
         info["_offset"] = pos
-        return info, fd, hasher, stat.st_mtime
+        return info, 0, hasher, stat.st_mtime
 
     async def _load(self, upload_id: str) -> ChunkedUploadSink:
         loop = asyncio.get_running_loop()
@@ -1060,7 +1220,7 @@ class UploadStore:
         )
         metadata = {str(k): str(v) for k, v in dict(info.get("metadata", {})).items()}
         sink = ChunkedUploadSink(
-            self, upload_id, state, metadata, float(info["created"]), fd, hasher
+            self, upload_id, state, metadata, float(info["created"]), -1, hasher
         )
         if fd < 0:  # completed earlier: answer HEAD with offset == size
             state.status = UploadStatus.COMPLETE
@@ -1092,6 +1252,8 @@ class UploadStore:
                 break
             if other is sink or other.locked or other._queue or other._buffer:
                 continue
+            if other._fd_users or other._fd_opening is not None:
+                continue
             if other._writer is not None and not other._writer.done():
                 continue
             other._close_fd()
@@ -1102,3 +1264,60 @@ class UploadStore:
         sink = self._sinks.pop(upload_id, None)
         if sink is not None:
             sink._close_fd()
+
+    # -- descriptor budget (max_open_files) -------------------------------------------
+
+    def _touch_fd(self, sink: ChunkedUploadSink) -> None:
+        self._open_fds.move_to_end(sink.id)
+
+    async def _reserve_fd(self) -> None:
+        """Wait for room in the budget (closing idle descriptors), then hold one place."""
+        waited = False
+        while len(self._open_fds) + self._fd_reserved >= self.max_open_files:
+            if self._close_idle_fd():
+                continue
+            if not waited:
+                waited = True
+                self.stats.file_waits += 1
+            waiter = asyncio.get_running_loop().create_future()
+            self._fd_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._fd_waiters.remove(waiter)
+        self._fd_reserved += 1
+
+    def _unreserve_fd(self) -> None:
+        self._fd_reserved -= 1
+        self._wake_fd_waiter()
+
+    def _fd_opened(self, sink: ChunkedUploadSink) -> None:
+        self._fd_reserved -= 1
+        self._open_fds[sink.id] = sink
+        self.stats.open_files = len(self._open_fds)
+
+    def _fd_gone(self, sink: ChunkedUploadSink) -> None:
+        if self._open_fds.get(sink.id) is sink:
+            del self._open_fds[sink.id]
+        self.stats.open_files = len(self._open_fds)
+        self._wake_fd_waiter()
+
+    def _close_idle_fd(self) -> bool:
+        """Close the least recently used descriptor no job is using; False if none."""
+        for sink in self._open_fds.values():
+            if sink._fd_users == 0:
+                fd, sink._fd = sink._fd, -1
+                del self._open_fds[sink.id]
+                self.stats.open_files = len(self._open_fds)
+                self.stats.files_closed += 1
+                os.close(fd)
+                return True
+        return False
+
+    def _wake_fd_waiter(self) -> None:
+        while self._fd_waiters:
+            waiter = self._fd_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return

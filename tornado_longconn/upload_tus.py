@@ -15,7 +15,21 @@ for a missing or unsupported ``Tus-Resumable``, 413 past ``Tus-Max-Size`` or the
 declared length, 415 for a PATCH without ``application/offset+octet-stream``, 423
 (Locked) when another request is writing the same upload (exactly one PATCH proceeds;
 the client retries after a HEAD), 460 for a checksum mismatch (chunk discarded, offset
-unchanged), 507 when the storage is full (the offset stays at the bytes on disk).
+unchanged), 507 when the storage is full (the offset stays at the bytes on disk), 405
+for an ``X-HTTP-Method-Override`` other than ``PATCH``, ``DELETE`` or ``HEAD``.
+
+**Early answers are delivered.** An answer sent while the body still arrives (any of
+the errors above, from ``prepare()`` or mid-body) goes out with ``Connection:
+close``; the connection then reads and discards the rest of the body under the
+bounds of an :class:`~tornado_longconn.streaming.EarlyAnswer` (8 MiB / 5 s by
+default) before it closes, so the client reads the status instead of a reset.
+
+**Location.** The ``Location`` of a new upload never comes from the client's
+``Host`` header: it is ``base_url`` + ``/<id>`` when ``base_url`` is configured, else
+built from ``Forwarded`` / ``X-Forwarded-Proto`` + ``X-Forwarded-Host`` when
+``trust_forwarded`` is on (only behind a proxy that sets them), else the relative
+reference ``<request path>/<id>`` (tus clients resolve it against the URL they
+posted to).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import binascii
 import email.utils
 import inspect
 import re
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -32,10 +47,10 @@ import tornado.routing
 import tornado.web
 
 from tornado_longconn.exceptions import UploadError
+from tornado_longconn.streaming import EarlyAnswer, EarlyAnswerMixin
 from tornado_longconn.upload import (
     CHECKSUM_ALGORITHMS,
     ChunkedUploadSink,
-    UploadStatus,
     UploadStore,
     encode_tus_metadata,
     is_upload_id,
@@ -51,6 +66,10 @@ _EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
 _OFFSET_TYPE = "application/offset+octet-stream"
 _BODY_SLACK = 256 * 1024
 _INT_RE = re.compile(r"[0-9]{1,19}")
+#: Methods a POST may carry in ``X-HTTP-Method-Override`` (tus core protocol).
+_OVERRIDABLE = ("PATCH", "DELETE", "HEAD", "POST")
+#: A host (and port) as a proxy may forward it: no path, userinfo, spaces or quotes.
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
 #: Response headers a browser tus client must be able to read (CORS expose list).
 TUS_EXPOSE_HEADERS = (
     "Location, Upload-Offset, Upload-Length, Upload-Metadata, Upload-Expires, "
@@ -84,8 +103,32 @@ def _parse_checksum(header: str) -> tuple[str, bytes]:
         raise UploadError("Upload-Checksum digest is not base64", status=400) from exc
 
 
+def _forwarded_origin(headers: Any) -> tuple[str, str] | None:
+    """(proto, host) from the first ``Forwarded`` element, else ``X-Forwarded-*``."""
+    proto = host = None
+    forwarded = headers.get("Forwarded")
+    if forwarded:
+        first = forwarded.split(",")[0]
+        for pair in first.split(";"):
+            key, _, value = pair.strip().partition("=")
+            value = value.strip().strip('"')
+            if key.lower() == "proto":
+                proto = value
+            elif key.lower() == "host":
+                host = value
+    else:
+        proto = (headers.get("X-Forwarded-Proto") or "").split(",")[0].strip() or None
+        host = (headers.get("X-Forwarded-Host") or "").split(",")[0].strip() or None
+    if proto is None or host is None:
+        return None
+    proto = proto.lower()
+    if proto not in ("http", "https") or not _HOST_RE.fullmatch(host):
+        return None
+    return proto, host
+
+
 @tornado.web.stream_request_body
-class TusUploadHandler(tornado.web.RequestHandler):
+class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
     """tus 1.0.0 server: POST creates, HEAD reports the offset, PATCH appends, DELETE ends.
 
     ``initialize`` keyword arguments (pass them in the route's dict, or use
@@ -96,6 +139,22 @@ class TusUploadHandler(tornado.web.RequestHandler):
       origins, ``"*"`` for any, ``None`` to send no CORS headers.
     * ``on_complete`` [None] -- called with the sink once an upload is complete and
       renamed into place (may be async; the last PATCH waits for it).
+    * ``base_url`` [None] -- the public URL of the upload collection (e.g.
+      ``"https://uploads.example/files"``, or an absolute path); ``Location`` is
+      ``base_url/<id>``. Set it behind a proxy that rewrites paths or hosts.
+    * ``trust_forwarded`` [False] -- without ``base_url``, build ``Location`` from
+      ``Forwarded`` (``proto=``, ``host=``) or ``X-Forwarded-Proto`` +
+      ``X-Forwarded-Host``. Turn it on only behind a proxy that sets (and strips
+      client-sent copies of) these headers. Off, or when they are absent or
+      malformed, ``Location`` is relative (``<request path>/<id>``).
+    * ``early_answer`` [None: the application's, see
+      :func:`~tornado_longconn.streaming.default_early_answer`] -- the
+      :class:`~tornado_longconn.streaming.EarlyAnswer` bounds (bytes, seconds) for
+      draining a body after an early answer, and its counters.
+
+    A POST carrying ``X-HTTP-Method-Override: PATCH`` (``DELETE``, ``HEAD``) is
+    handled as that method, as the tus protocol asks (for clients behind proxies
+    that only pass GET and POST).
 
     The request body is streamed: ``data_received`` returns the sink's write
     awaitable, so Tornado reads no more of the body while the window of chunks
@@ -123,11 +182,17 @@ class TusUploadHandler(tornado.web.RequestHandler):
         store: UploadStore,
         cors_origins: Sequence[str] | str | None = None,
         on_complete: CompleteCallback | None = None,
+        base_url: str | None = None,
+        trust_forwarded: bool = False,
+        early_answer: EarlyAnswer | None = None,
     ) -> None:
         """Keep the handler configuration (see the class docstring)."""
         self.store = store
         self.cors_origins = cors_origins
         self.on_complete = on_complete
+        self.base_url = base_url.rstrip("/") if base_url is not None else None
+        self.trust_forwarded = trust_forwarded
+        self.early_answer = early_answer
         self._set_cors_headers()
         self._sink: ChunkedUploadSink | None = None
         self._holding = False
@@ -193,6 +258,16 @@ class TusUploadHandler(tornado.web.RequestHandler):
         if method == "OPTIONS":
             return
         try:
+            override = self.request.headers.get("X-HTTP-Method-Override")
+            if override is not None and method == "POST":
+                override = override.strip().upper()
+                if override not in _OVERRIDABLE:
+                    raise UploadError(
+                        f"X-HTTP-Method-Override must be one of {', '.join(_OVERRIDABLE)}",
+                        status=405,
+                    )
+                # Tornado dispatches on request.method after prepare().
+                self.request.method = method = override
             if self.request.headers.get("Tus-Resumable") != TUS_VERSION:
                 raise UploadError("unsupported or missing Tus-Resumable", status=412)
             if method == "POST":
@@ -337,13 +412,24 @@ class TusUploadHandler(tornado.web.RequestHandler):
         sink = await self._store_body()
         if sink is None:
             return
-        base = self.request.path.rstrip("/")
-        self.set_header(
-            "Location", f"{self.request.protocol}://{self.request.host}{base}/{sink.id}"
-        )
+        self.set_header("Location", self.upload_url(sink.id))
         self.set_header("Upload-Offset", str(sink.offset))
         self._expires_header(sink)
         self.set_status(201)
+
+    def upload_url(self, upload_id: str) -> str:
+        """The ``Location`` of upload ``upload_id`` (see ``base_url``/``trust_forwarded``).
+
+        Never built from the client's ``Host`` header. Override to use another scheme.
+        """
+        if self.base_url is not None:
+            return f"{self.base_url}/{upload_id}"
+        path = urllib.parse.quote(self.request.path.rstrip("/"), safe="/")
+        if self.trust_forwarded:
+            origin = _forwarded_origin(self.request.headers)
+            if origin is not None:
+                return f"{origin[0]}://{origin[1]}{path}/{upload_id}"
+        return f"{path}/{upload_id}"
 
     async def patch(self, upload_id: str) -> None:
         """Append the body at ``Upload-Offset``; 204 with the new ``Upload-Offset``."""
@@ -369,20 +455,17 @@ class TusUploadHandler(tornado.web.RequestHandler):
         self.set_status(200)
 
     async def delete(self, upload_id: str) -> None:
-        """Termination: 204, the upload's files are removed.
+        """Termination: 204, the upload's files are removed; its id answers 404 afterwards.
 
-        423 while another request writes it; 409 once it is complete (the final file
-        then belongs to the application, see :meth:`upload_complete`).
+        A completed upload is removed too (its final file, if still at
+        ``store.final_path(id)``, and its record), as the tus termination extension
+        requires. 423 while another request writes it.
         """
         try:
             sink = await self._open(upload_id)
             if sink.locked:
                 raise UploadError("the upload is being written", status=423)
-            if sink.state.status is UploadStatus.COMPLETE:
-                raise UploadError(
-                    "the upload is complete; its file is the application's", status=409
-                )
-            await sink.abort()
+            await sink.delete()
         except UploadError as err:
             self._fail(err)
             return
