@@ -80,6 +80,11 @@
       $("cursor").textContent = cursor;
     }
     if (!msg || typeof msg !== "object") return;
+    if (msg.type === "error") {
+      // The server refused or could not send one of our messages (WebSocket reply).
+      notSent(msg.reason || msg.error, msg.text);
+      return;
+    }
     if (msg.type === "presence") {
       renderPresence(msg);
       return;
@@ -113,6 +118,13 @@
       when.textContent = time(msg.time);
       li.appendChild(when);
     }, cursor);
+  }
+
+  function notSent(reason, text) {
+    setNotice("Not sent: " + reason, "error");
+    system("— not sent (" + reason + ") —");
+    var input = $("text");
+    if (text && !input.value) input.value = text; // let the user try again
   }
 
   function renderPresence(p) {
@@ -272,7 +284,7 @@
     conn.send({ type: "chat", text: text }).then(function () {
       input.value = "";
     }, function (err) {
-      setNotice("Not sent: " + err.message, "");
+      notSent(err.message, null);
     });
   });
 
