@@ -17,6 +17,7 @@ import tornado.web
 import tornado.websocket
 
 from tornado_longconn.codes import CloseCode
+from tornado_longconn.gc_tuning import gc_tuning_stats, tune_gc, untune_gc
 from tornado_longconn.heartbeat import (
     HeartbeatMixin,
     HeartbeatScheduler,
@@ -386,14 +387,15 @@ async def test_closed_handler_is_garbage_collectable(recorder: Recorder) -> None
 async def test_closed_handler_is_freed_by_refcount_with_gc_freeze_on(recorder: Recorder) -> None:
     # No periodic collection in this test: the handler must go by reference counting
     # alone, i.e. closing leaves no reference cycle that freezing would keep forever.
-    scheduler = HeartbeatScheduler.current()
-    scheduler.enable_gc_freeze(collect_interval=3600.0)
+    tune_gc(collect_interval=3600.0)
     try:
         await _timed_out_handler_is_freed(recorder, make_app(recorder), frozen=True)
-        assert scheduler.gc_collections == 0
+        stats = gc_tuning_stats()
+        assert stats.active and stats.freezes >= 1 and stats.collections == 0
     finally:
-        scheduler.disable_gc_freeze()
+        untune_gc()
     assert gc.get_freeze_count() == 0
+    assert not gc_tuning_stats().active
 
 
 class Cyclic(Socket):
@@ -403,24 +405,48 @@ class Cyclic(Socket):
 
 
 async def test_frozen_cycles_are_collected_periodically(recorder: Recorder) -> None:
-    scheduler = HeartbeatScheduler.current()
-    scheduler.enable_gc_freeze(collect_interval=scaled(0.3))
+    tune_gc(collect_interval=scaled(0.3))
     try:
         app = tornado.web.Application([(r"/ws", Cyclic, {"recorder": recorder})])
         await _timed_out_handler_is_freed(recorder, app)
-        assert scheduler.gc_collections >= 1
+        assert gc_tuning_stats().collections >= 1
     finally:
-        scheduler.disable_gc_freeze()
+        untune_gc()
 
 
-async def test_gc_freeze_setting_turns_it_on(recorder: Recorder) -> None:
+async def test_gc_freeze_setting_turns_it_on_once_for_the_process(recorder: Recorder) -> None:
     app = make_app(recorder, heartbeat_gc_freeze=True)
-    scheduler = HeartbeatScheduler.current()
     try:
         async with AppServer(app) as srv, await open_client(srv, recorder):
-            assert scheduler.gc_freeze_enabled
+            assert gc_tuning_stats().active
+        # The last connection closing does not unfreeze: the tuning is the process's.
+        await asyncio.wait_for(recorder.closed.wait(), scaled(5))
+        assert gc_tuning_stats().active
     finally:
-        scheduler.disable_gc_freeze()
+        untune_gc()
+
+
+async def test_a_freeze_made_by_someone_else_is_never_undone(recorder: Recorder) -> None:
+    gc.freeze()  # the application's own freeze, e.g. after imports in a pre-fork server
+    theirs = gc.get_freeze_count()
+    assert theirs > 0
+    tune_gc(collect_interval=scaled(0.05))
+    try:
+        await _timed_out_handler_is_freed(recorder, make_app(recorder), frozen=True)
+        stats = gc_tuning_stats()
+        assert stats.foreign_freeze and stats.collections == 0 and stats.freezes >= 1
+        untune_gc()
+        assert gc.get_freeze_count() >= theirs  # nothing was unfrozen
+    finally:
+        untune_gc()
+        gc.unfreeze()
+
+
+def test_tune_gc_rejects_a_bad_interval() -> None:
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "60"):
+        with pytest.raises(ValueError, match="collect_interval"):
+            tune_gc(collect_interval=bad)  # type: ignore[arg-type]
+    assert not gc_tuning_stats().active
 
 
 class Streamer(HeartbeatMixin, tornado.websocket.WebSocketHandler):

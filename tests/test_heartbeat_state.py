@@ -141,16 +141,17 @@ def test_a_peer_silent_after_its_pong_is_dead_at_pong_plus_interval_plus_timeout
     assert s.next_action(5.001, progress=120) is CLOSE
 
 
-def test_only_writes_the_peer_made_room_for_are_activity() -> None:
+def test_only_writes_with_bytes_waiting_are_activity() -> None:
     s = HeartbeatState(1, 1, now=0.0)
     s.writes(0.2, total=100, done=100)  # all sent at once: a dead peer's kernel takes it too
     s.writes(0.9, total=300, done=300)
     assert s.last_activity == 0.0
-    s.writes(1.0, total=5000, done=1000)  # 4,000 bytes wait for the peer
-    assert s.last_activity == 0.0
+    s.writes(1.0, total=5000, done=1000)  # 700 bytes sent, 4,000 wait for the peer
+    assert s.last_activity == 1.0
     s.writes(1.5, total=5000, done=3000)  # it read some
     assert s.last_activity == 1.5
     s.writes(2.5, total=5000, done=3000)  # and stopped
+    assert s.dead_at == 3.5
     assert s.next_action(3.5) is CLOSE
 
 

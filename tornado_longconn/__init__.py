@@ -34,6 +34,7 @@ from .exceptions import (
     SlowConsumerError,
     UploadError,
 )
+from .gc_tuning import GCTuningStats, gc_tuning_stats, tune_gc, untune_gc
 from .heartbeat import HeartbeatMixin, HeartbeatStats
 from .log import Cursor, HistoryLimit, Message, SinceResult, parse_cursor
 from .longpoll import LongPollHandler, LongPollMixin, LongPollWaiter, PollResult
@@ -61,6 +62,7 @@ __all__ = [
     "CursorError",
     "EarlyAnswer",
     "EarlyAnswerMixin",
+    "GCTuningStats",
     "GapPolicy",
     "HeartbeatMixin",
     "HeartbeatStats",
@@ -89,7 +91,10 @@ __all__ = [
     "WriterStats",
     "__version__",
     "backend_from_url",
+    "gc_tuning_stats",
     "parse_cursor",
     "static_path",
     "static_url_spec",
+    "tune_gc",
+    "untune_gc",
 ]

@@ -16,7 +16,7 @@ for ``interval + timeout`` seconds is *dead*: it is dropped within one
 scheduler tick (:data:`DEFAULT_RESOLUTION`) of that bound, its TCP connection
 aborted (no close handshake with a peer that is gone), and ``on_close`` runs
 once, as for any other close. Bytes the kernel takes at once are not activity:
-a dead peer's kernel buffer takes them too.
+a dead peer's kernel buffer takes them too (until it is full).
 
 Pieces:
 
@@ -25,7 +25,7 @@ Pieces:
 * :class:`HeartbeatState` -- the I/O-free decision logic: "ping now?", "is this
   peer dead?", given ``now``.
 * :class:`HeartbeatScheduler` -- ONE timer wheel per event loop shared by every
-  connection, with jitter; optional, opt-in ``gc.freeze()`` tuning.
+  connection, with jitter (process-level GC tuning: :mod:`tornado_longconn.gc_tuning`).
 * :class:`HeartbeatStats` -- application-wide counters and latency percentiles,
   found in ``application.settings["heartbeat_stats"]``.
 """
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import heapq
 import json
 import logging
@@ -63,6 +62,8 @@ from ._frames import (
     try_send,
 )
 from .codes import CloseCode
+from .gc_tuning import after_tick as gc_after_tick
+from .gc_tuning import gc_tuning_stats, tune_gc
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -349,10 +350,10 @@ class HeartbeatState:
     def writes(self, now: float, total: int, done: int) -> None:
         """Sample the write counters at ``now``: ``total`` bytes accepted, ``done`` sent.
 
-        Only bytes that were already waiting at the previous sample and have
-        since been sent prove that the peer is reading: it made room for them.
-        Bytes that went out at once prove nothing (the kernel buffers them for a
-        dead peer too), so they are not activity.
+        Bytes sent since the last sample are activity when bytes were waiting,
+        at the last sample or now: the peer is reading what we stream to it.
+        Bytes that went out at once with nothing left waiting prove nothing (a
+        dead peer's kernel buffer takes them too), so they are not activity.
 
         >>> s = HeartbeatState(interval=1, timeout=1, now=0.0)
         >>> s.writes(0.5, total=100, done=100)    # sent at once: not the peer
@@ -363,7 +364,8 @@ class HeartbeatState:
         >>> s.last_activity
         1.5
         """
-        if done > self.write_done and self.write_done < self.write_total:
+        write_done = self.write_done
+        if done > write_done and (write_done < self.write_total or done < total):
             self.activity(now)
         self.write_total = total
         self.write_done = done
@@ -513,7 +515,8 @@ class HeartbeatScheduler:
     A connection is detected dead at most ``resolution`` seconds after
     ``interval + timeout`` of silence.
 
-    Opt-in GC tuning (:meth:`enable_gc_freeze`) is process-wide; see its docs.
+    GC tuning is a process-level choice made once at start-up
+    (:func:`tornado_longconn.tune_gc`); it runs after each tick.
     """
 
     def __init__(self, *, resolution: float = DEFAULT_RESOLUTION) -> None:
@@ -526,10 +529,6 @@ class HeartbeatScheduler:
         self._timer_key: int | None = None
         self._count = 0
         self._random = random.Random()
-        self._gc_collect_interval: float | None = None
-        self._gc_next_collect = 0.0
-        #: Full collections run by the GC tuning (see :meth:`enable_gc_freeze`).
-        self.gc_collections = 0
 
     @classmethod
     def current(cls) -> HeartbeatScheduler:
@@ -547,40 +546,6 @@ class HeartbeatScheduler:
     def __len__(self) -> int:
         """Number of connections watched."""
         return self._count
-
-    def enable_gc_freeze(self, *, collect_interval: float = 60.0) -> None:
-        """Opt in to ``gc.freeze()`` after every tick (PROCESS-WIDE effect).
-
-        Python's cyclic garbage collector rescans every long-lived object on each
-        full collection; with thousands of idle connections (and an application
-        keeping many objects per connection) that rescanning can cost more than
-        the heartbeats themselves. Freezing moves the objects alive at each tick
-        out of the collector's sight; measure before turning it on. Objects freed by reference
-        counting (a closed connection whose cycles Tornado and this module break)
-        are still freed at once; to also reclaim frozen objects caught in
-        reference cycles, every ``collect_interval`` seconds the scheduler runs
-        ``gc.unfreeze(); gc.collect(); gc.freeze()`` -- one full collection, whose
-        pause grows with the number of live objects. When the last
-        connection closes, everything is unfrozen (the collector works as usual
-        until the next tick). Raises ``ValueError`` for a non-positive interval.
-        Undo with :meth:`disable_gc_freeze`.
-        """
-        if not collect_interval > 0:
-            raise ValueError(f"collect_interval must be > 0 seconds, got {collect_interval!r}")
-        if self._gc_collect_interval is None:
-            self._gc_next_collect = asyncio.get_running_loop().time() + collect_interval
-        self._gc_collect_interval = collect_interval
-
-    def disable_gc_freeze(self) -> None:
-        """Stop freezing and hand every frozen object back to the collector."""
-        if self._gc_collect_interval is not None:
-            self._gc_collect_interval = None
-            gc.unfreeze()
-
-    @property
-    def gc_freeze_enabled(self) -> bool:
-        """Whether :meth:`enable_gc_freeze` is in effect."""
-        return self._gc_collect_interval is not None
 
     def add(self, handler: HeartbeatMixin, state: HeartbeatState, now: float) -> None:
         """Start watching ``handler`` (whose ``_heartbeat`` is ``state``), jittering its first ping."""
@@ -607,10 +572,7 @@ class HeartbeatScheduler:
             self._idle()
 
     def _idle(self) -> None:
-        # Nothing watched: drop the timer (it references the loop) and the buckets,
-        # and give frozen objects back to the collector until the next tick.
-        if self._gc_collect_interval is not None:
-            gc.unfreeze()
+        # Nothing watched: drop the timer (it references the loop) and the buckets.
         if self._timer is not None:
             self._timer.cancel()
         self._timer = None
@@ -664,13 +626,7 @@ class HeartbeatScheduler:
                         self.discard(handler, state)
         if heap:
             self._arm(heap[0])
-        if self._gc_collect_interval is not None:
-            if now >= self._gc_next_collect:
-                self._gc_next_collect = now + self._gc_collect_interval
-                gc.unfreeze()
-                gc.collect()
-                self.gc_collections += 1
-            gc.freeze()
+        gc_after_tick()
 
     def _check(self, handler: HeartbeatMixin, now: float) -> None:
         state = handler._heartbeat
@@ -771,8 +727,8 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
     ``on_message``). If you override ``on_connection_close`` or
     ``get_websocket_protocol``, call ``super()``.
 
-    When the peer stays silent for ``interval + timeout`` (no frame in, no room
-    made for bytes waiting to be sent to it), the connection is dropped without a close handshake: if our writes
+    When the peer stays silent for ``interval + timeout`` (no frame in, no
+    progress in sending it what waits for it), the connection is dropped without a close handshake: if our writes
     to it are stuck it is reset (``SO_LINGER`` 0, freeing the kernel's buffers);
     otherwise a close frame with
     :attr:`~tornado_longconn.codes.CloseCode.HEARTBEAT_TIMEOUT` is handed to the
@@ -874,8 +830,8 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
             stats = state.stats = HeartbeatStats.for_application(self.application)
             stats.connections += 1
             scheduler = HeartbeatScheduler.current()
-            if self.settings.get("heartbeat_gc_freeze") and not scheduler.gc_freeze_enabled:
-                scheduler.enable_gc_freeze()
+            if self.settings.get("heartbeat_gc_freeze") and not gc_tuning_stats().active:
+                tune_gc()  # once per process; calling tune_gc() at start-up is clearer
             scheduler.add(self, state, state.last_activity)
         return protocol
 
