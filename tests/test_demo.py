@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -18,14 +19,12 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 
 from tornado_longconn.testing import scaled
-
-playwright_api = pytest.importorskip("playwright.async_api")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -41,13 +40,20 @@ DEMO = ROOT / "docs" / "demo" / "app.py"
 ARTIFACTS = ROOT / "test-artifacts"
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not os.path.exists(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM}"
-    ),
-]
+pytestmark = [pytest.mark.slow]
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Tests that drive Chromium (the others use httpx and websockets only).
+_needs_chromium = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM}"
+)
+
+
+def browser_test(test: F) -> F:
+    """Mark ``test`` as a browser test, skipped without Chromium."""
+    marked: F = pytest.mark.browser(_needs_chromium(test))
+    return marked
+
 
 #: Bounded wait for anything the page shows (milliseconds, for Playwright).
 UI_WAIT = scaled(15) * 1000
@@ -71,6 +77,7 @@ class DemoServer:
         self.proc: asyncio.subprocess.Process | None = None
         self.output: list[str] = []
         self._reader: asyncio.Task[None] | None = None
+        self._line = asyncio.Event()  # set on every line of output
 
     @property
     def url(self) -> str:
@@ -103,12 +110,26 @@ class DemoServer:
     async def _read(self, stdout: asyncio.StreamReader, ready: asyncio.Future[None]) -> None:
         while line := (await stdout.readline()).decode(errors="replace"):
             self.output.append(line)
+            self._line.set()
             # The demo logs where to point the browser once it listens.
             if f"open http://localhost:{self.port}/" in line and not ready.done():
                 ready.set_result(None)
         if not ready.done():
             ready.set_exception(RuntimeError("the demo exited:\n" + "".join(self.output)))
             ready.exception()
+
+    async def wait_output(self, needle: str, timeout: float) -> str:
+        """The first line of output containing ``needle``, waiting (bounded) for it."""
+
+        async def find() -> str:
+            while True:
+                for line in self.output:
+                    if needle in line:
+                        return line
+                self._line.clear()
+                await self._line.wait()
+
+        return await asyncio.wait_for(find(), timeout)
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -138,6 +159,7 @@ async def demo_server(storage: Path, *args: str) -> AsyncIterator[DemoServer]:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
+    playwright_api = pytest.importorskip("playwright.async_api")
     async with playwright_api.async_playwright() as pw:
         b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -217,6 +239,7 @@ async def wait_texts(page: Any, expected: list[str]) -> None:
 # --------------------------------------------------------------------------- tests
 
 
+@browser_test
 async def test_two_pages_chat_in_one_room(tmp_path: Path, open_page: PageFactory) -> None:
     async with demo_server(tmp_path) as server:
         room = f"r{secrets.token_hex(3)}"
@@ -275,6 +298,7 @@ BLOCKED_WEBSOCKET = """
 """
 
 
+@browser_test
 @pytest.mark.parametrize(
     ("case", "query", "script", "transport"),
     [
@@ -322,6 +346,7 @@ async def test_fallback_transport_sees_every_message(
         await screenshot(fallback, f"demo-fallback-{case}")
 
 
+@browser_test
 async def test_switching_transport_by_hand_loses_nothing(
     tmp_path: Path, open_page: PageFactory
 ) -> None:
@@ -344,6 +369,7 @@ async def test_switching_transport_by_hand_loses_nothing(
         assert "transport=websocket" in switcher.url
 
 
+@browser_test
 @pytest.mark.parametrize("protocol", ["tus", "websocket"])
 async def test_upload_shows_progress_and_stores_exact_bytes(
     tmp_path: Path, open_page: PageFactory, protocol: str
@@ -421,6 +447,7 @@ async def test_upload_shows_progress_and_stores_exact_bytes(
         await screenshot(watcher, f"demo-upload-{protocol}-announced")
 
 
+@browser_test
 async def test_tus_upload_resumes_after_a_failed_request(
     tmp_path: Path, open_page: PageFactory
 ) -> None:
@@ -478,6 +505,7 @@ CUT_UPLOAD_SOCKET = """
 """
 
 
+@browser_test
 async def test_websocket_upload_resumes_after_the_connection_breaks(
     tmp_path: Path, open_page: PageFactory
 ) -> None:
@@ -504,6 +532,7 @@ async def test_websocket_upload_resumes_after_the_connection_breaks(
         assert shown == f"sha256 {hashlib.sha256(payload).hexdigest()}"
 
 
+@browser_test
 async def test_restart_memory_backend_shows_explicit_resync(
     tmp_path: Path, open_page: PageFactory
 ) -> None:
@@ -531,6 +560,7 @@ async def test_restart_memory_backend_shows_explicit_resync(
         await server.stop()
 
 
+@browser_test
 async def test_page_drops_a_silent_server_and_resumes(
     tmp_path: Path, open_page: PageFactory
 ) -> None:
@@ -567,6 +597,7 @@ async def redis_available() -> bool:
     return True
 
 
+@browser_test
 @pytest.mark.redis
 async def test_restart_redis_backend_resumes_without_loss(
     tmp_path: Path, open_page: PageFactory
@@ -618,3 +649,206 @@ async def test_restart_redis_backend_resumes_without_loss(
                 await client.delete(*keys)
         finally:
             await client.aclose()
+
+
+# --------------------------------------------------------------------------- hardening
+# Real server, real clients (httpx, websockets): no browser needed.
+
+JSON = {"Content-Type": "application/json"}
+
+
+def chat_body(text: str) -> str:
+    return json.dumps({"type": "chat", "text": text})
+
+
+class RoomClient:
+    """A WebSocket member of a demo room that answers heartbeats like longconn.js."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+
+    async def next(self, match: Callable[[Any], bool]) -> Any:
+        """The next message (an envelope's data, or a bare reply) for which ``match`` holds."""
+
+        async def read() -> Any:
+            while True:
+                value = json.loads(await self.ws.recv())
+                if isinstance(value, dict) and value.get("type") == "ping":
+                    await self.ws.send('{"type":"pong"}')
+                    continue
+                if isinstance(value, dict) and set(value) == {"cursor", "data"}:
+                    value = value["data"]
+                if match(value):
+                    return value
+
+        return await asyncio.wait_for(read(), scaled(10))
+
+
+@contextlib.asynccontextmanager
+async def room_socket(server: DemoServer, room: str) -> AsyncIterator[RoomClient]:
+    ws_client = pytest.importorskip("websockets.asyncio.client")
+    url = f"ws://127.0.0.1:{server.port}/ws/{room}?user=tester"
+    async with ws_client.connect(url, open_timeout=scaled(10)) as ws:
+        yield RoomClient(ws)
+
+
+def is_chat(text: str) -> Callable[[Any], bool]:
+    return lambda m: isinstance(m, dict) and m.get("type") == "chat" and m.get("text") == text
+
+
+def is_error(error: str) -> Callable[[Any], bool]:
+    return lambda m: isinstance(m, dict) and m.get("type") == "error" and m.get("error") == error
+
+
+async def test_send_refuses_bad_input_with_4xx_never_500(tmp_path: Path) -> None:
+    deep = "[" * 30_000 + "]" * 30_000  # the 60 KB message that raised RecursionError
+    async with (
+        demo_server(tmp_path) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=scaled(10)) as client,
+    ):
+        send = "/api/send/lobby"
+        # A cross-site form or no-cors fetch can only send text/plain: refused.
+        r = await client.post(send, content=chat_body("x"), headers={"Content-Type": "text/plain"})
+        assert r.status_code == 415
+        r = await client.post(
+            send, content=chat_body("x"), headers={**JSON, "Origin": "http://evil.example"}
+        )
+        assert r.status_code == 403 and "cross-site" in r.json()["reason"]
+        r = await client.post(
+            send, content=chat_body("x"), headers={**JSON, "Sec-Fetch-Site": "cross-site"}
+        )
+        assert r.status_code == 403
+        r = await client.post(send, content=deep, headers=JSON)
+        assert r.status_code == 413 and "larger than" in r.json()["reason"]
+        r = await client.post(send, content="[" * 5000 + "]" * 5000, headers=JSON)
+        assert r.status_code == 400 and "deeper" in r.json()["reason"]
+        for body in ("not json", '{"type": "chat"}', '{"type": "chat", "text": "  "}', "[]"):
+            r = await client.post(send, content=body, headers=JSON)
+            assert r.status_code == 400, (body, r.text)
+        # Same-origin browser requests and non-browser clients are served.
+        origin = {**JSON, "Origin": server.url, "Sec-Fetch-Site": "same-origin"}
+        assert (
+            await client.post(send, content=chat_body("same site"), headers=origin)
+        ).status_code == 204
+        assert (
+            await client.post(send, content=chat_body("hello"), headers=JSON)
+        ).status_code == 204
+        history = (await client.get("/api/history/lobby")).json()
+        assert [m["data"]["text"] for m in history["messages"]] == ["same site", "hello"]
+    assert "Traceback" not in "".join(server.output)
+
+
+async def test_websocket_answers_bad_messages_with_an_error_reply(tmp_path: Path) -> None:
+    async with demo_server(tmp_path) as server, room_socket(server, "lobby") as member:
+        await member.ws.send("[" * 30_000 + "]" * 30_000)
+        reply = await member.next(is_error("bad_message"))
+        assert "larger than" in reply["reason"]
+        await member.ws.send("[" * 5000 + "]" * 5000)
+        assert "deeper" in (await member.next(is_error("bad_message")))["reason"]
+        await member.ws.send('{"type": "nonsense"}')
+        await member.next(is_error("bad_message"))
+        # Still connected, and chat still works.
+        await member.ws.send(chat_body("after the junk"))
+        await member.next(is_chat("after the junk"))
+    assert "Traceback" not in "".join(server.output)
+
+
+async def test_junk_rooms_are_freed_and_cannot_exhaust_the_limit(tmp_path: Path) -> None:
+    async with (
+        demo_server(tmp_path) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=scaled(10)) as client,
+    ):
+        for i in range(120):  # more than MAX_ROOMS (100)
+            assert (await client.get(f"/api/history/junk{i}")).status_code == 200
+        rooms = (await client.get("/api/rooms")).json()["rooms"]
+        assert not [r for r in rooms if r["name"].startswith("junk")], rooms
+        r = await client.post("/api/send/junk999", content=chat_body("still room"), headers=JSON)
+        assert r.status_code == 204
+        async with room_socket(server, "fresh") as member:
+            rooms = (await client.get("/api/rooms")).json()["rooms"]
+            assert "fresh" in [r["name"] for r in rooms]
+            await member.ws.send(chat_body("in a fresh room"))
+            await member.next(is_chat("in a fresh room"))
+
+
+async def test_host_allow_list(tmp_path: Path) -> None:
+    async with (
+        demo_server(tmp_path) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=scaled(10)) as client,
+    ):
+        for host in ("evil.example", f"evil.example:{server.port}", "127.0.0.2"):
+            r = await client.get("/api/config", headers={"Host": host})
+            assert r.status_code == 421, host
+        for host in (
+            f"localhost:{server.port}",
+            f"127.0.0.1:{server.port}",
+            f"[::1]:{server.port}",
+        ):
+            assert (await client.get("/api/config", headers={"Host": host})).status_code == 200
+    async with (
+        demo_server(tmp_path, "--allowed-hosts", "chat.example,127.0.0.1") as server,
+        httpx.AsyncClient(base_url=server.url, timeout=scaled(10)) as client,
+    ):
+        assert (
+            await client.get("/api/config", headers={"Host": "chat.example"})
+        ).status_code == 200
+        assert (await client.get("/api/config", headers={"Host": "localhost"})).status_code == 421
+
+
+async def test_expired_uploads_are_swept_on_a_timer(tmp_path: Path) -> None:
+    expiry = scaled(0.5)
+    args = ("--upload-expiry", str(expiry), "--sweep-interval", str(expiry))
+    async with (
+        demo_server(tmp_path, *args) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=scaled(10)) as client,
+    ):
+        tus = {"Tus-Resumable": "1.0.0"}
+        created = await client.post("/files", headers={**tus, "Upload-Length": "1000"})
+        assert created.status_code == 201
+        path = httpx.URL(created.headers["Location"]).path
+        await client.patch(
+            path,
+            content=b"x" * 100,
+            headers={
+                **tus,
+                "Upload-Offset": "0",
+                "Content-Type": "application/offset+octet-stream",
+            },
+        )
+        assert len(list(tmp_path.iterdir())) > 0
+        await server.wait_output("swept 1 expired uploads", scaled(10))
+        head = await client.head(path, headers=tus)
+        assert head.status_code in (404, 410)
+
+
+@pytest.mark.redis
+async def test_redis_outage_is_never_acknowledged(tmp_path: Path) -> None:
+    from tests.backends.redisproc import REDIS_SERVER, RedisProcess
+
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server is not installed")
+    redis = RedisProcess()
+    await redis.start()
+    try:
+        async with (
+            demo_server(tmp_path, "--redis", redis.url) as server,
+            httpx.AsyncClient(base_url=server.url, timeout=scaled(15)) as client,
+            room_socket(server, "lobby") as member,
+        ):
+            r = await client.post("/api/send/lobby", content=chat_body("before"), headers=JSON)
+            assert r.status_code == 204
+            await member.next(is_chat("before"))
+
+            await redis.stop()
+            for i in range(3):
+                r = await client.post(
+                    "/api/send/lobby", content=chat_body(f"lost {i}"), headers=JSON
+                )
+                assert r.status_code == 503, r.text
+                assert "not sent" in r.json()["reason"]
+            await member.ws.send(chat_body("over the socket"))
+            reply = await member.next(is_error("not_sent"))
+            assert reply["text"] == "over the socket"
+            assert "backend unavailable" in reply["reason"]
+    finally:
+        await redis.close()

@@ -360,8 +360,10 @@ class RoomSocket(HeartbeatMixin, tornado.websocket.WebSocketHandler):
             self.demo.stats["bad_messages"] += 1
             self.reply_error("bad_message", str(exc))
             return
-        if text is None:
-            return  # not a chat message (heartbeat replies are taken by the mixin)
+        if text is None:  # (heartbeat replies never get here: the mixin takes them)
+            self.demo.stats["bad_messages"] += 1
+            self.reply_error("bad_message", 'expected {"type": "chat", "text": "..."}')
+            return
         if not await self.demo.publish(self.room, chat(self.user, text)):
             self.reply_error("not_sent", "the message was not sent: backend unavailable", text)
 
