@@ -51,6 +51,7 @@ from typing import Any, Final
 import tornado.web
 import tornado.websocket
 from tornado.iostream import IOStream
+from typing_extensions import override
 
 from ._frames import (
     OP_CLOSE,
@@ -791,6 +792,7 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
         return message == self._heartbeat_reply_text
 
     @property
+    @override
     def ping_interval(self) -> float | None:
         """Tornado's ping interval: ``None`` while this mixin's heartbeats are on."""
         if self._heartbeat is not None:
@@ -798,6 +800,7 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
         interval: float | None = self.settings.get("websocket_ping_interval")
         return interval
 
+    @override
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
         """Start heartbeats for the new connection (then Tornado's protocol as usual)."""
         config = HeartbeatConfig.for_handler(self)
@@ -835,6 +838,7 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
             scheduler.add(self, state, state.last_activity)
         return protocol
 
+    @override
     def on_pong(self, data: bytes) -> None:
         """Record heartbeat answers; then Tornado's ``on_pong`` (overriding it is fine)."""
         state = self._heartbeat
@@ -845,6 +849,7 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
                 self._heartbeat_seen(state)
         super().on_pong(data)
 
+    @override
     def on_ping(self, data: bytes) -> None:
         """Count a ping from the peer as activity; then Tornado's ``on_ping``."""
         state = self._heartbeat
@@ -852,6 +857,7 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
             self._heartbeat_seen(state)
         super().on_ping(data)
 
+    @override
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         """Swallow application-level heartbeat replies; pass anything else on."""
         state = self._heartbeat
@@ -867,6 +873,7 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
             self._heartbeat_seen(state)
         return super().on_message(message)
 
+    @override
     def on_connection_close(self) -> None:
         """Stop heartbeats, then Tornado's close handling (``on_close`` runs once)."""
         state = self._heartbeat
