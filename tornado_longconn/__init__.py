@@ -11,6 +11,8 @@ Mixins and helpers that Tornado applications compose into their own handlers:
   :class:`WebSocketUploadHandler` -- resumable, checksummed uploads off the loop.
 * :class:`LongPollWaiter`, :class:`LongPollHandler`, :class:`SSEHandler` -- HTTP
   fallbacks that resume from a cursor and never lose a message silently.
+* :func:`start_server` / :class:`LongConnHTTPServer` -- an ``HTTPServer`` with
+  production limits (:class:`ServerLimits`) that survives descriptor exhaustion.
 * Backends: :class:`MemoryBackend` (default) and ``RedisBackend``
   (``tornado_longconn.backends``, extra ``[redis]``), chosen with
   :func:`backend_from_url`.
@@ -38,6 +40,7 @@ from .gc_tuning import GCTuningStats, gc_tuning_stats, tune_gc, untune_gc
 from .heartbeat import HeartbeatMixin, HeartbeatStats
 from .log import Cursor, HistoryLimit, Message, SinceResult, parse_cursor
 from .longpoll import LongPollHandler, LongPollMixin, LongPollWaiter, PollResult
+from .server import AcceptStats, LongConnHTTPServer, ServerLimits, start_server
 from .sse import SSEHandler, SSEMixin
 from .staticfiles import static_path, static_url_spec
 from .streaming import EarlyAnswer, EarlyAnswerMixin
@@ -48,6 +51,7 @@ from .upload_ws import WebSocketUploadHandler, WebSocketUploadMixin
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AcceptStats",
     "Backend",
     "BackendError",
     "BackendUnavailableError",
@@ -68,6 +72,7 @@ __all__ = [
     "HeartbeatStats",
     "HistoryLimit",
     "LongConnError",
+    "LongConnHTTPServer",
     "LongPollHandler",
     "LongPollMixin",
     "LongPollWaiter",
@@ -80,6 +85,7 @@ __all__ = [
     "SSEHandler",
     "SSEMixin",
     "SendResult",
+    "ServerLimits",
     "SinceResult",
     "SlowConsumerError",
     "Subscriber",
@@ -93,6 +99,7 @@ __all__ = [
     "backend_from_url",
     "gc_tuning_stats",
     "parse_cursor",
+    "start_server",
     "static_path",
     "static_url_spec",
     "tune_gc",
