@@ -1,0 +1,134 @@
+"""WebSocket protocol strictness (RFC 6455) for Tornado handlers.
+
+Tornado's WebSocket reader is lenient: it accepts unmasked client frames,
+echoes invalid close codes back, and on the protocol errors it detects drops
+the TCP connection without a close frame. Mix :class:`StrictWebSocketMixin`
+into a handler and every connection breaking the protocol is *failed* as RFC
+6455 section 7.1.7 says: a close frame with the reason's code is sent (best
+effort), then the TCP connection is closed.
+
+* an unmasked frame -- 1002 ``frame not masked``
+* RSV1-3 bits that no extension negotiated -- 1002 ``reserved bits set``
+* an opcode RFC 6455 does not define (3-7, 11-15) -- 1002 ``unknown opcode``
+* a control frame that is not final -- 1002 ``fragmented control frame``
+* a control frame with more than 125 bytes -- 1002 ``control frame longer than 125 bytes``
+* a continuation frame outside a fragmented message -- 1002 ``continuation without a message``
+* a new data message inside a fragmented one -- 1002 ``new message inside a fragmented message``
+* a close frame with an invalid code -- 1002 ``invalid close code``
+* a close frame with a 1-byte payload -- 1002 ``close payload of 1 byte``
+* a close frame whose reason is not UTF-8 -- 1007 ``close reason not UTF-8``
+* a text message that is not UTF-8 -- 1007 ``text not UTF-8``
+* a message above ``websocket_max_message_size`` -- 1009 ``message too big``
+
+Invalid close codes are those :func:`is_valid_close_code` rejects; 1009 is
+Tornado's own answer, kept (and counted).
+
+Header checks happen as soon as a frame's first two bytes are read, before its
+payload. A close frame with a valid code is still echoed with that code, as
+Tornado does. Each failure is counted in the application's
+:class:`ProtocolErrorStats` (``application.settings["websocket_protocol_errors"]``).
+
+The handler's ``close_code`` is the code the client sent (``None`` without
+one, or for a 1-byte payload), and ``close_reason`` is ``None`` when it was
+not UTF-8; ``on_close`` runs once, as for any other close.
+
+Example::
+
+    class Chat(StrictWebSocketMixin, tornado.websocket.WebSocketHandler):
+        def on_message(self, message):
+            ...
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tornado.web
+import tornado.websocket
+
+from ._tornado.websocket import is_valid_close_code, make_strict
+
+__all__ = ["ProtocolErrorStats", "StrictWebSocketMixin", "is_valid_close_code"]
+
+#: The application setting that holds the :class:`ProtocolErrorStats`.
+_SETTING = "websocket_protocol_errors"
+
+
+class ProtocolErrorStats:
+    """Connections failed for breaking the WebSocket protocol, per close code and reason.
+
+    One per application, at ``application.settings["websocket_protocol_errors"]``
+    (created on first use; put your own there to share one between
+    applications). Updated only when a connection is failed, never per message.
+
+    >>> stats = ProtocolErrorStats()
+    >>> stats.record(1002, "frame not masked")
+    >>> stats.record(1007, "text not UTF-8")
+    >>> stats.record(1002, "frame not masked")
+    >>> stats.snapshot()["by_code"]
+    {1002: 2, 1007: 1}
+    """
+
+    def __init__(self) -> None:
+        #: Connections failed since start.
+        self.total = 0
+        #: Connections failed, by the close code sent to the client.
+        self.by_code: dict[int, int] = {}
+        #: Connections failed, by the close reason sent (a fixed set of strings).
+        self.by_reason: dict[str, int] = {}
+
+    @classmethod
+    def for_application(cls, application: tornado.web.Application) -> ProtocolErrorStats:
+        """The application's stats (``settings["websocket_protocol_errors"]``), created if missing.
+
+        Raises :class:`TypeError` if that setting holds something else.
+        """
+        stats = application.settings.get(_SETTING)
+        if stats is None:
+            stats = application.settings[_SETTING] = cls()
+        if not isinstance(stats, ProtocolErrorStats):
+            raise TypeError(f"settings[{_SETTING!r}] must be a ProtocolErrorStats, not {stats!r}")
+        return stats
+
+    def record(self, code: int, reason: str) -> None:
+        """Count one connection failed with close ``code`` and ``reason``."""
+        self.total += 1
+        self.by_code[code] = self.by_code.get(code, 0) + 1
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as a plain dict (copies): ``total``, ``by_code``, ``by_reason``."""
+        return {
+            "total": self.total,
+            "by_code": dict(sorted(self.by_code.items())),
+            "by_reason": dict(sorted(self.by_reason.items())),
+        }
+
+
+class StrictWebSocketMixin(tornado.websocket.WebSocketHandler):
+    """Fail connections that break RFC 6455 with a close frame (1002, 1007, 1009).
+
+    Put it before ``WebSocketHandler`` in the bases (with other mixins of this
+    library, in any order). It changes only :meth:`get_websocket_protocol`: the
+    protocol Tornado builds (with your compression options, ping settings and
+    ``max_message_size``) is replaced by a strict subclass with the same
+    parameters. What is checked and the codes sent: :mod:`tornado_longconn.strict`.
+
+    If you override ``get_websocket_protocol``, call ``super()`` and return a
+    protocol it returned. Returning a subclass of Tornado's protocol of your own
+    from further down the bases raises
+    :class:`~tornado_longconn.exceptions.LongConnError` at the handshake (Tornado
+    answers 500): it cannot be made strict without losing what it changes.
+    """
+
+    @property
+    def protocol_error_stats(self) -> ProtocolErrorStats:
+        """The application's :class:`ProtocolErrorStats`."""
+        return ProtocolErrorStats.for_application(self.application)
+
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        """Tornado's protocol for this connection, made strict (``None`` stays ``None``)."""
+        protocol = super().get_websocket_protocol()
+        if protocol is None:
+            return None
+        return make_strict(protocol, self, self.protocol_error_stats.record)
