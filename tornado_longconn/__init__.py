@@ -4,6 +4,8 @@ Mixins and helpers that Tornado applications compose into their own handlers:
 
 * :class:`HeartbeatMixin` -- keepalive, dead-peer detection and round-trip latency
   for ``WebSocketHandler``.
+* :class:`StrictWebSocketMixin` -- RFC 6455 strictness: a connection breaking the
+  protocol gets a close frame (1002, 1007, 1009), counted in :class:`ProtocolErrorStats`.
 * :class:`BroadcastHub` / :class:`BroadcastGroup` -- rooms of connections with
   encode-once, corked fan-out that slow and vanished clients cannot hurt.
 * :class:`BackpressureWriter` -- flow control for one outgoing connection.
@@ -44,6 +46,7 @@ from .server import AcceptStats, LongConnHTTPServer, ServerLimits, start_server
 from .sse import SSEHandler, SSEMixin
 from .staticfiles import static_path, static_url_spec
 from .streaming import EarlyAnswer, EarlyAnswerMixin
+from .strict import ProtocolErrorStats, StrictWebSocketMixin
 from .upload import ChunkedUploadSink, UploadStore
 from .upload_tus import TusUploadHandler
 from .upload_ws import WebSocketUploadHandler, WebSocketUploadMixin
@@ -81,6 +84,7 @@ __all__ = [
     "OverflowPolicy",
     "PeerGoneError",
     "PollResult",
+    "ProtocolErrorStats",
     "PublishResult",
     "SSEHandler",
     "SSEMixin",
@@ -88,6 +92,7 @@ __all__ = [
     "ServerLimits",
     "SinceResult",
     "SlowConsumerError",
+    "StrictWebSocketMixin",
     "Subscriber",
     "TusUploadHandler",
     "UploadError",
