@@ -404,6 +404,22 @@ async def test_compression_options_are_kept(server: AppServer, ctx: Ctx) -> None
         client.vanish()
 
 
+async def test_corrupt_compressed_message_is_closed_with_1002(
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats
+) -> None:
+    headers = {"Sec-WebSocket-Extensions": "permessage-deflate"}
+    client = await WebSocketTestClient.connect(server.ws_url("/deflate"), headers=headers)
+    try:
+        await ctx.handler()
+        await client.send_raw(build(0x2, b"\xff\xff\xff\xff", rsv=4))  # not deflate data
+        await client.wait_closed(scaled(5))
+        assert (client.close_code, client.close_reason) == (1002, "decompression failed")
+        assert await ctx.close_seen() == (None, None)  # on_close ran
+    finally:
+        client.vanish()
+    assert stats.by_reason == {"decompression failed": 1}
+
+
 async def test_rsv1_without_negotiation_is_an_error(server: AppServer, ctx: Ctx) -> None:
     client, _ = await failed_with(server, ctx, build(0x1, deflate(b"x"), rsv=4), "/deflate")
     assert (client.close_code, client.close_reason) == (1002, "reserved bits set")

@@ -18,6 +18,7 @@ effort), then the TCP connection is closed.
 * a close frame with a 1-byte payload -- 1002 ``close payload of 1 byte``
 * a close frame whose reason is not UTF-8 -- 1007 ``close reason not UTF-8``
 * a text message that is not UTF-8 -- 1007 ``text not UTF-8``
+* a compressed message (permessage-deflate) that does not inflate -- 1002 ``decompression failed``
 * a message above ``websocket_max_message_size`` -- 1009 ``message too big``
 
 Invalid close codes are those :func:`is_valid_close_code` rejects; 1009 is

@@ -13,6 +13,8 @@ without a close frame. :class:`StrictWebSocketProtocol` subclasses it and:
 * checks a received close frame (:func:`close_payload_failure`): an invalid
   code or a 1-byte payload is answered with 1002, a reason that is not UTF-8
   with 1007, instead of being echoed;
+* answers a compressed message that does not inflate with 1002 (Tornado lets
+  the ``zlib.error`` escape its read loop);
 * whenever Tornado itself fails the connection while reading (text that is not
   UTF-8, a future check), sends a close frame first -- 1007 for text, 1002
   otherwise -- best effort (handed to the kernel if it takes it at once), then
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, NamedTuple, Protocol, cast
 
@@ -105,6 +108,7 @@ _BAD_CLOSE_CODE: Final = Failure(PROTOCOL_ERROR, "invalid close code")
 _SHORT_CLOSE: Final = Failure(PROTOCOL_ERROR, "close payload of 1 byte")
 _CLOSE_REASON_NOT_UTF8: Final = Failure(UNSUPPORTED_DATA, "close reason not UTF-8")
 _TEXT_NOT_UTF8: Final = Failure(UNSUPPORTED_DATA, "text not UTF-8")
+_BAD_DEFLATE: Final = Failure(PROTOCOL_ERROR, "decompression failed")
 _OTHER: Final = Failure(PROTOCOL_ERROR, "protocol error")
 
 
@@ -339,11 +343,16 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
                 return super()._handle_message(opcode, data)
             finally:
                 self._strict_quiet = quiet
-        if opcode == _OP_TEXT:
+        if opcode in (_OP_TEXT, _OP_BINARY):
             # Tornado aborts when the text does not decode.
-            self._strict_failure = _TEXT_NOT_UTF8
+            self._strict_failure = _TEXT_NOT_UTF8 if opcode == _OP_TEXT else _OTHER
             try:
                 return super()._handle_message(opcode, data)
+            except zlib.error:
+                # Only the decompressor raises it here (Tornado catches what handler
+                # callbacks raise); Tornado would let it escape its read loop.
+                self._fail(_BAD_DEFLATE)
+                return None
             finally:
                 self._strict_failure = _OTHER
         return super()._handle_message(opcode, data)
