@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from harness import (
+from benchmarks.harness import (
     BENCH_DIR,
     ClientConfig,
     Result,
@@ -36,7 +36,7 @@ from harness import (
     markdown_table,
     run_scenario,
     run_scenarios,
-    server_script,
+    server_command,
     write_markdown,
 )
 
@@ -82,7 +82,7 @@ def scenarios(tiny: bool) -> tuple[list[Scenario], Scenario]:
 
 
 def server(variant: str) -> list[str]:
-    return [*server_script("stream_server.py"), variant]
+    return [*server_command("stream_server.py"), variant]
 
 
 def run(variant: str, sc: Scenario) -> Result:
@@ -198,7 +198,7 @@ Whole run: {elapsed:.0f} s. The machine is shared and noisy: compare the ratios,
 not the absolute rates.
 """
     out = args.out or BENCH_DIR / "results" / "backpressure.md"
-    write_markdown(out, "Backpressure benchmark", "python benchmarks/bench_backpressure.py", body)
+    write_markdown(out, "Backpressure benchmark", "python -m benchmarks.bench_backpressure", body)
     print(f"wrote {out}")
     return code
 

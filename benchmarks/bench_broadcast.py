@@ -28,17 +28,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from harness import (
+from benchmarks.harness import (
     BENCH_DIR,
-    CLIENT_CPU,
-    ROOT,
     ClientConfig,
     Result,
     ServerProcess,
@@ -48,27 +44,13 @@ from harness import (
     markdown_table,
     result_from,
     run_client,
-    server_script,
+    server_command,
+    start_client,
     write_markdown,
 )
-from harness import _env as _env
-from harness import _pin as _pin
 
 VARIANTS = ("ours", "websockets", "bare-send", "tornado-await", "tutorial")
 SERVER = "broadcast_server.py"
-
-
-def server_runs(server: ServerProcess) -> list[dict[str, Any]]:
-    """The server's ``RUN`` lines (CPU seconds, RSS at "go"), in order."""
-    return [json.loads(line[4:]) for line in server.output.splitlines() if line.startswith("RUN ")]
-
-
-def server_stats(server: ServerProcess) -> dict[str, Any]:
-    for line in server.output.splitlines():
-        if line.startswith("STATS "):
-            stats: dict[str, Any] = json.loads(line[6:])
-            return stats
-    return {}
 
 
 def result_of(
@@ -112,7 +94,7 @@ def run_fanout(
     results: dict[str, list[Result]] = {v: [] for v in variants}
     with contextlib.ExitStack() as stack:
         servers = {
-            v: stack.enter_context(ServerProcess([*server_script(SERVER), v])) for v in variants
+            v: stack.enter_context(ServerProcess(server_command(SERVER, v))) for v in variants
         }
         for name, cfg in scenarios:
             for _ in range(repeat):
@@ -140,7 +122,7 @@ def use_run_cpu(results: list[Result], server: ServerProcess) -> None:
     per run, which would swamp the fan-out; the server's ``RUN`` line counts CPU from
     "go" to the last close and gives its RSS at "go".
     """
-    runs = server_runs(server)
+    runs: list[dict[str, Any]] = server.reports("RUN")
     if len(runs) != len(results):
         print(f"  (server reported {len(runs)} runs for {len(results)} results)", flush=True)
         return
@@ -153,17 +135,6 @@ def use_run_cpu(results: list[Result], server: ServerProcess) -> None:
             r.rss_growth_mb = max(0.0, peak - rss_go)
 
 
-def start_client_process(cfg: ClientConfig) -> subprocess.Popen[bytes]:
-    """The load client in its own process, pinned like :func:`harness.run_client`."""
-    cmd = [sys.executable, str(BENCH_DIR / "harness.py"), "client"]
-    cmd.append(json.dumps(dataclasses.asdict(cfg)))
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=str(ROOT)
-    )
-    _pin(proc.pid, CLIENT_CPU)
-    return proc
-
-
 def run_slow(
     conns: int, count: int, size: int, high_water: int, sndbuf: int, stopped: int
 ) -> Result:
@@ -171,7 +142,7 @@ def run_slow(
     cfg = fanout_config(conns - stopped, count, size, "paced")
     cfg.timeout = OURS_TIMEOUT
     cfg.start_message = f"go {conns} {count} {size} paced"
-    cmd = [*server_script(SERVER), "ours", "--policy", "close"]
+    cmd = server_command(SERVER, "ours", "--policy", "close")
     cmd += ["--high-water", str(high_water), "--sndbuf", str(sndbuf)]
     name = f"slow: {stopped} of {conns} stopped"
     with ServerProcess(cmd) as server:
@@ -180,7 +151,7 @@ def run_slow(
         if stopped:
             # Stopped readers: a client process that connects and never reads; it is
             # terminated once the reading clients are done (its own limit is 60 s).
-            slow = start_client_process(
+            slow = start_client(
                 ClientConfig(
                     path="/ws",
                     connections=stopped,
@@ -189,7 +160,8 @@ def run_slow(
                     rcvbuf=4096,
                     duration=60.0,
                     port=server.port,
-                )
+                ),
+                quiet=True,
             )
         try:
             report = run_client(cfg.with_port(server.port))
@@ -200,7 +172,7 @@ def run_slow(
                 slow.wait()
     result = result_of("ours", name, report, measure)
     use_run_cpu([result], server)
-    stats = server_stats(server)
+    stats: dict[str, Any] = server.report("STATS", {})
     result.extra["stats"] = stats
     print(
         f"  {name:28} ours           {'ok' if result.ok else 'FAILED'} "
@@ -338,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(
             out,
             "Broadcast fan-out",
-            "python benchmarks/bench_broadcast.py",
+            "python -m benchmarks.bench_broadcast",
             body,
         )
         print(f"wrote {out}")

@@ -20,7 +20,7 @@ Variants: ``longconn`` (``benchmarks/servers/longpoll_longconn.py``: ``LongPollH
 ``redis://127.0.0.1:6379/0``; skipped when no Redis answers) and ``chat-demo`` (``benchmarks/servers/longpoll_chatdemo.py``: ``tornado.locks.Condition``
 + 200-message cursor cache, as in Tornado's ``demos/chat``).
 
-Usage: ``python benchmarks/bench_longpoll.py [--tiny] [--repeat N] [--out PATH]``.
+Usage: ``python -m benchmarks.bench_longpoll [--tiny] [--repeat N] [--out PATH]``.
 ``--tiny`` runs both scenarios at a tiny size (a few seconds) and exits non-zero if a
 delivery check of tornado-longconn fails. The full run writes
 ``benchmarks/results/longpoll.md``.
@@ -34,29 +34,28 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import (
+from benchmarks.harness import (
     BENCH_DIR,
     CLIENT_CPU,
+    Result,
     ServerProcess,
     bench_args,
     check_payload,
-    server_script,
+    pin,
+    request_report,
+    server_command,
     write_markdown,
 )
 
-__all__ = ["HttpConnection", "Outcome", "main"]
+__all__ = ["HttpConnection", "main"]
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 VARIANTS = {
-    "longconn": ["longpoll_longconn.py", "memory://"],
-    "longconn-redis": ["longpoll_longconn.py", REDIS_URL],
-    "chat-demo": ["longpoll_chatdemo.py"],
+    "longconn": ["longpoll_longconn", "memory://"],
+    "longconn-redis": ["longpoll_longconn", REDIS_URL],
+    "chat-demo": ["longpoll_chatdemo"],
 }
 PEER = "chat-demo"
 SIZE = 64
@@ -139,12 +138,11 @@ async def connect_many(port: int, n: int, batch: int = 250) -> list[HttpConnecti
     return conns
 
 
-async def wait_waiting(ctl: HttpConnection, n: int, timeout: float = 60.0) -> None:
-    """Poll the server's /stats (a bounded benchmark loop) until ``n`` requests wait."""
+async def wait_waiting(server: ServerProcess, n: int, timeout: float = 60.0) -> None:
+    """Ask for the server's STATS report (a bounded benchmark loop) until ``n`` requests wait."""
     deadline = time.monotonic() + timeout
     while True:
-        _, body = await ctl.request("GET", "/stats")
-        stats = json.loads(body)
+        stats = await asyncio.to_thread(request_report, server, "STATS")
         waiting = stats.get("parked", stats["waiting"])  # registered for the next message
         if waiting >= n:
             return
@@ -178,34 +176,14 @@ def poll_path(variant: str, cursor: str | None, timeout: float = 60) -> str:
     return f"/poll?timeout={timeout:g}" + (f"&cursor={cursor}" if cursor else "")
 
 
-@dataclass
-class Outcome:
-    """One scenario run of one variant."""
-
-    scenario: str
-    variant: str
-    ok: bool
-    error: str = ""
-    count: int = 0  # requests answered (burst) / messages delivered (polling)
-    seconds: float = 0.0
-    cpu_s: float = 0.0
-    rss_growth_mb: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def rate(self) -> float:
-        """Answers (or deliveries) per second."""
-        return self.count / self.seconds if self.seconds else 0.0
-
-
-async def burst(server: ServerProcess, variant: str, n: int) -> Outcome:
+async def burst(server: ServerProcess, variant: str, n: int) -> Result:
     """``n`` waiting long-polls released by one publish."""
     conns = await connect_many(server.port, n)
     ctl = await connect(server.port)
     pending: list[asyncio.Future[tuple[int, bytes]]] = []
     try:
         pending = [c.send("GET", poll_path(variant, None)) for c in conns]
-        await wait_waiting(ctl, n)
+        await wait_waiting(server, n)
         server.mark()
         t0 = time.perf_counter()
         status, body = await ctl.request("POST", f"/publish?n=1&size={SIZE}&seq=0")
@@ -219,14 +197,15 @@ async def burst(server: ServerProcess, variant: str, n: int) -> Outcome:
             got = payloads(variant, body)[0] if status == 200 else []
             if [seq_of(p) for p in got] != [0]:
                 bad += 1
-        return Outcome(
-            "burst",
+        return Result(
             variant,
+            "burst",
             ok=bad == 0,
             error=f"{bad} of {n} answers wrong" if bad else "",
-            count=n,
+            messages=n,
             seconds=seconds,
-            cpu_s=usage["cpu_s"],
+            server_cpu_s=usage["cpu_s"],
+            rss_start_mb=usage["rss_start_mb"],
             rss_growth_mb=usage["rss_growth_mb"],
         )
     finally:
@@ -236,7 +215,7 @@ async def burst(server: ServerProcess, variant: str, n: int) -> Outcome:
 
 async def polling(
     server: ServerProcess, variant: str, pollers: int, messages: int, batch: int
-) -> Outcome:
+) -> Result:
     """``pollers`` polling loops while ``messages`` are published ``batch`` at a time."""
     conns = await connect_many(server.port, pollers)
     ctl = await connect(server.port)
@@ -261,7 +240,7 @@ async def polling(
 
     loops = [asyncio.ensure_future(poll_loop(i, c)) for i, c in enumerate(conns)]
     try:
-        await wait_waiting(ctl, pollers)
+        await wait_waiting(server, pollers)
         server.mark()
         t0 = time.perf_counter()
         for seq in range(0, messages, batch):
@@ -279,35 +258,35 @@ async def polling(
     dups = sum(len(r) - len(set(r)) for r in received)
     missing = sum(messages - len(set(r) & set(expected)) for r in received)
     in_order = all(r == expected for r in received)
-    return Outcome(
-        "polling",
+    return Result(
         variant,
+        "polling",
         ok=in_order,
         error="" if in_order else f"{dups} duplicates, {missing} missing",
-        count=pollers * messages,
+        messages=pollers * messages,
         seconds=seconds,
-        cpu_s=usage["cpu_s"],
+        server_cpu_s=usage["cpu_s"],
+        rss_start_mb=usage["rss_start_mb"],
         rss_growth_mb=usage["rss_growth_mb"],
         extra={"duplicates": dups, "missing": missing, "answers": answers[0]},
     )
 
 
-def run(variant: str, scenario: str, sizes: dict[str, int]) -> Outcome:
+def run(variant: str, scenario: str, sizes: dict[str, int]) -> Result:
     """Start a fresh server for the variant and run one scenario against it."""
     if os.environ.get("BENCH_CLIENT_LOOP", "uvloop") == "uvloop":
         with contextlib.suppress(ImportError):
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    script, *script_args = VARIANTS[variant]
-    with ServerProcess(server_script(script) + script_args) as server:
+    with ServerProcess(server_command(*VARIANTS[variant])) as server:
         try:
             if scenario == "burst":
                 return asyncio.run(burst(server, variant, sizes["n"]))
             messages = sizes["redis_messages" if variant == "longconn-redis" else "messages"]
             return asyncio.run(polling(server, variant, sizes["pollers"], messages, sizes["batch"]))
         except Exception as exc:  # report, do not crash the whole benchmark
-            return Outcome(scenario, variant, ok=False, error=f"{type(exc).__name__}: {exc}")
+            return Result(variant, scenario, ok=False, error=f"{type(exc).__name__}: {exc}")
 
 
 def redis_up() -> bool:
@@ -324,11 +303,11 @@ def redis_up() -> bool:
         return False
 
 
-def best(outcomes: list[Outcome]) -> list[Outcome]:
+def best(outcomes: list[Result]) -> list[Result]:
     """Per (scenario, variant): the fastest verified run, with the lowest CPU of any
     verified run (the machine is shared: both are minima over the repeats); a failed
     run if none verified."""
-    chosen: dict[tuple[str, str], Outcome] = {}
+    chosen: dict[tuple[str, str], Result] = {}
     min_cpu: dict[tuple[str, str], float] = {}
     for o in outcomes:
         key = (o.scenario, o.variant)
@@ -336,14 +315,14 @@ def best(outcomes: list[Outcome]) -> list[Outcome]:
         if cur is None or (o.ok and (not cur.ok or o.seconds < cur.seconds)):
             chosen[key] = o
         if o.ok:
-            min_cpu[key] = min(min_cpu.get(key, o.cpu_s), o.cpu_s)
+            min_cpu[key] = min(min_cpu.get(key, o.server_cpu_s), o.server_cpu_s)
     for key, o in chosen.items():
         if o.ok:
-            o.cpu_s = min_cpu[key]
+            o.server_cpu_s = min_cpu[key]
     return list(chosen.values())
 
 
-def table(results: list[Outcome]) -> str:
+def table(results: list[Result]) -> str:
     """The markdown results table with ratios vs the chat-demo peer."""
     by_key = {(r.scenario, r.variant): r for r in results}
     lines = [
@@ -355,15 +334,15 @@ def table(results: list[Outcome]) -> str:
     for r in results:
         peer = by_key.get((r.scenario, PEER))
         time_ratio = cpu_ratio = "-"
-        if peer is not None and peer.ok and r.ok and peer.seconds and peer.cpu_s:
+        if peer is not None and peer.ok and r.ok and peer.seconds and peer.server_cpu_s:
             time_ratio = f"{r.seconds / peer.seconds:.2f}x"
-            cpu_ratio = f"{r.cpu_s / peer.cpu_s:.2f}x"
+            cpu_ratio = f"{r.server_cpu_s / peer.server_cpu_s:.2f}x"
         lines.append(
             f"| {r.scenario} | {r.variant} | {'yes' if r.ok else 'NO: ' + r.error} "
-            f"| {r.count:,} | {r.seconds * 1000:,.1f} | {r.rate:,.0f} "
-            f"| {r.extra.get('answers', r.count if r.scenario == 'burst' else 0):,} "
-            f"| {r.cpu_s * 1000:,.1f} "
-            f"| {r.cpu_s / r.count * 1e6 if r.count else 0:,.1f} | {time_ratio} | {cpu_ratio} |"
+            f"| {r.messages:,} | {r.seconds * 1000:,.1f} | {r.msgs_per_s:,.0f} "
+            f"| {r.extra.get('answers', r.messages if r.scenario == 'burst' else 0):,} "
+            f"| {r.server_cpu_s * 1000:,.1f} "
+            f"| {r.server_cpu_s / r.messages * 1e6 if r.messages else 0:,.1f} | {time_ratio} | {cpu_ratio} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -371,23 +350,21 @@ def table(results: list[Outcome]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return the exit code."""
     args = bench_args(__doc__.splitlines()[0] if __doc__ else "bench_longpoll", argv)
-    if CLIENT_CPU is not None:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, {CLIENT_CPU})
+    pin(0, CLIENT_CPU)
     if args.tiny:
         sizes = {"n": 200, "pollers": 4, "messages": 100, "redis_messages": 100, "batch": 5}
     else:
         # the Redis variant adds a Redis hop per message: fewer messages keep the run short
         sizes = {"n": 5000, "pollers": 20, "messages": 2000, "redis_messages": 400, "batch": 5}
     variants = [v for v in VARIANTS if v != "longconn-redis" or redis_up()]
-    outcomes: list[Outcome] = []
+    outcomes: list[Result] = []
     for _ in range(args.repeat):
         for scenario in ("burst", "polling"):
             for variant in variants:
                 o = run(variant, scenario, sizes)
                 print(
-                    f"{scenario:8} {variant:10} ok={o.ok} {o.count} in {o.seconds * 1000:.1f} ms "
-                    f"cpu {o.cpu_s * 1000:.1f} ms {o.error}",
+                    f"{scenario:8} {variant:10} ok={o.ok} {o.messages} in {o.seconds * 1000:.1f} ms "
+                    f"cpu {o.server_cpu_s * 1000:.1f} ms {o.error}",
                     flush=True,
                 )
                 outcomes.append(o)
@@ -419,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(
             out,
             "Long-poll: tornado-longconn vs a Tornado chat-demo peer",
-            "python benchmarks/bench_longpoll.py",
+            "python -m benchmarks.bench_longpoll",
             body + notes,
         )
         print(f"wrote {out}")

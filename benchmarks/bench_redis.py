@@ -17,7 +17,7 @@ and the peers ``socketio`` (python-socketio's ``AsyncRedisManager`` emitting to 
 room, on Tornado; the load client speaks Socket.IO) and ``channels-core`` /
 ``channels-pubsub`` (channels_redis ``group_send``).
 
-``python benchmarks/bench_redis.py`` writes ``benchmarks/results/redis.md``;
+``python -m benchmarks.bench_redis`` writes ``benchmarks/results/redis.md``;
 ``--tiny`` runs one small scenario per variant for CI.
 """
 
@@ -26,36 +26,29 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import os
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from harness import (
+from benchmarks.harness import (
+    BENCH_DIR,
+    ROOT,
     ClientConfig,
+    Result,
     ServerProcess,
     bench_args,
+    exit_code,
     make_payload,
     run_client,
-    server_script,
+    server_command,
     write_markdown,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "redis.md"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), str(ROOT / "benchmarks"), env.get("PYTHONPATH", "")]
-    )
-    return env
+RESULTS = BENCH_DIR / "results" / "redis.md"
 
 
 def start_redis() -> tuple[subprocess.Popen[bytes], int, Any]:
@@ -105,7 +98,8 @@ async def publisher(
         import django
         from channels.layers import get_channel_layer
         from django.conf import settings
-        from servers.redis_channels import channel_layers
+
+        from benchmarks.servers.redis_channels import channel_layers
 
         settings.configure(CHANNEL_LAYERS=channel_layers(variant.split("-")[1], url, prefix))
         django.setup()
@@ -113,7 +107,8 @@ async def publisher(
         await layer.group_send("warm-up", {"type": "bench.msg", "data": b"x"})
     if variant == "socketio":
         import socketio
-        from servers.redis_socketio import ROOM, channel
+
+        from benchmarks.servers.redis_socketio import ROOM, channel
 
         # Every server process subscribes when its first client connects: wait for all.
         while (await admin.pubsub_numsub(channel(prefix)))[0][1] < total:
@@ -150,19 +145,19 @@ async def publisher(
     return {"commands": (calls(after) - calls(before)) / count, "publish_s": elapsed}
 
 
-def run(variant: str, procs: int, clients: int, count: int, size: int) -> dict[str, Any]:
+def run(variant: str, procs: int, clients: int, count: int, size: int) -> Result:
     redis_proc, port, tmp = start_redis()
     url = f"redis://127.0.0.1:{port}/0"
     prefix = f"b{secrets.token_hex(3)}:"
     per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     path, protocol = "/ws", "websocket"
     if variant.startswith("channels"):
-        script = [*server_script("redis_channels.py"), variant.split("-")[1]]
+        script = server_command("redis_channels", variant.split("-")[1])
     elif variant == "socketio":
-        script = server_script("redis_socketio.py")
+        script = server_command("redis_socketio")
         path, protocol = "/socket.io/?EIO=4&transport=websocket", "socketio"
     else:
-        script = [*server_script("redis_fanout.py"), variant]
+        script = server_command("redis_fanout", variant)
     servers = [
         ServerProcess([*script, "--redis", url, "--prefix", prefix, "--expect", str(n)])
         for n in per
@@ -171,8 +166,8 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> dict[s
         for s in servers:
             s.__enter__()
         pub = subprocess.Popen(
-            [sys.executable, __file__, "publish", json.dumps([url, prefix, variant, procs, count, size])],
-            stdout=subprocess.PIPE, cwd=str(ROOT), env=_env(),
+            [sys.executable, "-m", "benchmarks.bench_redis", "publish", json.dumps([url, prefix, variant, procs, count, size])],
+            stdout=subprocess.PIPE, cwd=str(ROOT),
         )  # fmt: skip
         for s in servers:
             s.mark()
@@ -204,11 +199,11 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> dict[s
     frames = sum(int(r.get("frames", 0)) for r in reports)
     seconds = max(float(r.get("seconds", 0) or 0) for r in reports)
     errors = [e for r in reports for e in r.get("errors", [])][:3]
-    return {
-        "variant": variant, "procs": procs, "clients": clients, "ok": ok and frames == clients * count,
-        "frames": frames, "seconds": seconds, "msgs_per_s": frames / seconds if seconds else 0.0,
-        "cpu_s": cpu, "commands": pub_report["commands"], "errors": errors,
-    }  # fmt: skip
+    return Result(
+        variant, f"{procs} x {clients}", ok=ok and frames == clients * count, error="; ".join(errors),
+        messages=frames, bytes=sum(int(r.get("bytes", 0)) for r in reports), seconds=seconds,
+        server_cpu_s=cpu, extra={"procs": procs, "clients": clients, "commands": pub_report["commands"]},
+    )  # fmt: skip
 
 
 VARIANTS = ("ours", "plain", "socketio", "channels-core", "channels-pubsub")
@@ -261,10 +256,10 @@ NOTES = """
 """
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[Result]) -> str:
     """One row per run, with msgs/s ratios vs the peers of the same size."""
     peers = ("plain", "socketio", "channels-core", "channels-pubsub")
-    rate = {(r["variant"], r["procs"], r["clients"]): r["msgs_per_s"] for r in rows}
+    rate = {(r.variant, r.scenario): r.msgs_per_s for r in rows}
     head = "| processes | clients | variant | verified | deliveries | msgs/s |"
     head += "".join(f" vs {p} |" for p in peers)
     head += " server CPU s | CPU µs/delivery | Redis cmds/publish |"
@@ -272,13 +267,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ratios = ""
         for p in peers:
-            base = rate.get((p, r["procs"], r["clients"]))
-            ratios += f" {r['msgs_per_s'] / base:.2f}x |" if base else " - |"
-        per = r["cpu_s"] / r["frames"] * 1e6 if r["frames"] else 0
+            base = rate.get((p, r.scenario))
+            ratios += f" {r.msgs_per_s / base:.2f}x |" if base else " - |"
+        per = r.server_cpu_s / r.messages * 1e6 if r.messages else 0
+        x = r.extra
         out.append(
-            f"| {r['procs']} | {r['clients']} | {r['variant']} | {'yes' if r['ok'] else 'NO'} | "
-            f"{r['frames']} | {r['msgs_per_s']:,.0f} |{ratios} {r['cpu_s']:.2f} | {per:.1f} | "
-            f"{r['commands']:.1f} |"
+            f"| {x['procs']} | {x['clients']} | {r.variant} | {'yes' if r.ok else 'NO'} | "
+            f"{r.messages} | {r.msgs_per_s:,.0f} |{ratios} {r.server_cpu_s:.2f} | {per:.1f} | "
+            f"{x['commands']:.1f} |"
         )
     return "\n".join(out)
 
@@ -308,8 +304,12 @@ def main() -> int:
             best = None
             for _ in range(repeat):
                 row = run(variant, procs, clients, count, 64)
-                print(json.dumps(row), flush=True)
-                if best is None or (row["ok"] and row["msgs_per_s"] > best["msgs_per_s"]):
+                print(
+                    f"{row.scenario:10} {row.variant:16} ok={row.ok} {row.messages} deliveries "
+                    f"{row.msgs_per_s:,.0f} msgs/s cpu {row.server_cpu_s:.2f} s {row.error}",
+                    flush=True,
+                )
+                if best is None or (row.ok and row.msgs_per_s > best.msgs_per_s):
                     best = row
             assert best is not None
             rows.append(best)
@@ -319,10 +319,10 @@ def main() -> int:
         write_markdown(
             args.out or RESULTS,
             "Cross-process fan-out through Redis",
-            "python benchmarks/bench_redis.py" + (" --full" if full else ""),
+            "python -m benchmarks.bench_redis" + (" --full" if full else ""),
             body,
         )
-    return 0 if all(r["ok"] for r in rows) else 1
+    return exit_code(rows)
 
 
 if __name__ == "__main__":

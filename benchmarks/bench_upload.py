@@ -33,27 +33,39 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.client
+import importlib.util
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from harness import (
+from benchmarks.harness import (
     BENCH_DIR,
     CLIENT_CPU,
     ROOT,
+    Result,
     ServerProcess,
     bench_args,
-    server_script,
+    request_report,
+    server_command,
     write_markdown,
 )
 
-sys.path.insert(0, str(ROOT / "docs" / "examples"))
-from upload_ws_client import upload as ws_upload
+
+def _load_example(name: str) -> Any:
+    """A module of ``docs/examples/`` (not a package), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ws_upload = _load_example("upload_ws_client").upload
 
 # 1 GiB x 9 variants x 3 repeats: about a minute on a quiet machine, several on a busy one.
 FULL_SIZE = 1 << 30
@@ -61,19 +73,27 @@ TINY_SIZE = 8 << 20
 CHUNK = 1 << 20
 
 
-@dataclass
-class Run:
-    variant: str
-    ok: bool
-    seconds: float
-    size: int
-    lag: dict[str, float]
-    cpu_s: float = 0.0
-    error: str = ""
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.size / 1e6 / self.seconds if self.seconds > 0 else 0.0
+def run_of(
+    variant: str,
+    ok: bool,
+    seconds: float,
+    size: int,
+    lag: dict[str, float],
+    cpu_s: float = 0.0,
+    error: str = "",
+) -> Result:
+    """A :class:`Result` for one upload (``bytes`` = the upload's size, loop lag in extra)."""
+    return Result(
+        variant,
+        "upload",
+        ok=ok,
+        error=error,
+        messages=1 if size else 0,
+        bytes=size,
+        seconds=seconds,
+        server_cpu_s=cpu_s,
+        extra={"lag": lag},
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -84,7 +104,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def raw_write(root: Path, data: bytes, fsync: bool, digest: str | None = None) -> Run:
+def raw_write(root: Path, data: bytes, fsync: bool, digest: str | None = None) -> Result:
     """Write ``data`` to a new file in 1 MiB ``write`` calls (then ``fsync``).
 
     With ``digest``, also sha256 every chunk as it is written (and check the
@@ -113,17 +133,13 @@ def raw_write(root: Path, data: bytes, fsync: bool, digest: str | None = None) -
     name = "raw write + fsync" if fsync else "raw write"
     if hasher is not None:
         name = "raw write + sha256 + fsync"
-    return Run(name, ok, seconds, len(data), {})
+    return run_of(name, ok, seconds, len(data), {})
 
 
-def get_lag(port: int) -> dict[str, float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", "/lag")
-        result: dict[str, float] = json.loads(conn.getresponse().read())
-        return result
-    finally:
-        conn.close()
+def get_lag(server: ServerProcess) -> dict[str, float]:
+    """The server's LAG report: loop lag since the previous one (the first starts the ticker)."""
+    lag: dict[str, float] = request_report(server, "LAG")
+    return lag
 
 
 def tus_upload(port: int, data: bytes, prefix: str = "/files/") -> tuple[str, float]:
@@ -160,8 +176,8 @@ def tus_upload(port: int, data: bytes, prefix: str = "/files/") -> tuple[str, fl
 
 def run_server_variant(
     server: ServerProcess, root: Path, variant: str, data: bytes, digest: str
-) -> Run:
-    get_lag(server.port)  # starts the ticker / resets its samples
+) -> Result:
+    get_lag(server)  # starts the ticker / resets its samples
     server.mark()
     error = ""
     ok = False
@@ -192,20 +208,20 @@ def run_server_variant(
                 ok = file_sha256(root / "tutorial.bin") == digest
     except Exception as exc:  # a failed variant is reported, not fatal
         error = f"{type(exc).__name__}: {exc}"
-    lag = get_lag(server.port)
+    lag = get_lag(server)
     cpu = server.measure()["cpu_s"]
     for entry in root.iterdir():
         entry.unlink()
-    return Run(variant, ok, seconds, len(data), lag, cpu, error)
+    return run_of(variant, ok, seconds, len(data), lag, cpu, error)
 
 
-def table(runs: list[Run]) -> str:
+def table(runs: list[Result]) -> str:
     # The median run of each variant (by MB/s): the machine is shared and noisy, and a
     # best-of would favour whichever variant got the luckiest moment.
-    by_variant: dict[str, list[Run]] = {}
+    by_variant: dict[str, list[Result]] = {}
     for r in runs:
         by_variant.setdefault(r.variant, []).append(r)
-    best: dict[str, Run] = {}
+    best: dict[str, Result] = {}
     for variant, group in by_variant.items():
         failed = [r for r in group if not r.ok]
         ordered = sorted(group, key=lambda r: r.mb_per_s)
@@ -221,16 +237,16 @@ def table(runs: list[Run]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
-    def ratio(r: Run, peer: Run | None) -> str:
+    def ratio(r: Result, peer: Result | None) -> str:
         return f"{r.mb_per_s / peer.mb_per_s:.2f}" if peer and peer.mb_per_s else "-"
 
     for r in best.values():
-        lag = r.lag
+        lag = r.extra["lag"]
         lag_cells = (
             f"{lag['p50']:.2f} | {lag['p99']:.2f} | {lag['max']:.1f}" if lag else "- | - | -"
         )
-        cpu = f"{r.cpu_s:.2f}" if r.lag and r.size else "-"
-        if not r.size:
+        cpu = f"{r.server_cpu_s:.2f}" if lag and r.bytes else "-"
+        if not r.bytes:
             lines.append(f"| {r.variant} | - | - | - | - | - | - | {lag_cells} | - | yes |")
             continue
         transport = None
@@ -259,7 +275,7 @@ def run_settled(
     raw_root: Path,
     full: bytes,
     repeat: int,
-) -> list[Run]:
+) -> list[Result]:
     """The disk-writing variants again, half the size, each after a :data:`SETTLE` pause.
 
     On this VM memory freed by the guest (the page cache of the file just deleted)
@@ -269,7 +285,7 @@ def run_settled(
     """
     data = full[: len(full) // 2]
     digest = hashlib.sha256(data).hexdigest()
-    runs: list[Run] = []
+    runs: list[Result] = []
     for rep in range(repeat):
         makers = [
             lambda: raw_write(raw_root, data, fsync=True),
@@ -303,19 +319,19 @@ def main() -> int:
     data = os.urandom(size)
     digest = hashlib.sha256(data).hexdigest()
     base = Path(tempfile.mkdtemp(prefix="bench-upload-"))
-    runs: list[Run] = []
-    settled: list[Run] = []
+    runs: list[Result] = []
+    settled: list[Result] = []
     try:
         ours_root, tut_root, raw_root = base / "ours", base / "tutorial", base / "raw"
         for p in (ours_root, tut_root, raw_root):
             p.mkdir()
         with (
-            ServerProcess([*server_script("upload_server.py"), "ours", str(ours_root)]) as ours,
-            ServerProcess([*server_script("upload_server.py"), "tutorial", str(tut_root)]) as tut,
+            ServerProcess(server_command("upload_server", "ours", str(ours_root))) as ours,
+            ServerProcess(server_command("upload_server", "tutorial", str(tut_root))) as tut,
         ):
-            get_lag(ours.port)  # start the ticker, then measure the idle loop for a second
+            get_lag(ours)  # start the ticker, then measure the idle loop for a second
             time.sleep(1.0 if not args.tiny else 0.2)
-            runs.append(Run("idle server (no upload)", True, 0.0, 0, get_lag(ours.port)))
+            runs.append(run_of("idle server (no upload)", True, 0.0, 0, get_lag(ours)))
             # Untimed: the first large write of a process is slower (fresh memory for
             # the page cache), which would otherwise fall on the first variant only.
             raw_write(raw_root, data, fsync=True)
@@ -334,7 +350,7 @@ def main() -> int:
                 for r in runs[-9:]:
                     print(
                         f"repeat {rep}: {r.variant:20s} {r.mb_per_s:7.0f} MB/s "
-                        f"lag p99 {r.lag.get('p99', 0):6.2f} ms ok={r.ok} {r.error}",
+                        f"lag p99 {r.extra['lag'].get('p99', 0):6.2f} ms ok={r.ok} {r.error}",
                         flush=True,
                     )
             if not args.tiny:
@@ -346,7 +362,7 @@ def main() -> int:
     if settled:
         body += (
             f"\n## After the host took freed memory back ({SETTLE:g} s pause before every "
-            f"run, {settled[0].size >> 20} MiB)\n\n" + table(settled)
+            f"run, {settled[0].bytes >> 20} MiB)\n\n" + table(settled)
         )
     body += (
         f"\nLoad average (1 min) of the shared machine: {load_before:.1f} at the start, "
@@ -359,7 +375,7 @@ def main() -> int:
         write_markdown(
             out,
             "Uploads: tus and WebSocket vs a raw disk write",
-            "python benchmarks/bench_upload.py"
+            "python -m benchmarks.bench_upload"
             + ("" if size == FULL_SIZE else f" --size {size >> 20}"),
             f"One {size_text} upload per variant; each row is the median (by MB/s) of "
             f"{args.repeat} runs, variants interleaved in the same run. Client (this process) and server (own process) "

@@ -1,6 +1,8 @@
 """Run every ``benchmarks/bench_*.py``: ``python benchmarks/run_all.py [--tiny] [-k TEXT]``.
 
-With ``--tiny`` each script runs its scenarios once at a tiny size (CI: delivery is
+Each benchmark runs as a module, ``python -m benchmarks.bench_<part>``, from the
+repository root (``--dir`` names another package directory; its parent is then the
+working directory). With ``--tiny`` each script runs its scenarios once at a tiny size (CI: delivery is
 verified, nothing is written to ``benchmarks/results/``); without it, each runs in
 full and writes its results file. Prints one line per script and exits non-zero if
 any script fails (non-zero exit or timeout).
@@ -14,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["discover", "main"]
+__all__ = ["command", "discover", "main"]
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -22,6 +24,17 @@ BENCH_DIR = Path(__file__).resolve().parent
 def discover(directory: Path = BENCH_DIR) -> list[Path]:
     """The benchmark scripts in ``directory``, sorted by name."""
     return sorted(directory.glob("bench_*.py"))
+
+
+def command(script: Path, *args: str) -> list[str]:
+    """``python -m <package>.<module> ARGS...`` for a script of a package directory.
+
+    Run it from ``script.parent.parent``. Raises ``ValueError`` if the script's
+    directory is not a package (no ``__init__.py``).
+    """
+    if not (script.parent / "__init__.py").is_file():
+        raise ValueError(f"{script.parent} is not a package (no __init__.py)")
+    return [sys.executable, "-m", f"{script.parent.name}.{script.stem}", *args]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     t_all = time.monotonic()
     for script in scripts:
-        cmd = [sys.executable, str(script)] + (["--tiny"] if args.tiny else [])
+        cmd = command(script, *(["--tiny"] if args.tiny else []))
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout, cwd=script.parent.parent
+            )
             status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
             output = proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as exc:

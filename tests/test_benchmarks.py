@@ -1,4 +1,5 @@
-"""The benchmark harness: its load client verifies delivery, and run_all finds the scripts.
+"""The benchmark harness: its load client verifies delivery, servers report through
+report lines, and run_all finds and runs the benchmark modules.
 
 The load client runs in its own process (as in the benchmarks) against a Tornado
 server in the test's event loop, on real 127.0.0.1 sockets.
@@ -7,6 +8,7 @@ server in the test's event loop, on real 127.0.0.1 sockets.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -17,13 +19,11 @@ import pytest
 import tornado.web
 import tornado.websocket
 
+from benchmarks import harness, run_all
 from tornado_longconn.testing import AppServer
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR))
-
-import harness  # noqa: E402
-import run_all  # noqa: E402
+BENCH_DIR = harness.BENCH_DIR
+SCALE = float(os.environ.get("LONGCONN_TEST_TIMEOUT_FACTOR", 1))
 
 KIB = 1024
 
@@ -193,29 +193,148 @@ def test_markdown_table_ratios() -> None:
 
 def test_run_all_discovers_and_reports(tmp_path: Path) -> None:
     assert BENCH_DIR / "bench_backpressure.py" in run_all.discover()
-    (tmp_path / "bench_a.py").write_text(
-        "import sys\nassert sys.argv[1:] == ['--tiny']\nprint('fine')\n"
+    pkg = tmp_path / "benches"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    # Run as a module of its package: a sibling module imports by its package name.
+    (pkg / "common.py").write_text("FINE = 'fine'\n")
+    (pkg / "bench_a.py").write_text(
+        "import sys\nfrom benches.common import FINE\n"
+        "assert sys.argv[1:] == ['--tiny'] and __name__ == '__main__'\nprint(FINE)\n"
     )
-    (tmp_path / "bench_b.py").write_text("import sys\nsys.exit(3)\n")
-    (tmp_path / "helper.py").write_text("raise SystemExit(1)\n")
-    cmd = [sys.executable, str(BENCH_DIR / "run_all.py"), "--tiny", "--dir", str(tmp_path)]
+    (pkg / "bench_b.py").write_text("import sys\nsys.exit(3)\n")
+    (pkg / "helper.py").write_text("raise SystemExit(1)\n")
+    cmd = [sys.executable, str(BENCH_DIR / "run_all.py"), "--tiny", "--dir", str(pkg)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     lines = proc.stdout.splitlines()
     assert proc.returncode == 1
     assert lines[0].startswith("bench_a.py") and " ok " in lines[0]
     assert lines[1].startswith("bench_b.py") and "FAILED (exit 3)" in lines[1]
     assert lines[-1].startswith("1/2 benchmark scripts passed")
-    (tmp_path / "bench_b.py").unlink()
+    (pkg / "bench_b.py").unlink()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_run_all_runs_modules_of_a_package_only(tmp_path: Path) -> None:
+    assert run_all.command(BENCH_DIR / "bench_heartbeat.py", "--tiny")[1:] == [
+        "-m",
+        "benchmarks.bench_heartbeat",
+        "--tiny",
+    ]
+    (tmp_path / "bench_x.py").write_text("")
+    with pytest.raises(ValueError, match="not a package"):
+        run_all.command(tmp_path / "bench_x.py")
+
+
+def test_report_lines_round_trip(capsys: pytest.CaptureFixture[str]) -> None:
+    harness.emit("STATS", {"cpu_s": 1.5, "runs": [1, 2]})
+    harness.announce(8080)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ['STATS {"cpu_s": 1.5, "runs": [1, 2]}', "PORT 8080"]
+    assert [harness.parse_report(line) for line in lines] == [
+        ("STATS", {"cpu_s": 1.5, "runs": [1, 2]}),
+        ("PORT", 8080),
+    ]
+    for not_a_report in ("hello", "stats {}", "STATS {not json", "STATS", ""):
+        assert harness.parse_report(not_a_report) is None
+    with pytest.raises(ValueError, match="upper-case word"):
+        harness.emit("stats", 1)
+
+
+def test_server_process_reads_reports_while_the_server_runs() -> None:
+    script = (
+        "import sys\n"
+        "from benchmarks.harness import emit\n"
+        "emit('PORT', 1)\n"
+        "emit('RUN', {'n': 0})\n"
+        "print('not a report', flush=True)\n"
+        "emit('RUN', {'n': 1})\n"
+        "sys.stdin.read()\n"  # until SIGTERM
+    )
+    with harness.ServerProcess([sys.executable, "-c", script]) as server:
+        assert server.port == 1
+        assert server.wait_report("RUN", after=1) == {"n": 1}
+        assert server.reports("RUN") == [{"n": 0}, {"n": 1}]
+        assert server.report("STATS", "none") == "none"
+        assert "not a report" in server.output
+        with pytest.raises(RuntimeError, match="no STATS report #0"):
+            server.wait_report("STATS", timeout=0.01)
+
+
+def test_request_report_asks_a_server_for_one() -> None:
+    cmd = harness.server_command("longpoll_chatdemo")
+    with harness.ServerProcess(cmd) as server:
+        assert harness.request_report(server, "STATS") == {"waiting": 0}
+        assert harness.request_report(server, "STATS") == {"waiting": 0}
+        assert server.reports("STATS") == [{"waiting": 0}, {"waiting": 0}]
+        with pytest.raises(RuntimeError, match="answered 404"):
+            harness.request_report(server, "LAG")
+
+
+class Pinged(tornado.websocket.WebSocketHandler):
+    """Records its connection, the pongs it gets and the text messages it receives."""
+
+    def initialize(self, state: dict[str, Any]) -> None:
+        self.state = state
+        self.pongs = 0
+        self.messages: list[str] = []
+
+    def open(self) -> None:
+        conns = self.state["conns"]
+        conns.append(self)
+        if len(conns) == self.state["expected"]:
+            self.state["opened"].set()
+
+    def on_pong(self, data: bytes) -> None:
+        self.pongs += 1
+        self.state["pong"].set()
+
+    def on_message(self, message: str | bytes) -> None:
+        assert isinstance(message, str)
+        self.messages.append(message)
+
+
+async def test_frozen_clients_stop_after_their_first_pong() -> None:
+    loop = asyncio.get_running_loop()
+    state: dict[str, Any] = {
+        "conns": [],
+        "expected": 3,
+        "opened": asyncio.Event(),
+        "pong": asyncio.Event(),
+    }
+    app = tornado.web.Application([("/", Pinged, {"state": state})])
+    async with AppServer(app) as srv:
+        cfg = harness.ClientConfig(
+            port=srv.port, connections=3, freeze=1, verify="count", duration=2.0 * SCALE
+        )
+        client = loop.run_in_executor(None, harness.run_client, cfg)
+        await asyncio.wait_for(state["opened"].wait(), 30)
+        conns: list[Pinged] = state["conns"]
+
+        async def ping_all(answers: int) -> None:
+            for c in conns:
+                c.ping(b"hb")
+            while sum(c.pongs for c in conns) < answers:
+                state["pong"].clear()
+                await asyncio.wait_for(state["pong"].wait(), 10)
+
+        await ping_all(3)  # every connection answers its first ping
+        await ping_all(5)  # then only the two that did not freeze
+        report = await client
+    assert report["ok"], report["errors"]
+    assert report["connections"] == 3 and report["pings"] == 5
+    [frozen_at] = report["frozen_at"]
+    frozen = [c for c in conns if c.messages]
+    assert len(frozen) == 1 and frozen[0].messages == [f"frozen {frozen_at:.6f}"]
+    assert sorted(c.pongs for c in conns) == [1, 2, 2]
+    assert frozen[0].pongs == 1
+
+
 def test_server_process_runs_a_variant() -> None:
     cfg = harness.ClientConfig(path="/stream?count=100&size=1024", expect=100, size=1024)
-    script = harness.server_script("stream_server.py")
-    [result] = harness.run_scenarios(
-        [*script, "tornado-await"], [("s", cfg)], variant="tornado-await"
-    )
+    script = harness.server_command("stream_server", "tornado-await")
+    [result] = harness.run_scenarios(script, [("s", cfg)], variant="tornado-await")
     assert result.ok, result.error
     assert result.messages == 100 and result.bytes == 100 * (4 + 1024)
     assert result.rss_start_mb > 0 and result.server_cpu_s >= 0

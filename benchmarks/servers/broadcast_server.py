@@ -1,6 +1,7 @@
 """Server variants that broadcast ``count`` binary messages of ``size`` bytes to every client.
 
-Usage: ``python broadcast_server.py VARIANT [--policy P] [--high-water B] [--sndbuf B]``. Clients
+Usage: ``python -m benchmarks.servers.broadcast_server VARIANT [--policy P]
+[--high-water B] [--sndbuf B]``. Clients
 connect to ``/ws``; one of them sends the text ``"go <members> <count> <size> <mode>"``.
 The server waits until ``members`` connections have joined, then publishes
 ``make_payload(0..count-1, size)`` as binary messages to all of them:
@@ -30,11 +31,11 @@ starts: the handshakes are not measured, and neither is the garbage-collector de
 they leave (a full collection of a 5,000-connection server takes about 0.35 s on
 the reference machine and would land in whichever run crosses the threshold).
 
-After each run (all members gone after a "go") the server prints
+After each run (all members gone after a "go") the server reports
 ``RUN {"cpu_s": ..., "rss_go": ...}``: its CPU seconds from "go" until the last member
 left (connection handshakes excluded) and its RSS in bytes when "go" arrived (after
 every connection was open).
-On SIGTERM it prints one JSON line ``STATS {...}`` (the group's stats for ``ours``)
+On SIGTERM it reports ``STATS {...}`` (the group's stats for ``ours``)
 and exits.
 """
 
@@ -44,7 +45,6 @@ import argparse
 import asyncio
 import dataclasses
 import gc
-import json
 import os
 import signal
 import socket
@@ -52,7 +52,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from harness import PayloadMaker, announce
+from benchmarks.harness import PayloadMaker, announce, emit
 
 __all__ = ["VARIANTS", "main"]
 
@@ -79,7 +79,7 @@ class Ready:
             # One run is over (every client got everything and closed): report the
             # server CPU spent from "go" to here, handshakes excluded.
             run = {"cpu_s": time.process_time() - self.cpu0, "rss_go": self.rss_go}
-            print("RUN " + json.dumps(run), flush=True)
+            emit("RUN", run)
             self.cpu0 = None
 
     def check(self) -> None:
@@ -266,7 +266,7 @@ async def serve(variant: str, args: argparse.Namespace) -> None:
         )
         announce(sock.getsockname()[1])
         await stop.wait()
-        print("STATS " + json.dumps({"members": len(conns)}), flush=True)
+        emit("STATS", {"members": len(conns)})
         server.close()
         return
 
@@ -279,7 +279,7 @@ async def serve(variant: str, args: argparse.Namespace) -> None:
     http.add_sockets(sockets)
     announce(sockets[0].getsockname()[1])
     await stop.wait()
-    print("STATS " + json.dumps(stats()), flush=True)
+    emit("STATS", stats())
     http.stop()
 
 

@@ -1,12 +1,24 @@
 """Server variants that hold idle WebSocket connections with keepalive pings.
 
-Usage: ``python heartbeat_server.py VARIANT CONNECTIONS HOLD INTERVAL TIMEOUT``.
+Usage: ``python -m benchmarks.servers.heartbeat_server VARIANT CONNECTIONS HOLD INTERVAL
+TIMEOUT [--dead-peer]``.
 
 The server measures itself: from the moment ``CONNECTIONS`` WebSockets are open it
-waits ``HOLD`` seconds, then prints one ``STATS {json}`` line with the CPU seconds
-(user + system) and the RSS growth of exactly that window, the RSS per open
-connection (measured against the RSS before the first connection), and the
-heartbeats it saw. Connection setup is not part of the CPU figure.
+waits ``HOLD`` seconds, then reports ``STATS {json}`` with the CPU seconds (user +
+system) and the RSS growth of exactly that window, the RSS per open connection
+(measured against the RSS before the first connection), and the heartbeats it saw.
+Connection setup is not part of the CPU figure.
+
+``--dead-peer`` (``ours`` variants only; ``HOLD`` is ignored): some clients freeze --
+right after answering a ping they send ``"frozen <t>"`` (``t`` from
+``time.monotonic()``, one clock for every process of the host) and then neither read
+nor write. The server notes, for each such connection, the time from ``t`` to its
+``on_close`` and whether the heartbeat timed it out; on SIGTERM it reports ``DEAD
+{json}``: ``connections``, ``frozen``, ``delays`` (seconds, one per frozen connection
+closed), ``since_activity`` (the same measured from when the server received the
+``frozen`` frame, the peer's last activity), ``timed_out`` (of those, closed by the
+heartbeat), ``live_timed_out`` (other connections the heartbeat closed: false
+detections) and the heartbeat counters.
 
 Variants (every one pings every ``INTERVAL`` seconds; a peer is dropped after
 ``TIMEOUT`` more seconds without an answer -- Tornado caps its own timeout at the
@@ -24,30 +36,20 @@ heartbeat counters to stderr every second.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
-import json
 import os
 import resource
 import sys
 import time
 from typing import Any
 
-from harness import serve_tornado, serve_until_sigterm
+from benchmarks.harness import emit, raise_fd_limit, serve_tornado, serve_until_sigterm
 
 __all__ = ["VARIANTS", "main"]
 
 VARIANTS = ("none", "ours", "ours-gc-freeze", "tornado", "websockets")
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft open-files limit to the hard one; return the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return soft
 
 
 def rss_bytes() -> int:
@@ -63,7 +65,7 @@ def cpu_seconds() -> float:
 class Meter:
     """Counts opened connections and measures the hold window once all are open."""
 
-    def __init__(self, connections: int, hold: float, extra: Any = None) -> None:
+    def __init__(self, connections: int, hold: float | None, extra: Any = None) -> None:
         self.connections = connections
         self.hold = hold
         self.opened = 0
@@ -78,7 +80,7 @@ class Meter:
         if self.debug is not None and not self._debugging:
             self._debugging = True
             asyncio.get_running_loop().create_task(self.debug())
-        if self.opened == self.connections:
+        if self.opened == self.connections and self.hold is not None:
             asyncio.get_running_loop().create_task(self._measure())
 
     def on_close(self) -> None:
@@ -97,7 +99,7 @@ class Meter:
                 gc_time[0] += time.perf_counter() - gc_time[1]
 
         gc.callbacks.append(on_gc)
-        await asyncio.sleep(self.hold)
+        await asyncio.sleep(self.hold or 0.0)
         gc.callbacks.remove(on_gc)
         cpu1, rss1, t1 = cpu_seconds(), rss_bytes(), time.monotonic()
         gc1 = [g["collections"] for g in gc.get_stats()]
@@ -115,10 +117,33 @@ class Meter:
         }
         if self.extra is not None:
             stats.update(self.extra())
-        print("STATS " + json.dumps(stats), flush=True)
+        emit("STATS", stats)
 
 
-def tornado_app(variant: str, meter: Meter, interval: float, timeout: float) -> Any:
+class DeadPeers:
+    """Dead-peer detection: the delay from each client's freeze to its connection's close."""
+
+    def __init__(self) -> None:
+        self.frozen = 0
+        self.delays: list[float] = []
+        self.since_activity: list[float] = []
+        self.timed_out = 0
+        self.live_timed_out = 0
+
+    def closed(self, frozen: tuple[float, float] | None, timed_out: bool) -> None:
+        """A connection closed; ``frozen``: its client's freeze time and when it arrived."""
+        if frozen is None:
+            self.live_timed_out += timed_out
+            return
+        now = time.monotonic()
+        self.delays.append(now - frozen[0])
+        self.since_activity.append(now - frozen[1])
+        self.timed_out += timed_out
+
+
+def tornado_app(
+    variant: str, meter: Meter, interval: float, timeout: float, dead: DeadPeers | None = None
+) -> Any:
     import tornado.web
     import tornado.websocket
 
@@ -138,6 +163,21 @@ def tornado_app(variant: str, meter: Meter, interval: float, timeout: float) -> 
         heartbeat_interval = interval
         heartbeat_timeout = timeout
 
+    class Watched(Ours):
+        """Notes when its client froze (it says so) and when the heartbeat closed it."""
+
+        frozen: tuple[float, float] | None = None
+
+        def on_message(self, message: str | bytes) -> None:
+            if dead is not None and isinstance(message, str) and message.startswith("frozen "):
+                self.frozen = (float(message[7:]), time.monotonic())
+                dead.frozen += 1
+
+        def on_close(self) -> None:
+            if dead is not None:
+                dead.closed(self.frozen, self.heartbeat_timed_out)
+            super().on_close()
+
     settings: dict[str, Any] = {}
     handler: type[Any] = Plain
     if variant == "tornado":
@@ -146,7 +186,7 @@ def tornado_app(variant: str, meter: Meter, interval: float, timeout: float) -> 
             "websocket_ping_timeout": min(timeout, interval),  # Tornado's cap
         }
     elif variant in ("ours", "ours-gc-freeze"):
-        handler = Ours
+        handler = Ours if dead is None else Watched
         settings = {"heartbeat_gc_freeze": variant == "ours-gc-freeze"}
     app = tornado.web.Application([("/", handler)], **settings)
     if variant.startswith("ours"):
@@ -180,15 +220,24 @@ def tornado_app(variant: str, meter: Meter, interval: float, timeout: float) -> 
     return app
 
 
-def main(argv: list[str]) -> None:
-    variant, connections, hold = argv[1], int(argv[2]), float(argv[3])
-    interval, timeout = float(argv[4]), float(argv[5])
-    if variant not in VARIANTS:
-        raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+def main(argv: list[str] | None = None) -> None:
+    """Parse the arguments (see the module docstring) and serve until SIGTERM."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("variant", choices=VARIANTS)
+    p.add_argument("connections", type=int)
+    p.add_argument("hold", type=float)
+    p.add_argument("interval", type=float)
+    p.add_argument("timeout", type=float)
+    p.add_argument("--dead-peer", action="store_true", help="measure dead-peer detection")
+    args = p.parse_args(argv)
+    variant, connections = args.variant, args.connections
+    interval, timeout = args.interval, args.timeout
+    if args.dead_peer and not variant.startswith("ours"):
+        raise SystemExit("--dead-peer measures the ours variants only")
     limit = raise_fd_limit()
     if limit < connections + 100:
         raise SystemExit(f"open-files limit {limit} is too low for {connections} connections")
-    meter = Meter(connections, hold)
+    meter = Meter(connections, None if args.dead_peer else args.hold)
     if variant == "websockets":
         from websockets.asyncio.server import ServerConnection, serve
 
@@ -215,9 +264,28 @@ def main(argv: list[str]) -> None:
             return int(next(iter(server.sockets)).getsockname()[1])
 
         serve_until_sigterm(start)
+    elif args.dead_peer:
+        dead = DeadPeers()
+        app = tornado_app(variant, meter, interval, timeout, dead)
+
+        def report_dead() -> None:
+            emit(
+                "DEAD",
+                {
+                    "connections": meter.opened,
+                    "frozen": dead.frozen,
+                    "delays": dead.delays,
+                    "since_activity": dead.since_activity,
+                    "timed_out": dead.timed_out,
+                    "live_timed_out": dead.live_timed_out,
+                    **meter.extra(),
+                },
+            )
+
+        serve_tornado(app, on_stop=report_dead)
     else:
         serve_tornado(tornado_app(variant, meter, interval, timeout))
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    main()

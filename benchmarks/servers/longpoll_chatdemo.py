@@ -5,23 +5,23 @@ message ids (uuid4) are the cursors; ``get_messages_since`` scans the cache back
 and, when the cursor is not found, returns the whole cache (the demo's behaviour).
 The update handler waits on ``cond.wait()`` and cancels it in ``on_connection_close``.
 
-Usage: ``python longpoll_chatdemo.py`` (prints ``PORT <n>``; stops on SIGTERM).
+Usage: ``python -m benchmarks.servers.longpoll_chatdemo`` (reports ``PORT <n>``; stops on SIGTERM).
 
 * ``GET /poll?cursor=<id>`` -- ``{"messages": [{"id", "body"}]}``;
 * ``POST /publish?n=N&size=S&seq=K`` -- adds ``make_payload(K..K+N-1, S)`` messages;
-* ``GET /stats`` -- ``{"waiting": <waiting requests>}``.
+* ``POST /report?kind=STATS`` -- reports ``STATS {"waiting": <waiting requests>}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from typing import Any
 
 import tornado.locks
 import tornado.web
-from harness import PayloadMaker, query_int, serve_tornado
+
+from benchmarks.harness import PayloadMaker, query_int, report_route, serve_tornado
 
 __all__ = ["MessageBuffer", "main"]
 
@@ -89,15 +89,11 @@ def main() -> None:
                 buffer.add_message({"id": str(uuid.uuid4()), "body": make(seq).decode("ascii")})
             self.finish("ok")
 
-    class Stats(tornado.web.RequestHandler):
-        def get(self) -> None:
-            self.finish(json.dumps({"waiting": buffer.waiting}))
-
     app = tornado.web.Application(
         [
             (r"/poll", MessageUpdatesHandler),
             (r"/publish", Publish),
-            (r"/stats", Stats),
+            report_route(STATS=lambda: {"waiting": buffer.waiting}),
         ]
     )
     serve_tornado(app)

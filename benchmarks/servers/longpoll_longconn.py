@@ -1,20 +1,20 @@
 """Long-poll server on tornado-longconn: ``LongPollHandler`` + a ``BroadcastGroup`` with history.
 
-Usage: ``python longpoll_longconn.py [BACKEND_URL]`` (default ``memory://``; e.g.
+Usage: ``python -m benchmarks.servers.longpoll_longconn [BACKEND_URL]`` (default ``memory://``; e.g.
 ``redis://127.0.0.1:6379/0`` runs on the Redis backend with a fresh key prefix).
-Prints ``PORT <n>`` and stops on SIGTERM.
+Reports ``PORT <n>`` and stops on SIGTERM.
 
 * ``GET /poll?cursor=&timeout=`` -- :class:`tornado_longconn.longpoll.LongPollHandler`
   (JSON ``{"messages": [{"cursor", "data"}], "cursor", "gap", "reason"}``);
 * ``POST /publish?n=N&size=S&seq=K`` -- publishes ``make_payload(K..K+N-1, S)`` as text
   through ``BroadcastHub(...).group("bench", history=1000)``;
-* ``GET /stats`` -- ``LongPollWaiter.stats()`` as JSON (``waiting``: waits in progress).
+* ``POST /report?kind=STATS`` -- reports ``STATS`` with ``LongPollWaiter.stats()``
+  (``waiting``: waits in progress; ``parked``: registered for the next message).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import secrets
 import socket
 import sys
@@ -22,8 +22,8 @@ import sys
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
-from harness import PayloadMaker, query_int, serve_until_sigterm
 
+from benchmarks.harness import PayloadMaker, query_int, report_route, serve_until_sigterm
 from tornado_longconn.backends import backend_from_url
 from tornado_longconn.broadcast import BroadcastHub
 from tornado_longconn.longpoll import LongPollHandler, LongPollWaiter
@@ -49,15 +49,11 @@ def make_app(url: str) -> tornado.web.Application:
                 await group.publish(make(seq).decode("ascii"))
             self.finish("ok")
 
-    class Stats(tornado.web.RequestHandler):
-        def get(self) -> None:
-            self.finish(json.dumps(dataclasses.asdict(waiter.stats())))
-
     return tornado.web.Application(
         [
             (r"/poll", LongPollHandler, {"waiter": waiter}),
             (r"/publish", Publish),
-            (r"/stats", Stats),
+            report_route(STATS=lambda: dataclasses.asdict(waiter.stats())),
         ],
         longpoll_backend=backend,
     )

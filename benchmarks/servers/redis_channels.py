@@ -1,6 +1,6 @@
 """Peer of the Redis fan-out benchmark: Django Channels with channels_redis.
 
-Usage: ``python redis_channels.py LAYER --redis URL --prefix P --expect N`` with
+Usage: ``python -m benchmarks.servers.redis_channels LAYER --redis URL --prefix P --expect N`` with
 LAYER ``core`` (``channels_redis.core.RedisChannelLayer``) or ``pubsub``
 (``channels_redis.pubsub.RedisPubSubChannelLayer``). An ASGI app on uvicorn: each
 WebSocket consumer joins the group ``bench`` (``group_add``) on connect; a
@@ -19,7 +19,8 @@ from typing import Any
 import django
 import redis.asyncio as aioredis
 from django.conf import settings
-from harness import serve_until_sigterm
+
+from benchmarks.harness import serve_until_sigterm
 
 __all__ = ["channel_layers", "main"]
 

@@ -1,6 +1,6 @@
 """Server process of the cross-process fan-out benchmark (``bench_redis.py``).
 
-Usage: ``python redis_fanout.py VARIANT --redis URL --prefix P --expect N``. Clients
+Usage: ``python -m benchmarks.servers.redis_fanout VARIANT --redis URL --prefix P --expect N``. Clients
 connect to ``/ws``; once ``N`` members receive live messages the process counts
 itself in Redis (``INCR <P>joined``), so the publisher process knows when every
 client of every process is ready. Messages published to the topic ``bench`` are written to every
@@ -25,8 +25,8 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 import tornado.websocket
-from harness import serve_until_sigterm
 
+from benchmarks.harness import serve_until_sigterm
 from tornado_longconn.backends.redis import RedisBackend
 from tornado_longconn.broadcast import BroadcastGroup, BroadcastHub
 

@@ -1,6 +1,6 @@
 """Peer of the Redis fan-out benchmark: python-socketio with ``AsyncRedisManager`` on Tornado.
 
-Usage: ``python redis_socketio.py --redis URL --prefix P --expect N``. A
+Usage: ``python -m benchmarks.servers.redis_socketio --redis URL --prefix P --expect N``. A
 ``socketio.AsyncServer(async_mode="tornado")`` whose client manager is
 ``socketio.AsyncRedisManager(URL, channel=P + "sio")``, served by Tornado at
 ``/socket.io/`` (``socketio.get_tornado_handler``). Each client that connects to
@@ -21,7 +21,8 @@ import socketio  # type: ignore[import-untyped,unused-ignore]
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
-from harness import serve_until_sigterm
+
+from benchmarks.harness import serve_until_sigterm
 
 __all__ = ["ROOM", "channel", "main"]
 

@@ -1,6 +1,6 @@
 """Server variants that stream ``count`` binary messages of ``size`` bytes to each client.
 
-Usage: ``python stream_server.py VARIANT``; a client connects to
+Usage: ``python -m benchmarks.servers.stream_server VARIANT``; a client connects to
 ``/stream?count=N&size=S`` and receives ``make_payload(0..N-1, S)`` as binary frames.
 
 Variants:
@@ -19,7 +19,7 @@ import sys
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from harness import PayloadMaker, query_int, serve_tornado, serve_until_sigterm
+from benchmarks.harness import PayloadMaker, query_int, serve_tornado, serve_until_sigterm
 
 __all__ = ["VARIANTS", "main"]
 

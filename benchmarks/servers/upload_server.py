@@ -1,8 +1,9 @@
 """Upload server variants for ``bench_upload.py``, each with a 10 ms loop-lag ticker.
 
-Usage: ``python upload_server.py VARIANT ROOT``. Every variant serves ``GET /lag``
-(JSON percentiles of the ticker's lateness since the last call, then resets) and
-announces ``PORT <n>``.
+Usage: ``python -m benchmarks.servers.upload_server VARIANT ROOT``. Every variant
+mounts ``POST /report?kind=LAG``: it reports ``LAG {"n", "p50", "p99", "max"}``, the
+ticker's lateness in ms since the previous LAG report (the first one starts the
+ticker), and resets the samples.
 
 Variants:
 
@@ -26,8 +27,8 @@ from typing import Any
 
 import tornado.web
 import tornado.websocket
-from harness import serve_tornado
 
+from benchmarks.harness import report_route, serve_tornado
 from tornado_longconn.upload import UploadStore
 from tornado_longconn.upload_tus import TusUploadHandler
 from tornado_longconn.upload_ws import WebSocketUploadHandler
@@ -53,6 +54,9 @@ class LagTicker:
             self.samples.append((loop.time() - start - TICK) * 1000.0)
 
     def report(self) -> dict[str, float]:
+        """Percentiles since the last report (starting the ticker on the first call)."""
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.run())
         data = sorted(self.samples)
         self.samples.clear()
         if not data:
@@ -62,16 +66,6 @@ class LagTicker:
             return data[min(len(data) - 1, int(p * len(data)))]
 
         return {"n": len(data), "p50": pct(0.50), "p99": pct(0.99), "max": data[-1]}
-
-
-class Lag(tornado.web.RequestHandler):
-    def initialize(self, ticker: LagTicker) -> None:
-        self.ticker = ticker
-
-    def get(self) -> None:
-        if self.ticker.task is None:
-            self.ticker.task = asyncio.get_running_loop().create_task(self.ticker.run())
-        self.write(self.ticker.report())
 
 
 class TutorialUpload(tornado.websocket.WebSocketHandler):
@@ -165,7 +159,7 @@ def main() -> None:
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}; one of {VARIANTS}")
     ticker = LagTicker()
-    rules: list[Any] = [(r"/lag", Lag, {"ticker": ticker})]
+    rules: list[Any] = [report_route(LAG=ticker.report)]
     if variant == "ours":
         store = UploadStore(root, max_size=4 << 30, chunk_size=1 << 20, max_in_flight=4)
         rules += TusUploadHandler.routes("/files", store=store)
