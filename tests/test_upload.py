@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from tornado_longconn.upload import (
     UploadState,
     UploadStatus,
     UploadStore,
+    default_max_open_files,
     encode_tus_metadata,
     is_upload_id,
     parse_tus_metadata,
@@ -437,6 +440,107 @@ async def test_cache_is_bounded_and_rebuilds_evicted_uploads(tmp_path: Path) -> 
     assert again is not first and again.offset == 3 and store.stats.rehashed == 1
     assert others[0].id not in store._sinks  # the least recently used went first
     store.close()
+
+
+def open_partial_files(root: str) -> int:
+    """Descriptors of this process open on ``<root>/*.part`` (read from /proc/self/fd)."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if target.startswith(root + os.sep) and target.endswith(".part"):
+                count += 1
+    return count
+
+
+class CountingStore(UploadStore):
+    """Records the most partial files open at once, seen by every write job."""
+
+    most_open = 0
+
+    def write_at(self, fd: int, data: memoryview, offset: int) -> int:
+        self.most_open = max(self.most_open, open_partial_files(self.root))
+        return super().write_at(fd, data, offset)
+
+
+async def test_open_files_never_exceed_the_budget(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path, chunk_size=4096, max_open_files=4)
+    datas = [os.urandom(50_000) for _ in range(30)]
+    sinks = [await store.create(len(d)) for d in datas]
+    assert open_partial_files(store.root) == 0  # creating holds no descriptor
+    piece = 7_000
+
+    async def write_piece(sink: ChunkedUploadSink, data: bytes, start: int) -> None:
+        with sink.lock():
+            await sink.write(data[start : start + piece])
+            await sink.flush()
+
+    for start in range(0, 50_000, piece):  # every upload a piece at a time, all at once
+        await asyncio.gather(*(write_piece(s, d, start) for s, d in zip(sinks, datas, strict=True)))
+        assert open_partial_files(store.root) <= 4
+        assert store.stats.open_files <= 4
+    assert store.most_open <= 4
+    assert store.stats.files_closed > 0
+    assert store.stats.rehashed == 0  # reopened descriptors, the hash state kept
+    for sink, data in zip(sinks, datas, strict=True):
+        path = await sink.finish()
+        assert sink.sha256 == hashlib.sha256(data).hexdigest()
+        assert read(path) == data
+    assert open_partial_files(store.root) == 0 and store.stats.open_files == 0
+    store.close()
+
+
+async def test_checksummed_segment_survives_its_descriptor_being_closed(tmp_path: Path) -> None:
+    store = UploadStore(tmp_path, chunk_size=4096, max_open_files=1)
+    first, second = await store.create(20_000), await store.create(10)
+    await write_all(first, b"a" * 5_000)
+    await first.begin_segment("sha1", hashlib.sha1(b"b" * 5_000).digest())
+    await write_all(first, b"b" * 5_000)
+    await write_all(second, b"x")  # takes the only descriptor: first's is closed
+    assert first._fd < 0 and store.stats.files_closed >= 1
+    assert await first.end_segment() == 10_000
+    await first.begin_segment("sha1", hashlib.sha1(b"right").digest())
+    await write_all(first, b"wrong")
+    await write_all(second, b"y")
+    with pytest.raises(UploadError) as info:
+        await first.end_segment()  # rolled back on a reopened descriptor
+    assert info.value.status == 460 and first.offset == 10_000
+    await write_all(first, b"c" * 10_000)
+    await first.finish()
+    expected = b"a" * 5_000 + b"b" * 5_000 + b"c" * 10_000
+    assert first.sha256 == hashlib.sha256(expected).hexdigest()
+    assert read(store.final_path(first.id)) == expected
+    store.close()
+
+
+def test_default_open_file_budget_follows_the_soft_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        assert default_max_open_files() == 256
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, hard))
+        assert default_max_open_files() == 16
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with pytest.raises(ValueError, match="max_open_files"):
+        UploadStore("/tmp/unused-upload-root", max_open_files=0)
+
+
+async def test_delete_removes_a_completed_upload(store: UploadStore) -> None:
+    sink = await store.create(3)
+    await write_all(sink, b"abc")
+    await sink.finish()
+    reopened = await store.open(sink.id)
+    await reopened.delete()
+    assert not exists(store.final_path(sink.id)) and not exists(store.info_path(sink.id))
+    with pytest.raises(UploadError) as info:
+        await store.open(sink.id)
+    assert info.value.status == 404
+    await reopened.delete()  # idempotent
+    assert store.stats.deleted == 1
+    partial = await store.create(3)
+    await partial.delete()  # a partial upload is aborted
+    assert store.stats.aborted == 1 and not exists(store.partial_path(partial.id))
 
 
 async def test_concurrent_writers_are_refused(store: UploadStore) -> None:

@@ -60,8 +60,10 @@ class Probe(TusUploadHandler):
             self.events["writing"].set()
 
     def on_connection_close(self) -> None:
+        holding = self._holding  # a writer's connection, not an early-answered one
         super().on_connection_close()
-        self.events["closed"].set()
+        if holding:
+            self.events["closed"].set()
 
 
 @contextlib.asynccontextmanager
@@ -609,3 +611,324 @@ async def test_body_is_not_read_while_the_disk_is_busy(tmp_path: Path) -> None:
         hashlib.sha256(read(store.final_path(upload_id))).hexdigest()
         == hashlib.sha256(data).hexdigest()
     )
+
+
+# -- early answers reach the client ----------------------------------------------------
+
+
+class GatedDisk(UploadStore):
+    """A store whose writes wait for ``gate`` (a threading.Event) once ``closed``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+
+    def write_at(self, fd: int, data: memoryview, offset: int) -> int:
+        if not self.gate.is_set():
+            self.loop.call_soon_threadsafe(self.waiting.set)
+            self.gate.wait(scaled(20))
+        return super().write_at(fd, data, offset)
+
+
+async def test_ten_concurrent_patches_one_204_and_nine_423_read_by_the_clients(
+    tmp_path: Path,
+) -> None:
+    store = GatedDisk(tmp_path, chunk_size=64 * 1024)
+    store.gate.clear()  # the PATCH that gets the lock stays in it until the others answered
+    data = os.urandom(200_000)
+    async with (
+        serve(store) as (server, _),
+        httpx.AsyncClient(limits=httpx.Limits(max_connections=20)) as http,
+    ):
+        url = await create(http, server, len(data))
+        patches = [
+            asyncio.ensure_future(
+                http.patch(url, headers={**OCTETS, "Upload-Offset": "0"}, content=data)
+            )
+            for _ in range(10)
+        ]
+        try:
+            answered: list[httpx.Response] = []
+            for next_done in asyncio.as_completed(patches):
+                answered.append(await asyncio.wait_for(next_done, scaled(20)))
+                if len(answered) == 9:
+                    store.gate.set()  # let the holder store its body
+        finally:
+            store.gate.set()
+            await asyncio.gather(*patches, return_exceptions=True)
+        statuses = sorted(r.status_code for r in answered)
+        assert statuses == [204] + [423] * 9
+        for resp in answered:
+            if resp.status_code == 423:
+                assert resp.headers["Connection"] == "close"
+                assert resp.headers["Upload-Offset"] == "0"
+    assert read(store.final_path(url.rsplit("/", 1)[1])) == data
+    assert store.stats.lock_conflicts == 9
+
+
+async def test_resume_right_after_a_cut_reads_423_and_409_then_succeeds(tmp_path: Path) -> None:
+    store = GatedDisk(tmp_path, chunk_size=64 * 1024)
+    data = os.urandom(1_000_000)
+    async with serve(store) as (server, events), httpx.AsyncClient() as http:
+        url = await create(http, server, len(data))
+        upload_id = url.rsplit("/", 1)[1]
+        store.gate.clear()
+        try:
+            sock = await raw_patch(server, "/files/" + upload_id, 0, len(data))
+            await asyncio.get_running_loop().sock_sendall(sock, data[:300_000])
+            await asyncio.wait_for(store.waiting.wait(), scaled(5))
+            # The network cut: the server has not noticed yet (its request waits for
+            # the disk), so it still holds the upload.
+            sock.close()
+
+            def tus_resume() -> None:
+                tus_client.TusClient(server.url("/files/")).uploader(
+                    file_stream=io.BytesIO(data), url=url
+                ).upload()
+
+            # An immediate resume reads 423 (not a connection reset).
+            with pytest.raises(TusCommunicationError) as locked:
+                await asyncio.to_thread(tus_resume)
+            assert locked.value.status_code == 423
+            stale = (await http.head(url, headers=TUS)).headers["Upload-Offset"]
+        finally:
+            store.gate.set()
+        await asyncio.wait_for(events["closed"].wait(), scaled(5))
+        await store.drain_tasks()
+        # A PATCH at the offset seen before the cut was settled: 409, read.
+        conflict = await http.patch(
+            url, headers={**OCTETS, "Upload-Offset": stale}, content=data[int(stale) :]
+        )
+        assert conflict.status_code == 409 and conflict.headers["Connection"] == "close"
+        assert int(conflict.headers["Upload-Offset"]) > int(stale)
+        await asyncio.to_thread(tus_resume)
+    assert read(store.final_path(upload_id)) == data
+
+
+async def test_next_request_on_the_socket_after_each_early_status(store: UploadStore) -> None:
+    from tests.test_early_answer import RawHTTP, request
+
+    async with serve(store) as (server, events), httpx.AsyncClient() as http:
+        url = await create(http, server, 100_000)
+        path = "/files/" + url.rsplit("/", 1)[1]
+        ok = await http.patch(url, headers={**OCTETS, "Upload-Offset": "0"}, content=b"a" * 10)
+        assert ok.status_code == 204
+        body = 50_000
+        cases = {
+            409: {"Upload_Offset": "3"},
+            413: {"Upload_Offset": "10", "Content_Length_Over": "1"},
+            415: {"Upload_Offset": "10", "Content_Type": "text/plain"},
+            412: {"Tus_Resumable": "0.2.2"},
+            400: {"Upload_Offset": "x"},
+        }
+        for status, extra in cases.items():
+            headers = {
+                "Tus_Resumable": "1.0.0",
+                "Content_Type": "application/offset+octet-stream",
+                **extra,
+            }
+            length = 200_000 if headers.pop("Content_Length_Over", None) else body
+            client = await RawHTTP.connect(server.port)
+            try:
+                await client.send(request("PATCH", path, length, **headers))
+                answer = await client.response()
+                assert answer.status == status, (status, answer)
+                assert answer.closes
+                await client.send(b"b" * length + request("HEAD", path, 0, Tus_Resumable="1.0.0"))
+                assert await client.end_of_stream() == b""  # a clean close, never a reset
+            finally:
+                client.close()
+        # 423: another request holds the upload.
+        holder = await raw_patch(server, path, 10, 10)
+        try:
+            await asyncio.wait_for(events["writing"].wait(), scaled(5))
+            client = await RawHTTP.connect(server.port)
+            try:
+                await client.send(
+                    request(
+                        "PATCH",
+                        path,
+                        body,
+                        Tus_Resumable="1.0.0",
+                        Content_Type="application/offset+octet-stream",
+                        Upload_Offset="10",
+                    )
+                )
+                answer = await client.response()
+                assert (answer.status, answer.closes) == (423, True)
+                await client.send(b"c" * body)
+                assert await client.end_of_stream() == b""
+            finally:
+                client.close()
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(holder, b"h" * 10)
+            reply = await asyncio.wait_for(loop.sock_recv(holder, 4096), scaled(5))
+            assert reply.startswith(b"HTTP/1.1 204")
+        finally:
+            holder.close()
+        # An answer after the whole body was read (a checksum mismatch) keeps the
+        # connection: the next request on the socket is served.
+        client = await RawHTTP.connect(server.port)
+        try:
+            digest = base64.b64encode(hashlib.sha1(b"right").digest()).decode()
+            await client.send(
+                request(
+                    "PATCH",
+                    path,
+                    5,
+                    Tus_Resumable="1.0.0",
+                    Content_Type="application/offset+octet-stream",
+                    Upload_Offset="20",
+                    Upload_Checksum="sha1 " + digest,
+                )
+                + b"wrong"
+            )
+            answer = await client.response()
+            assert (answer.status, answer.closes) == (460, False)
+            await client.send(request("HEAD", path, 0, Tus_Resumable="1.0.0"))
+            head = await client.response()
+            assert (head.status, head.headers["upload-offset"]) == (200, "20")
+        finally:
+            client.close()
+
+
+# -- termination, method override, Location ------------------------------------------
+
+
+async def test_delete_of_a_completed_upload_is_204_and_frees_it(store: UploadStore) -> None:
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        url = await create(http, server, 5)
+        upload_id = url.rsplit("/", 1)[1]
+        done = await http.patch(url, headers={**OCTETS, "Upload-Offset": "0"}, content=b"12345")
+        assert done.status_code == 204 and exists(store.final_path(upload_id))
+        resp = await http.delete(url, headers=TUS)
+        assert resp.status_code == 204
+        assert (await http.head(url, headers=TUS)).status_code == 404
+        assert (await http.delete(url, headers=TUS)).status_code == 404
+    assert listdir(store.root) == []
+    assert store.stats.deleted == 1
+
+
+async def test_method_override_is_honoured(store: UploadStore) -> None:
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        url = await create(http, server, 6)
+
+        def override(method: str, **headers: str) -> dict[str, str]:
+            return {**TUS, "X-HTTP-Method-Override": method, **headers}
+
+        resp = await http.post(
+            url,
+            headers=override("PATCH", **OCTETS, **{"Upload-Offset": "0"}),
+            content=b"abc",
+        )
+        assert resp.status_code == 204 and resp.headers["Upload-Offset"] == "3"
+        head = await http.post(url, headers=override("head"))
+        assert head.status_code == 200 and head.headers["Upload-Offset"] == "3"
+        assert head.content == b""
+        refused = await http.post(url, headers=override("GET"))
+        assert refused.status_code == 405
+        gone = await http.post(url, headers=override("DELETE"))
+        assert gone.status_code == 204
+        assert (await http.head(url, headers=TUS)).status_code == 404
+        # A real PATCH ignores the header (only a POST is overridden).
+        other = await create(http, server, 3)
+        resp = await http.patch(
+            other,
+            headers={**OCTETS, "Upload-Offset": "0", "X-HTTP-Method-Override": "DELETE"},
+            content=b"xyz",
+        )
+        assert resp.status_code == 204
+    other_id = other.rsplit("/", 1)[1]
+    assert sorted(listdir(store.root)) == [other_id, other_id + ".info"]
+
+
+async def test_location_never_reflects_the_host_header(store: UploadStore) -> None:
+    hostile = {**TUS, "Upload-Length": "1", "Host": "evil.example"}
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "uploads.example"}
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        resp = await http.post(server.url("/files/"), headers={**hostile, **forwarded})
+        assert resp.status_code == 201
+        assert resp.headers["Location"].startswith("/files/")  # forwarded not trusted
+        assert "evil" not in resp.headers["Location"]
+    async with serve(store, base_url="https://cdn.example/up/") as (server, _):
+        async with httpx.AsyncClient() as http:
+            resp = await http.post(server.url("/files/"), headers=hostile)
+        location = resp.headers["Location"]
+        assert location.startswith("https://cdn.example/up/")
+        assert is_upload_id(location.rsplit("/", 1)[1])
+    async with serve(store, trust_forwarded=True) as (server, _), httpx.AsyncClient() as http:
+        resp = await http.post(server.url("/files/"), headers={**hostile, **forwarded})
+        assert resp.headers["Location"].startswith("https://uploads.example/files/")
+        resp = await http.post(
+            server.url("/files/"),
+            headers={**hostile, "Forwarded": 'for=1.2.3.4;proto=http;host="up.example:8080"'},
+        )
+        assert resp.headers["Location"].startswith("http://up.example:8080/files/")
+        for bad in ("evil.example/x", "a b", "evil.example@x"):
+            resp = await http.post(
+                server.url("/files/"),
+                headers={**hostile, "X-Forwarded-Proto": "https", "X-Forwarded-Host": bad},
+            )
+            assert resp.headers["Location"].startswith("/files/"), bad
+
+
+# -- open files --------------------------------------------------------------------------
+
+
+def open_partial_files(root: str) -> int:
+    """Descriptors of this process open on ``<root>/*.part`` (from /proc/self/fd)."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if target.startswith(root) and target.endswith(".part"):
+                count += 1
+    return count
+
+
+class CountingDisk(UploadStore):
+    """Records the most partial files open at once, seen at every write."""
+
+    most_open = 0
+
+    def write_at(self, fd: int, data: memoryview, offset: int) -> int:
+        self.most_open = max(self.most_open, open_partial_files(self.root))
+        return super().write_at(fd, data, offset)
+
+
+async def test_many_tus_uploads_stay_within_the_open_file_budget(tmp_path: Path) -> None:
+    store = CountingDisk(tmp_path, chunk_size=16 * 1024, max_open_files=3)
+    uploads = {}
+    async with serve(store) as (server, _), httpx.AsyncClient() as http:
+        urls = [await create(http, server, 60_000) for _ in range(40)]
+        assert open_partial_files(store.root) == 0  # creation holds no descriptor
+        for url in urls:
+            uploads[url] = os.urandom(60_000)
+
+        async def send(url: str, start: int, end: int) -> None:
+            piece = uploads[url][start:end]
+            digest = base64.b64encode(hashlib.sha256(piece).digest()).decode()
+            resp = await http.patch(
+                url,
+                headers={
+                    **OCTETS,
+                    "Upload-Offset": str(start),
+                    "Upload-Checksum": "sha256 " + digest,
+                },
+                content=piece,
+            )
+            assert resp.status_code == 204, resp.text
+
+        for start, end in ((0, 25_000), (25_000, 60_000)):
+            await asyncio.gather(*(send(url, start, end) for url in urls))
+            assert open_partial_files(store.root) <= 3
+    assert store.most_open <= 3
+    assert store.stats.files_closed > 0 and store.stats.rehashed == 0
+    for url, data in uploads.items():
+        upload_id = url.rsplit("/", 1)[1]
+        sink = await store.open(upload_id)
+        assert sink.sha256 == hashlib.sha256(data).hexdigest()
+        assert read(store.final_path(upload_id)) == data
