@@ -852,3 +852,35 @@ async def test_redis_outage_is_never_acknowledged(tmp_path: Path) -> None:
             assert "backend unavailable" in reply["reason"]
     finally:
         await redis.close()
+
+
+@browser_test
+@pytest.mark.redis
+async def test_page_shows_a_message_the_server_could_not_send(
+    tmp_path: Path, open_page: PageFactory
+) -> None:
+    from tests.backends.redisproc import REDIS_SERVER, RedisProcess
+
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server is not installed")
+    redis = RedisProcess()
+    await redis.start()
+    try:
+        async with demo_server(tmp_path, "--redis", redis.url) as server:
+            page = await open_page(f"{server.url}/?room=outage&user=alice")
+            await wait_open(page, "websocket")
+            await say(page, "before the outage")
+            await redis.stop()
+            await page.fill("#text", "during the outage")
+            await page.click("#send")
+            notice = page.locator("#notice.error")
+            await notice.wait_for()
+            assert "backend unavailable" in await notice.text_content()
+            # Not shown as sent, and given back to the user to try again.
+            await page.wait_for_function(
+                "document.querySelector('#text').value === 'during the outage'"
+            )
+            assert "during the outage" not in await texts(page)
+            await screenshot(page, "demo-not-sent")
+    finally:
+        await redis.close()

@@ -365,7 +365,7 @@ class RoomSocket(HeartbeatMixin, tornado.websocket.WebSocketHandler):
             self.reply_error("bad_message", 'expected {"type": "chat", "text": "..."}')
             return
         if not await self.demo.publish(self.room, chat(self.user, text)):
-            self.reply_error("not_sent", "the message was not sent: backend unavailable", text)
+            self.reply_error("not_sent", "backend unavailable", text)
 
     def reply_error(self, error: str, reason: str, text: str | None = None) -> None:
         """Tell this client (only) that its message was refused or not sent."""
