@@ -821,6 +821,26 @@ async def test_expired_uploads_are_swept_on_a_timer(tmp_path: Path) -> None:
         assert head.status_code in (404, 410)
 
 
+async def test_upload_location_never_reflects_the_client_host(tmp_path: Path) -> None:
+    tus = {"Tus-Resumable": "1.0.0", "Upload-Length": "10"}
+    async with (
+        demo_server(tmp_path) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=scaled(10)) as client,
+    ):
+        created = await client.post("/files", headers={**tus, "Host": "localhost"})
+        assert created.status_code == 201
+        assert re.fullmatch(r"/files/[0-9a-f]{32}", created.headers["Location"])
+    async with (
+        demo_server(tmp_path, "--base-url", "https://chat.example/") as server,
+        httpx.AsyncClient(base_url=server.url, timeout=scaled(10)) as client,
+    ):
+        created = await client.post("/files", headers=tus)
+        assert created.status_code == 201
+        assert re.fullmatch(
+            r"https://chat\.example/files/[0-9a-f]{32}", created.headers["Location"]
+        )
+
+
 @pytest.mark.redis
 async def test_redis_outage_is_never_acknowledged(tmp_path: Path) -> None:
     from tests.backends.redisproc import REDIS_SERVER, RedisProcess

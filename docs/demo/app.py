@@ -613,7 +613,9 @@ def default_allowed_hosts(listen_host: str) -> frozenset[str]:
     return frozenset(hosts)
 
 
-def make_app(demo: Demo, allowed_hosts: frozenset[str] | None = None) -> tornado.web.Application:
+def make_app(
+    demo: Demo, allowed_hosts: frozenset[str] | None = None, base_url: str | None = None
+) -> tornado.web.Application:
     d = {"demo": demo}
     room = r"([A-Za-z0-9_-]{1,40})"
     routes: list[Any] = [
@@ -628,7 +630,13 @@ def make_app(demo: Demo, allowed_hosts: frozenset[str] | None = None) -> tornado
         (r"/api/files/([0-9a-f]{32})", FileInfoHandler, d),
         (r"/download/([0-9a-f]{32})", DownloadHandler, {"path": demo.store.root}),
         static_url_spec("/longconn/"),  # longconn.js, shipped inside the package
-        *TusUploadHandler.routes("/files", store=demo.store, on_complete=demo.upload_complete),
+        *TusUploadHandler.routes(
+            "/files",
+            store=demo.store,
+            on_complete=demo.upload_complete,
+            # Location: <base URL>/files/<id>, or relative; never from the client's Host.
+            base_url=base_url.rstrip("/") + "/files" if base_url else None,
+        ),
         (
             r"/ws-upload",
             UploadSocket,
@@ -658,6 +666,12 @@ async def main() -> None:
         metavar="NAMES",
         help="comma-separated Host names this server answers (default: the --host address "
         "and localhost, 127.0.0.1, ::1); other hosts get 421",
+    )
+    parser.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="public URL of the demo (e.g. https://chat.example) for upload Location headers "
+        "(default: relative Locations)",
     )
     parser.add_argument(
         "--upload-expiry",
@@ -703,7 +717,9 @@ async def main() -> None:
     limits = ServerLimits(
         idle_connection_timeout=args.header_timeout, body_timeout=args.body_timeout
     )
-    server = start_server(make_app(demo, allowed), args.port, args.host, limits=limits)
+    server = start_server(
+        make_app(demo, allowed, args.base_url), args.port, args.host, limits=limits
+    )
     sweeper = tornado.ioloop.PeriodicCallback(demo.sweep_uploads, args.sweep_interval * 1000)
     sweeper.start()
     where = "localhost" if args.host in ("127.0.0.1", "::1", "localhost") else args.host
