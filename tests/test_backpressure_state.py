@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from tornado_longconn.backpressure import (
     DEFAULT_HIGH_WATER,
     DEFAULT_MAX_QUEUE,
     FlowState,
+    Lifecycle,
     OverflowPolicy,
     SendResult,
     WriterStats,
@@ -258,3 +260,92 @@ def test_bookkeeping_invariants(
     assert state.messages_sent == len(committed_ids)
     # Committed messages keep the order they were offered or sent in.
     assert committed_ids == sorted(committed_ids)
+
+
+# -- the flush rule and the lifecycle -------------------------------------------
+
+COUNTERS = (
+    "corked",
+    "pending",
+    "queued_bytes",
+    "messages_sent",
+    "bytes_sent",
+    "dropped",
+    "waits",
+    "writes",
+    "peak_buffered",
+    "closed_slow",
+    "lifecycle",
+)
+
+
+def counters(state: FlowState[Any]) -> dict[str, object]:
+    return {name: getattr(state, name) for name in COUNTERS} | {"queue": list(state.queue)}
+
+
+def test_commit_says_when_to_flush() -> None:
+    state: FlowState[int] = FlowState(high_water=1 << 20)
+    assert state.commit(100) is False  # small: corked until the end of the iteration
+    assert state.commit(64 * 1024) is True  # a large frame is written at once
+    state.flushed(pending=0)
+    for _ in range(4):
+        assert state.commit(60_000) is False
+    assert state.commit(60_000) is True  # the cork reached 256 KiB
+    small: FlowState[int] = FlowState(high_water=1000, low_water=10)
+    assert small.commit(1000) is False  # at high water is not over it
+    assert small.commit(1) is True  # over high water: flush now
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["admit", "flush", "drain", "queue"]),
+            st.integers(min_value=1, max_value=100_000),
+        ),
+        max_size=60,
+    ),
+    high=st.integers(min_value=1, max_value=600_000),
+)
+def test_admit_is_must_wait_then_commit(ops: list[tuple[str, int]], high: int) -> None:
+    """The fan-out's one-call rule (admit) and the two-call rule agree on every counter."""
+    one: FlowState[int] = FlowState(high_water=high, policy=OverflowPolicy.DROP_OLDEST)
+    two: FlowState[int] = FlowState(high_water=high, policy=OverflowPolicy.DROP_OLDEST)
+    for op, n in ops:
+        if op == "admit":
+            verdict = one.admit(n)
+            if two.must_wait():
+                expected = 0
+            else:
+                expected = 2 if two.commit(n) else 1
+            assert verdict == expected
+        elif op == "flush":
+            for state in (one, two):
+                state.flushed(pending=min(state.pending + state.corked, n))
+        elif op == "drain":
+            for state in (one, two):
+                state.set_pending(max(0, state.pending - n))
+        else:  # a message queued by the policy, then pumped when there is room
+            for state in (one, two):
+                state.offer(n, n)
+                state.take_queued()
+        assert counters(one) == counters(two)
+
+
+def test_lifecycle() -> None:
+    state: FlowState[int] = FlowState()
+    assert state.lifecycle is Lifecycle.OPEN and not state.closed
+    state.closing()
+    assert state.lifecycle is Lifecycle.CLOSING and state.closed
+    assert state.offer(1, 1) is SendResult.CLOSED
+    state.close()
+    assert state.lifecycle is Lifecycle.CLOSED_BY_US
+    state.closing()  # settled: no way back
+    assert state.lifecycle is Lifecycle.CLOSED_BY_US
+    gone: FlowState[int] = FlowState()
+    gone.close(gone=True)
+    assert gone.lifecycle is Lifecycle.GONE and not gone.closed_slow
+    slow: FlowState[int] = FlowState(high_water=1, low_water=1)
+    slow.commit(2)
+    assert slow.offer(1, 1) is SendResult.CLOSED
+    assert slow.lifecycle is Lifecycle.GONE and slow.closed_slow

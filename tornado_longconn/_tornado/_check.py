@@ -14,7 +14,8 @@ real objects that each name also behaves as the door assumes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import importlib
+from collections.abc import Callable, Iterable
 
 import tornado
 
@@ -22,7 +23,9 @@ from ..exceptions import LongConnError
 
 __all__ = [
     "CHECKED_VERSIONS",
+    "check_tornado",
     "missing",
+    "register",
     "require_attrs",
     "require_init_attrs",
 ]
@@ -71,3 +74,30 @@ def require_init_attrs(cls: type, names: Iterable[str]) -> None:
     for name in names:
         if name not in assigned and not hasattr(cls, name):
             raise missing(_owner(cls), name, "no longer set by __init__")
+
+
+#: The door submodules whose checks :func:`check_tornado` runs (each registers itself).
+DOOR_MODULES: tuple[str, ...] = ("iostream", "websocket_proto", "web", "hooks")
+
+_checks: list[Callable[[], None]] = []
+
+
+def register(check: Callable[[], None]) -> Callable[[], None]:
+    """Run ``check`` now (at import of the door module) and remember it for :func:`check_tornado`."""
+    check()
+    if check not in _checks:
+        _checks.append(check)
+    return check
+
+
+def check_tornado() -> None:
+    """Check every private Tornado name the door uses; raise ``LongConnError`` for a missing one.
+
+    Imports the door submodules (each runs its own check when imported) and runs
+    every registered check again. The error names the attribute and
+    ``tornado.version``.
+    """
+    for name in DOOR_MODULES:
+        importlib.import_module(f"{__package__}.{name}")
+    for check in _checks:
+        check()

@@ -29,7 +29,7 @@ from typing import Final, Protocol, cast
 import tornado.iostream
 from tornado.iostream import IOStream, SSLIOStream
 
-from ._check import require_attrs, require_init_attrs
+from ._check import register, require_attrs, require_init_attrs
 
 __all__ = [
     "StreamInternals",
@@ -86,7 +86,7 @@ def check_iostream() -> None:
     require_attrs(IOStream, ("set_close_callback", "writing", "closed", "write", "close"))
 
 
-check_iostream()
+register(check_iostream)
 
 
 def _internals(stream: IOStream) -> StreamInternals:

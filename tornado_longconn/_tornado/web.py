@@ -14,7 +14,7 @@ from typing import Protocol, cast
 
 import tornado.web
 
-from ._check import require_attrs, require_init_attrs
+from ._check import register, require_attrs, require_init_attrs
 
 __all__ = ["HandlerInternals", "check_web", "finished"]
 
@@ -32,7 +32,7 @@ def check_web() -> None:
     require_attrs(tornado.web.RequestHandler, ("finish", "flush", "write", "on_connection_close"))
 
 
-check_web()
+register(check_web)
 
 
 def finished(handler: tornado.web.RequestHandler) -> bool:

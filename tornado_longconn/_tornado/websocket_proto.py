@@ -23,7 +23,7 @@ import tornado.websocket
 from tornado.iostream import IOStream
 
 from . import iostream
-from ._check import missing, require_attrs, require_init_attrs
+from ._check import missing, register, require_attrs, require_init_attrs
 
 __all__ = [
     "DeflateInternals",
@@ -79,7 +79,7 @@ def check_websocket_protocol() -> None:
     require_attrs(deflate, ("compress",))
 
 
-check_websocket_protocol()
+register(check_websocket_protocol)
 
 
 def _internals(ws_connection: object) -> ProtocolInternals:
