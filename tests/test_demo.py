@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tornado_longconn.testing import scaled
 
@@ -904,3 +906,41 @@ async def test_page_shows_a_message_the_server_could_not_send(
             await screenshot(page, "demo-not-sent")
     finally:
         await redis.close()
+
+
+def _demo_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("longconn_demo_app", DEMO)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='ab"\\[]{}\u00e9 '),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.text(alphabet='k"\\[{', max_size=3), children, max_size=3)
+    ),
+    max_leaves=20,
+)
+
+
+@given(_json_values)
+def test_json_depth_is_counted_without_parsing(value: Any) -> None:
+    # Brackets inside strings (escaped quotes included) do not count.
+    assert DEMO_APP.json_depth(json.dumps(value)) == _depth(value)
+    assert DEMO_APP.json_depth(json.dumps(value, ensure_ascii=False)) == _depth(value)
+
+
+DEMO_APP = _demo_module()

@@ -78,7 +78,7 @@ def test_every_exhaustion_errno_is_named_in_the_log(err: int) -> None:
     ],
 )
 def test_limits_refuse_nonsense(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match="must be|need"):
+    with pytest.raises(ValueError, match=r"must be|need"):
         ServerLimits(**kwargs)  # type: ignore[arg-type]
 
 
@@ -89,7 +89,7 @@ def test_door_reads_the_installed_tornado() -> None:
     server = tornado.httpserver.HTTPServer(tornado.web.Application())
     internals = door.check_tcpserver(server)
     assert internals._sockets == {} and internals._handlers == {}
-    assert tornado.version in door.CHECKED_VERSIONS or tornado.version_info >= (6, 4)
+    assert callable(internals._handle_connection)
 
 
 def test_door_fails_loudly_naming_the_attribute_and_version() -> None:
