@@ -262,3 +262,17 @@ def test_policy_defaults_and_validation() -> None:
     mine = EarlyAnswer(max_bytes=0)
     app = tornado.web.Application(longconn_early_answer=mine)
     assert default_early_answer(app) is mine
+
+
+def test_a_tornado_without_the_private_names_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tornado
+    import tornado.http1connection
+
+    from tornado_longconn._tornado.http1 import check_http1
+    from tornado_longconn.exceptions import LongConnError
+
+    check_http1()  # the installed Tornado has them
+    monkeypatch.delattr(tornado.http1connection.HTTP1Connection, "_finish_request")
+    with pytest.raises(LongConnError, match="_finish_request") as info:
+        check_http1()
+    assert tornado.version in str(info.value)

@@ -478,7 +478,9 @@ async def test_tuspy_resumes_an_interrupted_upload(store: UploadStore) -> None:
 
 
 @contextlib.asynccontextmanager
-async def server_process(root: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+async def server_process(
+    root: Path, **extra_env: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -488,6 +490,7 @@ async def server_process(root: Path) -> AsyncIterator[tuple[asyncio.subprocess.P
         UPLOAD_DIR=str(root),
         PYTHONPATH=str(ROOT),
         PYTHONUNBUFFERED="1",
+        **extra_env,
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -932,3 +935,45 @@ async def test_many_tus_uploads_stay_within_the_open_file_budget(tmp_path: Path)
         sink = await store.open(upload_id)
         assert sink.sha256 == hashlib.sha256(data).hexdigest()
         assert read(store.final_path(upload_id)) == data
+
+
+async def test_example_server_tus_conformance(tmp_path: Path) -> None:
+    """The example server: early answers read, DELETE of a completed upload, override, Location."""
+    from tests.test_early_answer import RawHTTP, request
+
+    public = "https://uploads.example/files"
+    async with (
+        server_process(tmp_path, UPLOAD_BASE_URL=public, UPLOAD_MAX_OPEN_FILES="8") as (_, port),
+        httpx.AsyncClient() as http,
+    ):
+        base = f"http://127.0.0.1:{port}/files/"
+        resp = await http.post(base, headers={**TUS, "Upload-Length": "5", "Host": "evil"})
+        assert resp.status_code == 201 and resp.headers["Location"].startswith(public + "/")
+        upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+        url = base + upload_id
+        # An early answer (wrong offset) over a body still being sent is read.
+        client = await RawHTTP.connect(port)
+        try:
+            await client.send(
+                request(
+                    "PATCH",
+                    "/files/" + upload_id,
+                    500_000,
+                    Tus_Resumable="1.0.0",
+                    Content_Type="application/offset+octet-stream",
+                    Upload_Offset="3",
+                )
+            )
+            answer = await client.response()
+            assert (answer.status, answer.closes) == (409, True)
+            await client.send(b"x" * 500_000)
+            assert await client.end_of_stream() == b""
+        finally:
+            client.close()
+        head = await http.post(url, headers={**TUS, "X-HTTP-Method-Override": "HEAD"})
+        assert head.status_code == 200 and head.headers["Upload-Offset"] == "0"
+        done = await http.patch(url, headers={**OCTETS, "Upload-Offset": "0"}, content=b"12345")
+        assert done.status_code == 204
+        assert (await http.delete(url, headers=TUS)).status_code == 204
+        assert (await http.head(url, headers=TUS)).status_code == 404
+    assert not (tmp_path / upload_id).exists()

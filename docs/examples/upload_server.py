@@ -2,8 +2,14 @@
 
 Environment: ``PORT`` (default 8888), ``UPLOAD_DIR`` (default ``./uploads``),
 ``UPLOAD_MAX_SIZE`` (bytes, default 1 GiB), ``CORS_ORIGINS`` (comma-separated, or
-``*``; default none). Prints one line with both URLs once it listens, then serves until
-SIGTERM/SIGINT. Expired partial uploads are swept every 10 minutes.
+``*``; default none), ``UPLOAD_BASE_URL`` (the public URL of ``/files``, used for
+``Location``; default: relative ``Location``), ``TRUST_FORWARDED`` (``1`` behind a
+proxy that sets ``X-Forwarded-Proto``/``-Host`` or ``Forwarded``; default ``0``),
+``UPLOAD_MAX_OPEN_FILES`` (partial files held open at once; default a quarter of the
+soft ``RLIMIT_NOFILE``), ``EARLY_ANSWER_MAX_BYTES`` / ``EARLY_ANSWER_TIMEOUT``
+(body drained after an early answer such as 423; default 8 MiB / 5 s). Prints one
+line with both URLs once it listens, then serves until SIGTERM/SIGINT. Expired
+partial uploads are swept every 10 minutes.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import signal
 import tornado.ioloop
 import tornado.web
 
+from tornado_longconn.streaming import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, EarlyAnswer
 from tornado_longconn.upload import ChunkedUploadSink, UploadStore
 from tornado_longconn.upload_tus import TusUploadHandler
 from tornado_longconn.upload_ws import WebSocketUploadHandler
@@ -26,12 +33,25 @@ def log_complete(sink: ChunkedUploadSink) -> None:
     )
 
 
-def make_app(store: UploadStore, cors: list[str] | str | None = None) -> tornado.web.Application:
+def make_app(
+    store: UploadStore,
+    cors: list[str] | str | None = None,
+    *,
+    base_url: str | None = None,
+    trust_forwarded: bool = False,
+    early_answer: EarlyAnswer | None = None,
+) -> tornado.web.Application:
     """Routes: tus at ``/files/`` (and ``/files/<id>``), WebSocket uploads at ``/ws-upload``."""
     return tornado.web.Application(
         [
             *TusUploadHandler.routes(
-                "/files", store=store, cors_origins=cors, on_complete=log_complete
+                "/files",
+                store=store,
+                cors_origins=cors,
+                on_complete=log_complete,
+                base_url=base_url,
+                trust_forwarded=trust_forwarded,
+                early_answer=early_answer,
             ),
             (r"/ws-upload", WebSocketUploadHandler, {"store": store, "on_complete": log_complete}),
         ],
@@ -41,13 +61,26 @@ def make_app(store: UploadStore, cors: list[str] | str | None = None) -> tornado
 
 async def main() -> None:
     port = int(os.environ.get("PORT", "8888"))
+    max_open_files = os.environ.get("UPLOAD_MAX_OPEN_FILES")
     store = UploadStore(
         os.environ.get("UPLOAD_DIR", "uploads"),
         max_size=int(os.environ.get("UPLOAD_MAX_SIZE", str(1 << 30))),
+        max_open_files=int(max_open_files) if max_open_files else None,
     )
     origins = os.environ.get("CORS_ORIGINS")
     cors = None if not origins else ("*" if origins == "*" else origins.split(","))
-    server = make_app(store, cors).listen(port, "127.0.0.1")
+    early_answer = EarlyAnswer(
+        max_bytes=int(os.environ.get("EARLY_ANSWER_MAX_BYTES", str(DEFAULT_MAX_BYTES))),
+        timeout=float(os.environ.get("EARLY_ANSWER_TIMEOUT", str(DEFAULT_TIMEOUT))),
+    )
+    app = make_app(
+        store,
+        cors,
+        base_url=os.environ.get("UPLOAD_BASE_URL") or None,
+        trust_forwarded=os.environ.get("TRUST_FORWARDED", "0") == "1",
+        early_answer=early_answer,
+    )
+    server = app.listen(port, "127.0.0.1")
     sweeper = tornado.ioloop.PeriodicCallback(store.sweep, 600_000)
     sweeper.start()
     print(
