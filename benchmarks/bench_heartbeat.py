@@ -48,6 +48,7 @@ from benchmarks.harness import (
     ServerProcess,
     bench_args,
     exit_code,
+    raise_fd_limit,
     run_client,
     server_command,
     write_markdown,
@@ -66,6 +67,21 @@ TIMEOUT = 10.0
 RESOLUTION = 0.05
 
 
+def fd_limit_error(connections: int) -> str:
+    """Why this machine cannot hold ``connections`` (empty if it can).
+
+    Raises this process's soft open-files limit to the hard one, as the server and the
+    load client do in theirs: each needs one descriptor per connection and a few more.
+    """
+    limit = raise_fd_limit()
+    if connections + 100 <= limit:
+        return ""
+    return (
+        f"open-files limit {limit} is too low for {connections:,} connections "
+        "(raise the hard limit, e.g. ulimit -Hn, or run fewer)"
+    )
+
+
 def run_variant(variant: str, connections: int, hold: float) -> Result:
     cmd = server_command(SERVER, variant, str(connections), str(hold), str(INTERVAL), str(TIMEOUT))
     cfg = ClientConfig(
@@ -77,6 +93,9 @@ def run_variant(variant: str, connections: int, hold: float) -> Result:
         duration=hold + max(2.0, 0.6 * hold),
         timeout=max(60.0, connections / 50),  # opening is slow on a busy machine
     )
+    too_many = fd_limit_error(connections)
+    if too_many:
+        return Result(variant, "idle", ok=False, error=too_many, extra={"stats": {}})
     try:
         with ServerProcess(cmd, ready_timeout=60.0) as server:
             report = run_client(cfg.with_port(server.port))
@@ -200,7 +219,10 @@ def run_dead_peer(connections: int, interval: float, timeout: float) -> Result:
     errors: list[str] = []
     report: dict[str, Any] = {}
     dead: dict[str, Any] = {}
+    too_many = fd_limit_error(connections)
     try:
+        if too_many:
+            raise RuntimeError(too_many)
         with ServerProcess(cmd, ready_timeout=60.0) as server:
             report = run_client(cfg.with_port(server.port))
         dead = server.report("DEAD", {})
@@ -221,7 +243,7 @@ def run_dead_peer(connections: int, interval: float, timeout: float) -> Result:
             errors.append(f"heartbeat closed {dead['live_timed_out']} live connections")
         if delays and max(delays) > late_bound:
             errors.append(f"detection took up to {max(delays):.3f} s (> {late_bound:g} s)")
-    if report.get("connections") != connections:
+    if report and report.get("connections") != connections:
         errors.append(f"client opened {report.get('connections')} of {connections}")
     return Result(
         "ours",
@@ -243,6 +265,8 @@ def run_dead_peer(connections: int, interval: float, timeout: float) -> Result:
             "min": min(delays, default=0.0),
             "within": sum(d <= bound for d in delays),
             "max_since_activity": max(since_activity, default=0.0),
+            "rtt_p99_ms": float(dead.get("p99_ms", 0.0)),
+            "live_timed_out": int(dead.get("live_timed_out", 0)),
         },
     )
 
@@ -263,6 +287,8 @@ def dead_peer_table(rows: list[Result]) -> str:
         "within bound",
         "max from last activity s",
         "late bound s (2 x interval + timeout + 0.05)",
+        "live connections dropped",
+        "heartbeat RTT p99 ms",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
@@ -285,6 +311,8 @@ def dead_peer_table(rows: list[Result]) -> str:
                     + (" (all)" if r.messages and x["within"] == r.messages else ""),
                     f"{x['max_since_activity']:.3f}",
                     f"{x['late_bound']:.2f}",
+                    f"{x['live_timed_out']:,}",
+                    f"{x['rtt_p99_ms']:.1f}",
                 ]
             )
             + " |"
@@ -305,6 +333,11 @@ Notes:
   dispatch of `on_close` (a few ms): "max from last activity" measures from when the
   server received the frozen client's last frame, as the bound is defined. The late bound is what detection took before frames were dated when they
   arrived (one interval late).
+* "live connections dropped" counts connections that never froze and were closed by
+  the heartbeat anyway: with a short timeout (1 s), a server or client starved of
+  CPU for longer than that (a shared machine at a load average of 7-9) answers or
+  reads pongs too late, and the run fails. The RTT column shows how loaded the
+  server was.
 * Server (CPU 0) and load client (CPU 1) run on a shared 2-core VM.
 """
 

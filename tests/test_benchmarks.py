@@ -292,7 +292,10 @@ class Pinged(tornado.websocket.WebSocketHandler):
 
     def on_message(self, message: str | bytes) -> None:
         assert isinstance(message, str)
-        self.messages.append(message)
+        if message == "go":  # the client's start message: all its connections are open
+            self.state["go"].set()
+        else:
+            self.messages.append(message)
 
 
 async def test_frozen_clients_stop_after_their_first_pong() -> None:
@@ -301,15 +304,21 @@ async def test_frozen_clients_stop_after_their_first_pong() -> None:
         "conns": [],
         "expected": 3,
         "opened": asyncio.Event(),
+        "go": asyncio.Event(),
         "pong": asyncio.Event(),
     }
     app = tornado.web.Application([("/", Pinged, {"state": state})])
     async with AppServer(app) as srv:
         cfg = harness.ClientConfig(
-            port=srv.port, connections=3, freeze=1, verify="count", duration=2.0 * SCALE
+            port=srv.port,
+            connections=3,
+            freeze=1,
+            verify="count",
+            start_message="go",
+            duration=2.0 * SCALE,
         )
         client = loop.run_in_executor(None, harness.run_client, cfg)
-        await asyncio.wait_for(state["opened"].wait(), 30)
+        await asyncio.wait_for(state["go"].wait(), 30)
         conns: list[Pinged] = state["conns"]
 
         async def ping_all(answers: int) -> None:

@@ -37,7 +37,9 @@ bite sooner). ``start_message`` is a text frame sent on connection 0 once all ar
 that many payload messages to the server (zero mask key) after opening.
 
 ``freeze`` (dead-peer tests): the first ``freeze`` connections, right after answering
-their first ping, send one text frame ``"frozen <t>"`` (``t`` = ``time.monotonic()``,
+their first ping once every connection is open (so that the server is no longer busy
+with handshakes; ``start_message`` goes out at that moment too), send one text frame
+``"frozen <t>"`` (``t`` = ``time.monotonic()``,
 the same clock in every process of the host) and then neither read nor write again,
 without closing: a peer that vanished without a FIN. The report lists their
 ``frozen_at`` times.
@@ -397,7 +399,7 @@ class _Conn(asyncio.Protocol):
             elif op == 9:
                 self.pings += 1
                 self._write(_client_frame(0xA, bytes(buf[ps:end])))
-                if self.freeze:
+                if self.freeze and self.client.all_open:
                     self._freeze()
                     return
             elif op == 10:
@@ -566,6 +568,7 @@ class _LoadClient:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
         self.expected: _ExpectedStream | None = None
+        self.all_open = False
         if cfg.verify == "stream":
             if cfg.size is None:
                 raise ValueError('verify="stream" needs a fixed size')
@@ -603,6 +606,7 @@ class _LoadClient:
         conns = [c for c in outcomes if isinstance(c, _Conn)]
         connect_errors = [repr(e) for e in outcomes if not isinstance(e, _Conn)]
         t_open = time.perf_counter()
+        self.all_open = True
         if cfg.start_message is not None and conns:
             conns[0]._write(_client_frame(1, cfg.start_message.encode()))
         senders = [asyncio.ensure_future(c.send_messages()) for c in conns if cfg.send_count]
