@@ -109,8 +109,10 @@ class ProtocolErrorStats:
 class StrictWebSocketMixin(tornado.websocket.WebSocketHandler):
     """Fail connections that break RFC 6455 with a close frame (1002, 1007, 1009).
 
-    Put it before ``WebSocketHandler`` in the bases (with other mixins of this
-    library, in any order). It changes only :meth:`get_websocket_protocol`: the
+    Put it before ``WebSocketHandler`` in the bases, and after
+    :class:`~tornado_longconn.heartbeat.HeartbeatMixin` when you use both
+    (``class Chat(HeartbeatMixin, StrictWebSocketMixin, WebSocketHandler)``).
+    It changes only :meth:`get_websocket_protocol`: the
     protocol Tornado builds (with your compression options, ping settings and
     ``max_message_size``) is replaced by a strict subclass with the same
     parameters. What is checked and the codes sent: :mod:`tornado_longconn.strict`.
