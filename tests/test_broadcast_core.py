@@ -301,7 +301,7 @@ def run(model: Model, steps: list[tuple[str, int, int]], backs: list[int]) -> No
 
 
 @settings(
-    max_examples=int(os.environ.get("LONGCONN_HYPOTHESIS_EXAMPLES", "150")),
+    max_examples=int(os.environ.get("LONGCONN_HYPOTHESIS_EXAMPLES", "100")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -310,7 +310,7 @@ def run(model: Model, steps: list[tuple[str, int, int]], backs: list[int]) -> No
     history=st.integers(1, 12),
     buffer_limit=st.integers(1, 8),
     page=st.integers(1, 5),
-    steps=st.lists(op, min_size=1, max_size=300),
+    steps=st.lists(op, min_size=100, max_size=400),
     backs=st.lists(st.integers(0, 15), min_size=1, max_size=8),
 )
 def test_every_member_gets_the_log_after_its_cursor_without_gap_or_duplicate(
@@ -355,6 +355,10 @@ def test_a_long_random_run_exercises_every_path(policy: GapPolicy) -> None:
     assert model.went_live_from_history > 100
     assert model.resyncs > 50
     assert model.rereads > 20
+
+
+def state_of(slot: Slot) -> MemberState:
+    return slot.state  # read through a call: mypy would keep an earlier check narrowed
 
 
 def make(policy: GapPolicy = GapPolicy.NOTICE, *, limit: int = 5) -> tuple[TopicLog, Core]:
@@ -411,7 +415,7 @@ def test_overflow_while_replaying_rereads_history() -> None:
     core.offer(topic.append("x", now=0.0), 9)  # not buffered while REREAD
     assert slot.buffered == 0
     core.history(0, SinceResult((), Cursor("e", 0)), page_size=10)
-    assert core.go_live(0) is None and slot.state is MemberState.REPLAYING
+    assert core.go_live(0) is None and state_of(slot) is MemberState.REPLAYING
 
 
 @pytest.mark.parametrize("policy", list(GapPolicy))
