@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import socket
 import sys
 import textwrap
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import tornado
 import tornado.httpserver
+import tornado.tcpserver
 import tornado.web
 
 from tornado_longconn._tornado import server as door
@@ -90,6 +92,15 @@ def test_door_reads_the_installed_tornado() -> None:
     internals = door.check_tcpserver(server)
     assert internals._sockets == {} and internals._handlers == {}
     assert callable(internals._handle_connection)
+
+
+def test_door_check_runs_at_import_and_names_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    door.check_server()  # the installed Tornado has every name
+    monkeypatch.delattr(tornado.tcpserver.TCPServer, "_handle_connection")
+    with pytest.raises(LongConnError, match=r"_handle_connection.*" + re.escape(tornado.version)):
+        door.check_server()
 
 
 def test_door_fails_loudly_naming_the_attribute_and_version() -> None:

@@ -21,8 +21,9 @@ Private names used (each checked against Tornado 6.4.2, 6.5.2 and 6.6.1):
 
 A Tornado release without them raises
 :class:`~tornado_longconn.exceptions.LongConnError` naming the attribute and
-``tornado.version`` when the server is created (never a silent fallback to
-Tornado's own loop).
+``tornado.version`` when this module is imported (:func:`check_server`,
+registered with :func:`._check.check_tornado`) and again when a server is
+created (never a silent fallback to Tornado's own loop).
 """
 
 from __future__ import annotations
@@ -31,15 +32,18 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-import tornado
 import tornado.tcpserver
 
 from ..exceptions import LongConnError
+from ._check import missing, register, require_attrs, require_init_attrs
 
-__all__ = ["TCPServerInternals", "check_tcpserver", "handle_connection", "register_listener"]
-
-#: Checked against these Tornado versions (the canary test reads it).
-CHECKED_VERSIONS = ("6.4.2", "6.5.2", "6.6.1")
+__all__ = [
+    "TCPServerInternals",
+    "check_server",
+    "check_tcpserver",
+    "handle_connection",
+    "register_listener",
+]
 
 
 class TCPServerInternals(Protocol):
@@ -54,10 +58,20 @@ class TCPServerInternals(Protocol):
     def _handle_connection(self, connection: socket.socket, address: Any) -> None: ...
 
 
+def check_server() -> None:
+    """Raise ``LongConnError`` unless ``TCPServer`` has the names above (run at import)."""
+    require_attrs(tornado.tcpserver.TCPServer, ("_handle_connection",))
+    require_init_attrs(tornado.tcpserver.TCPServer, ("_sockets", "_handlers"))
+
+
+register(check_server)
+
+
 def _missing(name: str) -> LongConnError:
-    return LongConnError(
-        f"tornado.tcpserver.TCPServer.{name} is missing in Tornado {tornado.version}: "
-        "tornado_longconn.server cannot install its accept handler on this version"
+    return missing(
+        "tornado.tcpserver.TCPServer",
+        name,
+        "tornado_longconn.server cannot install its accept loop",
     )
 
 
