@@ -314,10 +314,7 @@ def test_admit_is_must_wait_then_commit(ops: list[tuple[str, int]], high: int) -
     for op, n in ops:
         if op == "admit":
             verdict = one.admit(n)
-            if two.must_wait():
-                expected = 0
-            else:
-                expected = 2 if two.commit(n) else 1
+            expected = 0 if two.must_wait() else 2 if two.commit(n) else 1
             assert verdict == expected
         elif op == "flush":
             for state in (one, two):

@@ -273,6 +273,7 @@ async def test_wire_bytes_in_and_read_progress(server: AppServer, seen: Seen) ->
         assert proto is not None and not websocket_proto.uses_deflate(proto)
         assert websocket_proto.deflate_of(proto) is None
         stream = proto.stream
+        assert stream is not None
         before_in = websocket_proto.wire_bytes_in(proto)
         before = websocket_proto.read_progress(proto, stream)
         await client.send("x" * 10)
@@ -433,9 +434,11 @@ async def test_stream_close_chains_the_previous_callback(server: AppServer, seen
         handler = await asyncio.wait_for(seen.handlers.get(), scaled(5))
         proto = handler.ws_connection
         assert proto is not None
-        proto.stream.set_close_callback(theirs)
+        stream = proto.stream
+        assert stream is not None
+        stream.set_close_callback(theirs)
         HandlerHooks.of(handler).add(Hook.STREAM_CLOSE, lambda: calls.append("ours"))
-        assert iostream.close_callback(proto.stream) not in (None, theirs)
+        assert iostream.close_callback(stream) not in (None, theirs)
         await client.close()
     await asyncio.wait_for(done.wait(), scaled(5))
     assert calls == ["ours", "theirs"]

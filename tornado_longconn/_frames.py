@@ -192,5 +192,5 @@ plain_socket = iostream.plain_socket
 #: sent) for TLS, closed or busy streams: the caller ``stream.write``\ s the rest.
 try_send = iostream.try_send
 
-#: A number that grows whenever bytes move on a WebSocket connection (``(ws, stream)``).
+#: Bytes ever read from the peer on a WebSocket connection (``(ws, stream)``).
 read_progress = websocket_proto.read_progress

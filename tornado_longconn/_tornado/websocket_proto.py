@@ -38,16 +38,23 @@ __all__ = [
 
 
 class DeflateInternals(Protocol):
-    """The private part of Tornado's ``_PerMessageDeflateCompressor`` that the library reads."""
+    """The private part of Tornado's ``_PerMessageDeflateCompressor`` that the library reads.
+
+    Read-only (properties), so that Tornado's own annotations match.
+    """
 
     # checked against Tornado 6.4.2, 6.5.2, 6.6.1 (None: no server context takeover)
-    _compressor: object | None
+    @property
+    def _compressor(self) -> object | None: ...
     # checked against Tornado 6.4.2, 6.5.2, 6.6.1
-    _max_wbits: int
+    @property
+    def _max_wbits(self) -> int: ...
     # checked against Tornado 6.4.2, 6.5.2, 6.6.1
-    _compression_level: int
+    @property
+    def _compression_level(self) -> int: ...
     # checked against Tornado 6.4.2, 6.5.2, 6.6.1
-    _mem_level: int
+    @property
+    def _mem_level(self) -> int: ...
 
     # checked against Tornado 6.4.2, 6.5.2, 6.6.1
     def compress(self, data: bytes) -> bytes: ...
@@ -57,9 +64,11 @@ class ProtocolInternals(Protocol):
     """The private part of ``tornado.websocket.WebSocketProtocol13`` that the library reads."""
 
     # checked against Tornado 6.4.2, 6.5.2, 6.6.1
-    _compressor: DeflateInternals | None
+    @property
+    def _compressor(self) -> DeflateInternals | None: ...
     # checked against Tornado 6.4.2, 6.5.2, 6.6.1
-    _wire_bytes_in: int
+    @property
+    def _wire_bytes_in(self) -> int: ...
 
 
 _DEFLATE_NAMES: Final = ("_compressor", "_max_wbits", "_compression_level", "_mem_level")
@@ -113,14 +122,10 @@ def wire_bytes_in(ws_connection: object) -> int:
 
 
 def read_progress(ws_connection: object, stream: IOStream) -> int:
-    """A number that grows whenever bytes move on the connection, in or out.
+    """Bytes ever read from the peer on this connection; grows with every byte it sends.
 
-    Bytes handed to the kernel + bytes read and not yet parsed + bytes parsed
-    as frames. Heartbeats compare it between ticks to see inbound or outbound
-    progress without per-message bookkeeping.
+    Bytes read from the socket and not yet parsed (``IOStream._read_buffer_size``)
+    plus bytes parsed as frames (``_wire_bytes_in``). Heartbeats compare it
+    between ticks to see inbound progress without per-message bookkeeping.
     """
-    return (
-        iostream.write_indexes(stream)[1]
-        + iostream.unread_bytes(stream)
-        + _internals(ws_connection)._wire_bytes_in
-    )
+    return iostream.unread_bytes(stream) + _internals(ws_connection)._wire_bytes_in
