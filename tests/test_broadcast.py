@@ -33,6 +33,7 @@ from tornado_longconn.broadcast import (
     BroadcastGroup,
     BroadcastHub,
     GapPolicy,
+    GroupOptions,
     cursor_envelope,
 )
 from tornado_longconn.codes import CloseCode
@@ -775,6 +776,110 @@ async def test_hub_forgets_idle_groups_beyond_its_limit() -> None:
     assert len(hub) == 3
     assert [g.name for g in hub] == ["g7", "g8", "g9"]
     assert hub.stats().published == 10
+
+
+def test_group_options_are_resolved_once_from_the_hub_defaults() -> None:
+    hub = BroadcastHub(history=5, high_water=10_000, gap_policy=GapPolicy.NOTICE)
+    assert hub.defaults == GroupOptions(
+        history=HistoryLimit(max_messages=5), high_water=10_000, gap_policy=GapPolicy.NOTICE
+    )
+    room = hub.group("room", high_water=20_000, policy="drop_oldest", close_spread=0)
+    assert room.options == GroupOptions(
+        history=HistoryLimit(max_messages=5),
+        policy=OverflowPolicy.DROP_OLDEST,
+        high_water=20_000,
+        gap_policy=GapPolicy.NOTICE,
+        close_spread=0.0,
+    )
+    assert (room.high_water, room.policy, room.gap_policy) == (
+        20_000,
+        OverflowPolicy.DROP_OLDEST,
+        GapPolicy.NOTICE,
+    )
+    assert hub.defaults.high_water == 10_000  # the hub's defaults are not touched
+    with pytest.raises(AttributeError):
+        room.options.high_water = 1  # type: ignore[misc]
+    # Asking again with the same options is fine; with another one, a clear error.
+    assert hub.group("room", high_water=20_000, history=5) is room
+    with pytest.raises(ValueError, match="exists with high_water=20000, not 30000"):
+        hub.group("room", high_water=30_000)
+    with pytest.raises(TypeError, match="unknown group option 'colour'"):
+        hub.group("room", colour="red")
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"high_water": 0}, ValueError, "high_water must be >= 1"),
+        ({"high_water": 100, "low_water": 200}, ValueError, "low_water must be between"),
+        ({"max_queue": 0}, ValueError, "max_queue must be >= 1"),
+        ({"close_batch": 0}, ValueError, "close_batch must be >= 1"),
+        ({"close_spread": -1.0}, ValueError, "close_spread must be >= 0"),
+        ({"policy": "sometimes"}, ValueError, "policy must be one of"),
+        ({"gap_policy": "ignore"}, ValueError, "gap_policy must be one of"),
+        ({"history": "lots"}, TypeError, "history must be"),
+        ({"high_water": "big"}, TypeError, "high_water must be an int"),
+        ({"envelope": 42}, TypeError, "envelope must be callable"),
+    ],
+)
+def test_invalid_group_options_are_refused_once_with_a_clear_error(
+    options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        BroadcastHub(**options)
+    with pytest.raises(error, match=match):
+        BroadcastGroup("bad", **options)
+    hub = BroadcastHub()
+    with pytest.raises(error, match=match):
+        hub.group("bad", **options)
+    assert "bad" not in hub
+
+
+async def test_hub_close_closes_each_group_through_its_close() -> None:
+    # The hub closes every group (joins refused with the hub's code afterwards) and
+    # closes a connection that is in two groups with the same code.
+    hub = BroadcastHub(close_spread=0.0)
+    rooms = [hub.group("a"), hub.group("b")]
+
+    class Two(tornado.websocket.WebSocketHandler):
+        async def open(self) -> None:
+            for room in rooms:
+                await room.join(self)
+            self.write_message("ready")
+
+    app = tornado.web.Application([(r"/ws", Two)])
+    async with AppServer(app) as server:
+        url = server.ws_url("/ws")
+        clients = [await websockets.connect(url) for _ in range(3)]
+        for ws in clients:
+            assert await asyncio.wait_for(ws.recv(), scaled(5)) == "ready"
+        await hub.close(4010, "maintenance")
+        assert all(room.closed and len(room) == 0 for room in rooms)
+        for ws in clients:
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), scaled(5))
+            assert (ws.close_code, ws.close_reason) == (4010, "maintenance")
+        late = await websockets.connect(url)
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(late.recv(), scaled(5))
+        assert (late.close_code, late.close_reason) == (4010, "maintenance")
+        stats = hub.stats()
+        assert stats.members == 0 and stats.joined == 6 and stats.left == 6
+        with pytest.raises(AttributeError):
+            stats.members = 1  # type: ignore[misc]
+
+
+async def test_group_close_can_leave_connections_open() -> None:
+    group = BroadcastGroup("keep", close_spread=0.0)
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        client = await websockets.connect(server.ws_url("/ws"))
+        (member,) = await joined_members(joined, 1)
+        await group.close(close_connections=False)
+        assert group.closed and len(group) == 0
+        member.write_message("still open")
+        assert await asyncio.wait_for(client.recv(), scaled(5)) == "still open"
+        await client.close()
 
 
 # --------------------------------------------------------------------------- resume
