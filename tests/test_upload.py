@@ -513,6 +513,17 @@ async def test_checksummed_segment_survives_its_descriptor_being_closed(tmp_path
     store.close()
 
 
+async def test_idle_uploads_hold_no_descriptor(tmp_path: Path) -> None:
+    store = UploadStore(tmp_path, max_open_files=16)
+    sinks = [await store.create(10) for _ in range(1100)]  # e.g. unauthenticated creations
+    assert open_partial_files(store.root) == 0 and store.stats.open_files == 0
+    for sink in sinks[-40:]:  # the first 100 states were evicted (max_cached=1000)
+        await write_all(sink, b"abc")
+    assert open_partial_files(store.root) <= 16 and store.stats.open_files <= 16
+    store.close()
+    assert open_partial_files(store.root) == 0
+
+
 def test_default_open_file_budget_follows_the_soft_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
