@@ -69,7 +69,7 @@ from .codes import CloseCode
 from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import DEFAULT_HISTORY, Cursor, HistoryLimit, Message, SinceResult, parse_cursor
 
-# GapPolicy is defined with the I/O-free core (_groupcore) and public here.
+# GapPolicy and MemberState are defined with the I/O-free core (_groupcore), public here.
 
 if TYPE_CHECKING:
     import tornado.web
@@ -84,6 +84,7 @@ __all__ = [
     "BroadcastStats",
     "GapPolicy",
     "GroupOptions",
+    "MemberState",
     "Membership",
     "PublishResult",
     "cursor_envelope",
@@ -389,7 +390,7 @@ class Membership(MemberSlot[_Live]):
     Attributes: ``group``, ``handler``, ``writer`` (the connection's
     :class:`~tornado_longconn.backpressure.BackpressureWriter`, None when the join
     was refused because the connection or the group was already closed),
-    ``state`` (a :class:`~tornado_longconn._groupcore.MemberState`: replaying
+    ``state`` (a :class:`MemberState`: replaying
     history, live, or left), ``active`` (still a member), ``live`` (receiving
     live messages), ``replayed`` (history messages delivered on resume) and
     ``gap`` (the :class:`~tornado_longconn.log.SinceResult` when resuming hit a
@@ -1425,9 +1426,29 @@ class BroadcastHub:
         return self.defaults.policy
 
     @property
+    def high_water(self) -> int:
+        """The groups' default writer high-water mark (``defaults.high_water``)."""
+        return self.defaults.high_water
+
+    @property
+    def low_water(self) -> int | None:
+        """The groups' default writer low-water mark (``defaults.low_water``)."""
+        return self.defaults.low_water
+
+    @property
+    def max_queue(self) -> int | None:
+        """The groups' default writer queue limit (``defaults.max_queue``)."""
+        return self.defaults.max_queue
+
+    @property
     def gap_policy(self) -> GapPolicy:
         """The groups' default gap policy (``defaults.gap_policy``)."""
         return self.defaults.gap_policy
+
+    @property
+    def envelope(self) -> Envelope | None:
+        """The groups' default envelope (``defaults.envelope``)."""
+        return self.defaults.envelope
 
     @property
     def close_batch(self) -> int:
