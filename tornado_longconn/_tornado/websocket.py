@@ -131,7 +131,7 @@ def close_payload_failure(payload: bytes) -> Failure | None:
 
     An empty payload is valid (no code). One byte is a protocol error (1002),
     as is a code that :func:`is_valid_close_code` rejects; a reason that is not
-    UTF-8 is 1007.
+    UTF-8 is 1007 (checked before the code).
 
     >>> close_payload_failure(b"\\x03\\xe8bye") is None
     True
@@ -144,12 +144,12 @@ def close_payload_failure(payload: bytes) -> Failure | None:
         return None
     if len(payload) == 1:
         return _SHORT_CLOSE
-    if not is_valid_close_code(int.from_bytes(payload[:2], "big")):
-        return _BAD_CLOSE_CODE
     try:
         payload[2:].decode("utf-8")
     except UnicodeDecodeError:
-        return _CLOSE_REASON_NOT_UTF8
+        return _CLOSE_REASON_NOT_UTF8  # checked first, as python-websockets does
+    if not is_valid_close_code(int.from_bytes(payload[:2], "big")):
+        return _BAD_CLOSE_CODE
     return None
 
 
