@@ -276,3 +276,39 @@ def test_a_tornado_without_the_private_names_fails_loudly(monkeypatch: pytest.Mo
     with pytest.raises(LongConnError, match="_finish_request") as info:
         check_http1()
     assert tornado.version in str(info.value)
+
+
+async def test_answer_over_tls_is_read() -> None:
+    """Over TLS the server keeps its side open (no half-close without close_notify);
+    the client reads the status and ``Connection: close``, sends its body, and sees the
+    connection end at the deadline without a reset."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    policy = EarlyAnswer(timeout=scaled(0.3))
+    app = tornado.web.Application([(r"/up", Guarded, {"early_answer": policy})])
+    async with AppServer(app, ssl_options=server_ctx) as server:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=client_ctx, server_hostname="127.0.0.1"
+        )
+        try:
+            writer.write(request("PUT", "/up?deny=1", BODY))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), scaled(10))
+            assert head.startswith(b"HTTP/1.1 403") and b"\r\nConnection: close\r\n" in head
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            await asyncio.wait_for(reader.readexactly(length), scaled(10))
+            writer.write(b"x" * BODY)
+            await writer.drain()
+            with contextlib.suppress(ssl.SSLError):  # EOF without close_notify
+                assert await asyncio.wait_for(reader.read(), scaled(10)) == b""
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+    assert policy.stats.closed_at_deadline == 1
