@@ -22,7 +22,8 @@ Results: ``benchmarks/results/heartbeat.md``.
 Dead-peer scenario (``ours`` only): 20,000 connections (``--dead-connections``;
 ``--tiny``: 200) with ``heartbeat_interval`` 10 s and ``heartbeat_timeout`` 5 s
 (``--dead-interval`` / ``--dead-timeout``; ``--tiny``: 1 s and 0.5 s). A quarter of
-the clients freeze right after answering their first ping: they neither read nor
+the clients freeze right after answering their first ping once every connection is
+open (the server is then done with handshakes): they neither read nor
 write again and do not close (a peer gone without a FIN). Reported: the time from
 each freeze to the server closing that connection (p50, p99, max) next to the
 documented bound ``interval + timeout`` + the scheduler's resolution (0.05 s).
@@ -323,19 +324,20 @@ def dead_peer_table(rows: list[Result]) -> str:
 DEAD_NOTES = """
 Notes:
 
-* A frozen client answers its first ping, sends one text frame with the time it
-  stops (`time.monotonic()`, the same clock in every process of the host), then
-  neither reads nor writes and keeps its TCP connection open; "detection" is the
-  server's `on_close` for that connection, which the heartbeat's timeout triggers.
+* A frozen client answers its first ping after every connection opened, sends one
+  text frame with the time it stops (`time.monotonic()`, the same clock in every
+  process of the host), then neither reads nor writes and keeps its TCP connection
+  open; "detection" is the server's `on_close` for that connection, which the
+  heartbeat's timeout triggers.
 * The documented bound is `interval + timeout` after the peer's last activity, plus
-  the scheduler's resolution (0.05 s); the event loop's lag on a busy machine comes
-  on top, and so do the frozen client's last frames' trip to the server and the
-  dispatch of `on_close` (a few ms): "max from last activity" measures from when the
-  server received the frozen client's last frame, as the bound is defined. The late bound is what detection took before frames were dated when they
-  arrived (one interval late).
+  the scheduler's resolution (0.05 s). On top of it come the event loop's lag on a
+  busy machine, the frozen client's last frames' trip to the server and the dispatch
+  of `on_close`. "max from last activity" measures from when the server received
+  the frozen client's last frame, as the bound is defined. The late bound is what
+  detection took before frames were dated when they arrived (one interval late).
 * "live connections dropped" counts connections that never froze and were closed by
   the heartbeat anyway: with a short timeout (1 s), a server or client starved of
-  CPU for longer than that (a shared machine at a load average of 7-9) answers or
+  CPU for longer than that (a shared machine at a load average above 10) answers or
   reads pongs too late, and the run fails. The RTT column shows how loaded the
   server was.
 * Server (CPU 0) and load client (CPU 1) run on a shared 2-core VM.
@@ -412,12 +414,13 @@ def run_dead(
         f"{connections:,} WebSocket connections on `HeartbeatMixin` with "
         f"`heartbeat_interval = {interval:g}` and `heartbeat_timeout = {timeout:g}`; "
         f"{x['frozen']:,} of them (a quarter) freeze right after answering their first "
-        "ping. Detection = the time from a client's freeze to the server closing its "
+        "ping once every connection is open. Detection = the time from a client's freeze to the server closing its "
         "connection.\n\n" + dead_peer_table([row]) + DEAD_NOTES
     )
     print(body)
     if not args.tiny:
-        out = BENCH_DIR / "results" / "heartbeat_dead_peer.md"
+        # --out names this file only when this scenario runs alone (--only dead-peer).
+        out = (args.out if args.only else None) or BENCH_DIR / "results" / "heartbeat_dead_peer.md"
         command = "python -m benchmarks.bench_heartbeat --only dead-peer"
         if (connections, interval, timeout) != (20_000, 10.0, 5.0):
             command += (
