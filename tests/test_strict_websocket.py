@@ -25,6 +25,7 @@ from websockets.protocol import Protocol, Side, State
 
 from tornado_longconn import HeartbeatMixin, LongConnError
 from tornado_longconn._tornado import websocket as door
+from tornado_longconn._tornado._check import check_tornado
 from tornado_longconn._tornado.websocket import (
     FrameChecker,
     StrictWebSocketProtocol,
@@ -469,6 +470,8 @@ def test_missing_private_method_raises_naming_it(
     with pytest.raises(LongConnError) as info:
         door.check_websocket()
     assert name in str(info.value) and tornado.version in str(info.value)
+    with pytest.raises(LongConnError, match=name):
+        check_tornado()  # the door's registry runs this check too
 
 
 def test_missing_instance_attribute_raises_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:

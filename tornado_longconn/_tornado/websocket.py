@@ -59,7 +59,7 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
 from ..exceptions import LongConnError
-from ._check import require_attrs, require_init_attrs
+from ._check import register, require_attrs, require_init_attrs
 
 __all__ = [
     "PROTOCOL_ERROR",
@@ -248,13 +248,13 @@ _INSTANCE_NAMES: Final = (
 def check_websocket() -> None:
     """Raise :class:`~tornado_longconn.exceptions.LongConnError` if a name above is gone.
 
-    Run once at import of this module.
+    Run at import of this module, and again by ``_check.check_tornado()``.
     """
     require_attrs(WebSocketProtocol13, (*_METHODS, "close"))
     require_init_attrs(WebSocketProtocol13, _INSTANCE_NAMES)
 
 
-check_websocket()
+register(check_websocket)
 
 
 def _header_size_changed(n: int) -> LongConnError:
