@@ -19,7 +19,7 @@ Method patches made here (each checked against Tornado 6.4.2, 6.5.2 and 6.6.1):
   callback that was set before ours.
 
 The registry holds the handler and the protocol weakly, and listeners that are
-bound methods through :class:`weakref.WeakMethod`, so hooking a handler creates
+bound methods through a weak reference to their object, so hooking a handler creates
 no reference cycle. Once ``on_connection_close`` ran, every patch is removed
 (the attributes that were there before are put back).
 """
@@ -34,6 +34,7 @@ from types import MethodType
 from typing import Any, Final
 
 import tornado.web
+from tornado.iostream import IOStream
 
 from . import iostream
 
@@ -70,17 +71,86 @@ _HANDLER_METHODS: Final = {
 }
 
 
-def _strong(listener: Listener) -> Callable[[], Listener | None]:
-    def get() -> Listener:
-        return listener
+class _Patch:
+    """A method patched on one instance: run the hook's listeners, then the original.
 
-    return get
+    One small slotted object per patched method (no closures and cells): a
+    handler lives as long as its connection, and per-connection objects are
+    what the cyclic GC walks.
+    """
+
+    __slots__ = ("before", "hook", "hooks", "name", "obj", "unbound")
+
+    def __init__(
+        self,
+        hooks: weakref.ref[HandlerHooks],
+        obj: Any,
+        name: str,
+        hook: Hook,
+    ) -> None:
+        self.hooks = hooks
+        self.obj = weakref.ref(obj)
+        self.name = name
+        self.hook = hook
+        # An attribute someone else set on the instance first is kept and called.
+        self.before: Callable[..., Any] | None = obj.__dict__.get(name)
+        self.unbound: Callable[..., Any] = getattr(type(obj), name)
+
+    def original(self, *args: Any, **kwargs: Any) -> Any:
+        before = self.before
+        if before is not None:
+            return before(*args, **kwargs)
+        return self.unbound(self.obj(), *args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        hooks = self.hooks()
+        if hooks is None:
+            return self.original(*args, **kwargs)
+        hooks.run(self.hook)
+        if self.hook is not Hook.CONNECTION_CLOSE:
+            return self.original(*args, **kwargs)
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            hooks.run(Hook.AFTER_CONNECTION_CLOSE)
+            hooks.release()
+
+    def remove(self) -> None:
+        obj = self.obj()
+        if obj is None:
+            return
+        attrs = obj.__dict__
+        if attrs.get(self.name) is self:
+            if self.before is None:
+                del attrs[self.name]
+            else:
+                attrs[self.name] = self.before
 
 
-def _ref(listener: Listener) -> Callable[[], Listener | None]:
-    if isinstance(listener, MethodType):
-        return weakref.WeakMethod(listener)
-    return _strong(listener)
+class _StreamPatch:
+    """The stream's close callback: run ``STREAM_CLOSE`` listeners, then the previous callback."""
+
+    __slots__ = ("hook", "hooks", "previous", "stream")
+
+    def __init__(self, hooks: weakref.ref[HandlerHooks], stream: IOStream) -> None:
+        self.hooks = hooks
+        self.hook = Hook.STREAM_CLOSE
+        self.stream = weakref.ref(stream)
+        self.previous = iostream.close_callback(stream)
+
+    def __call__(self) -> None:
+        hooks = self.hooks()
+        try:
+            if hooks is not None:
+                hooks.run(Hook.STREAM_CLOSE)
+        finally:
+            if self.previous is not None:
+                self.previous()
+
+    def remove(self) -> None:
+        stream = self.stream()
+        if stream is not None and iostream.close_callback(stream) is self:
+            stream.set_close_callback(self.previous)
 
 
 class HandlerHooks:
@@ -89,15 +159,18 @@ class HandlerHooks:
     :meth:`add` registers a listener (a callable without arguments) for a
     :class:`Hook`; the method behind it is patched on first use. A listener that
     raises is logged and the next one still runs, then the original method.
+    A bound method is held through a weak reference to its object (the
+    registry never keeps a writer or a group alive); other callables strongly.
     """
 
-    __slots__ = ("__weakref__", "_handler", "_listeners", "_patches", "_released")
+    __slots__ = ("__weakref__", "_handler", "_listeners", "_patches", "_ref", "_released")
 
     def __init__(self, handler: tornado.web.RequestHandler) -> None:
         self._handler = weakref.ref(handler)
-        self._listeners: dict[Hook, list[Callable[[], Listener | None]]] = {}
-        # (object ref, attribute name, our patch, what was in the instance __dict__ before)
-        self._patches: list[tuple[weakref.ref[Any], str, object, object]] = []
+        self._ref = weakref.ref(self)
+        # (hook, weak reference to the method's object or None, function)
+        self._listeners: list[tuple[Hook, weakref.ref[Any] | None, Callable[..., object]]] = []
+        self._patches: list[_Patch | _StreamPatch] = []
         self._released = False
 
     @classmethod
@@ -120,51 +193,56 @@ class HandlerHooks:
         Raises :class:`ValueError` for ``PROTOCOL_CLOSE``/``STREAM_CLOSE`` on a
         handler without a WebSocket connection or stream.
         """
-        listeners = self._listeners.get(hook)
-        if listeners is None:
-            listeners = self._listeners[hook] = []
+        if not any(h is hook for h, _, _ in self._listeners):
             self._patch(hook)
-        listeners.append(_ref(listener))
+        if isinstance(listener, MethodType):
+            self._listeners.append((hook, weakref.ref(listener.__self__), listener.__func__))
+        else:
+            self._listeners.append((hook, None, listener))
 
     def discard(self, hook: Hook, listener: Listener) -> None:
         """Stop calling ``listener`` at ``hook`` (the patch stays; nothing if absent)."""
-        listeners = self._listeners.get(hook)
-        if listeners:
-            listeners[:] = [ref for ref in listeners if ref() not in (None, listener)]
+        if isinstance(listener, MethodType):
+            owner: object = listener.__self__
+            func: object = listener.__func__
+        else:
+            owner, func = None, listener
+        self._listeners[:] = [
+            entry
+            for entry in self._listeners
+            if not (
+                entry[0] is hook
+                and entry[2] is func
+                and (
+                    entry[1] is None
+                    if owner is None
+                    else entry[1] is not None and entry[1]() is owner
+                )
+            )
+        ]
 
     def run(self, hook: Hook) -> None:
         """Call the listeners of ``hook`` (each failure logged, never raised)."""
-        listeners = self._listeners.get(hook)
-        if not listeners:
-            return
-        for ref in list(listeners):
-            listener = ref()
-            if listener is None:
+        for h, ref, func in list(self._listeners):
+            if h is not hook:
                 continue
             try:
-                listener()
+                if ref is None:
+                    func()
+                else:
+                    owner = ref()
+                    if owner is not None:
+                        func(owner)
             except Exception:
-                log.exception("%s listener %r failed", hook.value, listener)
+                log.exception("%s listener %r failed", hook.value, func)
 
     def release(self) -> None:
         """Remove every patch (putting back what was there) and every listener."""
         self._released = True
         self._listeners.clear()
         patches, self._patches = self._patches, []
-        for obj_ref, name, patch, before in patches:
-            obj = obj_ref()
-            if obj is None:
-                continue
-            if name == "_close_callback":
-                if iostream.close_callback(obj) is patch:
-                    obj.set_close_callback(before)
-                continue
-            attrs = obj.__dict__
-            if attrs.get(name) is patch:
-                if before is None:
-                    del attrs[name]
-                else:
-                    attrs[name] = before
+        for patch in patches:
+            patch.remove()
         handler = self._handler()
         if handler is not None and handler.__dict__.get(_ATTR) is self:
             del handler.__dict__[_ATTR]
@@ -176,69 +254,26 @@ class HandlerHooks:
         if handler is None:
             return
         if hook is Hook.AFTER_CONNECTION_CLOSE:
-            if Hook.CONNECTION_CLOSE not in self._listeners:
-                self._listeners[Hook.CONNECTION_CLOSE] = []
+            if not any(p.hook is Hook.CONNECTION_CLOSE for p in self._patches):
                 self._patch(Hook.CONNECTION_CLOSE)
             return
+        if any(p.hook is hook for p in self._patches):
+            return
+        patch: _Patch | _StreamPatch
         if hook is Hook.PROTOCOL_CLOSE:
             proto = getattr(handler, "ws_connection", None)
             if proto is None:
                 raise ValueError("the handler has no WebSocket connection to hook")
-            self._patch_method(proto, "close", hook)
-            return
-        if hook is Hook.STREAM_CLOSE:
-            self._patch_stream(handler)
-            return
-        self._patch_method(handler, _HANDLER_METHODS[hook], hook)
-
-    def _patch_method(self, obj: Any, name: str, hook: Hook) -> None:
-        before = obj.__dict__.get(name)
-        original: Callable[..., Any]
-        if before is not None:  # already patched by someone else: call that
-            original = before
-        else:  # the class's method, without a strong reference back to obj
-            unbound = getattr(type(obj), name)
-            obj_ref = weakref.ref(obj)
-
-            def original(*args: Any, **kwargs: Any) -> Any:
-                return unbound(obj_ref(), *args, **kwargs)
-
-        hooks_ref = weakref.ref(self)
-        after = hook is Hook.CONNECTION_CLOSE
-
-        def patch(*args: Any, **kwargs: Any) -> Any:
-            hooks = hooks_ref()
-            if hooks is None:
-                return original(*args, **kwargs)
-            hooks.run(hook)
-            if not after:
-                return original(*args, **kwargs)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                hooks.run(Hook.AFTER_CONNECTION_CLOSE)
-                hooks.release()
-
-        patch.__doc__ = getattr(original, "__doc__", None)
-        obj.__dict__[name] = patch
-        self._patches.append((weakref.ref(obj), name, patch, before))
-
-    def _patch_stream(self, handler: tornado.web.RequestHandler) -> None:
-        conn = getattr(handler, "ws_connection", None)
-        stream = getattr(conn, "stream", None)
-        if stream is None:
-            raise ValueError("the handler has no stream to hook")
-        previous = iostream.close_callback(stream)
-        hooks_ref = weakref.ref(self)
-
-        def on_stream_close() -> None:
-            hooks = hooks_ref()
-            try:
-                if hooks is not None:
-                    hooks.run(Hook.STREAM_CLOSE)
-            finally:
-                if previous is not None:
-                    previous()
-
-        stream.set_close_callback(on_stream_close)
-        self._patches.append((weakref.ref(stream), "_close_callback", on_stream_close, previous))
+            patch = _Patch(self._ref, proto, "close", hook)
+            proto.__dict__["close"] = patch
+        elif hook is Hook.STREAM_CLOSE:
+            stream = getattr(getattr(handler, "ws_connection", None), "stream", None)
+            if stream is None:
+                raise ValueError("the handler has no stream to hook")
+            patch = _StreamPatch(self._ref, stream)
+            stream.set_close_callback(patch)
+        else:
+            name = _HANDLER_METHODS[hook]
+            patch = _Patch(self._ref, handler, name, hook)
+            handler.__dict__[name] = patch
+        self._patches.append(patch)
