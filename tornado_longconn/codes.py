@@ -19,6 +19,11 @@ class CloseCode(IntEnum):
     NORMAL = 1000
     #: The server is shutting down (graceful shutdown); reconnect with jittered backoff.
     GOING_AWAY = 1001
+    #: The peer broke RFC 6455 (unmasked frame, bad opcode or close code, ...);
+    #: a client bug: do not retry the same bytes.
+    PROTOCOL_ERROR = 1002
+    #: A text message or close reason was not valid UTF-8.
+    INVALID_DATA = 1007
     #: A message was larger than the configured limit.
     MESSAGE_TOO_BIG = 1009
     #: Unexpected server error.

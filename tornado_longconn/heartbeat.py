@@ -62,9 +62,11 @@ from ._frames import (
     stream_write_indexes,
     try_send,
 )
+from ._tornado.websocket_proto import read_progress
 from .codes import CloseCode
 from .gc_tuning import after_tick as gc_after_tick
 from .gc_tuning import gc_tuning_stats, tune_gc
+from .strict import StrictWebSocketMixin
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -469,17 +471,6 @@ class HeartbeatStats:
         }
 
 
-def _read_progress(ws: Any, stream: IOStream) -> int:
-    """Bytes ever read from the peer on a Tornado WebSocket connection.
-
-    Reads PRIVATE Tornado counters: ``IOStream._read_buffer_size`` (bytes read
-    but not yet parsed) and ``WebSocketProtocol13._wire_bytes_in`` (bytes parsed
-    as frames). Their sum grows with every byte the peer sends.
-    """
-    progress: int = stream._read_buffer_size + ws._wire_bytes_in
-    return progress
-
-
 def _sample_writes(state: HeartbeatState, stream: IOStream, now: float) -> None:
     total, done = stream_write_indexes(stream)
     state.writes(now, total, done)
@@ -640,7 +631,7 @@ class HeartbeatScheduler:
             self._forget(state)
             return
         _sample_writes(state, stream, now)
-        action = state.next_action(now, _read_progress(ws, stream))
+        action = state.next_action(now, read_progress(ws, stream))
         if action is _PING:
             if not ws.is_closing():  # type: ignore[union-attr]
                 _send(stream, state.frame)
@@ -705,10 +696,13 @@ def _intercept_on_ping(func: Callable[[Any, bytes], Any]) -> Callable[[Any, byte
     return on_ping
 
 
-class HeartbeatMixin(tornado.websocket.WebSocketHandler):
+class HeartbeatMixin(StrictWebSocketMixin):
     """Keepalive, dead-peer detection and round-trip latency for a WebSocket handler.
 
-    Put it BEFORE ``WebSocketHandler`` in the bases. Configure it with class
+    Put it BEFORE ``WebSocketHandler`` in the bases (and before
+    :class:`~tornado_longconn.strict.StrictWebSocketMixin`, which it already
+    includes: every heartbeat handler answers RFC 6455 violations with a close
+    frame, see :doc:`/topics/security`). Configure it with class
     attributes; application settings with the same names override them:
 
     * ``heartbeat_interval`` (default 20.0 s; ``None`` turns heartbeats off),
@@ -888,7 +882,7 @@ class HeartbeatMixin(tornado.websocket.WebSocketHandler):
         stream = None if ws is None else ws.stream
         if ws is None or stream is None:
             return None
-        return _read_progress(ws, stream)
+        return read_progress(ws, stream)
 
     def _heartbeat_seen(self, state: HeartbeatState) -> None:
         state.activity(asyncio.get_running_loop().time(), self._heartbeat_progress())

@@ -33,6 +33,7 @@ import tornado.websocket
 
 from tornado_longconn.codes import CloseCode
 from tornado_longconn.exceptions import UploadError
+from tornado_longconn.strict import StrictWebSocketMixin
 from tornado_longconn.upload import ChunkedUploadSink, UploadStore, is_upload_id
 
 __all__ = [
@@ -321,7 +322,7 @@ class WebSocketUploadMixin:
         )
 
 
-class WebSocketUploadHandler(WebSocketUploadMixin, tornado.websocket.WebSocketHandler):
+class WebSocketUploadHandler(WebSocketUploadMixin, StrictWebSocketMixin):
     """A ready-made upload endpoint: ``(r"/upload", WebSocketUploadHandler, {"store": s})``.
 
     ``initialize`` keyword arguments: ``store`` (required), ``window`` [8],
