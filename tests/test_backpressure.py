@@ -28,6 +28,7 @@ from tornado.iostream import StreamClosedError
 from tornado_longconn._frames import encode_message
 from tornado_longconn.backpressure import (
     BackpressureWriter,
+    Lifecycle,
     OverflowPolicy,
     SendResult,
 )
@@ -559,8 +560,10 @@ async def test_handler_closed_directly(server: AppServer, ctx: Ctx) -> None:
     async with websockets.connect(server.ws_url("/ws"), compression=None) as ws:
         writer = await ctx.writer()
         await writer.send("before")
+        assert writer.lifecycle is Lifecycle.OPEN
         writer._target.close(1000, "handler closed")
         assert writer.closed
+        assert writer.lifecycle is Lifecycle.CLOSED_BY_US
         assert writer.send_nowait("after") is SendResult.CLOSED
         with pytest.raises(ConnectionClosedError):
             await writer.send("after")
@@ -575,6 +578,7 @@ async def test_client_close_frame_means_peer_gone(server: AppServer, ctx: Ctx) -
     await client.close(1000, "leaving")
     await asyncio.wait_for(ctx.closed.get(), scaled(5))
     assert writer.closed
+    assert writer.lifecycle is Lifecycle.GONE
     with pytest.raises(PeerGoneError):
         await writer.send("x")
 
