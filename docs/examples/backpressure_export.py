@@ -18,6 +18,7 @@ import tornado.websocket
 
 from tornado_longconn.backpressure import BackpressureWriter
 from tornado_longconn.exceptions import PeerGoneError
+from tornado_longconn.server import start_server
 
 HIGH_WATER = 256 * 1024  # bytes buffered per connection before send() waits
 
@@ -70,7 +71,7 @@ def make_app(count: int = 100_000) -> tornado.web.Application:
 
 async def main() -> None:
     port = int(os.environ.get("PORT", "8888"))
-    make_app().listen(port, "127.0.0.1")
+    start_server(make_app(), port, "127.0.0.1")
     print(f"export on ws://localhost:{port}/export and http://localhost:{port}/export.ndjson")
     await asyncio.Event().wait()
 

@@ -16,6 +16,7 @@ import tornado.web
 import tornado.websocket
 
 from tornado_longconn.backpressure import BackpressureWriter, OverflowPolicy, SendResult
+from tornado_longconn.server import start_server
 
 
 class Ticker:
@@ -73,7 +74,7 @@ def make_app(ticker: Ticker) -> tornado.web.Application:
 async def main() -> None:
     port = int(os.environ.get("PORT", "8888"))
     ticker = Ticker()
-    make_app(ticker).listen(port, "127.0.0.1")
+    start_server(make_app(ticker), port, "127.0.0.1")
     print(f"prices on ws://localhost:{port}/prices", flush=True)
     price = 100.0
     while True:

@@ -20,6 +20,7 @@ import tornado.websocket
 
 from tornado_longconn.backpressure import OverflowPolicy
 from tornado_longconn.broadcast import BroadcastGroup, BroadcastHub, cursor_envelope
+from tornado_longconn.server import start_server
 
 
 class Room(tornado.websocket.WebSocketHandler):
@@ -85,7 +86,7 @@ async def main() -> None:
     # message with its cursor, and closes members that fall 256 KiB behind (code 4000).
     hub = BroadcastHub(history=100, envelope=cursor_envelope, policy=OverflowPolicy.CLOSE)
     with ThreadPoolExecutor(2) as pool:
-        server = make_app(hub, pool).listen(port, "127.0.0.1")
+        server = start_server(make_app(hub, pool), port, "127.0.0.1")
         print(f"rooms on ws://localhost:{port}/rooms/<name>", flush=True)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

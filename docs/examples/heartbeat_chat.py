@@ -15,6 +15,7 @@ import tornado.web
 import tornado.websocket
 
 from tornado_longconn.heartbeat import HeartbeatMixin, HeartbeatStats
+from tornado_longconn.server import start_server
 
 
 class Chat(HeartbeatMixin, tornado.websocket.WebSocketHandler):
@@ -49,7 +50,7 @@ def make_app(**settings: object) -> tornado.web.Application:
 
 
 async def main() -> None:
-    make_app().listen(int(os.environ.get("PORT", "8888")))
+    start_server(make_app(), int(os.environ.get("PORT", "8888")))
     await asyncio.Event().wait()
 
 

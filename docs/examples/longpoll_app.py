@@ -15,6 +15,7 @@ import tornado.web
 
 from tornado_longconn.broadcast import BroadcastHub
 from tornado_longconn.longpoll import LongPollHandler, LongPollWaiter
+from tornado_longconn.server import start_server
 from tornado_longconn.sse import SSEHandler
 
 ROOM = r"(?P<topic>[a-z0-9-]{1,40})"  # which topics clients may read: restrict it
@@ -44,7 +45,7 @@ async def main() -> None:
     port = int(os.environ.get("PORT", "8888"))
     hub = BroadcastHub(history=1000)  # every group keeps its last 1,000 messages
     waiter = LongPollWaiter(hub.backend)  # one per application: shared subscriptions
-    make_app(hub, waiter).listen(port, "127.0.0.1")
+    start_server(make_app(hub, waiter), port, "127.0.0.1")
     print(f"long-poll on http://localhost:{port}/poll/lobby", flush=True)
     try:
         await asyncio.Event().wait()

@@ -6,7 +6,7 @@ import os
 import tornado.web
 import tornado.websocket
 
-from tornado_longconn import BroadcastHub, HeartbeatMixin
+from tornado_longconn import BroadcastHub, HeartbeatMixin, start_server
 
 
 class Chat(HeartbeatMixin, tornado.websocket.WebSocketHandler):
@@ -25,7 +25,8 @@ class Chat(HeartbeatMixin, tornado.websocket.WebSocketHandler):
 async def main() -> None:
     port = int(os.environ.get("PORT", "8888"))
     hub = BroadcastHub()
-    tornado.web.Application([(r"/chat", Chat, {"hub": hub})]).listen(port, "127.0.0.1")
+    app = tornado.web.Application([(r"/chat", Chat, {"hub": hub})])
+    start_server(app, port, "127.0.0.1")  # production timeouts and limits
     print(f"chat on ws://localhost:{port}/chat", flush=True)
     await asyncio.Event().wait()
 

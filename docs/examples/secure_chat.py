@@ -19,6 +19,7 @@ import tornado.websocket
 from tornado_longconn.broadcast import BroadcastHub, cursor_envelope
 from tornado_longconn.heartbeat import HeartbeatMixin
 from tornado_longconn.longpoll import LongPollHandler, LongPollWaiter
+from tornado_longconn.server import start_server
 from tornado_longconn.sse import SSEHandler
 
 #: Who may read and write which room (in a real app: your database).
@@ -86,7 +87,7 @@ async def main() -> None:
     port = int(os.environ.get("PORT", "8888"))
     secret = os.environ.get("COOKIE_SECRET") or secrets.token_hex(32)
     origins = {f"http://localhost:{port}", f"http://127.0.0.1:{port}"}
-    make_app(secret, origins).listen(port, "127.0.0.1")
+    start_server(make_app(secret, origins), port, "127.0.0.1")
     print(f"secure chat on http://localhost:{port}", flush=True)
     await asyncio.Event().wait()
 

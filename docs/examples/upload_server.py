@@ -21,6 +21,7 @@ import signal
 import tornado.ioloop
 import tornado.web
 
+from tornado_longconn.server import start_server
 from tornado_longconn.streaming import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, EarlyAnswer
 from tornado_longconn.upload import ChunkedUploadSink, UploadStore
 from tornado_longconn.upload_tus import TusUploadHandler
@@ -80,7 +81,7 @@ async def main() -> None:
         trust_forwarded=os.environ.get("TRUST_FORWARDED", "0") == "1",
         early_answer=early_answer,
     )
-    server = app.listen(port, "127.0.0.1")
+    server = start_server(app, port, "127.0.0.1")
     sweeper = tornado.ioloop.PeriodicCallback(store.sweep, 600_000)
     sweeper.start()
     print(
