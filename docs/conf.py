@@ -6,12 +6,11 @@ import os
 import sys
 from pathlib import Path
 
+# The repository root: the package and the benchmarks' chart module, from a checkout.
 sys.path.insert(0, os.path.abspath(".."))
-sys.path.insert(0, os.path.abspath("../benchmarks"))
-
-import charts  # benchmarks/charts.py
 
 import tornado_longconn
+from benchmarks import charts
 
 # Bar charts of the committed benchmark results, drawn at every build.
 charts.write_charts(Path(__file__).parent / "_generated" / "charts")
