@@ -105,9 +105,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._tornado.redispy import RawConnection, check_redispy, pubsub_connection
 from ..exceptions import BackendError, BackendUnavailableError, ConnectionClosedError
 from ..log import Cursor, HistoryLimit, Message, SinceResult, new_epoch
 from .base import Subscriber
+
+check_redispy()  # a redis-py that renamed what the listener uses fails here, loudly
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -384,7 +387,7 @@ class RedisBackend:
         # Futures of SUBSCRIBE commands sent and not yet confirmed, per channel, in
         # the order sent (Redis confirms in that order).
         self._pending: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
-        self._conn: Any = None  # the pub/sub redis.asyncio.Connection while it is up
+        self._conn: RawConnection | None = None  # the pub/sub connection while it is up
         self._task: asyncio.Task[None] | None = None
         self._first_attempt: asyncio.Event | None = None
         self.closed = False
@@ -693,7 +696,7 @@ class RedisBackend:
         assert self._first_attempt is not None
         ever_connected = False
         while True:
-            conn: Any = None
+            conn: RawConnection | None = None
             try:
                 conn = self._make_connection()
                 await asyncio.wait_for(conn.connect(), self.command_timeout)
@@ -730,17 +733,16 @@ class RedisBackend:
             # A timer for the backoff deadline (not a poll); close() cancels it.
             await asyncio.sleep(self._backoff.next_delay())
 
-    def _make_connection(self) -> Any:
-        pool = self._client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
+    def _make_connection(self) -> RawConnection:
         # RESP2, raw bytes, no hidden retries: this task owns reconnecting.
-        kwargs.update(protocol=2, decode_responses=False, retry=Retry(NoBackoff(), 0))
-        # Maintenance push notifications need RESP3; this connection only listens.
-        kwargs.pop("maint_notifications_config", None)
-        kwargs.pop("maint_notifications_pool_handler", None)
-        return pool.connection_class(**kwargs)
+        return pubsub_connection(
+            self._client.connection_pool,
+            protocol=2,
+            decode_responses=False,
+            retry=Retry(NoBackoff(), 0),
+        )
 
-    async def _read(self, conn: Any) -> None:
+    async def _read(self, conn: RawConnection) -> None:
         waiting_pong = False
         idle = math.inf if self.ping_interval is None else self.ping_interval
         while True:
