@@ -15,6 +15,7 @@ real objects that each name also behaves as the door assumes.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable, Iterable
 
 import tornado
@@ -76,9 +77,6 @@ def require_init_attrs(cls: type, names: Iterable[str]) -> None:
             raise missing(_owner(cls), name, "no longer set by __init__")
 
 
-#: The door submodules whose checks :func:`check_tornado` runs (each registers itself).
-DOOR_MODULES: tuple[str, ...] = ("iostream", "websocket_proto", "web", "hooks")
-
 _checks: list[Callable[[], None]] = []
 
 
@@ -93,11 +91,17 @@ def register(check: Callable[[], None]) -> Callable[[], None]:
 def check_tornado() -> None:
     """Check every private Tornado name the door uses; raise ``LongConnError`` for a missing one.
 
-    Imports the door submodules (each runs its own check when imported) and runs
-    every registered check again. The error names the attribute and
-    ``tornado.version``.
+    Imports every submodule of the door (each runs and registers its own check
+    when imported) and runs every registered check again. The error names the
+    attribute and ``tornado.version``.
     """
-    for name in DOOR_MODULES:
-        importlib.import_module(f"{__package__}.{name}")
+    package = importlib.import_module(__package__ or "tornado_longconn._tornado")
+    for info in pkgutil.iter_modules(package.__path__):
+        try:
+            importlib.import_module(f"{package.__name__}.{info.name}")
+        except ModuleNotFoundError as exc:
+            # A door to an optional dependency (redis-py) that is not installed.
+            if exc.name is None or exc.name.startswith("tornado"):
+                raise
     for check in _checks:
         check()
