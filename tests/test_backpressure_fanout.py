@@ -74,5 +74,8 @@ async def run_twins(ops: list[int], high_water: int) -> None:
 @settings(max_examples=40, deadline=None)
 @given(ops=ops_strategy, high_water=st.sampled_from([1 << 20, 4096, 1500, 64]))
 @example(ops=[1000, 1000, 1000, 1000, -1, 10, 10], high_water=1500)  # a corked frame flushes now
+@example(ops=[10, 500, 984, 10], high_water=1500)  # the cork one byte below high water: kept
+@example(ops=[10, 500, 985, 10], high_water=1500)  # one byte above: flushed at once
+@example(ops=[10, 10, 70_000, 10, -1, 10], high_water=1 << 20)  # a large frame is never corked
 def test_fan_out_path_keeps_the_counters_of_send_nowait(ops: list[int], high_water: int) -> None:
     asyncio.run(run_twins(ops, high_water))
