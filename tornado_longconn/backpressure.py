@@ -184,8 +184,10 @@ class FlowState(Generic[T]):
     The shell reports what happens on the wire (:meth:`commit`, :meth:`flushed`,
     :meth:`set_pending`) and asks what to do (:meth:`must_wait`, :meth:`offer`,
     :meth:`admit`, :meth:`take_queued`, :meth:`is_drained`; :meth:`commit` and
-    :meth:`admit` answer "flush now?"). Every path of the writer, the broadcast
-    fan-out's included, goes through these methods. Sizes are byte counts.
+    :meth:`admit` answer "flush now?"). Every path of the writer goes through
+    these methods, except the broadcast fan-out's cork-join test, which inlines
+    :meth:`admit` for speed and is held to it by a differential test
+    (``tests/test_backpressure_fanout.py``). Sizes are byte counts.
 
     * ``corked`` -- bytes accepted but not yet handed to the transport;
     * ``pending`` -- bytes the transport holds (not yet taken by the kernel);
