@@ -1238,8 +1238,8 @@ def _offer_all(
     that test is inlined, held to the rule by a differential test), and nothing corked,
     nothing pending in the stream and nothing written yet in this iteration
     (the frame goes straight to the socket through
-    :func:`~tornado_longconn._tornado.iostream.send_if_idle`, counted by
-    :meth:`FlowState.sent`). Any other case goes through
+    :func:`~tornado_longconn._tornado.iostream.send_if_idle`, counted as
+    :meth:`FlowState.sent` would, inlined). Any other case goes through
     :meth:`BackpressureWriter._offer`. Every counter lives in the writer's
     :class:`FlowState` (no side counters). Raises what a writer raises (a bug); ``results`` then
     says how far it got.
@@ -1285,10 +1285,17 @@ def _offer_all(
                     if sent != size:
                         append(writer._sent_direct(frame, sent))
                         continue
-                    # Sent whole with nothing pending: not must_wait (_fast_sock
-                    # says nothing is queued; not dirty means nothing is corked).
+                    # Sent whole with nothing pending: FlowState.sent(size, 0),
+                    # inlined like the cork join above (and held to it by the same
+                    # differential test). Not must_wait: _fast_sock says nothing is
+                    # queued, not dirty says nothing is corked, idle says nothing
+                    # is pending.
                     writer._epoch = epoch
-                    writer._state.sent(size, 0)
+                    state = writer._state
+                    state.messages_sent += 1
+                    state.bytes_sent += size
+                    state.writes += 1
+                    state.pending = 0
                     append(_WRITTEN)
                     direct = True
                     continue

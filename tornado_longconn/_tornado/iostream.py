@@ -24,7 +24,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Callable, Sized
-from typing import Final, Protocol, cast
+from typing import Final, Protocol
 
 import tornado.iostream
 from tornado.iostream import IOStream, SSLIOStream
@@ -89,36 +89,40 @@ def check_iostream() -> None:
 register(check_iostream)
 
 
-def _internals(stream: IOStream) -> StreamInternals:
-    return cast(StreamInternals, stream)
+# The functions below annotate ``stream`` as StreamInternals by assignment instead of
+# calling ``cast()``: they run once per member and message in the fan-out, where a
+# function call is a measurable part of the cost.
 
 
 def pending_bytes(stream: IOStream) -> int:
     """Bytes accepted by ``stream.write`` but not yet handed to the kernel (0 once closed)."""
-    buffer = _internals(stream)._write_buffer
+    s: StreamInternals = stream  # type: ignore[assignment]
+    buffer = s._write_buffer
     return 0 if buffer is None else len(buffer)
 
 
 def write_indexes(stream: IOStream) -> tuple[int, int]:
     """``(total, done)``: bytes ever accepted by ``stream.write`` and bytes handed to the kernel."""
-    s = _internals(stream)
+    s: StreamInternals = stream  # type: ignore[assignment]
     return s._total_write_index, s._total_write_done_index
 
 
 def idle(stream: IOStream) -> bool:
     """True when ``stream`` is open and holds no unsent bytes (a raw send keeps order)."""
-    s = _internals(stream)
+    s: StreamInternals = stream  # type: ignore[assignment]
     return s._total_write_index == s._total_write_done_index and not s._closed
 
 
 def unread_bytes(stream: IOStream) -> int:
     """Bytes read from the socket that no ``read_*`` call consumed yet."""
-    return _internals(stream)._read_buffer_size
+    s: StreamInternals = stream  # type: ignore[assignment]
+    return s._read_buffer_size
 
 
 def close_callback(stream: IOStream) -> Callable[[], None] | None:
     """The callback ``stream.set_close_callback`` installed (None if none, or after it ran)."""
-    return _internals(stream)._close_callback
+    s: StreamInternals = stream  # type: ignore[assignment]
+    return s._close_callback
 
 
 def plain_socket(stream: IOStream) -> socket.socket | None:
@@ -148,7 +152,7 @@ def send_if_idle(stream: IOStream, sock: socket.socket, data: bytes) -> int:
     (would block included: the caller then takes its ordinary path). The
     fan-out's per-member test and write, in one call.
     """
-    s = _internals(stream)
+    s: StreamInternals = stream  # type: ignore[assignment]
     if s._total_write_index != s._total_write_done_index or s._closed:
         return -1
     return sock.send(data)

@@ -17,7 +17,7 @@ Checked once when this module is imported (:func:`check_websocket_protocol`).
 
 from __future__ import annotations
 
-from typing import Final, Protocol, cast
+from typing import Final, Protocol
 
 import tornado.websocket
 from tornado.iostream import IOStream
@@ -91,18 +91,21 @@ def check_websocket_protocol() -> None:
 register(check_websocket_protocol)
 
 
-def _internals(ws_connection: object) -> ProtocolInternals:
-    return cast(ProtocolInternals, ws_connection)
+# The functions below annotate the connection as ProtocolInternals by assignment
+# instead of calling ``cast()``: heartbeats and deflate fan-outs call them per
+# connection and tick or message.
 
 
 def deflate_of(ws_connection: object) -> DeflateInternals | None:
     """The connection's permessage-deflate compressor, or None when not negotiated."""
-    return _internals(ws_connection)._compressor
+    ws: ProtocolInternals = ws_connection  # type: ignore[assignment]
+    return ws._compressor
 
 
 def uses_deflate(ws_connection: object) -> bool:
     """True if this ``WebSocketProtocol13`` negotiated permessage-deflate."""
-    return _internals(ws_connection)._compressor is not None
+    ws: ProtocolInternals = ws_connection  # type: ignore[assignment]
+    return ws._compressor is not None
 
 
 def shared_deflate_params(pmd: DeflateInternals) -> tuple[int, int, int] | None:
@@ -118,7 +121,8 @@ def shared_deflate_params(pmd: DeflateInternals) -> tuple[int, int, int] | None:
 
 def wire_bytes_in(ws_connection: object) -> int:
     """Bytes this connection has parsed as frames so far."""
-    return _internals(ws_connection)._wire_bytes_in
+    ws: ProtocolInternals = ws_connection  # type: ignore[assignment]
+    return ws._wire_bytes_in
 
 
 def read_progress(ws_connection: object, stream: IOStream) -> int:
@@ -128,4 +132,5 @@ def read_progress(ws_connection: object, stream: IOStream) -> int:
     plus bytes parsed as frames (``_wire_bytes_in``). Heartbeats compare it
     between ticks to see inbound progress without per-message bookkeeping.
     """
-    return iostream.unread_bytes(stream) + _internals(ws_connection)._wire_bytes_in
+    ws: ProtocolInternals = ws_connection  # type: ignore[assignment]
+    return iostream.unread_bytes(stream) + ws._wire_bytes_in
