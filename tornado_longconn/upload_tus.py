@@ -46,6 +46,7 @@ from typing import Any
 import tornado.routing
 import tornado.web
 
+from tornado_longconn._tornado.web import finished
 from tornado_longconn.exceptions import UploadError
 from tornado_longconn.streaming import EarlyAnswer, EarlyAnswerMixin
 from tornado_longconn.upload import (
@@ -224,7 +225,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
     def _fail(self, error: UploadError) -> None:
         """Answer ``error`` now (also from ``data_received``: the rest is not read)."""
         self._failed = True
-        if self._finished:
+        if finished(self):
             return
         self.clear()
         self.set_status(error.status, _REASONS.get(error.status))
@@ -377,7 +378,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
     async def _store_body(self) -> ChunkedUploadSink | None:
         """Flush and verify the body; answer errors; None if the response was sent."""
         sink = self._sink
-        if self._finished or self._failed or sink is None:
+        if finished(self) or self._failed or sink is None:
             return None
         try:
             await sink.end_segment()
