@@ -1,4 +1,4 @@
-"""HeartbeatState, HeartbeatConfig and HeartbeatStats: I/O-free, no event loop, no sleeps."""
+"""HeartbeatState, HeartbeatConfig and HeartbeatCounters: I/O-free, no event loop, no sleeps."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tornado_longconn.heartbeat import (
     DEFAULT_INTERVAL,
     HeartbeatAction,
     HeartbeatConfig,
+    HeartbeatCounters,
     HeartbeatState,
     HeartbeatStats,
 )
@@ -269,23 +270,28 @@ def test_a_peer_answering_within_the_timeout_lives_forever(
             s.answer(now)
 
 
-# -- HeartbeatStats -------------------------------------------------------------------------
+# -- HeartbeatCounters / HeartbeatStats ------------------------------------------------------
 
 
 def test_stats_percentiles_and_bound() -> None:
-    stats = HeartbeatStats(max_samples=100)
-    assert stats.p50 is None and stats.p99 is None
+    counters = HeartbeatCounters(max_samples=100)
+    empty = counters.stats()
+    assert empty == HeartbeatStats() and empty.p50 is None and empty.p99 is None
     for i in range(1, 201):
-        stats.record_latency(i / 1000)
+        counters.record_latency(i / 1000)
+    stats = counters.stats()
     assert stats.count == 200
     # only the last 100 samples (0.101 .. 0.200) are kept
     assert stats.p50 == pytest.approx(0.150)
     assert stats.p99 == pytest.approx(0.199)
-    assert stats.percentile(0) == pytest.approx(0.101)
-    assert stats.percentile(1) == pytest.approx(0.200)
-    snap = stats.snapshot()
-    assert snap["count"] == 200 and snap["p99"] == pytest.approx(0.199)
+    assert counters.percentile(0) == pytest.approx(0.101)
+    assert counters.percentile(1) == pytest.approx(0.200)
+    # a snapshot is frozen and does not follow the live counters
+    counters.record_latency(1.0)
+    assert stats.count == 200 and counters.stats().count == 201
+    with pytest.raises(AttributeError):
+        stats.count = 0  # type: ignore[misc]
     with pytest.raises(ValueError, match=r"within 0\.\.1"):
-        stats.percentile(1.5)
+        counters.percentile(1.5)
     with pytest.raises(ValueError, match="max_samples"):
-        HeartbeatStats(max_samples=0)
+        HeartbeatCounters(max_samples=0)

@@ -5,7 +5,7 @@ Mixins and helpers that Tornado applications compose into their own handlers:
 * :class:`HeartbeatMixin` -- keepalive, dead-peer detection and round-trip latency
   for ``WebSocketHandler``.
 * :class:`StrictWebSocketMixin` -- RFC 6455 strictness: a connection breaking the
-  protocol gets a close frame (1002, 1007, 1009), counted in :class:`ProtocolErrorStats`.
+  protocol gets a close frame (1002, 1007, 1009), counted in :class:`ProtocolErrorCounters`.
 * :class:`BroadcastHub` / :class:`BroadcastGroup` -- rooms of connections with
   encode-once, corked fan-out that slow and vanished clients cannot hurt.
 * :class:`BackpressureWriter` -- flow control for one outgoing connection.
@@ -19,12 +19,16 @@ Mixins and helpers that Tornado applications compose into their own handlers:
   (``tornado_longconn.backends``, extra ``[redis]``), chosen with
   :func:`backend_from_url`.
 
+Every part reports its counters the same way: ``stats()`` returns a frozen
+snapshot dataclass; :func:`sum_stats` adds snapshots up and :func:`stats_dict`
+makes one JSON-ready (:mod:`tornado_longconn.stats`).
+
 Test helpers for your own applications live in :mod:`tornado_longconn.testing`.
 """
 
 from __future__ import annotations
 
-from .backends import Backend, MemoryBackend, Subscriber, backend_from_url
+from .backends import Backend, BackendStats, MemoryBackend, Subscriber, backend_from_url
 from .backpressure import BackpressureWriter, OverflowPolicy, SendResult, WriterStats
 from .broadcast import BroadcastGroup, BroadcastHub, BroadcastStats, GapPolicy, PublishResult
 from .codes import CloseCode
@@ -39,15 +43,21 @@ from .exceptions import (
     UploadError,
 )
 from .gc_tuning import GCTuningStats, gc_tuning_stats, tune_gc, untune_gc
-from .heartbeat import HeartbeatMixin, HeartbeatStats
+from .heartbeat import HeartbeatCounters, HeartbeatMixin, HeartbeatStats, heartbeat_stats
 from .log import Cursor, HistoryLimit, Message, SinceResult, parse_cursor
-from .longpoll import LongPollHandler, LongPollMixin, LongPollWaiter, PollResult
+from .longpoll import LongPollHandler, LongPollMixin, LongPollStats, LongPollWaiter, PollResult
 from .server import AcceptStats, LongConnHTTPServer, ServerLimits, start_server
 from .sse import SSEHandler, SSEMixin
 from .staticfiles import static_path, static_url_spec
-from .streaming import EarlyAnswer, EarlyAnswerMixin
-from .strict import ProtocolErrorStats, StrictWebSocketMixin
-from .upload import ChunkedUploadSink, UploadStore
+from .stats import StatKind, counters_only, stats_dict, sum_stats
+from .streaming import EarlyAnswer, EarlyAnswerMixin, EarlyAnswerStats
+from .strict import (
+    ProtocolErrorCounters,
+    ProtocolErrorStats,
+    StrictWebSocketMixin,
+    protocol_error_stats,
+)
+from .upload import ChunkedUploadSink, UploadStats, UploadStore
 from .upload_tus import TusUploadHandler
 from .upload_ws import WebSocketUploadHandler, WebSocketUploadMixin
 
@@ -57,6 +67,7 @@ __all__ = [
     "AcceptStats",
     "Backend",
     "BackendError",
+    "BackendStats",
     "BackendUnavailableError",
     "BackpressureWriter",
     "BroadcastGroup",
@@ -69,8 +80,10 @@ __all__ = [
     "CursorError",
     "EarlyAnswer",
     "EarlyAnswerMixin",
+    "EarlyAnswerStats",
     "GCTuningStats",
     "GapPolicy",
+    "HeartbeatCounters",
     "HeartbeatMixin",
     "HeartbeatStats",
     "HistoryLimit",
@@ -78,12 +91,14 @@ __all__ = [
     "LongConnHTTPServer",
     "LongPollHandler",
     "LongPollMixin",
+    "LongPollStats",
     "LongPollWaiter",
     "MemoryBackend",
     "Message",
     "OverflowPolicy",
     "PeerGoneError",
     "PollResult",
+    "ProtocolErrorCounters",
     "ProtocolErrorStats",
     "PublishResult",
     "SSEHandler",
@@ -92,21 +107,28 @@ __all__ = [
     "ServerLimits",
     "SinceResult",
     "SlowConsumerError",
+    "StatKind",
     "StrictWebSocketMixin",
     "Subscriber",
     "TusUploadHandler",
     "UploadError",
+    "UploadStats",
     "UploadStore",
     "WebSocketUploadHandler",
     "WebSocketUploadMixin",
     "WriterStats",
     "__version__",
     "backend_from_url",
+    "counters_only",
     "gc_tuning_stats",
+    "heartbeat_stats",
     "parse_cursor",
+    "protocol_error_stats",
     "start_server",
     "static_path",
     "static_url_spec",
+    "stats_dict",
+    "sum_stats",
     "tune_gc",
     "untune_gc",
 ]

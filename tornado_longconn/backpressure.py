@@ -40,7 +40,7 @@ import socket
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeAlias, TypeVar, Union
 
 import tornado.web
@@ -59,6 +59,7 @@ from ._tornado import iostream, web, websocket_proto
 from ._tornado.hooks import HandlerHooks, Hook
 from .codes import CloseCode
 from .exceptions import ConnectionClosedError, PeerGoneError, SlowConsumerError
+from .stats import COUNTER, FLAG, GAUGE, PEAK
 
 __all__ = [
     "DEFAULT_HIGH_WATER",
@@ -153,29 +154,32 @@ class SendResult(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WriterStats:
-    """A snapshot of one writer's counters (see :meth:`BackpressureWriter.stats`)."""
+    """A snapshot of one writer's counters (see :meth:`BackpressureWriter.stats`).
+
+    Add up many writers' snapshots with :func:`~tornado_longconn.stats.sum_stats`.
+    """
 
     #: Messages committed to the connection (framed and handed to the transport).
-    messages_sent: int
+    messages_sent: int = field(metadata=COUNTER)
     #: Bytes of those messages on the wire (frame headers included).
-    bytes_sent: int
+    bytes_sent: int = field(metadata=COUNTER)
     #: Messages discarded by ``DROP_NEWEST`` or ``DROP_OLDEST``.
-    dropped: int
+    dropped: int = field(metadata=COUNTER)
     #: Times a ``send`` (or ``drained``) had to wait for the buffer to drain.
-    waits: int
+    waits: int = field(metadata=COUNTER)
     #: Highest ``buffered`` value seen.
-    peak_buffered: int
+    peak_buffered: int = field(metadata=PEAK)
     #: True when the ``CLOSE`` policy closed the connection as a slow consumer.
-    closed_slow: bool
+    closed_slow: bool = field(metadata=FLAG)
     #: Messages in the ``DROP_OLDEST`` queue right now.
-    queued: int
+    queued: int = field(metadata=GAUGE)
     #: Bytes buffered right now (corked + stream buffer + queue).
-    buffered: int
+    buffered: int = field(metadata=GAUGE)
     #: Writes handed to the transport: corked frames go out together, so this
     #: is usually far below ``messages_sent``.
-    writes: int
+    writes: int = field(metadata=COUNTER)
 
 
 class FlowState(Generic[T]):

@@ -49,7 +49,7 @@ import secrets
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Final
 
 from tornado.websocket import WebSocketHandler
@@ -68,6 +68,7 @@ from .backpressure import (
 from .codes import CloseCode
 from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import DEFAULT_HISTORY, Cursor, HistoryLimit, Message, SinceResult, parse_cursor
+from .stats import COUNTER, GAUGE, PEAK, counters_only, sum_stats
 
 # GapPolicy and MemberState are defined with the I/O-free core (_groupcore), public here.
 
@@ -167,25 +168,29 @@ class BroadcastStats:
     * ``gaps`` -- gaps reported by the backend.
     * ``max_buffered`` -- the largest member buffer right now (bytes);
       ``peak_buffered`` -- the largest any current member's buffer has been.
+
+    ``groups``, ``members`` and ``resuming`` are gauges, the two buffer sizes
+    peaks (summed as a maximum), the rest counters; a hub's snapshot is
+    :func:`~tornado_longconn.stats.sum_stats` of its groups'.
     """
 
-    groups: int = 0
-    members: int = 0
-    resuming: int = 0
-    joined: int = 0
-    left: int = 0
-    published: int = 0
-    received: int = 0
-    delivered: int = 0
-    frames: int = 0
-    bytes: int = 0
-    dropped: int = 0
-    closed: int = 0
-    closed_slow: int = 0
-    resyncs: int = 0
-    gaps: int = 0
-    max_buffered: int = 0
-    peak_buffered: int = 0
+    groups: int = field(default=0, metadata=GAUGE)
+    members: int = field(default=0, metadata=GAUGE)
+    resuming: int = field(default=0, metadata=GAUGE)
+    joined: int = field(default=0, metadata=COUNTER)
+    left: int = field(default=0, metadata=COUNTER)
+    published: int = field(default=0, metadata=COUNTER)
+    received: int = field(default=0, metadata=COUNTER)
+    delivered: int = field(default=0, metadata=COUNTER)
+    frames: int = field(default=0, metadata=COUNTER)
+    bytes: int = field(default=0, metadata=COUNTER)
+    dropped: int = field(default=0, metadata=COUNTER)
+    closed: int = field(default=0, metadata=COUNTER)
+    closed_slow: int = field(default=0, metadata=COUNTER)
+    resyncs: int = field(default=0, metadata=COUNTER)
+    gaps: int = field(default=0, metadata=COUNTER)
+    max_buffered: int = field(default=0, metadata=PEAK)
+    peak_buffered: int = field(default=0, metadata=PEAK)
 
 
 def _history_limit(history: int | HistoryLimit | None) -> HistoryLimit | None:
@@ -1520,18 +1525,19 @@ class BroadcastHub:
             if len(old):
                 continue  # busy again; it comes back here when it is idle
             del self._groups[name]
-            self._retired = _add_stats(self._retired, old.stats(), members=False)
+            self._retired = sum_stats([self._retired, counters_only(old.stats())])
 
     async def start(self) -> None:
         """Start the backend (connect to Redis, ...). Optional: groups start it on first join."""
         await self.backend.start()
 
     def stats(self) -> BroadcastStats:
-        """Counters summed over every group (including forgotten idle ones)."""
-        total = self._retired
-        for group in self._groups.values():
-            total = _add_stats(total, group.stats(), members=True)
-        return total
+        """Every group's snapshot added up (:func:`~tornado_longconn.stats.sum_stats`).
+
+        Counters include the groups forgotten while idle; gauges and peaks describe
+        the groups the hub holds now. O(members): do not call it per message.
+        """
+        return sum_stats((group.stats() for group in self._groups.values()), start=self._retired)
 
     async def close(
         self,
@@ -1567,25 +1573,3 @@ class BroadcastHub:
         )
         if self._owns_backend:
             await self.backend.close()
-
-
-def _add_stats(total: BroadcastStats, more: BroadcastStats, *, members: bool) -> BroadcastStats:
-    return BroadcastStats(
-        groups=total.groups + (more.groups if members else 0),
-        members=total.members + (more.members if members else 0),
-        resuming=total.resuming + (more.resuming if members else 0),
-        joined=total.joined + more.joined,
-        left=total.left + more.left,
-        published=total.published + more.published,
-        received=total.received + more.received,
-        delivered=total.delivered + more.delivered,
-        frames=total.frames + more.frames,
-        bytes=total.bytes + more.bytes,
-        dropped=total.dropped + more.dropped,
-        closed=total.closed + more.closed,
-        closed_slow=total.closed_slow + more.closed_slow,
-        resyncs=total.resyncs + more.resyncs,
-        gaps=total.gaps + more.gaps,
-        max_buffered=max(total.max_buffered, more.max_buffered if members else 0),
-        peak_buffered=max(total.peak_buffered, more.peak_buffered if members else 0),
-    )

@@ -35,27 +35,33 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .stats import COUNTER, FLAG, GAUGE, PEAK
 
 __all__ = ["GCTuningStats", "gc_tuning_stats", "tune_gc", "untune_gc"]
 
 
 @dataclass(frozen=True, slots=True)
 class GCTuningStats:
-    """A snapshot of the process's GC tuning (see :func:`gc_tuning_stats`)."""
+    """A snapshot of the process's GC tuning (see :func:`gc_tuning_stats`).
 
-    #: Whether :func:`tune_gc` is in effect.
-    active: bool
-    #: Seconds between periodic full collections (None when not active).
-    collect_interval: float | None
-    #: ``gc.freeze()`` calls made by the tuning since it was turned on.
-    freezes: int
-    #: Periodic full collections run by the tuning.
-    collections: int
-    #: Objects in the permanent generation now (``gc.get_freeze_count()``).
-    frozen_objects: int
-    #: True once something else froze objects: the tuning then never unfreezes.
-    foreign_freeze: bool
+    Several processes' snapshots add up with :func:`~tornado_longconn.stats.sum_stats`
+    (``collect_interval`` then is the longest).
+    """
+
+    #: Whether :func:`tune_gc` is in effect (flag).
+    active: bool = field(metadata=FLAG)
+    #: Seconds between periodic full collections (None when not active; a peak).
+    collect_interval: float | None = field(metadata=PEAK)
+    #: ``gc.freeze()`` calls made by the tuning since it was turned on (counter).
+    freezes: int = field(metadata=COUNTER)
+    #: Periodic full collections run by the tuning (counter).
+    collections: int = field(metadata=COUNTER)
+    #: Objects in the permanent generation now (``gc.get_freeze_count()``; gauge).
+    frozen_objects: int = field(metadata=GAUGE)
+    #: True once something else froze objects: the tuning then never unfreezes (flag).
+    foreign_freeze: bool = field(metadata=FLAG)
 
 
 class _Tuner:

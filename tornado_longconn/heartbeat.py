@@ -26,8 +26,9 @@ Pieces:
   peer dead?", given ``now``.
 * :class:`HeartbeatScheduler` -- ONE timer wheel per event loop shared by every
   connection, with jitter (process-level GC tuning: :mod:`tornado_longconn.gc_tuning`).
-* :class:`HeartbeatStats` -- application-wide counters and latency percentiles,
-  found in ``application.settings["heartbeat_stats"]``.
+* :class:`HeartbeatCounters` -- application-wide live counters and latency
+  samples, found in ``application.settings["heartbeat_counters"]``;
+  :func:`heartbeat_stats` returns their :class:`HeartbeatStats` snapshot.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final
 
@@ -66,6 +67,7 @@ from ._tornado.websocket_proto import read_progress
 from .codes import CloseCode
 from .gc_tuning import after_tick as gc_after_tick
 from .gc_tuning import gc_tuning_stats, tune_gc
+from .stats import COUNTER, GAUGE, PEAK
 from .strict import StrictWebSocketMixin
 
 __all__ = [
@@ -76,11 +78,16 @@ __all__ = [
     "PING_PAYLOAD",
     "HeartbeatAction",
     "HeartbeatConfig",
+    "HeartbeatCounters",
     "HeartbeatMixin",
     "HeartbeatScheduler",
     "HeartbeatState",
     "HeartbeatStats",
+    "heartbeat_stats",
 ]
+
+#: The application setting that holds the :class:`HeartbeatCounters`.
+_SETTING: Final = "heartbeat_counters"
 
 #: Default seconds between heartbeats (``heartbeat_interval``).
 DEFAULT_INTERVAL: Final = 20.0
@@ -256,6 +263,7 @@ class HeartbeatState:
 
     __slots__ = (
         "_slot",
+        "counters",
         "frame",
         "interval",
         "last_activity",
@@ -263,7 +271,6 @@ class HeartbeatState:
         "next_ping",
         "ping_sent_at",
         "progress",
-        "stats",
         "timed_out",
         "timeout",
         "write_done",
@@ -297,7 +304,7 @@ class HeartbeatState:
         self.write_done = 0
         # Slots for the shell (the mixin and the scheduler), unused here.
         self.frame = b""
-        self.stats: HeartbeatStats | None = None
+        self.counters: HeartbeatCounters | None = None
         self._slot: int | None = None
 
     @property
@@ -396,20 +403,48 @@ class HeartbeatState:
         return _WAIT
 
 
+@dataclass(frozen=True, slots=True)
 class HeartbeatStats:
-    """Application-wide heartbeat counters and round-trip latency percentiles.
+    """A snapshot of an application's heartbeat counters (see :func:`heartbeat_stats`).
 
-    One per application, at ``application.settings["heartbeat_stats"]``
-    (created on first use; put your own there to choose ``max_samples``).
-    Percentiles cover the most recent ``max_samples`` answers (default 1024);
-    older samples are dropped, so memory is bounded.
+    ``p50`` / ``p99`` cover the most recent samples kept by the
+    :class:`HeartbeatCounters` (``None`` before the first answer); summed with
+    :func:`~tornado_longconn.stats.sum_stats` they take the maximum, an upper
+    bound of the pooled percentile.
+    """
 
-    >>> stats = HeartbeatStats()
+    #: Connections watched now (gauge).
+    connections: int = field(default=0, metadata=GAUGE)
+    #: Heartbeats sent: pings or application-level messages (counter).
+    pings_sent: int = field(default=0, metadata=COUNTER)
+    #: Connections aborted because their peer was silent past the timeout (counter).
+    timeouts: int = field(default=0, metadata=COUNTER)
+    #: Round-trip samples recorded, also those no longer kept (counter).
+    count: int = field(default=0, metadata=COUNTER)
+    #: Median round-trip time in seconds (peak; None before the first answer).
+    p50: float | None = field(default=None, metadata=PEAK)
+    #: 99th-percentile round-trip time in seconds (peak; None before the first answer).
+    p99: float | None = field(default=None, metadata=PEAK)
+
+
+class HeartbeatCounters:
+    """An application's live heartbeat counters and round-trip samples.
+
+    One per application, at ``application.settings["heartbeat_counters"]``
+    (created on first use; put your own there to choose ``max_samples``). The
+    heartbeat shell updates them; read them with :meth:`stats` (or
+    :func:`heartbeat_stats`). Percentiles cover the most recent
+    ``max_samples`` answers (default 1024); older samples are dropped, so
+    memory is bounded. Raises ``ValueError`` for ``max_samples < 1``.
+
+    >>> counters = HeartbeatCounters()
     >>> for rtt in (0.010, 0.020, 0.030):
-    ...     stats.record_latency(rtt)
-    >>> stats.count, stats.p50
+    ...     counters.record_latency(rtt)
+    >>> counters.stats().count, counters.stats().p50
     (3, 0.02)
     """
+
+    __slots__ = ("_samples", "connections", "count", "pings_sent", "timeouts")
 
     def __init__(self, *, max_samples: int = 1024) -> None:
         if max_samples < 1:
@@ -425,14 +460,17 @@ class HeartbeatStats:
         self.connections = 0
 
     @classmethod
-    def for_application(cls, application: tornado.web.Application) -> HeartbeatStats:
-        """The application's stats (``settings["heartbeat_stats"]``), created if missing."""
-        stats = application.settings.get("heartbeat_stats")
-        if stats is None:
-            stats = application.settings["heartbeat_stats"] = cls()
-        if not isinstance(stats, HeartbeatStats):
-            raise TypeError(f"settings['heartbeat_stats'] must be a HeartbeatStats, not {stats!r}")
-        return stats
+    def for_application(cls, application: tornado.web.Application) -> HeartbeatCounters:
+        """The application's counters (``settings["heartbeat_counters"]``), created if missing.
+
+        Raises :class:`TypeError` if that setting holds something else.
+        """
+        counters = application.settings.get(_SETTING)
+        if counters is None:
+            counters = application.settings[_SETTING] = cls()
+        if not isinstance(counters, HeartbeatCounters):
+            raise TypeError(f"settings[{_SETTING!r}] must be a HeartbeatCounters, not {counters!r}")
+        return counters
 
     def record_latency(self, seconds: float) -> None:
         """Add one round-trip sample (seconds)."""
@@ -443,32 +481,34 @@ class HeartbeatStats:
         """The ``q``-quantile (0..1, nearest rank) of the kept samples; None without any."""
         if not 0 <= q <= 1:
             raise ValueError(f"q must be within 0..1, got {q!r}")
-        if not self._samples:
-            return None
+        return _nearest_rank(sorted(self._samples), q)
+
+    def stats(self) -> HeartbeatStats:
+        """A snapshot of the counters with p50 and p99 of the kept samples (:class:`HeartbeatStats`)."""
         ordered = sorted(self._samples)
-        rank = max(1, math.ceil(q * len(ordered)))
-        return ordered[rank - 1]
+        return HeartbeatStats(
+            connections=self.connections,
+            pings_sent=self.pings_sent,
+            timeouts=self.timeouts,
+            count=self.count,
+            p50=_nearest_rank(ordered, 0.5),
+            p99=_nearest_rank(ordered, 0.99),
+        )
 
-    @property
-    def p50(self) -> float | None:
-        """Median round-trip time in seconds (None before the first answer)."""
-        return self.percentile(0.5)
 
-    @property
-    def p99(self) -> float | None:
-        """99th-percentile round-trip time in seconds (None before the first answer)."""
-        return self.percentile(0.99)
+def _nearest_rank(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
 
-    def snapshot(self) -> dict[str, Any]:
-        """All counters and percentiles as a plain dict (for a metrics endpoint)."""
-        return {
-            "connections": self.connections,
-            "pings_sent": self.pings_sent,
-            "timeouts": self.timeouts,
-            "count": self.count,
-            "p50": self.p50,
-            "p99": self.p99,
-        }
+
+def heartbeat_stats(application: tornado.web.Application) -> HeartbeatStats:
+    """A snapshot of ``application``'s heartbeat counters (see :class:`HeartbeatCounters`).
+
+    Raises :class:`TypeError` if ``settings["heartbeat_counters"]`` holds
+    something other than a :class:`HeartbeatCounters`.
+    """
+    return HeartbeatCounters.for_application(application).stats()
 
 
 def _sample_writes(state: HeartbeatState, stream: IOStream, now: float) -> None:
@@ -557,8 +597,8 @@ class HeartbeatScheduler:
 
     def _forget(self, state: HeartbeatState) -> None:
         state._slot = None
-        if state.stats is not None:
-            state.stats.connections -= 1
+        if state.counters is not None:
+            state.counters.connections -= 1
         self._count -= 1
         if self._count == 0:
             self._idle()
@@ -638,8 +678,8 @@ class HeartbeatScheduler:
                 # Our own heartbeat is not the peer's progress; what of it waits
                 # in the stream is, once the peer makes room for it.
                 _sample_writes(state, stream, now)
-                if state.stats is not None:
-                    state.stats.pings_sent += 1
+                if state.counters is not None:
+                    state.counters.pings_sent += 1
         elif action is _CLOSE:
             self._forget(state)
             handler._heartbeat_expire(stream)
@@ -774,8 +814,8 @@ class HeartbeatMixin(StrictWebSocketMixin):
 
     @property
     def heartbeat_stats(self) -> HeartbeatStats:
-        """The application's :class:`HeartbeatStats` (``settings["heartbeat_stats"]``)."""
-        return HeartbeatStats.for_application(self.application)
+        """A snapshot of the application's heartbeat counters (:func:`heartbeat_stats`)."""
+        return heartbeat_stats(self.application)
 
     def is_heartbeat_reply(self, message: str) -> bool:
         """Whether a text ``message`` answers an application-level heartbeat.
@@ -824,8 +864,8 @@ class HeartbeatMixin(StrictWebSocketMixin):
             if protocol is None:
                 self._heartbeat = None
                 return None
-            stats = state.stats = HeartbeatStats.for_application(self.application)
-            stats.connections += 1
+            counters = state.counters = HeartbeatCounters.for_application(self.application)
+            counters.connections += 1
             scheduler = HeartbeatScheduler.current()
             if self.settings.get("heartbeat_gc_freeze") and not gc_tuning_stats().active:
                 tune_gc()  # once per process; calling tune_gc() at start-up is clearer
@@ -889,15 +929,15 @@ class HeartbeatMixin(StrictWebSocketMixin):
 
     def _heartbeat_answer(self, state: HeartbeatState) -> None:
         rtt = state.answer(asyncio.get_running_loop().time(), self._heartbeat_progress())
-        if rtt is not None and state.stats is not None:
-            state.stats.record_latency(rtt)
+        if rtt is not None and state.counters is not None:
+            state.counters.record_latency(rtt)
 
     def _heartbeat_expire(self, stream: IOStream) -> None:
         """Abort a connection whose peer went silent (called by the scheduler)."""
         state = self._heartbeat
-        if state is not None and state.stats is not None:
-            state.stats.timeouts += 1
-            state.stats = None
+        if state is not None and state.counters is not None:
+            state.counters.timeouts += 1
+            state.counters = None
         _log.debug("heartbeat timeout: dropping %s", self.request.remote_ip)
         if stream.writing():
             # The peer is not draining what we wrote: reset, freeing the kernel's buffers.

@@ -52,7 +52,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import tornado.web
@@ -60,6 +60,7 @@ import tornado.web
 from . import backends
 from .exceptions import BackendError, CursorError, LongConnError
 from .log import Cursor, Message, SinceResult, parse_cursor
+from .stats import COUNTER, GAUGE
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
@@ -284,21 +285,26 @@ class LongPollStats:
     waiter's cursor); ``rejected`` waits/streams refused at a limit;
     ``cancelled`` waits cancelled (client gone); ``uncursored`` live messages
     ignored because their topic keeps no history.
+
+    ``waiting``, ``parked``, ``streams`` and ``topics`` are gauges (now); the
+    rest are counters (since the waiter was made). SSE streams are counted here
+    (``streams``), as :class:`~tornado_longconn.sse.SSEHandler` waits through a
+    waiter.
     """
 
-    waiting: int
-    parked: int
-    streams: int
-    topics: int
-    answered: int
-    woken: int
-    reads: int
-    timeouts: int
-    gaps: int
-    rechecks: int
-    rejected: int
-    cancelled: int
-    uncursored: int
+    waiting: int = field(metadata=GAUGE)
+    parked: int = field(metadata=GAUGE)
+    streams: int = field(metadata=GAUGE)
+    topics: int = field(metadata=GAUGE)
+    answered: int = field(metadata=COUNTER)
+    woken: int = field(metadata=COUNTER)
+    reads: int = field(metadata=COUNTER)
+    timeouts: int = field(metadata=COUNTER)
+    gaps: int = field(metadata=COUNTER)
+    rechecks: int = field(metadata=COUNTER)
+    rejected: int = field(metadata=COUNTER)
+    cancelled: int = field(metadata=COUNTER)
+    uncursored: int = field(metadata=COUNTER)
 
 
 # What a waiting future resolves to.

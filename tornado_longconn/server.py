@@ -35,7 +35,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import tornado.httpserver
@@ -43,6 +43,7 @@ import tornado.ioloop
 
 from ._tornado.server import TCPServerInternals, check_tcpserver, handle_connection
 from ._tornado.server import register_listener as _register_listener
+from .stats import COUNTER, FLAG
 
 __all__ = [
     "AcceptStats",
@@ -125,21 +126,21 @@ class ServerLimits:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AcceptStats:
-    """Counters of one server's accept loop (see :meth:`LongConnHTTPServer.accept_stats`).
+    """Counters of one server's accept loop (see :meth:`LongConnHTTPServer.stats`).
 
     ``accepted``: connections taken; ``errors``: ``accept()`` calls that failed
     with EMFILE, ENFILE, ENOBUFS or ENOMEM; ``pauses``: times accepting stopped
     for a backoff; ``suppressed``: errors not logged because of the log rate
-    limit; ``paused``: whether accepting is stopped right now.
+    limit (all counters); ``paused``: whether accepting is stopped right now (a flag).
     """
 
-    accepted: int = 0
-    errors: int = 0
-    pauses: int = 0
-    suppressed: int = 0
-    paused: bool = False
+    accepted: int = field(default=0, metadata=COUNTER)
+    errors: int = field(default=0, metadata=COUNTER)
+    pauses: int = field(default=0, metadata=COUNTER)
+    suppressed: int = field(default=0, metadata=COUNTER)
+    paused: bool = field(default=False, metadata=FLAG)
 
 
 class AcceptThrottle:
@@ -331,8 +332,8 @@ class LongConnHTTPServer(tornado.httpserver.HTTPServer):
             self._listeners.append(listener)
             _register_listener(self._internals, sock, listener.remove)
 
-    def accept_stats(self) -> AcceptStats:
-        """Counters of the accept loop (see :class:`AcceptStats`)."""
+    def stats(self) -> AcceptStats:
+        """A snapshot of the accept loop's counters (see :class:`AcceptStats`)."""
         t = self._throttle
         return AcceptStats(
             accepted=self._accepted,

@@ -24,7 +24,7 @@ body was read to the end:
 A client whose body is longer than the bound still gets a reset once the bound is
 reached: raise ``max_bytes`` if your clients send large bodies and only read the
 answer at the end (most HTTP libraries do), lower it to spend less on refused
-uploads. Counters are in :attr:`EarlyAnswer.stats`.
+uploads. Counters: :meth:`EarlyAnswer.stats`.
 
 Example::
 
@@ -40,13 +40,14 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import tornado.web
 from tornado.concurrent import Future
 
 from ._tornado.http1 import linger_after_answer
+from .stats import COUNTER
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -68,18 +69,21 @@ DEFAULT_TIMEOUT = 5.0
 _SETTING = "longconn_early_answer"
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class EarlyAnswerStats:
-    """Counters of an :class:`EarlyAnswer` policy (since it was created)."""
+    """A snapshot of an :class:`EarlyAnswer` policy's counters (see :meth:`EarlyAnswer.stats`).
+
+    All counters, since the policy was created.
+    """
 
     #: Responses finished before the request body was read to its end.
-    answered: int = 0
+    answered: int = field(default=0, metadata=COUNTER)
     #: Connections closed because ``max_bytes`` of body were discarded.
-    closed_at_bytes: int = 0
+    closed_at_bytes: int = field(default=0, metadata=COUNTER)
     #: Connections closed because ``timeout`` passed after the answer.
-    closed_at_deadline: int = 0
+    closed_at_deadline: int = field(default=0, metadata=COUNTER)
     #: Body bytes discarded on the connections closed at a bound.
-    bytes_discarded: int = 0
+    bytes_discarded: int = field(default=0, metadata=COUNTER)
 
 
 class EarlyAnswer:
@@ -91,10 +95,17 @@ class EarlyAnswer:
     closes anyway. Raises ``ValueError`` for a negative ``max_bytes`` or a
     ``timeout`` that is not positive. One policy may be shared by many handlers
     (pass it through ``initialize`` or the application setting
-    ``"longconn_early_answer"``); its :attr:`stats` count for all of them.
+    ``"longconn_early_answer"``); its :meth:`stats` count for all of them.
     """
 
-    __slots__ = ("max_bytes", "stats", "timeout")
+    __slots__ = (
+        "_answered",
+        "_bytes_discarded",
+        "_closed_at_bytes",
+        "_closed_at_deadline",
+        "max_bytes",
+        "timeout",
+    )
 
     def __init__(
         self, *, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = DEFAULT_TIMEOUT
@@ -105,7 +116,19 @@ class EarlyAnswer:
             raise ValueError("timeout must be > 0")
         self.max_bytes = max_bytes
         self.timeout = timeout
-        self.stats = EarlyAnswerStats()
+        self._answered = 0
+        self._closed_at_bytes = 0
+        self._closed_at_deadline = 0
+        self._bytes_discarded = 0
+
+    def stats(self) -> EarlyAnswerStats:
+        """A snapshot of the counters (:class:`EarlyAnswerStats`)."""
+        return EarlyAnswerStats(
+            answered=self._answered,
+            closed_at_bytes=self._closed_at_bytes,
+            closed_at_deadline=self._closed_at_deadline,
+            bytes_discarded=self._bytes_discarded,
+        )
 
     def arm(self, request: Any) -> bool:
         """Prepare ``request``'s connection to deliver an answer sent before its body ended.
@@ -124,15 +147,15 @@ class EarlyAnswer:
         )
         if armed and not getattr(request, "_longconn_answered_early", False):
             request._longconn_answered_early = True
-            self.stats.answered += 1
+            self._answered += 1
         return armed
 
     def _ended(self, reason: str, discarded: int) -> None:
         if reason == "bytes":
-            self.stats.closed_at_bytes += 1
+            self._closed_at_bytes += 1
         else:
-            self.stats.closed_at_deadline += 1
-        self.stats.bytes_discarded += discarded
+            self._closed_at_deadline += 1
+        self._bytes_discarded += discarded
 
 
 def default_early_answer(application: tornado.web.Application) -> EarlyAnswer:

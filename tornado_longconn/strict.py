@@ -27,7 +27,8 @@ Tornado's own answer, kept (and counted).
 Header checks happen as soon as a frame's first two bytes are read, before its
 payload. A close frame with a valid code is still echoed with that code, as
 Tornado does. Each failure is counted in the application's
-:class:`ProtocolErrorStats` (``application.settings["websocket_protocol_errors"]``).
+:class:`ProtocolErrorCounters` (``application.settings["websocket_protocol_errors"]``);
+read them with :func:`protocol_error_stats` (a :class:`ProtocolErrorStats` snapshot).
 
 The handler's ``close_code`` is the code the client sent (``None`` without
 one, or for a 1-byte payload), and ``close_reason`` is ``None`` when it was
@@ -42,68 +43,102 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
 
 import tornado.web
 import tornado.websocket
 
 from ._tornado.websocket import is_valid_close_code, make_strict
+from .stats import COUNTER, TALLY
 
-__all__ = ["ProtocolErrorStats", "StrictWebSocketMixin", "is_valid_close_code"]
+__all__ = [
+    "ProtocolErrorCounters",
+    "ProtocolErrorStats",
+    "StrictWebSocketMixin",
+    "is_valid_close_code",
+    "protocol_error_stats",
+]
 
-#: The application setting that holds the :class:`ProtocolErrorStats`.
+#: The application setting that holds the :class:`ProtocolErrorCounters`.
 _SETTING = "websocket_protocol_errors"
 
 
+@dataclass(frozen=True, slots=True)
 class ProtocolErrorStats:
-    """Connections failed for breaking the WebSocket protocol, per close code and reason.
+    """A snapshot of the connections failed for breaking the WebSocket protocol.
+
+    ``by_code`` and ``by_reason`` are tallies: ``(key, count)`` pairs sorted by
+    key (``dict(stats.by_code)`` makes a mapping). All counters, since the
+    counters were created; see :func:`protocol_error_stats`.
+    """
+
+    #: Connections failed since start.
+    total: int = field(default=0, metadata=COUNTER)
+    #: Connections failed, by the close code sent to the client.
+    by_code: tuple[tuple[int, int], ...] = field(default=(), metadata=TALLY)
+    #: Connections failed, by the close reason sent (a fixed set of strings).
+    by_reason: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
+
+
+class ProtocolErrorCounters:
+    """The live counters behind :class:`ProtocolErrorStats`, per close code and reason.
 
     One per application, at ``application.settings["websocket_protocol_errors"]``
     (created on first use; put your own there to share one between
     applications). Updated only when a connection is failed, never per message.
 
-    >>> stats = ProtocolErrorStats()
-    >>> stats.record(1002, "frame not masked")
-    >>> stats.record(1007, "text not UTF-8")
-    >>> stats.record(1002, "frame not masked")
-    >>> stats.snapshot()["by_code"]
-    {1002: 2, 1007: 1}
+    >>> counters = ProtocolErrorCounters()
+    >>> counters.record(1002, "frame not masked")
+    >>> counters.record(1007, "text not UTF-8")
+    >>> counters.record(1002, "frame not masked")
+    >>> counters.stats().by_code
+    ((1002, 2), (1007, 1))
     """
 
+    __slots__ = ("_by_code", "_by_reason", "_total")
+
     def __init__(self) -> None:
-        #: Connections failed since start.
-        self.total = 0
-        #: Connections failed, by the close code sent to the client.
-        self.by_code: dict[int, int] = {}
-        #: Connections failed, by the close reason sent (a fixed set of strings).
-        self.by_reason: dict[str, int] = {}
+        self._total = 0
+        self._by_code: dict[int, int] = {}
+        self._by_reason: dict[str, int] = {}
 
     @classmethod
-    def for_application(cls, application: tornado.web.Application) -> ProtocolErrorStats:
-        """The application's stats (``settings["websocket_protocol_errors"]``), created if missing.
+    def for_application(cls, application: tornado.web.Application) -> ProtocolErrorCounters:
+        """The application's counters (``settings["websocket_protocol_errors"]``), created if missing.
 
         Raises :class:`TypeError` if that setting holds something else.
         """
-        stats = application.settings.get(_SETTING)
-        if stats is None:
-            stats = application.settings[_SETTING] = cls()
-        if not isinstance(stats, ProtocolErrorStats):
-            raise TypeError(f"settings[{_SETTING!r}] must be a ProtocolErrorStats, not {stats!r}")
-        return stats
+        counters = application.settings.get(_SETTING)
+        if counters is None:
+            counters = application.settings[_SETTING] = cls()
+        if not isinstance(counters, ProtocolErrorCounters):
+            raise TypeError(
+                f"settings[{_SETTING!r}] must be a ProtocolErrorCounters, not {counters!r}"
+            )
+        return counters
 
     def record(self, code: int, reason: str) -> None:
         """Count one connection failed with close ``code`` and ``reason``."""
-        self.total += 1
-        self.by_code[code] = self.by_code.get(code, 0) + 1
-        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        self._total += 1
+        self._by_code[code] = self._by_code.get(code, 0) + 1
+        self._by_reason[reason] = self._by_reason.get(reason, 0) + 1
 
-    def snapshot(self) -> dict[str, Any]:
-        """The counters as a plain dict (copies): ``total``, ``by_code``, ``by_reason``."""
-        return {
-            "total": self.total,
-            "by_code": dict(sorted(self.by_code.items())),
-            "by_reason": dict(sorted(self.by_reason.items())),
-        }
+    def stats(self) -> ProtocolErrorStats:
+        """A snapshot of the counters (:class:`ProtocolErrorStats`)."""
+        return ProtocolErrorStats(
+            total=self._total,
+            by_code=tuple(sorted(self._by_code.items())),
+            by_reason=tuple(sorted(self._by_reason.items())),
+        )
+
+
+def protocol_error_stats(application: tornado.web.Application) -> ProtocolErrorStats:
+    """A snapshot of ``application``'s protocol-error counters (see :class:`ProtocolErrorCounters`).
+
+    Raises :class:`TypeError` if ``settings["websocket_protocol_errors"]`` holds
+    something other than a :class:`ProtocolErrorCounters`.
+    """
+    return ProtocolErrorCounters.for_application(application).stats()
 
 
 class StrictWebSocketMixin(tornado.websocket.WebSocketHandler):
@@ -126,12 +161,13 @@ class StrictWebSocketMixin(tornado.websocket.WebSocketHandler):
 
     @property
     def protocol_error_stats(self) -> ProtocolErrorStats:
-        """The application's :class:`ProtocolErrorStats`."""
-        return ProtocolErrorStats.for_application(self.application)
+        """A snapshot of the application's protocol-error counters (:func:`protocol_error_stats`)."""
+        return protocol_error_stats(self.application)
 
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
         """Tornado's protocol for this connection, made strict (``None`` stays ``None``)."""
         protocol = super().get_websocket_protocol()
         if protocol is None:
             return None
-        return make_strict(protocol, self, self.protocol_error_stats.record)
+        counters = ProtocolErrorCounters.for_application(self.application)
+        return make_strict(protocol, self, counters.record)

@@ -58,11 +58,13 @@ import time
 import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
 from tornado_longconn.exceptions import UploadError
+
+from .stats import COUNTER, GAUGE
 
 __all__ = [
     "CHECKSUM_ALGORITHMS",
@@ -303,42 +305,69 @@ class UploadState:
             raise UploadError("upload is already complete", status=409)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class UploadStats:
-    """Counters of an :class:`UploadStore` (all since the store was created)."""
+    """A snapshot of an :class:`UploadStore`'s counters (see :meth:`UploadStore.stats`).
+
+    ``open_files`` and ``cached`` are gauges (now); the rest are counters, since the
+    store was created.
+    """
 
     #: Uploads created.
-    created: int = 0
+    created: int = field(default=0, metadata=COUNTER)
     #: Uploads finished (final file renamed into place).
-    completed: int = 0
+    completed: int = field(default=0, metadata=COUNTER)
     #: Uploads terminated by ``abort()`` / tus DELETE.
-    aborted: int = 0
+    aborted: int = field(default=0, metadata=COUNTER)
     #: Partial uploads removed by :meth:`UploadStore.sweep` (expired).
-    expired: int = 0
+    expired: int = field(default=0, metadata=COUNTER)
     #: Uploads reopened from disk with a re-hash of the partial file (after a restart
     #: or an eviction from the in-memory cache).
-    rehashed: int = 0
+    rehashed: int = field(default=0, metadata=COUNTER)
     #: Checksummed segments rejected (mismatch or interrupted) and truncated away.
-    checksum_mismatches: int = 0
+    checksum_mismatches: int = field(default=0, metadata=COUNTER)
     #: Storage write failures (ENOSPC, EIO, ...).
-    storage_errors: int = 0
+    storage_errors: int = field(default=0, metadata=COUNTER)
     #: Bytes durably stored.
-    bytes_stored: int = 0
+    bytes_stored: int = field(default=0, metadata=COUNTER)
     #: Requests refused because another writer held the upload.
-    lock_conflicts: int = 0
+    lock_conflicts: int = field(default=0, metadata=COUNTER)
     #: Writers that asked the holder of an upload to let go, and got it (see
     #: :meth:`ChunkedUploadSink.take_over`).
-    takeovers: int = 0
+    takeovers: int = field(default=0, metadata=COUNTER)
     #: Idle upload states dropped from the in-memory cache (``max_cached`` policy).
-    evicted: int = 0
+    evicted: int = field(default=0, metadata=COUNTER)
     #: Completed uploads removed (tus DELETE of a completed upload, :meth:`ChunkedUploadSink.delete`).
-    deleted: int = 0
-    #: Partial-file descriptors open now (never more than ``max_open_files``).
-    open_files: int = 0
+    deleted: int = field(default=0, metadata=COUNTER)
+    #: Partial-file descriptors open now (never more than ``max_open_files``; gauge).
+    open_files: int = field(default=0, metadata=GAUGE)
     #: Descriptors of idle uploads closed to stay within ``max_open_files`` (least
     #: recently used first; reopened on the next write, offset and hashes kept).
-    files_closed: int = 0
+    files_closed: int = field(default=0, metadata=COUNTER)
     #: Times a write waited for a descriptor because every one in the budget was busy.
+    file_waits: int = field(default=0, metadata=COUNTER)
+    #: Upload states held in the in-memory cache now (``max_cached``, exceeded only
+    #: while more are in use; gauge).
+    cached: int = field(default=0, metadata=GAUGE)
+
+
+@dataclass(slots=True)
+class _UploadCounters:
+    """The store's live counters (see :class:`UploadStats` for their meaning)."""
+
+    created: int = 0
+    completed: int = 0
+    aborted: int = 0
+    expired: int = 0
+    rehashed: int = 0
+    checksum_mismatches: int = 0
+    storage_errors: int = 0
+    bytes_stored: int = 0
+    lock_conflicts: int = 0
+    takeovers: int = 0
+    evicted: int = 0
+    deleted: int = 0
+    files_closed: int = 0
     file_waits: int = 0
 
 
@@ -479,7 +508,7 @@ class ChunkedUploadSink:
         completes once it did. Without it the lock can only be waited out.
         """
         if self._locked:
-            self.store.stats.lock_conflicts += 1
+            self.store._counters.lock_conflicts += 1
             raise UploadError("another request is writing this upload", status=423)
         self._locked = True
         self._let_go = let_go
@@ -505,7 +534,7 @@ class ChunkedUploadSink:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(holder()), timeout)
             if not self.locked:  # the holder let go (else acquire raises 423)
-                self.store.stats.takeovers += 1
+                self.store._counters.takeovers += 1
         self.acquire(let_go)
 
     def release(self) -> None:
@@ -618,7 +647,7 @@ class ChunkedUploadSink:
                     finally:
                         self._done_fd()
                 except Exception as exc:
-                    store.stats.storage_errors += 1
+                    store._counters.storage_errors += 1
                     if isinstance(exc, OSError):
                         self._error = _storage_error(exc)
                     else:
@@ -632,7 +661,7 @@ class ChunkedUploadSink:
                     return
                 self._queue.popleft()
                 self.state.stored(len(data), time.time())
-                store.stats.bytes_stored += len(data)
+                store._counters.bytes_stored += len(data)
                 if self.stored_callback is not None:
                     self.stored_callback(self.offset, None)
                 room = self._room
@@ -695,7 +724,7 @@ class ChunkedUploadSink:
         except UploadError:
             pass
         start, sha_before, _, _, _ = segment
-        self.store.stats.checksum_mismatches += 1
+        self.store._counters.checksum_mismatches += 1
         fd = await self._use_fd()
         try:
             await asyncio.get_running_loop().run_in_executor(
@@ -748,7 +777,7 @@ class ChunkedUploadSink:
         finally:
             self._fd_closed_by_job()
         self._final_sha256 = digest
-        self.store.stats.completed += 1
+        self.store._counters.completed += 1
         self.store._forget(self.id)
         return self.store.final_path(self.id)
 
@@ -782,7 +811,7 @@ class ChunkedUploadSink:
         finally:
             if fd >= 0:
                 self._fd_closed_by_job()
-        self.store.stats.aborted += 1
+        self.store._counters.aborted += 1
         self.store._forget(self.id)
 
     async def delete(self) -> None:
@@ -800,7 +829,7 @@ class ChunkedUploadSink:
         await asyncio.get_running_loop().run_in_executor(
             self.store.executor, self.store._delete_completed, self.id
         )
-        self.store.stats.deleted += 1
+        self.store._counters.deleted += 1
         self.store._forget(self.id)
 
     # -- the partial file's descriptor (bounded by the store's max_open_files) --------
@@ -912,7 +941,7 @@ class UploadStore:
         self.max_cached = max_cached
         self.max_open_files = max_open_files
         self.executor = executor
-        self.stats = UploadStats()
+        self._counters = _UploadCounters()
         self._sinks: dict[str, ChunkedUploadSink] = {}
         self._opening: dict[str, asyncio.Future[ChunkedUploadSink]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -967,10 +996,10 @@ class UploadStore:
         try:
             await loop.run_in_executor(self.executor, self._create_files, upload_id, info)
         except OSError as exc:
-            self.stats.storage_errors += 1
+            self._counters.storage_errors += 1
             raise _storage_error(exc) from exc
         sink = ChunkedUploadSink(self, upload_id, state, clean, now, -1, hashlib.sha256())
-        self.stats.created += 1
+        self._counters.created += 1
         self._remember(sink)
         return sink
 
@@ -1005,8 +1034,8 @@ class UploadStore:
                 sink = await asyncio.shield(pending)
         if sink.state.is_expired(now, self.expire_after) and not sink.locked:
             await sink.abort()
-            self.stats.aborted -= 1
-            self.stats.expired += 1
+            self._counters.aborted -= 1
+            self._counters.expired += 1
             raise UploadError("upload expired", status=410)
         if self._sinks.pop(upload_id, None) is not None:
             self._sinks[upload_id] = sink  # most recently used last
@@ -1030,10 +1059,10 @@ class UploadStore:
                 if sink.locked or not sink.state.is_expired(now, self.expire_after):
                     continue
                 await sink.abort()
-                self.stats.aborted -= 1
+                self._counters.aborted -= 1
             else:
                 await loop.run_in_executor(self.executor, self._delete_files, -1, upload_id)
-            self.stats.expired += 1
+            self._counters.expired += 1
             removed += 1
         return removed
 
@@ -1054,6 +1083,28 @@ class UploadStore:
             exc = task.exception()
             if not isinstance(exc, UploadError):
                 _log.error("upload clean-up failed", exc_info=exc)
+
+    def stats(self) -> UploadStats:
+        """A snapshot of the store's counters (:class:`UploadStats`)."""
+        c = self._counters
+        return UploadStats(
+            created=c.created,
+            completed=c.completed,
+            aborted=c.aborted,
+            expired=c.expired,
+            rehashed=c.rehashed,
+            checksum_mismatches=c.checksum_mismatches,
+            storage_errors=c.storage_errors,
+            bytes_stored=c.bytes_stored,
+            lock_conflicts=c.lock_conflicts,
+            takeovers=c.takeovers,
+            evicted=c.evicted,
+            deleted=c.deleted,
+            open_files=len(self._open_fds),
+            files_closed=c.files_closed,
+            file_waits=c.file_waits,
+            cached=len(self._sinks),
+        )
 
     async def drain_tasks(self) -> None:
         """Wait for the clean-up tasks started by :meth:`spawn` (tests, shutdown)."""
@@ -1226,7 +1277,7 @@ class UploadStore:
             state.status = UploadStatus.COMPLETE
             sink._final_sha256 = str(info["sha256"])
         else:
-            self.stats.rehashed += 1
+            self._counters.rehashed += 1
         return sink
 
     def _scan_expired(self, cutoff: float) -> list[str]:
@@ -1258,7 +1309,7 @@ class UploadStore:
                 continue
             other._close_fd()
             del self._sinks[upload_id]
-            self.stats.evicted += 1
+            self._counters.evicted += 1
 
     def _forget(self, upload_id: str) -> None:
         sink = self._sinks.pop(upload_id, None)
@@ -1278,7 +1329,7 @@ class UploadStore:
                 continue
             if not waited:
                 waited = True
-                self.stats.file_waits += 1
+                self._counters.file_waits += 1
             waiter = asyncio.get_running_loop().create_future()
             self._fd_waiters.append(waiter)
             try:
@@ -1295,12 +1346,10 @@ class UploadStore:
     def _fd_opened(self, sink: ChunkedUploadSink) -> None:
         self._fd_reserved -= 1
         self._open_fds[sink.id] = sink
-        self.stats.open_files = len(self._open_fds)
 
     def _fd_gone(self, sink: ChunkedUploadSink) -> None:
         if self._open_fds.get(sink.id) is sink:
             del self._open_fds[sink.id]
-        self.stats.open_files = len(self._open_fds)
         self._wake_fd_waiter()
 
     def _close_idle_fd(self) -> bool:
@@ -1309,8 +1358,7 @@ class UploadStore:
             if sink._fd_users == 0:
                 fd, sink._fd = sink._fd, -1
                 del self._open_fds[sink.id]
-                self.stats.open_files = len(self._open_fds)
-                self.stats.files_closed += 1
+                self._counters.files_closed += 1
                 os.close(fd)
                 return True
         return False

@@ -14,8 +14,9 @@ import os
 import tornado.web
 import tornado.websocket
 
-from tornado_longconn.heartbeat import HeartbeatMixin, HeartbeatStats
+from tornado_longconn.heartbeat import HeartbeatMixin, heartbeat_stats
 from tornado_longconn.server import start_server
+from tornado_longconn.stats import stats_dict
 
 
 class Chat(HeartbeatMixin, tornado.websocket.WebSocketHandler):
@@ -41,7 +42,7 @@ class Chat(HeartbeatMixin, tornado.websocket.WebSocketHandler):
 
 class Metrics(tornado.web.RequestHandler):
     def get(self) -> None:
-        self.write(HeartbeatStats.for_application(self.application).snapshot())
+        self.write(stats_dict(heartbeat_stats(self.application)))
 
 
 def make_app(**settings: object) -> tornado.web.Application:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from backend_helpers import Recorder
 
-from tornado_longconn.backends import Backend
+from tornado_longconn.backends import Backend, BackendStats
 from tornado_longconn.exceptions import ConnectionClosedError
 from tornado_longconn.log import Cursor, HistoryLimit
 
@@ -287,6 +287,34 @@ async def test_a_failing_subscriber_does_not_stop_the_others(
     await after.wait_messages(2)
     assert before.data == broken.data == after.data == ["one", "two"]
     assert "subscriber bug" in caplog.text
+    assert backend.stats().subscriber_errors == 2
+
+
+async def test_stats_is_a_frozen_snapshot_built_when_called(backend: Backend) -> None:
+    first = backend.stats()
+    assert isinstance(first, BackendStats)
+    assert (first.topics, first.subscribers, first.gaps, first.subscriber_errors) == (0, 0, 0, 0)
+    assert first.published in (0, None) and first.received in (0, None)
+    a1, a2, b = Recorder("a1"), Recorder("a2"), Recorder("b")
+    await backend.subscribe("a", a1)
+    await backend.subscribe("a", a2)
+    await backend.subscribe("b", b)
+    for i in range(3):
+        await backend.publish("a", f"m{i}", history=H)
+    await a1.wait_messages(3)
+    await a2.wait_messages(3)
+    now = backend.stats()
+    assert now.kind == first.kind and now.connected
+    assert (now.topics, now.subscribers) == (2, 3)
+    # A backend that counts messages counts each once, whatever its subscribers.
+    assert now.published in (3, None) and now.received in (3, None)
+    assert (first.topics, first.subscribers) == (0, 0)  # the first snapshot did not change
+    with pytest.raises(AttributeError):
+        now.topics = 0  # type: ignore[misc]
+    await backend.unsubscribe("b", b)
+    assert (backend.stats().topics, backend.stats().subscribers) == (1, 2)
+    await backend.close()
+    assert not backend.stats().connected
 
 
 async def test_many_subscribers_each_get_every_message(backend: Backend) -> None:

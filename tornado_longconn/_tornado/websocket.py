@@ -20,7 +20,7 @@ without a close frame. :class:`StrictWebSocketProtocol` subclasses it and:
   otherwise -- best effort (handed to the kernel if it takes it at once), then
   closes the TCP connection. Tornado's own 1009 "message too big" is kept;
 * reports every such failure (close code and reason) to an ``on_error``
-  callback, for :class:`~tornado_longconn.strict.ProtocolErrorStats`.
+  callback, for :class:`~tornado_longconn.strict.ProtocolErrorCounters`.
 
 Private names used (each checked against Tornado 6.4.2, 6.5.2 and 6.6.1):
 

@@ -1,24 +1,34 @@
 """Backends carry messages between processes and keep history.
 
-:class:`MemoryBackend` (default, one process) and :class:`RedisBackend` (many
-processes and hosts, ``pip install tornado-longconn[redis]``) implement
-:class:`Backend`. :func:`backend_from_url` picks one from a URL.
+:class:`MemoryBackend` (default, one process), :class:`RedisBackend` (many
+processes and hosts, ``pip install tornado-longconn[redis]``) and
+:class:`NatsBackend` (NATS JetStream, ``pip install tornado-longconn[nats]``)
+implement :class:`Backend`. :func:`backend_from_url` picks one from a URL.
 
-``RedisBackend`` is imported on first use, so this package imports without the
-``redis`` package installed.
+``RedisBackend`` and ``NatsBackend`` are imported on first use, so this package
+imports without the ``redis`` or ``nats-py`` package installed.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Backend, Subscriber
+from .base import Backend, BackendStats, Subscriber
 from .memory import MemoryBackend
 
 if TYPE_CHECKING:
+    from .nats import NatsBackend
     from .redis import RedisBackend
 
-__all__ = ["Backend", "MemoryBackend", "RedisBackend", "Subscriber", "backend_from_url"]
+__all__ = [
+    "Backend",
+    "BackendStats",
+    "MemoryBackend",
+    "NatsBackend",
+    "RedisBackend",
+    "Subscriber",
+    "backend_from_url",
+]
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -30,9 +40,12 @@ def backend_from_url(url: str, **kwargs: Any) -> Backend:
     * ``redis://host:port/db``, ``rediss://...`` (TLS), ``unix:///path.sock`` --
       a :class:`RedisBackend` for that server (``kwargs`` go to it, e.g.
       ``prefix=``). ``redis`` is imported only here.
+    * ``nats://host:port`` (several servers: ``nats://h1:4222,h2:4222``;
+      ``tls://`` for TLS) -- a :class:`NatsBackend` (``kwargs`` go to it, e.g.
+      ``prefix=``, ``storage=``). ``nats-py`` is imported only here.
 
     Raises :class:`ValueError` for another scheme and :class:`ImportError` (with
-    the install hint) when a Redis URL is given and ``redis`` is not installed.
+    the install hint) when the backend's package is not installed.
     Call ``await backend.start()`` next, and ``await backend.close()`` at shutdown.
     """
     scheme, sep, _ = url.partition("://")
@@ -43,7 +56,15 @@ def backend_from_url(url: str, **kwargs: Any) -> Backend:
         return MemoryBackend(**kwargs)
     if scheme in _REDIS_SCHEMES:
         return _redis_backend_class()(url, **kwargs)
-    raise ValueError(f"unknown backend URL scheme {scheme!r}: use memory, redis, rediss or unix")
+    if scheme in ("nats", "tls"):
+        hosts = url.partition("://")[2].rstrip("/")
+        servers = [f"{scheme}://{host}" for host in hosts.split(",") if host]
+        if not servers:
+            raise ValueError(f"no NATS server in {url!r}")
+        return _nats_backend_class()(servers, **kwargs)
+    raise ValueError(
+        f"unknown backend URL scheme {scheme!r}: use memory, redis, rediss, unix or nats"
+    )
 
 
 def _redis_backend_class() -> type[RedisBackend]:
@@ -56,7 +77,19 @@ def _redis_backend_class() -> type[RedisBackend]:
     return RedisBackend
 
 
+def _nats_backend_class() -> type[NatsBackend]:
+    try:
+        from .nats import NatsBackend
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the NATS backend needs the nats-py package: pip install 'tornado-longconn[nats]'"
+        ) from exc
+    return NatsBackend
+
+
 def __getattr__(name: str) -> Any:
     if name == "RedisBackend":
         return _redis_backend_class()
+    if name == "NatsBackend":
+        return _nats_backend_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,15 +36,56 @@ Contract:
   history (``since``) or tell its clients to.
 * A subscriber's callbacks must not raise and must not block; a backend logs and
   swallows an exception from one subscriber so the others still get the message.
+* ``stats()`` -- a :class:`BackendStats` snapshot, built when called; a backend
+  adds no work per message to count (fields it does not count are ``None``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from ..log import Cursor, HistoryLimit, Message, SinceResult
+from ..stats import COUNTER, FLAG, GAUGE, LABEL
 
-__all__ = ["Backend", "Subscriber"]
+__all__ = ["Backend", "BackendStats", "Subscriber"]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStats:
+    """A snapshot of a backend's counters (see :meth:`Backend.stats`).
+
+    ``None`` means "not counted by this backend": the in-memory backend adds no
+    work per message, so it leaves ``published``, ``received`` and
+    ``reconnects`` / ``decode_errors`` (which cannot happen) at ``None``, and the
+    Redis backend does not know its topics' history (``history_topics``).
+    Snapshots of one kind add up with :func:`~tornado_longconn.stats.sum_stats`
+    (several processes' Redis backends); ``kind`` must be equal.
+    """
+
+    #: The backend: ``"memory"``, ``"redis"`` (label).
+    kind: str = field(metadata=LABEL)
+    #: Whether the backend can deliver now: open, and for Redis its pub/sub
+    #: connection up (flag).
+    connected: bool = field(metadata=FLAG)
+    #: Topics with subscribers in this process (gauge).
+    topics: int = field(metadata=GAUGE)
+    #: Subscriptions in this process, over all topics (gauge).
+    subscribers: int = field(metadata=GAUGE)
+    #: Topics with history kept in this process (gauge; None: kept elsewhere).
+    history_topics: int | None = field(metadata=GAUGE)
+    #: Messages published by this process (counter; None: not counted).
+    published: int | None = field(metadata=COUNTER)
+    #: Messages received for local subscribers (counter; None: not counted).
+    received: int | None = field(metadata=COUNTER)
+    #: ``on_gap`` calls made to subscribers (counter).
+    gaps: int = field(metadata=COUNTER)
+    #: Times the connection to the server was made again (counter; None: no server).
+    reconnects: int | None = field(metadata=COUNTER)
+    #: Exceptions raised by subscriber callbacks, logged and swallowed (counter).
+    subscriber_errors: int = field(metadata=COUNTER)
+    #: Messages dropped because they could not be decoded (counter; None: never decoded).
+    decode_errors: int | None = field(metadata=COUNTER)
 
 
 class Subscriber(Protocol):
@@ -90,3 +131,6 @@ class Backend(Protocol):
 
     async def head(self, topic: str) -> Cursor:
         """The cursor of ``topic``'s newest message (offset 0 when it has none)."""
+
+    def stats(self) -> BackendStats:
+        """A snapshot of the backend's counters, built now (:class:`BackendStats`)."""

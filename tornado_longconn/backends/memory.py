@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from ..log import Cursor, HistoryLimit, Message, SinceResult, TopicLog, new_epoch
-from .base import Subscriber
+from .base import BackendStats, Subscriber
 
 __all__ = ["MemoryBackend"]
 
@@ -33,6 +33,7 @@ class MemoryBackend:
         self._clock = clock
         self._subscribers: dict[str, dict[Subscriber, None]] = {}
         self._logs: dict[str, TopicLog] = {}
+        self._subscriber_errors = 0
         self.closed = False
 
     def __repr__(self) -> str:
@@ -61,6 +62,27 @@ class MemoryBackend:
     def subscriber_count(self, topic: str) -> int:
         """How many subscribers ``topic`` has in this process."""
         return len(self._subscribers.get(topic, ()))
+
+    def stats(self) -> BackendStats:
+        """A snapshot (:class:`~tornado_longconn.backends.BackendStats`, ``kind="memory"``).
+
+        Messages are not counted (``published`` and ``received`` are ``None``:
+        nothing is added per message); :class:`~tornado_longconn.BroadcastStats`
+        counts the publishes of groups.
+        """
+        return BackendStats(
+            kind="memory",
+            connected=not self.closed,
+            topics=len(self._subscribers),
+            subscribers=sum(len(subs) for subs in self._subscribers.values()),
+            history_topics=len(self._logs),
+            published=None,
+            received=None,
+            gaps=0,  # never: every message is delivered in the publishing call
+            reconnects=None,
+            subscriber_errors=self._subscriber_errors,
+            decode_errors=None,
+        )
 
     async def publish(
         self,
@@ -98,6 +120,7 @@ class MemoryBackend:
                 try:
                     subscriber.on_message(message)
                 except Exception:
+                    self._subscriber_errors += 1
                     log.exception("subscriber %r failed on a message of %r", subscriber, topic)
         return message
 

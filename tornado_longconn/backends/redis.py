@@ -108,7 +108,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .._tornado.redispy import RawConnection, check_redispy, pubsub_connection
 from ..exceptions import BackendError, BackendUnavailableError, ConnectionClosedError
 from ..log import Cursor, HistoryLimit, Message, SinceResult, new_epoch
-from .base import Subscriber
+from .base import BackendStats, Subscriber
 
 check_redispy()  # a redis-py that renamed what the listener uses fails here, loudly
 
@@ -429,10 +429,27 @@ class RedisBackend:
         """Whether the pub/sub connection is up right now."""
         return self._conn is not None
 
-    def stats(self) -> dict[str, int]:
-        """Counters: published, received (live messages), gaps (``on_gap`` calls),
-        reconnects, subscriber_errors, decode_errors, topics (subscribed locally)."""
-        return dict(self._stats, topics=len(self._topics))
+    def stats(self) -> BackendStats:
+        """A snapshot (:class:`~tornado_longconn.backends.BackendStats`, ``kind="redis"``).
+
+        ``published`` counts this process's publishes, ``received`` the live
+        messages its pub/sub connection delivered; ``history_topics`` is ``None``
+        (history lives in Redis).
+        """
+        counts = self._stats
+        return BackendStats(
+            kind="redis",
+            connected=self._conn is not None and not self.closed,
+            topics=len(self._topics),
+            subscribers=sum(len(state.subscribers) for state in self._topics.values()),
+            history_topics=None,
+            published=counts["published"],
+            received=counts["received"],
+            gaps=counts["gaps"],
+            reconnects=counts["reconnects"],
+            subscriber_errors=counts["subscriber_errors"],
+            decode_errors=counts["decode_errors"],
+        )
 
     def subscriber_count(self, topic: str) -> int:
         """How many subscribers ``topic`` has in this process."""
