@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tornado_longconn.backends.base import Backend, Subscriber
+from tornado_longconn.backends.base import Backend, BackendStats, Subscriber
 from tornado_longconn.backends.memory import MemoryBackend
 from tornado_longconn.exceptions import BackendUnavailableError, CursorError
 from tornado_longconn.log import Cursor, HistoryLimit, Message, SinceResult
@@ -78,6 +78,9 @@ class CountingBackend:
 
     async def head(self, topic: str) -> Cursor:
         return await self.inner.head(topic)
+
+    def stats(self) -> BackendStats:
+        return self.inner.stats()
 
 
 @pytest.fixture

@@ -32,7 +32,14 @@ from tornado_longconn._tornado.websocket import (
     close_payload_failure,
     make_strict,
 )
-from tornado_longconn.strict import ProtocolErrorStats, StrictWebSocketMixin, is_valid_close_code
+from tornado_longconn.stats import stats_dict
+from tornado_longconn.strict import (
+    ProtocolErrorCounters,
+    ProtocolErrorStats,
+    StrictWebSocketMixin,
+    is_valid_close_code,
+    protocol_error_stats,
+)
 from tornado_longconn.testing import AppServer, WebSocketTestClient, scaled
 
 build = WebSocketTestClient.build_frame
@@ -102,12 +109,12 @@ def ctx() -> Ctx:
 
 
 @pytest.fixture
-def stats() -> ProtocolErrorStats:
-    return ProtocolErrorStats()
+def stats() -> ProtocolErrorCounters:
+    return ProtocolErrorCounters()
 
 
 @pytest.fixture
-async def server(ctx: Ctx, stats: ProtocolErrorStats) -> AsyncIterator[AppServer]:
+async def server(ctx: Ctx, stats: ProtocolErrorCounters) -> AsyncIterator[AppServer]:
     app = tornado.web.Application(
         [
             ("/strict", StrictEcho, {"ctx": ctx}),
@@ -140,13 +147,13 @@ async def failed_with(
 
 
 async def test_unmasked_frame_is_closed_with_1002(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters
 ) -> None:
     client, _ = await failed_with(server, ctx, build(0x1, b"unmasked", mask=False))
     assert (client.close_code, client.close_reason) == (1002, "frame not masked")
     assert client.messages_received == 0  # not echoed: the payload never reached on_message
     assert ctx.received.empty()
-    assert stats.snapshot() == {
+    assert stats_dict(stats.stats()) == {
         "total": 1,
         "by_code": {1002: 1},
         "by_reason": {"frame not masked": 1},
@@ -161,14 +168,14 @@ async def test_unmasked_control_frame_is_closed_with_1002(server: AppServer, ctx
 
 @pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535])
 async def test_invalid_close_code_is_answered_with_1002(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats, code: int
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters, code: int
 ) -> None:
     client, (seen_code, seen_reason) = await failed_with(
         server, ctx, build(0x8, struct.pack("!H", code) + b"bye")
     )
     assert (client.close_code, client.close_reason) == (1002, "invalid close code")
     assert (seen_code, seen_reason) == (code, None)  # on_close sees what the client sent
-    assert stats.by_code == {1002: 1}
+    assert dict(stats.stats().by_code) == {1002: 1}
 
 
 async def test_one_byte_close_payload_is_answered_with_1002(server: AppServer, ctx: Ctx) -> None:
@@ -178,14 +185,14 @@ async def test_one_byte_close_payload_is_answered_with_1002(server: AppServer, c
 
 
 async def test_close_reason_not_utf8_is_answered_with_1007(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters
 ) -> None:
     client, (seen_code, seen_reason) = await failed_with(
         server, ctx, build(0x8, struct.pack("!H", 1000) + b"\xff\xfe")
     )
     assert (client.close_code, client.close_reason) == (1007, "close reason not UTF-8")
     assert (seen_code, seen_reason) == (1000, None)
-    assert stats.by_code == {1007: 1}
+    assert dict(stats.stats().by_code) == {1007: 1}
 
 
 @pytest.mark.parametrize(
@@ -211,11 +218,11 @@ async def test_close_reason_not_utf8_is_answered_with_1007(
     ],
 )
 async def test_protocol_error_sends_1002_before_closing(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats, data: bytes, reason: str
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters, data: bytes, reason: str
 ) -> None:
     client, _ = await failed_with(server, ctx, data)
     assert (client.close_code, client.close_reason) == (1002, reason)
-    assert stats.by_reason == {reason: 1}
+    assert dict(stats.stats().by_reason) == {reason: 1}
     assert ctx.received.empty()
 
 
@@ -227,11 +234,11 @@ async def test_protocol_error_sends_1002_before_closing(
     ],
 )
 async def test_text_not_utf8_sends_1007(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats, data: bytes
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters, data: bytes
 ) -> None:
     client, _ = await failed_with(server, ctx, data)
     assert (client.close_code, client.close_reason) == (1007, "text not UTF-8")
-    assert stats.by_code == {1007: 1}
+    assert dict(stats.stats().by_code) == {1007: 1}
     assert ctx.received.empty()
 
 
@@ -243,12 +250,12 @@ async def test_text_not_utf8_sends_1007(
     ],
 )
 async def test_too_big_message_sends_1009(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats, data: bytes
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters, data: bytes
 ) -> None:
     """Tornado's own answer (websocket_max_message_size), kept and counted."""
     client, _ = await failed_with(server, ctx, data)
     assert (client.close_code, client.close_reason) == (1009, "message too big")
-    assert stats.snapshot()["by_code"] == {1009: 1}
+    assert dict(stats.stats().by_code) == {1009: 1}
 
 
 async def test_message_at_the_limit_passes(server: AppServer, ctx: Ctx) -> None:
@@ -264,7 +271,7 @@ async def test_message_at_the_limit_passes(server: AppServer, ctx: Ctx) -> None:
     "code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999]
 )
 async def test_valid_close_codes_are_echoed(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats, code: int
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters, code: int
 ) -> None:
     client = await WebSocketTestClient.connect(server.ws_url("/strict"))
     try:
@@ -274,21 +281,21 @@ async def test_valid_close_codes_are_echoed(
         assert await ctx.close_seen() == (code, "done")
     finally:
         client.vanish()
-    assert stats.total == 0
+    assert stats.stats().total == 0
 
 
 async def test_empty_close_is_echoed_empty(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters
 ) -> None:
     client, seen = await failed_with(server, ctx, build(0x8, b""))
     assert client.close_code is None  # an empty close frame back
     assert client.frames_received == 1
     assert seen == (None, None)
-    assert stats.total == 0
+    assert stats.stats().total == 0
 
 
 async def test_close_inside_a_fragmented_message_is_echoed(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters
 ) -> None:
     """Control frames may come between fragments (RFC 6455 5.4); the message is dropped."""
     data = build(0x2, b"part", fin=False) + build(0x8, struct.pack("!H", 1001))
@@ -296,10 +303,12 @@ async def test_close_inside_a_fragmented_message_is_echoed(
     assert client.close_code == 1001
     assert seen == (1001, None)
     assert ctx.received.empty()
-    assert stats.total == 0
+    assert stats.stats().total == 0
 
 
-async def test_valid_traffic_passes(server: AppServer, ctx: Ctx, stats: ProtocolErrorStats) -> None:
+async def test_valid_traffic_passes(
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters
+) -> None:
     async with await WebSocketTestClient.connect(server.ws_url("/strict")) as client:
         await client.send("hello")
         await client.send_raw(build(0x1, "héllo ".encode(), fin=False) + build(0x9, b"mid"))
@@ -307,11 +316,11 @@ async def test_valid_traffic_passes(server: AppServer, ctx: Ctx, stats: Protocol
         await client.send(b"\x00\xff")
         assert await client.recv_many(3) == ["hello", "héllo world", b"\x00\xff"]
         assert client.pongs_received == 1
-    assert stats.total == 0
+    assert stats.stats().total == 0
 
 
 async def test_other_connections_are_unaffected(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters
 ) -> None:
     async with await WebSocketTestClient.connect(server.ws_url("/strict")) as good:
         await ctx.handler()
@@ -322,11 +331,11 @@ async def test_other_connections_are_unaffected(
         await good.send("after")
         assert await good.recv() == "after"
         assert not good.closed
-    assert stats.total == 1
+    assert stats.stats().total == 1
 
 
 async def test_handler_exception_is_not_a_protocol_error(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters
 ) -> None:
     """A handler that raises is aborted by Tornado as before: no 1002, not counted."""
     client = await WebSocketTestClient.connect(server.ws_url("/strict"))
@@ -338,11 +347,11 @@ async def test_handler_exception_is_not_a_protocol_error(
         assert client.frames_received == 0
     finally:
         client.vanish()
-    assert stats.total == 0
+    assert stats.stats().total == 0
 
 
 async def test_application_close_is_not_a_protocol_error(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters
 ) -> None:
     async with await WebSocketTestClient.connect(server.ws_url("/strict")) as client:
         handler = await ctx.handler()
@@ -354,7 +363,7 @@ async def test_application_close_is_not_a_protocol_error(
         handler.close(4001, "from outside")  # while the reader waits for a frame
         await client.wait_closed(scaled(5))
         assert client.close_code == 4001
-    assert stats.total == 0
+    assert stats.stats().total == 0
 
 
 # -- Tornado's own reader, for contrast --------------------------------------
@@ -416,7 +425,7 @@ async def test_compression_options_are_kept(server: AppServer, ctx: Ctx) -> None
 
 
 async def test_corrupt_compressed_message_is_closed_with_1002(
-    server: AppServer, ctx: Ctx, stats: ProtocolErrorStats
+    server: AppServer, ctx: Ctx, stats: ProtocolErrorCounters
 ) -> None:
     headers = {"Sec-WebSocket-Extensions": "permessage-deflate"}
     client = await WebSocketTestClient.connect(server.ws_url("/deflate"), headers=headers)
@@ -428,7 +437,7 @@ async def test_corrupt_compressed_message_is_closed_with_1002(
         assert await ctx.close_seen() == (None, None)  # on_close ran
     finally:
         client.vanish()
-    assert stats.by_reason == {"decompression failed": 1}
+    assert dict(stats.stats().by_reason) == {"decompression failed": 1}
 
 
 async def test_rsv1_without_negotiation_is_an_error(server: AppServer, ctx: Ctx) -> None:
@@ -440,7 +449,7 @@ def test_make_strict_keeps_tornado_params() -> None:
     handler: Any = object()
     params: Any = SimpleNamespace(max_message_size=123, compression_options={})
     plain = WebSocketProtocol13(handler, False, params)
-    record = ProtocolErrorStats().record
+    record = ProtocolErrorCounters().record
     strict = make_strict(plain, handler, record)
     assert isinstance(strict, StrictWebSocketProtocol)
     assert strict.params is params and strict.mask_outgoing is False and strict.handler is handler
@@ -617,9 +626,23 @@ def test_frame_rules_match_python_websockets(
 
 def test_stats_for_application() -> None:
     app = tornado.web.Application()
-    stats = ProtocolErrorStats.for_application(app)
-    assert ProtocolErrorStats.for_application(app) is stats
-    assert app.settings["websocket_protocol_errors"] is stats
+    counters = ProtocolErrorCounters.for_application(app)
+    assert ProtocolErrorCounters.for_application(app) is counters
+    assert app.settings["websocket_protocol_errors"] is counters
+    assert protocol_error_stats(app) == ProtocolErrorStats()
+    counters.record(1002, "frame not masked")
+    counters.record(1007, "text not UTF-8")
+    counters.record(1002, "frame not masked")
+    snapshot = protocol_error_stats(app)
+    assert snapshot == ProtocolErrorStats(
+        total=3,
+        by_code=((1002, 2), (1007, 1)),
+        by_reason=(("frame not masked", 2), ("text not UTF-8", 1)),
+    )
+    counters.record(1009, "message too big")
+    assert snapshot.total == 3  # a snapshot does not follow the live counters
     bad = tornado.web.Application(websocket_protocol_errors={})
     with pytest.raises(TypeError):
-        ProtocolErrorStats.for_application(bad)
+        ProtocolErrorCounters.for_application(bad)
+    with pytest.raises(TypeError):
+        protocol_error_stats(bad)

@@ -254,7 +254,7 @@ async def test_upload_finishes_atomically_with_sha256(store: UploadStore) -> Non
     info = json.loads(read(store.info_path(sink.id)))
     assert info["sha256"] == sink.sha256 == hashlib.sha256(data).hexdigest()
     assert info["metadata"]["filename"] == "photo.jpg"
-    assert store.stats.completed == 1 and store.stats.bytes_stored == len(data)
+    assert store.stats().completed == 1 and store.stats().bytes_stored == len(data)
     # Reopening a completed upload reports it complete (tus HEAD answers offset == size).
     again = await store.open(sink.id)
     assert again.state.status is UploadStatus.COMPLETE and again.offset == len(data)
@@ -315,7 +315,7 @@ async def test_abort_removes_every_file(store: UploadStore) -> None:
     with pytest.raises(UploadError) as info:
         await store.open(sink.id)
     assert info.value.status == 404
-    assert store.stats.aborted == 1
+    assert store.stats().aborted == 1
 
 
 async def test_reopen_after_restart_rehashes_the_partial_file(tmp_path: Path) -> None:
@@ -328,7 +328,7 @@ async def test_reopen_after_restart_rehashes_the_partial_file(tmp_path: Path) ->
     second = UploadStore(tmp_path, chunk_size=32 * 1024)
     again = await second.open(sink.id)
     assert again.offset == 123_456 and again.filename == "a.bin"
-    assert second.stats.rehashed == 1
+    assert second.stats().rehashed == 1
     with again.lock():
         again.state.check_offset(123_456)
         await write_all(again, data[123_456:])
@@ -351,7 +351,7 @@ async def test_checksummed_segment_mismatch_truncates_back(store: UploadStore) -
     assert await sink.end_segment() == 20
     # The whole-file digest never saw the discarded bytes.
     await sink.finish(expected_sha256=hashlib.sha256(b"0123456789abcdefghij").hexdigest())
-    assert store.stats.checksum_mismatches == 1
+    assert store.stats().checksum_mismatches == 1
 
 
 async def test_crash_inside_a_segment_is_rolled_back_on_open(tmp_path: Path) -> None:
@@ -393,7 +393,7 @@ async def test_storage_full_keeps_offset_at_bytes_on_disk(tmp_path: Path) -> Non
     assert info.value.status == 507
     on_disk = size_of(store.partial_path(sink.id))
     assert sink.offset == on_disk == 140_000  # two whole coalesced chunks of 7 pieces
-    assert store.stats.storage_errors == 1
+    assert store.stats().storage_errors == 1
     # The sink is usable again once there is room.
     store.capacity = 1 << 30
     sink.state.check_offset(on_disk)
@@ -420,7 +420,7 @@ async def test_sweep_removes_only_expired_partials(tmp_path: Path) -> None:
     assert exists(store.partial_path(fresh.id))
     assert exists(store.partial_path(held.id))
     assert exists(store.final_path(done.id))
-    assert store.stats.expired == 1
+    assert store.stats().expired == 1
     held.release()
     with pytest.raises(UploadError) as info:
         await store.open(held.id)
@@ -433,11 +433,11 @@ async def test_cache_is_bounded_and_rebuilds_evicted_uploads(tmp_path: Path) -> 
     first = await store.create(10)
     await write_all(first, b"abc")
     others = [await store.create(10) for _ in range(3)]
-    assert len(store._sinks) == 2 and store.stats.evicted == 2
+    assert len(store._sinks) == 2 and store.stats().evicted == 2
     with pytest.raises(UploadError):
         first.write(b"d")  # an evicted handle is closed
     again = await store.open(first.id)
-    assert again is not first and again.offset == 3 and store.stats.rehashed == 1
+    assert again is not first and again.offset == 3 and store.stats().rehashed == 1
     assert others[0].id not in store._sinks  # the least recently used went first
     store.close()
 
@@ -478,15 +478,15 @@ async def test_open_files_never_exceed_the_budget(tmp_path: Path) -> None:
     for start in range(0, 50_000, piece):  # every upload a piece at a time, all at once
         await asyncio.gather(*(write_piece(s, d, start) for s, d in zip(sinks, datas, strict=True)))
         assert open_partial_files(store.root) <= 4
-        assert store.stats.open_files <= 4
+        assert store.stats().open_files <= 4
     assert store.most_open <= 4
-    assert store.stats.files_closed > 0
-    assert store.stats.rehashed == 0  # reopened descriptors, the hash state kept
+    assert store.stats().files_closed > 0
+    assert store.stats().rehashed == 0  # reopened descriptors, the hash state kept
     for sink, data in zip(sinks, datas, strict=True):
         path = await sink.finish()
         assert sink.sha256 == hashlib.sha256(data).hexdigest()
         assert read(path) == data
-    assert open_partial_files(store.root) == 0 and store.stats.open_files == 0
+    assert open_partial_files(store.root) == 0 and store.stats().open_files == 0
     store.close()
 
 
@@ -497,7 +497,7 @@ async def test_checksummed_segment_survives_its_descriptor_being_closed(tmp_path
     await first.begin_segment("sha1", hashlib.sha1(b"b" * 5_000).digest())
     await write_all(first, b"b" * 5_000)
     await write_all(second, b"x")  # takes the only descriptor: first's is closed
-    assert first._fd < 0 and store.stats.files_closed >= 1
+    assert first._fd < 0 and store.stats().files_closed >= 1
     assert await first.end_segment() == 10_000
     await first.begin_segment("sha1", hashlib.sha1(b"right").digest())
     await write_all(first, b"wrong")
@@ -516,10 +516,10 @@ async def test_checksummed_segment_survives_its_descriptor_being_closed(tmp_path
 async def test_idle_uploads_hold_no_descriptor(tmp_path: Path) -> None:
     store = UploadStore(tmp_path, max_open_files=16)
     sinks = [await store.create(10) for _ in range(1100)]  # e.g. unauthenticated creations
-    assert open_partial_files(store.root) == 0 and store.stats.open_files == 0
+    assert open_partial_files(store.root) == 0 and store.stats().open_files == 0
     for sink in sinks[-40:]:  # the first 100 states were evicted (max_cached=1000)
         await write_all(sink, b"abc")
-    assert open_partial_files(store.root) <= 16 and store.stats.open_files <= 16
+    assert open_partial_files(store.root) <= 16 and store.stats().open_files <= 16
     store.close()
     assert open_partial_files(store.root) == 0
 
@@ -548,10 +548,10 @@ async def test_delete_removes_a_completed_upload(store: UploadStore) -> None:
         await store.open(sink.id)
     assert info.value.status == 404
     await reopened.delete()  # idempotent
-    assert store.stats.deleted == 1
+    assert store.stats().deleted == 1
     partial = await store.create(3)
     await partial.delete()  # a partial upload is aborted
-    assert store.stats.aborted == 1 and not exists(store.partial_path(partial.id))
+    assert store.stats().aborted == 1 and not exists(store.partial_path(partial.id))
 
 
 async def test_concurrent_writers_are_refused(store: UploadStore) -> None:
@@ -559,7 +559,7 @@ async def test_concurrent_writers_are_refused(store: UploadStore) -> None:
     sink.acquire()
     with pytest.raises(UploadError) as info, sink.lock():
         pass
-    assert info.value.status == 423 and store.stats.lock_conflicts == 1
+    assert info.value.status == 423 and store.stats().lock_conflicts == 1
     sink.release()
     with sink.lock():
         assert sink.locked

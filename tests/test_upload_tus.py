@@ -399,7 +399,7 @@ async def test_disk_full_is_507_and_the_server_stays_up(tmp_path: Path) -> None:
         )
         assert resp.status_code == 204
     assert read(store.final_path(upload_id)) == data
-    assert store.stats.storage_errors == 1
+    assert store.stats().storage_errors == 1
 
 
 # -- the real tuspy client -------------------------------------------------------------
@@ -669,7 +669,7 @@ async def test_ten_concurrent_patches_one_204_and_nine_423_read_by_the_clients(
                 assert resp.headers["Connection"] == "close"
                 assert resp.headers["Upload-Offset"] == "0"
     assert read(store.final_path(url.rsplit("/", 1)[1])) == data
-    assert store.stats.lock_conflicts == 9
+    assert store.stats().lock_conflicts == 9
 
 
 async def test_resume_right_after_a_cut_reads_423_and_409_then_succeeds(tmp_path: Path) -> None:
@@ -812,7 +812,7 @@ async def test_delete_of_a_completed_upload_is_204_and_frees_it(store: UploadSto
         assert (await http.head(url, headers=TUS)).status_code == 404
         assert (await http.delete(url, headers=TUS)).status_code == 404
     assert listdir(store.root) == []
-    assert store.stats.deleted == 1
+    assert store.stats().deleted == 1
 
 
 async def test_method_override_is_honoured(store: UploadStore) -> None:
@@ -929,7 +929,7 @@ async def test_many_tus_uploads_stay_within_the_open_file_budget(tmp_path: Path)
             await asyncio.gather(*(send(url, start, end) for url in urls))
             assert open_partial_files(store.root) <= 3
     assert store.most_open <= 3
-    assert store.stats.files_closed > 0 and store.stats.rehashed == 0
+    assert store.stats().files_closed > 0 and store.stats().rehashed == 0
     for url, data in uploads.items():
         upload_id = url.rsplit("/", 1)[1]
         sink = await store.open(upload_id)

@@ -225,7 +225,7 @@ async def test_resume_takes_the_upload_over_from_an_older_connection(store: Uplo
             assert json.loads(await second.recv()) == {"type": "ack", "offset": 10}
             assert json.loads(await second.recv())["type"] == "complete"
     assert read(store.final_path(upload_id)) == b"0123456789"
-    assert store.stats.takeovers == 1
+    assert store.stats().takeovers == 1
 
 
 @pytest.mark.parametrize("read_ahead", [False, True])
@@ -266,7 +266,7 @@ async def test_an_http_writer_is_not_taken_over(store: UploadStore) -> None:
         await ws.send(json.dumps({"type": "resume", "id": sink.id}))
         assert await closed_with(ws) == CloseCode.UPLOAD_CONFLICT
     sink.release()
-    assert store.stats.takeovers == 0 and store.stats.lock_conflicts == 1
+    assert store.stats().takeovers == 0 and store.stats().lock_conflicts == 1
 
 
 async def test_abort_removes_the_upload(store: UploadStore) -> None:
