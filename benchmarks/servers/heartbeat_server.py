@@ -147,7 +147,7 @@ def tornado_app(
     import tornado.web
     import tornado.websocket
 
-    from tornado_longconn.heartbeat import HeartbeatMixin, HeartbeatStats
+    from tornado_longconn.heartbeat import HeartbeatMixin, heartbeat_stats
 
     class Plain(tornado.websocket.WebSocketHandler):
         def open(self) -> None:
@@ -190,9 +190,9 @@ def tornado_app(
         settings = {"heartbeat_gc_freeze": variant == "ours-gc-freeze"}
     app = tornado.web.Application([("/", handler)], **settings)
     if variant.startswith("ours"):
-        stats = HeartbeatStats.for_application(app)
 
         def extra() -> dict[str, Any]:
+            stats = heartbeat_stats(app)
             return {
                 "answers": stats.count,
                 "pings_sent": stats.pings_sent,
