@@ -319,3 +319,15 @@ async def test_hub_stats_is_the_sum_of_its_groups_and_keeps_forgotten_counters()
         assert (total.groups, total.published) == (2, 3)
     finally:
         await hub.close()
+
+
+def test_reference_page_lists_every_field_with_its_kind() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "reference" / "stats.md").read_text()
+    for cls in SNAPSHOT_CLASSES:
+        head = f"### {cls.__name__}\n"
+        assert head in page, cls.__name__
+        section = page.split(head, 1)[1].split("\n#", 1)[0]
+        rows = [line.split("|") for line in section.splitlines() if line.startswith("| `")]
+        documented = {cells[1].strip().strip("`"): cells[2].strip() for cells in rows}
+        declared = {name: kind.value for name, kind in stat_kinds(cls).items() if kind}
+        assert documented == declared, cls.__name__

@@ -42,9 +42,9 @@ Example: the totals of many writers, and of two processes' hubs::
 
     from tornado_longconn import stats_dict, sum_stats
 
-    total = sum_stats((w.stats() for w in writers), start=None)   # ValueError if empty
-    everywhere = sum_stats([this_process.stats(), other_process_stats])
-    self.write(stats_dict(everywhere))                              # JSON-ready
+    total = sum_stats(writer.stats() for writer in writers)  # ValueError if there are none
+    everywhere = sum_stats([hub.stats(), other_process_hub_stats])
+    self.write(stats_dict(everywhere))  # JSON-ready
 
 Fields of a dataclass with no declared kind are combined by their values:
 booleans as FLAG, numbers as COUNTER, anything else as LABEL.
