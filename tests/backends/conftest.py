@@ -1,21 +1,26 @@
 """Fixtures for the backend tests: every contract test runs on every backend.
 
-``backend`` is parametrized over ``memory`` and ``redis``. Redis tests use the
+``backend`` is parametrized over ``memory``, ``redis`` and ``nats``. Redis tests use the
 server at ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) with a unique key
 prefix per test, and are skipped with the reason when no server answers there.
 ``make_peer()`` returns a second backend on the same bus: for Redis a new
 ``RedisBackend`` with the same prefix (it stands for another process); for the
 in-memory backend the same object (one process is all it serves).
+
+NATS tests use a ``nats-server -js`` started once per session on a free port
+(:mod:`serverprocs`), with a unique stream prefix per test; they are skipped
+with the reason when ``nats-py`` or the ``nats-server`` binary is missing.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 from backend_helpers import REDIS_URL, require_redis
+from serverprocs import NatsServer, which
 
 from tornado_longconn.backends import Backend, MemoryBackend
 
@@ -23,8 +28,9 @@ from tornado_longconn.backends import Backend, MemoryBackend
 class BackendFactory:
     """Makes backends of one kind on one shared bus and closes them all at the end."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, url: str | None = None) -> None:
         self.kind = kind
+        self.url = url
         self.prefix = f"test:{secrets.token_hex(6)}:"
         self.made: list[Any] = []
 
@@ -33,6 +39,11 @@ class BackendFactory:
             if self.made:
                 return self.made[0]
             backend: Any = MemoryBackend(**kwargs)
+        elif self.kind == "nats":
+            from tornado_longconn.backends.nats import NatsBackend
+
+            prefix = self.prefix.replace(":", "")
+            backend = NatsBackend(self.url or "", prefix=prefix, storage="memory", **kwargs)
         else:
             from tornado_longconn.backends.redis import RedisBackend
 
@@ -52,14 +63,47 @@ class BackendFactory:
             if keys:
                 await client.delete(*keys)
             await client.aclose()
+        if self.kind == "nats":
+            await _delete_streams(self.url or "", self.prefix.replace(":", "") + "_")
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def _delete_streams(url: str, name_prefix: str) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            if (info.config.name or "").startswith(name_prefix):
+                await js.delete_stream(info.config.name or "")
+    finally:
+        await nc.close()
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> Iterator[str]:
+    """A ``nats-server -js`` of this test session (skips when it cannot run)."""
+    pytest.importorskip("nats", reason="nats-py is not installed (pip install nats-py)")
+    binary = which("nats-server")
+    if binary is None:
+        pytest.skip("no nats-server binary on PATH (apt-get install nats-server)")
+    server = NatsServer(binary)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis), "nats"])
 async def backends(request: pytest.FixtureRequest) -> AsyncIterator[BackendFactory]:
     """A :class:`BackendFactory` for each backend kind."""
+    url = None
     if request.param == "redis":
         await require_redis()
-    factory = BackendFactory(request.param)
+    elif request.param == "nats":
+        url = request.getfixturevalue("nats_url")
+    factory = BackendFactory(request.param, url)
     try:
         yield factory
     finally:

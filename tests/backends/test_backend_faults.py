@@ -1,0 +1,189 @@
+"""Faults of the distributed backends under load: nothing is lost silently.
+
+Three app processes (``faultapp.py``) share one backend; two WebSocket clients
+per process follow the room from the same cursor. A publisher sends numbered
+messages round-robin through the processes while a fault is injected (a NATS
+server restart, a Sentinel failover, a Redis Cluster master killed). Per
+client we count what it received, duplicates, explicit gaps (resync notices)
+and silent losses -- consecutive messages whose cursors are not consecutive
+with no resync notice between them. Silent losses must be zero, and every
+client must get the messages published after the fault.
+
+The servers are started by the tests on free ports (see ``serverprocs.py``)
+and skipped with the reason when their binaries are missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from serverprocs import NatsServer, which
+
+from tests.test_multiprocess import Client, assert_no_silent_gap
+from tornado_longconn.log import parse_cursor
+from tornado_longconn.testing import scaled
+
+pytestmark = [pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = Path(__file__).resolve().parent / "faultapp.py"
+
+
+class AppProcess:
+    """One ``faultapp.py`` process on a backend URL."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.backend_url = url
+        self.prefix = prefix
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(APP), "--backend", self.backend_url, "--prefix", self.prefix,
+            stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), scaled(20))
+        if not line.startswith(b"READY "):
+            raise RuntimeError(f"app process did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def ws_url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), scaled(10))
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if proc.stdout is not None:
+            await proc.stdout.read()
+
+
+@dataclass
+class Counts:
+    """What one client saw."""
+
+    received: int
+    duplicated: int
+    lost_silently: int
+    explicit_gaps: int
+    skipped: int  # messages not received, each covered by a resync notice
+
+
+def count(client: Client, published: list[str]) -> Counts:
+    """Count ``client``'s messages against what was published (acknowledged)."""
+    data = client.data
+    lost_silently = 0
+    skipped = 0
+    previous = None
+    for item in client.items:
+        if item.get("type") == "resync":
+            previous = None
+            continue
+        cursor = parse_cursor(item["cursor"])
+        if previous is not None and cursor != previous.next():
+            lost_silently += 1
+        previous = cursor
+    got = set(data)
+    skipped = sum(1 for text in published if text not in got)
+    return Counts(len(got), len(data) - len(got), lost_silently, len(client.resyncs), skipped)
+
+
+async def publish_until_ok(http: httpx.AsyncClient, app: AppProcess, text: str) -> None:
+    """POST until the process answers 200 (it may be reconnecting), bounded."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + scaled(30)
+    while True:
+        try:
+            response = await http.post(app.url("/publish"), content=text.encode())
+            if response.status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if loop.time() > deadline:
+            raise AssertionError(f"publishing {text!r} through {app.port} never recovered")
+        await asyncio.sleep(scaled(0.05))  # a retry deadline: the process is reconnecting
+
+
+async def run_fault(
+    url: str, fault: Callable[[], None], *, before: int = 30, after: int = 30
+) -> list[Counts]:
+    """Publish ``before`` messages, run ``fault`` (in a thread), publish ``after`` more."""
+    prefix = f"f{secrets.token_hex(4)}"
+    apps = [AppProcess(url, prefix) for _ in range(3)]
+    clients: list[Client] = []
+    try:
+        await asyncio.gather(*(app.start() for app in apps))
+        async with httpx.AsyncClient(timeout=scaled(10)) as http:
+            response = await http.get(apps[0].url("/poll"), params={"timeout": "0"})
+            start = response.json()["cursor"]
+            clients = [Client(app, f"{i}@{n}") for n, app in enumerate(apps) for i in range(2)]
+            await asyncio.gather(*(c.connect(start) for c in clients))
+            published: list[str] = []
+            for i in range(before):
+                await publish_until_ok(http, apps[i % 3], f"m{i}")
+                published.append(f"m{i}")
+            for client in clients:
+                await client.wait_until(lambda c=client: len(c.data) >= before)
+            await asyncio.to_thread(fault)
+            for i in range(before, before + after):
+                await publish_until_ok(http, apps[i % 3], f"m{i}")
+                published.append(f"m{i}")
+            last = published[-1]
+            for client in clients:
+                await client.wait_until(lambda c=client: last in c.data, timeout=30)
+            counts = [count(client, published) for client in clients]
+            for client, counted in zip(clients, counts, strict=True):
+                print(f"{url.split(':')[0]} client {client.name}: {counted}")
+                assert_no_silent_gap(client)
+                assert counted.lost_silently == 0
+                assert all(f"m{i}" in client.data for i in range(before))
+            return counts
+    finally:
+        for client in clients:
+            await client.close()
+        for app in apps:
+            await app.stop()
+
+
+@pytest.fixture
+def nats_server() -> AsyncIterator[NatsServer]:
+    """A private ``nats-server -js`` (this test restarts it)."""
+    pytest.importorskip("nats", reason="nats-py is not installed")
+    binary = which("nats-server")
+    if binary is None:
+        pytest.skip("no nats-server binary on PATH (apt-get install nats-server)")
+    server = NatsServer(binary)
+    server.start()
+    try:
+        yield server  # type: ignore[misc]
+    finally:
+        server.close()
+
+
+async def test_nats_restart_loses_nothing_silently(nats_server: NatsServer) -> None:
+    counts = await run_fault(nats_server.url, nats_server.restart)
+    # The restart drops every connection: each client is told (one resync notice at least).
+    assert all(c.explicit_gaps >= 1 for c in counts)
