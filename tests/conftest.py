@@ -17,19 +17,15 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
-LOOP = os.environ.get("LONGCONN_EVENT_LOOP", "asyncio")
+from tests.helpers import LOOP, new_event_loop
 
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
-    if LOOP == "uvloop":
-        import uvloop
-
-        return {"uvloop": uvloop.new_event_loop}
-    if LOOP != "asyncio":
+    if LOOP not in ("asyncio", "uvloop"):
         raise pytest.UsageError(f"LONGCONN_EVENT_LOOP must be 'asyncio' or 'uvloop', not {LOOP!r}")
-    return {"asyncio": asyncio.new_event_loop}
+    return {LOOP: new_event_loop}
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -16,7 +16,6 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -25,6 +24,8 @@ import tornado.websocket
 import websockets
 from tornado.iostream import StreamClosedError
 
+from tests.helpers import WriterCtx as Ctx
+from tests.helpers import WriterHandler
 from tornado_longconn._frames import encode_message
 from tornado_longconn.backpressure import (
     BackpressureWriter,
@@ -37,33 +38,6 @@ from tornado_longconn.exceptions import ConnectionClosedError, PeerGoneError, Sl
 from tornado_longconn.testing import AppServer, ClientClosedError, WebSocketTestClient, scaled
 
 KIB = 1024
-
-
-@dataclass
-class Ctx:
-    """What the server side hands to the test: each opened connection's writer."""
-
-    writer_kwargs: dict[str, Any] = field(default_factory=dict)
-    compression: dict[str, Any] | None = None
-    writers: asyncio.Queue[BackpressureWriter] = field(default_factory=asyncio.Queue)
-    closed: asyncio.Queue[tuple[int | None, str | None]] = field(default_factory=asyncio.Queue)
-
-    async def writer(self) -> BackpressureWriter:
-        return await asyncio.wait_for(self.writers.get(), scaled(10))
-
-
-class WriterHandler(tornado.websocket.WebSocketHandler):
-    def initialize(self, ctx: Ctx) -> None:
-        self.ctx = ctx
-
-    def get_compression_options(self) -> dict[str, Any] | None:
-        return self.ctx.compression
-
-    def open(self, *args: str, **kwargs: str) -> None:
-        self.ctx.writers.put_nowait(BackpressureWriter(self, **self.ctx.writer_kwargs))
-
-    def on_close(self) -> None:
-        self.ctx.closed.put_nowait((self.close_code, self.close_reason))
 
 
 @pytest.fixture

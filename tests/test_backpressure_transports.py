@@ -15,7 +15,6 @@ import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -25,34 +24,14 @@ import tornado.websocket
 import trustme
 import websockets
 
+from tests.helpers import WriterCtx as Ctx
+from tests.helpers import WriterHandler
 from tornado_longconn._frames import encode_message
 from tornado_longconn.backpressure import BackpressureWriter, OverflowPolicy, SendResult
 from tornado_longconn.exceptions import ConnectionClosedError, PeerGoneError
 from tornado_longconn.testing import AppServer, WebSocketTestClient, scaled
 
 KIB = 1024
-
-
-@dataclass
-class Ctx:
-    writer_kwargs: dict[str, Any] = field(default_factory=dict)
-    compression: dict[str, Any] | None = None
-    writers: asyncio.Queue[BackpressureWriter] = field(default_factory=asyncio.Queue)
-    finish: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def writer(self) -> BackpressureWriter:
-        return await asyncio.wait_for(self.writers.get(), scaled(10))
-
-
-class WsHandler(tornado.websocket.WebSocketHandler):
-    def initialize(self, ctx: Ctx) -> None:
-        self.ctx = ctx
-
-    def get_compression_options(self) -> dict[str, Any] | None:
-        return self.ctx.compression
-
-    def open(self, *args: str, **kwargs: str) -> None:
-        self.ctx.writers.put_nowait(BackpressureWriter(self, **self.ctx.writer_kwargs))
 
 
 class StreamHandler(tornado.web.RequestHandler):
@@ -71,7 +50,7 @@ class StreamHandler(tornado.web.RequestHandler):
 
 def make_app(ctx: Ctx) -> tornado.web.Application:
     return tornado.web.Application(
-        [("/ws", WsHandler, {"ctx": ctx}), ("/stream", StreamHandler, {"ctx": ctx})]
+        [("/ws", WriterHandler, {"ctx": ctx}), ("/stream", StreamHandler, {"ctx": ctx})]
     )
 
 
@@ -193,7 +172,7 @@ async def test_deflate_drop_oldest_never_drops_a_compressed_frame(
     assert received == expected
 
 
-class NoTakeoverHandler(WsHandler):
+class NoTakeoverHandler(WriterHandler):
     """A server that compresses every message with a fresh context.
 
     Tornado 6.6 cannot negotiate ``server_no_context_takeover`` (its header

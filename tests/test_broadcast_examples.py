@@ -7,55 +7,17 @@ The example runs as its own process on a free port and is driven with the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
-import socket
-import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import websockets
 
+from tests.helpers import free_port, run_example
 from tornado_longconn.codes import CloseCode
 from tornado_longconn.testing import scaled
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "docs" / "examples" / "broadcast_rooms.py"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextlib.asynccontextmanager
-async def run_rooms(port: int) -> AsyncIterator[asyncio.subprocess.Process]:
-    env = dict(os.environ, PORT=str(port), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(EXAMPLE),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    assert proc.stdout is not None
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), scaled(20))
-        if b"rooms on" not in line:
-            rest = await asyncio.wait_for(proc.stdout.read(), scaled(5))
-            pytest.fail(f"the example did not start:\n{(line + rest).decode(errors='replace')}")
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
 
 
 async def recv_json(ws: Any) -> Any:
@@ -65,7 +27,8 @@ async def recv_json(ws: Any) -> Any:
 async def test_rooms_example_isolates_rooms_resumes_and_shuts_down() -> None:
     port = free_port()
     base = f"ws://127.0.0.1:{port}/rooms"
-    async with run_rooms(port) as proc:
+    async with run_example("broadcast_rooms.py", port, ready="rooms on") as example:
+        proc = example.process
         alice = await websockets.connect(f"{base}/kitchen")
         bob = await websockets.connect(f"{base}/kitchen")
         joined = await recv_json(alice)  # bob joined; bob himself is excluded

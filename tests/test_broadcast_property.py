@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
 
 import tornado.web
 import tornado.websocket
@@ -17,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_broadcast import RawClient, close_all, connect, wait_until
 
+from tests.helpers import run_on_suite_loop
 from tornado_longconn.broadcast import BroadcastGroup
 from tornado_longconn.codes import CloseCode
 from tornado_longconn.testing import AppServer, scaled
@@ -129,15 +129,6 @@ async def scenario(steps: list[Op]) -> None:
         await wait_until(lambda: len(group) == 0)
 
 
-def run(coro: Any) -> None:
-    if os.environ.get("LONGCONN_EVENT_LOOP") == "uvloop":
-        import uvloop
-
-        uvloop.run(coro)
-    else:
-        asyncio.run(coro)
-
-
 @settings(
     max_examples=int(os.environ.get("LONGCONN_HYPOTHESIS_EXAMPLES", "30")),
     deadline=None,
@@ -145,4 +136,4 @@ def run(coro: Any) -> None:
 )
 @given(ops)
 def test_random_join_leave_publish_close_stay_consistent(steps: list[Op]) -> None:
-    run(scenario(steps))
+    run_on_suite_loop(scenario(steps))

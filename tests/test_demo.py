@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -26,47 +25,32 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.helpers import (
+    REDIS_URL,
+    ROOT,
+    free_port,
+    launch_chromium,
+    needs_chromium,
+    require_redis,
+)
 from tornado_longconn.testing import scaled
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "docs" / "demo" / "app.py"
 ARTIFACTS = ROOT / "test-artifacts"
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 pytestmark = [pytest.mark.slow]
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Tests that drive Chromium (the others use httpx and websockets only).
-_needs_chromium = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM}"
-)
-
 
 def browser_test(test: F) -> F:
-    """Mark ``test`` as a browser test, skipped without Chromium."""
-    marked: F = pytest.mark.browser(_needs_chromium(test))
+    """Mark ``test`` as a browser test (it drives Chromium), skipped without Chromium."""
+    marked: F = pytest.mark.browser(needs_chromium(test))
     return marked
 
 
 #: Bounded wait for anything the page shows (milliseconds, for Playwright).
 UI_WAIT = scaled(15) * 1000
 HEARTBEAT = scaled(0.5)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class DemoServer:
@@ -163,7 +147,7 @@ async def demo_server(storage: Path, *args: str) -> AsyncIterator[DemoServer]:
 async def browser() -> AsyncIterator[Any]:
     playwright_api = pytest.importorskip("playwright.async_api")
     async with playwright_api.async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = await launch_chromium(pw)
         try:
             yield b
         finally:
@@ -587,25 +571,12 @@ async def test_page_drops_a_silent_server_and_resumes(
         assert await page.inner_text("#resyncs") == "0"  # same server: resumed, no gap
 
 
-async def redis_available() -> bool:
-    redis = pytest.importorskip("redis.asyncio")
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        await asyncio.wait_for(client.ping(), scaled(2))
-    except (OSError, asyncio.TimeoutError, redis.RedisError):
-        return False
-    finally:
-        await client.aclose()
-    return True
-
-
 @browser_test
 @pytest.mark.redis
 async def test_restart_redis_backend_resumes_without_loss(
     tmp_path: Path, open_page: PageFactory
 ) -> None:
-    if not await redis_available():
-        pytest.skip(f"no Redis at {REDIS_URL}")
+    await require_redis()
     prefix = f"longconn-test-{secrets.token_hex(4)}:"
     redis_args = ("--redis", REDIS_URL, "--redis-prefix", prefix)
     server = DemoServer(tmp_path, *redis_args)

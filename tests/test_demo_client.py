@@ -17,22 +17,12 @@ import httpx
 import pytest
 import tornado.web
 
+from tests.helpers import launch_chromium, needs_chromium
 from tornado_longconn.staticfiles import static_path, static_url_spec
 from tornado_longconn.testing import AppServer, scaled
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 CLIENT_SOURCE = Path(static_path("longconn.js")).read_bytes()
-browser_only = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM}"
-)
+browser_only = needs_chromium
 
 
 def test_static_path_names_the_shipped_client() -> None:
@@ -76,7 +66,7 @@ async def test_static_url_spec_serves_the_client() -> None:
 async def page() -> AsyncIterator[Any]:
     playwright_api = pytest.importorskip("playwright.async_api")
     async with playwright_api.async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await launch_chromium(pw)
         try:
             p = await browser.new_page()
             p.set_default_timeout(scaled(10) * 1000)

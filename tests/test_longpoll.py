@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import run_on_suite_loop, wait_until
 from tornado_longconn.backends.base import Backend, BackendStats, Subscriber
 from tornado_longconn.backends.memory import MemoryBackend
 from tornado_longconn.exceptions import BackendUnavailableError, CursorError
@@ -142,21 +141,13 @@ async def test_waits_for_next_publish(backend: CountingBackend) -> None:
     head = (await publish(backend, "a")).cursor
     waiter = LongPollWaiter(backend, "t")
     task = asyncio.ensure_future(waiter.wait(head, timeout=60))
-    await _until(lambda: waiter.stats().parked == 1)
+    await wait_until(lambda: waiter.stats().parked == 1)
     assert not task.done()
     await publish(backend, "b")
     result = await asyncio.wait_for(task, scaled(2))
     assert [m.data for m in result.messages] == ["b"] and result.cursor == Cursor("ep", 2)
     assert waiter.stats().woken == 1
     await waiter.close()
-
-
-async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    async def loop() -> None:
-        while not cond():
-            await asyncio.sleep(0.002)
-
-    await asyncio.wait_for(loop(), scaled(timeout))
 
 
 async def test_timeout_returns_empty_at_same_cursor(backend: CountingBackend) -> None:
@@ -174,7 +165,7 @@ async def test_no_cursor_means_from_now_on(backend: CountingBackend) -> None:
     now = await waiter.wait(None, timeout=0)
     assert now.messages == () and now.cursor == Cursor("ep", 1)
     task = asyncio.ensure_future(waiter.wait(None, timeout=60))
-    await _until(lambda: waiter.stats().parked == 1)
+    await wait_until(lambda: waiter.stats().parked == 1)
     await publish(backend, "new")
     result = await asyncio.wait_for(task, scaled(2))
     assert [m.data for m in result.messages] == ["new"] and result.cursor == Cursor("ep", 2)
@@ -217,7 +208,7 @@ async def test_one_publish_wakes_5000_waiters_through_one_subscription(
     head = (await publish(backend, "first")).cursor
     waiter = LongPollWaiter(backend, "t")
     tasks = [asyncio.ensure_future(waiter.wait(head, timeout=60)) for _ in range(5000)]
-    await _until(lambda: waiter.stats().parked == 5000)
+    await wait_until(lambda: waiter.stats().parked == 5000)
     assert backend.subscribes == 1 and len(backend.subscribers["t"]) == 1
     sinces = backend.sinces
     await publish(backend, "wake")
@@ -233,13 +224,13 @@ async def test_one_publish_wakes_5000_waiters_through_one_subscription(
 async def test_cancelled_waits_leave_nothing_behind(backend: CountingBackend) -> None:
     waiter = LongPollWaiter(backend, "t", linger=0)
     tasks = [asyncio.ensure_future(waiter.wait(None, timeout=60)) for _ in range(1000)]
-    await _until(lambda: waiter.stats().parked == 1000)
+    await wait_until(lambda: waiter.stats().parked == 1000)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     assert waiter.waiting == 0 and waiter.stats().parked == 0
     assert waiter.stats().cancelled == 1000
-    await _until(lambda: backend.unsubscribes == 1)
+    await wait_until(lambda: backend.unsubscribes == 1)
     assert not backend.subscribers["t"]
     await waiter.close()
 
@@ -247,7 +238,7 @@ async def test_cancelled_waits_leave_nothing_behind(backend: CountingBackend) ->
 async def test_waiter_limit_rejects(backend: CountingBackend) -> None:
     waiter = LongPollWaiter(backend, "t", max_waiters=2)
     tasks = [asyncio.ensure_future(waiter.wait(None, timeout=60)) for _ in range(2)]
-    await _until(lambda: waiter.stats().parked == 2)
+    await wait_until(lambda: waiter.stats().parked == 2)
     with pytest.raises(WaiterLimitError):
         await waiter.wait(None, timeout=60)
     assert waiter.stats().rejected == 1
@@ -283,7 +274,7 @@ async def test_subscription_gap_makes_waiters_reread_history(backend: CountingBa
     head = (await publish(backend, "a")).cursor
     waiter = LongPollWaiter(backend, "t")
     task = asyncio.ensure_future(waiter.wait(head, timeout=60))
-    await _until(lambda: waiter.stats().parked == 1)
+    await wait_until(lambda: waiter.stats().parked == 1)
     (subscriber,) = backend.subscribers["t"]
     # the subscription lost a message: it is in history, but was never delivered live
     await backend.unsubscribe("t", subscriber)
@@ -301,11 +292,11 @@ async def test_message_after_unexpected_cursor_rechecks(backend: CountingBackend
     waiter = LongPollWaiter(backend, "t", recent=0)
     await publish(backend, "a")
     task = asyncio.ensure_future(waiter.wait("ep-1", timeout=60))
-    await _until(lambda: waiter.stats().parked == 1)
+    await wait_until(lambda: waiter.stats().parked == 1)
     (subscriber,) = backend.subscribers["t"]
     # deliver a message from another epoch directly: the cursor does not follow
     subscriber.on_message(Message("t", "x", Cursor("zz", 1)))
-    await _until(lambda: waiter.stats().rechecks == 1)
+    await wait_until(lambda: waiter.stats().rechecks == 1)
     assert not task.done()
     await publish(backend, "b")
     result = await asyncio.wait_for(task, scaled(2))
@@ -318,7 +309,7 @@ async def test_messages_without_history_are_counted_not_delivered(
 ) -> None:
     waiter = LongPollWaiter(backend, "t")
     task = asyncio.ensure_future(waiter.wait(None, timeout=scaled(0.05)))
-    await _until(lambda: waiter.stats().parked == 1)
+    await wait_until(lambda: waiter.stats().parked == 1)
     await backend.publish("t", "no history")
     await backend.publish("t", "no history")
     result = await asyncio.wait_for(task, scaled(2))
@@ -387,14 +378,6 @@ def test_recent_messages_never_wrong(size: int, offsets: list[int], ask: int) ->
     assert seen[len(seen) - len(expected) :] == expected
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    if os.environ.get("LONGCONN_EVENT_LOOP") == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop  # type: ignore[no-any-return]
-    return asyncio.new_event_loop
-
-
 # One step of the lossy client scenario: publish n messages now, or poll (the
 # answer is lost or not; the poll waits for a publish or answers at once).
 _step = st.one_of(
@@ -452,8 +435,7 @@ def test_lossy_client_receives_every_message_once_in_order(
         assert received == published
         await waiter.close()
 
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(scenario())
+    run_on_suite_loop(scenario())
 
 
 async def test_concurrent_history_reads_are_shared(backend: CountingBackend) -> None:
@@ -463,7 +445,7 @@ async def test_concurrent_history_reads_are_shared(backend: CountingBackend) -> 
     backend.gate = asyncio.Event()
     before = backend.sinces
     tasks = [asyncio.ensure_future(waiter.wait("ep-0", timeout=0)) for _ in range(300)]
-    await _until(lambda: backend.sinces > before)
+    await wait_until(lambda: backend.sinces > before)
     backend.gate.set()
     results = await asyncio.wait_for(asyncio.gather(*tasks), scaled(5))
     assert backend.sinces == before + 1  # one backend read for 300 waits
@@ -479,12 +461,12 @@ async def test_read_in_flight_is_not_joined_after_a_delivery(backend: CountingBa
     backend.gate = asyncio.Event()
     before = backend.sinces
     first = asyncio.ensure_future(waiter.wait(head, timeout=30))
-    await _until(lambda: backend.sinces == before + 1)
+    await wait_until(lambda: backend.sinces == before + 1)
     # a message is delivered while the read is in flight; a new waiter must not
     # rely on that read (it may predate the message) and must not miss the message
     await publish(backend, "b")
     second = asyncio.ensure_future(waiter.wait(head, timeout=30))
-    await _until(lambda: backend.sinces == before + 2)
+    await wait_until(lambda: backend.sinces == before + 2)
     backend.gate.set()
     for task in (first, second):
         result = await asyncio.wait_for(task, scaled(5))

@@ -6,8 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -16,6 +15,7 @@ import tornado.web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import run_on_suite_loop, wait_until
 from tornado_longconn.backends.memory import MemoryBackend
 from tornado_longconn.log import HistoryLimit
 from tornado_longconn.longpoll import LongPollHandler, LongPollMixin, LongPollWaiter
@@ -62,20 +62,12 @@ async def srv() -> AsyncIterator[Server]:
     await waiter.close()
 
 
-async def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    async def loop() -> None:
-        while not cond():
-            await asyncio.sleep(0.002)
-
-    await asyncio.wait_for(loop(), scaled(timeout))
-
-
 async def _until_waiting(waiter: LongPollWaiter, n: int) -> None:
-    await _until(lambda: waiter.waiting == n)
+    await wait_until(lambda: waiter.waiting == n)
 
 
 async def _until_parked_or_done(waiter: LongPollWaiter, pending: asyncio.Future[Any]) -> None:
-    await _until(lambda: waiter.stats().parked == 1 or pending.done())
+    await wait_until(lambda: waiter.stats().parked == 1 or pending.done())
 
 
 async def test_json_shape_text_and_binary(srv: Server) -> None:
@@ -109,7 +101,7 @@ async def test_timeout_and_no_cursor(srv: Server) -> None:
 async def test_waits_then_answers_on_publish(srv: Server) -> None:
     async with httpx.AsyncClient(timeout=scaled(10)) as client:
         pending = asyncio.ensure_future(client.get(srv.url("/poll/room"), params={"timeout": "20"}))
-        await _until(lambda: srv.waiter.stats().parked == 1)
+        await wait_until(lambda: srv.waiter.stats().parked == 1)
         await srv.backend.publish("room", "now", history=HISTORY)
         r = await pending
     assert r.json()["messages"] == [{"cursor": "ep-1", "data": "now"}]
@@ -158,7 +150,7 @@ async def test_full_waiter_is_503(srv: Server) -> None:
     srv.waiter.max_waiters = 1
     async with httpx.AsyncClient(timeout=scaled(10)) as client:
         first = asyncio.ensure_future(client.get(srv.url("/poll/room"), params={"timeout": "20"}))
-        await _until(lambda: srv.waiter.stats().parked == 1)
+        await wait_until(lambda: srv.waiter.stats().parked == 1)
         r = await client.get(srv.url("/poll/room"))
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         await srv.backend.publish("room", "x", history=HISTORY)
@@ -194,7 +186,7 @@ async def test_1000_abandoned_polls_leave_no_waiters(srv: Server) -> None:
     for _, writer in conns:
         writer.close()
     await asyncio.gather(*(w.wait_closed() for _, w in conns), return_exceptions=True)
-    await _until(lambda: srv.waiter.waiting == 0)
+    await wait_until(lambda: srv.waiter.waiting == 0)
     stats = srv.waiter.stats()
     assert stats.cancelled == 1000 and stats.waiting == 0
     assert stats.parked == 0
@@ -232,14 +224,6 @@ async def test_one_publish_answers_500_http_polls(srv: Server) -> None:
         for b in bodies
     )
     assert srv.waiter.stats().woken == 500
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    if os.environ.get("LONGCONN_EVENT_LOOP") == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop  # type: ignore[no-any-return]
-    return asyncio.new_event_loop
 
 
 # publish n messages | poll and keep the answer | poll and lose the answer |
@@ -296,7 +280,7 @@ def test_http_client_losing_answers_gets_every_message_once_in_order(
                         pending.cancel()  # the client goes away; so does its answer
                         with contextlib.suppress(asyncio.CancelledError):
                             await pending
-                    await _until(lambda: waiter.waiting == 0)
+                    await wait_until(lambda: waiter.waiting == 0)
                 else:
                     pending = asyncio.ensure_future(client.get(url, params=params(30)))
                     await _until_parked_or_done(waiter, pending)
@@ -310,5 +294,4 @@ def test_http_client_losing_answers_gets_every_message_once_in_order(
         assert received == published
         await waiter.close()
 
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(scenario())
+    run_on_suite_loop(scenario())

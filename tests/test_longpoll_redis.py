@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 import tornado.web
 from httpx_sse import aconnect_sse
 
+from tests.helpers import REDIS_URL, require_redis
 from tornado_longconn.log import HistoryLimit
 from tornado_longconn.longpoll import LongPollHandler, LongPollWaiter
 from tornado_longconn.sse import SSEHandler
@@ -23,27 +23,15 @@ RedisBackend = redis_backend.RedisBackend
 
 pytestmark = pytest.mark.redis
 
-URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 HISTORY = HistoryLimit(max_messages=50)
-
-
-async def _redis_up() -> bool:
-    try:
-        _reader, writer = await asyncio.open_connection("127.0.0.1", 6379)
-    except OSError:
-        return False
-    writer.close()
-    await writer.wait_closed()
-    return True
 
 
 @pytest.fixture
 async def backends() -> AsyncIterator[tuple[Any, Any]]:
-    if "REDIS_URL" not in os.environ and not await _redis_up():
-        pytest.skip("no Redis server on 127.0.0.1:6379")
+    await require_redis()
     prefix = f"test-lp-{secrets.token_hex(4)}:"
-    a = RedisBackend(URL, prefix=prefix)
-    b = RedisBackend(URL, prefix=prefix)
+    a = RedisBackend(REDIS_URL, prefix=prefix)
+    b = RedisBackend(REDIS_URL, prefix=prefix)
     await asyncio.wait_for(asyncio.gather(a.start(), b.start()), scaled(10))
     yield a, b
     await a.close()

@@ -24,7 +24,8 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from tests.backends.backend_helpers import require_redis
-from tests.backends.redisproc import RedisProcess, free_port
+from tests.backends.redisproc import RedisProcess
+from tests.helpers import free_port
 from tornado_longconn.log import parse_cursor
 from tornado_longconn.testing import scaled
 

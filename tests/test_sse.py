@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -15,6 +15,7 @@ from httpx_sse._decoders import SSEDecoder
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.helpers import wait_until
 from tornado_longconn.backends.memory import MemoryBackend
 from tornado_longconn.log import Cursor, HistoryLimit, Message
 from tornado_longconn.longpoll import LongPollWaiter, PollResult
@@ -70,14 +71,6 @@ async def _next(source: AsyncIterator[ServerSentEvent]) -> ServerSentEvent:
     return await asyncio.wait_for(source.__anext__(), scaled(5))
 
 
-async def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    async def loop() -> None:
-        while not cond():
-            await asyncio.sleep(0.002)
-
-    await asyncio.wait_for(loop(), scaled(timeout))
-
-
 def _events(es: EventSource) -> AsyncIterator[ServerSentEvent]:
     return es.aiter_sse().__aiter__()
 
@@ -101,7 +94,7 @@ async def test_stream_ready_messages_binary_multiline(srv: Server) -> None:
         assert (binary.event, binary.id) == ("binary", "ep-3")
         assert base64.b64decode(binary.data) == b"\x00\xfe"
         await events.aclose()  # type: ignore[attr-defined]
-    await _until(lambda: srv.waiter.stats().streams == 0 and srv.waiter.waiting == 0)
+    await wait_until(lambda: srv.waiter.stats().streams == 0 and srv.waiter.waiting == 0)
 
 
 async def test_resume_with_last_event_id_after_reconnect(srv: Server) -> None:
@@ -115,7 +108,7 @@ async def test_resume_with_last_event_id_after_reconnect(srv: Server) -> None:
             last_id = received[-1].id
             await events.aclose()  # type: ignore[attr-defined]
         # the client is away; three messages are published meanwhile
-        await _until(lambda: srv.waiter.stats().streams == 0)
+        await wait_until(lambda: srv.waiter.stats().streams == 0)
         for word in ("c", "d", "e"):
             await srv.publish(word)
         # reconnect like EventSource does: same URL plus Last-Event-ID
@@ -223,7 +216,7 @@ async def test_client_that_stops_reading_is_disconnected(srv: Server) -> None:
     writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
     await reader.readuntil(b"event: ready")
-    await _until(lambda: srv.waiter.waiting == 1)
+    await wait_until(lambda: srv.waiter.waiting == 1)
     # the client reads nothing more; publish until the socket buffers are full
     chunk = "x" * 256 * 1024
     for _ in range(200):
@@ -231,7 +224,7 @@ async def test_client_that_stops_reading_is_disconnected(srv: Server) -> None:
         if srv.waiter.stats().streams == 0:
             break
         await asyncio.sleep(0)
-    await _until(lambda: srv.waiter.stats().streams == 0)
+    await wait_until(lambda: srv.waiter.stats().streams == 0)
     writer.close()
     await writer.wait_closed()
 
@@ -283,7 +276,7 @@ async def test_closing_the_waiter_ends_streams(srv: Server) -> None:
     ):
         events = _events(es)
         assert (await _next(events)).event == "ready"
-        await _until(lambda: srv.waiter.stats().parked == 1)
+        await wait_until(lambda: srv.waiter.stats().parked == 1)
         await srv.waiter.close()
         rest = [e async for e in events]  # the response ends: iteration stops
     assert rest == []

@@ -10,7 +10,6 @@ import asyncio
 import struct
 import zlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,6 +22,7 @@ from hypothesis import strategies as st
 from tornado.websocket import WebSocketProtocol13
 from websockets.protocol import Protocol, Side, State
 
+from tests.helpers import Seen as Ctx
 from tornado_longconn import HeartbeatMixin, LongConnError
 from tornado_longconn._tornado import websocket as door
 from tornado_longconn._tornado._check import check_tornado
@@ -44,21 +44,6 @@ from tornado_longconn.testing import AppServer, WebSocketTestClient, scaled
 
 build = WebSocketTestClient.build_frame
 MAX_MESSAGE = 4096
-
-
-@dataclass
-class Ctx:
-    handlers: asyncio.Queue[tornado.websocket.WebSocketHandler] = field(
-        default_factory=asyncio.Queue
-    )
-    closed: asyncio.Queue[tuple[int | None, str | None]] = field(default_factory=asyncio.Queue)
-    received: asyncio.Queue[str | bytes] = field(default_factory=asyncio.Queue)
-
-    async def handler(self) -> Any:
-        return await asyncio.wait_for(self.handlers.get(), scaled(5))
-
-    async def close_seen(self) -> tuple[int | None, str | None]:
-        return await asyncio.wait_for(self.closed.get(), scaled(5))
 
 
 class EchoBase(tornado.websocket.WebSocketHandler):

@@ -7,7 +7,6 @@ import itertools
 import socket
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import pytest
 import tornado.web
@@ -16,6 +15,7 @@ import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import Seen as Ctx
 from tornado_longconn._frames import stream_pending_bytes
 from tornado_longconn.testing import (
     MS,
@@ -26,16 +26,6 @@ from tornado_longconn.testing import (
     connect_many,
     scaled,
 )
-
-
-@dataclass
-class Ctx:
-    handlers: asyncio.Queue[Echo] = field(default_factory=asyncio.Queue)
-    closed: asyncio.Queue[tuple[int | None, str | None]] = field(default_factory=asyncio.Queue)
-    pongs: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
-
-    async def handler(self) -> Echo:
-        return await asyncio.wait_for(self.handlers.get(), scaled(5))
 
 
 class Echo(tornado.websocket.WebSocketHandler):

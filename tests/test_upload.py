@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hashlib
 import json
@@ -15,6 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import CountingStore, exists, open_partial_files, size_of
+from tests.helpers import read_bytes as read
 from tornado_longconn.exceptions import UploadError
 from tornado_longconn.upload import (
     ChunkedUploadSink,
@@ -206,18 +207,6 @@ def test_upload_id_shape() -> None:
 
 
 # -- store and sink ----------------------------------------------------------------------
-
-
-def exists(path: str | Path) -> bool:
-    return os.path.exists(path)
-
-
-def read(path: str | Path) -> bytes:
-    return Path(path).read_bytes()
-
-
-def size_of(path: str | Path) -> int:
-    return os.path.getsize(path)
 
 
 def age_file(path: str, seconds: float) -> float:
@@ -440,27 +429,6 @@ async def test_cache_is_bounded_and_rebuilds_evicted_uploads(tmp_path: Path) -> 
     assert again is not first and again.offset == 3 and store.stats().rehashed == 1
     assert others[0].id not in store._sinks  # the least recently used went first
     store.close()
-
-
-def open_partial_files(root: str) -> int:
-    """Descriptors of this process open on ``<root>/*.part`` (read from /proc/self/fd)."""
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/self/fd/{name}")
-            if target.startswith(root + os.sep) and target.endswith(".part"):
-                count += 1
-    return count
-
-
-class CountingStore(UploadStore):
-    """Records the most partial files open at once, seen by every write job."""
-
-    most_open = 0
-
-    def write_at(self, fd: int, data: memoryview, offset: int) -> int:
-        self.most_open = max(self.most_open, open_partial_files(self.root))
-        return super().write_at(fd, data, offset)
 
 
 async def test_open_files_never_exceed_the_budget(tmp_path: Path) -> None:

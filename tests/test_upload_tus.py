@@ -11,7 +11,6 @@ import io
 import os
 import signal
 import socket
-import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -24,29 +23,21 @@ import tornado.web
 from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 
+from tests.helpers import (
+    CountingStore,
+    exists,
+    listdir,
+    open_partial_files,
+    run_example,
+    size_of,
+)
+from tests.helpers import read_bytes as read
 from tornado_longconn.testing import AppServer, scaled
 from tornado_longconn.upload import ChunkedUploadSink, UploadStore, is_upload_id
 from tornado_longconn.upload_tus import TusUploadHandler
 
-ROOT = Path(__file__).resolve().parent.parent
 TUS = {"Tus-Resumable": "1.0.0"}
 OCTETS = {**TUS, "Content-Type": "application/offset+octet-stream"}
-
-
-def read(path: str | Path) -> bytes:
-    return Path(path).read_bytes()
-
-
-def exists(path: str | Path) -> bool:
-    return os.path.exists(path)
-
-
-def listdir(path: str | Path) -> list[str]:
-    return os.listdir(path)
-
-
-def size_of(path: str | Path) -> int:
-    return os.path.getsize(path)
 
 
 class Probe(TusUploadHandler):
@@ -481,37 +472,9 @@ async def test_tuspy_resumes_an_interrupted_upload(store: UploadStore) -> None:
 async def server_process(
     root: Path, **extra_env: str
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(
-        os.environ,
-        PORT=str(port),
-        UPLOAD_DIR=str(root),
-        PYTHONPATH=str(ROOT),
-        PYTHONUNBUFFERED="1",
-        **extra_env,
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "docs" / "examples" / "upload_server.py"),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    assert proc.stdout is not None
-    try:
-        banner = await asyncio.wait_for(proc.stdout.readline(), scaled(20))
-        assert b"/files/" in banner, banner
-        yield proc, port
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(proc.communicate(), scaled(10))
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    env = dict(UPLOAD_DIR=str(root), **extra_env)
+    async with run_example("upload_server.py", ready="/files/", **env) as example:
+        yield example.process, example.port
 
 
 async def test_upload_survives_a_server_kill(tmp_path: Path) -> None:
@@ -881,29 +844,8 @@ async def test_location_never_reflects_the_host_header(store: UploadStore) -> No
 # -- open files --------------------------------------------------------------------------
 
 
-def open_partial_files(root: str) -> int:
-    """Descriptors of this process open on ``<root>/*.part`` (from /proc/self/fd)."""
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/self/fd/{name}")
-            if target.startswith(root) and target.endswith(".part"):
-                count += 1
-    return count
-
-
-class CountingDisk(UploadStore):
-    """Records the most partial files open at once, seen at every write."""
-
-    most_open = 0
-
-    def write_at(self, fd: int, data: memoryview, offset: int) -> int:
-        self.most_open = max(self.most_open, open_partial_files(self.root))
-        return super().write_at(fd, data, offset)
-
-
 async def test_many_tus_uploads_stay_within_the_open_file_budget(tmp_path: Path) -> None:
-    store = CountingDisk(tmp_path, chunk_size=16 * 1024, max_open_files=3)
+    store = CountingStore(tmp_path, chunk_size=16 * 1024, max_open_files=3)
     uploads = {}
     async with serve(store) as (server, _), httpx.AsyncClient() as http:
         urls = [await create(http, server, 60_000) for _ in range(40)]

@@ -19,6 +19,8 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from docs.examples.upload_ws_client import upload
+from tests.helpers import exists, size_of
+from tests.helpers import read_bytes as read
 from tornado_longconn.codes import CloseCode
 from tornado_longconn.exceptions import UploadError
 from tornado_longconn.testing import AppServer, WebSocketTestClient, scaled
@@ -29,18 +31,6 @@ from tornado_longconn.upload_ws import (
     close_code_for,
     encode_chunk,
 )
-
-
-def read(path: str | Path) -> bytes:
-    return Path(path).read_bytes()
-
-
-def exists(path: str | Path) -> bool:
-    return os.path.exists(path)
-
-
-def size_of(path: str | Path) -> int:
-    return os.path.getsize(path)
 
 
 class Probe(WebSocketUploadHandler):

@@ -3,41 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
-import pytest
-
+from tests.helpers import REDIS_URL, redis_reachable, require_redis, wait_until
 from tornado_longconn.log import Message
-from tornado_longconn.testing import scaled
 
 __all__ = ["REDIS_URL", "Recorder", "redis_reachable", "require_redis"]
-
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-async def redis_reachable(url: str = REDIS_URL) -> bool:
-    """Whether something accepts TCP connections where ``url`` points."""
-    parts = urlsplit(url)
-    try:
-        if parts.scheme == "unix":
-            opening = asyncio.open_unix_connection(parts.path)
-        else:
-            opening = asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 6379)
-        _reader, writer = await asyncio.wait_for(opening, 2)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    await writer.wait_closed()
-    return True
-
-
-async def require_redis() -> None:
-    """Skip the calling test when Redis or the redis package is missing."""
-    pytest.importorskip("redis.asyncio", reason="the redis package is not installed")
-    if not await redis_reachable():
-        pytest.skip(f"no Redis server at {REDIS_URL} (set REDIS_URL to point at one)")
 
 
 class Recorder:
@@ -65,12 +36,7 @@ class Recorder:
         return [m.data for m in self.messages]
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        async def wait() -> None:
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), scaled(timeout))
+        await wait_until(predicate, timeout, changed=self._changed)
 
     async def wait_messages(self, count: int, timeout: float = 5.0) -> None:
         await self.wait_until(lambda: len(self.messages) >= count, timeout)

@@ -11,23 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
+from tests.helpers import free_port
 from tornado_longconn.testing import scaled
 
-__all__ = ["REDIS_SERVER", "RedisProcess", "free_port"]
+__all__ = ["REDIS_SERVER", "RedisProcess"]
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RedisProcess:
