@@ -6,7 +6,8 @@
   deadline poll.
 * :func:`run_on_suite_loop` -- run a coroutine on a fresh loop of the suite's kind
   (asyncio or uvloop), for Hypothesis tests, which cannot be ``async``.
-* :func:`run_example` -- a script of ``docs/examples/`` as its own process.
+* :func:`run_example` -- a script of ``docs/examples/`` as its own process;
+  :func:`load_example` -- one imported in the test's process.
 * :data:`CHROMIUM`, :data:`CHROMIUM_ARGS`, :data:`needs_chromium`,
   :func:`launch_chromium` -- one way to start headless Chromium.
 * :data:`REDIS_URL`, :func:`redis_reachable`, :func:`require_redis` -- the shared
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -33,6 +35,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -60,6 +63,7 @@ __all__ = [
     "free_port",
     "launch_chromium",
     "listdir",
+    "load_example",
     "needs_chromium",
     "new_event_loop",
     "open_partial_files",
@@ -145,7 +149,17 @@ def run_on_suite_loop(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
-# -- example processes ----------------------------------------------------------------
+# -- examples -----------------------------------------------------------------------
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``docs/examples/<name>.py`` in this process (as module ``example_<name>``)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass
