@@ -19,6 +19,10 @@ import pytest
 
 from tests.helpers import LOOP, new_event_loop
 
+# --doctest-modules (pyproject) imports every module here to look for doctests;
+# conftest files are plugins, already loaded, and two share the name "conftest".
+collect_ignore_glob = ["conftest.py", "*/conftest.py"]
+
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item

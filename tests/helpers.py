@@ -9,7 +9,7 @@
 * :func:`run_example` -- a script of ``docs/examples/`` as its own process;
   :func:`load_example` -- one imported in the test's process.
 * :data:`CHROMIUM`, :data:`CHROMIUM_ARGS`, :data:`needs_chromium`,
-  :func:`launch_chromium` -- one way to start headless Chromium.
+  :func:`chromium` -- one way to start headless Chromium.
 * :data:`REDIS_URL`, :func:`redis_reachable`, :func:`require_redis` -- the shared
   Redis server, skipped where it is missing.
 * :class:`WriterCtx` / :class:`WriterHandler` -- a WebSocket handler that hands
@@ -58,10 +58,10 @@ __all__ = [
     "Seen",
     "WriterCtx",
     "WriterHandler",
+    "chromium",
     "close_all",
     "exists",
     "free_port",
-    "launch_chromium",
     "listdir",
     "load_example",
     "needs_chromium",
@@ -244,9 +244,22 @@ needs_chromium = pytest.mark.skipif(
 )
 
 
-async def launch_chromium(playwright: Any) -> Any:
-    """Launch :data:`CHROMIUM` with :data:`CHROMIUM_ARGS` through Playwright; close it after."""
-    return await playwright.chromium.launch(executable_path=CHROMIUM, args=list(CHROMIUM_ARGS))
+@contextlib.asynccontextmanager
+async def chromium() -> AsyncIterator[Any]:
+    """A Playwright ``Browser``: :data:`CHROMIUM` with :data:`CHROMIUM_ARGS`, closed on exit.
+
+    Skips the test when Playwright is not installed (mark it :data:`needs_chromium`
+    for a missing browser).
+    """
+    playwright_api = pytest.importorskip("playwright.async_api")
+    async with playwright_api.async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, args=list(CHROMIUM_ARGS)
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
 
 
 # -- Redis ----------------------------------------------------------------------------

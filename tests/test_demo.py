@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from tests.helpers import (
     REDIS_URL,
     ROOT,
+    chromium,
     free_port,
-    launch_chromium,
     needs_chromium,
     require_redis,
 )
@@ -145,13 +145,8 @@ async def demo_server(storage: Path, *args: str) -> AsyncIterator[DemoServer]:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
-    playwright_api = pytest.importorskip("playwright.async_api")
-    async with playwright_api.async_playwright() as pw:
-        b = await launch_chromium(pw)
-        try:
-            yield b
-        finally:
-            await b.close()
+    async with chromium() as b:
+        yield b
 
 
 PageFactory = Callable[..., Awaitable[Any]]

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import tornado.web
 
-from tests.helpers import launch_chromium, needs_chromium
+from tests.helpers import chromium, needs_chromium
 from tornado_longconn.staticfiles import static_path, static_url_spec
 from tornado_longconn.testing import AppServer, scaled
 
@@ -64,17 +64,12 @@ async def test_static_url_spec_serves_the_client() -> None:
 
 @pytest.fixture
 async def page() -> AsyncIterator[Any]:
-    playwright_api = pytest.importorskip("playwright.async_api")
-    async with playwright_api.async_playwright() as pw:
-        browser = await launch_chromium(pw)
-        try:
-            p = await browser.new_page()
-            p.set_default_timeout(scaled(10) * 1000)
-            await p.set_content("<!doctype html><title>longconn.js</title>")
-            await p.add_script_tag(path=static_path("longconn.js"))
-            yield p
-        finally:
-            await browser.close()
+    async with chromium() as browser:
+        p = await browser.new_page()
+        p.set_default_timeout(scaled(10) * 1000)
+        await p.set_content("<!doctype html><title>longconn.js</title>")
+        await p.add_script_tag(path=static_path("longconn.js"))
+        yield p
 
 
 @browser_only
