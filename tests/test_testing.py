@@ -180,6 +180,42 @@ async def test_stop_reading_fills_the_server_buffer(server: AppServer, ctx: Ctx)
         client.vanish()
 
 
+async def test_connect_without_reading_reads_nothing_until_resumed(
+    server: AppServer, ctx: Ctx
+) -> None:
+    client = await WebSocketTestClient.connect(server.ws_url("/ws"), reading=False)
+    try:
+        assert not client.reading
+        after_handshake = client.bytes_received
+        handler = await ctx.handler()
+        await handler.write_message("first")  # in the kernel, on its way to the client
+        # A round trip on another connection: a reading client would have read it by now.
+        async with await WebSocketTestClient.connect(server.ws_url("/ws")) as other:
+            await other.send("sync")
+            assert await other.recv() == "sync"
+        assert client.bytes_received == after_handshake
+        assert client.messages_received == 0
+        client.resume_reading()
+        assert client.reading
+        assert await client.recv() == "first"
+    finally:
+        client.vanish()
+
+
+async def test_vanish_after_the_nth_message(server: AppServer, ctx: Ctx) -> None:
+    client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+    client.vanish_after = 3
+    handler = await ctx.handler()
+    for i in range(5):
+        handler.write_message(f"m{i}")
+    assert await ctx.close_seen() == (None, None)  # a reset, not a close frame
+    await client.wait_closed()
+    assert client.messages_received == 3
+    assert await client.recv_many(3) == ["m0", "m1", "m2"]
+    with pytest.raises(ClientClosedError):
+        await client.recv()
+
+
 async def test_vanish_leaves_without_close_frame(server: AppServer, ctx: Ctx) -> None:
     client = await WebSocketTestClient.connect(server.ws_url("/ws"))
     await ctx.handler()

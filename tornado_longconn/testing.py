@@ -185,6 +185,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.lost: asyncio.Future[None] = loop.create_future()
         self.fragments: list[bytes] = []
         self.fragment_opcode = 0
+        #: Set by :meth:`WebSocketTestClient.vanish`: parse nothing more.
+        self.aborted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but behave like one.
@@ -202,11 +204,14 @@ class _ClientProtocol(asyncio.Protocol):
             head = bytes(buf[: end + 4])
             del buf[: end + 4]
             self.handshake_done = True
+            if not client._reading and self.transport is not None:
+                # connect(reading=False): no read after the handshake's bytes.
+                self.transport.pause_reading()
             if not self.handshake.done():
                 self.handshake.set_result(head)
         pos = 0
         n = len(buf)
-        while n - pos >= 2:
+        while n - pos >= 2 and not self.aborted:
             b0 = buf[pos]
             b1 = buf[pos + 1]
             length = b1 & 0x7F
@@ -232,7 +237,9 @@ class _ClientProtocol(asyncio.Protocol):
             pos += header + length
             client.frames_received += 1
             self._frame(bool(b0 & 0x80), b0 & 0x0F, payload)
-        if pos:
+        if self.aborted:
+            buf.clear()
+        elif pos:
             del buf[:pos]
 
     def _frame(self, fin: bool, opcode: int, payload: bytes) -> None:
@@ -270,6 +277,8 @@ class _ClientProtocol(asyncio.Protocol):
         waiter = client._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if client.vanish_after is not None and client.messages_received >= client.vanish_after:
+            client.vanish()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.handshake.done():
@@ -292,8 +301,12 @@ class WebSocketTestClient:
     * :meth:`stop_reading` / :meth:`resume_reading` -- pause reading from the
       socket; with a small ``rcvbuf`` the server's write buffer really fills,
       as with a phone on a bad network;
+    * ``connect(..., reading=False)`` -- never read past the handshake until
+      :meth:`resume_reading`;
     * ``auto_pong = False`` -- stop answering pings (on by default);
     * :meth:`vanish` -- abort the TCP connection: no close frame, a reset;
+      ``vanish_after = n`` does it on its own when the n-th message arrives
+      (a peer that dies in the middle of a burst);
     * :meth:`send_raw` and :meth:`build_frame` -- send malformed frames;
     * :meth:`close` -- a clean close handshake.
 
@@ -313,6 +326,9 @@ class WebSocketTestClient:
     def __init__(self) -> None:
         #: Answer pings with pongs (default True). Set False to play a dead peer.
         self.auto_pong = True
+        #: Abort the connection (as :meth:`vanish`) as soon as this many messages
+        #: were received in all, the last one kept; ``None`` (default): never.
+        self.vanish_after: int | None = None
         #: Close code and reason of the server's close frame, once received.
         self.close_code: int | None = None
         self.close_reason = ""
@@ -341,11 +357,16 @@ class WebSocketTestClient:
         rcvbuf: int | None = None,
         ssl: ssl_module.SSLContext | None = None,
         timeout: float | None = None,
+        reading: bool = True,
     ) -> WebSocketTestClient:
         """Open a connection to ``url`` and complete the WebSocket handshake.
 
         ``rcvbuf`` sets ``SO_RCVBUF`` before connecting (a small value makes a
-        stopped reader fill the server's buffers quickly). ``ssl`` is the client
+        stopped reader fill the server's buffers quickly). ``reading=False``
+        stops reading the moment the handshake response arrived, as
+        :meth:`stop_reading` would, but before the server's first frames can be
+        read (only those that came in the handshake's own segment are); call
+        :meth:`resume_reading` to read again. ``ssl`` is the client
         context for ``wss://`` (default: the system's). ``timeout`` bounds the
         handshake (default ``scaled(10)``). Raises :class:`ConnectionError` if
         the server does not answer ``101 Switching Protocols``.
@@ -364,6 +385,7 @@ class WebSocketTestClient:
         family, _, _, _, address = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         client = cls()
+        client._reading = reading
         try:
             sock.setblocking(False)
             if rcvbuf is not None:
@@ -609,6 +631,7 @@ class WebSocketTestClient:
         protocol = self._protocol
         if protocol is None or protocol.transport is None:
             return
+        protocol.aborted = True
         transport = protocol.transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
