@@ -1,24 +1,21 @@
 """BroadcastGroup and BroadcastHub over real sockets.
 
-Clients are raw asyncio WebSocket clients (cheap enough for 1,000 at once, and able
-to stop reading at the socket level or vanish with a TCP reset) and, where an
-independent implementation matters (permessage-deflate, close codes), the
-``websockets`` library.
+Clients are ``tornado_longconn.testing.WebSocketTestClient`` (raw asyncio sockets:
+cheap enough for 1,000 at once, and able to stop reading at the socket level or
+vanish with a TCP reset) and, where an independent implementation matters
+(permessage-deflate, close codes), the ``websockets`` library.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import gc
 import json
-import os
 import socket
-import struct
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -27,6 +24,7 @@ import tornado.websocket
 import websockets
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
+from tests.helpers import close_all, wait_until
 from tornado_longconn.backends.memory import MemoryBackend
 from tornado_longconn.backpressure import BackpressureWriter, OverflowPolicy
 from tornado_longconn.broadcast import (
@@ -39,206 +37,7 @@ from tornado_longconn.broadcast import (
 from tornado_longconn.codes import CloseCode
 from tornado_longconn.exceptions import BackendUnavailableError, CursorError
 from tornado_longconn.log import Cursor, HistoryLimit, parse_cursor
-from tornado_longconn.testing import AppServer, scaled
-
-# --------------------------------------------------------------------------- raw client
-
-
-class RawClient(asyncio.Protocol):
-    """A minimal WebSocket client: records every data message, can stop reading or vanish."""
-
-    def __init__(self, *, stop_reading: bool = False, vanish_after: int | None = None) -> None:
-        self.messages: list[tuple[int, bytes]] = []
-        self.close_code: int | None = None
-        self.close_reason = ""
-        self.stop_reading = stop_reading
-        self.vanish_after = vanish_after
-        self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
-        self._open = False
-        loop = asyncio.get_running_loop()
-        self.opened: asyncio.Future[None] = loop.create_future()
-        self.lost: asyncio.Future[None] = loop.create_future()
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-
-    # -- asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop: not a subclass
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.opened.done():
-            self.opened.set_exception(ConnectionError("closed before the handshake"))
-        if not self.lost.done():
-            self.lost.set_result(None)
-        self._wake(force=True)
-
-    def data_received(self, data: bytes) -> None:
-        self._buf += data
-        if not self._open:
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(self._buf[:end])
-            del self._buf[: end + 4]
-            if not head.startswith(b"HTTP/1.1 101"):
-                self.opened.set_exception(ConnectionError(head.decode(errors="replace")))
-                assert self.transport is not None
-                self.transport.close()
-                return
-            self._open = True
-            self.opened.set_result(None)
-            if self.stop_reading:
-                assert self.transport is not None
-                self.transport.pause_reading()
-        self._parse()
-
-    def _parse(self) -> None:
-        buf = self._buf
-        while len(buf) >= 2:
-            b0, b1 = buf[0], buf[1]
-            n = b1 & 0x7F
-            pos = 2
-            if n == 126:
-                if len(buf) < 4:
-                    return
-                n = struct.unpack_from("!H", buf, 2)[0]
-                pos = 4
-            elif n == 127:
-                if len(buf) < 10:
-                    return
-                n = struct.unpack_from("!Q", buf, 2)[0]
-                pos = 10
-            if len(buf) < pos + n:
-                return
-            payload = bytes(buf[pos : pos + n])
-            del buf[: pos + n]
-            opcode = b0 & 0x0F
-            if opcode in (0x1, 0x2):
-                self.messages.append((opcode, payload))
-                if self.vanish_after is not None and len(self.messages) >= self.vanish_after:
-                    self.vanish()
-                    return
-                self._wake()
-            elif opcode == 0x8:
-                if len(payload) >= 2:
-                    self.close_code = struct.unpack("!H", payload[:2])[0]
-                    self.close_reason = payload[2:].decode()
-                self._send(0x8, payload[:2])
-                assert self.transport is not None
-                self.transport.close()
-                return
-            elif opcode == 0x9:
-                self._send(0xA, payload)
-
-    def _wake(self, *, force: bool = False) -> None:
-        keep = []
-        for count, fut in self._waiters:
-            if fut.done():
-                continue
-            if force or len(self.messages) >= count:
-                fut.set_result(None)
-            else:
-                keep.append((count, fut))
-        self._waiters = keep
-
-    def _send(self, opcode: int, payload: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        n = len(payload)
-        if n < 126:
-            header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-        elif n <= 0xFFFF:
-            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-        else:
-            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-        self.transport.write(header + b"\0\0\0\0" + payload)  # zero mask key
-
-    # -- API
-    @property
-    def texts(self) -> list[str]:
-        return [p.decode() for op, p in self.messages if op == 0x1]
-
-    def send_text(self, text: str) -> None:
-        self._send(0x1, text.encode())
-
-    def vanish(self) -> None:
-        """Reset the TCP connection without a close frame."""
-        assert self.transport is not None
-        sock = self.transport.get_extra_info("socket")
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.transport.abort()
-
-    def close(self) -> None:
-        self._send(0x8, struct.pack("!H", 1000))
-
-    async def wait_for(self, count: int, timeout: float = 10.0) -> None:
-        """Wait until ``count`` data messages arrived (or the connection is lost)."""
-        if len(self.messages) >= count or self.lost.done():
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((count, fut))
-        await asyncio.wait_for(fut, scaled(timeout))
-
-
-async def connect(
-    port: int,
-    path: str,
-    *,
-    stop_reading: bool = False,
-    rcvbuf: int | None = None,
-    vanish_after: int | None = None,
-) -> RawClient:
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    client = RawClient(stop_reading=stop_reading, vanish_after=vanish_after)
-    await loop.create_connection(lambda: client, sock=sock)
-    key = base64.b64encode(os.urandom(16)).decode()
-    assert client.transport is not None
-    client.transport.write(
-        (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    await asyncio.wait_for(client.opened, scaled(10))
-    return client
-
-
-async def connect_many(port: int, path: str, n: int, **kwargs: Any) -> list[RawClient]:
-    sem = asyncio.Semaphore(100)
-
-    async def one() -> RawClient:
-        async with sem:
-            return await connect(port, path, **kwargs)
-
-    return list(await asyncio.gather(*(one() for _ in range(n))))
-
-
-async def close_all(clients: list[RawClient]) -> None:
-    for c in clients:
-        if c.transport is not None:
-            c.transport.abort()
-    await asyncio.wait_for(asyncio.gather(*(c.lost for c in clients)), scaled(10))
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait (bounded) for a state change that has no event of its own."""
-    deadline = asyncio.get_running_loop().time() + scaled(timeout)
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.002)
-
+from tornado_longconn.testing import AppServer, WebSocketTestClient, connect_many, scaled
 
 # --------------------------------------------------------------------------- server
 
@@ -305,7 +104,7 @@ async def test_thousand_clients_receive_every_message_in_order() -> None:
     group = BroadcastGroup("room")
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined) as server:
-        clients = await connect_many(server.port, "/ws", 1000)
+        clients = await connect_many(server.ws_url("/ws"), 1000)
         await joined_members(joined, 1000)
         assert len(group) == 1000
         sent = payloads(100)
@@ -314,9 +113,9 @@ async def test_thousand_clients_receive_every_message_in_order() -> None:
             assert result.delivered == 1000 and result.local
             if i % 10 == 0:
                 await asyncio.sleep(0)  # mix bursts with loop iterations
-        await asyncio.gather(*(c.wait_for(100, timeout=30) for c in clients))
-        for c in clients:
-            assert c.texts == sent
+        received = await asyncio.gather(*(c.recv_many(100, scaled(30)) for c in clients))
+        assert all(got == sent for got in received)
+        assert all(c.pending_messages == 0 for c in clients)
         stats = group.stats()
         assert stats.members == 1000
         assert stats.published == 100
@@ -332,7 +131,7 @@ async def test_paced_publish_writes_each_frame_straight_out_and_counts_exactly()
     group = BroadcastGroup("paced")
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined) as server:
-        clients = await connect_many(server.port, "/ws", 20)
+        clients = await connect_many(server.ws_url("/ws"), 20)
         members = await joined_members(joined, 20)
         writers = [BackpressureWriter.of(m) for m in members]
         sent = payloads(30, 100)
@@ -343,9 +142,9 @@ async def test_paced_publish_writes_each_frame_straight_out_and_counts_exactly()
             await asyncio.sleep(0)
         for text in sent[10:]:
             assert (await group.publish(text)).delivered == 20
-        await asyncio.gather(*(c.wait_for(30, timeout=scaled(10)) for c in clients))
-        for c in clients:
-            assert c.texts == sent
+        received = await asyncio.gather(*(c.recv_many(30) for c in clients))
+        assert all(got == sent for got in received)
+        assert all(c.pending_messages == 0 for c in clients)
         for w in writers:
             stats = w.stats()
             assert stats.messages_sent == 30 and stats.bytes_sent == 30 * (100 + 2)
@@ -363,7 +162,7 @@ async def test_drop_oldest_member_drains_then_gets_direct_writes_in_order() -> N
     )
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined, sndbuf=4096) as server:
-        client = await connect(server.port, "/ws", stop_reading=True, rcvbuf=4096)
+        client = await WebSocketTestClient.connect(server.ws_url("/ws"), reading=False, rcvbuf=4096)
         (member,) = await joined_members(joined, 1)
         writer = BackpressureWriter.of(member)
         sent: list[str] = []
@@ -380,9 +179,7 @@ async def test_drop_oldest_member_drains_then_gets_direct_writes_in_order() -> N
             await publish_one()  # queued behind the others, never ahead of them
         assert writer.stats().queued > 0
         assert writer._fast_sock is None  # the fan-out's inline direct path is off
-        assert client.transport is not None
-        client.stop_reading = False
-        client.transport.resume_reading()
+        client.resume_reading()
         await wait_until(lambda: writer.stats().queued == 0 and writer.buffered == 0)
         assert writer._fast_sock is not None  # and on again once the queue drained
         before = writer.stats().writes
@@ -390,9 +187,8 @@ async def test_drop_oldest_member_drains_then_gets_direct_writes_in_order() -> N
             await publish_one()
         assert writer.stats().writes == before + 10  # one direct write per message again
         expected = len(sent) - group.stats().dropped
-        await client.wait_for(expected, timeout=scaled(10))
-        got = client.texts
-        assert len(got) == expected
+        got = await client.recv_many(expected)
+        assert client.pending_messages == 0
         assert got == sorted(got) and len(set(got)) == len(got)  # in order, no duplicate
         assert got[-13:] == sent[-13:]
         await close_all([client])
@@ -402,7 +198,7 @@ async def test_publish_encodes_types() -> None:
     group = BroadcastGroup("types")
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined) as server:
-        client = await connect(server.port, "/ws")
+        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
         await joined_members(joined, 1)
         await group.publish("héllo")
         await group.publish(b"\x00\xff")
@@ -412,13 +208,9 @@ async def test_publish_encodes_types() -> None:
             await group.publish(42)
         with pytest.raises(TypeError):
             await group.publish(None)
-        await client.wait_for(4)
-        assert client.messages == [
-            (0x1, "héllo".encode()),
-            (0x2, b"\x00\xff"),
-            (0x1, '{"a":[1,"é"]}'.encode()),
-            (0x1, b"[1,2]"),
-        ]
+        # str: a text frame, bytes: a binary frame
+        assert await client.recv_many(4) == ["héllo", b"\x00\xff", '{"a":[1,"é"]}', "[1,2]"]
+        assert client.pending_messages == 0
         assert group.stats().published == 4
         await close_all([client])
 
@@ -431,17 +223,20 @@ async def test_slow_clients_never_hurt_fast_ones(policy: OverflowPolicy) -> None
     group = BroadcastGroup("slow", policy=policy, high_water=high_water, max_queue=max_queue)
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined, sndbuf=4096) as server:
-        fast = await connect_many(server.port, "/ws", 38)
-        slow = [await connect(server.port, "/ws", stop_reading=True, rcvbuf=4096) for _ in range(2)]
+        fast = await connect_many(server.ws_url("/ws"), 38)
+        slow = [
+            await WebSocketTestClient.connect(server.ws_url("/ws"), reading=False, rcvbuf=4096)
+            for _ in range(2)
+        ]
         members = await joined_members(joined, 40)
         sent = payloads(400, size)
         results = []
-        for i, text in enumerate(sent):
+        for text in sent:
             results.append(await group.publish(text))
             # Pace on the fast clients: they read as fast as they can.
-            await asyncio.gather(*(c.wait_for(i + 1) for c in fast))
-        for c in fast:
-            assert c.texts == sent, "a fast client lost or reordered messages"
+            got = await asyncio.gather(*(c.recv() for c in fast))
+            assert got == [text] * 38, "a fast client lost or reordered messages"
+        assert all(c.pending_messages == 0 for c in fast)
         stats = group.stats()
         frame = size + 4
         if policy is OverflowPolicy.CLOSE:
@@ -450,7 +245,7 @@ async def test_slow_clients_never_hurt_fast_ones(policy: OverflowPolicy) -> None
             assert all(r.delivered + r.closed <= 40 for r in results)
             assert sum(r.closed for r in results) == 2
             for c in slow:
-                assert c.messages == [] or len(c.messages) < 400
+                assert c.pending_messages < 400
             assert stats.peak_buffered <= high_water + frame  # the members still there
         else:
             assert len(group) == 40
@@ -472,19 +267,19 @@ async def test_member_vanishes_mid_publish() -> None:
     group = BroadcastGroup("vanish")
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined) as server:
-        clients = await connect_many(server.port, "/ws", 20)
-        ghost = await connect(server.port, "/ws", vanish_after=5)
+        clients = await connect_many(server.ws_url("/ws"), 20)
+        ghost = await WebSocketTestClient.connect(server.ws_url("/ws"))
+        ghost.vanish_after = 5
         await joined_members(joined, 21)
         sent = payloads(200, 512)
         for text in sent:
             result = await group.publish(text)  # never raises
             assert result.delivered >= 20
             await asyncio.sleep(0)
-        await asyncio.gather(*(c.wait_for(200) for c in clients))
-        for c in clients:
-            assert c.texts == sent
+        received = await asyncio.gather(*(c.recv_many(200) for c in clients))
+        assert all(got == sent for got in received)
         await wait_until(lambda: len(group) == 20)
-        assert ghost.lost.done()
+        assert ghost.closed and ghost.messages_received == 5
         await close_all(clients)
 
 
@@ -501,22 +296,19 @@ async def test_exclude_skips_only_the_excluded_members() -> None:
         ]
     )
     async with AppServer(app) as server:
-        a, b, c = [await connect(server.port, "/ws") for _ in range(3)]
-        d = await connect(server.port, "/ws2")
+        a, b, c = [await WebSocketTestClient.connect(server.ws_url("/ws")) for _ in range(3)]
+        d = await WebSocketTestClient.connect(server.ws_url("/ws2"))
         ma, mb, _ = await joined_members(joined, 3)
         await joined_members(joined2, 1)
-        a.send_text("from a")  # the handler publishes with exclude=self
-        await asyncio.gather(b.wait_for(1), c.wait_for(1), d.wait_for(1))
+        await a.send("from a")  # the handler publishes with exclude=self
+        assert [await x.recv() for x in (b, c, d)] == ["from a"] * 3
         result = await group.publish("not to a or b", exclude=[ma, mb])
         assert result.delivered == 1
-        await asyncio.gather(c.wait_for(2), d.wait_for(2))
-        assert a.texts == []
-        assert b.texts == ["from a"]
-        assert c.texts == ["from a", "not to a or b"]
-        assert d.texts == ["from a", "not to a or b"]
+        assert [await x.recv() for x in (c, d)] == ["not to a or b"] * 2
         await group.publish("all")
-        await asyncio.gather(*(x.wait_for(n) for x, n in ((a, 1), (b, 2), (c, 3), (d, 3))))
-        assert a.texts == ["all"]
+        # "all" is the next message of each: a got nothing before, b not the excluded one.
+        assert [await x.recv() for x in (a, b, c, d)] == ["all"] * 4
+        assert a.messages_received == 1 and b.messages_received == 2
         await close_all([a, b, c, d])
 
 
@@ -524,7 +316,7 @@ async def test_joining_twice_is_harmless() -> None:
     group = BroadcastGroup("twice")
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined) as server:
-        client = await connect(server.port, "/ws")
+        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
         (member,) = await joined_members(joined, 1)
         first = group.membership(member)
         again = await group.join(member, policy=OverflowPolicy.DROP_NEWEST)
@@ -533,8 +325,7 @@ async def test_joining_twice_is_harmless() -> None:
         assert group.stats().joined == 1
         await group.publish("once")
         await group.publish("twice")
-        await client.wait_for(2)
-        assert client.texts == ["once", "twice"]
+        assert await client.recv_many(2) == ["once", "twice"]
         assert group.leave(member) is True
         assert group.leave(member) is False
         assert len(group) == 0
@@ -548,22 +339,22 @@ async def test_leave_on_close_always_happens(how: str) -> None:
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined, fail_open=how == "open_raises") as server:
         if how == "open_raises":
-            client = await connect(server.port, "/ws")
-            await asyncio.wait_for(client.lost, scaled(5))
+            client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+            await client.wait_closed(scaled(5))
             await wait_until(lambda: len(group) == 0)
             assert group.stats().joined == 1 and group.stats().left == 1
             return
-        client = await connect(server.port, "/ws")
+        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
         (member,) = await joined_members(joined, 1)
         other.join(member)
         assert len(group) == len(other) == 1
         if how == "close":
-            client.close()
+            await client.close(timeout=scaled(10))
         elif how == "vanish":
             client.vanish()
         else:
             member.close(1000, "bye")
-        await asyncio.wait_for(client.lost, scaled(10))
+        await client.wait_closed(scaled(10))
         await wait_until(lambda: len(group) == 0 and len(other) == 0)
         # The group unsubscribes from the backend with its last member.
         backend = group.backend
@@ -578,10 +369,10 @@ async def test_closed_member_is_freed_without_the_cycle_collector(how: str) -> N
     group = BroadcastGroup("freed")
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined) as server:
-        client = await connect(server.port, "/ws")
+        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
         (member,) = await joined_members(joined, 1)
         await group.publish("hello")
-        await client.wait_for(1)
+        assert await client.recv() == "hello"
         ref = weakref.ref(member)
         gc.collect()
         gc.disable()
@@ -591,10 +382,10 @@ async def test_closed_member_is_freed_without_the_cycle_collector(how: str) -> N
                 member.close(1000, "bye")
             elif how == "server_close":
                 member.close(1000, "bye")
-            else:
-                client.close()
             del member
-            await asyncio.wait_for(client.lost, scaled(10))
+            if how == "client_close":
+                await client.close(timeout=scaled(10))
+            await client.wait_closed(scaled(10))
             await wait_until(lambda: ref() is None)
         finally:
             gc.enable()
@@ -608,16 +399,16 @@ async def test_subscribes_with_first_member_and_unsubscribes_with_last() -> None
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined) as server:
         assert backend.subscriber_count("sub") == 0
-        a = await connect(server.port, "/ws")
+        a = await WebSocketTestClient.connect(server.ws_url("/ws"))
         await joined_members(joined, 1)
         assert backend.subscriber_count("sub") == 1
-        b = await connect(server.port, "/ws")
+        b = await WebSocketTestClient.connect(server.ws_url("/ws"))
         await joined_members(joined, 1)
         assert backend.subscriber_count("sub") == 1
-        a.close()
+        await a.close()
         await wait_until(lambda: len(group) == 1)
         assert backend.subscriber_count("sub") == 1
-        b.close()
+        await b.close()
         await wait_until(lambda: backend.subscriber_count("sub") == 0)
         # Publishing with no local member still records history / reaches others.
         result = await group.publish("nobody here")
@@ -628,7 +419,7 @@ async def test_publish_nowait_and_threadsafe_keep_order() -> None:
     group = BroadcastGroup("threads")
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined) as server:
-        client = await connect(server.port, "/ws")
+        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
         await joined_members(joined, 1)
         group.publish_nowait("first")
         futures = []
@@ -642,9 +433,9 @@ async def test_publish_nowait_and_threadsafe_keep_order() -> None:
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
         results = [await asyncio.wrap_future(f) for f in futures]
         assert all(r.delivered == 1 for r in results)
-        await client.wait_for(201)
-        assert client.texts[0] == "first"
-        assert [json.loads(t)["n"] for t in client.texts[1:]] == list(range(200))
+        texts = await client.recv_many(201)
+        assert texts[0] == "first"
+        assert [json.loads(t)["n"] for t in texts[1:]] == list(range(200))
         await close_all([client])
 
 
@@ -659,11 +450,10 @@ async def test_publish_nowait_right_after_first_join() -> None:
 
     app = tornado.web.Application([(r"/ws", Early)])
     async with AppServer(app) as server:
-        client = await connect(server.port, "/ws")
-        await client.wait_for(1)
+        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+        assert await client.recv() == "welcome"
         await group.publish("second")
-        await client.wait_for(2)
-        assert client.texts == ["welcome", "second"]
+        assert await client.recv() == "second"
         await close_all([client])
 
 
@@ -681,7 +471,7 @@ async def test_permessage_deflate_members_get_correct_frames() -> None:
             extensions=[ClientPerMessageDeflateFactory(client_max_window_bits=10)],
         )
         plain = await websockets.connect(url, compression=None)
-        raw = await connect(server.port, "/ws")
+        raw = await WebSocketTestClient.connect(url)
         await joined_members(joined, 4)
         assert takeover.protocol.extensions and takeover2.protocol.extensions
         assert not plain.protocol.extensions
@@ -695,8 +485,7 @@ async def test_permessage_deflate_members_get_correct_frames() -> None:
         for ws in (takeover, takeover2, plain):
             got = [await asyncio.wait_for(ws.recv(), scaled(5)) for _ in range(50)]
             assert got == sent
-        await raw.wait_for(50)
-        assert [p if op == 2 else p.decode() for op, p in raw.messages] == sent
+        assert await raw.recv_many(50) == sent
         for ws in (takeover, takeover2, plain):
             await ws.close()
         await close_all([raw])
@@ -903,13 +692,12 @@ async def test_resume_from_cursor_then_live() -> None:
     async with serve(group, joined=joined) as server:
         cursors = [(await group.publish({"n": i})).cursor for i in range(10)]
         assert cursors[0] is not None and cursors[3] is not None
-        client = await connect(server.port, f"/ws?cursor={cursors[3]}")
+        client = await WebSocketTestClient.connect(server.ws_url(f"/ws?cursor={cursors[3]}"))
         (member,) = await joined_members(joined, 1)
         membership = group.membership(member)
         assert membership is not None and membership.live and membership.replayed == 6
         await group.publish({"n": 10})
-        await client.wait_for(7)
-        got = [json.loads(t) for t in client.texts]
+        got = [json.loads(t) for t in await client.recv_many(7)]
         assert [g["data"]["n"] for g in got] == list(range(4, 11))
         assert [parse_cursor(g["cursor"]).offset for g in got] == list(range(5, 12))
         await close_all([client])
@@ -944,16 +732,18 @@ async def test_resume_seam_has_no_gap_and_no_duplicate(
         clients = []
         for start in (0, 5, 19):
             head = await group.backend.head("seam")
-            clients.append((start, await connect(server.port, f"/ws?cursor={head.epoch}-{start}")))
+            url = server.ws_url(f"/ws?cursor={head.epoch}-{start}")
+            clients.append((start, await WebSocketTestClient.connect(url)))
         await joined_members(joined, 3)
         for _ in range(20):
             await asyncio.sleep(0)
         stop.set()
         await task
         for start, client in clients:
-            await client.wait_for(published - start)
+            got = await client.recv_many(published - start)
             assert client.close_code is None
-            assert client.texts == [str(i) for i in range(start, published)]
+            assert got == [str(i) for i in range(start, published)]
+            assert client.pending_messages == 0
         await close_all([c for _, c in clients])
 
 
@@ -1062,9 +852,8 @@ async def test_backend_outage_raises_to_the_caller_and_recovers(
 
     app = tornado.web.Application([(r"/ws", Joiner)])
     async with AppServer(app) as server:
-        client = await connect(server.port, "/ws")
-        await client.wait_for(1)
-        assert client.texts == ["join: backend unavailable"]
+        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+        assert await client.recv() == "join: backend unavailable"
         assert len(group) == 1  # still a member; the subscription is retried
         with pytest.raises(BackendUnavailableError):
             await group.publish("lost")
@@ -1072,8 +861,7 @@ async def test_backend_outage_raises_to_the_caller_and_recovers(
         backend.up = True
         result = await group.publish("back")
         assert result.delivered == 1 and group.stats().published == 1
-        await client.wait_for(2)
-        assert client.texts[1] == "back"
+        assert await client.recv() == "back"
         await close_all([client])
     assert "backend subscribe failed" in caplog.text
 
@@ -1082,7 +870,7 @@ async def test_a_failing_writer_is_isolated_and_closed(caplog: pytest.LogCapture
     group = BroadcastGroup("broken")
     joined: asyncio.Queue[Member] = asyncio.Queue()
     async with serve(group, joined=joined) as server:
-        clients = [await connect(server.port, "/ws") for _ in range(3)]
+        clients = [await WebSocketTestClient.connect(server.ws_url("/ws")) for _ in range(3)]
         members = await joined_members(joined, 3)
 
         def explode(message: Any) -> Any:
@@ -1094,8 +882,8 @@ async def test_a_failing_writer_is_isolated_and_closed(caplog: pytest.LogCapture
         result = await group.publish("still delivered")  # does not raise
         assert result.delivered == 2 and result.closed == 1
         assert members[1] not in group and len(group) == 2
-        await asyncio.gather(clients[0].wait_for(1), clients[2].wait_for(1))
-        await asyncio.wait_for(clients[1].lost, scaled(5))
+        assert [await clients[i].recv() for i in (0, 2)] == ["still delivered"] * 2
+        await clients[1].wait_closed(scaled(5))
         assert clients[1].close_code == CloseCode.INTERNAL_ERROR
         assert "writer bug" in caplog.text
         await close_all(clients)

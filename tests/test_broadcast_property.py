@@ -14,12 +14,11 @@ import tornado.web
 import tornado.websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_broadcast import RawClient, close_all, connect, wait_until
 
-from tests.helpers import run_on_suite_loop
+from tests.helpers import close_all, run_on_suite_loop, wait_until
 from tornado_longconn.broadcast import BroadcastGroup
 from tornado_longconn.codes import CloseCode
-from tornado_longconn.testing import AppServer, scaled
+from tornado_longconn.testing import AppServer, WebSocketTestClient, scaled
 
 N = 4  # connections per example
 
@@ -56,10 +55,10 @@ async def scenario(steps: list[Op]) -> None:
     group = BroadcastGroup("prop", close_spread=0.0)
     app = tornado.web.Application([(r"/ws", Conn, {"opened": opened})])
     async with AppServer(app) as server:
-        clients: list[RawClient] = []
+        clients: list[WebSocketTestClient] = []
         handlers: list[Conn] = []
         for _ in range(N):
-            clients.append(await connect(server.port, "/ws"))
+            clients.append(await WebSocketTestClient.connect(server.ws_url("/ws")))
             handlers.append(await asyncio.wait_for(opened.get(), scaled(5)))
         alive = [True] * N
         members: set[int] = set()
@@ -98,7 +97,7 @@ async def scenario(steps: list[Op]) -> None:
                 if not alive[i]:
                     continue
                 if op == "client_close":
-                    clients[i].close()
+                    await clients[i].close()
                 elif op == "vanish":
                     clients[i].vanish()
                 else:
@@ -121,10 +120,8 @@ async def scenario(steps: list[Op]) -> None:
 
         for i in range(N):
             if alive[i]:
-                await clients[i].wait_for(len(expected[i]))
-        for i in range(N):
-            if alive[i]:
-                assert clients[i].texts == expected[i]
+                assert await clients[i].recv_many(len(expected[i])) == expected[i]
+                assert clients[i].pending_messages == 0
         await close_all(clients)
         await wait_until(lambda: len(group) == 0)
 

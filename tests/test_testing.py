@@ -226,6 +226,7 @@ async def test_vanish_leaves_without_close_frame(server: AppServer, ctx: Ctx) ->
     await client.wait_closed(scaled(5))
     with pytest.raises(ClientClosedError):
         await client.send("gone")
+    client.vanish()  # again, once gone: nothing to do (uvloop's socket is closed too)
 
 
 async def test_clean_close_handshake(server: AppServer, ctx: Ctx) -> None:

@@ -627,9 +627,10 @@ class WebSocketTestClient:
         """Abort the TCP connection at once: no close frame, a reset (``SO_LINGER`` 0).
 
         Models a peer that disappeared (a phone losing its network, a killed process).
+        Does nothing once the connection is gone (so it may be called again).
         """
         protocol = self._protocol
-        if protocol is None or protocol.transport is None:
+        if protocol is None or protocol.transport is None or self.closed:
             return
         protocol.aborted = True
         transport = protocol.transport
@@ -637,7 +638,8 @@ class WebSocketTestClient:
         if sock is not None:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except (OSError, AttributeError, TypeError):
+            except (OSError, AttributeError, TypeError, ValueError):
+                # ValueError: uvloop's socket stand-in for an fd closed meanwhile.
                 pass
         transport.abort()
 
