@@ -55,7 +55,7 @@ from ._frames import (
     encode_message,
     frame_for_connection,
 )
-from ._tornado import iostream, web, websocket_proto
+from ._tornado import fanout, iostream, web, websocket_proto
 from ._tornado.hooks import HandlerHooks, Hook
 from .codes import CloseCode
 from .exceptions import ConnectionClosedError, PeerGoneError, SlowConsumerError
@@ -205,6 +205,8 @@ class FlowState(Generic[T]):
         "bytes_sent",
         "closed_slow",
         "corked",
+        "direct_bytes",
+        "direct_messages",
         "dropped",
         "high_water",
         "lifecycle",
@@ -252,6 +254,11 @@ class FlowState(Generic[T]):
         self.closed_slow = False
         self.messages_sent = 0
         self.bytes_sent = 0
+        # Messages the broadcast fan-out wrote straight to an idle socket, counted
+        # apart so that its loop does two additions per member (see
+        # _tornado/fanout.py); stats() adds them to messages, bytes and writes.
+        self.direct_messages = 0
+        self.direct_bytes = 0
         self.dropped = 0
         self.waits = 0
         self.writes = 0
@@ -418,16 +425,17 @@ class FlowState(Generic[T]):
     def stats(self) -> WriterStats:
         """A :class:`WriterStats` snapshot."""
         self._note_peak()
+        direct = self.direct_messages
         return WriterStats(
-            messages_sent=self.messages_sent,
-            bytes_sent=self.bytes_sent,
+            messages_sent=self.messages_sent + direct,
+            bytes_sent=self.bytes_sent + self.direct_bytes,
             dropped=self.dropped,
             waits=self.waits,
             peak_buffered=self.peak_buffered,
             closed_slow=self.closed_slow,
             queued=len(self.queue),
             buffered=self.buffered,
-            writes=self.writes,
+            writes=self.writes + direct,
         )
 
 
@@ -1235,75 +1243,12 @@ def _offer_all(
 ) -> None:
     """``send_nowait(encoded)`` to ``writers[len(results):]``, appending each result.
 
-    The broadcast fan-out's hot loop (writers of the running loop). For a plain
-    WebSocket writer that is open with nothing queued (``_fast_sock`` set), two
-    cases are served here: frames already corked in this iteration (the frame
-    joins the cork when :meth:`FlowState.admit` would answer "commit, no flush";
-    that test is inlined, held to the rule by a differential test), and nothing corked,
-    nothing pending in the stream and nothing written yet in this iteration
-    (the frame goes straight to the socket through
-    :func:`~tornado_longconn._tornado.iostream.send_if_idle`, counted as
-    :meth:`FlowState.sent` would, inlined). Any other case goes through
-    :meth:`BackpressureWriter._offer`. Every counter lives in the writer's
-    :class:`FlowState` (no side counters). Raises what a writer raises (a bug); ``results`` then
-    says how far it got.
+    The broadcast fan-out's hot loop, which lives in the door with its raw socket
+    writes (:func:`tornado_longconn._tornado.fanout.offer_all`): it joins this
+    iteration's cork or writes straight to an idle socket, and hands every other
+    case to :meth:`BackpressureWriter._offer`. Its inlined copies of the flow
+    rule are held to :meth:`send_nowait` by ``tests/test_backpressure_fanout.py``.
     """
-    if len(results) >= len(writers):
-        return
-    append = results.append
-    frame = encoded.frame
-    size = len(frame)
     # The cork rule of FlowState.commit: a large frame never stays corked (limit 0).
-    cork_limit = _CORK_LIMIT if size < _LARGE_FRAME else 0
-    flusher = writers[0]._flusher
-    epoch = flusher.epoch
-    send_if_idle = iostream.send_if_idle
-    direct = False
-    for writer in writers[len(results) :] if results else writers:
-        sock = writer._fast_sock
-        if sock is not None and writer._flusher is flusher:
-            if writer._dirty:
-                # Frames already corked in this iteration: add this one when
-                # FlowState.admit(size) would answer 1 (commit, no flush), which is
-                # inlined here: a method call is a third of the per-member cost of a
-                # burst. _fast_sock implies nothing is queued. The other answers go
-                # through _offer. tests/test_backpressure_fanout.py holds this copy
-                # to send_nowait (every counter, after every operation) and
-                # test_admit_is_must_wait_then_commit holds admit to the rule.
-                state = writer._state
-                corked = state.corked + size
-                if corked < cork_limit and corked + state.pending <= state.high_water:
-                    writer._cork.append(frame)
-                    state.corked = corked
-                    state.messages_sent += 1
-                    state.bytes_sent += size
-                    append(_WRITTEN)
-                    continue
-            elif writer._epoch != epoch:
-                try:
-                    sent = send_if_idle(writer._stream, sock, frame)  # type: ignore[arg-type]
-                except OSError:
-                    append(writer._offer(encoded))  # would block, or the peer is gone
-                    continue
-                if sent >= 0:
-                    if sent != size:
-                        append(writer._sent_direct(frame, sent))
-                        continue
-                    # Sent whole with nothing pending: FlowState.sent(size, 0),
-                    # inlined like the cork join above (and held to it by the same
-                    # differential test). Not must_wait: _fast_sock says nothing is
-                    # queued, not dirty says nothing is corked, idle says nothing
-                    # is pending.
-                    writer._epoch = epoch
-                    state = writer._state
-                    state.messages_sent += 1
-                    state.bytes_sent += size
-                    state.writes += 1
-                    state.pending = 0
-                    append(_WRITTEN)
-                    direct = True
-                    continue
-        append(writer._offer(encoded))
-    if direct and not flusher.scheduled:
-        flusher.scheduled = True
-        flusher.loop.call_soon(flusher.run)
+    cork_limit = _CORK_LIMIT if len(encoded.frame) < _LARGE_FRAME else 0
+    fanout.offer_all(writers, encoded, results, cork_limit, _WRITTEN)

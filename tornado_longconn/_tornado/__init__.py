@@ -8,6 +8,8 @@ typed with ``Protocol``\\ s and noted with the versions it was checked against:
   names it reads; a missing one raises at import.
 * :mod:`._tornado.iostream` -- ``IOStream`` write buffer and indexes, read
   buffer, close callback, raw socket sends and the ``SO_LINGER`` reset.
+* :mod:`._tornado.fanout` -- the broadcast fan-out's per-member loop, with the
+  stream reads and raw ``send()`` it inlines.
 * :mod:`._tornado.websocket_proto` -- ``WebSocketProtocol13`` counters and the
   permessage-deflate compressor's parameters.
 * :mod:`._tornado.web` -- ``RequestHandler._finished``.
