@@ -14,7 +14,8 @@
   Redis server, skipped where it is missing.
 * :class:`WriterCtx` / :class:`WriterHandler` -- a WebSocket handler that hands
   each connection's :class:`~tornado_longconn.backpressure.BackpressureWriter` to
-  the test; :class:`Seen` -- what a test handler saw (opened, received, closed).
+  the test; :class:`Seen` -- what a test handler saw (opened, received, closed);
+  :class:`WaiterServer` -- an app serving long-poll or SSE from one waiter.
 * :func:`close_all` -- abort many :class:`~tornado_longconn.testing.WebSocketTestClient`.
 * :func:`read_bytes`, :func:`exists`, :func:`size_of`, :func:`listdir`,
   :func:`open_partial_files`, :class:`CountingStore` -- upload files on disk.
@@ -42,8 +43,10 @@ from urllib.parse import urlsplit
 import pytest
 import tornado.websocket
 
+from tornado_longconn.backends.memory import MemoryBackend
 from tornado_longconn.backpressure import BackpressureWriter
-from tornado_longconn.testing import WebSocketTestClient, scaled
+from tornado_longconn.longpoll import LongPollWaiter
+from tornado_longconn.testing import AppServer, WebSocketTestClient, scaled
 from tornado_longconn.upload import UploadStore
 
 __all__ = [
@@ -56,6 +59,7 @@ __all__ = [
     "CountingStore",
     "RunningExample",
     "Seen",
+    "WaiterServer",
     "WriterCtx",
     "WriterHandler",
     "chromium",
@@ -144,9 +148,26 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run_on_suite_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion on a fresh loop of the suite's kind (for sync tests)."""
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(coro)
+    """Run ``coro`` to completion on a fresh loop of the suite's kind (for sync tests).
+
+    As :func:`asyncio.run` does (which takes no loop factory before Python 3.12):
+    tasks still pending at the end are cancelled, then the loop is closed.
+    """
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 # -- examples -----------------------------------------------------------------------
@@ -325,6 +346,19 @@ class WriterHandler(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self.ctx.closed.put_nowait((self.close_code, self.close_reason))
+
+
+@dataclass
+class WaiterServer:
+    """A running app whose long-poll or SSE handlers share one backend and waiter."""
+
+    server: AppServer
+    backend: MemoryBackend
+    waiter: LongPollWaiter
+
+    def url(self, path: str) -> str:
+        """``http://127.0.0.1:PORT`` + ``path``."""
+        return self.server.url(path)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import tornado.web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import WaiterServer as Server
 from tests.helpers import run_on_suite_loop, wait_until
 from tornado_longconn.backends.memory import MemoryBackend
 from tornado_longconn.log import HistoryLimit
@@ -22,16 +23,6 @@ from tornado_longconn.longpoll import LongPollHandler, LongPollMixin, LongPollWa
 from tornado_longconn.testing import AppServer, scaled
 
 HISTORY = HistoryLimit(max_messages=5)
-
-
-class Server:
-    def __init__(self, server: AppServer, backend: MemoryBackend, waiter: LongPollWaiter) -> None:
-        self.server = server
-        self.backend = backend
-        self.waiter = waiter
-
-    def url(self, path: str) -> str:
-        return self.server.url(path)
 
 
 class GuardedPoll(LongPollMixin):

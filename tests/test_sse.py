@@ -15,7 +15,7 @@ from httpx_sse._decoders import SSEDecoder
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import wait_until
+from tests.helpers import WaiterServer, wait_until
 from tornado_longconn.backends.memory import MemoryBackend
 from tornado_longconn.log import Cursor, HistoryLimit, Message
 from tornado_longconn.longpoll import LongPollWaiter, PollResult
@@ -25,14 +25,9 @@ from tornado_longconn.testing import AppServer, scaled
 HISTORY = HistoryLimit(max_messages=10)
 
 
-class Server:
-    def __init__(self, server: AppServer, backend: MemoryBackend, waiter: LongPollWaiter) -> None:
-        self.server = server
-        self.backend = backend
-        self.waiter = waiter
-
+class Server(WaiterServer):
     def url(self, path: str = "/events/room") -> str:
-        return self.server.url(path)
+        return super().url(path)
 
     async def publish(self, data: str | bytes) -> Message:
         return await self.backend.publish("room", data, history=HISTORY)
