@@ -56,6 +56,7 @@ from tornado.websocket import WebSocketHandler
 
 from ._frames import OP_TEXT, Encoded, encode_message
 from ._groupcore import GapPolicy, GroupCore, MemberSlot, MemberState
+from ._tornado.hooks import HandlerHooks, Hook
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
 from .backpressure import (
@@ -471,9 +472,11 @@ def _members_of(handler: WebSocketHandler) -> dict[BroadcastGroup, None]:
 
     The handler's ``on_connection_close`` (every close path of a WebSocket that
     got as far as its frame loop) and its stream's close callback (covers an
-    ``open()`` that raised after joining) both make it leave every group. The
-    hooks hold the handler weakly and are removed once it closed (with its
-    writer), so a closed member is freed by reference counting alone.
+    ``open()`` that raised after joining) both make it leave every group,
+    through the handler's one hook registry
+    (:class:`~tornado_longconn._tornado.hooks.HandlerHooks`). The hooks hold
+    the handler weakly and are removed once it closed (with its writer), so a
+    closed member is freed by reference counting alone.
     """
     groups: dict[BroadcastGroup, None] | None = handler.__dict__.get(_GROUPS_ATTR)
     if groups is not None:
@@ -481,16 +484,6 @@ def _members_of(handler: WebSocketHandler) -> dict[BroadcastGroup, None]:
     groups = {}
     handler.__dict__[_GROUPS_ATTR] = groups
     handler_ref = weakref.ref(handler)
-    original: Callable[[], None]
-    if "on_connection_close" in handler.__dict__:  # already hooked by someone else
-        original = handler.__dict__["on_connection_close"]
-    else:
-        class_close = type(handler).on_connection_close
-
-        def original() -> None:
-            target = handler_ref()
-            if target is not None:
-                class_close(target)
 
     def leave_all() -> None:
         target = handler_ref()
@@ -502,39 +495,25 @@ def _members_of(handler: WebSocketHandler) -> dict[BroadcastGroup, None]:
             except Exception:
                 log.exception("leaving %r on close failed", group)
 
-    def on_connection_close() -> None:
-        try:
-            leave_all()
-        finally:
-            try:
-                original()
-            finally:
-                target = handler_ref()
-                if target is not None:
-                    _forget(target, on_connection_close)
+    def forget() -> None:
+        target = handler_ref()
+        if target is not None:
+            _forget(target)
 
-    handler.on_connection_close = on_connection_close  # type: ignore[method-assign]
-    conn = handler.ws_connection
-    stream = getattr(conn, "stream", None)
-    if stream is not None:
-        previous = getattr(stream, "_close_callback", None)
-
-        def on_stream_close() -> None:
-            try:
-                leave_all()
-            finally:
-                if previous is not None:
-                    previous()
-
-        stream.set_close_callback(on_stream_close)
+    hooks = HandlerHooks.of(handler)
+    hooks.add(Hook.CONNECTION_CLOSE, leave_all)
+    hooks.add(Hook.AFTER_CONNECTION_CLOSE, forget)
+    if getattr(handler.ws_connection, "stream", None) is not None:
+        hooks.add(Hook.STREAM_CLOSE, leave_all)
     return groups
 
 
-def _forget(handler: WebSocketHandler, hook: Callable[[], None]) -> None:
-    """Drop what :func:`_members_of` attached to a closed handler, and its writer."""
+def _forget(handler: WebSocketHandler) -> None:
+    """Drop what :func:`_members_of` attached to a closed handler, and its writer.
+
+    The hook registry removes its own patches after ``on_connection_close``.
+    """
     attrs = handler.__dict__
-    if attrs.get("on_connection_close") is hook:
-        del attrs["on_connection_close"]
     groups = attrs.get(_GROUPS_ATTR)
     if groups is not None and not groups:
         del attrs[_GROUPS_ATTR]
