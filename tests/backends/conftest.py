@@ -10,6 +10,8 @@ in-memory backend the same object (one process is all it serves).
 NATS tests use a ``nats-server -js`` started once per session on a free port
 (:mod:`serverprocs`), with a unique stream prefix per test; they are skipped
 with the reason when ``nats-py`` or the ``nats-server`` binary is missing.
+``sentinel`` runs on a Sentinel set (a master, a replica, three sentinels) started
+once per session; peers are further ``SentinelRedisBackend`` objects.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 from backend_helpers import REDIS_URL, require_redis
-from serverprocs import NatsServer, which
+from serverprocs import NatsServer, RedisCluster, SentinelSet, which
 
 from tornado_longconn.backends import Backend, MemoryBackend
 
@@ -31,6 +33,7 @@ class BackendFactory:
     def __init__(self, kind: str, url: str | None = None) -> None:
         self.kind = kind
         self.url = url
+        self.redis_url: str | None = None  # where to delete this test's keys
         self.prefix = f"test:{secrets.token_hex(6)}:"
         self.made: list[Any] = []
 
@@ -44,6 +47,14 @@ class BackendFactory:
 
             prefix = self.prefix.replace(":", "")
             backend = NatsBackend(self.url or "", prefix=prefix, storage="memory", **kwargs)
+        elif self.kind == "cluster":
+            from tornado_longconn.backends.redis_cluster import ClusterRedisBackend
+
+            backend = ClusterRedisBackend(self.url or "", prefix=self.prefix, **kwargs)
+        elif self.kind == "sentinel":
+            from tornado_longconn.backends.redis_sentinel import SentinelRedisBackend
+
+            backend = SentinelRedisBackend(self.url or "", prefix=self.prefix, **kwargs)
         else:
             from tornado_longconn.backends.redis import RedisBackend
 
@@ -55,10 +66,10 @@ class BackendFactory:
     async def close(self) -> None:
         for backend in self.made:
             await backend.close()
-        if self.kind == "redis" and self.made:
+        if self.kind in ("redis", "sentinel") and self.made:
             import redis.asyncio
 
-            client = redis.asyncio.Redis.from_url(REDIS_URL)
+            client = redis.asyncio.Redis.from_url(self.redis_url or REDIS_URL)
             keys = [k async for k in client.scan_iter(match=self.prefix + "*", count=1000)]
             if keys:
                 await client.delete(*keys)
@@ -95,7 +106,39 @@ def nats_url() -> Iterator[str]:
         server.close()
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis), "nats"])
+@pytest.fixture(scope="session")
+def sentinel_set() -> Iterator[SentinelSet]:
+    """A Sentinel set of this test session (skips when it cannot run)."""
+    pytest.importorskip("redis.asyncio", reason="the redis package is not installed")
+    binary = which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server binary on PATH (apt-get install redis-server)")
+    servers = SentinelSet(binary)
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A 3-master Redis Cluster of this test session (skips when it cannot run)."""
+    pytest.importorskip("redis.asyncio.cluster", reason="the redis package is not installed")
+    binary, cli = which("redis-server"), which("redis-cli")
+    if binary is None or cli is None:
+        pytest.skip("no redis-server/redis-cli binary on PATH (apt-get install redis-server)")
+    cluster = RedisCluster(binary, cli)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(
+    params=["memory", pytest.param("redis", marks=pytest.mark.redis), "nats", "sentinel", "cluster"]
+)
 async def backends(request: pytest.FixtureRequest) -> AsyncIterator[BackendFactory]:
     """A :class:`BackendFactory` for each backend kind."""
     url = None
@@ -103,7 +146,14 @@ async def backends(request: pytest.FixtureRequest) -> AsyncIterator[BackendFacto
         await require_redis()
     elif request.param == "nats":
         url = request.getfixturevalue("nats_url")
+    elif request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    elif request.param == "sentinel":
+        sentinels: SentinelSet = request.getfixturevalue("sentinel_set")
+        url = sentinels.url
     factory = BackendFactory(request.param, url)
+    if request.param == "sentinel":
+        factory.redis_url = f"redis://127.0.0.1:{sentinels.master.port}/0"
     try:
         yield factory
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -55,6 +56,9 @@ def main() -> None:
     parser.add_argument("--backend", required=True)
     parser.add_argument("--prefix", required=True)
     args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format=f"app {os.getpid()} %(levelname)s %(name)s: %(message)s"
+    )
     asyncio.run(serve(args.backend, args.prefix))
 
 

@@ -56,6 +56,7 @@ class Server:
         self._thread: threading.Thread | None = None
         self._waiters: list[tuple[re.Pattern[bytes], threading.Event]] = []
         self._lock = threading.Lock()
+        self._grew = threading.Condition(self._lock)
 
     @property
     def running(self) -> bool:
@@ -99,11 +100,23 @@ class Server:
     def _drain(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            self.output.append(line)
             with self._lock:
+                self.output.append(line)
+                self._grew.notify_all()
                 for pattern, event in self._waiters:
                     if pattern.search(line):
                         event.set()
+
+    def wait_output(self, pattern: bytes, count: int = 1, timeout: float = 30.0) -> None:
+        """Return once ``count`` output lines (so far) match the regex ``pattern``."""
+        regex = re.compile(pattern)
+
+        def enough() -> bool:
+            return sum(1 for line in self.output if regex.search(line)) >= count
+
+        with self._grew:
+            if not self._grew.wait_for(enough, scaled(timeout)):
+                raise RuntimeError(f"{self.name}: no {count} x {pattern!r} in time:\n{self.tail()}")
 
     def watch(self, pattern: bytes, event: threading.Event | None = None) -> threading.Event:
         """An event (``event`` or a new one) set when a future output line matches ``pattern``."""
@@ -230,6 +243,11 @@ class SentinelSet:
         synced.start()
         for sentinel in self.sentinels:
             sentinel.start()
+        # A failover needs sentinels that know the replica and each other (they
+        # announce themselves through the master every 2 s).
+        for sentinel in self.sentinels:
+            sentinel.wait_output(rb"\+slave slave", 1)
+            sentinel.wait_output(rb"\+sentinel sentinel", 2)
         self.master = self.redis[0]
 
     def failover(self, timeout: float = 30.0) -> None:
@@ -250,6 +268,11 @@ class SentinelSet:
         self._dir.cleanup()
 
 
+def _in_range(slot: int, spec: str) -> bool:
+    low, _, high = spec.partition("-")
+    return int(low) <= slot <= int(high or low)
+
+
 class RedisCluster:
     """Six ``redis-server`` cluster nodes: three masters, one replica each."""
 
@@ -266,6 +289,8 @@ class RedisCluster:
                 binary, port, str(node_dir), "--cluster-enabled", "yes",
                 "--cluster-config-file", str(node_dir / "nodes.conf"),
                 "--cluster-node-timeout", str(node_timeout_ms),
+                "--cluster-port", str(free_port()),  # not port + 10000: that may be taken
+                "--cluster-replica-validity-factor", "0",  # a replica may always take over
             )  # fmt: skip
             self.nodes.append(Server(f"cluster node {i}", args, b"Ready to accept", port=port))
 
@@ -314,6 +339,29 @@ class RedisCluster:
             if "master" in line.split()[2] and "fail" not in line.split()[2]
         }
         return [n for n in self.nodes if n.port in ports and n.running]
+
+    def fail_master_of(self, tag: str, timeout: float = 30.0) -> None:
+        """Kill the master owning hash tag ``tag``'s slot; return when its replica took over."""
+        live = next(n for n in self.nodes if n.running)
+        slot = int(self.cli(live, "cluster", "keyslot", "{" + tag + "}").strip())
+        rows = [line.split() for line in self.cli(live, "cluster", "nodes").splitlines()]
+        port_of = {row[0]: int(row[1].split("@")[0].rsplit(":", 1)[1]) for row in rows}
+        master_id = next(
+            row[0]
+            for row in rows
+            if "master" in row[2]
+            and any(_in_range(slot, r) for r in row[8:] if not r.startswith("["))
+        )
+        replica_id = next(row[0] for row in rows if row[3] == master_id)
+        master = next(n for n in self.nodes if n.port == port_of[master_id])
+        replica = next(n for n in self.nodes if n.port == port_of[replica_id])
+        won = replica.watch(rb"Failover election won")
+        master.kill()
+        if not won.wait(scaled(timeout)):
+            raise RuntimeError(f"the replica did not take over:\n{replica.tail()}")
+        for node in self.nodes:
+            if node.running:
+                self.wait_ok(node, timeout)
 
     def close(self) -> None:
         """Kill every node and delete the directory."""

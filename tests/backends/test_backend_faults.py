@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serverprocs import NatsServer, which
+from serverprocs import NatsServer, RedisCluster, SentinelSet, which
 
 from tests.test_multiprocess import Client, assert_no_silent_gap
 from tornado_longconn.log import parse_cursor
@@ -130,7 +130,9 @@ async def publish_until_ok(http: httpx.AsyncClient, app: AppProcess, text: str) 
 async def run_fault(
     url: str, fault: Callable[[], None], *, before: int = 30, after: int = 30
 ) -> list[Counts]:
-    """Publish ``before`` messages, run ``fault`` (in a thread), publish ``after`` more."""
+    """Publish ``before`` messages; keep publishing while ``fault`` runs (in a thread)
+    until every client got a resync notice; then publish ``after`` more, which
+    every client must receive. Returns each client's :class:`Counts`."""
     prefix = f"f{secrets.token_hex(4)}"
     apps = [AppProcess(url, prefix) for _ in range(3)]
     clients: list[Client] = []
@@ -147,10 +149,26 @@ async def run_fault(
                 published.append(f"m{i}")
             for client in clients:
                 await client.wait_until(lambda c=client: len(c.data) >= before)
+            # During the fault a publisher keeps sending; every client must be told.
+            stop = asyncio.Event()
+
+            async def keep_publishing() -> None:
+                while not stop.is_set():
+                    n = len(published)
+                    await publish_until_ok(http, apps[n % 3], f"m{n}")
+                    published.append(f"m{n}")
+
+            publisher = asyncio.create_task(keep_publishing())
             await asyncio.to_thread(fault)
-            for i in range(before, before + after):
-                await publish_until_ok(http, apps[i % 3], f"m{i}")
-                published.append(f"m{i}")
+            for client in clients:
+                await client.wait_until(lambda c=client: len(c.resyncs) >= 1, timeout=30)
+            stop.set()
+            await publisher
+            # Every process is back: what is published now reaches everyone.
+            for _ in range(after):
+                n = len(published)
+                await publish_until_ok(http, apps[n % 3], f"m{n}")
+                published.append(f"m{n}")
             last = published[-1]
             for client in clients:
                 await client.wait_until(lambda c=client: last in c.data, timeout=30)
@@ -186,4 +204,46 @@ def nats_server() -> AsyncIterator[NatsServer]:
 async def test_nats_restart_loses_nothing_silently(nats_server: NatsServer) -> None:
     counts = await run_fault(nats_server.url, nats_server.restart)
     # The restart drops every connection: each client is told (one resync notice at least).
+    assert all(c.explicit_gaps >= 1 for c in counts)
+
+
+@pytest.fixture
+def sentinel_set() -> AsyncIterator[SentinelSet]:
+    """A private Sentinel set (this test kills its master)."""
+    pytest.importorskip("redis.asyncio", reason="the redis package is not installed")
+    binary = which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server binary on PATH (apt-get install redis-server)")
+    servers = SentinelSet(binary)
+    try:
+        servers.start()
+        yield servers  # type: ignore[misc]
+    finally:
+        servers.close()
+
+
+async def test_sentinel_failover_loses_nothing_silently(sentinel_set: SentinelSet) -> None:
+    counts = await run_fault(sentinel_set.url, sentinel_set.failover)
+    # Every client is told: the connection dropped, and the new master starts a new epoch.
+    assert all(c.explicit_gaps >= 1 for c in counts)
+
+
+@pytest.fixture
+def redis_cluster() -> AsyncIterator[RedisCluster]:
+    """A private 3-master Redis Cluster (this test kills a master)."""
+    pytest.importorskip("redis.asyncio.cluster", reason="the redis package is not installed")
+    binary, cli = which("redis-server"), which("redis-cli")
+    if binary is None or cli is None:
+        pytest.skip("no redis-server/redis-cli binary on PATH (apt-get install redis-server)")
+    cluster = RedisCluster(binary, cli)
+    try:
+        cluster.start()
+        yield cluster  # type: ignore[misc]
+    finally:
+        cluster.close()
+
+
+async def test_cluster_master_kill_loses_nothing_silently(redis_cluster: RedisCluster) -> None:
+    counts = await run_fault(redis_cluster.url, lambda: redis_cluster.fail_master_of("room"))
+    # The room's shard went away: every client is told, on a new epoch.
     assert all(c.explicit_gaps >= 1 for c in counts)

@@ -40,6 +40,12 @@ def backend_from_url(url: str, **kwargs: Any) -> Backend:
     * ``redis://host:port/db``, ``rediss://...`` (TLS), ``unix:///path.sock`` --
       a :class:`RedisBackend` for that server (``kwargs`` go to it, e.g.
       ``prefix=``). ``redis`` is imported only here.
+    * ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]`` -- a
+      :class:`~tornado_longconn.backends.redis_sentinel.SentinelRedisBackend` on
+      the master the sentinels name for ``service``.
+    * ``redis+cluster://[:password@]host:port[,host:port...]`` -- a
+      :class:`~tornado_longconn.backends.redis_cluster.ClusterRedisBackend` on
+      that Redis Cluster (sharded pub/sub).
     * ``nats://host:port`` (several servers: ``nats://h1:4222,h2:4222``;
       ``tls://`` for TLS) -- a :class:`NatsBackend` (``kwargs`` go to it, e.g.
       ``prefix=``, ``storage=``). ``nats-py`` is imported only here.
@@ -56,6 +62,22 @@ def backend_from_url(url: str, **kwargs: Any) -> Backend:
         return MemoryBackend(**kwargs)
     if scheme in _REDIS_SCHEMES:
         return _redis_backend_class()(url, **kwargs)
+    if scheme == "redis+cluster":
+        try:
+            from .redis_cluster import ClusterRedisBackend
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "the Redis backend needs the redis package: pip install 'tornado-longconn[redis]'"
+            ) from exc
+        return ClusterRedisBackend(url, **kwargs)
+    if scheme == "redis+sentinel":
+        try:
+            from .redis_sentinel import SentinelRedisBackend
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "the Redis backend needs the redis package: pip install 'tornado-longconn[redis]'"
+            ) from exc
+        return SentinelRedisBackend(url, **kwargs)
     if scheme in ("nats", "tls"):
         hosts = url.partition("://")[2].rstrip("/")
         servers = [f"{scheme}://{host}" for host in hosts.split(",") if host]
@@ -63,7 +85,8 @@ def backend_from_url(url: str, **kwargs: Any) -> Backend:
             raise ValueError(f"no NATS server in {url!r}")
         return _nats_backend_class()(servers, **kwargs)
     raise ValueError(
-        f"unknown backend URL scheme {scheme!r}: use memory, redis, rediss, unix or nats"
+        f"unknown backend URL scheme {scheme!r}: use memory, redis, rediss, unix, "
+        "redis+cluster, redis+sentinel or nats"
     )
 
 

@@ -6,8 +6,8 @@ backend, a message published in any process reaches the subscribers of every
 process, and history (cursors) is shared, so a client may resume on another
 process than the one it left.
 
-How it works
-------------
+How the NATS backend works
+--------------------------
 
 * **One stream per topic** (created on first use) holds the topic's history:
   stream ``<prefix>_<T>`` with the subject ``<prefix>.<T>.h``, where ``<T>`` is
@@ -32,8 +32,8 @@ How it works
   process only; between processes, and relative to history messages, NATS
   gives no global order. Publish with history when the order matters.
 
-Failure handling
-----------------
+NATS failures
+-------------
 
 * nats-py reconnects by itself and subscribes again. After a reconnect every
   local subscriber gets ``on_gap(topic, "reconnect")`` once the subscriptions
