@@ -10,7 +10,11 @@ publisher process once every client is live. Measured: deliveries per second
 server CPU, and Redis commands per publish (``INFO commandstats`` delta around
 the publish burst, on a private ``redis-server``).
 
-Variants: ``ours`` (``RedisBackend`` + ``BroadcastGroup``, history on),
+Variants: ``ours`` (``RedisBackend`` + ``BroadcastGroup``, history on), the same
+application on the other distributed engines -- ``ours-sentinel`` (a Sentinel
+set: master, replica, 3 sentinels), ``ours-cluster`` (a 3-master Redis Cluster,
+sharded pub/sub) and ``ours-nats`` (``nats-server -js``), each started privately
+for the run --,
 ``plain`` (the hand-written floor: each process subscribed once with
 ``redis.asyncio`` pub/sub, the frame written to a set of handlers, no history),
 and the peers ``socketio`` (python-socketio's ``AsyncRedisManager`` emitting to a
@@ -18,7 +22,12 @@ room, on Tornado; the load client speaks Socket.IO) and ``channels-core`` /
 ``channels-pubsub`` (channels_redis ``group_send``).
 
 ``python -m benchmarks.bench_redis`` writes ``benchmarks/results/redis.md``;
-``--tiny`` runs one small scenario per variant for CI.
+``--tiny`` runs one small scenario per variant for CI (without the engines);
+``--engines`` runs only ``ours`` and the engines, at 2 processes x 1,000 clients,
+best of 3 runs each.
+Backend round trips per publish: script calls (``EVALSHA``/``EVAL``) per publish
+from ``INFO commandstats`` (summed over the cluster's masters), or the requests
+the NATS client sent per publish.
 """
 
 from __future__ import annotations
@@ -74,11 +83,23 @@ def start_redis() -> tuple[subprocess.Popen[bytes], int, Any]:
 
 
 async def publisher(
-    url: str, prefix: str, variant: str, total: int, count: int, size: int
+    url: str,
+    prefix: str,
+    variant: str,
+    total: int,
+    count: int,
+    size: int,
+    engine: str | None = None,
+    stats_urls: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Wait until ``total`` server processes have all their clients live, publish, report."""
+    """Wait until ``total`` server processes have all their clients live, publish, report.
+
+    ``engine``: the backend URL of an ``ours-*`` variant; ``stats_urls``: the Redis
+    servers whose ``INFO commandstats`` count its commands (default ``url``).
+    """
     import redis.asyncio as aioredis
 
+    from tornado_longconn.backends import backend_from_url
     from tornado_longconn.backends.redis import RedisBackend
     from tornado_longconn.log import HistoryLimit
 
@@ -89,10 +110,16 @@ async def publisher(
             raise RuntimeError("clients did not all join")
         await asyncio.sleep(0.02)
     payloads = [make_payload(seq, size) for seq in range(count)]
-    backend = RedisBackend(url, prefix=prefix)
+    backend: Any = RedisBackend(url, prefix=prefix)
+    if engine is not None:
+        await backend.close()
+        engine_prefix = prefix.replace(":", "") if engine.startswith("nats") else prefix
+        backend = backend_from_url(engine, prefix=engine_prefix)
+        await backend.start()
     history = HistoryLimit(1000)
-    if variant == "ours":
+    if variant.startswith("ours"):
         await backend.publish("warm-up", b"x", history=history)  # loads the script
+        await backend.head("bench")  # makes the topic's epoch (a NATS stream) before timing
     layer: Any = None
     if variant.startswith("channels"):
         import django
@@ -118,9 +145,17 @@ async def publisher(
         layer = socketio.AsyncRedisManager(url, channel=channel(prefix), write_only=True)
         await layer.emit("m", "x", room="warm-up")  # connects
         texts = [p.decode() for p in payloads]
-    before = await admin.info("commandstats")
+    counted = [aioredis.Redis.from_url(u) for u in (stats_urls or [url])]
+
+    async def commandstats() -> list[dict[str, Any]]:
+        return [await c.info("commandstats") for c in counted]
+
+    def nats_requests() -> int:
+        return int(backend._nc.stats["out_msgs"]) if variant == "ours-nats" else 0
+
+    before, nats_before = await commandstats(), nats_requests()
     t0 = time.perf_counter()
-    if variant == "ours":
+    if variant.startswith("ours"):
         for p in payloads:
             await backend.publish("bench", p, history=history)
     elif variant.startswith("channels"):
@@ -133,22 +168,57 @@ async def publisher(
         for p in payloads:
             await admin.publish(prefix + "bench", p)
     elapsed = time.perf_counter() - t0
-    after = await admin.info("commandstats")
+    after, nats_after = await commandstats(), nats_requests()
     await backend.close()
+    for c in counted:
+        await c.aclose()
     if variant == "socketio" and layer.redis is not None:
         await layer.redis.aclose()
     await admin.aclose()
 
-    def calls(stats: dict[str, Any]) -> int:
-        return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+    def calls(stats: list[dict[str, Any]], only: tuple[str, ...] = ()) -> int:
+        return sum(
+            int(v["calls"])
+            for one in stats
+            for k, v in one.items()
+            if k != "cmdstat_info" and (not only or k in only)
+        )
 
-    return {"commands": (calls(after) - calls(before)) / count, "publish_s": elapsed}
+    scripts = ("cmdstat_evalsha", "cmdstat_eval")
+    if variant == "ours-nats":
+        commands = trips = (nats_after - nats_before) / count
+    else:
+        commands = (calls(after) - calls(before)) / count
+        trips = (calls(after, scripts) - calls(before, scripts)) / count
+    return {"commands": commands, "round_trips": trips, "publish_s": elapsed}
+
+
+def start_engine(variant: str) -> tuple[Any, str | None, list[str] | None]:
+    """The private servers of an ``ours-*`` variant: (handle to close, URL, stats URLs)."""
+    from tests.backends.serverprocs import NatsServer, RedisCluster, SentinelSet, which
+
+    redis_server = which("redis-server") or "/usr/bin/redis-server"
+    if variant == "ours-sentinel":
+        sentinels = SentinelSet(redis_server)
+        sentinels.start()
+        return sentinels, sentinels.url, [f"redis://127.0.0.1:{sentinels.master.port}/0"]
+    if variant == "ours-cluster":
+        cluster = RedisCluster(redis_server, which("redis-cli") or "/usr/bin/redis-cli")
+        cluster.start()
+        masters = [f"redis://127.0.0.1:{n.port}/0" for n in cluster.masters()]
+        return cluster, cluster.url, masters
+    if variant == "ours-nats":
+        nats = NatsServer(which("nats-server") or "/usr/sbin/nats-server")
+        nats.start()
+        return nats, nats.url, None
+    return None, None, None
 
 
 def run(variant: str, procs: int, clients: int, count: int, size: int) -> Result:
     redis_proc, port, tmp = start_redis()
     url = f"redis://127.0.0.1:{port}/0"
     prefix = f"b{secrets.token_hex(3)}:"
+    engine, engine_url, stats_urls = start_engine(variant)
     per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     path, protocol = "/ws", "websocket"
     if variant.startswith("channels"):
@@ -156,6 +226,8 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> Result
     elif variant == "socketio":
         script = server_command("redis_socketio")
         path, protocol = "/socket.io/?EIO=4&transport=websocket", "socketio"
+    elif engine_url is not None:
+        script = [*server_command("redis_fanout", "ours"), "--backend", engine_url]
     else:
         script = server_command("redis_fanout", variant)
     servers = [
@@ -166,7 +238,7 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> Result
         for s in servers:
             s.__enter__()
         pub = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.bench_redis", "publish", json.dumps([url, prefix, variant, procs, count, size])],
+            [sys.executable, "-m", "benchmarks.bench_redis", "publish", json.dumps([url, prefix, variant, procs, count, size, engine_url, stats_urls])],
             stdout=subprocess.PIPE, cwd=str(ROOT),
         )  # fmt: skip
         for s in servers:
@@ -190,6 +262,8 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> Result
     finally:
         for s in servers:
             s.__exit__(None, None, None)
+        if engine is not None:
+            engine.close()
         redis_proc.kill()
         redis_proc.wait()
         assert redis_proc.stdout is not None
@@ -202,13 +276,25 @@ def run(variant: str, procs: int, clients: int, count: int, size: int) -> Result
     return Result(
         variant, f"{procs} x {clients}", ok=ok and frames == clients * count, error="; ".join(errors),
         messages=frames, bytes=sum(int(r.get("bytes", 0)) for r in reports), seconds=seconds,
-        server_cpu_s=cpu, extra={"procs": procs, "clients": clients, "commands": pub_report["commands"]},
+        server_cpu_s=cpu, extra={"procs": procs, "clients": clients, "commands": pub_report["commands"], "round_trips": pub_report.get("round_trips")},
     )  # fmt: skip
 
 
 VARIANTS = ("ours", "plain", "socketio", "channels-core", "channels-pubsub")
+ENGINES = ("ours-sentinel", "ours-cluster", "ours-nats")
 
 NOTES = """
+* `ours-sentinel`, `ours-cluster`, `ours-nats`: the `ours` application on a
+  Sentinel-managed Redis (master, replica, 3 sentinels), a 3-master Redis Cluster
+  (6 nodes, sharded pub/sub) and `nats-server -js` (file storage), each started
+  for the run on this machine; **vs ours** compares with single Redis in the same
+  run. **round trips/publish** counts `EVALSHA`/`EVAL` calls per publish on the
+  Redis servers (the cluster's masters summed), and for NATS the requests the
+  publisher's client sent per publish (one JetStream publish, acknowledged); for
+  NATS the **Redis cmds/publish** column holds the same count. Sentinel and
+  Cluster run 8 commands inside the script instead of 7: the added `INFO
+  replication` read (the failover epoch check). Replication to the replicas
+  (Sentinel, Cluster) runs on the same machine and is included.
 * **deliveries**: clients x messages, each verified by the load client (payload
   sequence and bytes, in order). **msgs/s**: deliveries over the slowest client
   process's first-to-last-byte time. **server CPU**: user+system of all server
@@ -262,19 +348,23 @@ def table(rows: list[Result]) -> str:
     rate = {(r.variant, r.scenario): r.msgs_per_s for r in rows}
     head = "| processes | clients | variant | verified | deliveries | msgs/s |"
     head += "".join(f" vs {p} |" for p in peers)
-    head += " server CPU s | CPU µs/delivery | Redis cmds/publish |"
+    head += " vs ours |"
+    head += " server CPU s | CPU µs/delivery | Redis cmds/publish | round trips/publish |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ratios = ""
         for p in peers:
             base = rate.get((p, r.scenario))
             ratios += f" {r.msgs_per_s / base:.2f}x |" if base else " - |"
+        base = rate.get(("ours", r.scenario))
+        ratios += f" {r.msgs_per_s / base:.2f}x |" if base else " - |"
         per = r.server_cpu_s / r.messages * 1e6 if r.messages else 0
         x = r.extra
         out.append(
             f"| {x['procs']} | {x['clients']} | {r.variant} | {'yes' if r.ok else 'NO'} | "
             f"{r.messages} | {r.msgs_per_s:,.0f} |{ratios} {r.server_cpu_s:.2f} | {per:.1f} | "
-            f"{x['commands']:.1f} |"
+            f"{x['commands']:.1f} | "
+            + (f"{x['round_trips']:.1f} |" if x.get("round_trips") is not None else "- |")
         )
     return "\n".join(out)
 
@@ -285,14 +375,21 @@ def main() -> int:
         print(json.dumps(asyncio.run(publisher(*args))), flush=True)
         return 0
     full = "--full" in sys.argv
-    args = bench_args(__doc__.splitlines()[0], [a for a in sys.argv[1:] if a != "--full"])
+    engines_only = "--engines" in sys.argv
+    flags = ("--full", "--engines")
+    args = bench_args(__doc__.splitlines()[0], [a for a in sys.argv[1:] if a not in flags])
     if args.tiny:
         matrix, count, repeat = [(1, 20), (2, 20)], 10, 1
+    elif engines_only:
+        matrix, count, repeat = [(2, 1000)], 100, 3  # best of 3: the engines share the CPUs
     else:
         matrix, count, repeat = [(p, c) for c in (1000, 5000) for p in (1, 2, 4)], 100, 1
     rows = []
     for procs, clients in matrix:
-        for variant in VARIANTS:
+        variants = ("ours", *ENGINES) if engines_only else VARIANTS
+        if (procs, clients) == (2, 1000) and not (args.tiny or engines_only):
+            variants = (*VARIANTS, *ENGINES)  # the engines at the issue's reference point
+        for variant in variants:
             if variant != "ours" and clients > 1000 and not full:
                 continue  # ~1 minute per run: only with --full (see NOTES)
             if (
@@ -317,9 +414,13 @@ def main() -> int:
     print(body)
     if not args.tiny:
         write_markdown(
-            args.out or RESULTS,
-            "Cross-process fan-out through Redis",
-            "python -m benchmarks.bench_redis" + (" --full" if full else ""),
+            args.out or (RESULTS.with_name("redis-engines.md") if engines_only else RESULTS),
+            "Cross-process fan-out: single Redis, Sentinel, Cluster, NATS"
+            if engines_only
+            else "Cross-process fan-out through Redis",
+            "python -m benchmarks.bench_redis"
+            + (" --full" if full else "")
+            + (" --engines" if engines_only else ""),
             body,
         )
     return exit_code(rows)

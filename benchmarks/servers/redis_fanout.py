@@ -7,7 +7,10 @@ client of every process is ready. Messages published to the topic ``bench`` are 
 member as binary frames.
 
 * ``ours``: ``RedisBackend`` + ``BroadcastHub``/``BroadcastGroup`` with history
-  (1,000 messages kept), ``room.join(self)``.
+  (1,000 messages kept), ``room.join(self)``. With ``--backend URL`` the backend
+  is :func:`~tornado_longconn.backends.backend_from_url`'s for that URL
+  (``redis+cluster://``, ``redis+sentinel://``, ``nats://``) and ``--redis`` only
+  holds the ready counter.
 * ``plain``: the hand-written floor: ``redis.asyncio`` pub/sub subscribed once per
   process, each message's WebSocket frame built once and written straight to every
   handler's ``IOStream`` from a ``set`` of handlers (no history, no cursors, no
@@ -27,6 +30,7 @@ import tornado.web
 import tornado.websocket
 
 from benchmarks.harness import serve_until_sigterm
+from tornado_longconn.backends import backend_from_url
 from tornado_longconn.backends.redis import RedisBackend
 from tornado_longconn.broadcast import BroadcastGroup, BroadcastHub
 
@@ -104,6 +108,7 @@ def main() -> None:
     p.add_argument("variant", choices=["ours", "plain"])
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     p.add_argument("--prefix", default="bench:")
+    p.add_argument("--backend", default=None, help="backend URL for 'ours' (default: --redis)")
     p.add_argument("--expect", type=int, required=True, help="clients this process will get")
     args = p.parse_args()
     keep: list[Any] = []
@@ -112,7 +117,13 @@ def main() -> None:
         counter = aioredis.Redis.from_url(args.redis)
         ready = Ready(counter, args.prefix + "joined", args.expect)
         if args.variant == "ours":
-            backend = RedisBackend(args.redis, prefix=args.prefix)
+            backend: Any = (
+                backend_from_url(args.backend, prefix=args.prefix.replace(":", ""))
+                if args.backend and args.backend.startswith("nats")
+                else backend_from_url(args.backend, prefix=args.prefix)
+                if args.backend
+                else RedisBackend(args.redis, prefix=args.prefix)
+            )
             await backend.start()
             hub = BroadcastHub(backend, history=1000)
             room = hub.group(TOPIC)

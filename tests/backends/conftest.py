@@ -10,8 +10,9 @@ in-memory backend the same object (one process is all it serves).
 NATS tests use a ``nats-server -js`` started once per session on a free port
 (:mod:`serverprocs`), with a unique stream prefix per test; they are skipped
 with the reason when ``nats-py`` or the ``nats-server`` binary is missing.
-``sentinel`` runs on a Sentinel set (a master, a replica, three sentinels) started
-once per session; peers are further ``SentinelRedisBackend`` objects.
+``sentinel`` runs on a Sentinel set (a master, a replica, three sentinels) and
+``cluster`` on a 3-master Redis Cluster (six nodes), each started once per
+session; peers are further backend objects on the same servers.
 """
 
 from __future__ import annotations

@@ -123,3 +123,10 @@ async def test_stats_count_publishes_and_deliveries(backend: NatsBackend) -> Non
     stats = backend.stats()
     assert (stats.kind, stats.connected, stats.topics, stats.subscribers) == ("nats", True, 1, 1)
     assert (stats.published, stats.received, stats.gaps) == (2, 2, 0)
+
+
+async def test_limit_zero_reads_everything_as_on_redis(backend: NatsBackend) -> None:
+    sent = [await backend.publish("t", f"m{i}", history=H) for i in range(3)]
+    assert sent[0].cursor is not None
+    got = await backend.since("t", Cursor(sent[0].cursor.epoch, 0), limit=0)
+    assert [m.data for m in got.messages] == ["m0", "m1", "m2"]

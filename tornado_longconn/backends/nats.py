@@ -592,6 +592,8 @@ class NatsBackend:
         this waits (at most ``command_timeout``) until live delivery has reached
         the newest message it returns. Raises like :meth:`publish`.
         """
+        if limit is not None and limit <= 0:
+            limit = None  # as on Redis: no limit
         info = await self._ensure_stream(topic)
         epoch, (_max_msgs, max_bytes, max_age) = self._parse(info)
         first, last = info.state.first_seq or 0, info.state.last_seq or 0
