@@ -36,7 +36,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import unquote
@@ -46,10 +46,11 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import ClusterDownError, RedisError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._tornado.redispy import RawConnection, pubsub_connection
+from ..exceptions import BackendError, BackendUnavailableError
 from .base import Subscriber
 from .redis import _PUBLISH_LUA, _SINCE_LUA, _UNAVAILABLE, DEFAULT_PREFIX, RedisBackend, _Topic
 from .redis_sentinel import _checked
@@ -159,6 +160,9 @@ class ClusterRedisBackend(RedisBackend):
             socket_connect_timeout=connect_timeout,
             socket_timeout=command_timeout,
             protocol=2,
+            # No retry after a connection error: a publish whose reply was lost could
+            # run twice. MOVED/ASK redirects are still followed (nothing ran yet).
+            retry=Retry(NoBackoff(), 0),
         )
         super().__init__(
             cast(Any, client),
@@ -197,6 +201,15 @@ class ClusterRedisBackend(RedisBackend):
     def connected(self) -> bool:
         """Whether every shard holding a subscribed topic has its pub/sub connection up."""
         return all(shard.conn is not None for shard in self._shards.values()) and bool(self._slots)
+
+    async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """As :meth:`RedisBackend._call`; a cluster in failover is "unavailable", not an error."""
+        try:
+            return await super()._call(script, keys, args)
+        except BackendError as exc:
+            if isinstance(exc.__cause__, (ClusterDownError, SlotNotCoveredError, TryAgainError)):
+                raise BackendUnavailableError(f"Redis Cluster is failing over: {exc}") from exc
+            raise
 
     # -- topology -------------------------------------------------------------------
 
