@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -432,11 +433,25 @@ def open_partial_files(root: str) -> int:
 class CountingStore(UploadStore):
     """An :class:`UploadStore` that records the most partial files open at once.
 
-    ``most_open`` is read at every write job, from ``/proc/self/fd``.
+    ``most_open`` is read from ``/proc/self/fd`` after every open of a partial file
+    and at every write job. Opens and counts hold one lock: a count lists the
+    descriptor numbers first and reads their targets after, so a number freed by
+    a concurrent listing and reused by a concurrent open would be counted twice.
     """
 
     most_open = 0
+    _count_lock = threading.Lock()
+
+    def _count(self) -> None:
+        self.most_open = max(self.most_open, open_partial_files(self.root))
+
+    def _open_partial(self, upload_id: str) -> int:
+        with self._count_lock:
+            fd = super()._open_partial(upload_id)
+            self._count()
+            return fd
 
     def write_at(self, fd: int, data: memoryview, offset: int) -> int:
-        self.most_open = max(self.most_open, open_partial_files(self.root))
+        with self._count_lock:
+            self._count()
         return super().write_at(fd, data, offset)

@@ -63,7 +63,8 @@ class BackendStats:
     (several processes' Redis backends); ``kind`` must be equal.
     """
 
-    #: The backend: ``"memory"``, ``"redis"``, ``"nats"`` (label).
+    #: The backend: ``"memory"``, ``"redis"`` (single server, Sentinel and Cluster)
+    #: or ``"nats"`` (label).
     kind: str = field(metadata=LABEL)
     #: Whether the backend can deliver now: open, and for Redis its pub/sub
     #: connection up (flag).
