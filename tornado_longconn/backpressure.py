@@ -1239,6 +1239,11 @@ class BackpressureWriter:
         self._release_waiters()
         if self._gone is None:
             self._gone = StreamClosedError()
+        log.info(
+            "closing a slow consumer (above the high-water mark of %d bytes)",
+            self.high_water,
+            extra=log_fields(getattr(self._transport, "handler", None)),
+        )
         if self._stream is not None:
             self._transport.close_slow(self)
 

@@ -206,6 +206,8 @@ class SSEMixin(tornado.web.RequestHandler):
                     return
                 counters = ConnectionCounters.for_application(self.application)
                 counters.opened(self, "sse")
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("SSE stream on %r", topic, extra=log_fields(self, topic=topic))
                 self._sse_task = asyncio.ensure_future(self._sse_run(topic, cursor))
                 try:
                     await self._sse_task
@@ -215,6 +217,10 @@ class SSEMixin(tornado.web.RequestHandler):
                 finally:
                     self._sse_task = None
                     counters.closed(self)
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug(
+                            "SSE stream on %r ended", topic, extra=log_fields(self, topic=topic)
+                        )
         except WaiterLimitError as exc:
             json_error(self, 503, str(exc))
 

@@ -183,5 +183,6 @@ class StrictWebSocketMixin(tornado.websocket.WebSocketHandler):
 
     def on_finish(self) -> None:
         """Count a handshake answered with an error (no WebSocket) as closed; then Tornado's."""
-        ConnectionCounters.for_application(self.application).closed(self)
+        if self.get_status() != 101:  # Tornado finishes the 101 answer too: still open then
+            ConnectionCounters.for_application(self.application).closed(self)
         super().on_finish()
