@@ -307,3 +307,10 @@ async def test_inspection_is_refused_without_the_hook_saying_yes(tmp_path: Path)
     assert calls == ["/never"]
     assert none.json() == {"error": "forbidden"}
     assert allowed.json()["presence"]["cluster"] is None
+
+
+def test_reference_page_lists_every_family() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "reference" / "metrics.md").read_text()
+    for name, (kind, _labels, _help) in FAMILIES.items():
+        shown = name + "_total" if kind == "counter" else name
+        assert f"| `{shown}` | {kind} |" in page, name
