@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Iterable
+from typing import Any, Protocol
 
 import tornado.httputil
 import tornado.web
@@ -62,8 +62,16 @@ from .upload import UploadStore
 
 __all__ = ["Authorize", "InspectionHandler", "inspect_process"]
 
-#: The auth hook: given the request, True to answer (or an awaitable of it).
-Authorize = Callable[[tornado.httputil.HTTPServerRequest], "bool | Awaitable[bool]"]
+
+class Authorize(Protocol):
+    """The auth hook: given the request, ``True`` to answer (or an awaitable of it).
+
+    A plain function, a lambda or an ``async def`` taking the request fits.
+    Anything but ``True`` (after awaiting) refuses with 403.
+    """
+
+    def __call__(self, request: tornado.httputil.HTTPServerRequest, /) -> bool | Awaitable[bool]:
+        """Decide whether ``request`` may read the inspection document."""
 
 
 def _backends(

@@ -5,16 +5,17 @@ attributes on its :class:`logging.LogRecord`, passed with the standard
 ``extra`` argument, so a JSON formatter, ``structlog``'s stdlib integration or
 a ``%(longconn_conn)s`` format string picks them up:
 
-================== ==========================================================
-attribute          value
-================== ==========================================================
-``longconn_conn``  the connection's short id (:func:`~tornado_longconn.connections.connection_id`)
+=================== =========================================================
+attribute           value
+=================== =========================================================
+``longconn_conn``   the connection's short id
+                    (:func:`~tornado_longconn.connections.connection_id`)
 ``longconn_remote`` the client's address (``request.remote_ip``)
-``longconn_user``  ``str(handler.current_user)`` when the application has
-                   already looked the user up (the library never calls
-                   ``get_current_user`` to log)
-``longconn_topic`` the topic (group name, long-poll or SSE topic, backend topic)
-================== ==========================================================
+``longconn_user``   ``str(handler.current_user)`` when the application has
+                    already looked the user up (the library never calls
+                    ``get_current_user`` to log)
+``longconn_topic``  the topic (group name, long-poll or SSE topic, backend topic)
+=================== =========================================================
 
 A field that does not apply is ``None`` (a backend reconnect has no
 connection; a heartbeat timeout has no topic); library records always have
