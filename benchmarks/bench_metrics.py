@@ -13,12 +13,15 @@ Scenarios (full size; ``--tiny``: 50 clients, each shape once, in a few seconds)
 
 Both variants run the same library code on the message path (metrics are read at
 scrape time only); the difference is the scrapes. Each (scenario, variant) runs
-``--repeat`` times (default 3, interleaved) and the best verified run is kept.
+``--repeat`` times (default 3), interleaved in ABBA order (which variant runs
+first alternates); the best verified run of each is in the first table, the
+ratios of the pairs in the second. ``--modes paced`` runs one shape only.
 Every client verifies what it received. Results: ``benchmarks/results/metrics.md``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import sys
@@ -75,10 +78,13 @@ class Scraper(threading.Thread):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = bench_args(__doc__ or "", argv)
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--modes", default="burst,paced", help="burst, paced or both")
+    known, rest = extra.parse_known_args(argv)
+    args = bench_args(__doc__ or "", rest)
     conns = 50 if args.tiny else 5000
     repeat = 1 if args.tiny else args.repeat
-    shapes = [(100, 64, "burst"), (100, 64, "paced")]
+    shapes = [(100, 64, mode) for mode in known.modes.split(",")]
     scenarios = [
         (f"{conns} x {count} x {size} B {mode}", fanout_config(conns, count, size, mode))
         for count, size, mode in shapes
@@ -96,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         scraper.start()
         try:
             for name, cfg in scenarios:
-                for _ in range(repeat):
-                    for variant, server in servers.items():
+                for i in range(repeat):
+                    # ABBA: which variant goes first alternates, so neither always
+                    # runs right after the other's load.
+                    order = list(servers.items())
+                    for variant, server in order if i % 2 == 0 else order[::-1]:
                         server.mark()
                         run_cfg = dataclasses.replace(cfg, port=server.port, timeout=OURS_TIMEOUT)
                         r = result_of(variant, name, run_client(run_cfg), server.measure())
