@@ -119,3 +119,28 @@ def test_shared_files_sum_counters_of_all_and_gauges_of_the_living(tmp_path: Pat
         "longconn_heartbeat_rtt_seconds_count": 4,
         "longconn_heartbeat_rtt_seconds_sum": pytest.approx(0.6),
     }
+
+
+async def test_handler_serves_the_default_registry_or_the_multiprocess_aggregate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    from tornado_longconn.metrics import MetricsHandler
+    from tornado_longconn.testing import AppServer, scaled
+
+    hub = BroadcastHub()
+    hub.group("room")
+    collector = LongConnCollector(hubs=[hub])
+    app = tornado.web.Application([(r"/metrics", MetricsHandler, {"collector": collector})])
+    try:
+        async with AppServer(app) as server, httpx.AsyncClient(timeout=scaled(10)) as http:
+            plain = (await http.get(server.url("/metrics"))).text
+            monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+            multi = (await http.get(server.url("/metrics"))).text
+    finally:
+        await hub.close()
+    assert "python_info" in plain and "longconn_groups 1.0" in plain
+    # In multiprocess mode the one-process default registry is not served.
+    assert "python_info" not in multi and "longconn_groups 1.0" in multi
+    assert collector.application is app  # filled in by the handler

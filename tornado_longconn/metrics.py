@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -64,6 +65,7 @@ from .broadcast import BroadcastGroup, BroadcastHub
 from .connections import TRANSPORTS, connection_stats
 from .heartbeat import HeartbeatCounters
 from .histogram import HistogramStats
+from .logfields import log_fields
 from .longpoll import LongPollWaiter
 from .server import LongConnHTTPServer
 from .stats import sum_stats
@@ -77,6 +79,8 @@ __all__ = [
     "MetricsHandler",
     "read_shared_families",
 ]
+
+log = logging.getLogger("tornado_longconn.metrics")
 
 #: The environment variable ``prometheus_client`` reads for its multiprocess directory.
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
@@ -558,6 +562,12 @@ class _Share:
     def _tick(self) -> None:
         if self._writing is None or self._writing.done():
             self._writing = asyncio.ensure_future(self.write())
+            self._writing.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The next tick tries again; the other processes' files are still served.
+            log.warning("writing %s failed: %r", self.path, exc, extra=log_fields(topic=None))
 
     async def write(self) -> None:
         families = self.collector.families()  # on the loop: it reads live objects
@@ -673,7 +683,10 @@ class MetricsHandler(tornado.web.RequestHandler):
       holds your own metrics and the process metrics); ``None`` serves only the
       library's.
 
-    When ``collector.share()`` is on, the handler writes its own process's file,
+    With ``$PROMETHEUS_MULTIPROC_DIR`` set (``prometheus_client``'s multiprocess
+    mode) the default ``registry`` is replaced by a ``MultiProcessCollector`` of
+    that directory, as ``prometheus_client`` asks. When ``collector.share()`` is
+    on, the handler writes its own process's file,
     then serves the sum over every process's file (:func:`read_shared_families`)
     and, instead of ``registry``, ``prometheus_client``'s
     ``MultiProcessCollector`` of the same directory (your own metrics of every
@@ -708,15 +721,25 @@ class MetricsHandler(tornado.web.RequestHandler):
         if collector is not None and shared is not None:
             await collector.write_shared()
             families = await loop.run_in_executor(None, read_shared_families, shared)
-            registry = CollectorRegistry(auto_describe=False)
-            registry.register(_Families(families))
+            summed = CollectorRegistry(auto_describe=False)
+            summed.register(_Families(families))
             if os.environ.get(MULTIPROC_ENV) == shared:
                 from prometheus_client.multiprocess import MultiProcessCollector
 
-                MultiProcessCollector(registry, path=shared)  # type: ignore[no-untyped-call]
-            body = await loop.run_in_executor(None, generate_latest, registry)
+                MultiProcessCollector(summed, path=shared)  # type: ignore[no-untyped-call]
+            body = await loop.run_in_executor(None, generate_latest, summed)
         else:
-            if self.registry is not None:
+            directory = os.environ.get(MULTIPROC_ENV)
+            if self.registry is REGISTRY and directory:
+                # prometheus_client's multiprocess mode: the default registry would show
+                # one process; its MultiProcessCollector shows them all (reads files:
+                # off the loop).
+                from prometheus_client.multiprocess import MultiProcessCollector
+
+                processes = CollectorRegistry(auto_describe=False)
+                MultiProcessCollector(processes, path=directory)  # type: ignore[no-untyped-call]
+                body += await loop.run_in_executor(None, generate_latest, processes)
+            elif self.registry is not None:  # may hold collectors of live objects: on the loop
                 body += generate_latest(self.registry)
             if collector is not None:
                 own = CollectorRegistry(auto_describe=False)
