@@ -70,8 +70,8 @@ class MemoryBackend:
         """A snapshot (:class:`~tornado_longconn.backends.BackendStats`, ``kind="memory"``).
 
         Messages are not counted (``published`` and ``received`` are ``None``:
-        nothing is added per message); :class:`~tornado_longconn.BroadcastStats`
-        counts the publishes of groups.
+        nothing is added per subscriber); :class:`~tornado_longconn.BroadcastStats`
+        counts the publishes of groups, :meth:`publish_latency` times each publish.
         """
         return BackendStats(
             kind="memory",
