@@ -144,3 +144,29 @@ async def test_handler_serves_the_default_registry_or_the_multiprocess_aggregate
     # In multiprocess mode the one-process default registry is not served.
     assert "python_info" not in multi and "longconn_groups 1.0" in multi
     assert collector.application is app  # filled in by the handler
+
+
+async def test_accept_loop_families_count_accepted_connections() -> None:
+    import httpx
+
+    from tests.helpers import free_port
+    from tornado_longconn import start_server
+    from tornado_longconn.testing import scaled
+
+    app = tornado.web.Application([(r"/", _Ok)])
+    port = free_port()
+    server = start_server(app, port, "127.0.0.1")
+    try:
+        async with httpx.AsyncClient(timeout=scaled(10)) as http:
+            assert (await http.get(f"http://127.0.0.1:{port}/")).status_code == 200
+        families = scrape(LongConnCollector(servers=[server]))
+    finally:
+        server.stop()
+    assert samples(families["longconn_accepted_connections"]) == {(): server.stats().accepted}
+    assert server.stats().accepted >= 1
+    assert samples(families["longconn_accept_paused"]) == {(): 0.0}
+
+
+class _Ok(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.write("ok")
