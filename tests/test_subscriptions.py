@@ -13,6 +13,7 @@ import tornado.websocket
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from tests.helpers import wait_until
 from tornado_longconn import BroadcastHub, CloseCode, MemoryBackend
 from tornado_longconn._subproto import binary_frame, parse_binary_frame
 from tornado_longconn.subscriptions import (
@@ -22,8 +23,6 @@ from tornado_longconn.subscriptions import (
     subscription_stats,
 )
 from tornado_longconn.testing import AppServer, scaled
-
-from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -327,3 +326,46 @@ async def test_server_side_join_still_works_next_to_the_protocol(hub: BroadcastH
         await group.publish("raw")
         assert await asyncio.wait_for(ws.recv(), scaled(10)) == "raw"
         await ws.close()
+
+
+async def test_resubscribe_after_a_restart_gets_the_new_epoch_from_its_start() -> None:
+    """A restarted in-memory server (new epoch) accepted messages before the client came back."""
+    first = BroadcastHub(MemoryBackend(epoch="before"), history=100)
+    async with AppServer(make_app(first)) as server:
+        a = await connect(server)
+        await a.request("subscribe", topic="room:r")
+        assert (await a.recv())["cursor"] == "before-0"
+        await subscription_group(first, "room:r").publish('"x"')
+        last = (await a.recv())["cursor"]
+        assert last == "before-1"
+        await a.ws.close()
+    await first.close(spread=0)
+    second = BroadcastHub(MemoryBackend(epoch="after"), history=100)
+    group = subscription_group(second, "room:r")
+    for i in range(3):
+        await group.publish(json.dumps(i))  # accepted before the client reconnects
+    async with AppServer(make_app(second)) as server:
+        a = await connect(server)
+        await a.request("subscribe", topic="room:r", cursor=last)
+        assert await a.recv() == {
+            "type": "subscribed",
+            "id": 1,
+            "topic": "room:r",
+            "cursor": "after-3",
+        }
+        assert await a.recv() == {
+            "type": "resync",
+            "topic": "room:r",
+            "cursor": "after-0",
+            "reason": "epoch",
+        }
+        await group.publish(json.dumps(3))
+        got = [await a.recv() for _ in range(4)]
+        assert [(m["cursor"], m["data"]) for m in got] == [
+            ("after-1", 0),
+            ("after-2", 1),
+            ("after-3", 2),
+            ("after-4", 3),
+        ]
+        await a.ws.close()
+    await second.close(spread=0)

@@ -662,4 +662,3 @@ def _head_nowait(group: BroadcastGroup, topic: str) -> Cursor | None:
         return None
     cursor: Cursor = since_nowait(topic, None).cursor
     return cursor
-
