@@ -70,7 +70,7 @@ from ._subproto import (
     topic_envelope,
 )
 from .backpressure import BackpressureWriter
-from .broadcast import BroadcastGroup, BroadcastHub, GapPolicy, Membership
+from .broadcast import BroadcastGroup, BroadcastHub, GapPolicy, Membership, _members_of
 from .codes import CloseCode
 from .exceptions import BackendError, BackendUnavailableError
 from .log import Cursor, HistoryLimit
@@ -321,9 +321,10 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         **kwargs: Any,
     ) -> None:
         self._subs: dict[str, Membership] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Requests in flight by id (emptied tables are replaced: a burst of
+        # requests must not leave a large table on every idle connection).
+        self._pending: dict[int | str, asyncio.Task[None]] = {}
         self._tails: dict[str, asyncio.Task[None]] = {}
-        self._pending_ids: set[int | str] = set()
         self._calls = 0
         self._protocol_errors = 0
         self._slot: asyncio.Future[None] | None = None
@@ -398,8 +399,10 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             options["low_water"] = defaults.low_water
         if defaults.max_queue is not None:
             options["max_queue"] = defaults.max_queue
-        # The connection's one writer: every group it joins writes through it.
+        # The connection's one writer: every group it joins writes through it; and
+        # its close hooks, made once here rather than on the first subscribe.
         BackpressureWriter.of(self, **options)
+        _members_of(self)
         self._send({"type": "welcome", "v": PROTOCOL_VERSION, "client": self.client_id})
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
@@ -422,7 +425,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             return None
         rid = request.id
         assert rid is not None
-        if rid in self._pending_ids:
+        if rid in self._pending:
             self._error(rid, "conflict", "a request with this id is pending", request.topic)
             return None
         if kind == "call":
@@ -437,10 +440,9 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             previous = self._tails.get(topic)
             task = asyncio.ensure_future(self._topic_request(request, previous))
             self._tails[topic] = task
-        self._pending_ids.add(rid)
-        self._tasks.add(task)
+        self._pending[rid] = task
         task.add_done_callback(lambda t: self._request_done(t, request))
-        if len(self._tasks) >= self.max_inflight:
+        if len(self._pending) >= self.max_inflight:
             if self._slot is None:
                 self._slot = asyncio.get_running_loop().create_future()
             return self._slot
@@ -460,24 +462,29 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             counters.connections -= 1
         counters.subscriptions -= len(self._subs)
         self._subs.clear()
-        for task in list(self._tasks):
+        for task in list(self._pending.values()):
             task.cancel()
         slot = self._slot
         if slot is not None and not slot.done():
             slot.set_result(None)
 
     def _request_done(self, task: asyncio.Task[None], request: Request) -> None:
-        self._tasks.discard(task)
         assert request.id is not None
-        self._pending_ids.discard(request.id)
+        pending = self._pending
+        if pending.get(request.id) is task:
+            del pending[request.id]
+            if not pending:
+                self._pending = {}
         if request.type == "call":
             self._calls -= 1
         elif request.topic is not None and self._tails.get(request.topic) is task:
             del self._tails[request.topic]
+            if not self._tails:
+                self._tails = {}
         if not task.cancelled() and task.exception() is not None:  # not expected
             log.error("subscriptions request failed", exc_info=task.exception())
         slot = self._slot
-        if slot is not None and len(self._tasks) < self.max_inflight:
+        if slot is not None and len(self._pending) < self.max_inflight:
             self._slot = None
             if not slot.done():
                 slot.set_result(None)
