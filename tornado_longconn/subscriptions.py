@@ -107,6 +107,9 @@ DEFAULT_MAX_FRAME_SIZE: Final = 64 * 1024
 #: Requests of one connection handled at once before the socket is read no more.
 DEFAULT_MAX_INFLIGHT: Final = 64
 
+# History of protocol topics when the hub keeps none (cursors need it).
+_DEFAULT_HISTORY: Final = HistoryLimit()
+
 #: The application setting that holds the :class:`SubscriptionCounters`.
 _SETTING: Final = "longconn_subscriptions"
 
@@ -217,9 +220,14 @@ def subscription_group(hub: BroadcastHub, topic: str) -> BroadcastGroup:
     already has a group of that name made with other options (a topic served by
     the protocol must be made here, or with the same options).
     """
+    group = hub.get(topic)
+    if group is not None:
+        options = group.options
+        if options.envelope is topic_envelope and options.notice is resync_frame:
+            return group  # made here before: skip resolving the options again
     return hub.group(
         topic,
-        history=hub.history or HistoryLimit(),
+        history=hub.history or _DEFAULT_HISTORY,
         envelope=topic_envelope,
         gap_policy=GapPolicy.NOTICE,
         notice=resync_frame,
