@@ -86,7 +86,9 @@ async def test_thousand_connections_ten_topics_stopped_clients_cost_nothing_to_o
             for client in stopped:
                 client.resume_reading()
                 await client.wait_closed(scaled(30))
-                assert client.close_code == 4000
+                # 4000 when the close frame got through, else the connection was reset
+                # after the writer's close grace (the client read nothing for that long).
+                assert client.close_code in (4000, None)
         finally:
             for client in clients:
                 client.vanish()
