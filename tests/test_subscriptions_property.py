@@ -47,7 +47,11 @@ from tornado_longconn.testing import AppServer, scaled
 EXAMPLES = int(os.environ.get("LONGCONN_HYPOTHESIS_EXAMPLES", "100"))
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children),
     max_leaves=20,
 )
