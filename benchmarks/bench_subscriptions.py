@@ -297,9 +297,9 @@ class Conn(asyncio.Protocol):
                 self.sub.subscribed = True
                 self.bench.subscribed += 1
                 self.bench.changed.set()
-        elif kind == "error" and frame.get("code") == "unavailable":
-            # 503: the backend could not answer now; a client subscribes again a
-            # little later (jittered).
+        elif kind == "error" and frame.get("code") in ("unavailable", "conflict"):
+            # 503: the backend could not answer now (409: the earlier attempt with this
+            # id is still pending); a client subscribes again a little later (jittered).
             self.bench.retries += 1
             loop = asyncio.get_running_loop()
             loop.call_later(
