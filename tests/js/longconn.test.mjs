@@ -102,6 +102,15 @@ describe("frames", () => {
     assert.deepEqual(Array.from(I.decodeBinaryFrame(I.encodeBinaryFrame({ topic: "t" }, new ArrayBuffer(0))).payload), []);
   });
 
+  test("SSE and long-poll message objects; base64 binary payloads become bytes", () => {
+    assert.deepEqual(I.messageFromObject({ topic: "t", cursor: "e-1", data: { a: 1 } }), ["t", "e-1", { a: 1 }, false]);
+    const [, , bytes, binary] = I.messageFromObject({ topic: "t", cursor: null, data: "AAH/", binary: true });
+    assert.equal(binary, true);
+    assert.deepEqual(Array.from(bytes), [0, 1, 255]);
+    assert.equal(I.messageFromObject({ topic: "t", data: "***", binary: true }), null);
+    assert.equal(I.messageFromObject({ data: 1 }), null);
+  });
+
   test("malformed binary frames are refused", () => {
     const enc = (s) => new TextEncoder().encode(s);
     const frame = (len, head) => new Uint8Array([len >> 8, len & 255, ...enc(head)]);
@@ -470,11 +479,13 @@ describe("Session over SSE", () => {
     assert.equal(es.url.searchParams.get("cursors"), "room:1=e-3,dm:ann=");
     assert.equal(es.url.searchParams.get("user"), "ann");
     es.accept();
+    assert.equal(a.state, "pending");
+    es.event("ready", { cursors: { "room:1": "e-3", "dm:ann": "e-9" } });
     await a.ready;
     await b.ready;
+    assert.equal(b.cursor, "e-9"); // its start position, from the ready event
     es.message({ topic: "room:1", cursor: "e-4", data: "r4" }, "room:1=e-4,dm:ann=e-9");
     es.message({ topic: "room:1", cursor: "e-4", data: "r4 again" }, "room:1=e-4,dm:ann=e-9");
-    assert.equal(b.cursor, "e-9"); // its start position, from the event id
     conn.subscribe("news");
     es = await FakeEventSource.nth(1);
     assert.ok(FakeEventSource.instances[0].closed);
@@ -491,8 +502,12 @@ describe("Session over SSE", () => {
     const b = conn.subscribe("b", { onError });
     let es = await FakeEventSource.nth(0);
     es.accept();
+    es.event("ready", { cursors: { a: "old-5" } }); // b is not accepted: its error follows
+    await a.ready;
+    assert.equal(b.state, "pending");
     es.event("resync", { topic: "a", cursor: "new-0", reason: "epoch" });
     es.event("error", { topic: "b", code: "forbidden", status: 403, reason: "no" });
+    await assert.rejects(b.ready, { code: "forbidden" });
     assert.equal(a.cursor, "new-0");
     assert.equal(resync.calls[0][0].reason, "epoch");
     assert.equal(onError.calls[0][0].code, "forbidden");

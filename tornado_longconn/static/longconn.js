@@ -859,6 +859,33 @@
     return { header: header, payload: bytes.slice(2 + n) };
   }
 
+  /** Base64 text to a Uint8Array (SSE and long-poll carry binary payloads as base64). */
+  function fromBase64(text) {
+    var bin = atob(text);
+    var out = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+    return out;
+  }
+
+  /**
+   * A message object of SSE or long-poll ({topic, cursor, data, binary?}) as
+   * [topic, cursor, data, binary]: a binary payload (base64) becomes a Uint8Array,
+   * as on WebSocket. Null when it is not a message object.
+   */
+  function messageFromObject(m) {
+    if (!m || typeof m !== "object" || typeof m.topic !== "string") return null;
+    var data = m.data;
+    var binary = m.binary === true && typeof data === "string";
+    if (binary) {
+      try {
+        data = fromBase64(data);
+      } catch (e) {
+        return null;
+      }
+    }
+    return [m.topic, m.cursor || null, data, binary];
+  }
+
   /**
    * Requests waiting for their answer, by id: each gets a Promise, settled by the
    * answer, by its timeout (code "timeout") or by rejectAll() (connection lost).
@@ -1460,8 +1487,9 @@
       self._topicError(e);
     });
     this._confirmTopics(list);
-    (body.messages || []).forEach(function (m) {
-      if (m && typeof m === "object") self._deliver(m.topic, m.cursor || null, m.data, false);
+    (body.messages || []).forEach(function (obj) {
+      var m = messageFromObject(obj);
+      if (m) self._deliver(m[0], m[1], m[2], m[3]);
     });
     var cursors = body.cursors || {};
     Object.keys(cursors).forEach(function (topic) {
@@ -1517,15 +1545,31 @@
           return es === mine && !done && hooks.live();
         }
         mine.onopen = function () {
+          if (current()) markOpen();
+        };
+        // `event: ready` opens the stream: its cursors are the start position of every
+        // topic the server accepted (refused ones follow as `event: error`).
+        mine.addEventListener("ready", function (ev) {
           if (!current()) return;
           markOpen();
-          conn._confirmTopics(q.list);
-        };
+          var body = tryJson(ev.data);
+          var start = (body && typeof body === "object" && body.cursors) || null;
+          if (start && typeof start === "object") {
+            conn._fillCursors(start);
+            conn._confirmTopics(
+              q.list.filter(function (t) {
+                return Object.prototype.hasOwnProperty.call(start, t);
+              })
+            );
+          } else {
+            conn._confirmTopics(q.list);
+          }
+        });
         mine.onmessage = function (ev) {
           if (!current()) return;
-          var m = tryJson(ev.data);
-          if (!m || typeof m !== "object") return;
-          conn._deliver(m.topic, m.cursor || null, m.data, false);
+          var m = messageFromObject(tryJson(ev.data));
+          if (!m) return;
+          conn._deliver(m[0], m[1], m[2], m[3]);
           conn._fillCursors(parseCursorMap(ev.lastEventId || ""));
         };
         mine.addEventListener("resync", function (ev) {
@@ -2068,6 +2112,7 @@
       encodeBinaryFrame: encodeBinaryFrame,
       decodeBinaryFrame: decodeBinaryFrame,
       errorFromFrame: errorFromFrame,
+      messageFromObject: messageFromObject,
       defaultDecode: defaultDecode,
       Pending: Pending,
     },
