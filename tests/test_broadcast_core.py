@@ -161,9 +161,14 @@ class Model:
         if replay.resync is not None:
             assert why is not None and replay.resync.reason == why
             assert replay.resync.members == (slot,) and replay.resync.policy is self.policy
-            assert replay.resync.head == result.cursor
+            # Another epoch: continue from the new epoch's start (everything it holds
+            # follows), not from its head.
+            head = result.cursor
+            if why == "epoch" and head.offset > 0:
+                head = Cursor(head.epoch, 0)
+            assert replay.resync.head == head
             closes = not replay.resync.keeps_members
-            self.resync(slot, result.cursor, closes=closes)
+            self.resync(slot, head, closes=closes)
             if closes:
                 self.leave(key)
                 return
@@ -172,7 +177,8 @@ class Model:
         for message in replay.messages:
             self.deliver(slot, message)
         if replay.more:
-            assert len(replay.messages) == self.page
+            epoch_restart = replay.resync is not None and replay.resync.reason == "epoch"
+            assert len(replay.messages) == self.page or epoch_restart
             return
         entries = self.core.go_live(key)
         if entries is None:

@@ -13,6 +13,10 @@ Mixins and helpers that Tornado applications compose into their own handlers:
   :class:`WebSocketUploadHandler` -- resumable, checksummed uploads off the loop.
 * :class:`LongPollWaiter`, :class:`LongPollHandler`, :class:`SSEHandler` -- HTTP
   fallbacks that resume from a cursor and never lose a message silently.
+* :class:`SubscriptionMixin` -- client-driven subscriptions: many topics on one
+  WebSocket, each with its own cursor, behind authorization hooks; the same topic
+  sets over one SSE stream or long-poll (:class:`SubscriptionSSEHandler`,
+  :class:`SubscriptionPollHandler`).
 * :func:`start_server` / :class:`LongConnHTTPServer` -- an ``HTTPServer`` with
   production limits (:class:`ServerLimits`) that survives descriptor exhaustion.
 * Backends: :class:`MemoryBackend` (default) and ``RedisBackend``
@@ -56,6 +60,21 @@ from .strict import (
     ProtocolErrorStats,
     StrictWebSocketMixin,
     protocol_error_stats,
+)
+from .subscriptions import (
+    SubscriptionCounters,
+    SubscriptionError,
+    SubscriptionHooks,
+    SubscriptionMixin,
+    SubscriptionStats,
+    subscription_group,
+    subscription_stats,
+)
+from .subscriptions_http import (
+    SubscriptionHTTPMixin,
+    SubscriptionPollHandler,
+    SubscriptionPublishHandler,
+    SubscriptionSSEHandler,
 )
 from .upload import ChunkedUploadSink, UploadStats, UploadStore
 from .upload_tus import TusUploadHandler
@@ -110,6 +129,15 @@ __all__ = [
     "StatKind",
     "StrictWebSocketMixin",
     "Subscriber",
+    "SubscriptionCounters",
+    "SubscriptionError",
+    "SubscriptionHTTPMixin",
+    "SubscriptionHooks",
+    "SubscriptionMixin",
+    "SubscriptionPollHandler",
+    "SubscriptionPublishHandler",
+    "SubscriptionSSEHandler",
+    "SubscriptionStats",
     "TusUploadHandler",
     "UploadError",
     "UploadStats",
@@ -128,6 +156,8 @@ __all__ = [
     "static_path",
     "static_url_spec",
     "stats_dict",
+    "subscription_group",
+    "subscription_stats",
     "sum_stats",
     "tune_gc",
     "untune_gc",

@@ -115,6 +115,7 @@ _MAX_PENDING_EXCLUDES: Final = 10_000
 
 Exclude = WebSocketHandler | Iterable[WebSocketHandler] | None
 Envelope = Callable[[Message], Any]
+Notice = Callable[[str, Cursor | None, str], str]
 
 # The handler attribute holding the groups a connection belongs to.
 _GROUPS_ATTR: Final = "_longconn_groups"
@@ -228,6 +229,7 @@ class GroupOptions:
     envelope: Envelope | None = None
     close_batch: int = DEFAULT_CLOSE_BATCH
     close_spread: float = DEFAULT_CLOSE_SPREAD
+    notice: Notice | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -245,6 +247,8 @@ class GroupOptions:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.envelope is not None and not callable(self.envelope):
             raise TypeError(f"envelope must be callable or None, not {self.envelope!r}")
+        if self.notice is not None and not callable(self.notice):
+            raise TypeError(f"notice must be callable or None, not {self.notice!r}")
         if _int(self.close_batch, "close_batch") < 1:
             raise ValueError(f"close_batch must be >= 1, got {self.close_batch}")
         spread = self.close_spread
@@ -543,6 +547,9 @@ class BroadcastGroup:
       once per message before fan-out, e.g. :func:`cursor_envelope`; default None
       sends the published data unchanged.
     * ``close_batch`` / ``close_spread`` -- graceful shutdown batching (see :meth:`close`).
+    * ``notice`` -- a function ``(topic, cursor, reason) -> str`` building the JSON
+      text of a ``GapPolicy.NOTICE`` resync message (default :func:`resync_notice`);
+      the subscriptions protocol passes its own.
 
     The options are resolved once into :attr:`options` (a frozen
     :class:`GroupOptions`) and read back as attributes (``group.history``, ...).
@@ -569,6 +576,7 @@ class BroadcastGroup:
         envelope: Envelope | None = None,
         close_batch: int | None = None,
         close_spread: float | None = None,
+        notice: Notice | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"a group name is a non-empty string, not {name!r}")
@@ -585,6 +593,7 @@ class BroadcastGroup:
             envelope=envelope,
             close_batch=close_batch,
             close_spread=close_spread,
+            notice=notice,
         )
         self.name = name
         self.hub = hub
@@ -1140,7 +1149,8 @@ class BroadcastGroup:
         """Tell one member to resync as ``policy`` says; True when it stays a member."""
         self._resyncs += 1
         if policy is GapPolicy.NOTICE and member.writer is not None:
-            notice = Encoded(OP_TEXT, resync_notice(self.name, head, reason).encode("utf-8"))
+            build = self.options.notice or resync_notice
+            notice = Encoded(OP_TEXT, build(self.name, head, reason).encode("utf-8"))
             if member.writer.send_nowait(notice) is not SendResult.CLOSED:
                 return True
             self._remove(member.handler, closed=True)
@@ -1466,7 +1476,7 @@ class BroadcastHub:
 
         ``options`` (``history``, ``policy``, ``high_water``, ``low_water``,
         ``max_queue``, ``gap_policy``, ``envelope``, ``close_batch``,
-        ``close_spread``) override the hub's defaults when the group is created;
+        ``close_spread``, ``notice``) override the hub's defaults when the group is created;
         asking again for an existing group with an option that differs from it
         raises ``ValueError``, so two handlers cannot silently disagree.
         """
