@@ -881,6 +881,25 @@ async def test_junk_rooms_are_freed_and_cannot_exhaust_the_limit(tmp_path: Path)
             await member.next(is_chat("in a fresh room"))
 
 
+async def test_one_connection_cannot_hold_many_rooms(tmp_path: Path) -> None:
+    async with (
+        demo_server(tmp_path) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=scaled(10)) as client,
+        room_socket(server, "lobby") as member,
+    ):
+        codes = []
+        for i in range(9):  # it holds room:lobby already; 8 topics at most
+            rid = await member.request({"type": "subscribe", "topic": f"room:many{i}"})
+            reply = await member.next(lambda m, rid=rid: m.get("id") == rid)
+            codes.append(reply.get("code", reply["type"]))
+        assert codes == ["subscribed"] * 7 + ["limit"] * 2
+        topics = ",".join(f"room:poll{i}" for i in range(9))
+        r = await client.get("/poll", params={"topics": topics, "timeout": "0"})
+        assert r.status_code == 429 and r.json()["code"] == "limit"
+        rooms = (await client.get("/api/rooms")).json()["rooms"]
+        assert not [r for r in rooms if r["name"].startswith("poll")]
+
+
 async def test_host_allow_list(tmp_path: Path) -> None:
     async with (
         demo_server(tmp_path) as server,

@@ -78,6 +78,7 @@ ROOM_RE = re.compile(r"[A-Za-z0-9_-]{1,40}")
 HISTORY = 500  # messages kept per room
 RECENT = 50  # messages shown when a page joins a room
 MAX_ROOMS = 100  # rooms this process serves at once
+MAX_TOPICS = 8  # topics one connection or request holds (a page uses 3: room, dm, notify)
 MAX_TEXT = 2000  # characters per chat message
 MAX_MESSAGE = 16 * 1024  # bytes of one chat message (JSON), checked before parsing
 MAX_DEPTH = 4  # nesting of [] and {} in a chat message, checked before parsing
@@ -376,6 +377,7 @@ class DemoHooks:
 
     demo: Demo
     user: str
+    max_topics = MAX_TOPICS  # so that one page cannot hold many of the MAX_ROOMS rooms
 
     def authorize_subscribe(self, topic: str, params: Any) -> bool:
         kind, _, name = topic.partition(":")
@@ -542,7 +544,7 @@ def chat(user: str, text: str) -> dict[str, Any]:
 def requested_rooms(handler: tornado.web.RequestHandler) -> list[str]:
     """The rooms among an SSE or long-poll request's ``?topics=``."""
     topics = (handler.get_query_argument("topics", "") or "").split(",")
-    return [name for t in topics[: MAX_ROOMS + 1] if (name := room_of(t)) is not None]
+    return [name for t in topics[:MAX_TOPICS] if (name := room_of(t)) is not None]
 
 
 class DemoPoll(DemoHooks, SubscriptionPollHandler):

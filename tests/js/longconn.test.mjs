@@ -618,6 +618,47 @@ describe("Session over long-poll", () => {
   });
 });
 
+describe("Session lifecycle", () => {
+  beforeEach(() => installFakes());
+  afterEach(() => removeFakes());
+
+  test("welcome is reported; switching transport rejects pending requests and resubscribes", async () => {
+    const welcome = recorder();
+    const conn = LongConn.session({ url: "ws://h/ws", sseUrl: "http://h/sse", onWelcome: welcome, ...FAST });
+    const sub = conn.subscribe("a", { cursor: "e-1" });
+    const ws = await FakeWebSocket.nth(0);
+    ws.accept();
+    ws.push({ type: "welcome", v: 1, client: "abc" });
+    assert.deepEqual(welcome.calls[0][0], { v: 1, client: "abc" });
+    ws.push({ type: "subscribed", id: ws.frames("subscribe")[0].id, topic: "a", cursor: "e-1" });
+    ws.push({ topic: "a", cursor: "e-2", data: 2 });
+    const pending = conn.call("x");
+    conn.setTransport("sse");
+    await assert.rejects(pending, { code: "disconnected" });
+    const es = await FakeEventSource.nth(0);
+    assert.equal(es.url.searchParams.get("cursors"), "a=e-2");
+    assert.equal(sub.state, "pending");
+    es.accept();
+    es.event("ready", { cursors: { a: "e-2" } });
+    assert.equal(sub.state, "active");
+    conn.close();
+  });
+
+  test("without topics SSE waits idle, and a stream that never opens still falls back", async () => {
+    const fetcher = installFakes();
+    const conn = LongConn.session({ sseUrl: "http://h/sse", pollUrl: "http://h/poll", fallbackAfter: 1, ...FAST });
+    await new Promise((resolve) => conn.on("status", (s) => s.state === "open" && resolve()));
+    assert.equal(conn.transport, "sse");
+    assert.equal(FakeEventSource.instances.length, 0); // nothing to stream yet
+    conn.subscribe("a");
+    (await FakeEventSource.nth(0)).fail(); // refused before it ever opened
+    const poll = await fetcher.nth(0);
+    assert.equal(conn.transport, "longpoll");
+    assert.equal(poll.url.searchParams.get("topics"), "a");
+    conn.close();
+  });
+});
+
 describe("fallback", () => {
   beforeEach(() => installFakes());
   afterEach(() => removeFakes());

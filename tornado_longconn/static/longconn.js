@@ -275,6 +275,7 @@
     this.transport = name;
     this._status("connecting");
     var opened = false;
+    var idleOnly = false; // opened without carrying anything yet: not proven to work
     var openTimer = setTimeout(function () {
       if (gen === self._gen && !opened) {
         self._closeImpl();
@@ -288,11 +289,15 @@
       opened: function (idle) {
         if (gen !== self._gen || opened) return;
         opened = true;
+        idleOnly = idle === true;
         clearTimeout(openTimer);
-        self._onOpen(idle === true);
+        self._onOpen(idleOnly);
       },
       pin: function () {
-        if (gen === self._gen) self._pinned = true;
+        if (gen !== self._gen) return;
+        idleOnly = false;
+        self._failures = 0;
+        self._pinned = true;
       },
       message: function (raw, cursor) {
         if (gen === self._gen) self._onRaw(raw, cursor);
@@ -308,7 +313,8 @@
         clearTimeout(openTimer);
         self._gen++;
         self._impl = null;
-        self._onClosed(opened, info || {});
+        // A transport that only opened idle and then failed counts as never opened.
+        self._onClosed(opened && !idleOnly, info || {});
       },
     };
     try {
