@@ -15,6 +15,18 @@
  *   });
  *   conn.send({text: "hi"});
  *
+ * Many topics on one connection (the subscriptions protocol v1, SubscriptionMixin and
+ * the multi-topic SSE / long-poll handlers on the server), each resumed from its own
+ * cursor:
+ *
+ *   const session = LongConn.session({url: "/ws", sseUrl: "/sse", pollUrl: "/poll",
+ *                                     publishUrl: "/publish"});
+ *   const room = session.subscribe("room:1", {onMessage(data, cursor, meta) {},
+ *                                             onResync(info) {}});
+ *   await session.publish("room:1", {text: "hi"});     // {topic, cursor}
+ *   const answer = await session.call("rooms.list", {}); // rejects with LongConnError
+ *   await room.unsubscribe();
+ *
  * - Transports: WebSocket -> SSE -> long-poll, chosen automatically (a transport
  *   that fails `fallbackAfter` times without ever opening is skipped), or forced
  *   with `transport: "sse"` etc.

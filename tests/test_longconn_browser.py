@@ -1,12 +1,19 @@
-"""``LongConn.session()`` (longconn.js, subscriptions protocol v1) in Chromium against a real server.
+"""longconn.js in Chromium against a real server: ``LongConn.session()`` and ``LongConn.connect()``.
 
-The server runs in the test's process on 127.0.0.1 (``SubscriptionMixin`` on
-WebSocket, ``SubscriptionSSEHandler``, ``SubscriptionPollHandler`` and
-``SubscriptionPublishHandler`` over one hub) and can be stopped and started
-again on the same port: with the same backend (the page must resume every topic
-from its own cursor: nothing lost, nothing twice) or with a fresh one (a new
-epoch: the page must get a resync notice per topic). Every transport is
-covered: WebSocket, SSE and long-poll, chosen by hand and by fallback.
+The server runs in the test's process on 127.0.0.1 and can be stopped and
+started again on the same port: with the same backend (the page must resume
+from its cursors: nothing lost, nothing twice) or with a fresh one (a new epoch:
+the page must get a resync notice). It serves both client APIs over one hub:
+
+* the subscriptions protocol v1 (``SubscriptionMixin`` on WebSocket,
+  ``SubscriptionSSEHandler``, ``SubscriptionPollHandler``,
+  ``SubscriptionPublishHandler``) for ``LongConn.session()``: three topics on
+  one connection, each resumed from its own cursor;
+* one stream (a group with ``cursor_envelope`` joined in ``open()``,
+  ``SSEHandler``, ``LongPollHandler``) for ``LongConn.connect()``.
+
+Every transport is covered: WebSocket, SSE and long-poll, chosen by hand and by
+fallback.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from tornado_longconn import (
     subscription_group,
 )
 from tornado_longconn.backends import Backend
+from tornado_longconn.broadcast import BroadcastGroup, GapPolicy, cursor_envelope
+from tornado_longconn.longpoll import LongPollHandler
+from tornado_longconn.sse import SSEHandler
 from tornado_longconn.staticfiles import static_url_spec
 from tornado_longconn.subscriptions import SubscriptionError, SubscriptionMixin
 from tornado_longconn.testing import AppServer, _TrackingHTTPServer, scaled
@@ -76,6 +86,21 @@ class Publish(Hooks, SubscriptionPublishHandler):
     pass
 
 
+def stream_group(hub: BroadcastHub) -> BroadcastGroup:
+    """The one topic of the single-stream endpoints (``LongConn.connect()``)."""
+    return hub.group("stream", envelope=cursor_envelope, gap_policy=GapPolicy.NOTICE)
+
+
+class StreamSocket(tornado.websocket.WebSocketHandler):
+    """The single-stream WebSocket: joins the stream from ``?cursor=``."""
+
+    def initialize(self, hub: BroadcastHub) -> None:
+        self.hub = hub
+
+    def open(self) -> None:
+        stream_group(self.hub).join(self, cursor=self.get_query_argument("cursor", None) or None)
+
+
 class Page(tornado.web.RequestHandler):
     def get(self) -> None:
         self.finish(
@@ -104,6 +129,9 @@ class Server(AppServer):
                 (r"/sse", Events, {"hub": hub, "waiter": waiter}),
                 (r"/poll", Poll, {"hub": hub, "waiter": waiter}),
                 (r"/publish", Publish, {"hub": hub}),
+                (r"/stream-ws", StreamSocket, {"hub": hub}),
+                (r"/stream-sse", SSEHandler, {"waiter": waiter, "topic": "stream"}),
+                (r"/stream-poll", LongPollHandler, {"waiter": waiter, "topic": "stream"}),
             ]
         )
 
@@ -389,4 +417,81 @@ async def test_publish_over_http_and_no_call_without_websocket(
     await server.publish("notify", {"n": 2})
     await page.wait_for_function("got.late && got.late.length >= 1 && got['notify'].length >= 1")
     assert await page.evaluate("got['dm:ann'].length") == 1  # nothing replayed twice
+    assert page.errors == []
+
+
+# --------------------------------------------------------------------------- one stream
+
+STREAM = """
+(options) => {
+  window.sgot = [];
+  window.sresyncs = [];
+  window.stream = LongConn.connect(Object.assign({
+    url: "/stream-ws", sseUrl: "/stream-sse", pollUrl: "/stream-poll",
+    backoff: {base: 50, max: 250},
+    onMessage: (data, cursor, meta) => sgot.push({data, cursor, transport: meta.transport}),
+    onResync: (info) => sresyncs.push(info),
+  }, options));
+  return new Promise((resolve) => stream.on("status", (s) => s.state === "open" && resolve(s.transport)));
+}
+"""
+
+
+async def stream_received(page: Any, count: int) -> list[Any]:
+    await page.wait_for_function("n => sgot.length >= n", arg=count)
+    data: list[Any] = await page.evaluate("sgot.map(m => m.data)")
+    return data
+
+
+async def publish_stream(server: Server, label: str, count: int) -> list[Any]:
+    sent = []
+    for i in range(count):
+        data = {"n": f"{label}-{i}"}
+        await stream_group(server.hub).publish(json.dumps(data))
+        sent.append(data)
+    return sent
+
+
+@pytest.mark.parametrize(("options", "script", "transport"), TRANSPORTS)
+async def test_one_stream_resumes_from_its_cursor_after_a_restart(
+    browser: Any, server: Server, options: dict[str, Any], script: str | None, transport: str
+) -> None:
+    page = await open_page(browser, server, script)
+    assert await page.evaluate(STREAM, options) == transport
+    first = await publish_stream(server, "before", 3)
+    assert await stream_received(page, 3) == first
+
+    await server.stop()
+    await page.wait_for_function("stream.state === 'waiting'")
+    away = await publish_stream(server, "away", 3)
+    server.start()
+
+    await page.wait_for_function("stream.state === 'open'")
+    after = await publish_stream(server, "after", 2)
+    expected = first + away + after
+    assert await stream_received(page, len(expected)) == expected
+    assert await page.evaluate("sresyncs") == []
+    assert await page.evaluate("[...new Set(sgot.map(m => m.transport))]") == [transport]
+    assert await page.evaluate("stream.cursor === sgot.at(-1).cursor")
+    assert page.errors == []
+
+
+@pytest.mark.parametrize(("options", "script", "transport"), TRANSPORTS[:3])
+async def test_one_stream_gets_a_resync_notice_on_a_new_epoch(
+    browser: Any, server: Server, options: dict[str, Any], script: str | None, transport: str
+) -> None:
+    page = await open_page(browser, server, script)
+    assert await page.evaluate(STREAM, options) == transport
+    await stream_received(page, len(await publish_stream(server, "old", 2)))
+
+    await server.stop()
+    await page.wait_for_function("stream.state === 'waiting'")
+    await server.swap_backend(MemoryBackend())
+    server.start()
+
+    await page.wait_for_function("sresyncs.length >= 1 && stream.state === 'open'")
+    assert {r["transport"] for r in await page.evaluate("sresyncs")} == {transport}
+    later = await publish_stream(server, "new", 2)
+    got = await stream_received(page, 4)
+    assert got[-2:] == later
     assert page.errors == []
