@@ -542,9 +542,15 @@ def chat(user: str, text: str) -> dict[str, Any]:
 
 
 def requested_rooms(handler: tornado.web.RequestHandler) -> list[str]:
-    """The rooms among an SSE or long-poll request's ``?topics=``."""
+    """The rooms among an SSE or long-poll request's ``?topics=``.
+
+    Empty for a request over the topic limit (the handler refuses it with 429):
+    a refused request makes nobody present anywhere.
+    """
     topics = (handler.get_query_argument("topics", "") or "").split(",")
-    return [name for t in topics[:MAX_TOPICS] if (name := room_of(t)) is not None]
+    if len(topics) > MAX_TOPICS:
+        return []
+    return [name for t in topics if (name := room_of(t)) is not None]
 
 
 class DemoPoll(DemoHooks, SubscriptionPollHandler):
