@@ -369,3 +369,37 @@ async def test_resubscribe_after_a_restart_gets_the_new_epoch_from_its_start() -
         ]
         await a.ws.close()
     await second.close(spread=0)
+
+
+class Revoking(Live):
+    """Ends a subscription from the server side when the client calls ``revoke``."""
+
+    async def on_call(self, method: str, params: Any) -> Any:
+        if method == "revoke":
+            return self.end_subscription(params, "access revoked")
+        return await super().on_call(method, params)
+
+
+async def test_server_ends_a_subscription_and_frame_size_limit(hub: BroadcastHub) -> None:
+    app = tornado.web.Application([(r"/ws", Revoking, {"hub": hub, "max_frame_size": 1000})])
+    async with AppServer(app) as server:
+        a = await connect(server)
+        await a.request("subscribe", topic="room:x")
+        assert (await a.recv())["type"] == "subscribed"
+        await a.request("call", method="revoke", params="room:x")
+        frames = [await a.recv(), await a.recv()]
+        assert {
+            "type": "unsubscribed",
+            "id": None,
+            "topic": "room:x",
+            "reason": "access revoked",
+        } in frames
+        assert {"type": "result", "id": 2, "result": True} in frames
+        await subscription_group(hub, "room:x").publish('"after"')
+        await a.request("publish", topic="room:y", data="x" * 2000)
+        too_large = await a.recv()  # and nothing of room:x before it
+        assert too_large["code"] == "too_large" and too_large["status"] == 413
+        await a.request("call", method="revoke", params="room:x")
+        assert (await a.recv())["result"] is False
+        assert subscription_stats(server.app).protocol_errors == 0
+        await a.ws.close()

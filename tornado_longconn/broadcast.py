@@ -387,6 +387,17 @@ class _Tally:
 _Live = tuple[Encoded, frozenset[WebSocketHandler] | None]
 
 
+class _Resume:
+    """What a resuming member adds: its resume task, the gap met, messages replayed."""
+
+    __slots__ = ("gap", "replayed", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.gap: SinceResult | None = None
+        self.replayed = 0
+
+
 class Membership(MemberSlot[_Live]):
     """One connection's membership of one group, returned by :meth:`BroadcastGroup.join`.
 
@@ -407,13 +418,14 @@ class Membership(MemberSlot[_Live]):
     gap, else None).
     """
 
+    # A member that resumes keeps its resume's task, gap and count in a _Resume made
+    # then: most members never resume, and a membership is the unit of memory of a
+    # subscription (the subscriptions protocol makes one per topic per connection).
     __slots__ = (
         "_dropped_seen",
-        "_task",
-        "gap",
+        "_resume",
         "group",
         "handler",
-        "replayed",
         "writer",
     )
 
@@ -424,10 +436,25 @@ class Membership(MemberSlot[_Live]):
         self.group = group
         self.handler = handler
         self.writer = writer
-        self.replayed = 0
-        self.gap: SinceResult | None = None
         self._dropped_seen = 0
-        self._task: asyncio.Task[None] | None = None
+        self._resume: _Resume | None = None
+
+    @property
+    def replayed(self) -> int:
+        """History messages delivered on resume (0 for a member that joined live)."""
+        resume = self._resume
+        return 0 if resume is None else resume.replayed
+
+    @property
+    def gap(self) -> SinceResult | None:
+        """The history answer when resuming hit a gap, else None."""
+        resume = self._resume
+        return None if resume is None else resume.gap
+
+    @property
+    def _task(self) -> asyncio.Task[None] | None:
+        resume = self._resume
+        return None if resume is None else resume.task
 
     @property
     def active(self) -> bool:
@@ -762,7 +789,8 @@ class BroadcastGroup:
         self._core.add(handler, member, cursor=resume_from)
         self._joined += 1
         if resume_from is not None:
-            member._task = self._spawn(self._resume(member))
+            resume = member._resume = _Resume()
+            resume.task = self._spawn(self._resume(member))
         if not self._subscribed:
             self._sync_subscription()
         return member
@@ -1105,12 +1133,14 @@ class BroadcastGroup:
                 replay = core.history(handler, result, page_size=_RESUME_PAGE)
                 resync = replay.resync
                 if resync is not None:
-                    member.gap = result
+                    assert member._resume is not None
+                    member._resume.gap = result
                     if not self._resync(member, resync.policy, resync.head, resync.reason):
                         return
                 for message in replay.messages:
                     await writer.send(self._encode_incoming(message))
-                    member.replayed += 1
+                    assert member._resume is not None
+                    member._resume.replayed += 1
                     if _left(member):
                         return
                 if replay.more:

@@ -50,7 +50,7 @@ import inspect
 import json
 import logging
 import secrets
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -70,7 +70,14 @@ from ._subproto import (
     topic_envelope,
 )
 from .backpressure import BackpressureWriter
-from .broadcast import BroadcastGroup, BroadcastHub, GapPolicy, Membership
+from .broadcast import (
+    BroadcastGroup,
+    BroadcastHub,
+    GapPolicy,
+    Membership,
+    PublishResult,
+    _members_of,
+)
 from .codes import CloseCode
 from .exceptions import BackendError, BackendUnavailableError
 from .log import Cursor, HistoryLimit
@@ -106,6 +113,9 @@ DEFAULT_MAX_PROTOCOL_ERRORS: Final = 10
 DEFAULT_MAX_FRAME_SIZE: Final = 64 * 1024
 #: Requests of one connection handled at once before the socket is read no more.
 DEFAULT_MAX_INFLIGHT: Final = 64
+
+# History of protocol topics when the hub keeps none (cursors need it).
+_DEFAULT_HISTORY: Final = HistoryLimit()
 
 #: The application setting that holds the :class:`SubscriptionCounters`.
 _SETTING: Final = "longconn_subscriptions"
@@ -217,9 +227,14 @@ def subscription_group(hub: BroadcastHub, topic: str) -> BroadcastGroup:
     already has a group of that name made with other options (a topic served by
     the protocol must be made here, or with the same options).
     """
+    group = hub.get(topic)
+    if group is not None:
+        options = group.options
+        if options.envelope is topic_envelope and options.notice is resync_frame:
+            return group  # made here before: skip resolving the options again
     return hub.group(
         topic,
-        history=hub.history or HistoryLimit(),
+        history=hub.history or _DEFAULT_HISTORY,
         envelope=topic_envelope,
         gap_policy=GapPolicy.NOTICE,
         notice=resync_frame,
@@ -288,8 +303,8 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
     * ``subscription_hub`` -- the :class:`~tornado_longconn.broadcast.BroadcastHub`
       whose groups are the topics (None: the application setting
       ``longconn_hub``, see :meth:`BroadcastHub.of`).
-    * ``max_topics`` (:data:`DEFAULT_MAX_TOPICS`) -- topics held at once; beyond
-      it ``subscribe`` is answered ``limit``.
+    * ``max_topics`` (:data:`DEFAULT_MAX_TOPICS`) -- topics held at once (groups
+      joined by the server count too); beyond it ``subscribe`` is answered ``limit``.
     * ``max_pending_calls`` (:data:`DEFAULT_MAX_PENDING_CALLS`) -- pending calls;
       beyond it ``limit``.
     * ``call_timeout`` (:data:`DEFAULT_CALL_TIMEOUT` seconds) -- then ``timeout``
@@ -320,10 +335,12 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         request: Any,
         **kwargs: Any,
     ) -> None:
-        self._subs: dict[str, Membership] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Subscriptions made through the protocol and still counted in the gauge.
+        self._sub_count = 0
+        # Requests in flight by id (emptied tables are replaced: a burst of
+        # requests must not leave a large table on every idle connection).
+        self._pending: dict[int | str, asyncio.Task[None]] = {}
         self._tails: dict[str, asyncio.Task[None]] = {}
-        self._pending_ids: set[int | str] = set()
         self._calls = 0
         self._protocol_errors = 0
         self._slot: asyncio.Future[None] | None = None
@@ -351,8 +368,8 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
 
     @property
     def subscriptions(self) -> list[str]:
-        """The topics this connection holds now."""
-        return [t for t, m in self._subs.items() if m.active]
+        """The topics this connection holds now (every group it belongs to, in join order)."""
+        return [group.name for group in _members_of(self)]
 
     def _gone(self) -> bool:
         conn = self.ws_connection
@@ -398,8 +415,10 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             options["low_water"] = defaults.low_water
         if defaults.max_queue is not None:
             options["max_queue"] = defaults.max_queue
-        # The connection's one writer: every group it joins writes through it.
+        # The connection's one writer: every group it joins writes through it; and
+        # its close hooks, made once here rather than on the first subscribe.
         BackpressureWriter.of(self, **options)
+        _members_of(self)
         self._send({"type": "welcome", "v": PROTOCOL_VERSION, "client": self.client_id})
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
@@ -422,7 +441,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             return None
         rid = request.id
         assert rid is not None
-        if rid in self._pending_ids:
+        if rid in self._pending:
             self._error(rid, "conflict", "a request with this id is pending", request.topic)
             return None
         if kind == "call":
@@ -435,12 +454,19 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             topic = request.topic
             assert topic is not None
             previous = self._tails.get(topic)
-            task = asyncio.ensure_future(self._topic_request(request, previous))
+            if previous is None:
+                # Nothing pending for this topic: handle it now; only what must wait
+                # (an async hook, a backend round trip) becomes a task.
+                rest = self._start(request)
+                if rest is None:
+                    return None
+                task = asyncio.ensure_future(rest)
+            else:
+                task = asyncio.ensure_future(self._after(previous, request))
             self._tails[topic] = task
-        self._pending_ids.add(rid)
-        self._tasks.add(task)
+        self._pending[rid] = task
         task.add_done_callback(lambda t: self._request_done(t, request))
-        if len(self._tasks) >= self.max_inflight:
+        if len(self._pending) >= self.max_inflight:
             if self._slot is None:
                 self._slot = asyncio.get_running_loop().create_future()
             return self._slot
@@ -458,26 +484,31 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         counters = self.subscription_counters
         if self._sub_counted:
             counters.connections -= 1
-        counters.subscriptions -= len(self._subs)
-        self._subs.clear()
-        for task in list(self._tasks):
+        counters.subscriptions -= self._sub_count
+        self._sub_count = 0
+        for task in list(self._pending.values()):
             task.cancel()
         slot = self._slot
         if slot is not None and not slot.done():
             slot.set_result(None)
 
     def _request_done(self, task: asyncio.Task[None], request: Request) -> None:
-        self._tasks.discard(task)
         assert request.id is not None
-        self._pending_ids.discard(request.id)
+        pending = self._pending
+        if pending.get(request.id) is task:
+            del pending[request.id]
+            if not pending:
+                self._pending = {}
         if request.type == "call":
             self._calls -= 1
         elif request.topic is not None and self._tails.get(request.topic) is task:
             del self._tails[request.topic]
+            if not self._tails:
+                self._tails = {}
         if not task.cancelled() and task.exception() is not None:  # not expected
             log.error("subscriptions request failed", exc_info=task.exception())
         slot = self._slot
-        if slot is not None and len(self._tasks) < self.max_inflight:
+        if slot is not None and len(self._pending) < self.max_inflight:
             self._slot = None
             if not slot.done():
                 slot.set_result(None)
@@ -493,18 +524,56 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
 
     # ------------------------------------------------------------------ requests
 
-    async def _topic_request(self, request: Request, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None and not previous.done():
-            await asyncio.wait((previous,))
+    def _start(self, request: Request) -> Coroutine[Any, Any, None] | None:
+        """Handle a topic request as far as it goes without waiting.
+
+        Returns None when it was answered, else a coroutine that finishes it
+        (the caller runs it as the topic's pending task). Never raises.
+        """
         try:
-            if self._gone():
-                return
-            if request.type == "subscribe":
-                await self._subscribe(request)
-            elif request.type == "unsubscribe":
+            topic = request.topic
+            assert topic is not None
+            kind = request.type
+            if kind == "unsubscribe":
                 self._unsubscribe(request)
+                return None
+            if kind == "subscribe":
+                if self._membership(topic) is not None:
+                    raise SubscriptionError("conflict", "already subscribed")
+                self._check_room()
+                allowed = self.authorize_subscribe(topic, request.params)
             else:
-                await self._publish(request)
+                data = request.data
+                assert data is not None
+                value: Any = data if isinstance(data, bytes) else json.loads(data)
+                allowed = self.authorize_publish(topic, value)
+            if inspect.isawaitable(allowed):
+                return self._guard(request, self._authorized(request, allowed))
+            if not allowed:
+                raise SubscriptionError("forbidden", f"{kind} refused")
+            rest = self._allowed(request)
+            return None if rest is None else self._guard(request, rest)
+        except SubscriptionError as exc:
+            self._fail(request, exc)
+        except Exception:
+            log.exception("%s of %r failed", request.type, request.topic)
+            self._error(request.id, "internal", "internal error", request.topic)
+        return None
+
+    async def _after(self, previous: asyncio.Task[None], request: Request) -> None:
+        """Handle ``request`` once the topic's previous request is done (per-topic order)."""
+        if not previous.done():
+            await asyncio.wait((previous,))
+        if self._gone():
+            return
+        rest = self._start(request)
+        if rest is not None:
+            await rest
+
+    async def _guard(self, request: Request, work: Awaitable[None]) -> None:
+        """Await the rest of a request; answer its failure. Never raises (but cancels)."""
+        try:
+            await work
         except SubscriptionError as exc:
             self._fail(request, exc)
         except asyncio.CancelledError:
@@ -513,45 +582,67 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             log.exception("%s of %r failed", request.type, request.topic)
             self._error(request.id, "internal", "internal error", request.topic)
 
-    async def _authorize(self, allowed: Any, what: str) -> None:
-        if not await _resolve(allowed):
-            raise SubscriptionError("forbidden", f"{what} refused")
-
-    async def _subscribe(self, request: Request) -> None:
-        topic = request.topic
-        assert topic is not None
-        held = self._subs.get(topic)
-        if held is not None and held.active:
-            raise SubscriptionError("conflict", "already subscribed")
-        self._check_room()
-        await self._authorize(self.authorize_subscribe(topic, request.params), "subscribe")
+    async def _authorized(self, request: Request, allowed: Awaitable[Any]) -> None:
+        if not await allowed:
+            raise SubscriptionError("forbidden", f"{request.type} refused")
         if self._gone():
             return
+        if request.type == "subscribe":
+            self._check_room()  # others may have been subscribed meanwhile
+        rest = self._allowed(request)
+        if rest is not None:
+            await rest
+
+    def _allowed(self, request: Request) -> Coroutine[Any, Any, None] | None:
+        """Carry out an authorized subscribe or publish; a coroutine when it must wait."""
+        topic = request.topic
+        assert topic is not None
         group = self.subscription_group(topic)
+        if request.type == "publish":
+            data = request.data
+            assert data is not None
+            if hasattr(group.backend, "publish_nowait"):
+                self._published(request, group.publish_nowait(data))
+                return None
+            return self._publish(request, group, data)
         cursor = request.cursor
-        head: Cursor | None = None
-        start = cursor
         if group.history is None:
             if cursor is not None:
                 raise SubscriptionError("bad_request", "this topic keeps no history")
-        else:
-            head = _head_nowait(group, topic)
-            if head is None:
-                # The head needs a round trip: join from it, so that what is published
-                # meanwhile is replayed (the group's seam), not missed.
-                try:
-                    head = await group.backend.head(topic)
-                except BackendError as exc:
-                    raise SubscriptionError("unavailable", "backend unavailable") from exc
-                if self._gone():
-                    return
-                self._check_room()
-                if start is None:
-                    start = head
+            self._join(request, group, None, None)
+            return None
+        head = _head_nowait(group, topic)
+        if head is None:
+            return self._join_remote(request, group)
+        self._join(request, group, cursor, head)
+        return None
+
+    async def _join_remote(self, request: Request, group: BroadcastGroup) -> None:
+        topic = request.topic
+        assert topic is not None
+        try:
+            head = await group.backend.head(topic)
+        except BackendError as exc:
+            raise SubscriptionError("unavailable", "backend unavailable") from exc
+        if self._gone():
+            return
+        self._check_room()
+        # The head needed a round trip: join from it, so that what was published
+        # meanwhile is replayed (the group's seam), not missed.
+        cursor = request.cursor
+        self._join(request, group, head if cursor is None else cursor, head)
+
+    def _join(
+        self,
+        request: Request,
+        group: BroadcastGroup,
+        start: Cursor | None,
+        head: Cursor | None,
+    ) -> None:
         member = group.join(self, cursor=start)
         if not member.active:
             return  # the connection or the group closed meanwhile
-        self._subs[group.name] = member
+        self._sub_count += 1
         counters = self.subscription_counters
         counters.subscriptions += 1
         counters.subscribed += 1
@@ -560,32 +651,38 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             {
                 "type": "subscribed",
                 "id": request.id,
-                "topic": topic,
+                "topic": request.topic,
                 "cursor": None if head is None else str(head),
             }
         )
 
     def _check_room(self) -> None:
-        subs = self._subs
-        if len(subs) >= self.max_topics:
-            for name in [t for t, m in subs.items() if not m.active]:
-                del subs[name]
-                self.subscription_counters.subscriptions -= 1
-            if len(subs) >= self.max_topics:
-                raise SubscriptionError("limit", f"more than {self.max_topics} topics")
+        if len(_members_of(self)) >= self.max_topics:
+            raise SubscriptionError("limit", f"more than {self.max_topics} topics")
+
+    def _membership(self, topic: str) -> Membership | None:
+        """This connection's live membership of the group named ``topic``, or None."""
+        for group in _members_of(self):
+            if group.name == topic:
+                member = group.membership(self)
+                if member is not None and member.active:
+                    return member
+        return None
+
+    def _drop(self, topic: str) -> Membership | None:
+        member = self._membership(topic)
+        if member is not None:
+            member.leave()
+            self._sub_count = max(0, self._sub_count - 1)
+            self.subscription_counters.subscriptions -= 1
+        return member
 
     def _unsubscribe(self, request: Request) -> None:
         topic = request.topic
         assert topic is not None
-        member = self._subs.pop(topic, None)
-        if member is None:
+        if self._drop(topic) is None:
             raise SubscriptionError("not_found", "not subscribed")
-        counters = self.subscription_counters
-        counters.subscriptions -= 1
-        if not member.active:
-            raise SubscriptionError("not_found", "not subscribed")
-        member.leave()
-        counters.unsubscribed += 1
+        self.subscription_counters.unsubscribed += 1
         self._send({"type": "unsubscribed", "id": request.id, "topic": topic})
 
     def end_subscription(self, topic: str, reason: str = "ended by the server") -> bool:
@@ -594,34 +691,26 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         The client is sent ``{"type":"unsubscribed","id":null,"topic":...,"reason":...}``.
         Returns False when the connection did not hold ``topic``.
         """
-        member = self._subs.pop(topic, None)
-        if member is None:
+        if self._drop(topic) is None:
             return False
-        self.subscription_counters.subscriptions -= 1
-        if not member.active:
-            return False
-        member.leave()
         self._send({"type": "unsubscribed", "id": None, "topic": topic, "reason": reason})
         return True
 
-    async def _publish(self, request: Request) -> None:
-        topic = request.topic
-        data = request.data
-        assert topic is not None and data is not None
-        value: Any = data if isinstance(data, bytes) else json.loads(data)
-        await self._authorize(self.authorize_publish(topic, value), "publish")
-        group = self.subscription_group(topic)
+    async def _publish(self, request: Request, group: BroadcastGroup, data: str | bytes) -> None:
         try:
             result = await group.publish(data)
         except BackendUnavailableError as exc:
             raise SubscriptionError("unavailable", "backend unavailable") from exc
+        self._published(request, result)
+
+    def _published(self, request: Request, result: PublishResult) -> None:
         self.subscription_counters.published += 1
         cursor = result.cursor
         self._send(
             {
                 "type": "published",
                 "id": request.id,
-                "topic": topic,
+                "topic": request.topic,
                 "cursor": None if cursor is None else str(cursor),
             }
         )
