@@ -88,6 +88,7 @@ const lobby: Subscription<ChatMessage> = conn.subscribe<ChatMessage>("room:lobby
 const dms = conn.subscribe<ChatMessage>("dm:ann", {
   onMessage: (msg, cursor) => console.log("dm from", msg.user, cursor),
 });
+const alerts = conn.subscribe<Notification>("alerts", (n, cursor) => console.log(n.text, cursor));
 const notes = conn.subscribe<Notification>("notify:ann");
 notes.on("message", (n: Notification, _cursor: Cursor | null, meta: TopicMessageMeta) => {
   console.log(meta.binary ? "binary" : n.kind, n.text);
@@ -129,6 +130,7 @@ async function main(): Promise<void> {
   conn.setTransport("longpoll");
   conn.reconnect();
   void files;
+  await alerts.unsubscribe();
   conn.close();
 }
 

@@ -427,6 +427,17 @@ describe("Session over WebSocket", () => {
     assert.deepEqual(conn.subscriptions(), []);
   });
 
+  test("a function is the message handler", async () => {
+    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    const got = recorder();
+    conn.subscribe("t", got);
+    const ws = await FakeWebSocket.nth(0);
+    ws.accept();
+    ws.push({ type: "subscribed", id: ws.frames("subscribe")[0].id, topic: "t", cursor: "e-1" });
+    ws.push({ topic: "t", cursor: "e-2", data: "x" });
+    assert.deepEqual(got.calls.map((c) => c[0]), ["x"]);
+  });
+
   test("pings are answered; unknown frame types are ignored", async () => {
     conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const ws = await FakeWebSocket.nth(0);

@@ -328,7 +328,7 @@ export class Session {
    * Subscribe to `topic`. Throws a LongConnError: "bad_request" (bad topic or cursor),
    * "conflict" (already subscribed), "closed" (the session is closed).
    */
-  subscribe<T = any>(topic: string, options?: SubscribeOptions<T>): Subscription<T>;
+  subscribe<T = any>(topic: string, options?: SubscribeOptions<T> | MessageHandler<T>): Subscription<T>;
   /** Stop receiving a topic; never rejects. */
   unsubscribe(topic: string | Subscription<any>): Promise<void>;
   /** The subscriptions held now. */

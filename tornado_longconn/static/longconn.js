@@ -1086,13 +1086,14 @@
   Session.prototype.constructor = Session;
 
   /**
-   * Subscribe to `topic`. Options: cursor (resume after it; default: from now), params
+   * Subscribe to `topic`. `options` is a message handler, or: cursor (resume after it; default: from now), params
    * (sent with the WebSocket subscribe frame), onMessage(data, cursor, meta),
    * onResync({topic, cursor, reason, transport}), onError(error), onUnsubscribed(info).
    * Returns a Subscription at once; throws a LongConnError for a bad topic or cursor
    * ("bad_request"), a topic already subscribed ("conflict") or a closed session.
    */
   Session.prototype.subscribe = function (topic, options) {
+    if (typeof options === "function") options = { onMessage: options };
     options = options || {};
     if (this.state === "closed") throw new LongConnError("LongConn: the session is closed", "closed", null);
     if (!validTopic(topic)) {
