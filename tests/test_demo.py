@@ -1054,12 +1054,17 @@ def _depth(value: Any) -> int:
     return 0
 
 
+def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    # A named function: Hypothesis checks that `extend` uses its argument by reading
+    # its source, which it cannot do for a lambda spread over several lines.
+    return st.lists(children, max_size=3) | st.dictionaries(
+        st.text(alphabet='k"\\[{', max_size=3), children, max_size=3
+    )
+
+
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(alphabet='ab"\\[]{}\u00e9 '),
-    lambda children: (
-        st.lists(children, max_size=3)
-        | st.dictionaries(st.text(alphabet='k"\\[{', max_size=3), children, max_size=3)
-    ),
+    _containers,
     max_leaves=20,
 )
 
