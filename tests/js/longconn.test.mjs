@@ -1,5 +1,5 @@
 // Unit tests of longconn.js's pure logic and of its Session (the subscriptions
-// protocol v1) against fake transports. Run: node --test tests/js/
+// protocol v1) against fake transports. Run: node --test tests/js/*.test.mjs (npm test)
 import { test, describe, beforeEach, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import { createRequire } from "node:module";
