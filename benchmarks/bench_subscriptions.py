@@ -117,13 +117,17 @@ class Bench:
         if len(self.errors) < 20:
             self.errors.append(message)
 
-    async def wait(self, what: Callable[[], bool], timeout: float) -> None:
+    async def wait(self, what: Callable[[], bool], timeout: float, phase: str = "") -> None:
         deadline = time.monotonic() + timeout
         while not what():
             self.changed.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RuntimeError(f"timed out; errors: {self.errors[:5]}")
+                raise RuntimeError(
+                    f"timed out {phase} (opened {self.opened}, subscribed {self.subscribed}, "
+                    f"complete {self.complete}, delivered {self.delivered}); "
+                    f"errors: {self.errors[:5]}"
+                )
             try:
                 await asyncio.wait_for(self.changed.wait(), min(remaining, 1.0))
             except asyncio.TimeoutError:
@@ -329,18 +333,19 @@ async def fanout(variant: str, connections: int, topics: int, count: int) -> Res
     path = "/socket.io/?EIO=4&transport=websocket" if sio else "/ws"
     bench = Bench()
     subs = [Subscriber(topics_of(i, topics), count) for i in range(connections)]
-    timeout = 60 + connections / 50 + connections * count / 2000
+    # Generous: the peer needs about 1 ms per handshake and per delivery on this machine.
+    timeout = 120 + connections / 10 + connections * PER_CONNECTION * count / 1000
     with ServerProcess(server_command(script)) as server:
         # The topics exist before the baseline (ours: their groups; a topic's cost is
         # not a subscription's): a publish of zero rounds makes them.
         await asyncio.to_thread(post, server.port, f"/publish?topics={topics}&count=0&size={SIZE}")
         base = request_report(server, "RSS")
         conns = await open_all(bench, subs, server.port, path, sio)
-        await bench.wait(lambda: bench.opened == connections, timeout)
+        await bench.wait(lambda: bench.opened == connections, timeout, "opening")
         opened = request_report(server, "RSS")
         for conn in conns:
             conn.subscribe()
-        await bench.wait(lambda: bench.subscribed == connections, timeout)
+        await bench.wait(lambda: bench.subscribed == connections, timeout, "subscribing")
         subscribed = request_report(server, "RSS")
         server.mark()
         publish = asyncio.ensure_future(
@@ -348,9 +353,11 @@ async def fanout(variant: str, connections: int, topics: int, count: int) -> Res
                 post, server.port, f"/publish?topics={topics}&count={count}&size={SIZE}"
             )
         )
-        await bench.wait(lambda: bench.complete == connections or publish.done(), timeout)
+        await bench.wait(
+            lambda: bench.complete == connections or publish.done(), timeout, "delivering"
+        )
         await publish
-        await bench.wait(lambda: bench.complete == connections, timeout)
+        await bench.wait(lambda: bench.complete == connections, timeout, "delivering")
         m = server.measure()
         for conn in conns:
             conn.transport.abort()
@@ -480,7 +487,7 @@ def table(results: list[Result]) -> str:
         for r in storms:
             rows.append(
                 f"| {r.scenario} | {'yes' if r.ok else 'NO'} | {r.seconds:.2f} | "
-                f"{r.messages:,} | {r.extra['lost']} | {r.extra['duplicates']} |"
+                f"{r.messages:,} | {r.extra.get('lost', '-')} | {r.extra.get('duplicates', '-')} |"
             )
     return "\n".join(rows)
 
@@ -488,7 +495,7 @@ def table(results: list[Result]) -> str:
 async def run(args: argparse.Namespace) -> list[Result]:
     results: list[Result] = []
     for _ in range(args.repeat):
-        for variant in args.variants.split(","):
+        for variant in filter(None, args.variants.split(",")):
             try:
                 result = await fanout(variant, args.connections, args.topics, args.count)
             except RuntimeError as exc:
@@ -521,7 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topics", type=int, default=1000)
     p.add_argument("--count", type=int, default=100, help="rounds (messages per topic)")
     p.add_argument("--no-storm", action="store_true", help="skip the Redis storm")
-    p.add_argument("--variants", default="ours,socketio", help="fan-out variants to run")
+    p.add_argument(
+        "--variants", default="ours,socketio", help="fan-out variants to run ('' for none)"
+    )
     args = bench_args(p.description or "", argv, repeat=1, parser=p)
     if args.tiny:
         args.connections, args.topics, args.count = 60, 20, 5

@@ -14,7 +14,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from tests.helpers import wait_until
-from tornado_longconn import BroadcastHub, CloseCode, MemoryBackend
+from tornado_longconn import BroadcastHub, CloseCode, HeartbeatMixin, MemoryBackend
 from tornado_longconn._subproto import binary_frame, parse_binary_frame
 from tornado_longconn.subscriptions import (
     SubscriptionError,
@@ -401,5 +401,25 @@ async def test_server_ends_a_subscription_and_frame_size_limit(hub: BroadcastHub
         assert too_large["code"] == "too_large" and too_large["status"] == 413
         await a.request("call", method="revoke", params="room:x")
         assert (await a.recv())["result"] is False
+        assert subscription_stats(server.app).protocol_errors == 0
+        await a.ws.close()
+
+
+class Beating(HeartbeatMixin, Live):
+    """The protocol with application-level heartbeats (``{"type":"ping"}`` / ``pong``)."""
+
+    heartbeat_mode = "application"
+    heartbeat_interval = 0.05
+
+
+async def test_application_heartbeats_are_the_protocols_ping_and_pong(hub: BroadcastHub) -> None:
+    app = tornado.web.Application([(r"/ws", Beating, {"hub": hub})])
+    async with AppServer(app) as server:
+        a = await connect(server)
+        assert await a.until("ping") == {"type": "ping"}
+        await a.send({"type": "pong"})  # swallowed by the heartbeat: no reply
+        await a.request("call", method="echo", params=1)
+        reply = await a.until("result")
+        assert reply["id"] == 1 and reply["result"]["params"] == 1
         assert subscription_stats(server.app).protocol_errors == 0
         await a.ws.close()

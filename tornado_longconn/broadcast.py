@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -645,6 +646,8 @@ class BroadcastGroup:
         self._close_code = int(CloseCode.GOING_AWAY)
         self._close_reason = "going away"
         self._tasks: set[asyncio.Task[Any]] = set()
+        # History reads in flight, shared by members resuming from the same position.
+        self._reads: dict[Cursor | None, asyncio.Future[SinceResult]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         # Backend subscription: wanted while the group has members and is open.
         self._subscribed = False
@@ -733,6 +736,39 @@ class BroadcastGroup:
     def close_spread(self) -> float:
         """Seconds over which :meth:`close` spreads its batches."""
         return self.options.close_spread
+
+    async def head(self) -> Cursor | None:
+        """The topic's current cursor (None when the group keeps no history).
+
+        Concurrent calls, and members resuming at the same time, share one backend
+        read. Raises the backend's :class:`~tornado_longconn.exceptions.BackendError`.
+        """
+        if self.history is None:
+            return None
+        return (await self._read(None)).cursor
+
+    def _read(self, position: Cursor | None) -> asyncio.Future[SinceResult]:
+        """``backend.since(position)``, one read in flight per position (single-flight).
+
+        Sharing is safe for a member that joined while the read was in flight: the
+        core checks the seam between history and the live messages it buffered, and
+        reads again when a message is missing between them.
+        """
+        reads = self._reads
+        read = reads.get(position)
+        if read is None:
+            read = asyncio.ensure_future(
+                self.backend.since(self.name, position, limit=_RESUME_PAGE)
+            )
+            reads[position] = read
+            read.add_done_callback(functools.partial(self._read_done, position))
+        return asyncio.shield(read)
+
+    def _read_done(self, position: Cursor | None, read: asyncio.Future[SinceResult]) -> None:
+        if self._reads.get(position) is read:
+            del self._reads[position]
+        if not read.cancelled():
+            read.exception()  # retrieved here: every reader may have been cancelled
 
     def membership(self, handler: WebSocketHandler) -> Membership | None:
         """``handler``'s :class:`Membership` of this group, or None."""
@@ -1127,7 +1163,7 @@ class BroadcastGroup:
             while True:
                 position = member.position
                 assert position is not None
-                result = await self.backend.since(self.name, position, limit=_RESUME_PAGE)
+                result = await self._read(position)
                 if _left(member):
                     return
                 replay = core.history(handler, result, page_size=_RESUME_PAGE)

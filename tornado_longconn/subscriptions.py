@@ -621,7 +621,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         topic = request.topic
         assert topic is not None
         try:
-            head = await group.backend.head(topic)
+            head = await group.head()  # one read per topic for concurrent subscribes
         except BackendError as exc:
             raise SubscriptionError("unavailable", "backend unavailable") from exc
         if self._gone():
