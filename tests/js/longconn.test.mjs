@@ -427,6 +427,22 @@ describe("Session over WebSocket", () => {
     assert.deepEqual(conn.subscriptions(), []);
   });
 
+  test("the answer to a subscription given up before it came is dropped quietly", async () => {
+    const onError = recorder();
+    conn = LongConn.session({ url: "ws://h/ws", onError, ...FAST });
+    const ws = await FakeWebSocket.nth(0);
+    ws.accept();
+    const sub = conn.subscribe("secret");
+    const [f] = ws.frames("subscribe");
+    const done = sub.unsubscribe();
+    ws.push({ type: "error", id: f.id, code: "forbidden", status: 403, reason: "no", topic: "secret" });
+    const [u] = ws.frames("unsubscribe");
+    ws.push({ type: "error", id: u.id, code: "not_found", status: 404, reason: "not subscribed" });
+    await done;
+    assert.deepEqual(onError.calls, []);
+    await assert.rejects(sub.ready, { code: "closed" });
+  });
+
   test("a function is the message handler", async () => {
     conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const got = recorder();

@@ -1124,7 +1124,8 @@
     this._subs.delete(sub.topic);
     sub._end(new LongConnError("LongConn: unsubscribed from " + sub.topic, "closed", null, { topic: sub.topic }));
     for (var id in this._subReqs) {
-      if (this._subReqs[id] === sub) delete this._subReqs[id];
+      // Its answer still comes (before "unsubscribed"): recognised, then dropped.
+      if (this._subReqs[id] === sub) this._subReqs[id] = null;
     }
     if (this._wsReady) {
       var req = this._pending.add("unsubscribe", this.options.requestTimeout);
@@ -1420,6 +1421,10 @@
     var err = errorFromFrame(f);
     if (f.id !== null && f.id !== undefined) {
       var sub = this._subReqs[f.id];
+      if (sub === null) {
+        delete this._subReqs[f.id]; // a subscription given up before its answer
+        return;
+      }
       if (sub) {
         delete this._subReqs[f.id];
         err.topic = sub.topic;
