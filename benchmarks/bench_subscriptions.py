@@ -35,6 +35,7 @@ import http.client
 import json
 import os
 import secrets
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -508,7 +509,11 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 f"{result.error[:200]}",
                 flush=True,
             )
-    if not args.no_storm:
+    if not args.no_storm and not (
+        shutil.which("redis-server") or os.path.exists("/usr/bin/redis-server")
+    ):
+        print("storm: skipped (no redis-server on this machine)", flush=True)
+    elif not args.no_storm:
         try:
             result = await storm(args.connections, args.topics, args.count)
         except RuntimeError as exc:
