@@ -34,6 +34,7 @@ import base64
 import http.client
 import json
 import os
+import random
 import secrets
 import shutil
 import sys
@@ -87,7 +88,16 @@ def _frame(opcode: int, payload: bytes) -> bytes:
 class Subscriber:
     """One client's state across reconnects: per topic the next sequence and cursor."""
 
-    __slots__ = ("cursors", "done", "errors", "expected", "next", "received", "resyncs")
+    __slots__ = (
+        "cursors",
+        "done",
+        "errors",
+        "expected",
+        "next",
+        "received",
+        "resyncs",
+        "subscribed",
+    )
 
     def __init__(self, topics: list[str], expected: int) -> None:
         self.next = dict.fromkeys(topics, 0)
@@ -97,6 +107,7 @@ class Subscriber:
         self.errors = 0
         self.resyncs = 0
         self.done = False
+        self.subscribed = False  # counted once in Bench.subscribed, across reconnects
 
 
 class Bench:
@@ -111,6 +122,12 @@ class Bench:
         self.opened = 0
         self.subscribed = 0
         self.complete = 0
+        self.retries = 0  # subscribes sent again after an `unavailable` answer
+        self.reconnects = 0  # connections the server closed before they had everything
+        # (port, path) to reconnect to when the server closes a connection early (1011
+        # after a backend error): what a real client does; None: no reconnecting.
+        self.reconnect: tuple[int, str] | None = None
+        self.conns: list[Conn] = []  # every connection made (to abort them at the end)
         self.changed = asyncio.Event()
         self.errors: list[str] = []
 
@@ -149,10 +166,12 @@ class Conn(asyncio.Protocol):
         self.handshake = True
         self.key = base64.b64encode(secrets.token_bytes(16))
         self.acks = 0
+        self.auto_subscribe = False
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.bench.conns.append(self)
         self.transport.write(
             (
                 f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
@@ -164,6 +183,12 @@ class Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
+        bench = self.bench
+        if bench.reconnect is not None and not self.sub.done and not self.sio:
+            bench.reconnects += 1
+            port, path = bench.reconnect
+            loop = asyncio.get_running_loop()
+            loop.call_later(random.uniform(0.1, 0.5), _reopen, bench, self.sub, port, path)
 
     def send_text(self, data: str) -> None:
         self.transport.write(_frame(1, data.encode()))
@@ -182,6 +207,15 @@ class Conn(asyncio.Protocol):
                 request["cursor"] = cursor
             frames.append(_frame(1, json.dumps(request).encode()))
         self.transport.write(b"".join(frames))
+
+    def resubscribe(self, topic: str, rid: Any) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        request: dict[str, Any] = {"type": "subscribe", "id": rid, "topic": topic}
+        cursor = self.sub.cursors.get(topic)
+        if cursor is not None:
+            request["cursor"] = cursor
+        self.transport.write(_frame(1, json.dumps(request).encode()))
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
@@ -254,12 +288,23 @@ class Conn(asyncio.Protocol):
         if kind == "welcome":
             self.bench.opened += 1
             self.bench.changed.set()
+            if self.auto_subscribe:
+                self.subscribe()
         elif kind == "subscribed":
             self.sub.cursors.setdefault(frame["topic"], frame["cursor"])
             self.acks += 1
-            if self.acks == len(self.sub.next):
+            if self.acks == len(self.sub.next) and not self.sub.subscribed:
+                self.sub.subscribed = True
                 self.bench.subscribed += 1
                 self.bench.changed.set()
+        elif kind == "error" and frame.get("code") in ("unavailable", "conflict"):
+            # 503: the backend could not answer now (409: the earlier attempt with this
+            # id is still pending); a client subscribes again a little later (jittered).
+            self.bench.retries += 1
+            loop = asyncio.get_running_loop()
+            loop.call_later(
+                random.uniform(0.05, 0.3), self.resubscribe, frame["topic"], frame["id"]
+            )
         elif kind == "resync":
             self.sub.resyncs += 1
             self.bench.lost += 1
@@ -298,18 +343,41 @@ class Conn(asyncio.Protocol):
             bench.changed.set()
 
 
+def _reopen(bench: Bench, sub: Subscriber, port: int, path: str) -> None:
+    """Connect again and resubscribe with the cursors (a client after an early close)."""
+
+    def made() -> Conn:
+        conn = Conn(bench, sub, path, port, False)
+        conn.auto_subscribe = True
+        return conn
+
+    task = asyncio.ensure_future(
+        asyncio.get_running_loop().create_connection(made, "127.0.0.1", port)
+    )
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
 async def open_all(
-    bench: Bench, subs: list[Subscriber], port: int, path: str, sio: bool
+    bench: Bench,
+    subs: list[Subscriber],
+    port: int,
+    path: str,
+    sio: bool,
+    *,
+    auto_subscribe: bool = False,
 ) -> list[Conn]:
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(200)
     conns: list[Conn] = []
 
+    def made(sub: Subscriber) -> Conn:
+        conn = Conn(bench, sub, path, port, sio)
+        conn.auto_subscribe = auto_subscribe
+        return conn
+
     async def one(sub: Subscriber) -> None:
         async with gate:
-            _, conn = await loop.create_connection(
-                lambda: Conn(bench, sub, path, port, sio), "127.0.0.1", port
-            )
+            _, conn = await loop.create_connection(lambda: made(sub), "127.0.0.1", port)
             conns.append(conn)
 
     await asyncio.gather(*(one(s) for s in subs))
@@ -397,15 +465,18 @@ async def storm(connections: int, topics: int, count: int) -> Result:
     timeout = 120 + connections / 20 + connections * count / 1000
     try:
         with ServerProcess(cmd) as server:
+            bench.reconnect = (server.port, "/ws")
             conns = await open_all(bench, subs, server.port, "/ws", False)
-            await bench.wait(lambda: bench.opened == connections, timeout)
+            await bench.wait(lambda: bench.opened >= connections, timeout, "opening")
             for conn in conns:
                 conn.subscribe()
-            await bench.wait(lambda: bench.subscribed == connections, timeout)
+            await bench.wait(lambda: bench.subscribed == connections, timeout, "subscribing")
             await asyncio.to_thread(
                 post, server.port, f"/publish?topics={topics}&count={count}&size={SIZE}"
             )
-            await bench.wait(lambda: bench.complete == connections, timeout)
+            await bench.wait(lambda: bench.complete == connections, timeout, "delivering")
+            bench.reconnect = None
+            conns = list(bench.conns)
         # The server is gone: every client is disconnected; messages keep coming.
         await asyncio.gather(*(c.closed for c in conns))
         backend = RedisBackend(url, prefix=prefix)
@@ -417,14 +488,16 @@ async def storm(connections: int, topics: int, count: int) -> Result:
         await backend.close()
         for sub in subs:
             sub.expected = 3 * count
-            sub.done = False
+            sub.done = sub.subscribed = False
         bench.complete = bench.opened = bench.subscribed = 0
+        bench.conns.clear()
         with ServerProcess(cmd) as server:
             t0 = time.perf_counter()
             server.mark()
-            conns = await open_all(bench, subs, server.port, "/ws", False)
-            for conn in conns:
-                conn.subscribe()  # with each topic's last cursor: a storm of resumes
+            bench.reconnect = (server.port, "/ws")
+            # Every client connects and, on welcome, subscribes with each topic's last
+            # cursor: a storm of resumes.
+            await open_all(bench, subs, server.port, "/ws", False, auto_subscribe=True)
             live = asyncio.ensure_future(
                 asyncio.to_thread(
                     post,
@@ -432,11 +505,12 @@ async def storm(connections: int, topics: int, count: int) -> Result:
                     f"/publish?topics={topics}&count={count}&size={SIZE}&start={2 * count}",
                 )
             )
-            await bench.wait(lambda: bench.complete == connections, timeout)
+            await bench.wait(lambda: bench.complete == connections, timeout, "resuming")
             elapsed = time.perf_counter() - t0
             await live
             m = server.measure()
-            for conn in conns:
+            bench.reconnect = None
+            for conn in bench.conns:
                 conn.transport.abort()
     finally:
         redis_proc.terminate()
@@ -458,6 +532,8 @@ async def storm(connections: int, topics: int, count: int) -> Result:
             "lost": bench.lost,
             "duplicates": bench.duplicates,
             "replayed_per_client": PER_CONNECTION * count,
+            "retries": bench.retries,
+            "reconnects": bench.reconnects,
         },
     )
 
@@ -482,13 +558,15 @@ def table(results: list[Result]) -> str:
     if storms:
         rows += [
             "",
-            "| scenario | ok | resubscribe storm, s | messages delivered | lost | duplicated |",
-            "|---|---|---:|---:|---:|---:|",
+            "| scenario | ok | resubscribe storm, s | messages delivered | lost | duplicated "
+            "| subscribes retried after 503 | reconnects after an early close |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in storms:
             rows.append(
                 f"| {r.scenario} | {'yes' if r.ok else 'NO'} | {r.seconds:.2f} | "
-                f"{r.messages:,} | {r.extra.get('lost', '-')} | {r.extra.get('duplicates', '-')} |"
+                f"{r.messages:,} | {r.extra.get('lost', '-')} | {r.extra.get('duplicates', '-')} | "
+                f"{r.extra.get('retries', '-')} | {r.extra.get('reconnects', '-')} |"
             )
     return "\n".join(rows)
 
@@ -521,7 +599,9 @@ async def run(args: argparse.Namespace) -> list[Result]:
         results.append(result)
         print(
             f"storm: ok={result.ok} {result.seconds:.2f} s lost={result.extra.get('lost')} "
-            f"dup={result.extra.get('duplicates')} {result.error[:200]}",
+            f"dup={result.extra.get('duplicates')} retries={result.extra.get('retries')} "
+            f"reconnects={result.extra.get('reconnects')} "
+            f"{result.error[:200]}",
             flush=True,
         )
     return results

@@ -646,8 +646,9 @@ class BroadcastGroup:
         self._close_code = int(CloseCode.GOING_AWAY)
         self._close_reason = "going away"
         self._tasks: set[asyncio.Task[Any]] = set()
-        # History reads in flight, shared by members resuming from the same position.
-        self._reads: dict[Cursor | None, asyncio.Future[SinceResult]] = {}
+        # History reads in flight, shared by members resuming from the same position,
+        # with the count of messages received when each was sent.
+        self._reads: dict[Cursor | None, tuple[int, asyncio.Future[SinceResult]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         # Backend subscription: wanted while the group has members and is open.
         self._subscribed = False
@@ -748,24 +749,28 @@ class BroadcastGroup:
         return (await self._read(None)).cursor
 
     def _read(self, position: Cursor | None) -> asyncio.Future[SinceResult]:
-        """``backend.since(position)``, one read in flight per position (single-flight).
+        """``backend.since(position)``, shared by concurrent readers (single-flight).
 
-        Sharing is safe for a member that joined while the read was in flight: the
-        core checks the seam between history and the live messages it buffered, and
-        reads again when a message is missing between them.
+        A read in flight is joined only if the group has received no message since
+        it was sent: a message delivered before the joining member's buffer existed
+        may be missing from that read, while one delivered later is in the member's
+        buffer, where the core checks the seam (and reads again when a message is
+        missing). A head read (``position`` None) is always shared: a member joins
+        from the head it was told and replays everything after it.
         """
         reads = self._reads
-        read = reads.get(position)
-        if read is None:
+        entry = reads.get(position)
+        if entry is None or (position is not None and entry[0] != self._received):
             read = asyncio.ensure_future(
                 self.backend.since(self.name, position, limit=_RESUME_PAGE)
             )
-            reads[position] = read
+            entry = reads[position] = (self._received, read)
             read.add_done_callback(functools.partial(self._read_done, position))
-        return asyncio.shield(read)
+        return asyncio.shield(entry[1])
 
     def _read_done(self, position: Cursor | None, read: asyncio.Future[SinceResult]) -> None:
-        if self._reads.get(position) is read:
+        entry = self._reads.get(position)
+        if entry is not None and entry[1] is read:
             del self._reads[position]
         if not read.cancelled():
             read.exception()  # retrieved here: every reader may have been cancelled

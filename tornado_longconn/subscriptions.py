@@ -623,6 +623,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         try:
             head = await group.head()  # one read per topic for concurrent subscribes
         except BackendError as exc:
+            log.warning("subscribe to %r: backend unavailable: %r", topic, exc)
             raise SubscriptionError("unavailable", "backend unavailable") from exc
         if self._gone():
             return

@@ -6,7 +6,8 @@ The benchmark triggers the publishing with ``POST /publish?topics=T&count=N&size
 ``N`` rounds, each publishing one message to every topic ``t0`` ... ``t<T-1>``
 (a JSON string ``"<topic> <seq:016x> <pad>"`` of ``S`` characters, built by
 :func:`benchmarks.servers.subs_socketio.text`), one event-loop iteration per
-round; the answer comes when the last round was published. The report route
+round; the answer comes when the last round was published. On Redis the command
+pool's connections are opened before the port is announced. The report route
 ``POST /report?kind=RSS`` emits ``RSS`` (after a garbage collection) and
 ``STATS`` the hub's counters.
 """
@@ -17,12 +18,15 @@ import argparse
 import asyncio
 import gc
 import json
+import socket
 from typing import Any
 
+import tornado.httpserver
+import tornado.netutil
 import tornado.web
 import tornado.websocket
 
-from benchmarks.harness import query_int, report_route, serve_tornado
+from benchmarks.harness import query_int, report_route, serve_until_sigterm
 from benchmarks.servers.subs_socketio import rss, text
 from tornado_longconn import BroadcastHub, SubscriptionMixin, stats_dict, subscription_group
 from tornado_longconn.backends import backend_from_url
@@ -87,7 +91,19 @@ def main() -> None:
             report_route(RSS=measured_rss, STATS=lambda: stats_dict(hub.stats())),
         ]
     )
-    serve_tornado(app)
+
+    async def start() -> int:
+        if args.redis:
+            # Open the command pool's connections before clients come, as a service
+            # does at start: under a storm of handshakes a cold pool's connects time out.
+            await hub.start()
+            await asyncio.gather(*(hub.backend.head(f"warm-up-{i}") for i in range(64)))
+        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", socket.AF_INET, backlog=4096)
+        server = tornado.httpserver.HTTPServer(app)
+        server.add_sockets(sockets)
+        return int(sockets[0].getsockname()[1])
+
+    serve_until_sigterm(start)
 
 
 if __name__ == "__main__":
