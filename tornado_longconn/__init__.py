@@ -36,6 +36,7 @@ from .backends import Backend, BackendStats, MemoryBackend, Subscriber, backend_
 from .backpressure import BackpressureWriter, OverflowPolicy, SendResult, WriterStats
 from .broadcast import BroadcastGroup, BroadcastHub, BroadcastStats, GapPolicy, PublishResult
 from .codes import CloseCode
+from .connections import ConnectionStats, connection_stats
 from .exceptions import (
     BackendError,
     BackendUnavailableError,
@@ -48,6 +49,7 @@ from .exceptions import (
 )
 from .gc_tuning import GCTuningStats, gc_tuning_stats, tune_gc, untune_gc
 from .heartbeat import HeartbeatCounters, HeartbeatMixin, HeartbeatStats, heartbeat_stats
+from .histogram import HistogramStats
 from .log import Cursor, HistoryLimit, Message, SinceResult, parse_cursor
 from .longpoll import LongPollHandler, LongPollMixin, LongPollStats, LongPollWaiter, PollResult
 from .server import AcceptStats, LongConnHTTPServer, ServerLimits, start_server
@@ -95,6 +97,7 @@ __all__ = [
     "ChunkedUploadSink",
     "CloseCode",
     "ConnectionClosedError",
+    "ConnectionStats",
     "Cursor",
     "CursorError",
     "EarlyAnswer",
@@ -105,6 +108,7 @@ __all__ = [
     "HeartbeatCounters",
     "HeartbeatMixin",
     "HeartbeatStats",
+    "HistogramStats",
     "HistoryLimit",
     "LongConnError",
     "LongConnHTTPServer",
@@ -147,6 +151,7 @@ __all__ = [
     "WriterStats",
     "__version__",
     "backend_from_url",
+    "connection_stats",
     "counters_only",
     "gc_tuning_stats",
     "heartbeat_stats",

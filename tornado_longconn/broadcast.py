@@ -70,6 +70,7 @@ from .backpressure import (
 from .codes import CloseCode
 from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import DEFAULT_HISTORY, Cursor, HistoryLimit, Message, SinceResult, parse_cursor
+from .logfields import log_fields
 from .stats import COUNTER, GAUGE, PEAK, counters_only, sum_stats
 
 # GapPolicy and MemberState are defined with the I/O-free core (_groupcore), public here.
@@ -525,7 +526,11 @@ def _members_of(handler: WebSocketHandler) -> dict[BroadcastGroup, None]:
             try:
                 group._remove(target, closed=False)
             except Exception:
-                log.exception("leaving %r on close failed", group)
+                log.exception(
+                    "leaving %r on close failed",
+                    group,
+                    extra=log_fields(target, topic=group.name),
+                )
 
     def forget() -> None:
         target = handler_ref()
@@ -912,6 +917,7 @@ class BroadcastGroup:
                         self.name,
                         "subscribe" if want else "unsubscribe",
                         exc,
+                        extra=log_fields(topic=self.name),
                     )
                     error = exc
                     break
@@ -1062,7 +1068,11 @@ class BroadcastGroup:
                 tally = _Tally()
             self._fan_out(message, tally)
         except Exception:
-            log.exception("group %r: delivering a message failed", self.name)
+            log.exception(
+                "group %r: delivering a message failed",
+                self.name,
+                extra=log_fields(topic=self.name),
+            )
 
     def _encode_incoming(self, message: Message) -> Encoded:
         envelope = self._envelope
@@ -1105,7 +1115,12 @@ class BroadcastGroup:
                 _offer_all(writers, encoded, results)
             except Exception:
                 member = members[len(results)]
-                log.exception("group %r: writer of %r failed", self.name, member.handler)
+                log.exception(
+                    "group %r: writer of %r failed",
+                    self.name,
+                    member.handler,
+                    extra=log_fields(member.handler, topic=self.name),
+                )
                 broken = [*broken, member] if broken else [member]
                 results.append(SendResult.CLOSED)
                 continue
@@ -1202,14 +1217,23 @@ class BroadcastGroup:
         except asyncio.CancelledError:
             raise
         except BackendError as exc:
-            log.error("group %r: resuming a member failed: %r", self.name, exc)
+            log.error(
+                "group %r: resuming a member failed: %r",
+                self.name,
+                exc,
+                extra=log_fields(handler, topic=self.name),
+            )
             self._remove(handler, closed=False)
             if not _connection_gone(handler):
                 handler.close(int(CloseCode.INTERNAL_ERROR), "backend unavailable")
         except LongConnError:
             self._remove(handler, closed=True)
         except Exception:
-            log.exception("group %r: resuming a member failed", self.name)
+            log.exception(
+                "group %r: resuming a member failed",
+                self.name,
+                extra=log_fields(handler, topic=self.name),
+            )
             self._remove(handler, closed=False)
             if not _connection_gone(handler):
                 handler.close(int(CloseCode.INTERNAL_ERROR), "resume failed")
@@ -1260,7 +1284,9 @@ class BroadcastGroup:
                 )
             )
         except Exception:
-            log.exception("group %r: handling a gap failed", self.name)
+            log.exception(
+                "group %r: handling a gap failed", self.name, extra=log_fields(topic=self.name)
+            )
 
     # ------------------------------------------------------------------ stats, close
 
@@ -1387,7 +1413,7 @@ def _close_member(member: Membership, code: int, reason: str) -> None:
         elif not _connection_gone(handler):
             handler.close(code, reason)
     except Exception:
-        log.exception("closing %r failed", handler)
+        log.exception("closing %r failed", handler, extra=log_fields(handler))
 
 
 async def _close_in_batches(

@@ -58,6 +58,7 @@ from tornado_longconn.backends import Backend, MemoryBackend, backend_from_url
 from tornado_longconn.broadcast import BroadcastGroup, BroadcastHub
 from tornado_longconn.exceptions import LongConnError
 from tornado_longconn.heartbeat import HeartbeatMixin
+from tornado_longconn.inspection import InspectionHandler
 from tornado_longconn.log import Cursor
 from tornado_longconn.longpoll import LongPollWaiter
 from tornado_longconn.server import ServerLimits, start_server
@@ -71,6 +72,11 @@ from tornado_longconn.subscriptions_http import SubscriptionPollHandler, Subscri
 from tornado_longconn.upload import ChunkedUploadSink, UploadStore
 from tornado_longconn.upload_tus import TusUploadHandler
 from tornado_longconn.upload_ws import WebSocketUploadHandler
+
+try:  # the [metrics] extra: pip install -e ".[metrics]"
+    from tornado_longconn.metrics import LongConnCollector, MetricsHandler
+except ImportError:  # prometheus_client is missing: no /metrics
+    LongConnCollector = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("demo")
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -211,6 +217,12 @@ class Demo:
         self.hub = BroadcastHub(backend, history=HISTORY)
         self.waiter = LongPollWaiter(backend)  # serves both long-poll and SSE
         self.store = UploadStore(storage, max_size=MAX_UPLOAD, expire_after=upload_expiry)
+        # /metrics: every part's stats(), read when Prometheus scrapes.
+        self.collector = (
+            LongConnCollector(hubs=[self.hub], waiters=[self.waiter], upload_stores=[self.store])
+            if LongConnCollector is not None
+            else None
+        )
         self.heartbeat = heartbeat
         self.latency_refresh = max(heartbeat, 1.0)
         self.rooms: dict[str, Room] = {}
@@ -422,6 +434,7 @@ class DemoSocket(DemoHooks, HeartbeatMixin, SubscriptionMixin, tornado.websocket
 
     def prepare(self) -> None:
         self.user = clean_user(self.get_query_argument("user", ""))
+        self.current_user = self.user  # the library's log lines name the user (longconn_user)
 
     async def authorize_subscribe(self, topic: str, params: Any) -> bool:  # type: ignore[override]
         if not super().authorize_subscribe(topic, params):
@@ -770,6 +783,11 @@ def default_allowed_hosts(listen_host: str) -> frozenset[str]:
     return frozenset(hosts)
 
 
+def local_only(request: tornado.httputil.HTTPServerRequest) -> bool:
+    """The inspection endpoint's auth hook: only clients on this machine."""
+    return request.remote_ip in ("127.0.0.1", "::1")
+
+
 def make_app(
     demo: Demo, allowed_hosts: frozenset[str] | None = None, base_url: str | None = None
 ) -> tornado.web.Application:
@@ -800,7 +818,19 @@ def make_app(
             UploadSocket,
             {"store": demo.store, "chunk_size": UPLOAD_CHUNK, "on_complete": demo.upload_complete},
         ),
+        (
+            r"/api/inspect",
+            InspectionHandler,
+            {
+                "authorize": local_only,
+                "hubs": [demo.hub],
+                "waiters": [demo.waiter],
+                "upload_stores": [demo.store],
+            },
+        ),
     ]
+    if demo.collector is not None:
+        routes.append((r"/metrics", MetricsHandler, {"collector": demo.collector}))
     return DemoApplication(
         routes,
         allowed_hosts=allowed_hosts if allowed_hosts is not None else frozenset(LOCAL_HOSTS),
@@ -879,6 +909,8 @@ async def main() -> None:
     server = start_server(
         make_app(demo, allowed, args.base_url), args.port, args.host, limits=limits
     )
+    if demo.collector is not None:
+        demo.collector.servers.append(server)  # accept-loop counters on /metrics
     sweeper = tornado.ioloop.PeriodicCallback(demo.sweep_uploads, args.sweep_interval * 1000)
     sweeper.start()
     where = "localhost" if args.host in ("127.0.0.1", "::1", "localhost") else args.host
