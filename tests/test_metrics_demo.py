@@ -34,6 +34,7 @@ from tornado_longconn.connections import connection_stats
 from tornado_longconn.heartbeat import HeartbeatCounters
 from tornado_longconn.logfields import FIELDS
 from tornado_longconn.metrics import FAMILIES
+from tornado_longconn.subscriptions import subscription_stats
 from tornado_longconn.testing import AppServer, WebSocketTestClient, scaled
 
 HEARTBEAT = 0.5  # seconds, scaled: a dead peer is aborted after about 1 s
@@ -49,6 +50,13 @@ async def answer_heartbeats(ws: WebSocketTestClient) -> None:
         message = await ws.recv()
         if message == '{"type":"ping"}':
             await ws.send('{"type":"pong"}')
+
+
+async def page(server: AppServer, user: str, room: str, **options: Any) -> WebSocketTestClient:
+    """A page's one WebSocket to the demo, asking for ``room:<room>`` (the answer is not awaited)."""
+    ws = await WebSocketTestClient.connect(server.ws_url(f"/ws?user={user}"), **options)
+    await ws.send(json.dumps({"type": "subscribe", "id": 1, "topic": f"room:{room}"}))
+    return ws
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -84,14 +92,16 @@ async def test_scrape_after_a_scripted_run_matches_the_parts_stats(
     app = server.app
     base = server.url("/").rstrip("/")
 
-    # Members: one healthy (answers heartbeats), one slow, one silent.
-    healthy = await WebSocketTestClient.connect(server.ws_url("/ws/lobby?user=ann"))
+    # Members (one connection per page, subscribed to a room): one healthy (answers
+    # heartbeats), one slow (stops reading), one silent (reads, never answers).
+    healthy = await page(server, "ann", "lobby")
     reader = asyncio.ensure_future(answer_heartbeats(healthy))
-    slow = await WebSocketTestClient.connect(
-        server.ws_url("/ws/slow?user=bob"), rcvbuf=4096, reading=False
-    )
-    # Reads (the pings pile up unanswered) but never sends a frame.
-    silent = await WebSocketTestClient.connect(server.ws_url("/ws/quiet?user=cat"))
+    slow = await page(server, "bob", "slow", rcvbuf=4096, reading=False)
+    silent = await page(server, "cat", "quiet")
+    for room in ("lobby", "slow", "quiet"):
+        await wait_until(lambda room=room: len(app_demo.hub.get(f"room:{room}") or ()) == 1)
+    await healthy.send(json.dumps({"type": "call", "id": 2, "method": "no.such", "params": {}}))
+    await wait_until(lambda: dict(subscription_stats(app).errors).get("not_found") == 1)
     counters = HeartbeatCounters.for_application(app)
     try:
         # Publish: chat over HTTP, and enough to the slow room to overflow its member.
@@ -154,9 +164,9 @@ async def test_scrape_after_a_scripted_run_matches_the_parts_stats(
             assert good.status_code == 204, good.text
 
             # Long-poll that times out; an SSE stream held open during the scrape.
-            poll = await http.get("/poll/lobby", params={"timeout": "0.05"})
+            poll = await http.get("/poll", params={"topics": "room:lobby", "timeout": "0.05"})
             assert poll.status_code == 200
-            async with http.stream("GET", "/sse/lobby") as events:
+            async with http.stream("GET", "/sse", params={"topics": "room:lobby"}) as events:
                 lines = events.aiter_lines()
                 while (await lines.__anext__()) != "":
                     pass  # the first event (ready) has arrived: the stream is counted
@@ -172,6 +182,7 @@ async def test_scrape_after_a_scripted_run_matches_the_parts_stats(
                 backend = app_demo.backend.stats()
                 latency = app_demo.backend.publish_latency()
                 errors = protocol_error_stats(app)
+                subs = subscription_stats(app)
     finally:
         reader.cancel()
         for client in (healthy, slow, silent):
@@ -209,6 +220,16 @@ async def test_scrape_after_a_scripted_run_matches_the_parts_stats(
     assert value(families, "longconn_backend_subscriptions", backend="memory") == (
         backend.subscribers
     )
+
+    # The subscriptions protocol: three subscribes, one unknown call refused.
+    assert subs.subscribed == 3 and dict(subs.errors) == {"not_found": 1}
+    assert value(families, "longconn_subscription_connections") == subs.connections == 1
+    assert value(families, "longconn_subscriptions") == subs.subscriptions == 1
+    assert value(families, "longconn_subscription_requests", type="subscribe") == 3
+    assert value(families, "longconn_subscription_requests", type="call") == subs.calls
+    assert value(families, "longconn_subscription_errors", code="not_found") == 1
+    assert value(families, "longconn_subscription_errors", code="forbidden") == 0
+    assert value(families, "longconn_subscription_closes", code="1008") == 0
 
     # Heartbeats: the round-trip histogram and the dead peer.
     assert value(families, "longconn_heartbeat_dead_peers") == beat.timeouts >= 1
@@ -279,6 +300,7 @@ async def test_scrape_after_a_scripted_run_matches_the_parts_stats(
     assert timeout[0].longconn_conn != slow_close[0].longconn_conn
     sse = [r for r in ours if r.getMessage().startswith("SSE stream on")]
     assert sse and sse[0].longconn_topic == "room:lobby" and sse[0].longconn_remote == "127.0.0.1"
+    assert sse[0].longconn_conn.startswith("c")
 
 
 async def test_inspection_is_refused_without_the_hook_saying_yes(tmp_path: Path) -> None:

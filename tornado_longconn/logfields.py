@@ -14,7 +14,8 @@ attribute           value
 ``longconn_user``   ``str(handler.current_user)`` when the application has
                     already looked the user up (the library never calls
                     ``get_current_user`` to log)
-``longconn_topic``  the topic (group name, long-poll or SSE topic, backend topic)
+``longconn_topic``  the topic (group name, long-poll or SSE topic, backend topic; the
+                    topics joined by commas for a multi-topic SSE stream)
 =================== =========================================================
 
 A field that does not apply is ``None`` (a backend reconnect has no

@@ -60,8 +60,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
+from ._subproto import ERROR_STATUS
 from .backends.base import Backend
 from .broadcast import BroadcastGroup, BroadcastHub
+from .codes import CloseCode
 from .connections import TRANSPORTS, connection_stats
 from .heartbeat import HeartbeatCounters
 from .histogram import HistogramStats
@@ -70,6 +72,7 @@ from .longpoll import LongPollWaiter
 from .server import LongConnHTTPServer
 from .stats import sum_stats
 from .strict import protocol_error_stats
+from .subscriptions import SubscriptionStats, subscription_stats
 from .upload import UploadStore
 
 __all__ = [
@@ -151,6 +154,34 @@ FAMILIES: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
         "counter",
         ("code",),
         "WebSocket connections failed for breaking RFC 6455, by close code.",
+    ),
+    # the subscriptions protocol (WebSocket and multi-topic HTTP handlers)
+    "longconn_subscription_connections": (
+        "gauge",
+        (),
+        "WebSocket connections speaking the subscriptions protocol now.",
+    ),
+    "longconn_subscriptions": ("gauge", (), "Topics held by those connections now."),
+    "longconn_subscription_requests": (
+        "counter",
+        ("type",),
+        "Subscriptions protocol requests that succeeded, by type "
+        "(subscribe, unsubscribe, publish, call).",
+    ),
+    "longconn_subscription_errors": (
+        "counter",
+        ("code",),
+        "Subscriptions protocol error replies, by error code.",
+    ),
+    "longconn_subscription_protocol_errors": (
+        "counter",
+        (),
+        "Malformed subscriptions protocol frames.",
+    ),
+    "longconn_subscription_closes": (
+        "counter",
+        ("code",),
+        "Connections closed by the subscriptions protocol, by close code.",
     ),
     # long-poll and SSE (all waiters)
     "longconn_longpoll_waiting": (
@@ -235,6 +266,13 @@ _MAX_GAUGES: Final = frozenset({"longconn_member_buffer_max_bytes"})
 
 #: The close codes a strict WebSocket fails a connection with (always exported, 0 or more).
 _PROTOCOL_CODES: Final = (1002, 1007, 1009)
+
+#: The close codes the subscriptions protocol closes with (always exported, 0 or more).
+_SUBSCRIPTION_CLOSE_CODES: Final = (
+    int(CloseCode.POLICY_VIOLATION),
+    int(CloseCode.UNAUTHORIZED),
+    int(CloseCode.FORBIDDEN),
+)
 
 _UPLOAD_FAILURES: Final = (
     ("aborted", "aborted"),
@@ -386,6 +424,7 @@ class LongConnCollector(Collector):
             by_code.update(protocol_error_stats(app).by_code)
             for code, count in sorted(by_code.items()):
                 errors.add((str(code),), count)
+            self._subscriptions(fam, subscription_stats(app))
         if self.hubs or self.groups:
             self._broadcast(fam)
         if self.waiters:
@@ -415,6 +454,30 @@ class LongConnCollector(Collector):
             fam("longconn_accept_errors").add((), accept.errors)
             fam("longconn_accept_paused").add((), accept.paused)
         return out
+
+    @staticmethod
+    def _subscriptions(fam: Any, subs: SubscriptionStats) -> None:
+        fam("longconn_subscription_connections").add((), subs.connections)
+        fam("longconn_subscriptions").add((), subs.subscriptions)
+        requests = fam("longconn_subscription_requests")
+        for kind, count in (
+            ("subscribe", subs.subscribed),
+            ("unsubscribe", subs.unsubscribed),
+            ("publish", subs.published),
+            ("call", subs.calls),
+        ):
+            requests.add((kind,), count)
+        errors = fam("longconn_subscription_errors")
+        by_code = dict.fromkeys(ERROR_STATUS, 0)  # a closed set: bounded labels
+        by_code.update(subs.errors)
+        for code, count in sorted(by_code.items()):
+            errors.add((code,), count)
+        fam("longconn_subscription_protocol_errors").add((), subs.protocol_errors)
+        closes = fam("longconn_subscription_closes")
+        by_close = dict.fromkeys(_SUBSCRIPTION_CLOSE_CODES, 0)
+        by_close.update(subs.closed)
+        for close_code, count in sorted(by_close.items()):
+            closes.add((str(close_code),), count)
 
     def _broadcast(self, fam: Any) -> None:
         snapshots = [hub.stats() for hub in self.hubs]

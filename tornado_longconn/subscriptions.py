@@ -81,6 +81,7 @@ from .broadcast import (
 from .codes import CloseCode
 from .exceptions import BackendError, BackendUnavailableError
 from .log import Cursor, HistoryLimit
+from .logfields import log_fields
 from .stats import COUNTER, GAUGE, TALLY
 
 __all__ = [
@@ -433,7 +434,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             self._protocol_error(exc)
             return None
         except Exception:  # a parser bug must not kill the connection's loop
-            log.exception("parsing a subscriptions frame failed")
+            log.exception("parsing a subscriptions frame failed", extra=log_fields(self))
             self._error(None, "internal", "internal error")
             return None
         kind = request.type
@@ -506,7 +507,9 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             if not self._tails:
                 self._tails = {}
         if not task.cancelled() and task.exception() is not None:  # not expected
-            log.error("subscriptions request failed", exc_info=task.exception())
+            log.error(
+                "subscriptions request failed", exc_info=task.exception(), extra=log_fields(self)
+            )
         slot = self._slot
         if slot is not None and len(self._pending) < self.max_inflight:
             self._slot = None
@@ -556,7 +559,12 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         except SubscriptionError as exc:
             self._fail(request, exc)
         except Exception:
-            log.exception("%s of %r failed", request.type, request.topic)
+            log.exception(
+                "%s of %r failed",
+                request.type,
+                request.topic,
+                extra=log_fields(self, topic=request.topic),
+            )
             self._error(request.id, "internal", "internal error", request.topic)
         return None
 
@@ -579,7 +587,12 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("%s of %r failed", request.type, request.topic)
+            log.exception(
+                "%s of %r failed",
+                request.type,
+                request.topic,
+                extra=log_fields(self, topic=request.topic),
+            )
             self._error(request.id, "internal", "internal error", request.topic)
 
     async def _authorized(self, request: Request, allowed: Awaitable[Any]) -> None:
@@ -623,7 +636,12 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         try:
             head = await group.head()  # one read per topic for concurrent subscribes
         except BackendError as exc:
-            log.warning("subscribe to %r: backend unavailable: %r", topic, exc)
+            log.warning(
+                "subscribe to %r: backend unavailable: %r",
+                topic,
+                exc,
+                extra=log_fields(self, topic=topic),
+            )
             raise SubscriptionError("unavailable", "backend unavailable") from exc
         if self._gone():
             return
@@ -731,7 +749,12 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             try:
                 text = frame({"type": "result", "id": request.id, "result": result})
             except (TypeError, ValueError):
-                log.error("call %r returned a value that is not JSON: %r", method, result)
+                log.error(
+                    "call %r returned a value that is not JSON: %r",
+                    method,
+                    result,
+                    extra=log_fields(self),
+                )
                 raise SubscriptionError("internal", "internal error") from None
             self.subscription_counters.calls += 1
             if not self._gone():
@@ -741,7 +764,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("call %r failed", method)
+            log.exception("call %r failed", method, extra=log_fields(self))
             self._error(request.id, "internal", "internal error")
 
 

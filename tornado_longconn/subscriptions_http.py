@@ -56,8 +56,10 @@ from ._subproto import (
 )
 from .backpressure import DEFAULT_HIGH_WATER, BackpressureWriter
 from .broadcast import BroadcastHub
+from .connections import ConnectionCounters
 from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import Cursor
+from .logfields import log_fields
 from .longpoll import DEFAULT_TIMEOUT, LongPollWaiter, PollResult, WaiterLimitError, check_timeout
 from .sse import (
     DEFAULT_KEEPALIVE,
@@ -207,7 +209,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                     raise _Refused(exc.status, exc.code, exc.reason) from None
                 error = exc
             except Exception:
-                log.exception("authorize_subscribe(%r) failed", topic)
+                log.exception(
+                    "authorize_subscribe(%r) failed", topic, extra=log_fields(self, topic=topic)
+                )
                 error = SubscriptionError("internal", "internal error")
             counters.error(error.code)
             errors.append(
@@ -272,12 +276,16 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             return
         if self._subs_gone:
             return
+        counters = ConnectionCounters.for_application(self.application)
+        counters.opened(self, "longpoll")
         try:
             body = await self._guarded(self._poll(allowed, cursors, errors, timeout))
         except (WaiterLimitError, BackendError) as exc:
-            log.warning("multi-topic long-poll failed: %s", exc)
+            log.warning("multi-topic long-poll failed: %s", exc, extra=log_fields(self))
             self._answer_error(503, "unavailable", "backend unavailable")
             return
+        finally:
+            counters.closed(self)
         if body is None:
             return
         self.set_header("Content-Type", _JSON)
@@ -357,7 +365,17 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             with waiter.stream():
                 if self._subs_gone:
                     return
-                await self._guarded(self._stream(allowed, cursors, errors))
+                counters = ConnectionCounters.for_application(self.application)
+                counters.opened(self, "sse")
+                fields = log_fields(self, topic=",".join(allowed))
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("SSE stream on %d topics", len(allowed), extra=fields)
+                try:
+                    await self._guarded(self._stream(allowed, cursors, errors))
+                finally:
+                    counters.closed(self)
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("SSE stream on %d topics ended", len(allowed), extra=fields)
         except _Refused as exc:
             self._answer_error(exc.status, exc.code, exc.reason)
         except WaiterLimitError as exc:
@@ -373,7 +391,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                 *(waiter.wait(None, 0, topic=t) for t in topics if positions[t] is None)
             )
         except BackendError as exc:
-            log.warning("multi-topic SSE could not start: %s", exc)
+            log.warning("multi-topic SSE could not start: %s", exc, extra=log_fields(self))
             self._answer_error(503, "unavailable", "backend unavailable")
             return
         fresh = iter(heads)
@@ -410,7 +428,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                     chunk = format_comment("keep-alive")
                 else:
                     if isinstance(item, BaseException):
-                        log.warning("multi-topic SSE: ending stream: %s", item)
+                        log.warning(
+                            "multi-topic SSE: ending stream: %s", item, extra=log_fields(self)
+                        )
                         break
                     parts: list[bytes] = []
                     if item.gap:
@@ -433,7 +453,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                     try:
                         await asyncio.wait_for(writer.send(chunk), self.sse_stall_timeout)
                     except asyncio.TimeoutError:
-                        log.info("multi-topic SSE: client stalled, disconnecting")
+                        log.info(
+                            "multi-topic SSE: client stalled, disconnecting", extra=log_fields(self)
+                        )
                         break
         except LongConnError:  # the client is gone
             return
@@ -494,7 +516,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             except SubscriptionError:
                 raise
             except Exception:
-                log.exception("authorize_publish(%r) failed", topic)
+                log.exception(
+                    "authorize_publish(%r) failed", topic, extra=log_fields(self, topic=topic)
+                )
                 raise SubscriptionError("internal", "internal error") from None
             if not allowed:
                 raise SubscriptionError("forbidden", "publish refused")
