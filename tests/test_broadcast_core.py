@@ -161,9 +161,14 @@ class Model:
         if replay.resync is not None:
             assert why is not None and replay.resync.reason == why
             assert replay.resync.members == (slot,) and replay.resync.policy is self.policy
-            assert replay.resync.head == result.cursor
+            # Another epoch: continue from the new epoch's start (everything it holds
+            # follows), not from its head.
+            head = result.cursor
+            if why == "epoch" and head.offset > 0:
+                head = Cursor(head.epoch, 0)
+            assert replay.resync.head == head
             closes = not replay.resync.keeps_members
-            self.resync(slot, result.cursor, closes=closes)
+            self.resync(slot, head, closes=closes)
             if closes:
                 self.leave(key)
                 return
@@ -172,7 +177,8 @@ class Model:
         for message in replay.messages:
             self.deliver(slot, message)
         if replay.more:
-            assert len(replay.messages) == self.page
+            epoch_restart = replay.resync is not None and replay.resync.reason == "epoch"
+            assert len(replay.messages) == self.page or epoch_restart
             return
         entries = self.core.go_live(key)
         if entries is None:
@@ -461,3 +467,32 @@ def test_live_tuple_is_reused_until_membership_changes() -> None:
 def test_doctests(module: object) -> None:
     failures, tried = doctest.testmod(module)  # type: ignore[arg-type]
     assert tried and not failures
+
+
+@pytest.mark.parametrize("policy", list(GapPolicy))
+def test_another_epoch_continues_from_the_new_epochs_start(policy: GapPolicy) -> None:
+    """A cursor of a lost history: the member gets everything the new epoch holds."""
+    topic, core = make(policy, limit=10)
+    for i in range(3):
+        topic.append(str(i), now=0.0)
+    slot = Slot(1)
+    core.add(0, slot, cursor=Cursor("old", 7))
+    replay = core.history(0, topic.since(slot.position, now=0.0), page_size=10)
+    assert replay.resync is not None and replay.resync.reason == "epoch"
+    assert replay.resync.head == Cursor("e", 0) and replay.messages == ()
+    if policy is GapPolicy.CLOSE:
+        assert not replay.more  # the caller closes it with 4001
+        return
+    assert replay.more and slot.position == Cursor("e", 0)
+    page = core.history(0, topic.since(slot.position, now=0.0), page_size=10)
+    assert [m.data for m in page.messages] == ["0", "1", "2"] and page.resync is None
+    assert core.go_live(0) == [] and slot.state is MemberState.LIVE
+
+
+def test_another_epoch_with_no_messages_goes_live_at_once() -> None:
+    topic, core = make(GapPolicy.NOTICE, limit=10)
+    slot = Slot(1)
+    core.add(0, slot, cursor=Cursor("old", 7))
+    replay = core.history(0, topic.since(slot.position, now=0.0), page_size=10)
+    assert replay.resync is not None and replay.resync.head == Cursor("e", 0)
+    assert not replay.more and core.go_live(0) == []

@@ -350,6 +350,107 @@ async def test_switching_transport_by_hand_loses_nothing(
         assert "transport=websocket" in switcher.url
 
 
+# Records the URL of every WebSocket the page opens.
+RECORD_SOCKETS = """
+(() => {
+  const Real = window.WebSocket;
+  window.socketUrls = [];
+  window.WebSocket = function (url, protocols) {
+    window.socketUrls.push(String(url));
+    return new Real(url, protocols);
+  };
+  window.WebSocket.prototype = Real.prototype;
+  Object.assign(window.WebSocket, {CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3});
+})();
+"""
+
+
+async def active_topics(page: Any, count: int) -> list[str]:
+    """The page connection's topics, once ``count`` of them are active."""
+    await page.wait_for_function(
+        "n => window.demo.conn.subscriptions().filter(s => s.state === 'active').length === n",
+        arg=count,
+    )
+    topics: list[str] = await page.evaluate(
+        "window.demo.conn.subscriptions().map(s => s.topic).sort()"
+    )
+    return topics
+
+
+async def send_dm(page: Any, to: str, text: str) -> None:
+    await page.fill("#dm-to", to)
+    await page.fill("#dm-text", text)
+    await page.click("#dm-send")
+
+
+async def dms(page: Any, count: int) -> list[str]:
+    """The page's direct messages ("who: text"), once there are ``count``."""
+    await page.wait_for_function("n => document.querySelectorAll('#dms li').length >= n", arg=count)
+    result: list[str] = await page.eval_on_selector_all(
+        "#dms li",
+        "els => els.map(e => e.querySelector('.who').textContent + ': '"
+        " + e.querySelector('.dm-text').textContent)",
+    )
+    return result
+
+
+@browser_test
+@pytest.mark.parametrize("transport", ["websocket", "sse", "longpoll"])
+async def test_rooms_direct_messages_and_notifications_on_one_connection(
+    tmp_path: Path, open_page: PageFactory, transport: str
+) -> None:
+    async with demo_server(tmp_path / "uploads") as server:
+        room = f"d{secrets.token_hex(3)}"
+        query = "" if transport == "websocket" else f"&transport={transport}"
+        ann = await open_page(
+            f"{server.url}/?room={room}&user=ann{query}", init_script=RECORD_SOCKETS
+        )
+        bob = await open_page(f"{server.url}/?room={room}&user=bob")
+        await wait_open(ann, transport)
+        await wait_open(bob, "websocket")
+        assert await active_topics(ann, 3) == ["dm:ann", "notify", f"room:{room}"]
+        await active_topics(bob, 3)
+
+        # Direct messages both ways; the sender sees its own copy.
+        await send_dm(ann, "bob", "psst bob")
+        assert await dms(bob, 1) == ["ann: psst bob"]
+        await send_dm(bob, "ann", "hi ann")
+        assert await dms(ann, 2) == ["to bob: psst bob", "bob: hi ann"]
+        # The room on the same connection.
+        await say(ann, "in the room")
+        await wait_texts(bob, ["in the room"])
+
+        # Another room: the room topic changes, the direct messages go on.
+        await ann.fill("#room-name", f"{room}x")
+        await ann.press("#room-name", "Enter")
+        await ann.wait_for_function(
+            "r => window.demo.conn.subscriptions().some(s => s.topic === 'room:' + r"
+            " && s.state === 'active')",
+            arg=f"{room}x",
+        )
+        assert await active_topics(ann, 3) == ["dm:ann", "notify", f"room:{room}x"]
+        await send_dm(bob, "ann", "still there?")
+        assert await dms(ann, 3) == ["to bob: psst bob", "bob: hi ann", "bob: still there?"]
+
+        # A finished upload is a notification on every page.
+        await bob.set_input_files(
+            "#file",
+            files=[{"name": "note.txt", "mimeType": "text/plain", "buffer": b"hello"}],
+        )
+        await bob.click("#upload")
+        notice = ann.locator("#notifications li", has_text="bob uploaded note.txt")
+        await notice.wait_for()
+        assert await notice.locator("a").get_attribute("href") is not None
+
+        if transport == "websocket":  # one socket for everything (uploads have their own)
+            urls = await ann.evaluate("window.socketUrls")
+            assert [u for u in urls if "/ws-upload" not in u] == [
+                f"ws://127.0.0.1:{server.port}/ws?user=ann"
+            ]
+        assert await ann.inner_text("#resyncs") == "0"
+        await screenshot(ann, f"demo-one-connection-{transport}")
+
+
 @browser_test
 @pytest.mark.parametrize("protocol", ["tus", "websocket"])
 async def test_upload_shows_progress_and_stores_exact_bytes(
@@ -629,14 +730,36 @@ def chat_body(text: str) -> str:
     return json.dumps({"type": "chat", "text": text})
 
 
+def dm_body(text: str) -> str:
+    return json.dumps({"type": "dm", "text": text})
+
+
 class RoomClient:
-    """A WebSocket member of a demo room that answers heartbeats like longconn.js."""
+    """A page's WebSocket (subscriptions protocol) that answers heartbeats like longconn.js."""
 
     def __init__(self, ws: Any) -> None:
         self.ws = ws
+        self.ids = 0
+        self.unread: list[Any] = []  # read while waiting for something else
+
+    async def request(self, frame: dict[str, Any]) -> int:
+        self.ids += 1
+        await self.ws.send(json.dumps({**frame, "id": self.ids}))
+        return self.ids
+
+    async def call(self, method: str, params: Any) -> Any:
+        """Send a call; the next reply to it (``result`` or ``error``)."""
+        rid = await self.request({"type": "call", "method": method, "params": params})
+        return await self.next(lambda m: isinstance(m, dict) and m.get("id") == rid)
 
     async def next(self, match: Callable[[Any], bool]) -> Any:
-        """The next message (an envelope's data, or a bare reply) for which ``match`` holds."""
+        """The next message (a topic message's data, or a bare frame) for which ``match`` holds.
+
+        Frames that do not match are kept for later calls.
+        """
+        for i, value in enumerate(self.unread):
+            if match(value):
+                return self.unread.pop(i)
 
         async def read() -> Any:
             while True:
@@ -644,28 +767,34 @@ class RoomClient:
                 if isinstance(value, dict) and value.get("type") == "ping":
                     await self.ws.send('{"type":"pong"}')
                     continue
-                if isinstance(value, dict) and set(value) == {"cursor", "data"}:
+                if isinstance(value, dict) and "type" not in value and "topic" in value:
                     value = value["data"]
                 if match(value):
                     return value
+                self.unread.append(value)
 
         return await asyncio.wait_for(read(), scaled(10))
 
 
 @contextlib.asynccontextmanager
 async def room_socket(server: DemoServer, room: str) -> AsyncIterator[RoomClient]:
+    """A page's connection to the demo, subscribed to ``room:<room>``."""
     ws_client = pytest.importorskip("websockets.asyncio.client")
-    url = f"ws://127.0.0.1:{server.port}/ws/{room}?user=tester"
+    url = f"ws://127.0.0.1:{server.port}/ws?user=tester"
     async with ws_client.connect(url, open_timeout=scaled(10)) as ws:
-        yield RoomClient(ws)
+        member = RoomClient(ws)
+        await member.next(lambda m: m.get("type") == "welcome")
+        rid = await member.request({"type": "subscribe", "topic": f"room:{room}"})
+        await member.next(lambda m: m.get("type") == "subscribed" and m["id"] == rid)
+        yield member
 
 
 def is_chat(text: str) -> Callable[[Any], bool]:
     return lambda m: isinstance(m, dict) and m.get("type") == "chat" and m.get("text") == text
 
 
-def is_error(error: str) -> Callable[[Any], bool]:
-    return lambda m: isinstance(m, dict) and m.get("type") == "error" and m.get("error") == error
+def is_error(code: str) -> Callable[[Any], bool]:
+    return lambda m: isinstance(m, dict) and m.get("type") == "error" and m.get("code") == code
 
 
 async def test_send_refuses_bad_input_with_4xx_never_500(tmp_path: Path) -> None:
@@ -708,15 +837,28 @@ async def test_send_refuses_bad_input_with_4xx_never_500(tmp_path: Path) -> None
 
 async def test_websocket_answers_bad_messages_with_an_error_reply(tmp_path: Path) -> None:
     async with demo_server(tmp_path) as server, room_socket(server, "lobby") as member:
+        # Frames are refused before they are parsed (size) or while (depth).
         await member.ws.send("[" * 30_000 + "]" * 30_000)
-        reply = await member.next(is_error("bad_message"))
-        assert "larger than" in reply["reason"]
+        assert (await member.next(is_error("too_large")))["status"] == 413
         await member.ws.send("[" * 5000 + "]" * 5000)
-        assert "deeper" in (await member.next(is_error("bad_message")))["reason"]
+        assert "deep" in (await member.next(is_error("bad_request")))["reason"]
         await member.ws.send('{"type": "nonsense"}')
-        await member.next(is_error("bad_message"))
+        await member.next(is_error("bad_request"))
+        # Calls that are not messages, and topics that are not the page's.
+        for params in ({"room": "lobby", "text": "  "}, {"room": "no room!", "text": "x"}, [1]):
+            reply = await member.call("chat.send", params)
+            assert reply["type"] == "error" and reply["code"] == "bad_request", reply
+        assert (await member.call("dm.send", {"to": "a b", "text": "x"}))["code"] == "bad_request"
+        assert (await member.call("rm -rf", {}))["code"] == "not_found"
+        for topic in ("dm:someone-else", "secret", "room:bad name"):
+            rid = await member.request({"type": "subscribe", "topic": topic})
+            reply = await member.next(lambda m, rid=rid: m.get("id") == rid)
+            assert reply["type"] == "error" and reply["code"] in ("forbidden", "bad_request")
+        rid = await member.request({"type": "publish", "topic": "room:lobby", "data": "x"})
+        assert (await member.next(lambda m: m.get("id") == rid))["code"] == "forbidden"
         # Still connected, and chat still works.
-        await member.ws.send(chat_body("after the junk"))
+        reply = await member.call("chat.send", {"room": "lobby", "text": "after the junk"})
+        assert reply == {"type": "result", "id": reply["id"], "result": {"sent": True}}
         await member.next(is_chat("after the junk"))
     assert "Traceback" not in "".join(server.output)
 
@@ -735,8 +877,27 @@ async def test_junk_rooms_are_freed_and_cannot_exhaust_the_limit(tmp_path: Path)
         async with room_socket(server, "fresh") as member:
             rooms = (await client.get("/api/rooms")).json()["rooms"]
             assert "fresh" in [r["name"] for r in rooms]
-            await member.ws.send(chat_body("in a fresh room"))
+            await member.call("chat.send", {"room": "fresh", "text": "in a fresh room"})
             await member.next(is_chat("in a fresh room"))
+
+
+async def test_one_connection_cannot_hold_many_rooms(tmp_path: Path) -> None:
+    async with (
+        demo_server(tmp_path) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=scaled(10)) as client,
+        room_socket(server, "lobby") as member,
+    ):
+        codes = []
+        for i in range(9):  # it holds room:lobby already; 8 topics at most
+            rid = await member.request({"type": "subscribe", "topic": f"room:many{i}"})
+            reply = await member.next(lambda m, rid=rid: m.get("id") == rid)
+            codes.append(reply.get("code", reply["type"]))
+        assert codes == ["subscribed"] * 7 + ["limit"] * 2
+        topics = ",".join(f"room:poll{i}" for i in range(9))
+        r = await client.get("/poll", params={"topics": topics, "timeout": "0"})
+        assert r.status_code == 429 and r.json()["code"] == "limit"
+        rooms = (await client.get("/api/rooms")).json()["rooms"]
+        assert not [r for r in rooms if r["name"].startswith("poll")]
 
 
 async def test_host_allow_list(tmp_path: Path) -> None:
@@ -834,10 +995,11 @@ async def test_redis_outage_is_never_acknowledged(tmp_path: Path) -> None:
                 )
                 assert r.status_code == 503, r.text
                 assert "not sent" in r.json()["reason"]
-            await member.ws.send(chat_body("over the socket"))
-            reply = await member.next(is_error("not_sent"))
-            assert reply["text"] == "over the socket"
-            assert "backend unavailable" in reply["reason"]
+            reply = await member.call("chat.send", {"room": "lobby", "text": "over the socket"})
+            assert reply["type"] == "error" and reply["code"] == "unavailable", reply
+            assert reply["status"] == 503 and "backend unavailable" in reply["reason"]
+            r = await client.post("/api/dm/bob", content=dm_body("lost"), headers=JSON)
+            assert r.status_code == 503 and "not sent" in r.json()["reason"]
     finally:
         await redis.close()
 
@@ -892,12 +1054,17 @@ def _depth(value: Any) -> int:
     return 0
 
 
+def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    # A named function: Hypothesis checks that `extend` uses its argument by reading
+    # its source, which it cannot do for a lambda spread over several lines.
+    return st.lists(children, max_size=3) | st.dictionaries(
+        st.text(alphabet='k"\\[{', max_size=3), children, max_size=3
+    )
+
+
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(alphabet='ab"\\[]{}\u00e9 '),
-    lambda children: (
-        st.lists(children, max_size=3)
-        | st.dictionaries(st.text(alphabet='k"\\[{', max_size=3), children, max_size=3)
-    ),
+    _containers,
     max_leaves=20,
 )
 

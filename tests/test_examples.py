@@ -14,7 +14,7 @@ import pytest
 import tornado.web
 import websockets
 
-from tests.helpers import free_port, run_example
+from tests.helpers import free_port, load_example, run_example
 from tornado_longconn.testing import scaled
 
 
@@ -104,3 +104,31 @@ async def test_secure_chat_checks_every_transport() -> None:
                 with pytest.raises(websockets.ConnectionClosed):
                     await asyncio.wait_for(alice.recv(), scaled(5))
                 assert alice.close_code == 1009
+
+
+def test_json_logs_example_writes_the_connection_fields() -> None:
+    import io
+    import logging
+
+    example = load_example("json_logs")
+    out = io.StringIO()
+    handler = example.setup_logging(out)
+    try:
+        log = logging.getLogger("tornado_longconn.test")
+        log.warning("no connection here")
+
+        class Request:
+            remote_ip = "127.0.0.1"
+
+        class Handler:
+            request = Request()
+
+        from tornado_longconn.logfields import ConnectionLogAdapter
+
+        ConnectionLogAdapter(logging.getLogger("app"), Handler(), topic="t").info("hello")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    first, second = (json.loads(line) for line in out.getvalue().splitlines()[-2:])
+    assert first["message"] == "no connection here" and first["longconn_conn"] is None
+    assert second["longconn_topic"] == "t" and second["longconn_remote"] == "127.0.0.1"
+    assert second["longconn_conn"].startswith("c") and second["longconn_user"] is None

@@ -39,6 +39,7 @@ from tornado_longconn import (
     stats_dict,
     sum_stats,
 )
+from tornado_longconn.connections import ConnectionStats
 from tornado_longconn.stats import COUNTER, FLAG, GAUGE, LABEL, PEAK, TALLY, stat_kinds
 
 #: Every snapshot class of the library.
@@ -46,6 +47,7 @@ SNAPSHOT_CLASSES: list[type[Any]] = [
     AcceptStats,
     BackendStats,
     BroadcastStats,
+    ConnectionStats,
     EarlyAnswerStats,
     GCTuningStats,
     HeartbeatStats,

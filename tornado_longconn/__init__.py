@@ -13,6 +13,10 @@ Mixins and helpers that Tornado applications compose into their own handlers:
   :class:`WebSocketUploadHandler` -- resumable, checksummed uploads off the loop.
 * :class:`LongPollWaiter`, :class:`LongPollHandler`, :class:`SSEHandler` -- HTTP
   fallbacks that resume from a cursor and never lose a message silently.
+* :class:`SubscriptionMixin` -- client-driven subscriptions: many topics on one
+  WebSocket, each with its own cursor, behind authorization hooks; the same topic
+  sets over one SSE stream or long-poll (:class:`SubscriptionSSEHandler`,
+  :class:`SubscriptionPollHandler`).
 * :func:`start_server` / :class:`LongConnHTTPServer` -- an ``HTTPServer`` with
   production limits (:class:`ServerLimits`) that survives descriptor exhaustion.
 * Backends: :class:`MemoryBackend` (default) and ``RedisBackend``
@@ -32,6 +36,7 @@ from .backends import Backend, BackendStats, MemoryBackend, Subscriber, backend_
 from .backpressure import BackpressureWriter, OverflowPolicy, SendResult, WriterStats
 from .broadcast import BroadcastGroup, BroadcastHub, BroadcastStats, GapPolicy, PublishResult
 from .codes import CloseCode
+from .connections import ConnectionStats, connection_stats
 from .exceptions import (
     BackendError,
     BackendUnavailableError,
@@ -44,6 +49,7 @@ from .exceptions import (
 )
 from .gc_tuning import GCTuningStats, gc_tuning_stats, tune_gc, untune_gc
 from .heartbeat import HeartbeatCounters, HeartbeatMixin, HeartbeatStats, heartbeat_stats
+from .histogram import HistogramStats
 from .log import Cursor, HistoryLimit, Message, SinceResult, parse_cursor
 from .longpoll import LongPollHandler, LongPollMixin, LongPollStats, LongPollWaiter, PollResult
 from .server import AcceptStats, LongConnHTTPServer, ServerLimits, start_server
@@ -56,6 +62,21 @@ from .strict import (
     ProtocolErrorStats,
     StrictWebSocketMixin,
     protocol_error_stats,
+)
+from .subscriptions import (
+    SubscriptionCounters,
+    SubscriptionError,
+    SubscriptionHooks,
+    SubscriptionMixin,
+    SubscriptionStats,
+    subscription_group,
+    subscription_stats,
+)
+from .subscriptions_http import (
+    SubscriptionHTTPMixin,
+    SubscriptionPollHandler,
+    SubscriptionPublishHandler,
+    SubscriptionSSEHandler,
 )
 from .upload import ChunkedUploadSink, UploadStats, UploadStore
 from .upload_tus import TusUploadHandler
@@ -76,6 +97,7 @@ __all__ = [
     "ChunkedUploadSink",
     "CloseCode",
     "ConnectionClosedError",
+    "ConnectionStats",
     "Cursor",
     "CursorError",
     "EarlyAnswer",
@@ -86,6 +108,7 @@ __all__ = [
     "HeartbeatCounters",
     "HeartbeatMixin",
     "HeartbeatStats",
+    "HistogramStats",
     "HistoryLimit",
     "LongConnError",
     "LongConnHTTPServer",
@@ -110,6 +133,15 @@ __all__ = [
     "StatKind",
     "StrictWebSocketMixin",
     "Subscriber",
+    "SubscriptionCounters",
+    "SubscriptionError",
+    "SubscriptionHTTPMixin",
+    "SubscriptionHooks",
+    "SubscriptionMixin",
+    "SubscriptionPollHandler",
+    "SubscriptionPublishHandler",
+    "SubscriptionSSEHandler",
+    "SubscriptionStats",
     "TusUploadHandler",
     "UploadError",
     "UploadStats",
@@ -119,6 +151,7 @@ __all__ = [
     "WriterStats",
     "__version__",
     "backend_from_url",
+    "connection_stats",
     "counters_only",
     "gc_tuning_stats",
     "heartbeat_stats",
@@ -128,6 +161,8 @@ __all__ = [
     "static_path",
     "static_url_spec",
     "stats_dict",
+    "subscription_group",
+    "subscription_stats",
     "sum_stats",
     "tune_gc",
     "untune_gc",

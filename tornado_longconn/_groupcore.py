@@ -295,16 +295,29 @@ class GroupCore(Generic[K, M, P]):
     def history(self, key: K, result: SinceResult, *, page_size: int) -> Replay[M]:
         """``result`` answered ``since(position, limit=page_size)`` for ``key``: what to deliver.
 
-        Advances the member's ``position`` past the returned messages (or to the
-        head on a ``NOTICE`` gap answer). A key that is not replaying gets nothing.
+        Advances the member's ``position`` past the returned messages (or, on a
+        ``NOTICE`` gap answer, to the head; for the reason ``"epoch"`` to offset 0
+        of the new epoch, with ``more`` set so that the new epoch's history is read
+        from its start). A key that is not replaying gets nothing.
         """
         member = self._resuming.get(key)
         if member is None:
             return Replay(())
         if result.gap:
-            resync = Resync(self.gap_policy, result.cursor, result.reason or "gap", (member,))
+            head = result.cursor
+            reason = result.reason or "gap"
+            more = False
+            if reason == "epoch" and head.offset > 0:
+                # History was lost and a new epoch began (a restarted in-memory server,
+                # a flushed or failed-over Redis): the member continues from the new
+                # epoch's start, so it gets everything the new epoch still holds rather
+                # than only what comes after the head (read again from offset 0).
+                head = Cursor(head.epoch, 0)
+                more = True
+            resync = Resync(self.gap_policy, head, reason, (member,))
             if self.gap_policy is GapPolicy.NOTICE:
-                member.position = result.cursor
+                member.position = head
+                return Replay((), resync, more)
             return Replay((), resync)
         messages = result.messages
         member.position = result.cursor

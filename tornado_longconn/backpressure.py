@@ -59,6 +59,7 @@ from ._tornado import fanout, iostream, web, websocket_proto
 from ._tornado.hooks import HandlerHooks, Hook
 from .codes import CloseCode
 from .exceptions import ConnectionClosedError, PeerGoneError, SlowConsumerError
+from .logfields import log_fields
 from .stats import COUNTER, FLAG, GAUGE, PEAK
 
 __all__ = [
@@ -471,7 +472,11 @@ class _Flusher:
                 writer._scheduled_flush()
             except Exception:
                 # One broken connection must not keep the others' frames corked.
-                log.exception("flushing %r failed", writer)
+                log.exception(
+                    "flushing %r failed",
+                    writer,
+                    extra=log_fields(getattr(writer._transport, "handler", None)),
+                )
 
 
 # One flusher per event loop (a cache of loop machinery, not application state).
@@ -663,7 +668,10 @@ class _ResponseTransport(_Transport):
         try:
             handler.finish()
         except Exception:
-            log.exception("finishing the response failed; closing the connection")
+            log.exception(
+                "finishing the response failed; closing the connection",
+                extra=log_fields(handler),
+            )
             if self.stream is not None:
                 self.stream.close()
 
@@ -1231,6 +1239,11 @@ class BackpressureWriter:
         self._release_waiters()
         if self._gone is None:
             self._gone = StreamClosedError()
+        log.info(
+            "closing a slow consumer (above the high-water mark of %d bytes)",
+            self.high_water,
+            extra=log_fields(getattr(self._transport, "handler", None)),
+        )
         if self._stream is not None:
             self._transport.close_slow(self)
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -69,6 +70,7 @@ from .backpressure import (
 from .codes import CloseCode
 from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import DEFAULT_HISTORY, Cursor, HistoryLimit, Message, SinceResult, parse_cursor
+from .logfields import log_fields
 from .stats import COUNTER, GAUGE, PEAK, counters_only, sum_stats
 
 # GapPolicy and MemberState are defined with the I/O-free core (_groupcore), public here.
@@ -115,6 +117,7 @@ _MAX_PENDING_EXCLUDES: Final = 10_000
 
 Exclude = WebSocketHandler | Iterable[WebSocketHandler] | None
 Envelope = Callable[[Message], Any]
+Notice = Callable[[str, Cursor | None, str], str]
 
 # The handler attribute holding the groups a connection belongs to.
 _GROUPS_ATTR: Final = "_longconn_groups"
@@ -228,6 +231,7 @@ class GroupOptions:
     envelope: Envelope | None = None
     close_batch: int = DEFAULT_CLOSE_BATCH
     close_spread: float = DEFAULT_CLOSE_SPREAD
+    notice: Notice | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -245,6 +249,8 @@ class GroupOptions:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.envelope is not None and not callable(self.envelope):
             raise TypeError(f"envelope must be callable or None, not {self.envelope!r}")
+        if self.notice is not None and not callable(self.notice):
+            raise TypeError(f"notice must be callable or None, not {self.notice!r}")
         if _int(self.close_batch, "close_batch") < 1:
             raise ValueError(f"close_batch must be >= 1, got {self.close_batch}")
         spread = self.close_spread
@@ -383,6 +389,17 @@ class _Tally:
 _Live = tuple[Encoded, frozenset[WebSocketHandler] | None]
 
 
+class _Resume:
+    """What a resuming member adds: its resume task, the gap met, messages replayed."""
+
+    __slots__ = ("gap", "replayed", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.gap: SinceResult | None = None
+        self.replayed = 0
+
+
 class Membership(MemberSlot[_Live]):
     """One connection's membership of one group, returned by :meth:`BroadcastGroup.join`.
 
@@ -403,13 +420,14 @@ class Membership(MemberSlot[_Live]):
     gap, else None).
     """
 
+    # A member that resumes keeps its resume's task, gap and count in a _Resume made
+    # then: most members never resume, and a membership is the unit of memory of a
+    # subscription (the subscriptions protocol makes one per topic per connection).
     __slots__ = (
         "_dropped_seen",
-        "_task",
-        "gap",
+        "_resume",
         "group",
         "handler",
-        "replayed",
         "writer",
     )
 
@@ -420,10 +438,25 @@ class Membership(MemberSlot[_Live]):
         self.group = group
         self.handler = handler
         self.writer = writer
-        self.replayed = 0
-        self.gap: SinceResult | None = None
         self._dropped_seen = 0
-        self._task: asyncio.Task[None] | None = None
+        self._resume: _Resume | None = None
+
+    @property
+    def replayed(self) -> int:
+        """History messages delivered on resume (0 for a member that joined live)."""
+        resume = self._resume
+        return 0 if resume is None else resume.replayed
+
+    @property
+    def gap(self) -> SinceResult | None:
+        """The history answer when resuming hit a gap, else None."""
+        resume = self._resume
+        return None if resume is None else resume.gap
+
+    @property
+    def _task(self) -> asyncio.Task[None] | None:
+        resume = self._resume
+        return None if resume is None else resume.task
 
     @property
     def active(self) -> bool:
@@ -493,7 +526,11 @@ def _members_of(handler: WebSocketHandler) -> dict[BroadcastGroup, None]:
             try:
                 group._remove(target, closed=False)
             except Exception:
-                log.exception("leaving %r on close failed", group)
+                log.exception(
+                    "leaving %r on close failed",
+                    group,
+                    extra=log_fields(target, topic=group.name),
+                )
 
     def forget() -> None:
         target = handler_ref()
@@ -543,6 +580,9 @@ class BroadcastGroup:
       once per message before fan-out, e.g. :func:`cursor_envelope`; default None
       sends the published data unchanged.
     * ``close_batch`` / ``close_spread`` -- graceful shutdown batching (see :meth:`close`).
+    * ``notice`` -- a function ``(topic, cursor, reason) -> str`` building the JSON
+      text of a ``GapPolicy.NOTICE`` resync message (default :func:`resync_notice`);
+      the subscriptions protocol passes its own.
 
     The options are resolved once into :attr:`options` (a frozen
     :class:`GroupOptions`) and read back as attributes (``group.history``, ...).
@@ -569,6 +609,7 @@ class BroadcastGroup:
         envelope: Envelope | None = None,
         close_batch: int | None = None,
         close_spread: float | None = None,
+        notice: Notice | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"a group name is a non-empty string, not {name!r}")
@@ -585,6 +626,7 @@ class BroadcastGroup:
             envelope=envelope,
             close_batch=close_batch,
             close_spread=close_spread,
+            notice=notice,
         )
         self.name = name
         self.hub = hub
@@ -609,6 +651,9 @@ class BroadcastGroup:
         self._close_code = int(CloseCode.GOING_AWAY)
         self._close_reason = "going away"
         self._tasks: set[asyncio.Task[Any]] = set()
+        # History reads in flight, shared by members resuming from the same position,
+        # with the count of messages received when each was sent.
+        self._reads: dict[Cursor | None, tuple[int, asyncio.Future[SinceResult]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         # Backend subscription: wanted while the group has members and is open.
         self._subscribed = False
@@ -698,6 +743,43 @@ class BroadcastGroup:
         """Seconds over which :meth:`close` spreads its batches."""
         return self.options.close_spread
 
+    async def head(self) -> Cursor | None:
+        """The topic's current cursor (None when the group keeps no history).
+
+        Concurrent calls, and members resuming at the same time, share one backend
+        read. Raises the backend's :class:`~tornado_longconn.exceptions.BackendError`.
+        """
+        if self.history is None:
+            return None
+        return (await self._read(None)).cursor
+
+    def _read(self, position: Cursor | None) -> asyncio.Future[SinceResult]:
+        """``backend.since(position)``, shared by concurrent readers (single-flight).
+
+        A read in flight is joined only if the group has received no message since
+        it was sent: a message delivered before the joining member's buffer existed
+        may be missing from that read, while one delivered later is in the member's
+        buffer, where the core checks the seam (and reads again when a message is
+        missing). A head read (``position`` None) is always shared: a member joins
+        from the head it was told and replays everything after it.
+        """
+        reads = self._reads
+        entry = reads.get(position)
+        if entry is None or (position is not None and entry[0] != self._received):
+            read = asyncio.ensure_future(
+                self.backend.since(self.name, position, limit=_RESUME_PAGE)
+            )
+            entry = reads[position] = (self._received, read)
+            read.add_done_callback(functools.partial(self._read_done, position))
+        return asyncio.shield(entry[1])
+
+    def _read_done(self, position: Cursor | None, read: asyncio.Future[SinceResult]) -> None:
+        entry = self._reads.get(position)
+        if entry is not None and entry[1] is read:
+            del self._reads[position]
+        if not read.cancelled():
+            read.exception()  # retrieved here: every reader may have been cancelled
+
     def membership(self, handler: WebSocketHandler) -> Membership | None:
         """``handler``'s :class:`Membership` of this group, or None."""
         return self._core.get(handler)
@@ -753,7 +835,8 @@ class BroadcastGroup:
         self._core.add(handler, member, cursor=resume_from)
         self._joined += 1
         if resume_from is not None:
-            member._task = self._spawn(self._resume(member))
+            resume = member._resume = _Resume()
+            resume.task = self._spawn(self._resume(member))
         if not self._subscribed:
             self._sync_subscription()
         return member
@@ -834,6 +917,7 @@ class BroadcastGroup:
                         self.name,
                         "subscribe" if want else "unsubscribe",
                         exc,
+                        extra=log_fields(topic=self.name),
                     )
                     error = exc
                     break
@@ -984,7 +1068,11 @@ class BroadcastGroup:
                 tally = _Tally()
             self._fan_out(message, tally)
         except Exception:
-            log.exception("group %r: delivering a message failed", self.name)
+            log.exception(
+                "group %r: delivering a message failed",
+                self.name,
+                extra=log_fields(topic=self.name),
+            )
 
     def _encode_incoming(self, message: Message) -> Encoded:
         envelope = self._envelope
@@ -1027,7 +1115,12 @@ class BroadcastGroup:
                 _offer_all(writers, encoded, results)
             except Exception:
                 member = members[len(results)]
-                log.exception("group %r: writer of %r failed", self.name, member.handler)
+                log.exception(
+                    "group %r: writer of %r failed",
+                    self.name,
+                    member.handler,
+                    extra=log_fields(member.handler, topic=self.name),
+                )
                 broken = [*broken, member] if broken else [member]
                 results.append(SendResult.CLOSED)
                 continue
@@ -1090,18 +1183,20 @@ class BroadcastGroup:
             while True:
                 position = member.position
                 assert position is not None
-                result = await self.backend.since(self.name, position, limit=_RESUME_PAGE)
+                result = await self._read(position)
                 if _left(member):
                     return
                 replay = core.history(handler, result, page_size=_RESUME_PAGE)
                 resync = replay.resync
                 if resync is not None:
-                    member.gap = result
+                    assert member._resume is not None
+                    member._resume.gap = result
                     if not self._resync(member, resync.policy, resync.head, resync.reason):
                         return
                 for message in replay.messages:
                     await writer.send(self._encode_incoming(message))
-                    member.replayed += 1
+                    assert member._resume is not None
+                    member._resume.replayed += 1
                     if _left(member):
                         return
                 if replay.more:
@@ -1122,14 +1217,23 @@ class BroadcastGroup:
         except asyncio.CancelledError:
             raise
         except BackendError as exc:
-            log.error("group %r: resuming a member failed: %r", self.name, exc)
+            log.error(
+                "group %r: resuming a member failed: %r",
+                self.name,
+                exc,
+                extra=log_fields(handler, topic=self.name),
+            )
             self._remove(handler, closed=False)
             if not _connection_gone(handler):
                 handler.close(int(CloseCode.INTERNAL_ERROR), "backend unavailable")
         except LongConnError:
             self._remove(handler, closed=True)
         except Exception:
-            log.exception("group %r: resuming a member failed", self.name)
+            log.exception(
+                "group %r: resuming a member failed",
+                self.name,
+                extra=log_fields(handler, topic=self.name),
+            )
             self._remove(handler, closed=False)
             if not _connection_gone(handler):
                 handler.close(int(CloseCode.INTERNAL_ERROR), "resume failed")
@@ -1140,7 +1244,8 @@ class BroadcastGroup:
         """Tell one member to resync as ``policy`` says; True when it stays a member."""
         self._resyncs += 1
         if policy is GapPolicy.NOTICE and member.writer is not None:
-            notice = Encoded(OP_TEXT, resync_notice(self.name, head, reason).encode("utf-8"))
+            build = self.options.notice or resync_notice
+            notice = Encoded(OP_TEXT, build(self.name, head, reason).encode("utf-8"))
             if member.writer.send_nowait(notice) is not SendResult.CLOSED:
                 return True
             self._remove(member.handler, closed=True)
@@ -1179,7 +1284,9 @@ class BroadcastGroup:
                 )
             )
         except Exception:
-            log.exception("group %r: handling a gap failed", self.name)
+            log.exception(
+                "group %r: handling a gap failed", self.name, extra=log_fields(topic=self.name)
+            )
 
     # ------------------------------------------------------------------ stats, close
 
@@ -1306,7 +1413,7 @@ def _close_member(member: Membership, code: int, reason: str) -> None:
         elif not _connection_gone(handler):
             handler.close(code, reason)
     except Exception:
-        log.exception("closing %r failed", handler)
+        log.exception("closing %r failed", handler, extra=log_fields(handler))
 
 
 async def _close_in_batches(
@@ -1466,7 +1573,7 @@ class BroadcastHub:
 
         ``options`` (``history``, ``policy``, ``high_water``, ``low_water``,
         ``max_queue``, ``gap_policy``, ``envelope``, ``close_batch``,
-        ``close_spread``) override the hub's defaults when the group is created;
+        ``close_spread``, ``notice``) override the hub's defaults when the group is created;
         asking again for an existing group with an option that differs from it
         raises ``ValueError``, so two handlers cannot silently disagree.
         """

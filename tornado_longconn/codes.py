@@ -24,6 +24,10 @@ class CloseCode(IntEnum):
     PROTOCOL_ERROR = 1002
     #: A text message or close reason was not valid UTF-8.
     INVALID_DATA = 1007
+    #: The client broke a policy of the application protocol: the subscriptions
+    #: protocol sends it after too many malformed frames
+    #: (``SubscriptionMixin.max_protocol_errors``); fix the client before retrying.
+    POLICY_VIOLATION = 1008
     #: A message was larger than the configured limit.
     MESSAGE_TOO_BIG = 1009
     #: Unexpected server error.
@@ -36,6 +40,13 @@ class CloseCode(IntEnum):
     RESYNC_REQUIRED = 4001
     #: An application-level heartbeat went unanswered past the timeout.
     HEARTBEAT_TIMEOUT = 4002
+    #: Subscriptions: the connection has no identity and the handler requires one
+    #: (``require_user``, or a hook raised ``SubscriptionError("unauthorized", close=True)``);
+    #: log in, then reconnect.
+    UNAUTHORIZED = 4401
+    #: Subscriptions: the connection is refused as a whole (a hook raised
+    #: ``SubscriptionError("forbidden", close=True)``); do not retry as is.
+    FORBIDDEN = 4403
     #: Upload: malformed request or protocol message.
     UPLOAD_BAD_REQUEST = 4400
     #: Upload: unknown upload id.

@@ -67,6 +67,8 @@ from ._tornado.websocket_proto import read_progress
 from .codes import CloseCode
 from .gc_tuning import after_tick as gc_after_tick
 from .gc_tuning import gc_tuning_stats, tune_gc
+from .histogram import HistogramStats, LatencyHistogram
+from .logfields import log_fields
 from .stats import COUNTER, GAUGE, PEAK
 from .strict import StrictWebSocketMixin
 
@@ -444,12 +446,14 @@ class HeartbeatCounters:
     (3, 0.02)
     """
 
-    __slots__ = ("_samples", "connections", "count", "pings_sent", "timeouts")
+    __slots__ = ("_latency", "_samples", "connections", "count", "pings_sent", "timeouts")
 
     def __init__(self, *, max_samples: int = 1024) -> None:
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         self._samples: deque[float] = deque(maxlen=max_samples)
+        # Every sample since start, in fixed buckets (one increment per answer).
+        self._latency = LatencyHistogram()
         #: Round-trip samples recorded since start (also those no longer kept).
         self.count = 0
         #: Heartbeats sent (pings or application-level messages).
@@ -476,6 +480,15 @@ class HeartbeatCounters:
         """Add one round-trip sample (seconds)."""
         self.count += 1
         self._samples.append(seconds)
+        self._latency.observe(seconds)
+
+    def latency_histogram(self) -> HistogramStats:
+        """Every round-trip sample since start, in fixed buckets (:class:`HistogramStats`).
+
+        Unlike ``p50``/``p99`` (the most recent ``max_samples`` only), it covers
+        all answers: :mod:`tornado_longconn.metrics` exports it as a histogram.
+        """
+        return self._latency.stats()
 
     def percentile(self, q: float) -> float | None:
         """The ``q``-quantile (0..1, nearest rank) of the kept samples; None without any."""
@@ -652,7 +665,10 @@ class HeartbeatScheduler:
                 try:
                     self._check(handler, at)
                 except Exception:  # one broken connection must not stop the others
-                    _log.exception("heartbeat check failed; connection no longer watched")
+                    _log.exception(
+                        "heartbeat check failed; connection no longer watched",
+                        extra=log_fields(handler),
+                    )
                     state = handler._heartbeat
                     if state is not None:
                         self.discard(handler, state)
@@ -938,7 +954,7 @@ class HeartbeatMixin(StrictWebSocketMixin):
         if state is not None and state.counters is not None:
             state.counters.timeouts += 1
             state.counters = None
-        _log.debug("heartbeat timeout: dropping %s", self.request.remote_ip)
+        _log.debug("heartbeat timeout: dropping %s", self.request.remote_ip, extra=log_fields(self))
         if stream.writing():
             # The peer is not draining what we wrote: reset, freeing the kernel's buffers.
             abort_stream(stream)

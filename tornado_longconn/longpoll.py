@@ -58,8 +58,10 @@ from typing import Any, Final
 import tornado.web
 
 from . import backends
+from .connections import ConnectionCounters
 from .exceptions import BackendError, CursorError, LongConnError
 from .log import Cursor, Message, SinceResult, parse_cursor
+from .logfields import log_fields
 from .stats import COUNTER, GAUGE
 
 __all__ = [
@@ -371,6 +373,7 @@ class _Topic:
                     "topic %r published a message without history; long-poll and SSE "
                     "clients cannot receive it (publish with history=...)",
                     self.name,
+                    extra=log_fields(topic=self.name),
                 )
             return
         self.recent.append(message)
@@ -396,7 +399,10 @@ class _Topic:
     def on_gap(self, topic: str, reason: str) -> None:
         self.seq += 1
         log.info(
-            "long-poll topic %r: subscription gap (%s); waiters re-read history", topic, reason
+            "long-poll topic %r: subscription gap (%s); waiters re-read history",
+            topic,
+            reason,
+            extra=log_fields(topic=topic),
         )
         self.recent.clear()
         waiting = self.waiting
@@ -592,7 +598,9 @@ class LongPollWaiter:
     def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("long-poll unsubscribe failed", exc_info=task.exception())
+            log.warning(
+                "long-poll unsubscribe failed", exc_info=task.exception(), extra=log_fields()
+            )
 
     # Waiting ---------------------------------------------------------------
     async def wait(
@@ -817,6 +825,8 @@ class LongPollMixin(tornado.web.RequestHandler):
             return
         if self.longpoll_client_gone():
             return
+        counters = ConnectionCounters.for_application(self.application)
+        counters.opened(self, "longpoll")
         self._longpoll_task = asyncio.ensure_future(
             self.longpoll_waiter.wait(cursor, timeout, topic=topic)
         )
@@ -830,11 +840,14 @@ class LongPollMixin(tornado.web.RequestHandler):
             _error(self, 503, str(exc))
             return
         except BackendError as exc:
-            log.warning("long-poll on %r failed: %s", topic, exc)
+            log.warning(
+                "long-poll on %r failed: %s", topic, exc, extra=log_fields(self, topic=topic)
+            )
             _error(self, 503, "backend unavailable")
             return
         finally:
             self._longpoll_task = None
+            counters.closed(self)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("Cache-Control", "no-store")
         self.finish(result.to_json())

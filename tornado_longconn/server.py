@@ -43,6 +43,7 @@ import tornado.ioloop
 
 from ._tornado.server import TCPServerInternals, check_tcpserver, handle_connection
 from ._tornado.server import register_listener as _register_listener
+from .logfields import log_fields
 from .stats import COUNTER, FLAG
 
 __all__ = [
@@ -264,13 +265,13 @@ class _Listener:
             server._accepted += 1
             line = server._throttle.accepted(self.io_loop.time())
             if line:
-                log.warning("%s", line)
+                log.warning("%s", line, extra=log_fields())
             handle_connection(server._internals, connection, address)
 
     def pause(self, error_number: int) -> None:
         delay, line = self.server._throttle.failed(self.io_loop.time(), error_number)
         if line:
-            log.warning("%s", line)
+            log.warning("%s", line, extra=log_fields())
         self.io_loop.remove_handler(self.sock)
         self.timer = self.io_loop.call_later(delay, self.resume)
 

@@ -52,8 +52,10 @@ from typing import Final
 import tornado.web
 
 from .backpressure import DEFAULT_HIGH_WATER, BackpressureWriter
+from .connections import ConnectionCounters
 from .exceptions import BackendError, CursorError, LongConnError
 from .log import Cursor, Message, parse_cursor
+from .logfields import log_fields
 from .longpoll import (
     LongPollWaiter,
     PollResult,
@@ -202,6 +204,10 @@ class SSEMixin(tornado.web.RequestHandler):
             with waiter.stream():
                 if self._sse_gone:
                     return
+                counters = ConnectionCounters.for_application(self.application)
+                counters.opened(self, "sse")
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("SSE stream on %r", topic, extra=log_fields(self, topic=topic))
                 self._sse_task = asyncio.ensure_future(self._sse_run(topic, cursor))
                 try:
                     await self._sse_task
@@ -210,6 +216,11 @@ class SSEMixin(tornado.web.RequestHandler):
                         raise
                 finally:
                     self._sse_task = None
+                    counters.closed(self)
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug(
+                            "SSE stream on %r ended", topic, extra=log_fields(self, topic=topic)
+                        )
         except WaiterLimitError as exc:
             json_error(self, 503, str(exc))
 
@@ -223,7 +234,9 @@ class SSEMixin(tornado.web.RequestHandler):
             try:
                 cursor = (await waiter.wait(None, 0, topic=topic)).cursor
             except BackendError as exc:
-                log.warning("SSE on %r could not start: %s", topic, exc)
+                log.warning(
+                    "SSE on %r could not start: %s", topic, exc, extra=log_fields(self, topic=topic)
+                )
                 json_error(self, 503, "backend unavailable")
                 return
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -237,7 +250,12 @@ class SSEMixin(tornado.web.RequestHandler):
                     result = await waiter.wait(cursor, self.sse_keepalive, topic=topic)
                 except BackendError as exc:
                     # end the stream; the client reconnects with Last-Event-ID
-                    log.warning("SSE on %r: backend failed, ending stream: %s", topic, exc)
+                    log.warning(
+                        "SSE on %r: backend failed, ending stream: %s",
+                        topic,
+                        exc,
+                        extra=log_fields(self, topic=topic),
+                    )
                     break
                 except LongConnError:  # the waiter was closed
                     break
@@ -248,7 +266,11 @@ class SSEMixin(tornado.web.RequestHandler):
                     try:
                         await asyncio.wait_for(writer.send(chunk), self.sse_stall_timeout)
                     except asyncio.TimeoutError:
-                        log.info("SSE on %r: client stalled, disconnecting", topic)
+                        log.info(
+                            "SSE on %r: client stalled, disconnecting",
+                            topic,
+                            extra=log_fields(self, topic=topic),
+                        )
                         break
                 cursor = result.cursor
         except LongConnError:  # PeerGoneError / ConnectionClosedError: the client is gone

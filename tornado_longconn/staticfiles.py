@@ -2,7 +2,9 @@
 
 ``longconn.js`` is a small, dependency-free browser client for the handlers of
 this library: WebSocket with automatic fallback to Server-Sent Events and then
-long-poll, reconnect with full-jitter backoff, resume from the last cursor,
+long-poll, reconnect with full-jitter backoff, resume from the last cursor
+(``LongConn.connect()``, one stream) or many topics on one connection each
+resumed from its own cursor (``LongConn.session()``, the subscriptions protocol),
 replies to application-level heartbeats, and an upload helper (tus 1.0 or the
 WebSocket chunk protocol). It lives in the package's ``static/`` directory, so
 an installed wheel carries it; serve it with Tornado's own
@@ -16,6 +18,8 @@ an installed wheel carries it; serve it with Tornado's own
     ])
 
 or copy it next to your own static files (``static_path("longconn.js")``).
+Its TypeScript declarations are shipped next to it (``static_path("longconn.d.ts")``);
+the repository's ``package.json`` makes the same two files an npm package.
 """
 
 from __future__ import annotations

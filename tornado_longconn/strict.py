@@ -49,6 +49,7 @@ import tornado.web
 import tornado.websocket
 
 from ._tornado.websocket import is_valid_close_code, make_strict
+from .connections import ConnectionCounters
 from .stats import COUNTER, TALLY
 
 __all__ = [
@@ -170,4 +171,18 @@ class StrictWebSocketMixin(tornado.websocket.WebSocketHandler):
         if protocol is None:
             return None
         counters = ProtocolErrorCounters.for_application(self.application)
-        return make_strict(protocol, self, counters.record)
+        strict = make_strict(protocol, self, counters.record)
+        # Counted open (and given its id) from here; closed once, whichever comes first.
+        ConnectionCounters.for_application(self.application).opened(self, "websocket")
+        return strict
+
+    def on_connection_close(self) -> None:
+        """Count the connection as closed (:mod:`tornado_longconn.connections`); then Tornado's."""
+        ConnectionCounters.for_application(self.application).closed(self)
+        super().on_connection_close()
+
+    def on_finish(self) -> None:
+        """Count a handshake answered with an error (no WebSocket) as closed; then Tornado's."""
+        if self.get_status() != 101:  # Tornado finishes the 101 answer too: still open then
+            ConnectionCounters.for_application(self.application).closed(self)
+        super().on_finish()

@@ -64,6 +64,7 @@ from typing import Any, Protocol
 
 from tornado_longconn.exceptions import UploadError
 
+from .logfields import log_fields
 from .stats import COUNTER, GAUGE
 
 __all__ = [
@@ -349,6 +350,8 @@ class UploadStats:
     #: Upload states held in the in-memory cache now (``max_cached``, exceeded only
     #: while more are in use; gauge).
     cached: int = field(default=0, metadata=GAUGE)
+    #: Uploads being received now: a request or WebSocket holds their writer lock (gauge).
+    active: int = field(default=0, metadata=GAUGE)
 
 
 @dataclass(slots=True)
@@ -1082,7 +1085,7 @@ class UploadStore:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             if not isinstance(exc, UploadError):
-                _log.error("upload clean-up failed", exc_info=exc)
+                _log.error("upload clean-up failed", exc_info=exc, extra=log_fields())
 
     def stats(self) -> UploadStats:
         """A snapshot of the store's counters (:class:`UploadStats`)."""
@@ -1104,6 +1107,7 @@ class UploadStore:
             files_closed=c.files_closed,
             file_waits=c.file_waits,
             cached=len(self._sinks),
+            active=sum(1 for sink in self._sinks.values() if sink.locked),
         )
 
     async def drain_tasks(self) -> None:

@@ -13,7 +13,8 @@ The server waits until ``members`` connections have joined, then publishes
 Variants:
 
 * ``ours``: a ``BroadcastGroup`` (``room.join(self)`` in ``open()``,
-  ``await room.publish(m)``), with ``--policy`` / ``--high-water`` for its members
+  ``await room.publish(m)``), with ``--metrics`` to mount ``/metrics``
+  (:mod:`tornado_longconn.metrics`), ``--policy`` / ``--high-water`` for its members
   and ``--sndbuf`` to shrink their kernel send buffers (so that a client that stops
   reading fills the group's buffer within a short run instead of Linux's up to
   4 MB of autotuned socket buffer);
@@ -168,10 +169,27 @@ def tornado_app(variant: str, ready: Ready, args: argparse.Namespace) -> tuple[A
 
                     start(run_publisher(ready, go, publish))
 
-        def stats() -> Any:
-            return dataclasses.asdict(room.stats())
+        scrapes = {"scrapes": 0, "scrape_cpu_s": 0.0}
 
-        return tornado.web.Application([("/ws", Ours)]), stats
+        def stats() -> Any:
+            return {**dataclasses.asdict(room.stats()), **scrapes}
+
+        routes: list[Any] = [("/ws", Ours)]
+        if args.metrics:
+            from tornado_longconn.metrics import LongConnCollector, MetricsHandler
+
+            class Metrics(MetricsHandler):
+                """Counts the process CPU each scrape takes (collect and format)."""
+
+                async def get(self) -> None:
+                    cpu0 = time.process_time()
+                    await super().get()
+                    scrapes["scrapes"] += 1
+                    scrapes["scrape_cpu_s"] += time.process_time() - cpu0
+
+            collector = LongConnCollector(hubs=[hub])
+            routes.append(("/metrics", Metrics, {"collector": collector, "registry": None}))
+        return tornado.web.Application(routes), stats
 
     clients: list[tornado.websocket.WebSocketHandler] = []  # the tutorial's global list
 
@@ -289,6 +307,7 @@ def main() -> None:
     p.add_argument("--policy", default="close")
     p.add_argument("--high-water", type=int, default=256 * 1024)
     p.add_argument("--sndbuf", type=int, default=0, help="SO_SNDBUF of each member (ours)")
+    p.add_argument("--metrics", action="store_true", help="mount /metrics (ours)")
     args = p.parse_args()
     if os.environ.get("BENCH_LOOP") == "uvloop":
         import uvloop

@@ -1,4 +1,4 @@
-"""tornado-longconn demo: chat rooms with history, presence, heartbeat latency and uploads.
+"""tornado-longconn demo: chat rooms, direct messages and notifications on one connection.
 
 Run it from a checkout (in-memory backend, one process)::
 
@@ -10,15 +10,20 @@ processes on several ports and they behave as one app), ``--storage DIR`` (uploa
 ``--heartbeat SECONDS``, ``--allowed-hosts NAMES``, ``--upload-expiry SECONDS``,
 ``--sweep-interval SECONDS``.
 
-Everything below uses only the library's public API. Per room there is ONE
-``BroadcastGroup`` with history; the same topic is served over WebSocket (members
-of the group), Server-Sent Events and long-poll (both read the group's history
-through one shared ``LongPollWaiter``). Presence snapshots (who is here, on which
-transport, with which heartbeat latency) are ordinary messages of the room, so every
-transport sees them.
+Everything below uses only the library's public API. A page holds ONE connection
+speaking the subscriptions protocol (``longconn.js``'s ``LongConn.session()``) and
+subscribes to three kinds of topics on it, each resumed from its own cursor:
+``room:<name>`` (the room it shows), ``dm:<user>`` (its direct messages) and
+``notify`` (finished uploads, for everyone). The same topics are served over
+WebSocket (``SubscriptionMixin``), Server-Sent Events and long-poll (the
+multi-topic handlers, reading through one shared ``LongPollWaiter``). Messages are
+sent with ``call("chat.send")`` / ``call("dm.send")`` on WebSocket and ``POST
+/api/send/<room>`` / ``POST /api/dm/<user>`` otherwise, so the server stamps the
+sender. Presence snapshots (who is here, on which transport, with which heartbeat
+latency) are ordinary messages of the room, so every transport sees them.
 
 Nothing is acknowledged that was not done: a chat message the backend could not
-publish gets ``503`` over HTTP and an ``{"type": "error", ...}`` reply over
+publish gets ``503`` over HTTP and an ``unavailable`` error answer to the call over
 WebSocket. Chat messages are bounded in size and JSON depth before they are
 parsed; rooms are freed when nobody uses them; ``/api/send`` takes only
 same-origin JSON; requests naming a host outside ``--allowed-hosts`` get 421;
@@ -50,18 +55,28 @@ import tornado.web
 import tornado.websocket
 
 from tornado_longconn.backends import Backend, MemoryBackend, backend_from_url
-from tornado_longconn.broadcast import BroadcastGroup, BroadcastHub, GapPolicy, cursor_envelope
-from tornado_longconn.codes import CloseCode
-from tornado_longconn.exceptions import CursorError, LongConnError
+from tornado_longconn.broadcast import BroadcastGroup, BroadcastHub
+from tornado_longconn.exceptions import LongConnError
 from tornado_longconn.heartbeat import HeartbeatMixin
+from tornado_longconn.inspection import InspectionHandler
 from tornado_longconn.log import Cursor
-from tornado_longconn.longpoll import LongPollHandler, LongPollWaiter
+from tornado_longconn.longpoll import LongPollWaiter
 from tornado_longconn.server import ServerLimits, start_server
-from tornado_longconn.sse import SSEHandler
 from tornado_longconn.staticfiles import static_url_spec
+from tornado_longconn.subscriptions import (
+    SubscriptionError,
+    SubscriptionMixin,
+    subscription_group,
+)
+from tornado_longconn.subscriptions_http import SubscriptionPollHandler, SubscriptionSSEHandler
 from tornado_longconn.upload import ChunkedUploadSink, UploadStore
 from tornado_longconn.upload_tus import TusUploadHandler
 from tornado_longconn.upload_ws import WebSocketUploadHandler
+
+try:  # the [metrics] extra: pip install -e ".[metrics]"
+    from tornado_longconn.metrics import LongConnCollector, MetricsHandler
+except ImportError:  # prometheus_client is missing: no /metrics
+    LongConnCollector = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("demo")
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -69,6 +84,7 @@ ROOM_RE = re.compile(r"[A-Za-z0-9_-]{1,40}")
 HISTORY = 500  # messages kept per room
 RECENT = 50  # messages shown when a page joins a room
 MAX_ROOMS = 100  # rooms this process serves at once
+MAX_TOPICS = 8  # topics one connection or request holds (a page uses 3: room, dm, notify)
 MAX_TEXT = 2000  # characters per chat message
 MAX_MESSAGE = 16 * 1024  # bytes of one chat message (JSON), checked before parsing
 MAX_DEPTH = 4  # nesting of [] and {} in a chat message, checked before parsing
@@ -76,12 +92,21 @@ MAX_UPLOAD = 256 << 20  # bytes per upload
 UPLOAD_CHUNK = 256 << 10  # bytes per WebSocket upload chunk
 POLL_GRACE = 40.0  # seconds a long-poll user stays present between polls
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+NOTIFY = "notify"  # the topic every page subscribes to: finished uploads
 
 
 def clean_user(name: str) -> str:
-    """A short display name from the client's ``?user=`` (it is not authentication)."""
-    name = re.sub(r"[^\w .-]", "", name)[:24].strip()
+    """A short user name from the client's ``?user=`` (it is not authentication).
+
+    Letters, digits, ``_ . -`` only, so that ``dm:<user>`` is a valid topic.
+    """
+    name = re.sub(r"[^A-Za-z0-9_.-]", "", name)[:24]
     return name or "anonymous"
+
+
+def dm_topic(user: str) -> str:
+    """The topic of ``user``'s direct messages."""
+    return "dm:" + user
 
 
 class Room:
@@ -90,7 +115,8 @@ class Room:
     def __init__(self, demo: Demo, name: str) -> None:
         self.demo = demo
         self.name = name
-        self.group: BroadcastGroup = demo.hub.group("room:" + name)
+        # The group of the protocol topic "room:<name>" (history, topic envelope, resync).
+        self.group: BroadcastGroup = subscription_group(demo.hub, "room:" + name)
         self.present: dict[str, dict[str, Any]] = {}  # user -> {"transports": {...}, "latency": s}
         self._poll_timers: dict[str, object] = {}
         self._publish_handle: object | None = None
@@ -186,19 +212,49 @@ class Demo:
         upload_expiry: float = 86400.0,
     ) -> None:
         self.backend = backend
-        self.hub = BroadcastHub(
-            backend,
-            history=HISTORY,
-            envelope=cursor_envelope,  # each WebSocket message carries its cursor
-            gap_policy=GapPolicy.NOTICE,  # longconn.js shows and handles resync notices
-        )
+        # Every topic is a group of this hub made by subscription_group(): history,
+        # {"topic","cursor","data"} messages, resync notices (longconn.js handles them).
+        self.hub = BroadcastHub(backend, history=HISTORY)
         self.waiter = LongPollWaiter(backend)  # serves both long-poll and SSE
         self.store = UploadStore(storage, max_size=MAX_UPLOAD, expire_after=upload_expiry)
+        # /metrics: every part's stats(), read when Prometheus scrapes.
+        self.collector = (
+            LongConnCollector(hubs=[self.hub], waiters=[self.waiter], upload_stores=[self.store])
+            if LongConnCollector is not None
+            else None
+        )
         self.heartbeat = heartbeat
         self.latency_refresh = max(heartbeat, 1.0)
         self.rooms: dict[str, Room] = {}
         self.files: OrderedDict[str, dict[str, Any]] = OrderedDict()  # recent uploads
         self.stats = {"rooms_freed": 0, "not_sent": 0, "bad_messages": 0, "refused": 0}
+        self._tasks: set[asyncio.Future[bool]] = set()
+
+    async def publish_to(self, topic: str, message: dict[str, Any]) -> bool:
+        """Publish ``message`` to a protocol topic; False (logged, counted) if the backend could not."""
+        try:
+            await subscription_group(self.hub, topic).publish(json.dumps(message))
+        except LongConnError as exc:
+            self.stats["not_sent"] += 1
+            log.warning("could not publish to %s: %r", topic, exc)
+            return False
+        return True
+
+    async def send_dm(self, sender: str, to: str, text: str) -> bool:
+        """A direct message to ``to``, and a copy to ``sender`` (their other pages)."""
+        message = {"type": "dm", "from": sender, "to": to, "text": text, "time": time.time()}
+        if not await self.publish_to(dm_topic(to), message):
+            return False
+        if to != sender:
+            await self.publish_to(dm_topic(sender), message)
+        return True
+
+    def notify(self, text: str, **extra: Any) -> None:
+        """Publish a notice to every page (``notify`` topic), without waiting."""
+        message = {"type": "notice", "text": text, "time": time.time(), **extra}
+        task = asyncio.ensure_future(self.publish_to(NOTIFY, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def check_room(self, name: str) -> None:
         """404 for a bad name, 503 when ``name`` is not open and MAX_ROOMS are."""
@@ -283,6 +339,7 @@ class Demo:
         ):
             with self.using(room_name) as room:
                 await self.publish(room, info)
+        self.notify(f"{info['user']} uploaded {sink.filename}", room=room_name, url=info["url"])
 
     async def sweep_uploads(self) -> None:
         """Remove expired partial uploads (run by a timer)."""
@@ -321,75 +378,136 @@ class DemoHandler(JSONErrors):
         return clean_user(self.get_query_argument("user", ""))
 
 
-class RoomSocket(HeartbeatMixin, tornado.websocket.WebSocketHandler):
-    """A page's WebSocket: a member of its room's group, with application-level heartbeats."""
+class DemoHooks:
+    """Who may read which topic, for the WebSocket, SSE and long-poll handlers alike.
+
+    ``room:<name>`` (a valid name; a 101st room in use at once is refused with
+    ``limit``), ``dm:<user>`` for that user only, ``notify`` for everyone. Nobody
+    publishes directly: messages go through ``call`` (WebSocket) or ``POST``
+    (the other transports), which check them and stamp the sender.
+    """
+
+    demo: Demo
+    user: str
+    max_topics = MAX_TOPICS  # so that one page cannot hold many of the MAX_ROOMS rooms
+
+    def authorize_subscribe(self, topic: str, params: Any) -> bool:
+        kind, _, name = topic.partition(":")
+        if topic == NOTIFY:
+            return True
+        if kind == "dm":
+            return name == self.user
+        if kind == "room" and ROOM_RE.fullmatch(name):
+            try:
+                self.demo.check_room(name)
+            except tornado.web.HTTPError:
+                raise SubscriptionError("limit", "too many rooms") from None
+            return True
+        return False
+
+    def authorize_publish(self, topic: str, data: Any) -> bool:
+        return False
+
+
+def room_of(topic: str) -> str | None:
+    """``"lobby"`` for ``"room:lobby"``; None for any other topic."""
+    kind, _, name = topic.partition(":")
+    return name if kind == "room" and ROOM_RE.fullmatch(name) else None
+
+
+class DemoSocket(DemoHooks, HeartbeatMixin, SubscriptionMixin, tornado.websocket.WebSocketHandler):
+    """A page's one WebSocket: the subscriptions protocol, with application-level heartbeats.
+
+    Calls: ``chat.send`` ``{"room", "text"}`` and ``dm.send`` ``{"to", "text"}``
+    answer ``{"sent": true}`` once published, ``bad_request`` for a malformed
+    message, ``unavailable`` when the backend could not publish it.
+    """
 
     heartbeat_interval = 5.0
-    heartbeat_mode = "application"  # browsers cannot see ping frames; longconn.js answers
+    heartbeat_mode = "application"  # the protocol's {"type":"ping"}; longconn.js answers
+    max_frame_size = MAX_MESSAGE  # a larger frame is answered too_large, never parsed
 
     def initialize(self, demo: Demo) -> None:
         self.demo = demo
-        self.room: Room | None = None
+        self.subscription_hub = demo.hub
+        self.rooms: dict[str, Room] = {}  # rooms this page is present in
 
     def prepare(self) -> None:
-        # Before the upgrade: a bad room is an HTTP error, not a half-open socket.
-        self.demo.check_room(self.path_args[0])
         self.user = clean_user(self.get_query_argument("user", ""))
+        self.current_user = self.user  # the library's log lines name the user (longconn_user)
 
-    def open(self, name: str) -> None:
-        try:
-            room = self.demo.room(name)  # opened and joined with no await in between
-        except tornado.web.HTTPError:  # the last free room went since prepare()
-            self.close(1013, "too many rooms")  # RFC 6455: try again later
-            return
-        try:
-            room.group.join(self, cursor=self.get_query_argument("cursor", None) or None)
-        except CursorError:  # not one of ours: the client starts over (longconn.js resyncs)
-            self.demo.release(room)
-            self.close(CloseCode.RESYNC_REQUIRED, "malformed cursor")
-            return
-        self.room = room
-        room.enter(self.user, "websocket")
+    async def authorize_subscribe(self, topic: str, params: Any) -> bool:  # type: ignore[override]
+        if not super().authorize_subscribe(topic, params):
+            return False
+        name = room_of(topic)
+        if name is not None and name not in self.rooms:
+            room = self.rooms[name] = self.demo.room(name)  # checked just above, no await since
+            room.enter(self.user, "websocket")
+        return True
 
-    async def on_message(self, message: str | bytes) -> None:
-        if self.room is None:
-            return
-        try:
-            text = chat_text(message)
-        except BadMessage as exc:
-            self.demo.stats["bad_messages"] += 1
-            self.reply_error("bad_message", str(exc))
-            return
-        if text is None:  # (heartbeat replies never get here: the mixin takes them)
-            self.demo.stats["bad_messages"] += 1
-            self.reply_error("bad_message", 'expected {"type": "chat", "text": "..."}')
-            return
-        if not await self.demo.publish(self.room, chat(self.user, text)):
-            self.reply_error("not_sent", "backend unavailable", text)
+    def on_message(self, message: str | bytes) -> Any:
+        # Presence: a page that leaves a room unsubscribes from it. (An unsubscribe
+        # frame is small; anything else is the mixin's to answer.)
+        if isinstance(message, str) and len(message) < 512 and '"unsubscribe"' in message:
+            with contextlib.suppress(ValueError, RecursionError):
+                frame = json.loads(message)
+                if isinstance(frame, dict) and frame.get("type") == "unsubscribe":
+                    self._leave(room_of(str(frame.get("topic"))))
+        return super().on_message(message)
 
-    def reply_error(self, error: str, reason: str, text: str | None = None) -> None:
-        """Tell this client (only) that its message was refused or not sent."""
-        reply: dict[str, Any] = {"type": "error", "error": error, "reason": reason}
-        if text is not None:
-            reply["text"] = text
-        with contextlib.suppress(tornado.websocket.WebSocketClosedError):
-            self.write_message(reply)
+    async def on_call(self, method: str, params: Any) -> Any:
+        if not isinstance(params, dict):
+            params = {}
+        if method == "chat.send":
+            name = str(params.get("room", ""))
+            text = call_text(params)
+            if not ROOM_RE.fullmatch(name):
+                raise SubscriptionError("bad_request", "no such room")
+            try:
+                with self.demo.using(name) as room:
+                    sent = await self.demo.publish(room, chat(self.user, text))
+            except tornado.web.HTTPError:
+                raise SubscriptionError("limit", "too many rooms") from None
+        elif method == "dm.send":
+            to = str(params.get("to", ""))
+            text = call_text(params)
+            if not to or clean_user(to) != to:
+                raise SubscriptionError("bad_request", "no such user")
+            sent = await self.demo.send_dm(self.user, to, text)
+        else:
+            raise SubscriptionError("not_found", f"no method {method[:40]!r}")
+        if not sent:
+            raise SubscriptionError("unavailable", "not sent: backend unavailable")
+        return {"sent": True}
 
     def is_heartbeat_reply(self, message: str) -> bool:
         answered = super().is_heartbeat_reply(message)
-        if answered and self.room is not None:
+        if answered and self.rooms:
             # The mixin records the round trip right after this returns.
             tornado.ioloop.IOLoop.current().add_callback(self._latency_changed)
         return answered
 
     def _latency_changed(self) -> None:
-        if self.room is not None:
-            self.room.set_latency(self.user, self.latency)
+        for room in self.rooms.values():
+            room.set_latency(self.user, self.latency)
+
+    def _leave(self, name: str | None) -> None:
+        room = self.rooms.pop(name, None) if name is not None else None
+        if room is not None:
+            room.leave(self.user, "websocket")
+            self.demo.release(room)
 
     def on_close(self) -> None:
-        if self.room is not None:
-            self.room.leave(self.user, "websocket")
-            self.demo.release(self.room)
+        for name in list(self.rooms):
+            self._leave(name)
+
+
+def call_text(params: dict[str, Any]) -> str:
+    """The ``text`` of a send call, stripped and cut to MAX_TEXT; ``bad_request`` if none."""
+    text = params.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise SubscriptionError("bad_request", 'expected {"text": "..."}')
+    return text.strip()[:MAX_TEXT]
 
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -403,8 +521,8 @@ def json_depth(text: str) -> int:
     return max(accumulate(steps, initial=0))
 
 
-def chat_text(body: str | bytes) -> str | None:
-    """The text of a chat message ``{"type": "chat", "text": "..."}``.
+def chat_text(body: str | bytes, kind: str = "chat") -> str | None:
+    """The text of a message ``{"type": "chat", "text": "..."}`` (``kind`` is the type).
 
     None when ``body`` is JSON but not a chat message; raises :class:`BadMessage`
     when it is larger than MAX_MESSAGE bytes (413), nested deeper than MAX_DEPTH,
@@ -425,10 +543,10 @@ def chat_text(body: str | bytes) -> str | None:
         msg = json.loads(text)
     except ValueError:
         raise BadMessage("message is not JSON") from None
-    if not isinstance(msg, dict) or msg.get("type") != "chat":
+    if not isinstance(msg, dict) or msg.get("type") != kind:
         return None
     if not isinstance(msg.get("text"), str) or not msg["text"].strip():
-        raise BadMessage('expected {"type": "chat", "text": "..."}')
+        raise BadMessage(f'expected {{"type": "{kind}", "text": "..."}}')
     return str(msg["text"]).strip()[:MAX_TEXT]
 
 
@@ -436,34 +554,59 @@ def chat(user: str, text: str) -> dict[str, Any]:
     return {"type": "chat", "user": user, "text": text, "time": time.time()}
 
 
-class RoomPoll(LongPollHandler):
-    """Long-poll fallback: the room's topic, and the user counted as present."""
+def requested_rooms(handler: tornado.web.RequestHandler) -> list[str]:
+    """The rooms among an SSE or long-poll request's ``?topics=``.
+
+    Empty for a request over the topic limit (the handler refuses it with 429):
+    a refused request makes nobody present anywhere.
+    """
+    topics = (handler.get_query_argument("topics", "") or "").split(",")
+    if len(topics) > MAX_TOPICS:
+        return []
+    return [name for t in topics if (name := room_of(t)) is not None]
+
+
+class DemoPoll(DemoHooks, SubscriptionPollHandler):
+    """Long-poll fallback: the page's topics; the user counted as present in its rooms."""
 
     def initialize(self, demo: Demo) -> None:  # type: ignore[override]
-        super().initialize(demo.waiter)
+        super().initialize(hub=demo.hub, waiter=demo.waiter)
         self.demo = demo
 
-    async def get(self, room: str) -> None:  # type: ignore[override]
-        with self.demo.using(room) as r:
-            r.polled(clean_user(self.get_query_argument("user", "")))
-            await self.long_poll(r.group.name)
+    def prepare(self) -> None:
+        self.user = clean_user(self.get_query_argument("user", ""))
+
+    async def get(self) -> None:  # type: ignore[override]
+        with contextlib.ExitStack() as stack:
+            for name in requested_rooms(self):
+                with contextlib.suppress(tornado.web.HTTPError):  # refused by the hook
+                    stack.enter_context(self.demo.using(name)).polled(self.user)
+            await self.poll_subscriptions()
 
 
-class RoomEvents(SSEHandler):
-    """Server-Sent Events fallback: the room's topic, user present while the stream is open."""
+class DemoEvents(DemoHooks, SubscriptionSSEHandler):
+    """Server-Sent Events fallback: the page's topics; present in its rooms while it streams."""
 
     def initialize(self, demo: Demo) -> None:  # type: ignore[override]
-        super().initialize(demo.waiter)
+        super().initialize(hub=demo.hub, waiter=demo.waiter)
         self.demo = demo
 
-    async def get(self, room: str) -> None:  # type: ignore[override]
-        user = clean_user(self.get_query_argument("user", ""))
-        with self.demo.using(room) as r:
-            r.enter(user, "sse")
+    def prepare(self) -> None:
+        self.user = clean_user(self.get_query_argument("user", ""))
+
+    async def get(self) -> None:  # type: ignore[override]
+        with contextlib.ExitStack() as stack:
+            rooms: list[Room] = []
+            for name in requested_rooms(self):
+                with contextlib.suppress(tornado.web.HTTPError):  # refused by the hook
+                    rooms.append(stack.enter_context(self.demo.using(name)))
+            for room in rooms:
+                room.enter(self.user, "sse")
             try:
-                await self.stream_events(r.group.name)
+                await self.stream_subscriptions()
             finally:
-                r.leave(user, "sse")
+                for room in rooms:
+                    room.leave(self.user, "sse")
 
 
 class SendHandler(DemoHandler):
@@ -484,19 +627,46 @@ class SendHandler(DemoHandler):
             self.demo.stats["refused"] += 1
             raise tornado.web.HTTPError(415, reason="Content-Type must be application/json")
 
-    async def post(self, room: str) -> None:
+    kind = "chat"
+
+    def text(self) -> str:
+        """The body's text (see :func:`chat_text`), or the HTTP error for a bad body."""
         try:
-            text = chat_text(self.request.body)
+            text = chat_text(self.request.body, self.kind)
         except BadMessage as exc:
             self.demo.stats["bad_messages"] += 1
             raise tornado.web.HTTPError(exc.status, reason=str(exc)) from None
         if text is None:
             self.demo.stats["bad_messages"] += 1
-            raise tornado.web.HTTPError(400, reason='expected {"type": "chat", "text": "..."}')
+            raise tornado.web.HTTPError(
+                400, reason=f'expected {{"type": "{self.kind}", "text": "..."}}'
+            )
+        return text
+
+    def not_sent(self) -> None:
+        self.set_header("Retry-After", "5")
+        raise tornado.web.HTTPError(503, reason="not sent: backend unavailable")
+
+    async def post(self, room: str) -> None:
+        text = self.text()
         with self.demo.using(room) as r:
             if not await self.demo.publish(r, chat(self.user(), text)):
-                self.set_header("Retry-After", "5")
-                raise tornado.web.HTTPError(503, reason="not sent: backend unavailable")
+                self.not_sent()
+        self.set_status(204)
+
+
+class DirectMessageHandler(SendHandler):
+    """POST ``{"type": "dm", "text": "..."}`` to ``/api/dm/<user>`` (pages on SSE or long-poll).
+
+    The same checks and answers as :class:`SendHandler`.
+    """
+
+    kind = "dm"
+
+    async def post(self, to: str) -> None:
+        text = self.text()
+        if not await self.demo.send_dm(self.user(), to, text):
+            self.not_sent()
         self.set_status(204)
 
 
@@ -613,6 +783,11 @@ def default_allowed_hosts(listen_host: str) -> frozenset[str]:
     return frozenset(hosts)
 
 
+def local_only(request: tornado.httputil.HTTPServerRequest) -> bool:
+    """The inspection endpoint's auth hook: only clients on this machine."""
+    return request.remote_ip in ("127.0.0.1", "::1")
+
+
 def make_app(
     demo: Demo, allowed_hosts: frozenset[str] | None = None, base_url: str | None = None
 ) -> tornado.web.Application:
@@ -620,10 +795,11 @@ def make_app(
     room = r"([A-Za-z0-9_-]{1,40})"
     routes: list[Any] = [
         (r"/()", tornado.web.StaticFileHandler, {"path": STATIC, "default_filename": "index.html"}),
-        (r"/ws/" + room, RoomSocket, d),
-        (r"/poll/" + room, RoomPoll, d),
-        (r"/sse/" + room, RoomEvents, d),
+        (r"/ws", DemoSocket, d),  # one connection per page: rooms, DMs, notifications
+        (r"/poll", DemoPoll, d),
+        (r"/sse", DemoEvents, d),
         (r"/api/send/" + room, SendHandler, d),
+        (r"/api/dm/([A-Za-z0-9_.-]{1,24})", DirectMessageHandler, d),
         (r"/api/history/" + room, HistoryHandler, d),
         (r"/api/rooms", RoomsHandler, d),
         (r"/api/config", ConfigHandler, d),
@@ -642,13 +818,26 @@ def make_app(
             UploadSocket,
             {"store": demo.store, "chunk_size": UPLOAD_CHUNK, "on_complete": demo.upload_complete},
         ),
+        (
+            r"/api/inspect",
+            InspectionHandler,
+            {
+                "authorize": local_only,
+                "hubs": [demo.hub],
+                "waiters": [demo.waiter],
+                "upload_stores": [demo.store],
+            },
+        ),
     ]
+    if demo.collector is not None:
+        routes.append((r"/metrics", MetricsHandler, {"collector": demo.collector}))
     return DemoApplication(
         routes,
         allowed_hosts=allowed_hosts if allowed_hosts is not None else frozenset(LOCAL_HOSTS),
         static_path=STATIC,
         heartbeat_interval=demo.heartbeat,
-        # A hard cap (Tornado closes with 1009); chat_text() answers 413 from MAX_MESSAGE on.
+        # A hard cap (Tornado closes with 1009); from MAX_MESSAGE on a message is answered
+        # 413 (HTTP) or too_large (WebSocket).
         websocket_max_message_size=64 * 1024,
     )
 
@@ -720,6 +909,8 @@ async def main() -> None:
     server = start_server(
         make_app(demo, allowed, args.base_url), args.port, args.host, limits=limits
     )
+    if demo.collector is not None:
+        demo.collector.servers.append(server)  # accept-loop counters on /metrics
     sweeper = tornado.ioloop.PeriodicCallback(demo.sweep_uploads, args.sweep_interval * 1000)
     sweeper.start()
     where = "localhost" if args.host in ("127.0.0.1", "::1", "localhost") else args.host

@@ -373,3 +373,16 @@ async def test_history_never_runs_ahead_of_local_delivery(
         )
     assert ahead == []
     await rec.wait_messages(100)
+
+
+async def test_publish_latency_counts_every_publish_once(backend: Backend) -> None:
+    reader = getattr(backend, "publish_latency", None)
+    assert reader is not None, "every backend of the library keeps a publish-latency histogram"
+    first = reader()
+    assert (first.count, first.sum) == (0, 0.0)
+    for i in range(4):
+        await backend.publish("lat", f"m{i}", history=H if i % 2 else None)
+    now = reader()
+    assert now.count == 4 and now.sum > 0
+    assert now.cumulative()[-1] == (float("inf"), 4)
+    assert first.count == 0  # a snapshot

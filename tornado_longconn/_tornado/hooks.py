@@ -234,7 +234,15 @@ class HandlerHooks:
                     if owner is not None:
                         func(owner)
             except Exception:
-                log.exception("%s listener %r failed", hook.value, func)
+                # Imported here: the logfields module imports this package.
+                from ..logfields import log_fields as _log_fields
+
+                log.exception(
+                    "%s listener %r failed",
+                    hook.value,
+                    func,
+                    extra=_log_fields(self._handler(), topic=None),
+                )
 
     def release(self) -> None:
         """Remove every patch (putting back what was there) and every listener."""

@@ -38,6 +38,9 @@ Contract:
   swallows an exception from one subscriber so the others still get the message.
 * ``stats()`` -- a :class:`BackendStats` snapshot, built when called; a backend
   adds no work per message to count (fields it does not count are ``None``).
+  The library's backends also time each publish (``publish_latency()``, a
+  :class:`~tornado_longconn.histogram.HistogramStats`: one bucket increment per
+  publish, never per subscriber); it is optional for other backends.
 """
 
 from __future__ import annotations

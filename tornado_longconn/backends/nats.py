@@ -72,7 +72,9 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 
 from ..exceptions import BackendError, BackendUnavailableError, ConnectionClosedError
+from ..histogram import HistogramStats, LatencyHistogram
 from ..log import Cursor, HistoryLimit, Message, SinceResult, new_epoch
+from ..logfields import log_fields
 from ._tail import decode_tail, encode_tail
 from .base import BackendStats, Subscriber
 
@@ -218,6 +220,7 @@ class NatsBackend:
             "subscriber_errors": 0,
             "decode_errors": 0,
         }
+        self._publish_latency = LatencyHistogram()
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
@@ -259,6 +262,10 @@ class NatsBackend:
             subscriber_errors=counts["subscriber_errors"],
             decode_errors=counts["decode_errors"],
         )
+
+    def publish_latency(self) -> HistogramStats:
+        """Seconds each successful publish took, round trip to NATS included (:class:`~tornado_longconn.histogram.HistogramStats`)."""
+        return self._publish_latency.stats()
 
     def subscriber_count(self, topic: str) -> int:
         """How many subscribers ``topic`` has in this process."""
@@ -328,20 +335,24 @@ class NatsBackend:
         return self._nc
 
     async def _on_disconnected(self) -> None:
-        log.warning("NATS connection lost; reconnecting")
+        log.warning("NATS connection lost; reconnecting", extra=log_fields())
         self._streams.clear()  # a restarted server may have lost streams: ask again
         for state in self._topics.values():
             state.resync = True
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
-            log.warning("NATS slow consumer: %s; the sequence check reports the loss", exc)
+            log.warning(
+                "NATS slow consumer: %s; the sequence check reports the loss",
+                exc,
+                extra=log_fields(),
+            )
         else:
-            log.info("NATS client error: %s", exc)
+            log.info("NATS client error: %s", exc, extra=log_fields())
 
     async def _on_reconnected(self) -> None:
         self._stats["reconnects"] += 1
-        log.info("NATS connection is back; subscribers resync")
+        log.info("NATS connection is back; subscribers resync", extra=log_fields())
         if self._resync_task is None or self._resync_task.done():
             self._resync_task = asyncio.create_task(self._resync(), name=f"{self!r} resync")
 
@@ -476,14 +487,24 @@ class NatsBackend:
                 await state.sub.unsubscribe()
 
     def _gap(self, topic: str, state: _Topic, reason: str) -> None:
-        log.info("topic %r: possible message loss (%s); subscribers resync", topic, reason)
+        log.info(
+            "topic %r: possible message loss (%s); subscribers resync",
+            topic,
+            reason,
+            extra=log_fields(topic=topic),
+        )
         for subscriber in list(state.subscribers):
             self._stats["gaps"] += 1
             try:
                 subscriber.on_gap(topic, reason)
             except Exception:
                 self._stats["subscriber_errors"] += 1
-                log.exception("subscriber %r failed on a gap of %r", subscriber, topic)
+                log.exception(
+                    "subscriber %r failed on a gap of %r",
+                    subscriber,
+                    topic,
+                    extra=log_fields(topic=topic),
+                )
 
     def _on_msg(self, topic: str, state: _Topic, msg: Msg) -> None:
         if self._topics.get(topic) is not state:
@@ -497,7 +518,11 @@ class NatsBackend:
             cursor = Cursor(epoch, seq) if seq else None
         except (ValueError, UnicodeDecodeError, KeyError):
             self._stats["decode_errors"] += 1
-            log.warning("topic %r: undecodable message dropped; subscribers resync", topic)
+            log.warning(
+                "topic %r: undecodable message dropped; subscribers resync",
+                topic,
+                extra=log_fields(topic=topic),
+            )
             self._gap(topic, state, "lost")
             return
         self._stats["received"] += 1
@@ -521,7 +546,12 @@ class NatsBackend:
                 subscriber.on_message(message)
             except Exception:
                 self._stats["subscriber_errors"] += 1
-                log.exception("subscriber %r failed on a message of %r", subscriber, topic)
+                log.exception(
+                    "subscriber %r failed on a message of %r",
+                    subscriber,
+                    topic,
+                    extra=log_fields(topic=topic),
+                )
 
     # -- publish and history ------------------------------------------------------------
 
@@ -548,6 +578,7 @@ class NatsBackend:
         :class:`BackendError` when JetStream refuses, :class:`ConnectionClosedError`
         after :meth:`close`.
         """
+        start = time.perf_counter()
         now = self._clock()
         tail, _size = encode_tail(data, tag, now)
         nc = self._client()
@@ -557,6 +588,7 @@ class NatsBackend:
                 raise BackendUnavailableError("NATS is unavailable: not connected")
             await self._request(nc.publish(live, b":" + tail))
             self._stats["published"] += 1
+            self._publish_latency.observe(time.perf_counter() - start)
             return Message(topic, data, None, tag, now)
         limit = (history.max_messages, history.max_bytes or 0, history.max_age)
         stream = self._streams.get(topic)
@@ -579,6 +611,7 @@ class NatsBackend:
                 js.publish(subject, stream.epoch.encode("ascii") + b":" + tail)
             )
         self._stats["published"] += 1
+        self._publish_latency.observe(time.perf_counter() - start)
         return Message(topic, data, Cursor(stream.epoch, ack.seq), tag, now)
 
     async def since(
@@ -664,7 +697,11 @@ class NatsBackend:
         try:
             await asyncio.wait_for(wait(), self.command_timeout)
         except asyncio.TimeoutError:
-            log.warning("topic %r: live delivery is behind a history read", topic)
+            log.warning(
+                "topic %r: live delivery is behind a history read",
+                topic,
+                extra=log_fields(topic=topic),
+            )
 
     async def head(self, topic: str) -> Cursor:
         """The cursor of ``topic``'s newest message (offset 0 when it has none).

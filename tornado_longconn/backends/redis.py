@@ -107,7 +107,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._tornado.redispy import RawConnection, check_redispy, pubsub_connection
 from ..exceptions import BackendError, BackendUnavailableError, ConnectionClosedError
+from ..histogram import HistogramStats, LatencyHistogram
 from ..log import Cursor, HistoryLimit, Message, SinceResult, new_epoch
+from ..logfields import log_fields
 from .base import BackendStats, Subscriber
 
 check_redispy()  # a redis-py that renamed what the listener uses fails here, loudly
@@ -399,6 +401,7 @@ class RedisBackend:
             "subscriber_errors": 0,
             "decode_errors": 0,
         }
+        self._publish_latency = LatencyHistogram()
 
     def __repr__(self) -> str:
         state = "connected" if self._conn is not None else "disconnected"
@@ -450,6 +453,10 @@ class RedisBackend:
             subscriber_errors=counts["subscriber_errors"],
             decode_errors=counts["decode_errors"],
         )
+
+    def publish_latency(self) -> HistogramStats:
+        """Seconds each successful publish took, round trip to Redis included (:class:`~tornado_longconn.histogram.HistogramStats`)."""
+        return self._publish_latency.stats()
 
     def subscriber_count(self, topic: str) -> int:
         """How many subscribers ``topic`` has in this process."""
@@ -607,11 +614,13 @@ class RedisBackend:
             maxlen = history.max_messages
             maxbytes = history.max_bytes or 0
             age = repr(history.max_age) if history.max_age is not None else ""
+        start = time.perf_counter()
         result = await self._call(
             self._publish_script,
             (meta, hist),
             (self._channel(topic), self._candidate(), maxlen, maxbytes, size, tail, age),
         )
+        self._publish_latency.observe(time.perf_counter() - start)
         epoch = result[0].decode("ascii")
         self._used_candidate(epoch)
         self._stats["published"] += 1
@@ -654,7 +663,11 @@ class RedisBackend:
                 try:
                     await asyncio.wait_for(asyncio.shield(future), self.command_timeout)
                 except asyncio.TimeoutError:
-                    log.warning("topic %r: live delivery is behind a history read", topic)
+                    log.warning(
+                        "topic %r: live delivery is behind a history read",
+                        topic,
+                        extra=log_fields(topic=topic),
+                    )
         finally:
             if future is not None:
                 self._syncs.pop(sync[1], None)
@@ -719,7 +732,9 @@ class RedisBackend:
                 await asyncio.wait_for(conn.connect(), self.command_timeout)
                 if ever_connected:
                     self._stats["reconnects"] += 1
-                    log.info("Redis pub/sub connection is back; subscribing again")
+                    log.info(
+                        "Redis pub/sub connection is back; subscribing again", extra=log_fields()
+                    )
                 ever_connected = True
                 self._conn = conn
                 self._first_attempt.set()
@@ -733,11 +748,11 @@ class RedisBackend:
                     self._backoff.reset()
                 await self._read(conn)
             except _UNAVAILABLE as exc:
-                log.warning("Redis pub/sub connection lost or refused: %s", exc)
+                log.warning("Redis pub/sub connection lost or refused: %s", exc, extra=log_fields())
             except RedisError as exc:
-                log.warning("Redis pub/sub connection error: %s", exc)
+                log.warning("Redis pub/sub connection error: %s", exc, extra=log_fields())
             except Exception:
-                log.exception("Redis pub/sub task failed; reconnecting")
+                log.exception("Redis pub/sub task failed; reconnecting", extra=log_fields())
             finally:
                 self._conn = None
                 self._first_attempt.set()
@@ -805,14 +820,24 @@ class RedisBackend:
             self._gap(topic, state, "reconnect")
 
     def _gap(self, topic: str, state: _Topic, reason: str) -> None:
-        log.info("topic %r: possible message loss (%s); subscribers resync", topic, reason)
+        log.info(
+            "topic %r: possible message loss (%s); subscribers resync",
+            topic,
+            reason,
+            extra=log_fields(topic=topic),
+        )
         for subscriber in list(state.subscribers):
             self._stats["gaps"] += 1
             try:
                 subscriber.on_gap(topic, reason)
             except Exception:
                 self._stats["subscriber_errors"] += 1
-                log.exception("subscriber %r failed on a gap of %r", subscriber, topic)
+                log.exception(
+                    "subscriber %r failed on a gap of %r",
+                    subscriber,
+                    topic,
+                    extra=log_fields(topic=topic),
+                )
 
     def _on_payload(self, channel: bytes, payload: bytes) -> None:
         topic = self._by_channel.get(channel)
@@ -823,7 +848,11 @@ class RedisBackend:
             epoch, seq, offset, data, tag, time_s = decode_payload(payload)
         except (ValueError, UnicodeDecodeError):
             self._stats["decode_errors"] += 1
-            log.warning("topic %r: undecodable message dropped; subscribers resync", topic)
+            log.warning(
+                "topic %r: undecodable message dropped; subscribers resync",
+                topic,
+                extra=log_fields(topic=topic),
+            )
             self._gap(topic, state, "lost")
             return
         self._stats["received"] += 1
@@ -840,4 +869,9 @@ class RedisBackend:
                 subscriber.on_message(message)
             except Exception:
                 self._stats["subscriber_errors"] += 1
-                log.exception("subscriber %r failed on a message of %r", subscriber, topic)
+                log.exception(
+                    "subscriber %r failed on a message of %r",
+                    subscriber,
+                    topic,
+                    extra=log_fields(topic=topic),
+                )

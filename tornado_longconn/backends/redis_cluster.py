@@ -51,6 +51,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._tornado.redispy import RawConnection, pubsub_connection
 from ..exceptions import BackendError, BackendUnavailableError
+from ..logfields import log_fields
 from .base import Subscriber
 from .redis import _PUBLISH_LUA, _SINCE_LUA, _UNAVAILABLE, DEFAULT_PREFIX, RedisBackend, _Topic
 from .redis_sentinel import _checked
@@ -270,7 +271,7 @@ class ClusterRedisBackend(RedisBackend):
         try:
             await self._refresh_slots()
         except (*_UNAVAILABLE, RedisError) as exc:
-            log.warning("Redis Cluster topology unavailable: %s", exc)
+            log.warning("Redis Cluster topology unavailable: %s", exc, extra=log_fields())
         finally:
             self._first_attempt.set()
         await asyncio.Event().wait()  # until close() cancels it
@@ -372,10 +373,15 @@ class ClusterRedisBackend(RedisBackend):
                 await self._shard_read(shard, conn)
             except _UNAVAILABLE as exc:
                 log.warning(
-                    "Redis Cluster pub/sub to %s:%s lost or refused: %s", *shard.address, exc
+                    "Redis Cluster pub/sub to %s:%s lost or refused: %s",
+                    *shard.address,
+                    exc,
+                    extra=log_fields(),
                 )
             except RedisError as exc:
-                log.warning("Redis Cluster pub/sub to %s:%s: %s", *shard.address, exc)
+                log.warning(
+                    "Redis Cluster pub/sub to %s:%s: %s", *shard.address, exc, extra=log_fields()
+                )
             finally:
                 shard.conn = None
                 if self._conn is conn:

@@ -15,6 +15,18 @@
  *   });
  *   conn.send({text: "hi"});
  *
+ * Many topics on one connection (the subscriptions protocol v1, SubscriptionMixin and
+ * the multi-topic SSE / long-poll handlers on the server), each resumed from its own
+ * cursor:
+ *
+ *   const session = LongConn.session({url: "/ws", sseUrl: "/sse", pollUrl: "/poll",
+ *                                     publishUrl: "/publish"});
+ *   const room = session.subscribe("room:1", {onMessage(data, cursor, meta) {},
+ *                                             onResync(info) {}});
+ *   await session.publish("room:1", {text: "hi"});     // {topic, cursor}
+ *   const answer = await session.call("rooms.list", {}); // rejects with LongConnError
+ *   await room.unsubscribe();
+ *
  * - Transports: WebSocket -> SSE -> long-poll, chosen automatically (a transport
  *   that fails `fallbackAfter` times without ever opening is skipped), or forced
  *   with `transport: "sse"` etc.
@@ -275,18 +287,29 @@
     this.transport = name;
     this._status("connecting");
     var opened = false;
+    var idleOnly = false; // opened without carrying anything yet: not proven to work
     var openTimer = setTimeout(function () {
       if (gen === self._gen && !opened) {
         self._closeImpl();
         hooks.closed({ code: null, reason: "open timeout" });
       }
     }, this.options.openTimeout);
+    this._openTimer = openTimer;
     var hooks = {
-      opened: function () {
+      // idle: open with nothing to carry yet (a Session without topics on SSE or
+      // long-poll); the transport is pinned once pin() shows it really works.
+      opened: function (idle) {
         if (gen !== self._gen || opened) return;
         opened = true;
+        idleOnly = idle === true;
         clearTimeout(openTimer);
-        self._onOpen();
+        self._onOpen(idleOnly);
+      },
+      pin: function () {
+        if (gen !== self._gen) return;
+        idleOnly = false;
+        self._failures = 0;
+        self._pinned = true;
       },
       message: function (raw, cursor) {
         if (gen === self._gen) self._onRaw(raw, cursor);
@@ -294,26 +317,32 @@
       resync: function (cursor, reason) {
         if (gen === self._gen) self._resync(cursor, reason);
       },
+      live: function () {
+        return gen === self._gen;
+      },
       closed: function (info) {
         if (gen !== self._gen) return;
         clearTimeout(openTimer);
         self._gen++;
         self._impl = null;
-        self._onClosed(opened, info || {});
+        // A transport that only opened idle and then failed counts as never opened.
+        self._onClosed(opened && !idleOnly, info || {});
       },
     };
     try {
-      this._impl = OPENERS[name](this, hooks);
+      this._impl = this._openers[name](this, hooks);
     } catch (e) {
       this._emit("error", [e]);
       hooks.closed({ code: null, reason: String(e && e.message) });
     }
   };
 
-  Connection.prototype._onOpen = function () {
+  Connection.prototype._onOpen = function (idle) {
     this._openedAt = Date.now();
-    this._failures = 0;
-    this._pinned = true;
+    if (!idle) {
+      this._failures = 0;
+      this._pinned = true;
+    }
     this.stats.opened++;
     this._touch();
     this._status("open");
@@ -458,6 +487,7 @@
   Connection.prototype.close = function () {
     clearTimeout(this._timer);
     clearTimeout(this._idleTimer);
+    clearTimeout(this._openTimer);
     this._gen++;
     this._closeImpl();
     if (this.state !== "closed") this._status("closed", { code: CloseCode.NORMAL });
@@ -495,11 +525,16 @@
     return q;
   };
 
+  /** The WebSocket URL of the next attempt (with the cursor). */
+  Connection.prototype._wsUrl = function () {
+    return buildUrl(this.options.url, this._query(), true);
+  };
+
   // -------------------------------------------------------------- transports
 
   var OPENERS = {
     websocket: function (conn, hooks) {
-      var ws = new WebSocket(buildUrl(conn.options.url, conn._query(), true));
+      var ws = new WebSocket(conn._wsUrl());
       ws.binaryType = "arraybuffer";
       var done = false;
       function finish(info) {
@@ -649,9 +684,1060 @@
     },
   };
 
+  Connection.prototype._openers = OPENERS;
+
   /** Create a Connection and start it. See DEFAULTS for the options. */
   function connect(options) {
     return new Connection(options).start();
+  }
+
+  // ------------------------------------------------------- subscriptions (v1)
+  //
+  // The subscriptions protocol v1 (docs/reference/subscriptions-protocol.md): many
+  // topics on one connection, each resumed from its own cursor. A Session is a
+  // Connection (same transports, fallback, backoff and status events) that speaks it.
+
+  /** The version of the subscriptions protocol a Session speaks. */
+  var PROTOCOL_VERSION = 1;
+
+  var TOPIC_RE = /^[A-Za-z0-9_\-.:@/+]{1,128}$/;
+
+  /** The protocol's error codes and their statuses (the server's `error` frames). */
+  var ErrorCode = Object.freeze({
+    bad_request: 400,
+    unauthorized: 401,
+    forbidden: 403,
+    not_found: 404,
+    conflict: 409,
+    too_large: 413,
+    limit: 429,
+    internal: 500,
+    unavailable: 503,
+    timeout: 504,
+  });
+
+  // Close codes that end a Session for good, and the error code they are reported as.
+  var FATAL_CLOSE_ERRORS = { 1008: "bad_request", 4401: "unauthorized", 4403: "forbidden" };
+
+  /** True when `topic` is a valid topic name (1-128 of A-Z a-z 0-9 _ - . : @ / +). */
+  function validTopic(topic) {
+    return typeof topic === "string" && TOPIC_RE.test(topic);
+  }
+
+  /**
+   * The error of a request or subscription: `code` is one of the protocol's error codes
+   * (ErrorCode: "forbidden", "timeout", ...) or a client code ("disconnected": the
+   * connection was lost before the answer came; "closed": the session was closed;
+   * "unsupported": the transport in use cannot do it), `status` the protocol's status
+   * (null for client codes), `topic` and `id` when known.
+   */
+  function LongConnError(message, code, status, extra) {
+    var e = new Error(message);
+    if (Object.setPrototypeOf) Object.setPrototypeOf(e, LongConnError.prototype);
+    e.code = code || "internal";
+    e.status = status === undefined ? null : status;
+    e.topic = (extra && extra.topic) || null;
+    e.id = extra && extra.id !== undefined ? extra.id : null;
+    e.reason = (extra && extra.reason) || message;
+    return e;
+  }
+  LongConnError.prototype = Object.create(Error.prototype, {
+    constructor: { value: LongConnError, writable: true, configurable: true },
+    name: { value: "LongConnError", writable: true, configurable: true },
+  });
+
+  /** The LongConnError of a server `error` frame or HTTP error body. */
+  function errorFromFrame(frame, fallbackStatus) {
+    var code = typeof frame.code === "string" ? frame.code : "internal";
+    var status = typeof frame.status === "number" ? frame.status : ErrorCode[code] || fallbackStatus || null;
+    var reason = typeof frame.reason === "string" && frame.reason ? frame.reason : code;
+    return new LongConnError(reason, code, status, { topic: frame.topic, id: frame.id, reason: reason });
+  }
+
+  /**
+   * A cursor map for SSE and long-poll: `[[topic, cursor or null], ...]` (or an object)
+   * becomes "topic=cursor,topic2=" (an empty cursor means "from now").
+   */
+  function encodeCursorMap(entries) {
+    if (!Array.isArray(entries)) {
+      entries = Object.keys(entries).map(function (t) {
+        return [t, entries[t]];
+      });
+    }
+    return entries
+      .map(function (e) {
+        return e[0] + "=" + (e[1] || "");
+      })
+      .join(",");
+  }
+
+  /**
+   * Parse a cursor map ("room:1=a1b2-17,dm:ann=") into {topic: cursor or null}; null
+   * when it is malformed (a bad topic or cursor, a missing "=", a topic twice).
+   */
+  function parseCursorMap(text) {
+    if (typeof text !== "string") return null;
+    var out = Object.create(null);
+    if (text === "") return out;
+    var parts = text.split(",");
+    for (var i = 0; i < parts.length; i++) {
+      var eq = parts[i].indexOf("=");
+      if (eq < 0) return null;
+      var topic = parts[i].slice(0, eq);
+      var cursor = parts[i].slice(eq + 1);
+      if (!validTopic(topic) || topic in out) return null;
+      if (cursor !== "" && !parseCursor(cursor)) return null;
+      out[topic] = cursor || null;
+    }
+    return out;
+  }
+
+  /**
+   * The cursor to keep after the server reported `candidate` as a topic's position:
+   * `current` when it is set and `candidate` is not later in the same epoch (a cursor
+   * never moves back, and another epoch comes with a resync notice), else `candidate`.
+   */
+  function advanceCursor(current, candidate) {
+    if (!candidate || !parseCursor(candidate)) return current || null;
+    if (!current) return candidate;
+    var a = parseCursor(candidate);
+    var b = parseCursor(current);
+    return b && a.epoch === b.epoch && a.offset > b.offset ? candidate : current;
+  }
+
+  /**
+   * Classify a server text frame: {kind, frame} where kind is "message" (no `type`),
+   * "welcome", "subscribed", "resync", "unsubscribed", "published", "result", "error",
+   * "ping" or "unknown" (a type from a newer server); null for anything that is not a
+   * JSON object.
+   */
+  function parseFrame(raw) {
+    var value = raw;
+    if (typeof raw === "string") {
+      try {
+        value = JSON.parse(raw);
+      } catch (e) {
+        return null;
+      }
+    }
+    if (!value || typeof value !== "object" || Array.isArray(value)) return null;
+    if (value.type === undefined) {
+      return typeof value.topic === "string" ? { kind: "message", frame: value } : null;
+    }
+    var known = ["welcome", "subscribed", "resync", "unsubscribed", "published", "result", "error", "ping"];
+    return { kind: known.indexOf(value.type) >= 0 ? value.type : "unknown", frame: value };
+  }
+
+  function toBytes(data) {
+    if (data instanceof ArrayBuffer) return new Uint8Array(data);
+    if (ArrayBuffer.isView(data)) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    return null;
+  }
+
+  function isBinary(data) {
+    return (
+      (typeof ArrayBuffer !== "undefined" && data instanceof ArrayBuffer) ||
+      (typeof ArrayBuffer !== "undefined" && ArrayBuffer.isView(data))
+    );
+  }
+
+  /**
+   * A binary frame: a 2-byte big-endian header length n, n bytes of UTF-8 JSON header,
+   * then `payload` (ArrayBuffer or a typed array) unchanged. Returns a Uint8Array.
+   */
+  function encodeBinaryFrame(header, payload) {
+    var head = new TextEncoder().encode(JSON.stringify(header));
+    if (head.length > 65535) throw new LongConnError("binary frame header over 65535 bytes", "too_large", 413);
+    var body = toBytes(payload);
+    if (!body) throw new TypeError("payload must be an ArrayBuffer or a typed array");
+    var out = new Uint8Array(2 + head.length + body.length);
+    out[0] = head.length >> 8;
+    out[1] = head.length & 255;
+    out.set(head, 2);
+    out.set(body, 2 + head.length);
+    return out;
+  }
+
+  /**
+   * Parse a binary frame (ArrayBuffer or typed array): {header, payload} with the
+   * payload as a Uint8Array of its own; null when the frame is malformed.
+   */
+  function decodeBinaryFrame(data) {
+    var bytes = toBytes(data);
+    if (!bytes || bytes.length < 2) return null;
+    var n = (bytes[0] << 8) | bytes[1];
+    if (bytes.length < 2 + n) return null;
+    var header;
+    try {
+      header = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes.subarray(2, 2 + n)));
+    } catch (e) {
+      return null;
+    }
+    if (!header || typeof header !== "object" || Array.isArray(header)) return null;
+    return { header: header, payload: bytes.slice(2 + n) };
+  }
+
+  /** Base64 text to a Uint8Array (SSE and long-poll carry binary payloads as base64). */
+  function fromBase64(text) {
+    var bin = atob(text);
+    var out = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+    return out;
+  }
+
+  /**
+   * A message object of SSE or long-poll ({topic, cursor, data, binary?}) as
+   * [topic, cursor, data, binary]: a binary payload (base64) becomes a Uint8Array,
+   * as on WebSocket. Null when it is not a message object.
+   */
+  function messageFromObject(m) {
+    if (!m || typeof m !== "object" || typeof m.topic !== "string") return null;
+    var data = m.data;
+    var binary = m.binary === true && typeof data === "string";
+    if (binary) {
+      try {
+        data = fromBase64(data);
+      } catch (e) {
+        return null;
+      }
+    }
+    return [m.topic, m.cursor || null, data, binary];
+  }
+
+  /**
+   * Requests waiting for their answer, by id: each gets a Promise, settled by the
+   * answer, by its timeout (code "timeout") or by rejectAll() (connection lost).
+   * `timers` ({setTimeout, clearTimeout}) defaults to the global ones.
+   */
+  function Pending(timers) {
+    this._next = 1;
+    this._map = Object.create(null);
+    this._timers = timers || {
+      setTimeout: function (fn, ms) {
+        return setTimeout(fn, ms);
+      },
+      clearTimeout: function (t) {
+        clearTimeout(t);
+      },
+    };
+  }
+
+  /** A fresh request id (an integer below 2^53, never reused by this map). */
+  Pending.prototype.newId = function () {
+    return this._next++;
+  };
+
+  /**
+   * Register a request: returns {id, promise}. After `timeout` ms (none when 0 or
+   * null) the promise rejects with a LongConnError of code "timeout".
+   */
+  Pending.prototype.add = function (kind, timeout, info) {
+    var self = this;
+    var id = this.newId();
+    var entry = { id: id, kind: kind, info: info || null, timer: null };
+    entry.promise = new Promise(function (resolve, reject) {
+      entry.resolve = resolve;
+      entry.reject = reject;
+    });
+    if (timeout) {
+      entry.timer = this._timers.setTimeout(function () {
+        self.reject(
+          id,
+          new LongConnError("LongConn: " + kind + " timed out after " + timeout + " ms", "timeout", null, { id: id })
+        );
+      }, timeout);
+    }
+    this._map[id] = entry;
+    return entry;
+  };
+
+  /** Remove and return the request `id` (its timer stopped), or null. */
+  Pending.prototype.take = function (id) {
+    if (id === null || id === undefined || !(id in this._map)) return null;
+    var entry = this._map[id];
+    delete this._map[id];
+    if (entry.timer !== null) this._timers.clearTimeout(entry.timer);
+    return entry;
+  };
+
+  /** Settle request `id` with `value`; false when it is not pending. */
+  Pending.prototype.resolve = function (id, value) {
+    var entry = this.take(id);
+    if (entry) entry.resolve(value);
+    return !!entry;
+  };
+
+  /** Reject request `id` with `error`; false when it is not pending. */
+  Pending.prototype.reject = function (id, error) {
+    var entry = this.take(id);
+    if (entry) entry.reject(error);
+    return !!entry;
+  };
+
+  /** Reject every pending request with `error` (a fresh copy per request). */
+  Pending.prototype.rejectAll = function (error) {
+    var ids = Object.keys(this._map);
+    for (var i = 0; i < ids.length; i++) {
+      var entry = this.take(ids[i]);
+      if (entry) {
+        entry.reject(new LongConnError(error.message, error.code, error.status, { id: entry.id }));
+      }
+    }
+  };
+
+  /** How many requests wait for an answer. */
+  Pending.prototype.size = function () {
+    return Object.keys(this._map).length;
+  };
+
+  function callListeners(target, options, listeners, event, args) {
+    var cb = options["on" + event.charAt(0).toUpperCase() + event.slice(1)];
+    var fns = (listeners[event] || []).slice();
+    if (typeof cb === "function") fns.unshift(cb);
+    for (var i = 0; i < fns.length; i++) {
+      try {
+        fns[i].apply(target, args);
+      } catch (e) {
+        if (typeof console !== "undefined") console.error("LongConn: listener failed", e);
+      }
+    }
+    return fns.length;
+  }
+
+  /**
+   * One topic of a Session (made by session.subscribe()). `topic`; `cursor` the cursor
+   * of the last message delivered (or the start position the server gave); `state`
+   * "pending" (waiting for the server), "active" or "closed"; `ready` a Promise of the
+   * subscription once the server accepted it (rejected with a LongConnError when it
+   * refused it).
+   */
+  function Subscription(session, topic, options) {
+    var self = this;
+    this.topic = topic;
+    this.cursor = options.cursor || null;
+    this.params = options.params || null;
+    this.state = "pending";
+    this._session = session;
+    this._options = options;
+    this._listeners = {};
+    this._settled = false;
+    this.ready = new Promise(function (resolve, reject) {
+      self._resolveReady = resolve;
+      self._rejectReady = reject;
+    });
+    // A refusal is also reported through onError: an unawaited `ready` is not an error.
+    this.ready.catch(function () {});
+  }
+
+  /** Listen to "message", "resync", "error" or "unsubscribed" (as the on* options). */
+  Subscription.prototype.on = function (event, fn) {
+    (this._listeners[event] = this._listeners[event] || []).push(fn);
+    return this;
+  };
+
+  /** Stop receiving this topic. Resolves once the server confirmed (or at once when offline). */
+  Subscription.prototype.unsubscribe = function () {
+    return this._session.unsubscribe(this);
+  };
+
+  Subscription.prototype._emit = function (event, args) {
+    return callListeners(this, this._options, this._listeners, event, args);
+  };
+
+  Subscription.prototype._confirm = function (cursor) {
+    if (this.state === "closed") return;
+    if (!this.cursor && cursor && parseCursor(cursor)) this.cursor = cursor;
+    this.state = "active";
+    if (!this._settled) {
+      this._settled = true;
+      this._resolveReady(this);
+    }
+  };
+
+  Subscription.prototype._end = function (error) {
+    this.state = "closed";
+    if (!this._settled) {
+      this._settled = true;
+      this._rejectReady(error);
+    }
+  };
+
+  /**
+   * A connection speaking the subscriptions protocol: subscribe() to many topics,
+   * publish(), call(). Options are Connection's (url, sseUrl, pollUrl, transport,
+   * backoff, params, onStatus, ...; cursor/cursorParam/decode/sendUrl do not apply)
+   * and:
+   *   publishUrl      POST endpoint used by publish() when not on WebSocket
+   *   requestTimeout  ms a publish() or call() may wait for its answer (10000)
+   *   onResync        function(info): any subscription's resync ({topic, cursor, reason})
+   *   onWelcome       function({v, client}): the server's welcome frame
+   * Use LongConn.session(options) to create and start one.
+   */
+  function Session(options) {
+    Connection.call(this, assign({ requestTimeout: 10000, publishUrl: null }, options));
+    this.clientId = null; // the server's connection id (welcome frame)
+    this.protocolVersion = null;
+    this._subs = new Map(); // topic -> Subscription
+    this._subReqs = Object.create(null); // request id -> Subscription awaiting "subscribed"
+    this._pending = new Pending();
+    this._wsReady = false; // a WebSocket is open: frames can be sent
+  }
+  Session.prototype = Object.create(Connection.prototype);
+  Session.prototype.constructor = Session;
+
+  /**
+   * Subscribe to `topic`. `options` is a message handler, or: cursor (resume after it; default: from now), params
+   * (sent with the WebSocket subscribe frame), onMessage(data, cursor, meta),
+   * onResync({topic, cursor, reason, transport}), onError(error), onUnsubscribed(info).
+   * Returns a Subscription at once; throws a LongConnError for a bad topic or cursor
+   * ("bad_request"), a topic already subscribed ("conflict") or a closed session.
+   */
+  Session.prototype.subscribe = function (topic, options) {
+    if (typeof options === "function") options = { onMessage: options };
+    options = options || {};
+    if (this.state === "closed") throw new LongConnError("LongConn: the session is closed", "closed", null);
+    if (!validTopic(topic)) {
+      throw new LongConnError("LongConn: bad topic " + JSON.stringify(topic), "bad_request", 400, { topic: topic });
+    }
+    if (this._subs.has(topic)) {
+      throw new LongConnError("LongConn: already subscribed to " + topic, "conflict", 409, { topic: topic });
+    }
+    if (options.cursor && !parseCursor(options.cursor)) {
+      throw new LongConnError("LongConn: bad cursor " + JSON.stringify(options.cursor), "bad_request", 400, {
+        topic: topic,
+      });
+    }
+    var sub = new Subscription(this, topic, options);
+    this._subs.set(topic, sub);
+    if (this._wsReady) this._sendSubscribe(sub);
+    else this._topicsChanged();
+    return sub;
+  };
+
+  /**
+   * Stop receiving `topic` (a name or a Subscription). Never rejects: a subscription
+   * whose connection is gone is gone too.
+   */
+  Session.prototype.unsubscribe = function (topic) {
+    var sub = typeof topic === "string" ? this._subs.get(topic) : topic;
+    if (!sub || this._subs.get(sub.topic) !== sub) return Promise.resolve();
+    this._subs.delete(sub.topic);
+    sub._end(new LongConnError("LongConn: unsubscribed from " + sub.topic, "closed", null, { topic: sub.topic }));
+    for (var id in this._subReqs) {
+      // Its answer still comes (before "unsubscribed"): recognised, then dropped.
+      if (this._subReqs[id] === sub) this._subReqs[id] = null;
+    }
+    if (this._wsReady) {
+      var req = this._pending.add("unsubscribe", this.options.requestTimeout);
+      this._impl.send(JSON.stringify({ type: "unsubscribe", id: req.id, topic: sub.topic }));
+      return req.promise.then(
+        function () {},
+        function () {}
+      );
+    }
+    this._topicsChanged();
+    return Promise.resolve();
+  };
+
+  /** The subscriptions held now. */
+  Session.prototype.subscriptions = function () {
+    return Array.from(this._subs.values());
+  };
+
+  /**
+   * Publish `data` (JSON, or an ArrayBuffer / typed array for a binary frame) to
+   * `topic`. Over an open WebSocket it is a publish frame; otherwise it is POSTed to
+   * `publishUrl` (JSON only). Resolves with {topic, cursor}; rejects with a
+   * LongConnError (the server's code, "timeout", "disconnected": the connection was
+   * lost before the answer, so the message may or may not have been published).
+   */
+  Session.prototype.publish = function (topic, data) {
+    if (this.state === "closed") return Promise.reject(new LongConnError("LongConn: the session is closed", "closed", null));
+    if (!validTopic(topic)) {
+      return Promise.reject(new LongConnError("LongConn: bad topic " + JSON.stringify(topic), "bad_request", 400, { topic: topic }));
+    }
+    var binary = isBinary(data);
+    if (this._wsReady) {
+      var req = this._pending.add("publish", this.options.requestTimeout, { topic: topic });
+      try {
+        if (binary) this._impl.send(encodeBinaryFrame({ type: "publish", id: req.id, topic: topic }, data));
+        else this._impl.send(JSON.stringify({ type: "publish", id: req.id, topic: topic, data: data === undefined ? null : data }));
+      } catch (e) {
+        this._pending.reject(req.id, e instanceof LongConnError ? e : new LongConnError(String(e && e.message), "disconnected", null));
+      }
+      return req.promise;
+    }
+    if (!this.options.publishUrl) {
+      return Promise.reject(
+        new LongConnError("LongConn: no open WebSocket and no publishUrl configured", "disconnected", null, { topic: topic })
+      );
+    }
+    if (binary) {
+      return Promise.reject(
+        new LongConnError("LongConn: binary payloads need the WebSocket transport", "unsupported", null, { topic: topic })
+      );
+    }
+    return this._httpPublish(topic, data === undefined ? null : data);
+  };
+
+  Session.prototype._httpPublish = function (topic, data) {
+    var timeout = this.options.requestTimeout;
+    var controller = typeof AbortController === "function" ? new AbortController() : null;
+    var timedOut = false;
+    var timer = setTimeout(function () {
+      timedOut = true;
+      if (controller) controller.abort();
+    }, timeout);
+    return fetch(buildUrl(this.options.publishUrl, this.options.params), {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify({ topic: topic, data: data }),
+      credentials: this.options.withCredentials ? "include" : "same-origin",
+      signal: controller ? controller.signal : undefined,
+    })
+      .then(
+        function (res) {
+          return res.text().then(function (text) {
+            var body = tryJson(text);
+            if (!body || typeof body !== "object") body = {};
+            if (res.ok) return { topic: body.topic || topic, cursor: body.cursor || null };
+            var err = errorFromFrame(body, res.status);
+            err.status = res.status;
+            err.topic = topic;
+            throw err;
+          });
+        },
+        function (err) {
+          if (timedOut) {
+            throw new LongConnError("LongConn: publish timed out after " + timeout + " ms", "timeout", null, { topic: topic });
+          }
+          throw new LongConnError("LongConn: publish failed: " + String((err && err.message) || err), "disconnected", null, {
+            topic: topic,
+          });
+        }
+      )
+      .then(
+        function (value) {
+          clearTimeout(timer);
+          return value;
+        },
+        function (err) {
+          clearTimeout(timer);
+          throw err;
+        }
+      );
+  };
+
+  /**
+   * Call `method` on the server with `params` (JSON): resolves with the result.
+   * Needs an open WebSocket ("disconnected" otherwise, "unsupported" on SSE or
+   * long-poll). Rejects with the server's error (code, status), with "timeout" after
+   * `options.timeout` ms (default requestTimeout), or "disconnected" when the
+   * connection is lost first.
+   */
+  Session.prototype.call = function (method, params, options) {
+    if (this.state === "closed") return Promise.reject(new LongConnError("LongConn: the session is closed", "closed", null));
+    if (typeof method !== "string" || !method) {
+      return Promise.reject(new LongConnError("LongConn: call needs a method name", "bad_request", 400));
+    }
+    if (!this._wsReady) {
+      var onOther = this.state === "open" && this.transport !== "websocket";
+      return Promise.reject(
+        new LongConnError(
+          onOther ? "LongConn: call() needs the WebSocket transport (now " + this.transport + ")" : "LongConn: not connected",
+          onOther ? "unsupported" : "disconnected",
+          null
+        )
+      );
+    }
+    var timeout = options && options.timeout !== undefined ? options.timeout : this.options.requestTimeout;
+    var req = this._pending.add("call", timeout, { method: method });
+    var frame = { type: "call", id: req.id, method: method };
+    if (params !== undefined) frame.params = params;
+    this._impl.send(JSON.stringify(frame));
+    return req.promise;
+  };
+
+  /** Sessions do not send raw messages: use publish() or call(). */
+  Session.prototype.send = function () {
+    return Promise.reject(new LongConnError("LongConn: a Session sends with publish() or call()", "unsupported", null));
+  };
+
+  Session.prototype._wsUrl = function () {
+    return buildUrl(this.options.url, this.options.params, true);
+  };
+
+  Session.prototype._sendSubscribe = function (sub) {
+    var id = this._pending.newId();
+    this._subReqs[id] = sub;
+    sub.state = "pending";
+    var frame = { type: "subscribe", id: id, topic: sub.topic };
+    if (sub.cursor) frame.cursor = sub.cursor;
+    if (sub.params) frame.params = sub.params;
+    this._impl.send(JSON.stringify(frame));
+  };
+
+  /** SSE / long-poll: the topic set changed; their transport restarts its request. */
+  Session.prototype._topicsChanged = function () {
+    if (this._impl && typeof this._impl.topicsChanged === "function") this._impl.topicsChanged();
+  };
+
+  /** The query of an SSE or long-poll request: {list, topics, cursors}, or null without topics. */
+  Session.prototype._topicQuery = function () {
+    var list = [];
+    var entries = [];
+    this._subs.forEach(function (sub, topic) {
+      list.push(topic);
+      entries.push([topic, sub.cursor]);
+    });
+    if (!list.length) return null;
+    return { list: list, topics: list.join(","), cursors: encodeCursorMap(entries) };
+  };
+
+  Session.prototype._onOpen = function (idle) {
+    var self = this;
+    if (this.transport === "websocket" && this._impl) {
+      this._wsReady = true;
+      this._subs.forEach(function (sub) {
+        self._sendSubscribe(sub); // each from its own cursor
+      });
+    }
+    Connection.prototype._onOpen.call(this, idle);
+  };
+
+  // The transport is gone: requests cannot be answered any more, subscriptions wait
+  // for the next transport (they are sent again with their cursors).
+  Session.prototype._lost = function (code, message) {
+    this._wsReady = false;
+    this._subReqs = Object.create(null);
+    this._subs.forEach(function (sub) {
+      if (sub.state === "active") sub.state = "pending";
+    });
+    this._pending.rejectAll(new LongConnError(message, code, null));
+  };
+
+  Session.prototype._onClosed = function (opened, info) {
+    if (this.state === "closed") return;
+    var why = info.reason || (info.code ? "close code " + info.code : "connection lost");
+    this._lost("disconnected", "LongConn: connection lost before the answer (" + why + ")");
+    Connection.prototype._onClosed.call(this, opened, info);
+    if (this.state === "closed") {
+      // A fatal close code: the server refused the connection as a whole.
+      var code = FATAL_CLOSE_ERRORS[info.code] || "closed";
+      this._endAll(new LongConnError("LongConn: connection refused (" + why + ")", code, ErrorCode[code] || null));
+    }
+  };
+
+  Session.prototype._endAll = function (error) {
+    var subs = Array.from(this._subs.values());
+    this._subs.clear();
+    subs.forEach(function (sub) {
+      sub._end(new LongConnError(error.message, error.code, error.status, { topic: sub.topic }));
+    });
+  };
+
+  /** Close for good: pending requests reject with "closed", subscriptions end. */
+  Session.prototype.close = function () {
+    if (this.state !== "closed") this._lost("closed", "LongConn: the session was closed");
+    Connection.prototype.close.call(this);
+    this._endAll(new LongConnError("LongConn: the session was closed", "closed", null));
+  };
+
+  Session.prototype.setTransport = function (name) {
+    this._lost("disconnected", "LongConn: transport switched before the answer");
+    Connection.prototype.setTransport.call(this, name);
+  };
+
+  // Close code 4001 on a Session: every topic starts over.
+  Session.prototype._resync = function (cursor, reason) {
+    var self = this;
+    this._subs.forEach(function (sub) {
+      self._topicResync(sub, null, reason);
+    });
+  };
+
+  Session.prototype._onRaw = function (raw) {
+    this._touch();
+    if (typeof raw !== "string") {
+      var bin = decodeBinaryFrame(raw);
+      if (!bin || typeof bin.header.topic !== "string") {
+        this._emit("error", [new LongConnError("LongConn: malformed binary frame", "bad_request", null)]);
+        return;
+      }
+      this._deliver(bin.header.topic, bin.header.cursor || null, bin.payload, true);
+      return;
+    }
+    var parsed = parseFrame(raw);
+    if (!parsed) {
+      this._emit("error", [new LongConnError("LongConn: unreadable frame", "bad_request", null)]);
+      return;
+    }
+    var f = parsed.frame;
+    var sub;
+    switch (parsed.kind) {
+      case "message":
+        this._deliver(f.topic, f.cursor || null, f.data, false);
+        return;
+      case "ping":
+        if (this._impl) this._impl.send('{"type":"pong"}');
+        return;
+      case "welcome":
+        this.clientId = f.client === undefined ? null : f.client;
+        this.protocolVersion = f.v === undefined ? null : f.v;
+        this._emit("welcome", [{ v: this.protocolVersion, client: this.clientId }]);
+        return;
+      case "subscribed":
+        sub = this._subReqs[f.id];
+        delete this._subReqs[f.id];
+        if (sub && this._subs.get(sub.topic) === sub) sub._confirm(f.cursor || null);
+        return;
+      case "resync":
+        sub = this._subs.get(f.topic);
+        if (sub) this._topicResync(sub, f.cursor || null, f.reason || null);
+        return;
+      case "unsubscribed":
+        if (f.id !== null && f.id !== undefined) {
+          this._pending.resolve(f.id, undefined);
+          return;
+        }
+        sub = this._subs.get(f.topic);
+        if (sub) this._ended(sub, f.reason || null);
+        return;
+      case "published":
+        this._pending.resolve(f.id, { topic: f.topic, cursor: f.cursor || null });
+        return;
+      case "result":
+        this._pending.resolve(f.id, f.result);
+        return;
+      case "error":
+        this._onErrorFrame(f);
+        return;
+      default:
+        return; // a frame type of a newer server: ignored
+    }
+  };
+
+  Session.prototype._onErrorFrame = function (f) {
+    var err = errorFromFrame(f);
+    if (f.id !== null && f.id !== undefined) {
+      var sub = this._subReqs[f.id];
+      if (sub === null) {
+        delete this._subReqs[f.id]; // a subscription given up before its answer
+        return;
+      }
+      if (sub) {
+        delete this._subReqs[f.id];
+        err.topic = sub.topic;
+        if (this._subs.get(sub.topic) === sub) this._refused(sub, err);
+        return;
+      }
+      var entry = this._pending.take(f.id);
+      if (entry) {
+        if (entry.kind === "unsubscribe") entry.resolve(undefined); // (not_found: gone already)
+        else entry.reject(err);
+        return;
+      }
+    }
+    this._emit("error", [err]);
+  };
+
+  Session.prototype._deliver = function (topic, cursor, data, binary) {
+    var sub = this._subs.get(topic);
+    if (!sub) return; // not (or no longer) subscribed
+    // On WebSocket a topic's messages follow its "subscribed" answer.
+    if (this.transport === "websocket" && sub.state !== "active") return;
+    if (cursor && sub.cursor && !isAfter(cursor, sub.cursor)) {
+      this.stats.duplicates++;
+      return; // delivered before a reconnect
+    }
+    if (cursor) sub.cursor = cursor;
+    this.stats.messages++;
+    sub._emit("message", [data, cursor, { topic: topic, transport: this.transport, binary: !!binary }]);
+  };
+
+  Session.prototype._topicResync = function (sub, cursor, reason) {
+    sub.cursor = cursor;
+    this.stats.resyncs++;
+    var info = { topic: sub.topic, cursor: cursor, reason: reason, transport: this.transport };
+    sub._emit("resync", [info]);
+    this._emit("resync", [info]);
+  };
+
+  Session.prototype._refused = function (sub, err) {
+    this._subs.delete(sub.topic);
+    sub._end(err);
+    if (!sub._emit("error", [err])) this._emit("error", [err]);
+  };
+
+  Session.prototype._ended = function (sub, reason) {
+    this._subs.delete(sub.topic);
+    sub._end(new LongConnError("LongConn: the server ended " + sub.topic + " (" + reason + ")", "closed", null, { topic: sub.topic }));
+    sub._emit("unsubscribed", [{ topic: sub.topic, reason: reason }]);
+  };
+
+  // SSE / long-poll: the request for `list` was answered; its pending topics are active.
+  Session.prototype._confirmTopics = function (list) {
+    var self = this;
+    list.forEach(function (topic) {
+      var sub = self._subs.get(topic);
+      if (sub && sub.state === "pending") sub._confirm(null);
+    });
+  };
+
+  // SSE: the cursor map of an event; a topic without a cursor yet starts from it.
+  Session.prototype._fillCursors = function (map) {
+    if (!map) return;
+    var self = this;
+    Object.keys(map).forEach(function (topic) {
+      var sub = self._subs.get(topic);
+      if (sub && !sub.cursor && map[topic]) sub.cursor = map[topic];
+    });
+  };
+
+  Session.prototype._topicError = function (body) {
+    var sub = body && this._subs.get(body.topic);
+    if (sub) this._refused(sub, errorFromFrame(body));
+  };
+
+  // One long-poll answer: resync notices first (delivery continues after their
+  // cursors), refusals, then messages, then each topic's position.
+  Session.prototype._pollBody = function (body, list) {
+    var self = this;
+    (body.resync || []).forEach(function (r) {
+      var sub = r && self._subs.get(r.topic);
+      if (sub) self._topicResync(sub, r.cursor || null, r.reason || null);
+    });
+    (body.errors || []).forEach(function (e) {
+      self._topicError(e);
+    });
+    this._confirmTopics(list);
+    (body.messages || []).forEach(function (obj) {
+      var m = messageFromObject(obj);
+      if (m) self._deliver(m[0], m[1], m[2], m[3]);
+    });
+    var cursors = body.cursors || {};
+    Object.keys(cursors).forEach(function (topic) {
+      var sub = self._subs.get(topic);
+      if (sub) sub.cursor = advanceCursor(sub.cursor, cursors[topic]);
+    });
+  };
+
+  Session.prototype._hasCursors = function () {
+    var any = false;
+    this._subs.forEach(function (sub) {
+      if (sub.cursor) any = true;
+    });
+    return any;
+  };
+
+  var SESSION_OPENERS = {
+    websocket: OPENERS.websocket,
+
+    // One EventSource for the topic set; restarted (same transport, no backoff) when
+    // the set changes. No topics: nothing to stream, the transport waits.
+    sse: function (conn, hooks) {
+      var es = null;
+      var done = false;
+      var opened = false;
+      var scheduled = true;
+      function finish(info) {
+        if (done) return;
+        done = true;
+        if (es) es.close();
+        hooks.closed(info);
+      }
+      function markOpen(idle) {
+        if (!idle) hooks.pin();
+        if (!opened) {
+          opened = true;
+          hooks.opened(idle);
+        }
+      }
+      function start() {
+        scheduled = false;
+        if (done || !hooks.live()) return;
+        if (es) es.close();
+        es = null;
+        var q = conn._topicQuery();
+        if (!q) return markOpen(true);
+        var params = assign({}, conn.options.params, { topics: q.topics, cursors: q.cursors });
+        var mine = new EventSource(buildUrl(conn.options.sseUrl, params), {
+          withCredentials: !!conn.options.withCredentials,
+        });
+        es = mine;
+        function current() {
+          return es === mine && !done && hooks.live();
+        }
+        mine.onopen = function () {
+          if (current()) markOpen();
+        };
+        // `event: ready` opens the stream: its cursors are the start position of every
+        // topic the server accepted (refused ones follow as `event: error`).
+        mine.addEventListener("ready", function (ev) {
+          if (!current()) return;
+          markOpen();
+          var body = tryJson(ev.data);
+          var start = (body && typeof body === "object" && body.cursors) || null;
+          if (start && typeof start === "object") {
+            conn._fillCursors(start);
+            conn._confirmTopics(
+              q.list.filter(function (t) {
+                return Object.prototype.hasOwnProperty.call(start, t);
+              })
+            );
+          } else {
+            conn._confirmTopics(q.list);
+          }
+        });
+        mine.onmessage = function (ev) {
+          if (!current()) return;
+          var m = messageFromObject(tryJson(ev.data));
+          if (!m) return;
+          conn._deliver(m[0], m[1], m[2], m[3]);
+          conn._fillCursors(parseCursorMap(ev.lastEventId || ""));
+        };
+        mine.addEventListener("resync", function (ev) {
+          if (!current()) return;
+          var r = tryJson(ev.data);
+          var sub = r && conn._subs.get(r.topic);
+          if (sub) conn._topicResync(sub, r.cursor || null, r.reason || null);
+        });
+        // "error" is both the server's `event: error` (a refused topic, with data)
+        // and the stream's failure (no data). EventSource would reconnect by itself;
+        // we close it and reconnect with our backoff and cursors.
+        mine.onerror = function (ev) {
+          if (!current()) return;
+          if (ev && typeof ev.data === "string") {
+            conn._topicError(tryJson(ev.data));
+            return;
+          }
+          finish({ code: null, reason: "event stream error" });
+        };
+      }
+      Promise.resolve().then(start);
+      return {
+        close: function () {
+          done = true;
+          if (es) es.close();
+        },
+        abort: function (reason) {
+          finish({ code: null, reason: reason });
+        },
+        topicsChanged: function () {
+          if (done || scheduled) return;
+          scheduled = true;
+          Promise.resolve().then(start);
+        },
+      };
+    },
+
+    // Long-poll with the cursor map; a change of the topic set aborts the waiting
+    // request and asks again at once (timeout=0) with the new set.
+    longpoll: function (conn, hooks) {
+      var done = false;
+      var opened = false;
+      var fresh = true; // the next request answers at once
+      var scheduled = true;
+      var controller = null;
+      var timer = null;
+      function finish(info) {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        if (controller) controller.abort();
+        hooks.closed(info);
+      }
+      function markOpen(idle) {
+        if (!idle) hooks.pin();
+        if (!opened) {
+          opened = true;
+          hooks.opened(idle);
+        }
+      }
+      function poll() {
+        scheduled = false;
+        if (done || !hooks.live()) return;
+        var q = conn._topicQuery();
+        if (!q) {
+          controller = null;
+          clearTimeout(timer);
+          return markOpen(true);
+        }
+        var timeout = fresh ? 0 : conn.options.pollTimeout;
+        fresh = false;
+        var ctl = typeof AbortController === "function" ? new AbortController() : { abort: function () {}, signal: undefined };
+        controller = ctl;
+        var params = assign({}, conn.options.params, { topics: q.topics, cursors: q.cursors, timeout: timeout });
+        clearTimeout(timer);
+        timer = setTimeout(function () {
+          finish({ code: null, reason: "poll timeout" });
+        }, timeout * 1000 + 10000);
+        function current() {
+          return controller === ctl && !done && hooks.live();
+        }
+        fetch(buildUrl(conn.options.pollUrl, params), {
+          headers: { Accept: "application/json" },
+          credentials: conn.options.withCredentials ? "include" : "same-origin",
+          cache: "no-store",
+          signal: ctl.signal,
+        })
+          .then(function (res) {
+            if (!current()) return null;
+            if (res.status === 400 && conn._hasCursors()) {
+              // Cursors the server cannot read (e.g. from another deployment).
+              conn._resync(null, "cursor rejected");
+              fresh = true;
+              return null;
+            }
+            if (!res.ok) throw new Error("HTTP " + res.status);
+            return res.json();
+          })
+          .then(function (body) {
+            if (!current()) return;
+            markOpen();
+            if (body) conn._pollBody(body, q.list);
+            poll();
+          })
+          .catch(function (err) {
+            if (!current()) return; // aborted for a new topic set
+            finish({ code: null, reason: String((err && err.message) || err) });
+          });
+      }
+      Promise.resolve().then(poll);
+      return {
+        close: function () {
+          done = true;
+          clearTimeout(timer);
+          if (controller) controller.abort();
+        },
+        abort: function (reason) {
+          finish({ code: null, reason: reason });
+        },
+        topicsChanged: function () {
+          if (done || scheduled) return;
+          scheduled = true;
+          fresh = true;
+          var old = controller;
+          controller = null;
+          if (old) old.abort();
+          Promise.resolve().then(poll);
+        },
+      };
+    },
+  };
+
+  Session.prototype._openers = SESSION_OPENERS;
+
+  /**
+   * Create a Session (the subscriptions protocol v1) and start it:
+   *
+   *   const conn = LongConn.session({url: "/ws", sseUrl: "/sse", pollUrl: "/poll", publishUrl: "/publish"});
+   *   const room = conn.subscribe("room:1", {onMessage(data, cursor) {}});
+   *   await conn.publish("room:1", {text: "hi"});
+   *   const rooms = await conn.call("rooms.list", {});
+   */
+  function session(options) {
+    return new Session(options).start();
   }
 
   // ------------------------------------------------------------------ upload
@@ -1026,13 +2112,33 @@
 
   return {
     VERSION: VERSION,
+    PROTOCOL_VERSION: PROTOCOL_VERSION,
     CloseCode: CloseCode,
+    ErrorCode: ErrorCode,
+    LongConnError: LongConnError,
     Connection: Connection,
+    Session: Session,
+    Subscription: Subscription,
     connect: connect,
+    session: session,
     upload: upload,
     backoffDelay: backoffDelay,
     parseCursor: parseCursor,
     isAfter: isAfter,
+    validTopic: validTopic,
     _bufToHex: bufToHex,
+    // Pure helpers, exported for tests (not part of the public API).
+    _internal: {
+      advanceCursor: advanceCursor,
+      encodeCursorMap: encodeCursorMap,
+      parseCursorMap: parseCursorMap,
+      parseFrame: parseFrame,
+      encodeBinaryFrame: encodeBinaryFrame,
+      decodeBinaryFrame: decodeBinaryFrame,
+      errorFromFrame: errorFromFrame,
+      messageFromObject: messageFromObject,
+      defaultDecode: defaultDecode,
+      Pending: Pending,
+    },
   };
 });

@@ -1,5 +1,6 @@
-// The demo page: rooms, chat with history, presence with heartbeat latency, uploads.
-// Everything about connections is done by longconn.js (the library's browser client).
+// The demo page: rooms, direct messages and notifications on ONE connection
+// (LongConn.session(): the subscriptions protocol), chat with history, presence with
+// heartbeat latency, uploads. Everything about connections is done by longconn.js.
 (function () {
   "use strict";
 
@@ -20,8 +21,10 @@
   var backoffMax = Number(qs.get("backoff_max") || 5000);
 
   var config = null; // from /api/config
-  var conn = null;
-  var seen = new Set(); // cursors already rendered (no duplicates after a resume)
+  var conn = null; // the page's one connection (a LongConn.Session)
+  var roomSub = null; // its subscription to "room:<room>"
+  var joining = 0; // the latest joinRoom() call
+  var seen = new Set(); // room cursors already rendered (history and live overlap)
   var state = { reconnects: 0, resyncs: 0, opened: 0, lastTransport: null, progress: [], closes: [] };
   window.demo = { state: state, get conn() { return conn; } };
 
@@ -80,11 +83,6 @@
       $("cursor").textContent = cursor;
     }
     if (!msg || typeof msg !== "object") return;
-    if (msg.type === "error") {
-      // The server refused or could not send one of our messages (WebSocket reply).
-      notSent(msg.reason || msg.error, msg.text);
-      return;
-    }
     if (msg.type === "presence") {
       renderPresence(msg);
       return;
@@ -134,7 +132,13 @@
       var li = document.createElement("li");
       li.dataset.user = m.user;
       var name = document.createElement("span");
+      name.className = "name";
       name.textContent = m.user + (m.user === user ? " (you)" : "");
+      name.title = "send a direct message";
+      name.addEventListener("click", function () {
+        $("dm-to").value = m.user;
+        $("dm-text").focus();
+      });
       var tr = document.createElement("span");
       tr.className = "tr";
       tr.textContent = m.transport;
@@ -183,14 +187,46 @@
     });
   }
 
+  function renderDm(msg) {
+    if (!msg || msg.type !== "dm") return;
+    var li = document.createElement("li");
+    li.className = "dm" + (msg.from === user ? " mine" : "");
+    var who = document.createElement("span");
+    who.className = "who";
+    who.textContent = msg.from === user ? "to " + msg.to : msg.from;
+    var text = document.createElement("span");
+    text.className = "dm-text";
+    text.textContent = msg.text;
+    li.appendChild(who);
+    li.appendChild(text);
+    $("dms").appendChild(li);
+  }
+
+  function renderNotice(msg) {
+    if (!msg || msg.type !== "notice") return;
+    var li = document.createElement("li");
+    li.className = "notice";
+    li.textContent = time(msg.time) + " " + msg.text;
+    if (msg.url) {
+      li.appendChild(document.createTextNode(" "));
+      var a = document.createElement("a");
+      a.href = msg.url;
+      a.textContent = "download";
+      li.appendChild(a);
+    }
+    var list = $("notifications");
+    list.insertBefore(li, list.firstChild);
+    while (list.children.length > 20) list.removeChild(list.lastChild);
+  }
+
   // ------------------------------------------------------------ connection
 
   function roomPath(prefix) {
     return prefix + encodeURIComponent(room);
   }
 
-  // Load the recent history over HTTP, then connect from its cursor: every transport
-  // resumes the same way and nothing falls between history and live messages.
+  // Load the recent history over HTTP; the room is then subscribed from its cursor:
+  // every transport resumes the same way and nothing falls between history and live.
   function loadHistory() {
     return api(roomPath("/api/history/")).then(function (body) {
       body.messages.forEach(function (m) {
@@ -201,34 +237,37 @@
     });
   }
 
-  function connect(cursor) {
-    conn = LongConn.connect({
-      url: roomPath("/ws/"),
-      sseUrl: roomPath("/sse/"),
-      pollUrl: roomPath("/poll/"),
-      sendUrl: roomPath("/api/send/"),
+  function countResync(info) {
+    state.resyncs++;
+    $("resyncs").textContent = state.resyncs;
+    return info.reason || "history lost";
+  }
+
+  function roomResync(info) {
+    var reason = countResync(info);
+    setNotice(
+      "Resync: the server no longer has the messages after your last cursor (" +
+        reason +
+        "). The room was reloaded; messages sent while you were away may be missing.",
+      "resync"
+    );
+    system("— resynced (" + reason + ") —");
+    // Show what the server has now; the subscription already continues after the
+    // notice's cursor, and `seen` keeps anything rendered twice out.
+    loadHistory();
+  }
+
+  // One connection for everything: direct messages and notifications now, the room
+  // once its history is loaded (joinRoom). Each topic resumes from its own cursor.
+  function connect() {
+    conn = LongConn.session({
+      url: "/ws",
+      sseUrl: "/sse",
+      pollUrl: "/poll",
       transport: transport,
-      cursor: cursor,
       params: { user: user },
       backoff: { base: 250, max: backoffMax },
       idleTimeout: config.idle_timeout ? config.idle_timeout * 1000 : null,
-      onMessage: function (data, c) {
-        render(data, c, false);
-      },
-      onResync: function (info) {
-        state.resyncs++;
-        $("resyncs").textContent = state.resyncs;
-        setNotice(
-          "Resync: the server no longer has the messages after your last cursor (" +
-            (info.reason || "history lost") +
-            "). The room was reloaded; messages sent while you were away may be missing.",
-          "resync"
-        );
-        system("— resynced (" + (info.reason || "history lost") + ") —");
-        // Show what the server has now; the connection already continues from the
-        // server's head, and `seen` keeps anything rendered twice out.
-        loadHistory();
-      },
       onStatus: function (s) {
         var pill = $("status");
         pill.dataset.state = s.state;
@@ -238,6 +277,7 @@
         if (s.state === "waiting") text += " · retry in " + (s.delay / 1000).toFixed(1) + " s";
         pill.textContent = text;
         $("send").disabled = s.state !== "open";
+        $("dm-send").disabled = s.state !== "open";
         if (s.state === "open") {
           state.opened++;
           if (state.opened > 1) {
@@ -248,16 +288,29 @@
           if (!$("notice").classList.contains("resync")) setNotice("");
         } else if (s.state === "waiting" && state.opened > 0) {
           if (!$("notice").classList.contains("resync")) {
-            setNotice("Connection lost; reconnecting and resuming from cursor " + (conn && conn.cursor) + " …", "");
+            setNotice(
+              "Connection lost; reconnecting and resuming every topic from its cursor (room: " +
+                (roomSub && roomSub.cursor) +
+                ") …",
+              ""
+            );
           }
         }
       },
     });
+    conn.subscribe("dm:" + user, {
+      onMessage: renderDm,
+      onResync: function (info) {
+        system("— direct messages resynced (" + countResync(info) + ") —");
+      },
+    });
+    conn.subscribe("notify", { onMessage: renderNotice, onResync: countResync });
   }
 
   function joinRoom(name) {
-    if (conn) conn.close();
-    conn = null;
+    var token = ++joining;
+    if (roomSub) roomSub.unsubscribe(); // the same connection: the other topics go on
+    roomSub = null;
     room = name;
     seen.clear();
     qs.set("room", room);
@@ -268,7 +321,19 @@
     setNotice("");
     loadRooms();
     return loadHistory()
-      .then(connect)
+      .then(function (cursor) {
+        if (token !== joining) return; // another room was chosen meanwhile
+        roomSub = conn.subscribe("room:" + room, {
+          cursor: cursor,
+          onMessage: function (data, c) {
+            render(data, c, false);
+          },
+          onResync: roomResync,
+          onError: function (err) {
+            setNotice("Could not join the room: " + err.message, "resync");
+          },
+        });
+      })
       .catch(function (err) {
         setNotice("Could not load the room: " + err.message, "resync");
       });
@@ -276,16 +341,56 @@
 
   // ------------------------------------------------------------ forms
 
+  // Sending: a call on WebSocket (answered once published), else a POST; both let
+  // the server check the message and stamp its sender. Rejects with the reason.
+  function sendMessage(method, params, path, body) {
+    if (conn.transport === "websocket" && conn.state === "open") return conn.call(method, params);
+    return fetch(path + "?user=" + encodeURIComponent(user), {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    }).then(function (res) {
+      if (res.ok) return null;
+      return res
+        .json()
+        .catch(function () {
+          return {};
+        })
+        .then(function (b) {
+          throw new Error(b.reason || "HTTP " + res.status);
+        });
+    });
+  }
+
   $("send-form").addEventListener("submit", function (ev) {
     ev.preventDefault();
     var input = $("text");
     var text = input.value.trim();
     if (!text || !conn) return;
-    conn.send({ type: "chat", text: text }).then(function () {
-      input.value = "";
-    }, function (err) {
-      notSent(err.message, null);
-    });
+    sendMessage("chat.send", { room: room, text: text }, roomPath("/api/send/"), { type: "chat", text: text }).then(
+      function () {
+        if (input.value.trim() === text) input.value = "";
+      },
+      function (err) {
+        notSent(err.message, text);
+      }
+    );
+  });
+
+  $("dm-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var to = $("dm-to").value.trim();
+    var input = $("dm-text");
+    var text = input.value.trim();
+    if (!text || !to || !conn) return;
+    sendMessage("dm.send", { to: to, text: text }, "/api/dm/" + encodeURIComponent(to), { type: "dm", text: text }).then(
+      function () {
+        if (input.value.trim() === text) input.value = "";
+      },
+      function (err) {
+        notSent(err.message, null);
+      }
+    );
   });
 
   $("room-form").addEventListener("submit", function (ev) {
@@ -301,7 +406,7 @@
     transport = $("transport").value;
     qs.set("transport", transport);
     history.replaceState(null, "", "?" + qs.toString());
-    if (conn) conn.setTransport(transport);
+    if (conn) conn.setTransport(transport); // every topic resumes from its cursor
   });
 
   $("upload-form").addEventListener("submit", function (ev) {
@@ -365,6 +470,7 @@
   api("/api/config")
     .then(function (c) {
       config = c;
+      connect();
       return joinRoom(room);
     })
     .catch(function (err) {
