@@ -576,7 +576,10 @@ async def run(args: argparse.Namespace) -> list[Result]:
     for _ in range(args.repeat):
         for variant in filter(None, args.variants.split(",")):
             try:
-                result = await fanout(variant, args.connections, args.topics, args.count)
+                count = args.count
+                if variant == "socketio" and args.peer_count is not None:
+                    count = args.peer_count
+                result = await fanout(variant, args.connections, args.topics, count)
             except RuntimeError as exc:
                 result = Result(variant, "fanout", False, str(exc)[:500])
             results.append(result)
@@ -612,6 +615,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=10_000)
     p.add_argument("--topics", type=int, default=1000)
     p.add_argument("--count", type=int, default=100, help="rounds (messages per topic)")
+    p.add_argument(
+        "--peer-count",
+        type=int,
+        default=None,
+        help="rounds for python-socketio (default: --count); its msgs/s is compared",
+    )
     p.add_argument("--no-storm", action="store_true", help="skip the Redis storm")
     p.add_argument(
         "--variants", default="ours,socketio", help="fan-out variants to run ('' for none)"

@@ -25,6 +25,7 @@ import websockets
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 from tests.helpers import close_all, wait_until
+from tornado_longconn import broadcast as broadcast_module
 from tornado_longconn.backends.memory import MemoryBackend
 from tornado_longconn.backpressure import BackpressureWriter, OverflowPolicy
 from tornado_longconn.broadcast import (
@@ -864,6 +865,59 @@ async def test_backend_outage_raises_to_the_caller_and_recovers(
         assert await client.recv() == "back"
         await close_all([client])
     assert "backend subscribe failed" in caplog.text
+
+
+class UnavailableReads(MemoryBackend):
+    """An in-memory backend whose history reads fail as unavailable ``failures`` times."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.reads = 0
+
+    async def since(self, topic: str, cursor: Any, *, limit: int | None = None) -> Any:
+        self.reads += 1
+        if cursor is not None and self.failures > 0:
+            self.failures -= 1
+            raise BackendUnavailableError("pool exhausted")
+        return await super().since(topic, cursor, limit=limit)
+
+
+async def test_a_resume_read_that_is_unavailable_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(broadcast_module, "_RESUME_RETRY_BASE", 0.001)
+    backend = UnavailableReads(failures=3)
+    group = BroadcastGroup("retried", backend=backend, history=100, envelope=cursor_envelope)
+    joined: asyncio.Queue[Member] = asyncio.Queue()
+    async with serve(group, joined=joined) as server:
+        cursors = [(await group.publish({"n": i})).cursor for i in range(5)]
+        client = await WebSocketTestClient.connect(server.ws_url(f"/ws?cursor={cursors[1]}"))
+        (member,) = await joined_members(joined, 1)
+        membership = group.membership(member)
+        assert membership is not None and membership.live and membership.replayed == 3
+        got = [json.loads(t) for t in await client.recv_many(3)]
+        assert [g["data"]["n"] for g in got] == [2, 3, 4]
+        assert backend.failures == 0 and backend.reads >= 4  # three failed, then read
+        assert client.close_code is None and len(group) == 1
+        await close_all([client])
+
+
+async def test_a_resume_read_unavailable_past_the_retries_closes_with_1011(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(broadcast_module, "_RESUME_RETRY_BASE", 0.001)
+    monkeypatch.setattr(broadcast_module, "_RESUME_RETRY_CAP", 0.001)
+    backend = UnavailableReads(failures=broadcast_module._RESUME_RETRIES + 1)
+    group = BroadcastGroup("given-up", backend=backend, history=100)
+    async with serve(group) as server:
+        cursor = (await group.publish("x")).cursor
+        await group.publish("y")
+        client = await WebSocketTestClient.connect(server.ws_url(f"/ws?cursor={cursor}"))
+        await client.wait_closed(scaled(10))
+        assert client.close_code == CloseCode.INTERNAL_ERROR
+        assert backend.failures == 0  # every retry was made before giving up
+        assert len(group) == 0
 
 
 async def test_a_failing_writer_is_isolated_and_closed(caplog: pytest.LogCaptureFixture) -> None:

@@ -112,6 +112,13 @@ DEFAULT_CLOSE_SPREAD: Final = 1.0
 
 # Messages read from history per ``since`` call while a member resumes.
 _RESUME_PAGE: Final = 500
+# A resume whose backend read or subscribe fails as unavailable (a timeout, a pool
+# exhausted by a reconnect storm) is tried again this many times, after a jittered
+# delay of at most min(cap, base * 2**attempt) seconds, before the member is closed
+# with 1011: closing would send the client into a reconnect, which costs more.
+_RESUME_RETRIES: Final = 6
+_RESUME_RETRY_BASE: Final = 0.1
+_RESUME_RETRY_CAP: Final = 2.0
 # Exclusion sets of publishes whose message has not come back from the backend yet.
 _MAX_PENDING_EXCLUDES: Final = 10_000
 
@@ -1179,12 +1186,11 @@ class BroadcastGroup:
         assert writer is not None
         core = self._core
         try:
-            await self._ensure_subscribed()
             while True:
                 position = member.position
                 assert position is not None
-                result = await self._read(position)
-                if _left(member):
+                result = await self._read_retrying(member, position)
+                if result is None or _left(member):
                     return
                 replay = core.history(handler, result, page_size=_RESUME_PAGE)
                 resync = replay.resync
@@ -1237,6 +1243,36 @@ class BroadcastGroup:
             self._remove(handler, closed=False)
             if not _connection_gone(handler):
                 handler.close(int(CloseCode.INTERNAL_ERROR), "resume failed")
+
+    async def _read_retrying(self, member: Membership, position: Cursor) -> SinceResult | None:
+        """Subscribe the group and read history after ``position`` for a resuming member.
+
+        A :class:`~tornado_longconn.exceptions.BackendUnavailableError` is tried
+        again (:data:`_RESUME_RETRIES` times, jittered backoff) while the member
+        stays; then it is raised. None when the member left while waiting.
+        """
+        attempt = 0
+        while True:
+            try:
+                await self._ensure_subscribed()
+                return await self._read(position)
+            except BackendUnavailableError as exc:
+                if attempt >= _RESUME_RETRIES or self._closed:
+                    raise
+                delay = random.uniform(0, min(_RESUME_RETRY_CAP, _RESUME_RETRY_BASE * 2**attempt))
+                attempt += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "group %r: resume read unavailable (%r), attempt %d in %.2f s",
+                        self.name,
+                        exc,
+                        attempt,
+                        delay,
+                        extra=log_fields(member.handler, topic=self.name),
+                    )
+            await asyncio.sleep(delay)  # a backoff: nothing to wait for but time
+            if _left(member):
+                return None
 
     def _resync(
         self, member: Membership, policy: GapPolicy, head: Cursor | None, reason: str

@@ -169,6 +169,42 @@ async def test_more_concurrent_commands_than_connections_wait_for_one(prefix: st
 
 
 @pytest.mark.redis
+async def test_a_command_queued_for_the_pool_outwaits_the_command_timeout(prefix: str) -> None:
+    # The pool's only connection is held past command_timeout: a queued command waits
+    # for it (pool_timeout), then runs; with pool_timeout shorter it fails unavailable.
+    command_timeout = scaled(0.2)
+    backend = RedisBackend(
+        REDIS_URL,
+        prefix=prefix,
+        max_connections=1,
+        command_timeout=command_timeout,
+        pool_timeout=scaled(30),
+    )
+    impatient = RedisBackend(
+        REDIS_URL, prefix=prefix, max_connections=1, pool_timeout=command_timeout
+    )
+    try:
+        for b in (backend, impatient):
+            await b.publish("t", "m", history=H)
+            pool = b._client.connection_pool
+            held = await pool.get_connection()
+            queued = asyncio.ensure_future(b.head("t"))
+            done, _ = await asyncio.wait([queued], timeout=3 * command_timeout)
+            if b is impatient:
+                assert done and isinstance(queued.exception(), BackendUnavailableError)
+                await pool.release(held)
+                continue
+            assert not done  # still waiting for the pool, not failed at command_timeout
+            await pool.release(held)
+            assert (await queued).offset == 1
+    finally:
+        await backend.close()
+        await impatient.close()
+    with pytest.raises(ValueError, match="pool_timeout"):
+        RedisBackend(REDIS_URL, pool_timeout=0)
+
+
+@pytest.mark.redis
 async def test_one_pubsub_subscription_per_topic_per_process(backend: Any, client: Any) -> None:
     recs = [Recorder(f"r{i}") for i in range(3)]
     for topic in ("a", "b"):

@@ -321,11 +321,17 @@ class RedisBackend:
     * ``reconnect_base`` (0.05 s), ``reconnect_cap`` (5 s) -- see
       :class:`ReconnectBackoff`.
     * ``max_connections`` (64) -- command connections of a client made from a URL;
-      past it, a command waits up to ``command_timeout`` for a free connection
+      past it, a command waits up to ``pool_timeout`` for a free connection
       (then :class:`~tornado_longconn.exceptions.BackendUnavailableError`).
+    * ``pool_timeout`` (30 s) -- that wait. Longer than ``command_timeout`` on
+      purpose: a burst of commands (every client resuming after a restart) queues
+      for the pool instead of failing, while ``command_timeout`` still bounds each
+      command once it has a connection, so a Redis that stops answering is
+      noticed as fast as before.
     * ``clock`` (default :func:`time.time`) -- stamps messages and ages history.
 
-    Raises :class:`ValueError` for a bad prefix, URL scheme or ``max_connections``.
+    Raises :class:`ValueError` for a bad prefix, URL scheme, ``max_connections`` or
+    ``pool_timeout``.
     """
 
     def __init__(
@@ -340,22 +346,25 @@ class RedisBackend:
         reconnect_base: float = 0.05,
         reconnect_cap: float = 5.0,
         max_connections: int = 64,
+        pool_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        if not pool_timeout > 0:
+            raise ValueError(f"pool_timeout must be > 0, got {pool_timeout}")
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must not contain '{{' or '}}': {prefix!r}")
         if isinstance(redis, str):
             if not redis.startswith(("redis://", "rediss://", "unix://")):
                 raise ValueError(f"not a Redis URL: {redis!r}")
             # A blocking pool: past ``max_connections`` concurrent commands a command
-            # waits (bounded by ``command_timeout``) for a free connection instead of
+            # waits (bounded by ``pool_timeout``) for a free connection instead of
             # failing with "Too many connections".
             pool = aioredis.BlockingConnectionPool.from_url(
                 redis,
                 max_connections=max_connections,
-                timeout=command_timeout,
+                timeout=pool_timeout,
                 socket_connect_timeout=connect_timeout,
                 socket_timeout=command_timeout,
                 # RESP2: the pool then checks a pooled connection for EOF before use,
