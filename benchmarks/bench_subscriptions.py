@@ -128,6 +128,8 @@ class Bench:
         # after a backend error): what a real client does; None: no reconnecting.
         self.reconnect: tuple[int, str] | None = None
         self.conns: list[Conn] = []  # every connection made (to abort them at the end)
+        self.close_codes: dict[int, int] = {}  # close frames from the server, by code
+        self.dropped = 0  # connections lost without a close frame
         self.changed = asyncio.Event()
         self.errors: list[str] = []
 
@@ -143,7 +145,8 @@ class Bench:
             if remaining <= 0:
                 raise RuntimeError(
                     f"timed out {phase} (opened {self.opened}, subscribed {self.subscribed}, "
-                    f"complete {self.complete}, delivered {self.delivered}); "
+                    f"complete {self.complete}, delivered {self.delivered}, "
+                    f"closes {self.close_codes}, dropped {self.dropped}); "
                     f"errors: {self.errors[:5]}"
                 )
             try:
@@ -167,6 +170,7 @@ class Conn(asyncio.Protocol):
         self.key = base64.b64encode(secrets.token_bytes(16))
         self.acks = 0
         self.auto_subscribe = False
+        self.got_close = False
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: Any) -> None:
@@ -184,6 +188,8 @@ class Conn(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
         bench = self.bench
+        if not self.got_close:
+            bench.dropped += 1
         if bench.reconnect is not None and not self.sub.done and not self.sio:
             bench.reconnects += 1
             port, path = bench.reconnect
@@ -256,6 +262,9 @@ class Conn(asyncio.Protocol):
             elif op == 9:
                 self.transport.write(_frame(0xA, payload))
             elif op == 8:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.bench.close_codes[code] = self.bench.close_codes.get(code, 0) + 1
+                self.got_close = True
                 self.transport.close()
                 return
         self.buf = buf[pos:]
@@ -534,6 +543,7 @@ async def storm(connections: int, topics: int, count: int) -> Result:
             "replayed_per_client": PER_CONNECTION * count,
             "retries": bench.retries,
             "reconnects": bench.reconnects,
+            "close_codes": dict(bench.close_codes),
         },
     )
 
@@ -604,6 +614,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
             f"storm: ok={result.ok} {result.seconds:.2f} s lost={result.extra.get('lost')} "
             f"dup={result.extra.get('duplicates')} retries={result.extra.get('retries')} "
             f"reconnects={result.extra.get('reconnects')} "
+            f"closes={result.extra.get('close_codes')} "
             f"{result.error[:200]}",
             flush=True,
         )
