@@ -35,6 +35,7 @@ import http.client
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import sys
@@ -521,6 +522,15 @@ async def storm(connections: int, topics: int, count: int) -> Result:
             bench.reconnect = None
             for conn in bench.conns:
                 conn.transport.abort()
+        # What the new server logged during the storm, most frequent first (topics and
+        # numbers folded), so that a slow storm shows its cause.
+        logged: dict[str, int] = {}
+        for line in server.stderr.splitlines():
+            if line.strip() and not line.startswith((" ", "Traceback")):
+                key = re.sub(r"'[^']*'|\d+", "_", line)[:160]
+                logged[key] = logged.get(key, 0) + 1
+        for key, n in sorted(logged.items(), key=lambda kv: -kv[1])[:3]:
+            bench.note(f"server log x{n}: {key}")
     finally:
         redis_proc.terminate()
         redis_proc.wait()

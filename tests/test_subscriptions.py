@@ -15,7 +15,9 @@ from websockets.asyncio.client import ClientConnection
 
 from tests.helpers import wait_until
 from tornado_longconn import BroadcastHub, CloseCode, HeartbeatMixin, MemoryBackend
+from tornado_longconn import subscriptions as subscriptions_module
 from tornado_longconn._subproto import binary_frame, parse_binary_frame
+from tornado_longconn.exceptions import BackendUnavailableError
 from tornado_longconn.subscriptions import (
     SubscriptionError,
     SubscriptionMixin,
@@ -423,3 +425,44 @@ async def test_application_heartbeats_are_the_protocols_ping_and_pong(hub: Broad
         assert reply["id"] == 1 and reply["result"]["params"] == 1
         assert subscription_stats(server.app).protocol_errors == 0
         await a.ws.close()
+
+
+class UnavailableHeads(MemoryBackend):
+    """In memory, but answering like a remote backend (no ``since_nowait``), with
+    ``failures`` head reads failing as unavailable first."""
+
+    since_nowait = None  # type: ignore[assignment]
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(epoch="ep1")
+        self.failures = failures
+
+    async def since(self, topic: str, cursor: Any, *, limit: int | None = None) -> Any:
+        if cursor is None and self.failures > 0:
+            self.failures -= 1
+            raise BackendUnavailableError("command pool exhausted")
+        return MemoryBackend.since_nowait(self, topic, cursor, limit=limit)
+
+
+@pytest.mark.parametrize("failures", [3, subscriptions_module._HEAD_RETRIES + 1])
+async def test_an_unavailable_head_read_is_tried_again_before_answering_unavailable(
+    failures: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subscriptions_module, "_HEAD_RETRY_BASE", 0.001)
+    monkeypatch.setattr(subscriptions_module, "_HEAD_RETRY_CAP", 0.001)
+    backend = UnavailableHeads(failures)
+    hub = BroadcastHub(backend, history=100)
+    try:
+        async with AppServer(make_app(hub)) as server:
+            client = await connect(server)
+            await client.request("subscribe", topic="room:1")
+            answer = await client.recv()
+            if failures <= subscriptions_module._HEAD_RETRIES:
+                assert answer["type"] == "subscribed" and answer["cursor"] == "ep1-0"
+            else:
+                assert answer["type"] == "error" and answer["code"] == "unavailable"
+                assert answer["status"] == 503 and answer["topic"] == "room:1"
+            assert backend.failures == 0  # every retry was made
+            await client.ws.close()
+    finally:
+        await hub.close(spread=0)

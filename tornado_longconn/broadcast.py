@@ -60,6 +60,7 @@ from ._groupcore import GapPolicy, GroupCore, MemberSlot, MemberState
 from ._tornado.hooks import HandlerHooks, Hook
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
+from .backoff import ReconnectBackoff
 from .backpressure import (
     BackpressureWriter,
     OverflowPolicy,
@@ -1251,22 +1252,21 @@ class BroadcastGroup:
         again (:data:`_RESUME_RETRIES` times, jittered backoff) while the member
         stays; then it is raised. None when the member left while waiting.
         """
-        attempt = 0
+        backoff = ReconnectBackoff(_RESUME_RETRY_BASE, _RESUME_RETRY_CAP)
         while True:
             try:
                 await self._ensure_subscribed()
                 return await self._read(position)
             except BackendUnavailableError as exc:
-                if attempt >= _RESUME_RETRIES or self._closed:
+                if backoff.attempt >= _RESUME_RETRIES or self._closed:
                     raise
-                delay = random.uniform(0, min(_RESUME_RETRY_CAP, _RESUME_RETRY_BASE * 2**attempt))
-                attempt += 1
+                delay = backoff.next_delay()
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
                         "group %r: resume read unavailable (%r), attempt %d in %.2f s",
                         self.name,
                         exc,
-                        attempt,
+                        backoff.attempt,
                         delay,
                         extra=log_fields(member.handler, topic=self.name),
                     )

@@ -69,6 +69,7 @@ from ._subproto import (
     resync_frame,
     topic_envelope,
 )
+from .backoff import ReconnectBackoff
 from .backpressure import BackpressureWriter
 from .broadcast import (
     BroadcastGroup,
@@ -117,6 +118,12 @@ DEFAULT_MAX_INFLIGHT: Final = 64
 
 # History of protocol topics when the hub keeps none (cursors need it).
 _DEFAULT_HISTORY: Final = HistoryLimit()
+# A subscribe's head read that fails as unavailable is tried again this many times
+# (jittered, at most min(cap, base * 2**attempt) s apart) before the answer
+# ``unavailable``; the same schedule as a resuming member's reads.
+_HEAD_RETRIES: Final = 6
+_HEAD_RETRY_BASE: Final = 0.1
+_HEAD_RETRY_CAP: Final = 2.0
 
 #: The application setting that holds the :class:`SubscriptionCounters`.
 _SETTING: Final = "longconn_subscriptions"
@@ -634,7 +641,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         topic = request.topic
         assert topic is not None
         try:
-            head = await group.head()  # one read per topic for concurrent subscribes
+            head = await self._head_retrying(group)
         except BackendError as exc:
             log.warning(
                 "subscribe to %r: backend unavailable: %r",
@@ -650,6 +657,23 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         # meanwhile is replayed (the group's seam), not missed.
         cursor = request.cursor
         self._join(request, group, head if cursor is None else cursor, head)
+
+    async def _head_retrying(self, group: BroadcastGroup) -> Cursor | None:
+        """The group's head (one read per topic for concurrent subscribes).
+
+        A read that fails as unavailable (a busy backend, its command pool taken
+        by a reconnect storm) is tried again with jittered backoff, as a resuming
+        member's reads are, before the subscribe is answered ``unavailable``: one
+        retry here spares every subscriber of the topic a round trip of its own.
+        """
+        backoff = ReconnectBackoff(_HEAD_RETRY_BASE, _HEAD_RETRY_CAP)
+        while True:
+            try:
+                return await group.head()
+            except BackendUnavailableError:
+                if backoff.attempt >= _HEAD_RETRIES or self._gone():
+                    raise
+            await asyncio.sleep(backoff.next_delay())  # a backoff: only time to wait for
 
     def _join(
         self,

@@ -92,7 +92,6 @@ import collections
 import contextlib
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -106,6 +105,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._tornado.redispy import RawConnection, check_redispy, pubsub_connection
+from ..backoff import ReconnectBackoff
 from ..exceptions import BackendError, BackendUnavailableError, ConnectionClosedError
 from ..histogram import HistogramStats, LatencyHistogram
 from ..log import Cursor, HistoryLimit, Message, SinceResult, new_epoch
@@ -199,40 +199,6 @@ if ARGV[5] ~= '' then
 end
 return {epoch, head, age, entries}
 """
-
-
-@dataclass
-class ReconnectBackoff:
-    """Exponential backoff with full jitter (I/O-free).
-
-    The n-th consecutive failure waits a uniformly random time in
-    ``[0, min(cap, base * 2**n)]``; :meth:`reset` after a healthy connection.
-    ``base`` defaults to 0.05 s and ``cap`` to 5 s, so reconnect attempts are
-    spread out (no thundering herd after a Redis restart) and never more than
-    ``cap`` apart.
-    """
-
-    base: float = 0.05
-    cap: float = 5.0
-    attempt: int = 0
-
-    def __post_init__(self) -> None:
-        if self.base <= 0 or self.cap < self.base:
-            raise ValueError(f"need 0 < base <= cap, got base={self.base} cap={self.cap}")
-
-    def ceiling(self) -> float:
-        """The upper bound of the next delay."""
-        return min(self.cap, self.base * 2.0 ** min(self.attempt, 60))
-
-    def next_delay(self, rng: Callable[[], float] = random.random) -> float:
-        """The delay before the next attempt (``rng`` returns floats in [0, 1)); counts it."""
-        delay = self.ceiling() * rng()
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        """Forget past failures (the connection is healthy again)."""
-        self.attempt = 0
 
 
 def encode_tail(data: str | bytes, tag: str | None, time_s: float) -> bytes:
