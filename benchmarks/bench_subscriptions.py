@@ -515,6 +515,11 @@ async def storm(connections: int, topics: int, count: int) -> Result:
                     f"/publish?topics={topics}&count={count}&size={SIZE}&start={2 * count}",
                 )
             )
+            await bench.wait(
+                lambda: bench.complete == connections or live.done(), timeout, "resuming"
+            )
+            if live.done() and live.exception() is not None:
+                raise RuntimeError(f"live publishing during the storm failed: {live.exception()}")
             await bench.wait(lambda: bench.complete == connections, timeout, "resuming")
             elapsed = time.perf_counter() - t0
             await live

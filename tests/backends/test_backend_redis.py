@@ -205,6 +205,32 @@ async def test_a_command_queued_for_the_pool_outwaits_the_command_timeout(prefix
 
 
 @pytest.mark.redis
+async def test_a_publish_is_not_queued_behind_a_storm_of_history_reads(prefix: str) -> None:
+    # Two connections: the reads hold at most one, so a publish sent after 200 reads
+    # gets the other one and completes long before the reads do (FIFO on one pool
+    # would put it behind every read).
+    backend = RedisBackend(REDIS_URL, prefix=prefix, max_connections=2)
+    try:
+        await backend.publish("t", "m", history=H)
+        order: list[str] = []
+
+        async def read() -> None:
+            await backend.since("t", None)
+            order.append("read")
+
+        async def publish() -> None:
+            await backend.publish("t", "live", history=H)
+            order.append("publish")
+
+        reads = [asyncio.ensure_future(read()) for _ in range(200)]  # these run first
+        await asyncio.gather(*reads, asyncio.ensure_future(publish()))
+        assert len(order) == 201
+        assert order.index("publish") < 100, order.index("publish")
+    finally:
+        await backend.close()
+
+
+@pytest.mark.redis
 async def test_one_pubsub_subscription_per_topic_per_process(backend: Any, client: Any) -> None:
     recs = [Recorder(f"r{i}") for i in range(3)]
     for topic in ("a", "b"):

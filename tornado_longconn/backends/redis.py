@@ -293,7 +293,10 @@ class RedisBackend:
       purpose: a burst of commands (every client resuming after a restart) queues
       for the pool instead of failing, while ``command_timeout`` still bounds each
       command once it has a connection, so a Redis that stops answering is
-      noticed as fast as before.
+      noticed as fast as before. History reads (:meth:`since`, :meth:`head`)
+      use at most half of ``max_connections`` at once and queue (also up to
+      ``pool_timeout``) for the rest, so publishes keep the other half during a
+      storm of resumes.
     * ``clock`` (default :func:`time.time`) -- stamps messages and ages history.
 
     Raises :class:`ValueError` for a bad prefix, URL scheme, ``max_connections`` or
@@ -347,6 +350,12 @@ class RedisBackend:
             self.url = None
         self.prefix = prefix
         self.command_timeout = command_timeout
+        self.pool_timeout = pool_timeout
+        # History reads (resumes, heads) hold at most half of the command connections
+        # at once and queue for the rest here, so that publishes are never starved by
+        # a storm of resumes queued ahead of them in the pool.
+        self._read_slots = max(1, max_connections // 2)
+        self._read_gate: asyncio.Semaphore | None = None
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self._clock = clock
@@ -633,7 +642,19 @@ class RedisBackend:
         else:
             args = (self._candidate(), cursor.epoch, cursor.offset + 1, limit or 0, *sync)
         try:
-            result = await self._call(self._since_script, (meta, hist), args)
+            gate = self._read_gate
+            if gate is None:
+                gate = self._read_gate = asyncio.Semaphore(self._read_slots)
+            try:
+                await asyncio.wait_for(gate.acquire(), self.pool_timeout)
+            except asyncio.TimeoutError:
+                raise BackendUnavailableError(
+                    f"history reads queued for more than {self.pool_timeout} s"
+                ) from None
+            try:
+                result = await self._call(self._since_script, (meta, hist), args)
+            finally:
+                gate.release()
             if future is not None and result[3]:
                 try:
                     await asyncio.wait_for(asyncio.shield(future), self.command_timeout)
