@@ -352,3 +352,10 @@ async def test_wss(ctx: Ctx) -> None:
             await client.close()
         finally:
             client.vanish()
+
+
+async def test_a_server_that_accepted_nothing_stops_cleanly() -> None:
+    app = tornado.web.Application([])
+    server = AppServer(app).start()
+    await server.stop()  # no connection was ever accepted
+    assert server.server is None

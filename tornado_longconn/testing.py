@@ -132,9 +132,11 @@ class _TrackingHTTPServer(tornado.httpserver.HTTPServer):
 
     streams: weakref.WeakSet[tornado.iostream.IOStream]
 
+    def initialize(self, *args: Any, **kwargs: Any) -> None:
+        self.streams = weakref.WeakSet()  # empty until a connection is accepted
+        super().initialize(*args, **kwargs)
+
     def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
-        if not hasattr(self, "streams"):
-            self.streams = weakref.WeakSet()
         self.streams.add(stream)
         super().handle_stream(stream, address)
 
