@@ -33,9 +33,9 @@ from tornado_longconn.client import (
     Client,
     ClientError,
     Event,
-    Message,
     Resync,
     Subscription,
+    TopicMessage,
     connect,
 )
 from tornado_longconn.testing import AppServer, scaled
@@ -221,7 +221,7 @@ async def take(sub: Subscription, count: int) -> list[Event]:
 
 
 def values(events: list[Event]) -> list[Any]:
-    return [e.data if isinstance(e, Message) else e for e in events]
+    return [e.data if isinstance(e, TopicMessage) else e for e in events]
 
 
 # ---------------------------------------------------------------------- tests
@@ -235,9 +235,9 @@ async def test_subscribe_publish_call_unsubscribe(hub: BroadcastHub) -> None:
             assert room.cursor == "ep1-0"  # the head: a reconnect resumes from here
             cursor = await client.publish("room:1", {"text": "hi"})
             assert cursor == "ep1-1"
-            assert await room.get(scaled(10)) == Message("room:1", "ep1-1", {"text": "hi"})
+            assert await room.get(scaled(10)) == TopicMessage("room:1", "ep1-1", {"text": "hi"})
             await client.publish("room:1", b"\x00\xff")
-            assert await room.get(scaled(10)) == Message("room:1", "ep1-2", b"\x00\xff", True)
+            assert await room.get(scaled(10)) == TopicMessage("room:1", "ep1-2", b"\x00\xff", True)
             assert await client.call("echo", [1, 2]) == {"params": [1, 2], "user": None}
             with pytest.raises(ClientError) as refused:
                 await client.call("nope")
@@ -263,7 +263,7 @@ async def test_subscribe_publish_call_unsubscribe(hub: BroadcastHub) -> None:
             with pytest.raises(StopAsyncIteration):
                 await again.get(scaled(10))
             replay = await client.subscribe("room:2", cursor="ep1-1")
-            assert await replay.get(scaled(10)) == Message("room:2", "ep1-2", 2)
+            assert await replay.get(scaled(10)) == TopicMessage("room:2", "ep1-2", 2)
             assert client.stats().subscriptions == 2
         assert client.closed
         with pytest.raises(StopAsyncIteration):
@@ -291,7 +291,7 @@ async def test_memory_server_restart_gives_an_explicit_resync() -> None:
             assert events[0] == Resync("room:1", "new-0", "epoch")
             assert values(events[1:]) == [2, 3]
             await publish(hub2, "room:1", 4)
-            assert await room.get(scaled(10)) == Message("room:1", "new-3", 4)
+            assert await room.get(scaled(10)) == TopicMessage("room:1", "new-3", 4)
             assert client.stats().resyncs == 1
         await hub2.close(spread=0)
 
@@ -345,10 +345,10 @@ async def test_falls_back_to_sse_when_the_upgrade_is_refused(hub: BroadcastHub) 
             assert client.stats().fallbacks == 1
             room = await client.subscribe("room:1")
             assert await client.publish("room:1", {"a": 1}) == "ep1-1"
-            assert await room.get(scaled(10)) == Message("room:1", "ep1-1", {"a": 1})
+            assert await room.get(scaled(10)) == TopicMessage("room:1", "ep1-1", {"a": 1})
             other = await client.subscribe("room:2", cursor="ep1-0")
             await publish(hub, "room:2", "b")
-            assert await other.get(scaled(10)) == Message("room:2", "ep1-1", "b")
+            assert await other.get(scaled(10)) == TopicMessage("room:2", "ep1-1", "b")
             with pytest.raises(ClientError) as unsupported:
                 await client.call("echo")
             assert unsupported.value.code == "unsupported"
@@ -395,7 +395,7 @@ async def test_thousand_messages_across_five_reconnects_arrive_once_in_order(
 
         async def consume() -> None:
             async for event in room:
-                assert isinstance(event, Message), event
+                assert isinstance(event, TopicMessage), event
                 received.append(event.data)
                 if len(received) == 1000:
                     return

@@ -9,7 +9,7 @@ import pytest
 from tests.helpers import REDIS_URL, require_redis, wait_until
 from tests.test_client import FAST, Proxy, make_app, publish, take, values
 from tornado_longconn import BroadcastHub
-from tornado_longconn.client import Message, connect
+from tornado_longconn.client import TopicMessage, connect
 from tornado_longconn.testing import AppServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(90)]
@@ -39,7 +39,7 @@ async def test_redis_server_restart_loses_nothing_and_needs_no_resync() -> None:
             async with AppServer(make_app(hub2)) as server2:
                 proxy.target = server2.port
                 events = await take(room, 2)
-                assert all(isinstance(e, Message) for e in events)
+                assert all(isinstance(e, TopicMessage) for e in events)
                 assert values(events) == [2, 3]
                 await publish(hub2, "room:1", 4)
                 assert values(await take(room, 1)) == [4]

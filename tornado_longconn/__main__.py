@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .client import ClientError, Message, Subscription, connect
+from .client import ClientError, Subscription, TopicMessage, connect
 from .client_http import http_request
 from .client_upload import upload
 
@@ -61,7 +61,7 @@ def _cursors(values: Sequence[str] | None, topics: Sequence[str]) -> dict[str, s
 
 
 def _event_json(event: Any) -> str:
-    if isinstance(event, Message):
+    if isinstance(event, TopicMessage):
         obj: dict[str, Any] = {"topic": event.topic, "cursor": event.cursor}
         if event.binary:
             obj["data"] = base64.b64encode(event.data).decode("ascii")
@@ -105,7 +105,7 @@ async def _tail(args: argparse.Namespace) -> int:
                 if isinstance(event, ClientError):
                     raise event
                 print(_event_json(event), flush=True)
-                if isinstance(event, Message):
+                if isinstance(event, TopicMessage):
                     seen += 1
         finally:
             for task in pumps:

@@ -86,9 +86,9 @@ __all__ = [
     "ClientError",
     "ClientStats",
     "Event",
-    "Message",
     "Resync",
     "Subscription",
+    "TopicMessage",
     "backoff_delay",
     "connect",
     "is_after",
@@ -191,7 +191,7 @@ class ClientError(LongConnError):
 
 
 @dataclass(frozen=True, slots=True)
-class Message:
+class TopicMessage:
     """A message of a subscribed topic: ``data`` (a JSON value, or ``bytes``) at ``cursor``."""
 
     topic: str
@@ -219,7 +219,7 @@ class Resync:
 
 
 #: What a :class:`Subscription` yields.
-Event = Message | Resync
+Event = TopicMessage | Resync
 
 
 class BufferPolicy(str, enum.Enum):
@@ -299,7 +299,7 @@ _END: Final = object()
 class Subscription:
     """One topic of a :class:`Client` (from :meth:`Client.subscribe`): an async iterator of events.
 
-    ``async for event in sub`` yields :class:`Message` and :class:`Resync` in
+    ``async for event in sub`` yields :class:`TopicMessage` and :class:`Resync` in
     order. The iteration ends when you unsubscribe or close the client; it
     raises :class:`ClientError` when the server refused or ended the
     subscription, or refused the connection. :attr:`cursor` is the position of
@@ -392,11 +392,11 @@ class Subscription:
             # Room for the marker and the new event (size 1: the marker alone).
             while buffer and len(buffer) > self._size - 2:
                 old = buffer.popleft()
-                if isinstance(old, Message):
+                if isinstance(old, TopicMessage):
                     counters.dropped += 1
                 last = old.cursor
             if self._size < 2:
-                if isinstance(event, Message):
+                if isinstance(event, TopicMessage):
                     counters.dropped += 1
                 buffer.append(Resync(self.topic, event.cursor, "overflow"))
                 self._wakeup.set()
@@ -1296,7 +1296,7 @@ class Client:
         if cursor is not None:
             sub._cursor = cursor
         self._counters.messages += 1
-        sub._put(Message(topic, cursor, data, binary), self._counters)
+        sub._put(TopicMessage(topic, cursor, data, binary), self._counters)
         return True
 
     def _topic_resync(self, topic: str, cursor: str | None, reason: str) -> None:
