@@ -108,6 +108,8 @@ DEFAULT_BACKOFF_CAP: Final = 30.0
 # Close codes after which reconnecting cannot help: the server refused us.
 _FATAL_CLOSE: Final = {1008: "bad_request", 4401: "unauthorized", 4403: "forbidden"}
 _RESYNC_REQUIRED: Final = 4001
+# Seconds a closing WebSocket waits for the server's close frame.
+_CLOSE_TIMEOUT: Final = 2.0
 # HTTP statuses of a refused WebSocket upgrade or HTTP transport: try the next one.
 _REFUSED_STATUS: Final = frozenset((400, 403, 404, 405, 426, 501))
 
@@ -457,6 +459,8 @@ class _Transport:
     name = ""
     #: Whether the idle timeout applies (it sees every frame the server sends).
     watched = True
+    #: Set before the run is cancelled for a silent server: drop the socket at once.
+    abort = False
 
     def __init__(self, client: Client) -> None:
         self.client = client
@@ -518,10 +522,12 @@ class _WebSocket(_Transport):
         except tornado.websocket.WebSocketError as exc:  # a 200 answer, not an upgrade
             raise _Refused(None, "WebSocket upgrade refused") from exc
         self.conn = conn
+        ended = False  # the connection is closed (read_message gave None)
         try:
             while True:  # open once the server's "welcome" came
                 message = await conn.read_message()
                 if message is None:
+                    ended = True
                     code = conn.close_code
                     if code in _FATAL_CLOSE:
                         raise _Fatal(
@@ -541,6 +547,12 @@ class _WebSocket(_Transport):
         finally:
             self.conn = None
             conn.close()
+            if not self.abort and not ended:
+                # The closing handshake, bounded: then the socket is closed for
+                # sure, also when the loop stops right after (a closed client).
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(_drained(conn), _CLOSE_TIMEOUT)
+            _abort(conn)
 
     def send_text(self, text: str) -> bool:
         conn = self.conn
@@ -563,6 +575,24 @@ class _WebSocket(_Transport):
             return False
         future.add_done_callback(_retrieve)
         return True
+
+
+async def _drained(conn: tornado.websocket.WebSocketClientConnection) -> None:
+    while await conn.read_message() is not None:
+        pass
+
+
+def _abort(conn: tornado.websocket.WebSocketClientConnection) -> None:
+    """Close the socket of ``conn`` now, without waiting for the server's close frame.
+
+    ``close()`` alone waits up to 5 s for a server that no longer answers; the
+    socket would outlive the loop that owns it. ``protocol`` and its ``stream``
+    are public (undocumented) attributes of Tornado's client connection; when
+    they are missing, Tornado's own timeout closes the socket.
+    """
+    stream = getattr(getattr(conn, "protocol", None), "stream", None)
+    if isinstance(stream, tornado.iostream.IOStream):
+        stream.close()
 
 
 def _close_late(future: asyncio.Future[tornado.websocket.WebSocketClientConnection]) -> None:
@@ -1189,6 +1219,7 @@ class Client:
                     and time.monotonic() - self._last_seen >= idle
                 ):
                     self._counters.idle_timeouts += 1
+                    transport.abort = True
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
                     return f"no frame for {idle:g} s"
