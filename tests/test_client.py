@@ -460,3 +460,26 @@ async def test_unreachable_server_raises_unavailable() -> None:
         await client.start()
     assert error.value.code == "unavailable"
     assert client.closed
+
+
+class Revoking(Live):
+    async def on_call(self, method: str, params: Any) -> Any:
+        if method == "revoke":
+            return self.end_subscription(params, "access revoked")
+        return await super().on_call(method, params)
+
+
+async def test_a_subscription_ended_by_the_server_raises(hub: BroadcastHub) -> None:
+    async with (
+        AppServer(make_app(hub, ws=Revoking)) as server,
+        connect(server.ws_url("/ws"), **FAST) as client,
+    ):
+        room = await client.subscribe("room:1")
+        other = await client.subscribe("room:2")
+        assert await client.call("revoke", "room:1") is True
+        with pytest.raises(ClientError) as ended:
+            await room.get(scaled(10))
+        assert ended.value.code == "closed" and ended.value.reason == "access revoked"
+        await publish(hub, "room:2", 1)
+        assert values(await take(other, 1)) == [1]
+        assert client.stats().subscriptions == 1
