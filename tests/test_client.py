@@ -483,3 +483,50 @@ async def test_a_subscription_ended_by_the_server_raises(hub: BroadcastHub) -> N
         await publish(hub, "room:2", 1)
         assert values(await take(other, 1)) == [1]
         assert client.stats().subscriptions == 1
+
+
+async def test_block_policy_over_sse_reopens_the_stream_and_loses_nothing(
+    hub: BroadcastHub,
+) -> None:
+    waiter = LongPollWaiter(hub.backend, linger=0)
+    async with AppServer(make_app(hub, waiter, ws=Refuse)) as server:
+        options = dict(FAST, buffer_size=2, buffer_policy=BufferPolicy.BLOCK)
+        client = connect(server.ws_url("/ws"), sse_url=server.url("/events"), **options)
+        async with client:
+            room = await client.subscribe("room:1")
+            assert client.transport == "sse"
+            for n in range(20):
+                await publish(hub, "room:1", n)
+            await wait_until(lambda: client.stats().blocked >= 1)
+            assert values(await take(room, 20)) == list(range(20))
+            stats = client.stats()
+            assert stats.dropped == 0 and stats.duplicates == 0 and stats.resyncs == 0
+    await waiter.close()
+
+
+class ChattySSE(SubscriptionSSEHandler):
+    sse_keepalive = scaled(0.05)  # keep-alive comments every 50 ms (scaled)
+
+
+async def test_a_silent_sse_stream_is_detected_and_reopened(hub: BroadcastHub) -> None:
+    waiter = LongPollWaiter(hub.backend, linger=0)
+    app = tornado.web.Application(
+        [
+            (r"/ws", Refuse),
+            (r"/events", ChattySSE, {"hub": hub, "waiter": waiter}),
+        ]
+    )
+    async with AppServer(app) as server, Proxy(server.port) as proxy:
+        options = dict(FAST, idle_timeout=scaled(1.0))
+        client = connect(proxy.ws_url("/ws"), sse_url=proxy.url("/events"), **options)
+        async with client:
+            room = await client.subscribe("room:1")
+            await publish(hub, "room:1", 1)
+            assert values(await take(room, 1)) == [1]
+            opened = client.stats().connects
+            proxy.silence()
+            await publish(hub, "room:1", 2)  # lost in the silence, then resumed
+            await wait_until(lambda: client.stats().idle_timeouts == 1, timeout=20)
+            assert values(await take(room, 1)) == [2]
+            assert client.stats().connects == opened + 1
+    await waiter.close()
