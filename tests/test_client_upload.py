@@ -60,3 +60,11 @@ async def test_upload_refused_is_not_retried(tmp_path: Path) -> None:
         with pytest.raises(ClientError) as refused:
             await upload(server.ws_url("/up"), b"x" * 4096, name="big")
     assert refused.value.code == "too_large"
+
+
+async def test_upload_to_a_page_that_is_not_an_upload_endpoint(tmp_path: Path) -> None:
+    store = UploadStore(str(tmp_path / "store"))
+    async with AppServer(make_app(store)) as server:
+        with pytest.raises(ClientError) as refused:
+            await upload(server.ws_url("/nothing"), b"abc")
+    assert refused.value.code == "unsupported" and refused.value.status == 404

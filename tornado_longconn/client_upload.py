@@ -129,8 +129,15 @@ async def upload(
     current = upload_id
     failures = 0
     attempt = 0
+    stored = [-1]  # the most the server has acknowledged so far
+
+    def progress(done: int, total: int) -> None:
+        stored[0] = max(stored[0], done)
+        if on_progress is not None:
+            on_progress(done, total)
+
     while True:
-        stored_before = -1
+        stored_before = stored[0]
         try:
             request = tornado.httpclient.HTTPRequest(
                 url,
@@ -139,7 +146,15 @@ async def upload(
                 request_timeout=connect_timeout,
             )
             conn = await tornado.websocket.websocket_connect(request, max_message_size=1 << 20)
-        except (OSError, tornado.iostream.StreamClosedError, tornado.httpclient.HTTPClientError):
+        except tornado.httpclient.HTTPClientError as exc:
+            if exc.code != 599:  # an answer that is not an upgrade: a wrong URL
+                raise ClientError(
+                    "unsupported", f"no WebSocket upload endpoint: HTTP {exc.code}", status=exc.code
+                ) from exc
+            conn = None
+        except tornado.websocket.WebSocketError as exc:
+            raise ClientError("unsupported", "no WebSocket upload endpoint") from exc
+        except (OSError, tornado.iostream.StreamClosedError):
             conn = None
         if conn is not None:
             try:
@@ -159,9 +174,8 @@ async def upload(
                     current = str(ready["id"])
                     if on_ready is not None:
                         on_ready(current)
-                stored_before = int(ready["offset"])
                 result = await _send(
-                    conn, read, stored_before, size, ready, idle_timeout, on_progress
+                    conn, read, int(ready["offset"]), size, ready, idle_timeout, progress
                 )
                 if result is not None:
                     return result
@@ -174,7 +188,7 @@ async def upload(
                     ) from exc
             finally:
                 conn.close()
-        failures += 1
+        failures = 1 if stored[0] > stored_before else failures + 1
         if failures > retries:
             raise ClientError("unavailable", f"upload failed {failures} times in a row")
         delay = backoff_delay(attempt, backoff_base, backoff_cap)
