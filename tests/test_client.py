@@ -466,6 +466,9 @@ class Revoking(Live):
     async def on_call(self, method: str, params: Any) -> Any:
         if method == "revoke":
             return self.end_subscription(params, "access revoked")
+        if method == "start-over":
+            self.close(4001, "resync required")
+            return None
         return await super().on_call(method, params)
 
 
@@ -530,3 +533,41 @@ async def test_a_silent_sse_stream_is_detected_and_reopened(hub: BroadcastHub) -
             assert values(await take(room, 1)) == [2]
             assert client.stats().connects == opened + 1
     await waiter.close()
+
+
+class Pinging(HeartbeatMixin, Live):
+    """WebSocket pings every 50 ms (scaled); a client that does not answer is dropped."""
+
+    heartbeat_mode = "protocol"
+    heartbeat_interval = scaled(0.05)
+    heartbeat_timeout = scaled(2)
+
+
+async def test_websocket_pings_are_answered(hub: BroadcastHub) -> None:
+    from tornado_longconn import heartbeat_stats
+
+    async with (
+        AppServer(make_app(hub, ws=Pinging)) as server,
+        connect(server.ws_url("/ws"), **FAST) as client,
+    ):
+        room = await client.subscribe("room:1")
+        await wait_until(lambda: heartbeat_stats(server.app).count >= 5)
+        assert heartbeat_stats(server.app).timeouts == 0
+        await publish(hub, "room:1", 1)
+        assert values(await take(room, 1)) == [1]
+        assert client.stats().connects == 1
+
+
+async def test_close_code_4001_resyncs_every_topic(hub: BroadcastHub) -> None:
+    async with (
+        AppServer(make_app(hub, ws=Revoking)) as server,
+        connect(server.ws_url("/ws"), **FAST) as client,
+    ):
+        rooms = [await client.subscribe("room:1"), await client.subscribe("room:2")]
+        with pytest.raises(ClientError):  # the answer is lost with the connection
+            await client.call("start-over")
+        for room in rooms:
+            assert await room.get(scaled(10)) == Resync(room.topic, None, "resync required")
+        await wait_until(lambda: client.stats().connects == 2 and all(r.active for r in rooms))
+        await publish(hub, "room:2", 5)
+        assert await rooms[1].get(scaled(10)) == TopicMessage("room:2", "ep1-1", 5)

@@ -306,7 +306,8 @@ class Subscription:
     raises :class:`ClientError` when the server refused or ended the
     subscription, or refused the connection. :attr:`cursor` is the position of
     the last message received (the client resumes from it after a reconnect;
-    save it to resume in another process).
+    save it to resume in another process). :attr:`active` is True while the
+    current connection carries the topic (False while reconnecting).
     """
 
     def __init__(
@@ -328,7 +329,8 @@ class Subscription:
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._ended: ClientError | object | None = None
-        self.active = False  # confirmed by the current transport
+        #: True while the current connection carries the topic.
+        self.active = False
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
