@@ -57,7 +57,7 @@ import secrets
 import time
 import unicodedata
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -65,10 +65,11 @@ from typing import Any, Protocol
 from tornado_longconn.exceptions import UploadError
 
 from .logfields import log_fields
-from .stats import COUNTER, GAUGE
+from .stats import COUNTER, GAUGE, TALLY
 
 __all__ = [
     "CHECKSUM_ALGORITHMS",
+    "MAX_CONCAT_PARTS",
     "ChunkedUploadSink",
     "UploadState",
     "UploadStats",
@@ -83,6 +84,9 @@ __all__ = [
 
 #: Per-request checksum algorithms (tus ``Tus-Checksum-Algorithm`` names).
 CHECKSUM_ALGORITHMS: tuple[str, ...] = ("sha1", "sha256", "md5")
+
+#: The most partial uploads one concatenation may name (more: 400).
+MAX_CONCAT_PARTS = 1000
 
 _log = logging.getLogger("tornado_longconn.upload")
 _ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -209,7 +213,19 @@ class UploadState:
     :attr:`accepted`, so a client cannot queue more than the declared size.
     """
 
-    def __init__(self, *, size: int, max_size: int, offset: int = 0, now: float) -> None:
+    def __init__(
+        self,
+        *,
+        size: int | None,
+        max_size: int,
+        offset: int = 0,
+        now: float,
+    ) -> None:
+        #: True while the length is not known yet (tus ``creation-defer-length``): the
+        #: upload accepts up to ``max_size`` bytes until :meth:`declare_length`.
+        self.deferred = size is None
+        if size is None:
+            size = max_size
         if size < 0 or offset < 0:
             raise UploadError("size and offset must be >= 0", status=400)
         if size > max_size:
@@ -230,8 +246,35 @@ class UploadState:
 
     @property
     def is_stored(self) -> bool:
-        """True once every declared byte is durably stored (ready to finish)."""
-        return self.offset == self.size
+        """True once every declared byte is durably stored (ready to finish).
+
+        Never true while the length is deferred.
+        """
+        return not self.deferred and self.offset == self.size
+
+    def declare_length(self, size: int) -> None:
+        """Set the length of a deferred upload (tus ``creation-defer-length``).
+
+        Raises ``UploadError`` 400 if the length was already declared with another
+        value or is below the bytes already accepted, 413 above ``max_size``. Declaring
+        the same length again is a no-op.
+        """
+        if not self.deferred:
+            if size != self.size:
+                raise UploadError(
+                    f"Upload-Length {size} differs from the declared length {self.size}",
+                    status=400,
+                )
+            return
+        if size > self.max_size:
+            raise UploadError(f"upload size {size} exceeds the maximum {self.max_size}", status=413)
+        if size < self.accepted:
+            raise UploadError(
+                f"Upload-Length {size} is below the {self.accepted} bytes already received",
+                status=400,
+            )
+        self.size = size
+        self.deferred = False
 
     def check_offset(self, offset: int) -> None:
         """Check that a client resumes at the durable offset.
@@ -282,8 +325,9 @@ class UploadState:
         """Mark the upload complete; raises ``UploadError`` 409 if bytes are missing."""
         self._check_active()
         if not self.is_stored or self.accepted != self.offset:
+            of = "an undeclared length" if self.deferred else str(self.size)
             raise UploadError(
-                f"upload is incomplete: {self.offset} of {self.size} bytes stored", status=409
+                f"upload is incomplete: {self.offset} of {of} bytes stored", status=409
             )
         self.status = UploadStatus.COMPLETE
 
@@ -352,6 +396,15 @@ class UploadStats:
     cached: int = field(default=0, metadata=GAUGE)
     #: Uploads being received now: a request or WebSocket holds their writer lock (gauge).
     active: int = field(default=0, metadata=GAUGE)
+    #: Final uploads assembled from partial uploads (tus ``concatenation``).
+    concatenated: int = field(default=0, metadata=COUNTER)
+    #: Uploads refused by a hook (``pre_create`` or ``pre_finish`` raised ``UploadError``).
+    hook_rejections: int = field(default=0, metadata=COUNTER)
+    #: Exceptions raised by ``post_*`` hooks (logged; the client's answer is unchanged).
+    hook_errors: int = field(default=0, metadata=COUNTER)
+    #: Requests answered with an error status by a transport (tus handler), per status
+    #: code: ``(("400", n), ("403", n), ...)``.
+    refused: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
 
 
 @dataclass(slots=True)
@@ -372,6 +425,10 @@ class _UploadCounters:
     deleted: int = 0
     files_closed: int = 0
     file_waits: int = 0
+    concatenated: int = 0
+    hook_rejections: int = 0
+    hook_errors: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 def _storage_error(exc: OSError) -> UploadError:
@@ -440,6 +497,11 @@ class ChunkedUploadSink:
         self._let_go: Callable[[], Awaitable[None]] | None = None
         self._segment: tuple[int, _Hasher, _Hasher, str, bytes] | None = None
         self._final_sha256: str | None = None
+        #: ``"partial"`` (a part of a later concatenation), ``"final"`` (made by
+        #: :meth:`UploadStore.concatenate`) or None (an ordinary upload).
+        self.concat: str | None = None
+        #: The ids a final upload was concatenated from (empty otherwise).
+        self.parts: tuple[str, ...] = ()
         #: Optional ``callback(durable_offset, error)``, called on the event loop after
         #: each write job is stored (``error`` None) or failed (``error`` the
         #: ``UploadError``, which :meth:`write`/:meth:`flush` still raise once).
@@ -457,6 +519,32 @@ class ChunkedUploadSink:
     def size(self) -> int:
         """The declared size of the upload."""
         return self.state.size
+
+    @property
+    def deferred(self) -> bool:
+        """True while the upload's length is not declared yet (``creation-defer-length``)."""
+        return self.state.deferred
+
+    async def declare_length(self, size: int) -> None:
+        """Declare the length of a deferred upload, and record it in ``<id>.info``.
+
+        Raises ``UploadError`` as :meth:`UploadState.declare_length` does (400 for a
+        length that differs from one already declared or is below the bytes received,
+        413 above ``max_size``), or the storage error (the length stays deferred).
+        """
+        if not self.state.deferred:
+            self.state.declare_length(size)
+            return
+        self.state.declare_length(size)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self.store.executor, self.store._update_info, self.id, {"size": size}
+            )
+        except OSError as exc:
+            self.state.deferred = True
+            self.state.size = self.state.max_size
+            self.store._counters.storage_errors += 1
+            raise _storage_error(exc) from exc
 
     @property
     def filename(self) -> str:
@@ -978,15 +1066,27 @@ class UploadStore:
     # -- public API -----------------------------------------------------------------
 
     async def create(
-        self, size: int, *, metadata: Mapping[str, str] | None = None, now: float | None = None
+        self,
+        size: int | None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        now: float | None = None,
+        concat: str | None = None,
+        parts: Sequence[str] = (),
     ) -> ChunkedUploadSink:
         """Create a new upload of ``size`` bytes and return its sink.
 
+        ``size`` None defers the length (tus ``creation-defer-length``): the upload
+        accepts up to ``max_size`` bytes until :meth:`ChunkedUploadSink.declare_length`.
         ``metadata`` is kept (``filename``, and ``name`` as a fallback, sanitized by
-        :func:`sanitize_filename`; other values cut to 1024 characters). Raises
-        ``UploadError`` 413 if ``size > max_size``, 400 if negative, 507/500 if the
-        files cannot be created.
+        :func:`sanitize_filename`; other values cut to 1024 characters). ``concat`` is
+        ``"partial"`` for a part of a later concatenation (tus ``Upload-Concat:
+        partial``), ``"final"`` (with the ``parts`` ids) for one made by
+        :meth:`concatenate`, else None. Raises ``UploadError`` 413 if ``size >
+        max_size``, 400 if negative, 507/500 if the files cannot be created.
         """
+        if concat not in (None, "partial", "final"):
+            raise ValueError(f"concat must be None, 'partial' or 'final', not {concat!r}")
         now = time.time() if now is None else now
         state = UploadState(size=size, max_size=self.max_size, now=now)
         clean = {str(k)[:64]: str(v)[:1024] for k, v in (metadata or {}).items()}
@@ -994,7 +1094,9 @@ class UploadStore:
         if raw_name is not None:
             clean["filename"] = sanitize_filename(raw_name)
         upload_id = secrets.token_hex(16)
-        info = {"id": upload_id, "size": size, "metadata": clean, "created": now}
+        info: dict[str, Any] = {"id": upload_id, "size": size, "metadata": clean, "created": now}
+        if concat is not None:
+            info.update(concat=concat, parts=list(parts))
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self.executor, self._create_files, upload_id, info)
@@ -1002,9 +1104,99 @@ class UploadStore:
             self._counters.storage_errors += 1
             raise _storage_error(exc) from exc
         sink = ChunkedUploadSink(self, upload_id, state, clean, now, -1, hashlib.sha256())
+        sink.concat = concat
+        sink.parts = tuple(parts)
         self._counters.created += 1
         self._remember(sink)
         return sink
+
+    async def concatenate(
+        self,
+        part_ids: Sequence[str],
+        *,
+        metadata: Mapping[str, str] | None = None,
+        now: float | None = None,
+    ) -> ChunkedUploadSink:
+        """Make a completed upload from completed partial uploads, in order (tus ``final``).
+
+        Every id must name an upload created with ``concat="partial"`` and complete.
+        The bytes are copied in the executor into a new upload (the partials stay;
+        delete them if you no longer need them), hashed, and finished atomically like
+        any upload. Returns the completed sink (``concat == "final"``, ``parts`` the
+        ids). Raises ``UploadError`` before anything is created: 400 for no ids, more
+        than :data:`MAX_CONCAT_PARTS`, an upload that is not a partial one or is not
+        complete; 404 for an unknown id (410 expired); 413 if the total passes
+        ``max_size``; 423 while another request uses one of them (a DELETE); 507/500 for
+        a storage error (the new upload is then removed).
+        """
+        parts = await self._partials(part_ids, now)
+        total = sum(part.size for part in parts)
+        held: list[ChunkedUploadSink] = []
+        try:
+            for part in {part.id: part for part in parts}.values():
+                part.acquire()  # a concurrent DELETE of a part gets 423 meanwhile
+                held.append(part)
+            sink = await self.create(
+                total, metadata=metadata, now=now, concat="final", parts=list(part_ids)
+            )
+            loop = asyncio.get_running_loop()
+            paths = [self.final_path(part.id) for part in parts]
+            try:
+                fd = await sink._use_fd()
+                try:
+                    hasher = await loop.run_in_executor(
+                        self.executor, self._copy_parts, fd, paths, total
+                    )
+                finally:
+                    sink._done_fd()
+            except BaseException as exc:
+                await sink.abort()
+                self._counters.aborted -= 1
+                if isinstance(exc, OSError):
+                    self._counters.storage_errors += 1
+                    raise _storage_error(exc) from exc
+                raise
+            sink._sha256 = hasher
+            sink.state.accept(total)
+            sink.state.stored(total, time.time())
+            self._counters.bytes_stored += total
+            await sink.finish()
+            self._counters.concatenated += 1
+            return sink
+        finally:
+            for part in held:
+                part.release()
+
+    async def check_partials(self, part_ids: Sequence[str], *, now: float | None = None) -> int:
+        """Check that ``part_ids`` can be concatenated; return their total size.
+
+        Raises the ``UploadError`` :meth:`concatenate` would raise before creating
+        anything (400, 404, 410, 413). Handlers call it before a ``pre_create`` hook.
+        """
+        return sum(part.size for part in await self._partials(part_ids, now))
+
+    async def _partials(
+        self, part_ids: Sequence[str], now: float | None
+    ) -> list[ChunkedUploadSink]:
+        if not part_ids:
+            raise UploadError("Upload-Concat: final needs at least one partial upload", status=400)
+        if len(part_ids) > MAX_CONCAT_PARTS:
+            raise UploadError(f"more than {MAX_CONCAT_PARTS} partial uploads", status=400)
+        parts: list[ChunkedUploadSink] = []
+        for part_id in part_ids:
+            part = await self.open(part_id, now=now)
+            if part.concat != "partial":
+                raise UploadError(f"upload {part_id} is not a partial upload", status=400)
+            if part.state.status is not UploadStatus.COMPLETE:
+                raise UploadError(f"partial upload {part_id} is not finished", status=400)
+            parts.append(part)
+        total = sum(part.size for part in parts)
+        if total > self.max_size:
+            raise UploadError(
+                f"the partial uploads add up to {total} bytes, above the maximum {self.max_size}",
+                status=413,
+            )
+        return parts
 
     async def open(self, upload_id: str, *, now: float | None = None) -> ChunkedUploadSink:
         """Return the sink of an existing partial upload, rebuilding it from disk if needed.
@@ -1108,7 +1300,16 @@ class UploadStore:
             file_waits=c.file_waits,
             cached=len(self._sinks),
             active=sum(1 for sink in self._sinks.values() if sink.locked),
+            concatenated=c.concatenated,
+            hook_rejections=c.hook_rejections,
+            hook_errors=c.hook_errors,
+            refused=tuple(sorted(c.refused.items())),
         )
+
+    def count_refused(self, status: int) -> None:
+        """Count a request a transport answered with error ``status`` (``stats().refused``)."""
+        key = str(status)
+        self._counters.refused[key] = self._counters.refused.get(key, 0) + 1
 
     async def drain_tasks(self) -> None:
         """Wait for the clean-up tasks started by :meth:`spawn` (tests, shutdown)."""
@@ -1164,6 +1365,33 @@ class UploadStore:
                 0o600,
             )
         )
+
+    def _copy_parts(self, fd: int, paths: list[str], total: int) -> _Hasher:
+        hasher: _Hasher = hashlib.sha256()
+        pos = 0
+        for path in paths:
+            with open(path, "rb") as fh:
+                while block := fh.read(self.chunk_size):
+                    if pos + len(block) > total:
+                        break
+                    view = memoryview(block)
+                    done = 0
+                    while done < len(view):
+                        done += self.write_at(fd, view[done:], pos + done)
+                    hasher.update(view)
+                    pos += len(block)
+        if pos != total:
+            raise UploadError("a partial upload changed on disk", status=409)
+        return hasher
+
+    def _update_info(self, upload_id: str, changes: dict[str, Any]) -> None:
+        info_path = self.info_path(upload_id)
+        with open(info_path, encoding="utf-8") as fh:
+            info = json.load(fh)
+        info.update(changes)
+        with open(info_path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump(info, fh)
+        os.replace(info_path + ".tmp", info_path)
 
     def _open_partial(self, upload_id: str) -> int:
         return os.open(self.partial_path(upload_id), os.O_RDWR | os.O_CLOEXEC)
@@ -1229,7 +1457,7 @@ class UploadStore:
             with open(self.info_path(upload_id), encoding="utf-8") as fh:
                 info = json.load(fh)
             if "sha256" in info and os.path.exists(self.final_path(upload_id)):
-                info["_offset"] = int(info["size"])
+                info["_offset"] = int(info["size"] or 0)
                 return info, -1, hashlib.sha256(), float(info.get("completed", 0.0))
             fd = os.open(part, os.O_RDWR | os.O_CLOEXEC)
         except (FileNotFoundError, ValueError, KeyError, TypeError):
@@ -1243,7 +1471,8 @@ class UploadStore:
             except FileNotFoundError:
                 pass
             stat = os.fstat(fd)
-            size = min(stat.st_size, int(info["size"]))
+            declared = info["size"]
+            size = stat.st_size if declared is None else min(stat.st_size, int(declared))
             if stat.st_size > size:
                 os.ftruncate(fd, size)
             hasher: _Hasher = hashlib.sha256()
@@ -1269,14 +1498,21 @@ class UploadStore:
         if loaded is None:
             raise UploadError("no such upload", status=404)
         info, fd, hasher, mtime = loaded
-        size = int(info["size"])
+        declared = info["size"]
+        size = None if declared is None else int(declared)
         state = UploadState(
-            size=size, max_size=max(size, self.max_size), offset=info["_offset"], now=mtime
+            size=size,
+            max_size=max(size or 0, self.max_size, info["_offset"]),
+            offset=info["_offset"],
+            now=mtime,
         )
         metadata = {str(k): str(v) for k, v in dict(info.get("metadata", {})).items()}
         sink = ChunkedUploadSink(
             self, upload_id, state, metadata, float(info["created"]), -1, hasher
         )
+        concat = info.get("concat")
+        sink.concat = concat if concat in ("partial", "final") else None
+        sink.parts = tuple(str(part) for part in info.get("parts", ()))
         if fd < 0:  # completed earlier: answer HEAD with offset == size
             state.status = UploadStatus.COMPLETE
             sink._final_sha256 = str(info["sha256"])

@@ -1,8 +1,11 @@
 """A tus 1.0.0 resumable-upload server handler for Tornado, on :class:`UploadStore`.
 
-Extensions: ``creation``, ``creation-with-upload``, ``termination``, ``checksum``
-(``sha1``, ``sha256``, ``md5``) and ``expiration``. Existing tus clients (tus-js-client,
-tuspy, Uppy) work unchanged. Route it with :meth:`TusUploadHandler.routes`::
+Extensions: ``creation``, ``creation-with-upload``, ``creation-defer-length``,
+``termination``, ``checksum`` (``sha1``, ``sha256``, ``md5``), ``expiration`` and
+``concatenation``. Existing tus clients (tus-js-client, also with ``parallelUploads``,
+tuspy, Uppy) work unchanged. Hooks around an upload's life (``pre_create``,
+``post_finish``, ...) are methods to override or a
+:class:`~tornado_longconn.upload_hooks.TusHooks` object. Route it with :meth:`TusUploadHandler.routes`::
 
     store = UploadStore("/var/uploads", max_size=2 << 30)
     app = tornado.web.Application(
@@ -17,6 +20,15 @@ declared length, 415 for a PATCH without ``application/offset+octet-stream``, 42
 the client retries after a HEAD), 460 for a checksum mismatch (chunk discarded, offset
 unchanged), 507 when the storage is full (the offset stays at the bytes on disk), 405
 for an ``X-HTTP-Method-Override`` other than ``PATCH``, ``DELETE`` or ``HEAD``.
+
+Deferred length and concatenation: ``Upload-Defer-Length`` other than ``1``, or with
+``Upload-Length``, is 400; a PATCH's ``Upload-Length`` that differs from the declared
+length or is below the bytes received is 400 (above ``Tus-Max-Size`` 413). A malformed
+``Upload-Concat`` is 400; a final upload naming an unknown partial upload is 404 (410
+if expired), an upload that is not partial or not finished 400, parts adding up past
+``Tus-Max-Size`` 413, with ``Upload-Length``, ``Upload-Defer-Length`` or a body 400 --
+all checked before anything is created or read. A PATCH to a final upload is 403.
+Every error answer is counted in the store's ``stats().refused`` by status.
 
 **Early answers are delivered.** An answer sent while the body still arrives (any of
 the errors above, from ``prepare()`` or mid-body) goes out with ``Connection:
@@ -38,9 +50,10 @@ import base64
 import binascii
 import email.utils
 import inspect
+import logging
 import re
 import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import tornado.routing
@@ -57,13 +70,18 @@ from tornado_longconn.upload import (
     is_upload_id,
     parse_tus_metadata,
 )
+from tornado_longconn.upload_hooks import TusHooks, UploadInfo, upload_info
 
 __all__ = ["TUS_EXPOSE_HEADERS", "TUS_VERSION", "TusUploadHandler"]
 
 #: The tus protocol version this handler speaks.
 TUS_VERSION = "1.0.0"
 
-_EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
+_EXTENSIONS = (
+    "creation,creation-with-upload,creation-defer-length,termination,checksum,expiration,"
+    "concatenation"
+)
+_log = logging.getLogger("tornado_longconn.upload")
 _OFFSET_TYPE = "application/offset+octet-stream"
 _BODY_SLACK = 256 * 1024
 _INT_RE = re.compile(r"[0-9]{1,19}")
@@ -74,7 +92,7 @@ _HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9
 #: Response headers a browser tus client must be able to read (CORS expose list).
 TUS_EXPOSE_HEADERS = (
     "Location, Upload-Offset, Upload-Length, Upload-Metadata, Upload-Expires, "
-    "Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm"
+    "Upload-Defer-Length, Upload-Concat, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm"
 )
 _ALLOW_HEADERS = (
     "Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, Upload-Checksum, "
@@ -102,6 +120,29 @@ def _parse_checksum(header: str) -> tuple[str, bytes]:
         return algorithm, base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise UploadError("Upload-Checksum digest is not base64", status=400) from exc
+
+
+def _parse_concat(value: str | None) -> str | list[str] | None:
+    """``Upload-Concat``: None, ``"partial"``, or the ids of a final upload's parts."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value == "partial":
+        return "partial"
+    if value.startswith("final;"):
+        ids = []
+        for token in value[len("final;") :].split():
+            path = urllib.parse.urlsplit(token).path.rstrip("/")
+            upload_id = path.rsplit("/", 1)[-1]
+            if not is_upload_id(upload_id):
+                raise UploadError(
+                    f"Upload-Concat names no upload of this server: {token[:80]!r}", status=400
+                )
+            ids.append(upload_id)
+        if not ids:
+            raise UploadError("Upload-Concat: final needs at least one partial upload", status=400)
+        return ids
+    raise UploadError("Upload-Concat must be 'partial' or 'final;<url> <url> ...'", status=400)
 
 
 def _forwarded_origin(headers: Any) -> tuple[str, str] | None:
@@ -139,7 +180,8 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
     * ``cors_origins`` [None] -- origins allowed to call from a browser: a list of
       origins, ``"*"`` for any, ``None`` to send no CORS headers.
     * ``on_complete`` [None] -- called with the sink once an upload is complete and
-      renamed into place (may be async; the last PATCH waits for it).
+      renamed into place (may be async; the last PATCH waits for it). Not called for a
+      partial upload (``Upload-Concat: partial``); called for the final one.
     * ``base_url`` [None] -- the public URL of the upload collection (e.g.
       ``"https://uploads.example/files"``, or an absolute path); ``Location`` is
       ``base_url/<id>``. Set it behind a proxy that rewrites paths or hosts.
@@ -148,6 +190,10 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
       ``X-Forwarded-Host``. Turn it on only behind a proxy that sets (and strips
       client-sent copies of) these headers. Off, or when they are absent or
       malformed, ``Location`` is relative (``<request path>/<id>``).
+    * ``hooks`` [None] -- a :class:`~tornado_longconn.upload_hooks.TusHooks` whose
+      methods run at each step of an upload (see :mod:`tornado_longconn.upload_hooks`);
+      the handler's methods of the same names call it, override them instead if you
+      prefer.
     * ``early_answer`` [None: the application's, see
       :func:`~tornado_longconn.streaming.default_early_answer`] -- the
       :class:`~tornado_longconn.streaming.EarlyAnswer` bounds (bytes, seconds) for
@@ -186,9 +232,11 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         base_url: str | None = None,
         trust_forwarded: bool = False,
         early_answer: EarlyAnswer | None = None,
+        hooks: TusHooks | None = None,
     ) -> None:
         """Keep the handler configuration (see the class docstring)."""
         self.store = store
+        self.hooks = hooks
         self.cors_origins = cors_origins
         self.on_complete = on_complete
         self.base_url = base_url.rstrip("/") if base_url is not None else None
@@ -198,6 +246,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         self._sink: ChunkedUploadSink | None = None
         self._holding = False
         self._failed = False
+        self._with_body = False
 
     # -- helpers --------------------------------------------------------------------
 
@@ -227,6 +276,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         self._failed = True
         if finished(self):
             return
+        self.store.count_refused(error.status)
         self.clear()
         self.set_status(error.status, _REASONS.get(error.status))
         if error.status == 412:
@@ -283,23 +333,82 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         if self.path_args and self.path_args[0]:
             raise UploadError("POST goes to the collection URL", status=405)
         headers = self.request.headers
-        if "Upload-Defer-Length" in headers:
-            raise UploadError("Upload-Defer-Length is not supported", status=400)
-        size = _parse_int(headers.get("Upload-Length"), "Upload-Length")
-        if size > self.store.max_size:
-            raise UploadError(
-                f"Upload-Length exceeds Tus-Max-Size {self.store.max_size}", status=413
-            )
+        concat = _parse_concat(headers.get("Upload-Concat"))
         metadata = parse_tus_metadata(headers.get("Upload-Metadata", ""))
         with_body = headers.get("Content-Type", "").split(";")[0].strip() == _OFFSET_TYPE
         length = self._body_length() if with_body else 0
-        if length is not None and length > size:
+        if isinstance(concat, list):
+            await self._prepare_final(concat, metadata, length)
+            return
+        defer = headers.get("Upload-Defer-Length")
+        size: int | None
+        if defer is not None:
+            if defer.strip() != "1":
+                raise UploadError("Upload-Defer-Length must be 1", status=400)
+            if "Upload-Length" in headers:
+                raise UploadError(
+                    "Upload-Length and Upload-Defer-Length are mutually exclusive", status=400
+                )
+            size = None
+        else:
+            size = _parse_int(headers.get("Upload-Length"), "Upload-Length")
+            if size > self.store.max_size:
+                raise UploadError(
+                    f"Upload-Length exceeds Tus-Max-Size {self.store.max_size}", status=413
+                )
+        limit = self.store.max_size if size is None else size
+        if length is not None and length > limit:
             raise UploadError("body is longer than Upload-Length", status=413)
         checksum = headers.get("Upload-Checksum")
         parsed = _parse_checksum(checksum) if checksum is not None and with_body else None
-        self._sink = await self.store.create(size, metadata=metadata)
+        info = UploadInfo(id="", size=size, offset=0, metadata=metadata, concat=concat)
+        metadata = await self._pre_create(info)
+        self._sink = await self.store.create(size, metadata=metadata, concat=concat)
+        await self._post_hook(self.post_create, self._sink)
         if with_body:
-            await self._begin_body(parsed, size)
+            self._with_body = True
+            await self._begin_body(parsed, self._sink.state.remaining)
+
+    async def _prepare_final(
+        self, part_ids: list[str], metadata: dict[str, str], length: int | None
+    ) -> None:
+        headers = self.request.headers
+        if "Upload-Length" in headers or "Upload-Defer-Length" in headers:
+            raise UploadError(
+                "a final upload takes its length from its parts: no Upload-Length", status=400
+            )
+        if length != 0:
+            raise UploadError("a final upload has no body", status=400)
+        size = await self.store.check_partials(part_ids)
+        info = UploadInfo(
+            id="", size=size, offset=0, metadata=metadata, concat="final", parts=tuple(part_ids)
+        )
+        metadata = await self._pre_create(info)
+        self._sink = await self.store.concatenate(part_ids, metadata=metadata)
+        await self._post_hook(self.post_create, self._sink)
+
+    async def _pre_create(self, info: UploadInfo) -> dict[str, str]:
+        try:
+            result = self.pre_create(info)
+            if inspect.isawaitable(result):
+                result = await result
+        except UploadError:
+            self.store._counters.hook_rejections += 1
+            raise
+        if result is None:
+            return dict(info.metadata)
+        return {str(key): str(value) for key, value in result.items()}
+
+    async def _post_hook(
+        self, hook: Callable[[UploadInfo], Awaitable[None] | None], sink: ChunkedUploadSink
+    ) -> None:
+        try:
+            result = hook(upload_info(sink))
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self.store._counters.hook_errors += 1
+            _log.exception("upload hook %s failed", getattr(hook, "__name__", hook))
 
     async def _prepare_patch(self) -> None:
         headers = self.request.headers
@@ -309,14 +418,24 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         checksum = headers.get("Upload-Checksum")
         parsed = _parse_checksum(checksum) if checksum is not None else None
         length = self._body_length()
+        declared = headers.get("Upload-Length")
+        new_size = None if declared is None else _parse_int(declared, "Upload-Length")
         upload_id = self.path_args[0] if self.path_args else ""
         sink = await self._open(upload_id)
+        if sink.concat == "final":
+            raise UploadError("a final upload cannot be modified", status=403)
         self._sink = sink
         sink.acquire()  # exactly one writer: a concurrent PATCH gets 423
         self._holding = True
         sink.state.check_offset(offset)
+        if new_size is not None:
+            fits = new_size < offset or not sink.deferred  # else declare_length answers
+            if not fits and length is not None and offset + length > new_size:
+                raise UploadError("body is longer than Upload-Length", status=413)
+            await sink.declare_length(new_size)
         if length is not None:
             sink.state.check_length(length)
+        self._with_body = True
         await self._begin_body(parsed, sink.state.remaining)
 
     def _body_length(self) -> int | None:
@@ -381,18 +500,42 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         if finished(self) or self._failed or sink is None:
             return None
         try:
+            if sink.concat == "final":
+                await self._completed(sink)
+                return sink
             await sink.end_segment()
+            if self._with_body:
+                await self._post_hook(self.post_receive, sink)
             if sink.state.is_stored:
-                await sink.finish()
-                result = self.upload_complete(sink)
-                if inspect.isawaitable(result):
-                    await result
+                await self._finish(sink)
         except UploadError as err:
             self._fail(err)
             return None
         finally:
             self._release()
         return sink
+
+    async def _finish(self, sink: ChunkedUploadSink) -> None:
+        try:
+            result = self.pre_finish(upload_info(sink))
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            await sink.abort()
+            if isinstance(exc, UploadError):
+                self.store._counters.hook_rejections += 1
+                raise
+            _log.exception("pre_finish hook failed; upload %s removed", sink.id)
+            raise UploadError("pre_finish hook failed", status=500) from exc
+        await sink.finish()
+        await self._completed(sink)
+
+    async def _completed(self, sink: ChunkedUploadSink) -> None:
+        if sink.concat != "partial":
+            result = self.upload_complete(sink)
+            if inspect.isawaitable(result):
+                await result
+        await self._post_hook(self.post_finish, sink)
 
     # -- methods --------------------------------------------------------------------
 
@@ -425,7 +568,10 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         """
         if self.base_url is not None:
             return f"{self.base_url}/{upload_id}"
-        path = urllib.parse.quote(self.request.path.rstrip("/"), safe="/")
+        collection = self.request.path.rstrip("/")
+        if self.path_args and self.path_args[0]:  # a request to /files/<id>
+            collection = collection.rsplit("/", 1)[0]
+        path = urllib.parse.quote(collection, safe="/")
         if self.trust_forwarded:
             origin = _forwarded_origin(self.request.headers)
             if origin is not None:
@@ -449,7 +595,15 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
             self._fail(err)
             return
         self.set_header("Upload-Offset", str(sink.offset))
-        self.set_header("Upload-Length", str(sink.size))
+        if sink.deferred:
+            self.set_header("Upload-Defer-Length", "1")
+        else:
+            self.set_header("Upload-Length", str(sink.size))
+        if sink.concat == "partial":
+            self.set_header("Upload-Concat", "partial")
+        elif sink.concat == "final":
+            urls = " ".join(self.upload_url(part) for part in sink.parts)
+            self.set_header("Upload-Concat", f"final;{urls}")
         if sink.metadata:
             self.set_header("Upload-Metadata", encode_tus_metadata(sink.metadata))
         self._expires_header(sink)
@@ -466,10 +620,12 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
             sink = await self._open(upload_id)
             if sink.locked:
                 raise UploadError("the upload is being written", status=423)
+            info = upload_info(sink)
             await sink.delete()
         except UploadError as err:
             self._fail(err)
             return
+        await self._post_hook(lambda _: self.post_terminate(info), sink)
         self.set_status(204)
 
     def upload_complete(self, sink: ChunkedUploadSink) -> Awaitable[None] | None:
@@ -481,6 +637,42 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         if self.on_complete is not None:
             return self.on_complete(sink)
         return None
+
+    # -- hooks (see tornado_longconn.upload_hooks) --------------------------------------
+
+    def pre_create(
+        self, info: UploadInfo
+    ) -> Mapping[str, str] | Awaitable[Mapping[str, str] | None] | None:
+        """Before creation: return None (accept), new metadata, or raise ``UploadError``.
+
+        Default: the ``hooks`` object's, if any. ``info.id`` is ``""``; for a final
+        concatenation ``info.concat == "final"`` and ``info.size`` is the parts' total.
+        """
+        return self.hooks.pre_create(info, self.request) if self.hooks is not None else None
+
+    def post_create(self, info: UploadInfo) -> Awaitable[None] | None:
+        """The upload exists (before a creation-with-upload body is stored)."""
+        return self.hooks.post_create(info, self.request) if self.hooks is not None else None
+
+    def post_receive(self, info: UploadInfo) -> Awaitable[None] | None:
+        """A request's body is stored; ``info.offset`` is the new durable offset."""
+        return self.hooks.post_receive(info, self.request) if self.hooks is not None else None
+
+    def pre_finish(self, info: UploadInfo) -> Awaitable[None] | None:
+        """Every byte is stored, the file not yet finished; raise ``UploadError`` to reject.
+
+        A rejected upload is removed and the client gets the error's status. Not
+        called for a final concatenation (its parts were each finished).
+        """
+        return self.hooks.pre_finish(info, self.request) if self.hooks is not None else None
+
+    def post_finish(self, info: UploadInfo) -> Awaitable[None] | None:
+        """The file is complete (also for partial uploads: see ``info.concat``)."""
+        return self.hooks.post_finish(info, self.request) if self.hooks is not None else None
+
+    def post_terminate(self, info: UploadInfo) -> Awaitable[None] | None:
+        """A DELETE removed the upload (``info`` as it was before)."""
+        return self.hooks.post_terminate(info, self.request) if self.hooks is not None else None
 
 
 _REASONS = {460: "Checksum Mismatch", 423: "Locked", 507: "Insufficient Storage"}

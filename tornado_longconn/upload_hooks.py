@@ -1,0 +1,134 @@
+"""Hooks around the life of a tus upload, in the spirit of tusd's.
+
+Six moments, each a method that may be plain or ``async``:
+
+============== ====================================================== ==========================
+hook           when                                                   may
+============== ====================================================== ==========================
+pre_create     before an upload is created (no file exists yet; for   reject (raise
+               a final concatenation, after the parts were checked)   ``UploadError``) or return
+                                                                      new metadata (a mapping)
+post_create    the upload exists (before a creation-with-upload body) observe
+post_receive   a request's bytes are stored (the offset moved)         observe
+pre_finish     every byte is stored, before the file is finished       reject: the upload is
+                                                                      removed, the client gets
+                                                                      the error's status
+post_finish    the file is complete (final path, sha256 known)         observe
+post_terminate a DELETE removed the upload                            observe
+============== ====================================================== ==========================
+
+Use them in one of two ways (both can be combined: the handler's methods call the hooks
+object by default):
+
+* subclass :class:`~tornado_longconn.upload_tus.TusUploadHandler` and override its
+  methods of the same names (``self.request``, ``self.current_user`` are at hand);
+* pass a :class:`TusHooks` subclass instance as the handler's ``hooks`` argument
+  (each method gets the :class:`UploadInfo` and the request).
+
+A rejection is an :class:`~tornado_longconn.exceptions.UploadError` with the status to
+answer (``UploadError("quota exceeded", status=403)``); it is counted in the store's
+``stats().hook_rejections``. Any other exception from ``pre_*`` is answered 500. An
+exception from a ``post_*`` hook is logged and counted (``stats().hook_errors``); the
+client's answer does not change (the upload already happened).
+
+Example::
+
+    class Hooks(TusHooks):
+        async def pre_create(self, info, request):
+            if "filename" not in info.metadata:
+                raise UploadError("filename metadata is required", status=400)
+            return {**info.metadata, "owner": request.headers.get("X-User", "")}
+
+        def post_finish(self, info, request):
+            log.info("stored %s (%d bytes) at %s", info.id, info.size, info.path)
+
+    routes = TusUploadHandler.routes("/files", store=store, hooks=Hooks())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+
+from tornado.httputil import HTTPServerRequest
+
+from tornado_longconn.upload import ChunkedUploadSink, UploadStatus
+
+__all__ = ["TusHooks", "UploadInfo", "upload_info"]
+
+
+@dataclass(frozen=True, slots=True)
+class UploadInfo:
+    """What a hook knows about an upload (a snapshot; changing it changes nothing).
+
+    In ``pre_create`` the upload does not exist yet: ``id`` and ``path`` are ``""``.
+    """
+
+    #: The server-generated id (32 hex digits), ``""`` in ``pre_create``.
+    id: str
+    #: The declared length; None while it is deferred (``Upload-Defer-Length: 1``).
+    size: int | None
+    #: Durable offset: bytes stored.
+    offset: int
+    #: The client's metadata (sanitized ``filename``).
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    #: ``"partial"``, ``"final"`` or None (tus ``concatenation``).
+    concat: str | None = None
+    #: Ids of the partial uploads a final upload is made of.
+    parts: tuple[str, ...] = ()
+    #: The partial file while receiving, the final file once complete.
+    path: str = ""
+    #: Hex sha256 of the whole file once complete.
+    sha256: str | None = None
+    #: True once the file is complete.
+    complete: bool = False
+
+
+def upload_info(sink: ChunkedUploadSink) -> UploadInfo:
+    """The :class:`UploadInfo` of an upload's sink now."""
+    return UploadInfo(
+        id=sink.id,
+        size=None if sink.deferred else sink.size,
+        offset=sink.offset,
+        metadata=dict(sink.metadata),
+        concat=sink.concat,
+        parts=sink.parts,
+        path=sink.path,
+        sha256=sink.sha256,
+        complete=sink.state.status is UploadStatus.COMPLETE,
+    )
+
+
+class TusHooks:
+    """Hooks with no effect; subclass and override the ones you need (plain or async).
+
+    See the module documentation for when each one runs and what it may do.
+    """
+
+    def pre_create(
+        self, info: UploadInfo, request: HTTPServerRequest
+    ) -> Mapping[str, str] | Awaitable[Mapping[str, str] | None] | None:
+        """Accept (return None), rewrite the metadata (return it) or reject (raise)."""
+        return None
+
+    def post_create(self, info: UploadInfo, request: HTTPServerRequest) -> Awaitable[None] | None:
+        """The upload was created."""
+        return None
+
+    def post_receive(self, info: UploadInfo, request: HTTPServerRequest) -> Awaitable[None] | None:
+        """A request's bytes are stored; ``info.offset`` is the new durable offset."""
+        return None
+
+    def pre_finish(self, info: UploadInfo, request: HTTPServerRequest) -> Awaitable[None] | None:
+        """Every byte is stored (``info.path`` is the partial file); raise to reject."""
+        return None
+
+    def post_finish(self, info: UploadInfo, request: HTTPServerRequest) -> Awaitable[None] | None:
+        """The file is complete at ``info.path`` with ``info.sha256``."""
+        return None
+
+    def post_terminate(
+        self, info: UploadInfo, request: HTTPServerRequest
+    ) -> Awaitable[None] | None:
+        """A DELETE removed the upload."""
+        return None
