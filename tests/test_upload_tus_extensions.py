@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import os
+import shutil
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -15,6 +16,7 @@ from tusclient import client as tus_client
 
 from tests.helpers import read_bytes as read
 from tests.test_upload_tus import OCTETS, TUS, create, serve
+from tornado_longconn.testing import scaled
 from tornado_longconn.upload import ChunkedUploadSink, UploadStore
 
 
@@ -277,3 +279,64 @@ async def test_deferred_partial_upload(store: UploadStore) -> None:
         assert resp.status_code == 201
         final = urljoin(base, resp.headers["Location"])
     assert read(store.final_path(final.rsplit("/", 1)[1])) == b"hi"
+
+
+# -- tus-js-client with parallelUploads (concatenation) under node ----------------------
+
+TUS_JS_SCRIPT = r"""
+import { createRequire } from "node:module";
+const require = createRequire(process.env.TUS_JS_DIR + "/");
+const tus = require("tus-js-client");
+const [endpoint, size] = [process.argv[2], Number(process.argv[3])];
+const data = Buffer.alloc(size);
+for (let i = 0; i < size; i++) data[i] = (i * 7 + (i >> 8)) & 0xff;
+const upload = new tus.Upload(data, {
+  endpoint,
+  parallelUploads: 2,
+  chunkSize: 100000,
+  retryDelays: [],
+  metadata: { filename: "parallel.bin" },
+  onSuccess: () => console.log("URL " + upload.url),
+  onError: (err) => { console.error(String(err)); process.exit(1); },
+});
+upload.start();
+"""
+
+
+def tus_js_dir() -> str | None:
+    """A directory whose node_modules holds tus-js-client (LONGCONN_TUS_JS_DIR), if any."""
+    for candidate in (os.environ.get("LONGCONN_TUS_JS_DIR"), str(Path(__file__).parent.parent)):
+        if candidate and (Path(candidate) / "node_modules" / "tus-js-client").is_dir():
+            return candidate
+    return None
+
+
+async def test_tus_js_client_parallel_uploads(store: UploadStore, tmp_path: Path) -> None:
+    node = shutil.which("node")
+    where = tus_js_dir()
+    if node is None or where is None:
+        pytest.skip("needs node and tus-js-client (npm install tus-js-client; LONGCONN_TUS_JS_DIR)")
+    script = tmp_path / "parallel.mjs"
+    script.write_text(TUS_JS_SCRIPT)
+    size = 450_001
+    expected = bytes((i * 7 + (i >> 8)) & 0xFF for i in range(size))
+    done: list[ChunkedUploadSink] = []
+    async with serve(store, on_complete=done.append) as (server, _):
+        proc = await asyncio.create_subprocess_exec(
+            node,
+            str(script),
+            server.url("/files/"),
+            str(size),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(os.environ, TUS_JS_DIR=str(Path(where) / "node_modules")),
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), scaled(60))
+        assert proc.returncode == 0, err.decode()
+    url = out.decode().split("URL ", 1)[1].strip()
+    final_id = url.rsplit("/", 1)[1]
+    assert [sink.id for sink in done] == [final_id]
+    assert done[0].concat == "final" and len(done[0].parts) == 2
+    assert done[0].metadata["filename"] == "parallel.bin"
+    assert read(store.final_path(final_id)) == expected
+    assert store.stats().concatenated == 1
