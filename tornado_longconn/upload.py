@@ -60,17 +60,21 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tornado_longconn.exceptions import UploadError
 
 from .logfields import log_fields
 from .stats import COUNTER, GAUGE, TALLY
 
+if TYPE_CHECKING:
+    from .upload_state import SharedUploadState
+
 __all__ = [
     "CHECKSUM_ALGORITHMS",
     "MAX_CONCAT_PARTS",
     "ChunkedUploadSink",
+    "UploadInfo",
     "UploadState",
     "UploadStats",
     "UploadStatus",
@@ -80,6 +84,7 @@ __all__ = [
     "is_upload_id",
     "parse_tus_metadata",
     "sanitize_filename",
+    "upload_info",
 ]
 
 #: Per-request checksum algorithms (tus ``Tus-Checksum-Algorithm`` names).
@@ -351,6 +356,52 @@ class UploadState:
 
 
 @dataclass(frozen=True, slots=True)
+class UploadInfo:
+    """What a hook knows about an upload (a snapshot; changing it changes nothing).
+
+    In ``pre_create`` the upload does not exist yet: ``id`` and ``path`` are ``""``.
+    """
+
+    #: The server-generated id (32 hex digits), ``""`` in ``pre_create``.
+    id: str
+    #: The declared length; None while it is deferred (``Upload-Defer-Length: 1``).
+    size: int | None
+    #: Durable offset: bytes stored.
+    offset: int
+    #: The client's metadata (sanitized ``filename``).
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    #: ``"partial"``, ``"final"`` or None (tus ``concatenation``).
+    concat: str | None = None
+    #: Ids of the partial uploads a final upload is made of.
+    parts: tuple[str, ...] = ()
+    #: The partial file while receiving, the final file once complete.
+    path: str = ""
+    #: Hex sha256 of the whole file once complete.
+    sha256: str | None = None
+    #: True once the file is complete.
+    complete: bool = False
+    #: When the upload expires if it stays idle (``time.time()`` seconds); None once
+    #: every byte is stored.
+    expires: float | None = None
+
+
+def upload_info(sink: ChunkedUploadSink) -> UploadInfo:
+    """The :class:`UploadInfo` of an upload's sink now."""
+    return UploadInfo(
+        id=sink.id,
+        size=None if sink.deferred else sink.size,
+        offset=sink.offset,
+        metadata=dict(sink.metadata),
+        concat=sink.concat,
+        parts=sink.parts,
+        path=sink.path,
+        sha256=sink.sha256,
+        complete=sink.state.status is UploadStatus.COMPLETE,
+        expires=None if sink.state.is_stored else sink.state.expires_at(sink.store.expire_after),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class UploadStats:
     """A snapshot of an :class:`UploadStore`'s counters (see :meth:`UploadStore.stats`).
 
@@ -502,6 +553,11 @@ class ChunkedUploadSink:
         self.concat: str | None = None
         #: The ids a final upload was concatenated from (empty otherwise).
         self.parts: tuple[str, ...] = ()
+        #: With shared state: the generation this process's view of the upload is
+        #: valid for (-1: loaded without the lock, never trusted for writing).
+        self.generation = 0
+        self._shared_owner: str | None = None
+        self._renewal: asyncio.Task[None] | None = None
         #: Optional ``callback(durable_offset, error)``, called on the event loop after
         #: each write job is stored (``error`` None) or failed (``error`` the
         #: ``UploadError``, which :meth:`write`/:meth:`flush` still raise once).
@@ -904,6 +960,8 @@ class ChunkedUploadSink:
                 self._fd_closed_by_job()
         self.store._counters.aborted += 1
         self.store._forget(self.id)
+        if self.store.shared is not None:
+            await self.store.shared.delete(self.id)
 
     async def delete(self) -> None:
         """Remove the upload whatever its status; its id answers 404 from then on.
@@ -922,6 +980,8 @@ class ChunkedUploadSink:
         )
         self.store._counters.deleted += 1
         self.store._forget(self.id)
+        if self.store.shared is not None:
+            await self.store.shared.delete(self.id)
 
     # -- the partial file's descriptor (bounded by the store's max_open_files) --------
 
@@ -1001,6 +1061,15 @@ class UploadStore:
       -- ``<id>.info`` writes, the re-hash read -- are outside the budget; at most one
       per executor thread.)
     * ``executor`` [None: the loop's default executor] -- where file I/O runs.
+    * ``shared`` [None] -- a :class:`~tornado_longconn.upload_state.SharedUploadState`
+      (e.g. :class:`~tornado_longconn.upload_state.RedisUploadState`) when several
+      processes serve this ``root`` (a shared disk): writers then take its lock (423
+      while another process writes), offsets and metadata are recorded in it, and a
+      process reloads an upload another process wrote (see
+      :mod:`tornado_longconn.upload_state`). Uploads are then known through it only.
+    * ``lock_ttl`` [30 s] -- with ``shared``: the writer lock's expiry; the holder
+      extends it every ``lock_ttl / 3`` while it writes, so a dead process frees its
+      uploads after at most this long.
 
     Storage faults can be injected by overriding :meth:`write_at`.
     """
@@ -1016,7 +1085,11 @@ class UploadStore:
         max_cached: int = 1000,
         max_open_files: int | None = None,
         executor: concurrent.futures.Executor | None = None,
+        shared: SharedUploadState | None = None,
+        lock_ttl: float = 30.0,
     ) -> None:
+        if lock_ttl <= 0:
+            raise ValueError("lock_ttl must be positive")
         if chunk_size <= 0 or max_in_flight <= 0 or max_cached <= 0 or max_size < 0:
             raise ValueError("chunk_size, max_in_flight and max_cached must be positive")
         if max_open_files is None:
@@ -1032,6 +1105,8 @@ class UploadStore:
         self.max_cached = max_cached
         self.max_open_files = max_open_files
         self.executor = executor
+        self.shared = shared
+        self.lock_ttl = lock_ttl
         self._counters = _UploadCounters()
         self._sinks: dict[str, ChunkedUploadSink] = {}
         self._opening: dict[str, asyncio.Future[ChunkedUploadSink]] = {}
@@ -1106,6 +1181,8 @@ class UploadStore:
         sink = ChunkedUploadSink(self, upload_id, state, clean, now, -1, hashlib.sha256())
         sink.concat = concat
         sink.parts = tuple(parts)
+        if self.shared is not None:
+            await self.shared.put(upload_id, self._record(sink))
         self._counters.created += 1
         self._remember(sink)
         return sink
@@ -1130,12 +1207,14 @@ class UploadStore:
         a storage error (the new upload is then removed).
         """
         parts = await self._partials(part_ids, now)
-        total = sum(part.size for part in parts)
+        total = sum(part.size or 0 for part in parts)
         held: list[ChunkedUploadSink] = []
         try:
-            for part in {part.id: part for part in parts}.values():
-                part.acquire()  # a concurrent DELETE of a part gets 423 meanwhile
-                held.append(part)
+            if self.shared is None:
+                for part_id in dict.fromkeys(part_ids):
+                    sink = await self.open(part_id, now=now)
+                    sink.acquire()  # a concurrent DELETE of a part gets 423 meanwhile
+                    held.append(sink)
             sink = await self.create(
                 total, metadata=metadata, now=now, concat="final", parts=list(part_ids)
             )
@@ -1161,6 +1240,8 @@ class UploadStore:
             sink.state.stored(total, time.time())
             self._counters.bytes_stored += total
             await sink.finish()
+            if self.shared is not None:
+                await self.shared.put(sink.id, self._record(sink))
             self._counters.concatenated += 1
             return sink
         finally:
@@ -1173,24 +1254,22 @@ class UploadStore:
         Raises the ``UploadError`` :meth:`concatenate` would raise before creating
         anything (400, 404, 410, 413). Handlers call it before a ``pre_create`` hook.
         """
-        return sum(part.size for part in await self._partials(part_ids, now))
+        return sum(part.size or 0 for part in await self._partials(part_ids, now))
 
-    async def _partials(
-        self, part_ids: Sequence[str], now: float | None
-    ) -> list[ChunkedUploadSink]:
+    async def _partials(self, part_ids: Sequence[str], now: float | None) -> list[UploadInfo]:
         if not part_ids:
             raise UploadError("Upload-Concat: final needs at least one partial upload", status=400)
         if len(part_ids) > MAX_CONCAT_PARTS:
             raise UploadError(f"more than {MAX_CONCAT_PARTS} partial uploads", status=400)
-        parts: list[ChunkedUploadSink] = []
+        parts: list[UploadInfo] = []
         for part_id in part_ids:
-            part = await self.open(part_id, now=now)
+            part = await self.describe(part_id, now=now)
             if part.concat != "partial":
                 raise UploadError(f"upload {part_id} is not a partial upload", status=400)
-            if part.state.status is not UploadStatus.COMPLETE:
+            if not part.complete:
                 raise UploadError(f"partial upload {part_id} is not finished", status=400)
             parts.append(part)
-        total = sum(part.size for part in parts)
+        total = sum(part.size or 0 for part in parts)
         if total > self.max_size:
             raise UploadError(
                 f"the partial uploads add up to {total} bytes, above the maximum {self.max_size}",
@@ -1208,6 +1287,8 @@ class UploadStore:
         """
         self._checked(upload_id)
         now = time.time() if now is None else now
+        if self.shared is not None:
+            return await self._open_shared(upload_id)
         sink = self._sinks.get(upload_id)
         if sink is None:
             pending = self._opening.get(upload_id)
@@ -1236,6 +1317,157 @@ class UploadStore:
             self._sinks[upload_id] = sink  # most recently used last
         return sink
 
+    async def describe(self, upload_id: str, *, now: float | None = None) -> UploadInfo:
+        """What is known about an upload now, without reading its bytes.
+
+        With ``shared`` state this is the shared record (no re-hash, whichever process
+        wrote the upload); else the sink's state (:meth:`open`). Raises
+        ``UploadError`` 404 for an unknown id, 410 for an expired partial upload.
+        """
+        self._checked(upload_id)
+        if self.shared is None:
+            return upload_info(await self.open(upload_id, now=now))
+        now = time.time() if now is None else now
+        record = await self.shared.get(upload_id)
+        data = None if record is None else record.data
+        if data is None:
+            raise UploadError("no such upload", status=404)
+        size = data.get("size")
+        offset = int(data.get("offset", 0))
+        complete = data.get("status") == UploadStatus.COMPLETE.value
+        stored = complete or (size is not None and offset == size)
+        expires = None if stored else float(data.get("activity", 0.0)) + self.expire_after
+        if expires is not None and now >= expires:
+            raise UploadError("upload expired", status=410)
+        return UploadInfo(
+            id=upload_id,
+            size=None if size is None else int(size),
+            offset=offset,
+            metadata={str(k): str(v) for k, v in dict(data.get("metadata") or {}).items()},
+            concat=data.get("concat"),
+            parts=tuple(str(part) for part in data.get("parts") or ()),
+            path=self.final_path(upload_id) if complete else self.partial_path(upload_id),
+            sha256=data.get("sha256"),
+            complete=complete,
+            expires=expires,
+        )
+
+    async def lock_for_write(
+        self, upload_id: str, *, now: float | None = None
+    ) -> ChunkedUploadSink:
+        """Open an upload and hold it for one writer; pair with :meth:`end_write`.
+
+        Without ``shared`` state: :meth:`open` and :meth:`ChunkedUploadSink.acquire`.
+        With it: the shared lock first (``UploadError`` 423 while any process holds
+        it), then the upload as the shared record says: the cached state if this
+        process was its last writer, else reloaded from the disk (bytes past the
+        recorded offset, left by a writer that died, are cut off). The lock is
+        extended every ``lock_ttl / 3`` seconds until :meth:`end_write`. Raises 404
+        for an unknown upload.
+        """
+        if self.shared is None:
+            sink = await self.open(upload_id, now=now)
+            sink.acquire()
+            return sink
+        self._checked(upload_id)
+        owner = secrets.token_hex(8)
+        generation = await self.shared.lock(upload_id, owner, self.lock_ttl)
+        if generation is None:
+            self._counters.lock_conflicts += 1
+            raise UploadError("another request is writing this upload", status=423)
+        try:
+            record = await self.shared.get(upload_id)
+            data = None if record is None else record.data
+            if data is None:
+                raise UploadError("no such upload", status=404)
+            cached = self._sinks.get(upload_id)
+            if cached is not None and cached.generation == generation - 1 and not cached._retired:
+                sink = cached
+            else:
+                self._forget(upload_id)
+                sink = await self._load(upload_id, repair=True, limit=int(data.get("offset", 0)))
+                if sink.state.status is UploadStatus.ACTIVE:
+                    self._remember(sink)
+            sink.acquire()
+        except BaseException:
+            await self.shared.unlock(upload_id, owner)
+            raise
+        sink.generation = generation
+        sink._shared_owner = owner
+        sink._renewal = asyncio.get_running_loop().create_task(self._renew(sink, owner))
+        return sink
+
+    async def end_write(self, sink: ChunkedUploadSink) -> None:
+        """Record the upload's state in the shared state (if any), then let it go.
+
+        Call it once the writer is done (after :meth:`ChunkedUploadSink.flush` or
+        ``finish``). Errors of the shared state are logged; the lock then expires by
+        itself. Idempotent.
+        """
+        owner, sink._shared_owner = sink._shared_owner, None
+        if owner is not None and self.shared is not None:
+            if sink._renewal is not None:
+                sink._renewal.cancel()
+                sink._renewal = None
+            try:
+                if sink.state.status is not UploadStatus.ABORTED:
+                    await self.shared.put(sink.id, self._record(sink))
+                await self.shared.unlock(sink.id, owner)
+                sink.generation += 1  # our unlock added one
+            except Exception:
+                sink.generation = -1
+                _log.exception("upload %s: the shared state was not updated", sink.id)
+        sink.release()
+
+    def release_later(self, sink: ChunkedUploadSink) -> None:
+        """:meth:`end_write` from synchronous code (a task the store keeps)."""
+        if sink._shared_owner is None:
+            sink.release()
+        else:
+            self.spawn(self.end_write(sink))
+
+    async def _renew(self, sink: ChunkedUploadSink, owner: str) -> None:
+        """Extend the shared lock while it is held (a timer for the lock's deadline)."""
+        assert self.shared is not None
+        while True:
+            await asyncio.sleep(self.lock_ttl / 3)
+            try:
+                kept = await self.shared.extend(sink.id, owner, self.lock_ttl)
+            except Exception:
+                _log.exception("upload %s: the lock could not be extended", sink.id)
+                continue
+            if not kept:
+                sink._error = UploadError("the upload's lock expired", status=423)
+                return
+
+    def _record(self, sink: ChunkedUploadSink) -> dict[str, Any]:
+        return {
+            "size": None if sink.deferred else sink.size,
+            "offset": sink.offset,
+            "metadata": dict(sink.metadata),
+            "status": sink.state.status.value,
+            "concat": sink.concat,
+            "parts": list(sink.parts),
+            "sha256": sink.sha256,
+            "activity": sink.state.last_activity,
+            "created": sink.created,
+        }
+
+    async def _open_shared(self, upload_id: str) -> ChunkedUploadSink:
+        assert self.shared is not None
+        record = await self.shared.get(upload_id)
+        if record is None or record.data is None:
+            self._forget(upload_id)
+            raise UploadError("no such upload", status=404)
+        sink = self._sinks.get(upload_id)
+        if sink is not None and (sink.generation == record.generation or sink.locked):
+            return sink
+        self._forget(upload_id)
+        # Without the lock: read only (another process may be writing it).
+        sink = await self._load(upload_id, repair=False, limit=int(record.data.get("offset", 0)))
+        sink.generation = -1
+        return sink
+
     async def sweep(self, now: float | None = None) -> int:
         """Remove expired partial uploads (idle past ``expire_after``); return how many.
 
@@ -1257,6 +1489,8 @@ class UploadStore:
                 self._counters.aborted -= 1
             else:
                 await loop.run_in_executor(self.executor, self._delete_files, -1, upload_id)
+            if self.shared is not None:
+                await self.shared.delete(upload_id)
             self._counters.expired += 1
             removed += 1
         return removed
@@ -1451,7 +1685,9 @@ class UploadStore:
             except FileNotFoundError:
                 pass
 
-    def _load_files(self, upload_id: str) -> tuple[dict[str, Any], int, _Hasher, float] | None:
+    def _load_files(
+        self, upload_id: str, repair: bool = True, limit: int | None = None
+    ) -> tuple[dict[str, Any], int, _Hasher, float] | None:
         part = self.partial_path(upload_id)
         try:
             with open(self.info_path(upload_id), encoding="utf-8") as fh:
@@ -1463,18 +1699,24 @@ class UploadStore:
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
         try:
+            stat = os.fstat(fd)
+            size = stat.st_size
+            marker = False
             try:
                 with open(self._marker_path(upload_id), encoding="ascii") as fh:
-                    start = int(fh.read().strip() or 0)
-                os.ftruncate(fd, min(start, os.fstat(fd).st_size))
-                os.unlink(self._marker_path(upload_id))
+                    size = min(int(fh.read().strip() or 0), size)
+                marker = True
             except FileNotFoundError:
                 pass
-            stat = os.fstat(fd)
             declared = info["size"]
-            size = stat.st_size if declared is None else min(stat.st_size, int(declared))
-            if stat.st_size > size:
+            if declared is not None:
+                size = min(size, int(declared))
+            if limit is not None:
+                size = min(size, limit)
+            if stat.st_size > size and repair:
                 os.ftruncate(fd, size)
+            if marker and repair:
+                os.unlink(self._marker_path(upload_id))
             hasher: _Hasher = hashlib.sha256()
             pos = 0
             while pos < size:
@@ -1489,10 +1731,14 @@ class UploadStore:
         info["_offset"] = pos
         return info, 0, hasher, stat.st_mtime
 
-    async def _load(self, upload_id: str) -> ChunkedUploadSink:
+    async def _load(
+        self, upload_id: str, *, repair: bool = True, limit: int | None = None
+    ) -> ChunkedUploadSink:
         loop = asyncio.get_running_loop()
         try:
-            loaded = await loop.run_in_executor(self.executor, self._load_files, upload_id)
+            loaded = await loop.run_in_executor(
+                self.executor, self._load_files, upload_id, repair, limit
+            )
         except OSError as exc:
             raise _storage_error(exc) from exc
         if loaded is None:

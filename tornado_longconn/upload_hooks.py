@@ -48,55 +48,12 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass, field
 
 from tornado.httputil import HTTPServerRequest
 
-from tornado_longconn.upload import ChunkedUploadSink, UploadStatus
+from tornado_longconn.upload import UploadInfo, upload_info
 
 __all__ = ["TusHooks", "UploadInfo", "upload_info"]
-
-
-@dataclass(frozen=True, slots=True)
-class UploadInfo:
-    """What a hook knows about an upload (a snapshot; changing it changes nothing).
-
-    In ``pre_create`` the upload does not exist yet: ``id`` and ``path`` are ``""``.
-    """
-
-    #: The server-generated id (32 hex digits), ``""`` in ``pre_create``.
-    id: str
-    #: The declared length; None while it is deferred (``Upload-Defer-Length: 1``).
-    size: int | None
-    #: Durable offset: bytes stored.
-    offset: int
-    #: The client's metadata (sanitized ``filename``).
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    #: ``"partial"``, ``"final"`` or None (tus ``concatenation``).
-    concat: str | None = None
-    #: Ids of the partial uploads a final upload is made of.
-    parts: tuple[str, ...] = ()
-    #: The partial file while receiving, the final file once complete.
-    path: str = ""
-    #: Hex sha256 of the whole file once complete.
-    sha256: str | None = None
-    #: True once the file is complete.
-    complete: bool = False
-
-
-def upload_info(sink: ChunkedUploadSink) -> UploadInfo:
-    """The :class:`UploadInfo` of an upload's sink now."""
-    return UploadInfo(
-        id=sink.id,
-        size=None if sink.deferred else sink.size,
-        offset=sink.offset,
-        metadata=dict(sink.metadata),
-        concat=sink.concat,
-        parts=sink.parts,
-        path=sink.path,
-        sha256=sink.sha256,
-        complete=sink.state.status is UploadStatus.COMPLETE,
-    )
 
 
 class TusHooks:

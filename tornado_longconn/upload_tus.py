@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import email.utils
 import inspect
 import logging
@@ -247,6 +248,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         self._holding = False
         self._failed = False
         self._with_body = False
+        self._offset_hint: int | None = None
 
     # -- helpers --------------------------------------------------------------------
 
@@ -281,20 +283,39 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         self.set_status(error.status, _REASONS.get(error.status))
         if error.status == 412:
             self.set_header("Tus-Version", TUS_VERSION)
-        if self._sink is not None and error.status in (409, 460, 507, 423, 413):
-            self.set_header("Upload-Offset", str(self._sink.offset))
+        if error.status in (409, 460, 507, 423, 413):
+            offset = self._sink.offset if self._sink is not None else self._offset_hint
+            if offset is not None:
+                self.set_header("Upload-Offset", str(offset))
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish(str(error) + "\n")
 
     def _release(self) -> None:
         if self._sink is not None and self._holding:
             self._holding = False
-            self._sink.release()
+            self.store.release_later(self._sink)
 
-    async def _open(self, upload_id: str) -> ChunkedUploadSink:
+    async def _release_now(self) -> None:
+        """Record the upload's state and let it go before the answer is sent."""
+        if self._sink is not None and self._holding:
+            self._holding = False
+            await self.store.end_write(self._sink)
+
+    async def _lock(self, upload_id: str) -> ChunkedUploadSink:
         if not is_upload_id(upload_id):
             raise UploadError("no such upload", status=404)
-        return await self.store.open(upload_id)
+        if self.store.shared is None:
+            self._sink = await self.store.open(upload_id)
+        try:
+            sink = await self.store.lock_for_write(upload_id)
+        except UploadError as err:
+            if err.status == 423 and self._sink is None:  # Upload-Offset of the answer
+                with contextlib.suppress(UploadError):
+                    self._offset_hint = (await self.store.describe(upload_id)).offset
+            raise
+        self._sink = sink
+        self._holding = True
+        return sink
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Plain-text errors (tus clients show the body)."""
@@ -326,7 +347,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
             elif method == "PATCH":
                 await self._prepare_patch()
         except UploadError as err:
-            self._release()
+            await self._release_now()
             self._fail(err)
 
     async def _prepare_create(self) -> None:
@@ -421,12 +442,9 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         declared = headers.get("Upload-Length")
         new_size = None if declared is None else _parse_int(declared, "Upload-Length")
         upload_id = self.path_args[0] if self.path_args else ""
-        sink = await self._open(upload_id)
+        sink = await self._lock(upload_id)  # exactly one writer: a concurrent PATCH gets 423
         if sink.concat == "final":
             raise UploadError("a final upload cannot be modified", status=403)
-        self._sink = sink
-        sink.acquire()  # exactly one writer: a concurrent PATCH gets 423
-        self._holding = True
         sink.state.check_offset(offset)
         if new_size is not None:
             fits = new_size < offset or not sink.deferred  # else declare_length answers
@@ -445,8 +463,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
     async def _begin_body(self, checksum: tuple[str, bytes] | None, limit: int) -> None:
         assert self._sink is not None
         if not self._holding:
-            self._sink.acquire()
-            self._holding = True
+            await self._lock(self._sink.id)
         # Tornado's default body limit is 100 MB; the upload's own limit applies instead.
         # The slack lets a chunked body that overshoots reach data_received, which
         # answers 413 (Tornado itself would answer a bare 400).
@@ -480,7 +497,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         except UploadError:
             pass
         finally:
-            self._release()
+            await self._release_now()
 
     def on_connection_close(self) -> None:
         """The client went away mid-body: the partial file keeps every stored byte."""
@@ -509,10 +526,11 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
             if sink.state.is_stored:
                 await self._finish(sink)
         except UploadError as err:
+            await self._release_now()
             self._fail(err)
             return None
         finally:
-            self._release()
+            await self._release_now()
         return sink
 
     async def _finish(self, sink: ChunkedUploadSink) -> None:
@@ -590,23 +608,26 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
     async def head(self, upload_id: str) -> None:
         """The durable offset, length and metadata of an upload."""
         try:
-            sink = await self._open(upload_id)
+            if not is_upload_id(upload_id):
+                raise UploadError("no such upload", status=404)
+            info = await self.store.describe(upload_id)
         except UploadError as err:
             self._fail(err)
             return
-        self.set_header("Upload-Offset", str(sink.offset))
-        if sink.deferred:
+        self.set_header("Upload-Offset", str(info.offset))
+        if info.size is None:
             self.set_header("Upload-Defer-Length", "1")
         else:
-            self.set_header("Upload-Length", str(sink.size))
-        if sink.concat == "partial":
+            self.set_header("Upload-Length", str(info.size))
+        if info.concat == "partial":
             self.set_header("Upload-Concat", "partial")
-        elif sink.concat == "final":
-            urls = " ".join(self.upload_url(part) for part in sink.parts)
+        elif info.concat == "final":
+            urls = " ".join(self.upload_url(part) for part in info.parts)
             self.set_header("Upload-Concat", f"final;{urls}")
-        if sink.metadata:
-            self.set_header("Upload-Metadata", encode_tus_metadata(sink.metadata))
-        self._expires_header(sink)
+        if info.metadata:
+            self.set_header("Upload-Metadata", encode_tus_metadata(info.metadata))
+        if info.expires is not None:
+            self.set_header("Upload-Expires", email.utils.formatdate(info.expires, usegmt=True))
         self.set_status(200)
 
     async def delete(self, upload_id: str) -> None:
@@ -617,14 +638,14 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         requires. 423 while another request writes it.
         """
         try:
-            sink = await self._open(upload_id)
-            if sink.locked:
-                raise UploadError("the upload is being written", status=423)
+            sink = await self._lock(upload_id)
             info = upload_info(sink)
             await sink.delete()
         except UploadError as err:
+            await self._release_now()
             self._fail(err)
             return
+        await self._release_now()
         await self._post_hook(lambda _: self.post_terminate(info), sink)
         self.set_status(204)
 
