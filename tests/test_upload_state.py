@@ -16,6 +16,7 @@ import pytest
 from tests.helpers import REDIS_URL, redis_reachable, size_of
 from tests.helpers import read_bytes as read
 from tests.test_upload_tus import OCTETS, TUS, serve
+from tornado_longconn.exceptions import UploadError
 from tornado_longconn.testing import AppServer, scaled
 from tornado_longconn.upload import UploadStore
 from tornado_longconn.upload_state import (
@@ -23,6 +24,7 @@ from tornado_longconn.upload_state import (
     RedisUploadState,
     SharedUploadState,
 )
+from tornado_longconn.upload_storage import UploadHandle, UploadStorage
 
 
 def append(path: str, data: bytes) -> None:
@@ -266,3 +268,23 @@ async def test_concatenation_across_stores(tmp_path: Path) -> None:
         )
         assert resp.status_code == 403
     assert read(one.final_path(final_id)) == b"left-right"
+
+
+async def test_the_local_disk_store_is_an_upload_storage(tmp_path: Path) -> None:
+    store = UploadStore(tmp_path)
+    assert isinstance(store, UploadStorage)
+    sink = await store.create(5, metadata={"filename": "a.txt"})
+    assert isinstance(sink, UploadHandle)
+    with sink.lock():
+        await sink.write(b"hello")
+        await sink.flush()
+    assert await store.durable_offset(sink.id) == 5
+    with pytest.raises(UploadError) as err:
+        await store.read(sink.id)
+    assert err.value.status == 409
+    await sink.finish()
+    assert await store.read(sink.id) == b"hello"
+    assert await store.read(sink.id, 1, 3) == b"ell"
+    info = sink.info()
+    assert (info.complete, info.size, info.metadata) == (True, 5, {"filename": "a.txt"})
+    store.close()

@@ -576,6 +576,18 @@ class ChunkedUploadSink:
         """The declared size of the upload."""
         return self.state.size
 
+    def info(self) -> UploadInfo:
+        """A snapshot of this upload (:class:`UploadInfo`, what hooks receive)."""
+        return upload_info(self)
+
+    async def end_write(self) -> None:
+        """Let the writer lock go, recording the upload first (see :meth:`UploadStore.end_write`)."""
+        await self.store.end_write(self)
+
+    def release_later(self) -> None:
+        """:meth:`end_write` from synchronous code (see :meth:`UploadStore.release_later`)."""
+        self.store.release_later(self)
+
     @property
     def deferred(self) -> bool:
         """True while the upload's length is not declared yet (``creation-defer-length``)."""
@@ -1539,6 +1551,45 @@ class UploadStore:
             hook_errors=c.hook_errors,
             refused=tuple(sorted(c.refused.items())),
         )
+
+    def count_hook(self, *, rejected: bool) -> None:
+        """Count a hook that rejected an upload (``rejected``) or raised after the fact."""
+        if rejected:
+            self._counters.hook_rejections += 1
+        else:
+            self._counters.hook_errors += 1
+
+    async def durable_offset(self, upload_id: str) -> int:
+        """The bytes of an upload stored for good (the tus ``Upload-Offset``).
+
+        The shared record's offset with ``shared`` state, else the sink's. Raises
+        ``UploadError`` 404/410 like :meth:`describe`.
+        """
+        return (await self.describe(upload_id)).offset
+
+    async def read(self, upload_id: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Up to ``length`` bytes (all if None) of a completed upload from ``offset``.
+
+        Reads in the executor. Raises ``UploadError`` 404 for an unknown id, 409 while
+        the upload is not complete. Large files: read them in pieces, or open
+        ``final_path(id)`` yourself.
+        """
+        info = await self.describe(upload_id)
+        if not info.complete:
+            raise UploadError("upload is not complete", status=409)
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must be >= 0")
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._read_final, upload_id, offset, length
+        )
+
+    def _read_final(self, upload_id: str, offset: int, length: int | None) -> bytes:
+        try:
+            with open(self.final_path(upload_id), "rb") as fh:
+                fh.seek(offset)
+                return fh.read() if length is None else fh.read(length)
+        except FileNotFoundError as exc:
+            raise UploadError("no such upload", status=404) from exc
 
     def count_refused(self, status: int) -> None:
         """Count a request a transport answered with error ``status`` (``stats().refused``)."""

@@ -65,13 +65,12 @@ from tornado_longconn.exceptions import UploadError
 from tornado_longconn.streaming import EarlyAnswer, EarlyAnswerMixin
 from tornado_longconn.upload import (
     CHECKSUM_ALGORITHMS,
-    ChunkedUploadSink,
-    UploadStore,
     encode_tus_metadata,
     is_upload_id,
     parse_tus_metadata,
 )
-from tornado_longconn.upload_hooks import TusHooks, UploadInfo, upload_info
+from tornado_longconn.upload_hooks import TusHooks, UploadInfo
+from tornado_longconn.upload_storage import UploadHandle, UploadStorage
 
 __all__ = ["TUS_EXPOSE_HEADERS", "TUS_VERSION", "TusUploadHandler"]
 
@@ -101,7 +100,9 @@ _ALLOW_HEADERS = (
     "X-Requested-With, Authorization"
 )
 
-CompleteCallback = Callable[[ChunkedUploadSink], "Awaitable[None] | None"]
+#: ``on_complete``: called with the upload's handle (a
+#: :class:`~tornado_longconn.upload.ChunkedUploadSink` with an ``UploadStore``).
+CompleteCallback = Callable[[Any], "Awaitable[None] | None"]
 
 
 def _parse_int(value: str | None, name: str) -> int:
@@ -177,7 +178,8 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
     ``initialize`` keyword arguments (pass them in the route's dict, or use
     :meth:`routes`):
 
-    * ``store`` -- the :class:`~tornado_longconn.upload.UploadStore` (required).
+    * ``store`` -- the :class:`~tornado_longconn.upload.UploadStore` (required), or
+      any :class:`~tornado_longconn.upload_storage.UploadStorage`.
     * ``cors_origins`` [None] -- origins allowed to call from a browser: a list of
       origins, ``"*"`` for any, ``None`` to send no CORS headers.
     * ``on_complete`` [None] -- called with the sink once an upload is complete and
@@ -227,7 +229,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
 
     def initialize(
         self,
-        store: UploadStore,
+        store: UploadStorage,
         cors_origins: Sequence[str] | str | None = None,
         on_complete: CompleteCallback | None = None,
         base_url: str | None = None,
@@ -244,7 +246,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         self.trust_forwarded = trust_forwarded
         self.early_answer = early_answer
         self._set_cors_headers()
-        self._sink: ChunkedUploadSink | None = None
+        self._sink: UploadHandle | None = None
         self._holding = False
         self._failed = False
         self._with_body = False
@@ -268,7 +270,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
                 self.add_header("Vary", "Origin")
             self.set_header("Access-Control-Expose-Headers", TUS_EXPOSE_HEADERS)
 
-    def _expires_header(self, sink: ChunkedUploadSink) -> None:
+    def _expires_header(self, sink: UploadHandle) -> None:
         if not sink.state.is_stored:
             when = sink.state.expires_at(self.store.expire_after)
             self.set_header("Upload-Expires", email.utils.formatdate(when, usegmt=True))
@@ -293,23 +295,21 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
     def _release(self) -> None:
         if self._sink is not None and self._holding:
             self._holding = False
-            self.store.release_later(self._sink)
+            self._sink.release_later()
 
     async def _release_now(self) -> None:
         """Record the upload's state and let it go before the answer is sent."""
         if self._sink is not None and self._holding:
             self._holding = False
-            await self.store.end_write(self._sink)
+            await self._sink.end_write()
 
-    async def _lock(self, upload_id: str) -> ChunkedUploadSink:
+    async def _lock(self, upload_id: str) -> UploadHandle:
         if not is_upload_id(upload_id):
             raise UploadError("no such upload", status=404)
-        if self.store.shared is None:
-            self._sink = await self.store.open(upload_id)
         try:
             sink = await self.store.lock_for_write(upload_id)
         except UploadError as err:
-            if err.status == 423 and self._sink is None:  # Upload-Offset of the answer
+            if err.status == 423:  # Upload-Offset of the answer
                 with contextlib.suppress(UploadError):
                     self._offset_hint = (await self.store.describe(upload_id)).offset
             raise
@@ -414,21 +414,21 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
             if inspect.isawaitable(result):
                 result = await result
         except UploadError:
-            self.store._counters.hook_rejections += 1
+            self.store.count_hook(rejected=True)
             raise
         if result is None:
             return dict(info.metadata)
         return {str(key): str(value) for key, value in result.items()}
 
     async def _post_hook(
-        self, hook: Callable[[UploadInfo], Awaitable[None] | None], sink: ChunkedUploadSink
+        self, hook: Callable[[UploadInfo], Awaitable[None] | None], sink: UploadHandle
     ) -> None:
         try:
-            result = hook(upload_info(sink))
+            result = hook(sink.info())
             if inspect.isawaitable(result):
                 await result
         except Exception:
-            self.store._counters.hook_errors += 1
+            self.store.count_hook(rejected=False)
             _log.exception("upload hook %s failed", getattr(hook, "__name__", hook))
 
     async def _prepare_patch(self) -> None:
@@ -485,9 +485,9 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         self._fail(err)
         sink = self._sink
         if sink is not None:
-            sink.store.spawn(self._settle(sink))
+            self.store.spawn(self._settle(sink))
 
-    async def _settle(self, sink: ChunkedUploadSink) -> None:
+    async def _settle(self, sink: UploadHandle) -> None:
         """After an interrupted body: keep what was stored (or roll back a segment)."""
         try:
             if sink.in_segment:
@@ -504,14 +504,14 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         super().on_connection_close()
         if self._holding and self._sink is not None and not self._failed:
             self._failed = True
-            self._sink.store.spawn(self._settle(self._sink))
+            self.store.spawn(self._settle(self._sink))
 
     def on_finish(self) -> None:
         """Release the upload if the response ended without the body being stored."""
         if self._holding and self._sink is not None and not self._failed:
             self._release()
 
-    async def _store_body(self) -> ChunkedUploadSink | None:
+    async def _store_body(self) -> UploadHandle | None:
         """Flush and verify the body; answer errors; None if the response was sent."""
         sink = self._sink
         if finished(self) or self._failed or sink is None:
@@ -533,22 +533,22 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
             await self._release_now()
         return sink
 
-    async def _finish(self, sink: ChunkedUploadSink) -> None:
+    async def _finish(self, sink: UploadHandle) -> None:
         try:
-            result = self.pre_finish(upload_info(sink))
+            result = self.pre_finish(sink.info())
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
             await sink.abort()
             if isinstance(exc, UploadError):
-                self.store._counters.hook_rejections += 1
+                self.store.count_hook(rejected=True)
                 raise
             _log.exception("pre_finish hook failed; upload %s removed", sink.id)
             raise UploadError("pre_finish hook failed", status=500) from exc
         await sink.finish()
         await self._completed(sink)
 
-    async def _completed(self, sink: ChunkedUploadSink) -> None:
+    async def _completed(self, sink: UploadHandle) -> None:
         if sink.concat != "partial":
             result = self.upload_complete(sink)
             if inspect.isawaitable(result):
@@ -639,7 +639,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         """
         try:
             sink = await self._lock(upload_id)
-            info = upload_info(sink)
+            info = sink.info()
             await sink.delete()
         except UploadError as err:
             await self._release_now()
@@ -649,7 +649,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         await self._post_hook(lambda _: self.post_terminate(info), sink)
         self.set_status(204)
 
-    def upload_complete(self, sink: ChunkedUploadSink) -> Awaitable[None] | None:
+    def upload_complete(self, sink: Any) -> Awaitable[None] | None:
         """Called once an upload is complete; default: call ``on_complete`` if given.
 
         Override in a subclass to move the file (``sink.path``), record it, etc. May
