@@ -2,20 +2,15 @@
 
 Six moments, each a method that may be plain or ``async``:
 
-============== ====================================================== ==========================
-hook           when                                                   may
-============== ====================================================== ==========================
-pre_create     before an upload is created (no file exists yet; for   reject (raise
-               a final concatenation, after the parts were checked)   ``UploadError``) or return
-                                                                      new metadata (a mapping)
-post_create    the upload exists (before a creation-with-upload body) observe
-post_receive   a request's bytes are stored (the offset moved)         observe
-pre_finish     every byte is stored, before the file is finished       reject: the upload is
-                                                                      removed, the client gets
-                                                                      the error's status
-post_finish    the file is complete (final path, sha256 known)         observe
-post_terminate a DELETE removed the upload                            observe
-============== ====================================================== ==========================
+* ``pre_create`` -- before an upload is created (no file exists yet; for a final
+  concatenation, after the parts were checked). May reject (raise ``UploadError``) or
+  return new metadata (a mapping).
+* ``post_create`` -- the upload exists (before a creation-with-upload body is stored).
+* ``post_receive`` -- a request's bytes are stored (the offset moved).
+* ``pre_finish`` -- every byte is stored, before the file is finished. May reject: the
+  upload is removed and the client gets the error's status.
+* ``post_finish`` -- the file is complete (final path and sha256 known).
+* ``post_terminate`` -- a DELETE removed the upload.
 
 Use them in one of two ways (both can be combined: the handler's methods call the hooks
 object by default):

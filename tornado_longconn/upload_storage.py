@@ -10,30 +10,23 @@ the names at run time; mypy checks the signatures).
 The operations, and how an object store with multipart uploads (S3 and compatibles)
 maps them:
 
-======================== ================================ =================================
-operation                local disk (``UploadStore``)      S3 multipart
-======================== ================================ =================================
-``create``               ``<id>.info`` + empty ``<id>.part`` ``CreateMultipartUpload``; the
-                                                          record (size, metadata, upload
-                                                          id) in an ``<id>.info`` object
-``handle.write``         ``pwrite`` at the offset, in the  buffer to a part of at least
-                         executor                         5 MiB (S3's minimum, except the
-                                                          last), ``UploadPart``
-durable offset           size of ``<id>.part``            sum of the completed parts +
-(``describe``, HEAD)                                      the size of a *tail* object: a
-                                                          write that ends below 5 MiB is
-                                                          stored as ``<id>.tail`` (a plain
-                                                          ``PutObject``) so every byte a
-                                                          client was told of is durable; the
-                                                          next write reads it back first
-``handle.finish``        ``fsync``, rename, ``fsync`` dir  the tail as the last part, then
-                                                          ``CompleteMultipartUpload``
-``handle.abort/delete``  unlink the files                 ``AbortMultipartUpload`` /
-                                                          ``DeleteObject``
-``read``                 read ``<id>``                    ``GetObject`` with ``Range``
-``concatenate``          copy in the executor             ``UploadPartCopy`` of each part
-                                                          (each >= 5 MiB but the last)
-======================== ================================ =================================
+* ``create`` -- disk: ``<id>.info`` and an empty ``<id>.part``. S3:
+  ``CreateMultipartUpload``, the record (size, metadata, S3 upload id) in an
+  ``<id>.info`` object.
+* ``handle.write`` -- disk: ``pwrite`` at the offset, in the executor. S3: buffer to a
+  part of at least 5 MiB (S3's minimum, except for the last part), ``UploadPart``.
+* durable offset (``describe``, ``durable_offset``, HEAD) -- disk: the size of
+  ``<id>.part``. S3: the sum of the completed parts plus the size of a *tail* object: a
+  request that ends below 5 MiB of unsent part stores it as ``<id>.tail`` (a plain
+  ``PutObject``), so every byte a client was told of is durable; the next write reads
+  it back first.
+* ``handle.finish`` -- disk: ``fsync``, rename, ``fsync`` of the directory. S3: the
+  tail as the last part, then ``CompleteMultipartUpload``.
+* ``handle.abort`` / ``handle.delete`` -- disk: unlink the files. S3:
+  ``AbortMultipartUpload`` / ``DeleteObject``.
+* ``read`` -- disk: read ``<id>``. S3: ``GetObject`` with ``Range``.
+* ``concatenate`` -- disk: copy in the executor. S3: ``UploadPartCopy`` of each part
+  (each at least 5 MiB but the last).
 
 The offset/size/status bookkeeping is :class:`~tornado_longconn.upload.UploadState`
 (I/O-free) whatever the medium: a handle exposes it as ``state``. Per-request
