@@ -13,9 +13,11 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 
+from docs.examples.upload_ws_client import upload
 from tests.helpers import REDIS_URL, redis_reachable, size_of
 from tests.helpers import read_bytes as read
 from tests.test_upload_tus import OCTETS, TUS, serve
+from tests.test_upload_ws import serve as serve_ws
 from tornado_longconn.exceptions import UploadError
 from tornado_longconn.testing import AppServer, scaled
 from tornado_longconn.upload import UploadStore
@@ -288,3 +290,25 @@ async def test_the_local_disk_store_is_an_upload_storage(tmp_path: Path) -> None
     info = sink.info()
     assert (info.complete, info.size, info.metadata) == (True, 5, {"filename": "a.txt"})
     store.close()
+
+
+async def test_websocket_upload_resumes_on_the_other_store(tmp_path: Path) -> None:
+    state = MemoryUploadState()
+    one, two = await two_servers(tmp_path, state)
+    data = os.urandom(200_000)
+    ready: list[dict[str, object]] = []
+    async with (
+        serve_ws(one, chunk_size=32 * 1024) as (url_a, events_a),
+        serve_ws(two, chunk_size=32 * 1024) as (url_b, _),
+    ):
+        await upload(url_a, data, on_ready=ready.append, stop_after=3)
+        await asyncio.wait_for(events_a["closed"].wait(), scaled(5))
+        await one.drain_tasks()
+        upload_id = str(ready[0]["id"])
+        assert (await two.describe(upload_id)).offset == 3 * 32 * 1024
+        result = await upload(url_b, data, upload_id=upload_id, on_ready=ready.append)
+        assert ready[1]["offset"] == 3 * 32 * 1024
+        assert result["type"] == "complete"
+    assert read(two.final_path(upload_id)) == data
+    info = await one.describe(upload_id)
+    assert info.complete and info.offset == len(data)

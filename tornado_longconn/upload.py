@@ -1365,7 +1365,11 @@ class UploadStore:
         )
 
     async def lock_for_write(
-        self, upload_id: str, *, now: float | None = None
+        self,
+        upload_id: str,
+        *,
+        now: float | None = None,
+        let_go: Callable[[], Awaitable[None]] | None = None,
     ) -> ChunkedUploadSink:
         """Open an upload and hold it for one writer; pair with :meth:`end_write`.
 
@@ -1375,11 +1379,13 @@ class UploadStore:
         process was its last writer, else reloaded from the disk (bytes past the
         recorded offset, left by a writer that died, are cut off). The lock is
         extended every ``lock_ttl / 3`` seconds until :meth:`end_write`. Raises 404
-        for an unknown upload.
+        for an unknown upload. ``let_go`` is passed to
+        :meth:`ChunkedUploadSink.acquire` (a later writer in this process may ask for
+        the upload with :meth:`ChunkedUploadSink.take_over`).
         """
         if self.shared is None:
             sink = await self.open(upload_id, now=now)
-            sink.acquire()
+            sink.acquire(let_go)
             return sink
         self._checked(upload_id)
         owner = secrets.token_hex(8)
@@ -1400,7 +1406,7 @@ class UploadStore:
                 sink = await self._load(upload_id, repair=True, limit=int(data.get("offset", 0)))
                 if sink.state.status is UploadStatus.ACTIVE:
                     self._remember(sink)
-            sink.acquire()
+            sink.acquire(let_go)
         except BaseException:
             await self.shared.unlock(upload_id, owner)
             raise
