@@ -76,10 +76,12 @@ def main() -> None:
 
 
 @contextlib.asynccontextmanager
-async def servers(root: Path, prefix: str, count: int = 2) -> AsyncIterator[list[str]]:
+async def servers(
+    root: Path, prefix: str, count: int = 2, procs: list[asyncio.subprocess.Process] | None = None
+) -> AsyncIterator[list[str]]:
     if not await redis_reachable():
         pytest.skip("needs Redis")
-    procs: list[asyncio.subprocess.Process] = []
+    procs = [] if procs is None else procs
     urls: list[str] = []
     try:
         for _ in range(count):
@@ -187,6 +189,58 @@ async def test_concurrent_patches_on_two_processes_one_204_one_423(tmp_path: Pat
         assert head.headers["Upload-Offset"] == "1000"
     final = tmp_path / upload_id
     assert await asyncio.to_thread(final.read_bytes) == b"a" * 1000
+
+
+async def test_a_writer_killed_mid_patch_leaves_the_recorded_offset(tmp_path: Path) -> None:
+    data = os.urandom(2_000_000)
+    prefix = f"test-upload-mp-{secrets.token_hex(4)}:"
+    procs: list[asyncio.subprocess.Process] = []
+    async with servers(tmp_path, prefix, procs=procs) as (one, two), httpx.AsyncClient() as http:
+        resp = await http.post(one, headers={**TUS, "Upload-Length": str(len(data))})
+        upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+        resp = await http.patch(
+            one + upload_id, headers={**OCTETS, "Upload-Offset": "0"}, content=data[:500_000]
+        )
+        assert resp.status_code == 204
+        port = int(one.split(":")[2].split("/")[0])
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(
+                sock,
+                (
+                    f"PATCH /files/{upload_id} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+                    "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 500000\r\n"
+                    f"Expect: 100-continue\r\nContent-Length: {len(data) - 500_000}\r\n\r\n"
+                ).encode(),
+            )
+            interim = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(10))
+            assert interim.startswith(b"HTTP/1.1 100"), interim  # the lock is held
+            await loop.sock_sendall(sock, data[500_000:1_500_000])
+            # However much of that reached the disk, it was never recorded: kill -9.
+            procs[0].kill()
+            await procs[0].wait()
+        finally:
+            sock.close()
+        resp = await http.patch(
+            two + upload_id, headers={**OCTETS, "Upload-Offset": "500000"}, content=b"x"
+        )
+        assert resp.status_code == 423  # the dead writer's lock has not expired yet
+        # Its expiry (lock_ttl) is what frees the upload; expire it now.
+        state = RedisUploadState(REDIS_URL, prefix=prefix)
+        try:
+            assert await state._client.delete(f"{prefix}upload:{upload_id}:lock") == 1
+        finally:
+            await state.close()
+        head = await http.head(two + upload_id, headers=TUS)
+        assert head.headers["Upload-Offset"] == "500000"
+        resp = await http.patch(
+            two + upload_id, headers={**OCTETS, "Upload-Offset": "500000"}, content=data[500_000:]
+        )
+        assert resp.status_code == 204, resp.text
+    final = tmp_path / upload_id
+    assert await asyncio.to_thread(final.read_bytes) == data
 
 
 if __name__ == "__main__":
