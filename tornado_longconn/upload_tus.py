@@ -5,7 +5,8 @@ Extensions: ``creation``, ``creation-with-upload``, ``creation-defer-length``,
 ``concatenation``. Existing tus clients (tus-js-client, also with ``parallelUploads``,
 tuspy, Uppy) work unchanged. Hooks around an upload's life (``pre_create``,
 ``post_finish``, ...) are methods to override or a
-:class:`~tornado_longconn.upload_hooks.TusHooks` object. Route it with :meth:`TusUploadHandler.routes`::
+:class:`~tornado_longconn.upload_hooks.TusHooks` object. Route it with
+:meth:`TusUploadHandler.routes`::
 
     store = UploadStore("/var/uploads", max_size=2 << 30)
     app = tornado.web.Application(
@@ -92,7 +93,8 @@ _HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9
 #: Response headers a browser tus client must be able to read (CORS expose list).
 TUS_EXPOSE_HEADERS = (
     "Location, Upload-Offset, Upload-Length, Upload-Metadata, Upload-Expires, "
-    "Upload-Defer-Length, Upload-Concat, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm"
+    "Upload-Defer-Length, Upload-Concat, Tus-Resumable, Tus-Version, Tus-Extension, "
+    "Tus-Max-Size, Tus-Checksum-Algorithm"
 )
 _ALLOW_HEADERS = (
     "Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, Upload-Checksum, "
@@ -385,7 +387,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         info = UploadInfo(id="", size=size, offset=0, metadata=metadata, concat=concat)
         metadata = await self._pre_create(info)
         self._sink = await self.store.create(size, metadata=metadata, concat=concat)
-        await self._post_hook(self.post_create, self._sink)
+        await self._post_hook(self.post_create, self._sink.info())
         if with_body:
             self._with_body = True
             await self._begin_body(parsed, self._sink.state.remaining)
@@ -406,7 +408,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         )
         metadata = await self._pre_create(info)
         self._sink = await self.store.concatenate(part_ids, metadata=metadata)
-        await self._post_hook(self.post_create, self._sink)
+        await self._post_hook(self.post_create, self._sink.info())
 
     async def _pre_create(self, info: UploadInfo) -> dict[str, str]:
         try:
@@ -421,15 +423,15 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         return {str(key): str(value) for key, value in result.items()}
 
     async def _post_hook(
-        self, hook: Callable[[UploadInfo], Awaitable[None] | None], sink: UploadHandle
+        self, hook: Callable[[UploadInfo], Awaitable[None] | None], info: UploadInfo
     ) -> None:
         try:
-            result = hook(sink.info())
+            result = hook(info)
             if inspect.isawaitable(result):
                 await result
         except Exception:
             self.store.count_hook(rejected=False)
-            _log.exception("upload hook %s failed", getattr(hook, "__name__", hook))
+            _log.exception("upload hook %s failed for %s", hook.__name__, info.id)
 
     async def _prepare_patch(self) -> None:
         headers = self.request.headers
@@ -522,7 +524,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
                 return sink
             await sink.end_segment()
             if self._with_body:
-                await self._post_hook(self.post_receive, sink)
+                await self._post_hook(self.post_receive, sink.info())
             if sink.state.is_stored:
                 await self._finish(sink)
         except UploadError as err:
@@ -543,6 +545,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
             if isinstance(exc, UploadError):
                 self.store.count_hook(rejected=True)
                 raise
+            self.store.count_hook(rejected=False)
             _log.exception("pre_finish hook failed; upload %s removed", sink.id)
             raise UploadError("pre_finish hook failed", status=500) from exc
         await sink.finish()
@@ -553,7 +556,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
             result = self.upload_complete(sink)
             if inspect.isawaitable(result):
                 await result
-        await self._post_hook(self.post_finish, sink)
+        await self._post_hook(self.post_finish, sink.info())
 
     # -- methods --------------------------------------------------------------------
 
@@ -646,7 +649,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
             self._fail(err)
             return
         await self._release_now()
-        await self._post_hook(lambda _: self.post_terminate(info), sink)
+        await self._post_hook(self.post_terminate, info)
         self.set_status(204)
 
     def upload_complete(self, sink: Any) -> Awaitable[None] | None:
