@@ -357,7 +357,7 @@ class UploadState:
 
 @dataclass(frozen=True, slots=True)
 class UploadInfo:
-    """What a hook knows about an upload (a snapshot; changing it changes nothing).
+    """A snapshot of an upload: what hooks receive and :meth:`UploadStore.describe` returns.
 
     In ``pre_create`` the upload does not exist yet: ``id`` and ``path`` are ``""``.
     """
@@ -581,7 +581,7 @@ class ChunkedUploadSink:
         return upload_info(self)
 
     async def end_write(self) -> None:
-        """Let the writer lock go, recording the upload first (see :meth:`UploadStore.end_write`)."""
+        """Record the upload and let the writer lock go (:meth:`UploadStore.end_write`)."""
         await self.store.end_write(self)
 
     def release_later(self) -> None:
