@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import socket
@@ -12,12 +13,15 @@ from urllib.parse import urljoin
 
 import httpx
 import pytest
+import websockets
 
 from docs.examples.upload_ws_client import upload
 from tests.helpers import REDIS_URL, redis_reachable, size_of
 from tests.helpers import read_bytes as read
 from tests.test_upload_tus import OCTETS, TUS, serve
+from tests.test_upload_ws import closed_with
 from tests.test_upload_ws import serve as serve_ws
+from tornado_longconn.codes import CloseCode
 from tornado_longconn.exceptions import UploadError
 from tornado_longconn.testing import AppServer, scaled
 from tornado_longconn.upload import UploadStore
@@ -27,6 +31,7 @@ from tornado_longconn.upload_state import (
     SharedUploadState,
 )
 from tornado_longconn.upload_storage import UploadHandle, UploadStorage
+from tornado_longconn.upload_ws import encode_chunk
 
 
 def append(path: str, data: bytes) -> None:
@@ -312,3 +317,24 @@ async def test_websocket_upload_resumes_on_the_other_store(tmp_path: Path) -> No
     assert read(two.final_path(upload_id)) == data
     info = await one.describe(upload_id)
     assert info.complete and info.offset == len(data)
+
+
+async def test_websocket_resume_takes_over_an_older_connection_with_shared_state(
+    tmp_path: Path,
+) -> None:
+    store = UploadStore(tmp_path, shared=MemoryUploadState())
+    async with serve_ws(store) as (url, _), websockets.connect(url) as first:
+        await first.send(json.dumps({"type": "start", "size": 10}))
+        upload_id = json.loads(await first.recv())["id"]
+        await first.send(encode_chunk(0, b"01234"))
+        assert json.loads(await first.recv()) == {"type": "ack", "offset": 5}
+        async with websockets.connect(url) as second:
+            await second.send(json.dumps({"type": "resume", "id": upload_id}))
+            ready = json.loads(await second.recv())
+            assert ready["type"] == "ready" and ready["offset"] == 5
+            assert await closed_with(first) == CloseCode.UPLOAD_CONFLICT
+            await second.send(encode_chunk(5, b"56789"))
+            assert json.loads(await second.recv()) == {"type": "ack", "offset": 10}
+            assert json.loads(await second.recv())["type"] == "complete"
+    assert read(store.final_path(upload_id)) == b"0123456789"
+    assert store.stats().takeovers == 1

@@ -686,15 +686,23 @@ class ChunkedUploadSink:
         the newcomer. Raises ``UploadError`` 423 if the holder gave no ``let_go``
         (an HTTP request: tus keeps its 423) or did not let go in time.
         """
+        await self.request_release(timeout=timeout)
+        self.acquire(let_go)
+
+    async def request_release(self, *, timeout: float = 10.0) -> bool:
+        """Ask the holder of the writer lock to let go, if it allows that (see :meth:`take_over`).
+
+        Returns True if the lock is free afterwards (also when nobody held it). The
+        holder's ``let_go`` runs shielded: one slower than ``timeout`` still finishes.
+        """
         holder = self._let_go
         if self._locked and holder is not None:
             self._let_go = None
-            # Shielded: a holder slower than the timeout still finishes letting go.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(holder()), timeout)
-            if not self.locked:  # the holder let go (else acquire raises 423)
+            if not self.locked:  # the holder let go
                 self.store._counters.takeovers += 1
-        self.acquire(let_go)
+        return not self._locked
 
     def release(self) -> None:
         """Give the writer lock back (idempotent)."""
@@ -1370,6 +1378,7 @@ class UploadStore:
         *,
         now: float | None = None,
         let_go: Callable[[], Awaitable[None]] | None = None,
+        take_over: float | None = None,
     ) -> ChunkedUploadSink:
         """Open an upload and hold it for one writer; pair with :meth:`end_write`.
 
@@ -1380,13 +1389,21 @@ class UploadStore:
         recorded offset, left by a writer that died, are cut off). The lock is
         extended every ``lock_ttl / 3`` seconds until :meth:`end_write`. Raises 404
         for an unknown upload. ``let_go`` is passed to
-        :meth:`ChunkedUploadSink.acquire` (a later writer in this process may ask for
-        the upload with :meth:`ChunkedUploadSink.take_over`).
+        :meth:`ChunkedUploadSink.acquire`. ``take_over`` (seconds), if given, first asks
+        a writer of this process that holds the upload and gave a ``let_go`` to let go
+        (see :meth:`ChunkedUploadSink.take_over`); a writer on another process is
+        never asked (423).
         """
         if self.shared is None:
             sink = await self.open(upload_id, now=now)
-            sink.acquire(let_go)
+            if take_over is not None:
+                await sink.take_over(let_go, timeout=take_over)
+            else:
+                sink.acquire(let_go)
             return sink
+        cached = self._sinks.get(upload_id)
+        if take_over is not None and cached is not None and cached.locked:
+            await cached.request_release(timeout=take_over)
         self._checked(upload_id)
         owner = secrets.token_hex(8)
         generation = await self.shared.lock(upload_id, owner, self.lock_ttl)

@@ -223,15 +223,14 @@ class WebSocketUploadMixin:
                 upload_id = msg.get("id")
                 if not isinstance(upload_id, str) or not is_upload_id(upload_id):
                     raise UploadError("no such upload", status=404)
-                if store.shared is None:
-                    sink = await store.open(upload_id)
-                    # A connection still writing this upload is asked to let go: the
-                    # client reconnected, so that one is most likely half-open.
-                    await sink.take_over(self._upload_let_go, timeout=self.upload_takeover_timeout)
-                else:
-                    # Shared state: one writer on every process (423 -> 4409 while another
-                    # connection, anywhere, holds the upload).
-                    sink = await store.lock_for_write(upload_id, let_go=self._upload_let_go)
+                # A connection of this process still writing this upload is asked to
+                # let go: the client reconnected, so that one is most likely half-open.
+                # (With shared state, one on another process is not: 423 -> 4409.)
+                sink = await store.lock_for_write(
+                    upload_id,
+                    let_go=self._upload_let_go,
+                    take_over=self.upload_takeover_timeout,
+                )
             if not self._upload_connection_open():
                 await sink.end_write()  # this connection closed while waiting: leave it free
                 return
