@@ -338,3 +338,32 @@ async def test_websocket_resume_takes_over_an_older_connection_with_shared_state
             assert json.loads(await second.recv())["type"] == "complete"
     assert read(store.final_path(upload_id)) == b"0123456789"
     assert store.stats().takeovers == 1
+
+
+async def test_a_lost_record_is_rebuilt_from_the_disk(tmp_path: Path) -> None:
+    state = MemoryUploadState()
+    one, two = await two_servers(tmp_path, state)
+    async with serve(one) as (a, _), serve(two) as (b, _), httpx.AsyncClient() as http:
+        resp = await http.post(a.url("/files/"), headers={**TUS, "Upload-Length": "10"})
+        upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+        resp = await http.patch(
+            a.url(f"/files/{upload_id}"), headers={**OCTETS, "Upload-Offset": "0"}, content=b"abcd"
+        )
+        assert resp.status_code == 204
+        await state.delete(upload_id)  # as after a flushed or replaced Redis
+        head = await http.head(b.url(f"/files/{upload_id}"), headers=TUS)
+        assert (head.status_code, head.headers["Upload-Offset"]) == (200, "4")
+        resp = await http.patch(
+            b.url(f"/files/{upload_id}"),
+            headers={**OCTETS, "Upload-Offset": "4"},
+            content=b"efghij",
+        )
+        assert resp.status_code == 204
+        record = await state.get(upload_id)
+        assert record is not None and record.data is not None
+        assert record.data["status"] == "complete"
+        head = await http.head(a.url(f"/files/{upload_id}"), headers=TUS)
+        assert head.headers["Upload-Offset"] == "10"
+        unknown = await http.head(a.url("/files/" + "f" * 32), headers=TUS)
+        assert unknown.status_code == 404
+    assert read(two.final_path(upload_id)) == b"abcdefghij"

@@ -1086,7 +1086,8 @@ class UploadStore:
       processes serve this ``root`` (a shared disk): writers then take its lock (423
       while another process writes), offsets and metadata are recorded in it, and a
       process reloads an upload another process wrote (see
-      :mod:`tornado_longconn.upload_state`). Uploads are then known through it only.
+      :mod:`tornado_longconn.upload_state`). A lost record (a flushed Redis) is
+      rebuilt from the disk by the upload's next writer.
     * ``lock_ttl`` [30 s] -- with ``shared``: the writer lock's expiry; the holder
       extends it every ``lock_ttl / 3`` while it writes, so a dead process frees its
       uploads after at most this long.
@@ -1341,7 +1342,9 @@ class UploadStore:
         """What is known about an upload now, without reading its bytes.
 
         With ``shared`` state this is the shared record (no re-hash, whichever process
-        wrote the upload); else the sink's state (:meth:`open`). Raises
+        wrote the upload); else the sink's state (:meth:`open`). An upload whose
+        files exist but whose record is lost (a Redis flushed or replaced) is read
+        from the disk (re-hashed) until its next writer records it again. Raises
         ``UploadError`` 404 for an unknown id, 410 for an expired partial upload.
         """
         self._checked(upload_id)
@@ -1351,7 +1354,7 @@ class UploadStore:
         record = await self.shared.get(upload_id)
         data = None if record is None else record.data
         if data is None:
-            raise UploadError("no such upload", status=404)
+            return upload_info(await self._load(upload_id, repair=False))
         size = data.get("size")
         offset = int(data.get("offset", 0))
         complete = data.get("status") == UploadStatus.COMPLETE.value
@@ -1413,14 +1416,19 @@ class UploadStore:
         try:
             record = await self.shared.get(upload_id)
             data = None if record is None else record.data
-            if data is None:
-                raise UploadError("no such upload", status=404)
+            # No record: lost (the files are the truth until this writer records it).
+            limit = None if data is None else int(data.get("offset", 0))
             cached = self._sinks.get(upload_id)
-            if cached is not None and cached.generation == generation - 1 and not cached._retired:
+            if (
+                data is not None
+                and cached is not None
+                and cached.generation == generation - 1
+                and not cached._retired
+            ):
                 sink = cached
             else:
                 self._forget(upload_id)
-                sink = await self._load(upload_id, repair=True, limit=int(data.get("offset", 0)))
+                sink = await self._load(upload_id, repair=True, limit=limit)
                 if sink.state.status is UploadStatus.ACTIVE:
                     self._remember(sink)
             sink.acquire(let_go)
@@ -1493,10 +1501,12 @@ class UploadStore:
         record = await self.shared.get(upload_id)
         if record is None or record.data is None:
             self._forget(upload_id)
-            raise UploadError("no such upload", status=404)
-        sink = self._sinks.get(upload_id)
-        if sink is not None and (sink.generation == record.generation or sink.locked):
-            return sink
+            lost = await self._load(upload_id, repair=False)  # 404 without files
+            lost.generation = -1
+            return lost
+        cached = self._sinks.get(upload_id)
+        if cached is not None and (cached.generation == record.generation or cached.locked):
+            return cached
         self._forget(upload_id)
         # Without the lock: read only (another process may be writing it).
         sink = await self._load(upload_id, repair=False, limit=int(record.data.get("offset", 0)))

@@ -25,7 +25,9 @@ process and tests, and by :class:`RedisUploadState` for many):
   HEAD answered by any process gives an offset a client can resume at. The record is
   the truth about the offset: a writer that died between writing bytes and
   recording them leaves bytes past the recorded offset, and the next writer cuts
-  them off before it appends (no client was ever told of them).
+  them off before it appends (no client was ever told of them). A record that is
+  lost (a Redis flushed or replaced) is not fatal: the upload is read from the disk
+  until its next writer records it again.
 
 Keys of :class:`RedisUploadState` (``P`` the prefix, ``I`` the upload id): ``Pupload:I``
 (hash: ``gen``, ``rec``) and ``Pupload:I:lock`` (the owner token, with a ``PX``
