@@ -201,3 +201,21 @@ async def test_hooks_of_a_concatenation(store: UploadStore) -> None:
     pre = hooks.calls[0][1]
     assert (pre.concat, pre.size, pre.parts) == ("final", 3, (part.rsplit("/", 1)[1],))
     assert hooks.calls[2][1].complete
+
+
+async def test_progress_interval_reports_while_the_body_arrives(store: UploadStore) -> None:
+    hooks = Recorder()
+    data = os.urandom(1 << 20)
+    async with (
+        serve(store, hooks=hooks, progress_interval=0.0) as (server, _),
+        httpx.AsyncClient() as http,
+    ):
+        url = await create(http, server, len(data))
+        resp = await http.patch(url, headers={**OCTETS, "Upload-Offset": "0"}, content=data)
+        assert resp.status_code == 204
+        await store.drain_tasks()
+    offsets = [info.offset for name, info in hooks.calls if name == "post_receive"]
+    assert offsets[-1] == len(data)
+    assert len(offsets) > 2  # reports before the body was complete
+    assert offsets == sorted(set(offsets))  # each one further, none twice
+    assert hooks.names()[-2:] == ["pre_finish", "post_finish"]

@@ -6,7 +6,8 @@ Six moments, each a method that may be plain or ``async``:
   concatenation, after the parts were checked). May reject (raise ``UploadError``) or
   return new metadata (a mapping).
 * ``post_create`` -- the upload exists (before a creation-with-upload body is stored).
-* ``post_receive`` -- a request's bytes are stored (the offset moved).
+* ``post_receive`` -- a request's bytes are stored (the offset moved); with the
+  handler's ``progress_interval``, also while a body arrives (progress).
 * ``pre_finish`` -- every byte is stored, before the file is finished. May reject: the
   upload is removed and the client gets the error's status.
 * ``post_finish`` -- the file is complete (final path and sha256 known).

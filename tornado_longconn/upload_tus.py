@@ -54,6 +54,7 @@ import email.utils
 import inspect
 import logging
 import re
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -199,6 +200,10 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
       methods run at each step of an upload (see :mod:`tornado_longconn.upload_hooks`);
       the handler's methods of the same names call it, override them instead if you
       prefer.
+    * ``progress_interval`` [None] -- seconds: also call ``post_receive`` while a body
+      arrives, at most this often and only when the durable offset moved (like tusd's
+      progress hooks; the calls run as tasks, the body does not wait for them).
+      None: ``post_receive`` only once a request's body is stored.
     * ``early_answer`` [None: the application's, see
       :func:`~tornado_longconn.streaming.default_early_answer`] -- the
       :class:`~tornado_longconn.streaming.EarlyAnswer` bounds (bytes, seconds) for
@@ -238,10 +243,14 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         trust_forwarded: bool = False,
         early_answer: EarlyAnswer | None = None,
         hooks: TusHooks | None = None,
+        progress_interval: float | None = None,
     ) -> None:
         """Keep the handler configuration (see the class docstring)."""
         self.store = store
         self.hooks = hooks
+        self.progress_interval = progress_interval
+        self._reported = -1
+        self._reported_at = float("-inf")
         self.cors_origins = cors_origins
         self.on_complete = on_complete
         self.base_url = base_url.rstrip("/") if base_url is not None else None
@@ -478,10 +487,22 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         if self._failed or self._sink is None or not self._holding:
             return None
         try:
-            return self._sink.write(chunk)
+            room = self._sink.write(chunk)
         except UploadError as err:
             self._abandon_body(err)
             return None
+        if self.progress_interval is not None:
+            self._progress()
+        return room
+
+    def _progress(self) -> None:
+        """``post_receive`` while a body arrives: the offset moved and the interval passed."""
+        sink = self._sink
+        assert sink is not None and self.progress_interval is not None
+        now = time.monotonic()
+        if sink.offset > self._reported and now - self._reported_at >= self.progress_interval:
+            self._reported, self._reported_at = sink.offset, now
+            self.store.spawn(self._post_hook(self.post_receive, sink.info()))
 
     def _abandon_body(self, err: UploadError) -> None:
         self._fail(err)
@@ -523,7 +544,8 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
                 await self._completed(sink)
                 return sink
             await sink.end_segment()
-            if self._with_body:
+            if self._with_body and sink.offset != self._reported:
+                self._reported = sink.offset
                 await self._post_hook(self.post_receive, sink.info())
             if sink.state.is_stored:
                 await self._finish(sink)
