@@ -195,19 +195,42 @@ class RedisUploadState:
     :class:`redis.asyncio.Redis` client (then :meth:`close` leaves it open); ``prefix``
     starts every key (use one per application on a shared Redis). Needs the
     ``redis`` extra (``pip install tornado-longconn[redis]``). Each operation is one
-    round trip (a script for lock, extend and unlock); errors of the client
-    (``redis.exceptions.ConnectionError``, ...) propagate, and the handler answers 500
-    without touching the upload.
+    round trip (a script for lock, extend and unlock), waits at most
+    ``connect_timeout`` [2 s] to connect and ``command_timeout`` [5 s] for a reply or
+    a free connection (at most ``max_connections`` [64]), and is never retried. Errors
+    of the client (``redis.exceptions.ConnectionError``, ``TimeoutError``, ...)
+    propagate: the handler answers 500 and the upload is not touched (a lock taken
+    before the error expires after ``lock_ttl``).
     """
 
     def __init__(
-        self, redis: str | aioredis.Redis = "redis://127.0.0.1:6379/0", *, prefix: str = "longconn:"
+        self,
+        redis: str | aioredis.Redis = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "longconn:",
+        connect_timeout: float = 2.0,
+        command_timeout: float = 5.0,
+        max_connections: int = 64,
     ) -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self.prefix = prefix
         if isinstance(redis, str):
-            self._client = aioredis.Redis.from_url(redis)
+            if not redis.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError(f"not a Redis URL: {redis!r}")
+            # Bounded waits; no retries: a lock script retried after a lost reply
+            # would find its own lock and answer "held".
+            pool = aioredis.BlockingConnectionPool.from_url(
+                redis,
+                max_connections=max_connections,
+                timeout=command_timeout,
+                socket_connect_timeout=connect_timeout,
+                socket_timeout=command_timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._client = aioredis.Redis.from_pool(pool)
             self._owned = True
         else:
             self._client = redis
