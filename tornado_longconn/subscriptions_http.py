@@ -40,6 +40,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import secrets
+import time
 from typing import Any, Final
 
 import tornado.web
@@ -61,6 +64,7 @@ from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import Cursor
 from .logfields import log_fields
 from .longpoll import DEFAULT_TIMEOUT, LongPollWaiter, PollResult, WaiterLimitError, check_timeout
+from .presence import Member, PollLeases, PresenceStore, presence_of
 from .sse import (
     DEFAULT_KEEPALIVE,
     DEFAULT_RETRY,
@@ -85,6 +89,8 @@ __all__ = [
 log = logging.getLogger("tornado_longconn.subscriptions")
 
 _JSON: Final = "application/json; charset=UTF-8"
+# A client id a long-poll or SSE client chooses (``?client=``).
+_CLIENT_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 class _Refused(Exception):
@@ -144,6 +150,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
     sse_high_water: int = DEFAULT_HIGH_WATER
     sse_stall_timeout: float = DEFAULT_STALL_TIMEOUT
     longpoll_default_timeout: float = DEFAULT_TIMEOUT
+    subscription_presence: PresenceStore | None = None
+    #: Seconds a long-poll client stays present after a poll ends.
+    presence_grace: float = 10.0
 
     _subs_task: asyncio.Future[Any] | None = None
     _subs_gone = False
@@ -248,6 +257,21 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             task.cancel()
         super().on_connection_close()
 
+    # ------------------------------------------------------------------ presence
+
+    def _presence_member(self, transport: str, client: str, topic: str) -> Member:
+        try:
+            return Member(
+                client, self.presence_user(), self.presence_info(topic), time.time(), transport
+            )
+        except Exception:
+            log.exception("presence hooks failed", extra=log_fields(self, topic=topic))
+            return Member(client, None, None, time.time(), transport)
+
+    def _presence_client(self) -> str | None:
+        raw = self.get_query_argument("client", None)
+        return raw if raw is not None and _CLIENT_RE.fullmatch(raw) else None
+
     # ------------------------------------------------------------------ long-poll
 
     async def poll_subscriptions(self) -> None:
@@ -278,6 +302,12 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             return
         counters = ConnectionCounters.for_application(self.application)
         counters.opened(self, "longpoll")
+        store = presence_of(self)
+        client = self._presence_client() if store is not None else None
+        if store is not None and client is not None:
+            leases = PollLeases.for_application(self.application)
+            for topic in allowed:
+                leases.hold(store, topic, self._presence_member("longpoll", client, topic))
         try:
             body = await self._guarded(self._poll(allowed, cursors, errors, timeout))
         except (WaiterLimitError, BackendError) as exc:
@@ -286,6 +316,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             return
         finally:
             counters.closed(self)
+            if store is not None and client is not None:
+                for topic in allowed:
+                    leases.release(store, topic, client, self.presence_grace)
         if body is None:
             return
         self.set_header("Content-Type", _JSON)
@@ -367,6 +400,11 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                     return
                 counters = ConnectionCounters.for_application(self.application)
                 counters.opened(self, "sse")
+                store = presence_of(self)
+                client = self._presence_client() or secrets.token_hex(8)
+                if store is not None:
+                    for topic in allowed:
+                        store.join_nowait(topic, self._presence_member("sse", client, topic))
                 fields = log_fields(self, topic=",".join(allowed))
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("SSE stream on %d topics", len(allowed), extra=fields)
@@ -374,6 +412,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                     await self._guarded(self._stream(allowed, cursors, errors))
                 finally:
                     counters.closed(self)
+                    if store is not None:
+                        for topic in allowed:
+                            store.leave_nowait(topic, client)
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("SSE stream on %d topics ended", len(allowed), extra=fields)
         except _Refused as exc:
