@@ -304,9 +304,9 @@ class PresenceState:
         more = len(keys) > size
         return MemberPage(tuple(members[k] for k in page), page[-1] if more else None)
 
-    def all_members(self, topic: str) -> set[Member]:
-        """Every member of ``topic`` (for tests)."""
-        return set(self._topics.get(topic, {}).values())
+    def all_members(self, topic: str) -> list[Member]:
+        """Every member of ``topic``, in join order (for tests)."""
+        return list(self._topics.get(topic, {}).values())
 
 
 class PresenceStore(Protocol):
