@@ -1,0 +1,238 @@
+"""Presence across three real server processes on one Redis, with clients on each.
+
+Every client sees the same members once joins settle; a process killed with
+SIGKILL has its members leave everywhere within the TTL (+ one refresh
+interval), one ``leave`` event each. Run as a script (``--serve``) this file is
+one server process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import REDIS_URL, require_redis
+from tornado_longconn.testing import scaled
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(120)]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------- the server
+
+
+async def serve(redis_url: str, prefix: str, ttl: float) -> None:
+    """One server process: the subscriptions protocol with Redis presence on ``/ws``."""
+    import tornado.httpserver
+    import tornado.netutil
+    import tornado.web
+    import tornado.websocket
+
+    from tornado_longconn import BroadcastHub
+    from tornado_longconn.backends.redis import RedisBackend
+    from tornado_longconn.presence_redis import RedisPresence
+    from tornado_longconn.subscriptions import SubscriptionMixin
+
+    class Live(SubscriptionMixin, tornado.websocket.WebSocketHandler):
+        def get_current_user(self) -> str | None:
+            return self.get_query_argument("user", None)
+
+    backend = RedisBackend(redis_url, prefix=prefix, reconnect_base=0.02, reconnect_cap=0.5)
+    await backend.start()
+    hub = BroadcastHub(backend)
+    presence = RedisPresence(backend, ttl=ttl)
+    await presence.start()
+    app = tornado.web.Application([(r"/ws", Live)], longconn_hub=hub, longconn_presence=presence)
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets(sockets)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    os.write(sys.stdout.fileno(), f"READY {sockets[0].getsockname()[1]}\n".encode())
+    await stop.wait()
+    server.stop()
+    await presence.close()
+    await hub.close(spread=0)
+    await server.close_all_connections()
+    await backend.close()
+
+
+# ---------------------------------------------------------------------- the test side
+
+
+class Server:
+    def __init__(self, prefix: str, ttl: float) -> None:
+        self.prefix = prefix
+        self.ttl = ttl
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        args = [__file__, "--serve", "--redis", REDIS_URL, "--prefix", self.prefix]
+        args += ["--ttl", repr(self.ttl)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, *args, stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True
+        )
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), scaled(20))
+        if not line.startswith(b"READY "):
+            raise RuntimeError(f"server did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    async def stop(self, sig: int = signal.SIGTERM) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+        try:
+            await asyncio.wait_for(proc.wait(), scaled(10))
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if proc.stdout is not None:
+            await asyncio.wait_for(proc.stdout.read(), scaled(10))
+
+
+class Client:
+    """A protocol client that records every frame."""
+
+    def __init__(self, ws: Any, client_id: str) -> None:
+        self.ws = ws
+        self.id = client_id
+        self.frames: list[dict[str, Any]] = []
+        self.changed = asyncio.Event()
+        self._task = asyncio.create_task(self._read())
+        self._next = 0
+
+    @classmethod
+    async def connect(cls, server: Server, user: str) -> Client:
+        from websockets.asyncio.client import connect
+
+        ws = await connect(f"ws://127.0.0.1:{server.port}/ws?user={user}")
+        welcome = json.loads(await asyncio.wait_for(ws.recv(), scaled(10)))
+        return cls(ws, welcome["client"])
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in self.ws:
+                self.frames.append(json.loads(raw))
+                self.changed.set()
+        self.changed.set()
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        async def wait() -> None:
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    async def request(self, kind: str, **fields: Any) -> dict[str, Any]:
+        self._next += 1
+        rid = self._next
+        await self.ws.send(json.dumps({"type": kind, "id": rid, **fields}))
+        await self.until(lambda: any(f.get("id") == rid for f in self.frames), scaled(10))
+        return next(f for f in self.frames if f.get("id") == rid)
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f.get("type") == kind]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def test_three_processes_agree_and_a_killed_one_leaves_once() -> None:
+    await require_redis()
+    pytest.importorskip("websockets.asyncio.client")
+    prefix = f"test:presence-mp:{secrets.token_hex(4)}:"
+    ttl = scaled(1.5)
+    servers = [Server(prefix, ttl) for _ in range(3)]
+    clients: list[Client] = []
+    try:
+        await asyncio.gather(*(s.start() for s in servers))
+        for i, server in enumerate(servers):
+            for _ in range(2):
+                clients.append(await Client.connect(server, f"u{i}"))
+        for client in clients:
+            answer = await client.request("subscribe", topic="room", params={"presence": True})
+            assert answer["type"] == "subscribed"
+        # A client's own join event is published by the script that stored it:
+        # once every client has seen its own, every join is in Redis.
+        for client in clients:
+            await client.until(
+                lambda c=client: any(e["member"]["client"] == c.id for e in c.events("join")),
+                scaled(10),
+            )
+        everyone = {c.id for c in clients}
+        for client in clients:
+            answer = await client.request("presence", topic="room")
+            assert {m["client"] for m in answer["members"]} == everyone
+            assert (answer["connections"], answer["users"]) == (6, 3)
+            assert {m["transport"] for m in answer["members"]} == {"websocket"}
+
+        # kill -9 the first process: its two members leave everywhere, once each
+        dead = {c.id for c in clients[:2]}
+        survivors = clients[2:]
+        await servers[0].stop(signal.SIGKILL)
+        bound = ttl + ttl / 3 + scaled(1.0)
+
+        def expired(c: Client) -> list[str]:
+            return [
+                e["member"]["client"] for e in c.events("leave") if e.get("reason") == "expired"
+            ]
+
+        await asyncio.gather(
+            *(c.until(lambda c=c: set(expired(c)) >= dead, bound) for c in survivors)
+        )
+        # A later join is ordered after every leave the reapers published before it.
+        late = await Client.connect(servers[1], "late")
+        clients.append(late)
+        await late.request("subscribe", topic="room")
+        for client in survivors:
+            await client.until(
+                lambda c=client: any(e["member"]["client"] == late.id for e in c.events("join")),
+                scaled(10),
+            )
+            assert sorted(expired(client)) == sorted(dead)  # one leave each
+        answer = await survivors[0].request("presence", topic="room")
+        assert {m["client"] for m in answer["members"]} == (everyone - dead) | {late.id}
+        assert (answer["connections"], answer["users"]) == (5, 3)
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+        for server in servers:
+            await server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--serve", action="store_true", required=True)
+    parser.add_argument("--redis", default=REDIS_URL)
+    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--ttl", type=float, default=1.5)
+    args = parser.parse_args()
+    asyncio.run(serve(args.redis, args.prefix, args.ttl))
+
+
+if __name__ == "__main__":
+    main()
