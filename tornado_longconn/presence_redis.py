@@ -1,7 +1,7 @@
 """Presence on the Redis backend: members of every process, and a TTL for dead ones.
 
-How it works
-------------
+How presence works on Redis
+---------------------------
 
 * **Join and leave** are one Lua script each (``EVALSHA``) that, atomically,
   updates the topic's member hash and user counts, records the membership
