@@ -11,10 +11,12 @@ import httpx
 import pytest
 import tornado.web
 import tornado.websocket
+import websockets
 
+from tests.helpers import wait_until
 from tests.test_subscriptions import Client, connect
 from tests.test_subscriptions_http import read_events
-from tornado_longconn import BroadcastHub, LongPollWaiter, MemoryBackend
+from tornado_longconn import BroadcastHub, LongPollWaiter, MemoryBackend, UserRegistry
 from tornado_longconn._subproto import ProtocolError, parse_frame
 from tornado_longconn.presence import (
     Member,
@@ -238,3 +240,42 @@ async def test_sse_and_long_poll_members(served: tuple[MemoryPresence, AppServer
         await client.get(server.url("/poll"), params={"topics": "room", "timeout": "0"})
         assert await presence.presence_stats("room") == PresenceStats(0, 0)
     assert events == []
+
+
+# ---------------------------------------------------------------------- users
+
+
+async def test_user_registry_in_one_process() -> None:
+    hub = BroadcastHub(MemoryBackend(epoch="ep1"), history=100)
+    presence = MemoryPresence()
+    users = UserRegistry(hub.backend, presence)
+    app = tornado.web.Application(
+        [(r"/ws", Live, {"hub": hub, "presence": presence})], longconn_users=users
+    )
+    async with AppServer(app) as server:
+        ann1 = await connect(server, "?user=ann")
+        ann2 = await connect(server, "?user=ann")
+        bob = await connect(server, "?user=bob")
+        anonymous = await connect(server)
+        found = await users.connections_of("ann")
+        assert len(found) == 2 and {m.user for m in found} == {"ann"}
+        assert {m.transport for m in found} == {"websocket"}
+        assert await users.connections_of("nobody") == []
+        await users.send_to_user("ann", {"text": "hi"})
+        for client in (ann1, ann2):
+            assert await client.recv() == {"type": "direct", "data": {"text": "hi"}}
+        await users.disconnect_user("ann", 4403, "revoked")
+        for client in (ann1, ann2):
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await client.recv()
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4403, "revoked")
+        await wait_until(lambda: not users.local_connections("ann"))
+        assert await users.connections_of("ann") == []
+        # bob heard nothing: his next frame is the answer to his own request
+        await bob.request("subscribe", topic="room")
+        assert (await bob.recv())["type"] == "subscribed"
+        await bob.ws.close()
+        await anonymous.ws.close()
+    await users.close()
+    await hub.close(spread=0)

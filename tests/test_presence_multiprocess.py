@@ -23,6 +23,9 @@ from typing import Any
 import pytest
 
 from tests.helpers import REDIS_URL, require_redis
+from tornado_longconn.backends.redis import RedisBackend
+from tornado_longconn.presence_redis import RedisPresence
+from tornado_longconn.presence_users import UserRegistry
 from tornado_longconn.testing import scaled
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -43,6 +46,7 @@ async def serve(redis_url: str, prefix: str, ttl: float) -> None:
     from tornado_longconn import BroadcastHub
     from tornado_longconn.backends.redis import RedisBackend
     from tornado_longconn.presence_redis import RedisPresence
+    from tornado_longconn.presence_users import UserRegistry
     from tornado_longconn.subscriptions import SubscriptionMixin
 
     class Live(SubscriptionMixin, tornado.websocket.WebSocketHandler):
@@ -54,7 +58,10 @@ async def serve(redis_url: str, prefix: str, ttl: float) -> None:
     hub = BroadcastHub(backend)
     presence = RedisPresence(backend, ttl=ttl)
     await presence.start()
-    app = tornado.web.Application([(r"/ws", Live)], longconn_hub=hub, longconn_presence=presence)
+    users = UserRegistry(backend, presence)
+    app = tornado.web.Application(
+        [(r"/ws", Live)], longconn_hub=hub, longconn_presence=presence, longconn_users=users
+    )
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
     server = tornado.httpserver.HTTPServer(app)
     server.add_sockets(sockets)
@@ -65,6 +72,7 @@ async def serve(redis_url: str, prefix: str, ttl: float) -> None:
     os.write(sys.stdout.fileno(), f"READY {sockets[0].getsockname()[1]}\n".encode())
     await stop.wait()
     server.stop()
+    await users.close()
     await presence.close()
     await hub.close(spread=0)
     await server.close_all_connections()
@@ -189,6 +197,52 @@ async def test_three_processes_agree_and_a_killed_one_leaves_once() -> None:
             assert (answer["connections"], answer["users"]) == (6, 3)
             assert {m["transport"] for m in answer["members"]} == {"websocket"}
 
+        # The user registry, from a fourth process (this one): connections on every
+        # process, a message to each of them, a disconnect of each.
+        backend = RedisBackend(REDIS_URL, prefix=prefix)
+        await backend.start()
+        store = RedisPresence(backend, ttl=ttl)
+        await store.start()
+        users = UserRegistry(backend, store)
+        try:
+            found = await users.connections_of("u1")
+            assert {m.client for m in found} == {c.id for c in clients[2:4]}
+            await users.send_to_user("u1", {"text": "hi"})
+            for client in clients[2:4]:
+                await client.until(lambda c=client: bool(c.events("direct")), scaled(10))
+                assert client.events("direct") == [{"type": "direct", "data": {"text": "hi"}}]
+            assert not any(c.events("direct") for c in clients[:2] + clients[4:])
+            seen: list[Any] = []
+            left = asyncio.Event()
+
+            def on_leave(event: Any) -> None:
+                seen.append(event)
+                if sum(1 for e in seen if e.kind == "leave") == 2:
+                    left.set()
+
+            await store.watch("user#u2", on_leave)
+            await users.disconnect_user("u2", 4403, "revoked")
+            for client in clients[4:6]:
+                await asyncio.wait_for(client.ws.wait_closed(), scaled(10))
+                assert (client.ws.close_code, client.ws.close_reason) == (4403, "revoked")
+            await asyncio.wait_for(left.wait(), scaled(10))
+            assert await users.connections_of("u2") == []
+        finally:
+            await users.close()
+            await store.close()
+            await backend.close()
+        for client in clients[4:]:
+            await client.close()
+        # a watching client on the third process again
+        again = await Client.connect(servers[2], "w")
+        clients = [*clients[:4], again]
+        await again.request("subscribe", topic="room", params={"presence": True})
+        await again.until(
+            lambda: any(e["member"]["client"] == again.id for e in again.events("join")),
+            scaled(10),
+        )
+        everyone = {c.id for c in clients}
+
         # kill -9 the first process: its two members leave everywhere, once each
         dead = {c.id for c in clients[:2]}
         survivors = clients[2:]
@@ -215,7 +269,15 @@ async def test_three_processes_agree_and_a_killed_one_leaves_once() -> None:
             assert sorted(expired(client)) == sorted(dead)  # one leave each
         answer = await survivors[0].request("presence", topic="room")
         assert {m["client"] for m in answer["members"]} == (everyone - dead) | {late.id}
-        assert (answer["connections"], answer["users"]) == (5, 3)
+        assert (answer["connections"], answer["users"]) == (4, 3)
+        # the dead process's user connections were reaped with its topic members
+        backend = RedisBackend(REDIS_URL, prefix=prefix)
+        await backend.start()
+        try:
+            store = RedisPresence(backend, ttl=ttl)
+            assert await UserRegistry(backend, store).connections_of("u0") == []
+        finally:
+            await backend.close()
     finally:
         for client in clients:
             with contextlib.suppress(Exception):

@@ -61,6 +61,7 @@ from .presence import (
     PresenceStore,
     presence_for,
 )
+from .presence_users import UserRegistry
 from .server import AcceptStats, LongConnHTTPServer, ServerLimits, start_server
 from .sse import SSEHandler, SSEMixin
 from .staticfiles import static_path, static_url_spec
@@ -161,6 +162,7 @@ __all__ = [
     "UploadError",
     "UploadStats",
     "UploadStore",
+    "UserRegistry",
     "WebSocketUploadHandler",
     "WebSocketUploadMixin",
     "WriterStats",

@@ -84,6 +84,7 @@ from .exceptions import BackendError, BackendUnavailableError
 from .log import Cursor, HistoryLimit
 from .logfields import log_fields
 from .presence import Member, PresenceEvent, PresenceStore, presence_of
+from .presence_users import UserRegistry, users_of
 from .stats import COUNTER, GAUGE, TALLY
 
 __all__ = [
@@ -337,6 +338,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
 
     subscription_hub: BroadcastHub | None = None
     subscription_presence: PresenceStore | None = None
+    subscription_users: UserRegistry | None = None
     max_topics: int = DEFAULT_MAX_TOPICS
     max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS
     call_timeout: float = DEFAULT_CALL_TIMEOUT
@@ -365,6 +367,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         # Topics this connection is present in (value: it watches their events);
         # None until the first one, so a connection without presence pays nothing.
         self._presence: dict[str, bool] | None = None
+        self._registered_user: str | None = None
         #: This connection's id, sent in ``welcome`` as ``client``.
         self.client_id = secrets.token_hex(8)
         super().__init__(application, request, **kwargs)
@@ -439,6 +442,12 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         BackpressureWriter.of(self, **options)
         _members_of(self)
         self._send({"type": "welcome", "v": PROTOCOL_VERSION, "client": self.client_id})
+        registry = users_of(self)
+        if registry is not None:
+            user = self.presence_user()
+            if user is not None:
+                registry.register(self, user)
+                self._registered_user = user
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         """Parse one request and start it; never raises.
@@ -509,6 +518,12 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         if self._presence:
             for topic in list(self._presence):
                 self._presence_leave(topic)
+        user = self._registered_user
+        if user is not None:
+            self._registered_user = None
+            registry = users_of(self)
+            if registry is not None:
+                registry.unregister(self, user)
         for task in list(self._pending.values()):
             task.cancel()
         slot = self._slot
@@ -777,6 +792,14 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         topics = self._presence
         if topics is not None and topics.get(event.topic) is True:
             self._send(event.to_json())
+
+    def user_message(self, data: Any) -> None:
+        """Send ``{"type":"direct","data":data}``: a message to this connection's user."""
+        self._send({"type": "direct", "data": data})
+
+    def user_disconnect(self, code: int, reason: str) -> None:
+        """Close the connection with ``code`` and ``reason`` (its user was disconnected)."""
+        self._refuse(code, reason)
 
     def authorize_presence(self, topic: str) -> bool | Awaitable[bool]:
         """May this connection read ``topic``'s members? Default: when it holds the topic."""
