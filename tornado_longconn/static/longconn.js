@@ -808,7 +808,8 @@
   /**
    * Classify a server text frame: {kind, frame} where kind is "message" (no `type`),
    * "welcome", "subscribed", "resync", "unsubscribed", "published", "result", "error",
-   * "ping" or "unknown" (a type from a newer server); null for anything that is not a
+   * "ping", "presence", "join", "leave", "presence_gap", "direct" or "unknown" (a type
+   * from a newer server); null for anything that is not a
    * JSON object.
    */
   function parseFrame(raw) {
@@ -824,7 +825,10 @@
     if (value.type === undefined) {
       return typeof value.topic === "string" ? { kind: "message", frame: value } : null;
     }
-    var known = ["welcome", "subscribed", "resync", "unsubscribed", "published", "result", "error", "ping"];
+    var known = [
+      "welcome", "subscribed", "resync", "unsubscribed", "published", "result", "error", "ping",
+      "presence", "join", "leave", "presence_gap", "direct",
+    ];
     return { kind: known.indexOf(value.type) >= 0 ? value.type : "unknown", frame: value };
   }
 
@@ -1071,6 +1075,7 @@
    *   requestTimeout  ms a publish() or call() may wait for its answer (10000)
    *   onResync        function(info): any subscription's resync ({topic, cursor, reason})
    *   onWelcome       function({v, client}): the server's welcome frame
+   *   onDirect        function(data): a message the server sent to this session's user
    * Use LongConn.session(options) to create and start one.
    */
   function Session(options) {
@@ -1088,7 +1093,10 @@
   /**
    * Subscribe to `topic`. `options` is a message handler, or: cursor (resume after it; default: from now), params
    * (sent with the WebSocket subscribe frame), onMessage(data, cursor, meta),
-   * onResync({topic, cursor, reason, transport}), onError(error), onUnsubscribed(info).
+   * onResync({topic, cursor, reason, transport}), onError(error), onUnsubscribed(info),
+   * onJoin(member, info) and onLeave(member, info) (the topic's presence events over
+   * WebSocket: either one sends params.presence = true; info is {topic, reason}),
+   * onPresenceGap({topic, reason}) (events may have been missed: call presence() again).
    * Returns a Subscription at once; throws a LongConnError for a bad topic or cursor
    * ("bad_request"), a topic already subscribed ("conflict") or a closed session.
    */
@@ -1106,6 +1114,9 @@
       throw new LongConnError("LongConn: bad cursor " + JSON.stringify(options.cursor), "bad_request", 400, {
         topic: topic,
       });
+    }
+    if (typeof options.onJoin === "function" || typeof options.onLeave === "function") {
+      options = assign({}, options, { params: assign({}, options.params || {}, { presence: true }) });
     }
     var sub = new Subscription(this, topic, options);
     this._subs.set(topic, sub);
@@ -1254,6 +1265,39 @@
     var req = this._pending.add("call", timeout, { method: method });
     var frame = { type: "call", id: req.id, method: method };
     if (params !== undefined) frame.params = params;
+    this._impl.send(JSON.stringify(frame));
+    return req.promise;
+  };
+
+  /**
+   * The members of `topic` on every server process: resolves with {topic, members,
+   * cursor, connections, users} (members: [{client, user, info, since, transport}]).
+   * `options`: cursor (from a previous answer: the next page), limit (1-1000),
+   * timeout (ms). Needs an open WebSocket, like call(); rejects with the server's
+   * error ("forbidden" for a topic this session does not hold, "not_found" when the
+   * server keeps no presence).
+   */
+  Session.prototype.presence = function (topic, options) {
+    options = options || {};
+    if (this.state === "closed") return Promise.reject(new LongConnError("LongConn: the session is closed", "closed", null));
+    if (!validTopic(topic)) {
+      return Promise.reject(new LongConnError("LongConn: bad topic " + JSON.stringify(topic), "bad_request", 400, { topic: topic }));
+    }
+    if (!this._wsReady) {
+      var onOther = this.state === "open" && this.transport !== "websocket";
+      return Promise.reject(
+        new LongConnError(
+          onOther ? "LongConn: presence() needs the WebSocket transport (now " + this.transport + ")" : "LongConn: not connected",
+          onOther ? "unsupported" : "disconnected",
+          null
+        )
+      );
+    }
+    var timeout = options.timeout !== undefined ? options.timeout : this.options.requestTimeout;
+    var req = this._pending.add("presence", timeout, { topic: topic });
+    var frame = { type: "presence", id: req.id, topic: topic };
+    if (options.cursor) frame.cursor = options.cursor;
+    if (options.limit !== undefined) frame.limit = options.limit;
     this._impl.send(JSON.stringify(frame));
     return req.promise;
   };
@@ -1408,6 +1452,29 @@
         return;
       case "result":
         this._pending.resolve(f.id, f.result);
+        return;
+      case "presence":
+        this._pending.resolve(f.id, {
+          topic: f.topic,
+          members: f.members || [],
+          cursor: f.cursor === undefined ? null : f.cursor,
+          connections: f.connections,
+          users: f.users,
+        });
+        return;
+      case "join":
+      case "leave":
+        sub = this._subs.get(f.topic);
+        if (sub && sub.state === "active") {
+          sub._emit(parsed.kind, [f.member, { topic: f.topic, reason: f.reason === undefined ? null : f.reason }]);
+        }
+        return;
+      case "presence_gap":
+        sub = this._subs.get(f.topic);
+        if (sub) sub._emit("presenceGap", [{ topic: f.topic, reason: f.reason === undefined ? null : f.reason }]);
+        return;
+      case "direct":
+        this._emit("direct", [f.data]);
         return;
       case "error":
         this._onErrorFrame(f);
