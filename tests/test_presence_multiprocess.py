@@ -119,7 +119,7 @@ class Server:
 
 
 class Client:
-    """A protocol client that records every frame."""
+    """A protocol client that records every frame (of a ``Server`` or a demo server)."""
 
     def __init__(self, ws: Any, client_id: str) -> None:
         self.ws = ws
@@ -140,7 +140,11 @@ class Client:
     async def _read(self) -> None:
         with contextlib.suppress(Exception):
             async for raw in self.ws:
-                self.frames.append(json.loads(raw))
+                frame = json.loads(raw)
+                if frame.get("type") == "ping":  # the demo's application heartbeat
+                    await self.ws.send('{"type":"pong"}')
+                    continue
+                self.frames.append(frame)
                 self.changed.set()
         self.changed.set()
 
@@ -298,3 +302,51 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+async def test_demo_member_list_is_right_on_three_processes(tmp_path: Path) -> None:
+    """The demo's member list comes from presence: the same on every process, and a
+    process killed with SIGKILL drops out of it within the TTL."""
+    await require_redis()
+    pytest.importorskip("websockets.asyncio.client")
+    from tests.test_demo import DemoServer
+
+    prefix = f"test:presence-demo:{secrets.token_hex(4)}:"
+    ttl = scaled(1.5)
+    args = ("--redis", REDIS_URL, "--redis-prefix", prefix, "--presence-ttl", repr(ttl))
+    servers = [DemoServer(tmp_path / f"uploads{i}", *args) for i in range(3)]
+    clients: list[Client] = []
+
+    def members(client: Client) -> set[str] | None:
+        """The users of the last presence snapshot ``client`` received (None: none yet)."""
+        snapshots = [
+            f["data"]
+            for f in client.frames
+            if f.get("topic") == "room:lobby"
+            and isinstance(f.get("data"), dict)
+            and f["data"].get("type") == "presence"
+        ]
+        return {m["user"] for m in snapshots[-1]["members"]} if snapshots else None
+
+    try:
+        await asyncio.gather(*(s.start() for s in servers))
+        for i, server in enumerate(servers):
+            client = await Client.connect(server, f"u{i}")  # type: ignore[arg-type]
+            clients.append(client)
+            answer = await client.request("subscribe", topic="room:lobby")
+            assert answer["type"] == "subscribed"
+        everyone = {"u0", "u1", "u2"}
+        for client in clients:
+            await client.until(lambda c=client: members(c) == everyone, scaled(15))
+        assert servers[0].proc is not None
+        servers[0].proc.kill()
+        await servers[0].proc.wait()
+        bound = ttl + ttl / 3 + scaled(2.0)
+        for client in clients[1:]:
+            await client.until(lambda c=client: members(c) == {"u1", "u2"}, bound)
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+        for server in servers:
+            await server.stop()

@@ -268,7 +268,12 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             log.exception("presence hooks failed", extra=log_fields(self, topic=topic))
             return Member(client, None, None, time.time(), transport)
 
-    def _presence_client(self) -> str | None:
+    def presence_client(self) -> str | None:
+        """This request's presence client id: ``?client=`` when valid, else None.
+
+        A long-poll without one is not a member; an SSE stream without one gets
+        a random id. Override it to derive the id otherwise (e.g. per user).
+        """
         raw = self.get_query_argument("client", None)
         return raw if raw is not None and _CLIENT_RE.fullmatch(raw) else None
 
@@ -303,7 +308,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         counters = ConnectionCounters.for_application(self.application)
         counters.opened(self, "longpoll")
         store = presence_of(self)
-        client = self._presence_client() if store is not None else None
+        client = self.presence_client() if store is not None else None
         if store is not None and client is not None:
             leases = PollLeases.for_application(self.application)
             for topic in allowed:
@@ -401,7 +406,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                 counters = ConnectionCounters.for_application(self.application)
                 counters.opened(self, "sse")
                 store = presence_of(self)
-                client = self._presence_client() or secrets.token_hex(8)
+                client = self.presence_client() or secrets.token_hex(8)
                 if store is not None:
                     for topic in allowed:
                         store.join_nowait(topic, self._presence_member("sse", client, topic))
