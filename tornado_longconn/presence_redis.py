@@ -16,7 +16,10 @@ How presence works on Redis
   members, each with one ``leave`` event (reason ``"expired"``). Redis runs one
   script at a time and the script pops each membership it removes, so however
   many processes reap at once, every member of a dead process leaves exactly
-  once, within ``ttl`` + ``refresh_interval`` of the death.
+  once, within ``ttl`` + ``refresh_interval`` of the death. The refresh goes
+  ahead of queued reports, so a backlog does not make a live process look dead;
+  a process whose event loop stalls for longer than ``ttl`` is reaped like a
+  dead one, and its next refresh reports its members again.
 * **Rebuild.** The refresh also returns how many memberships Redis holds for
   this process; when that is not what the process holds (Redis restarted
   empty, this process was reaped after a long stall, a report failed while
@@ -263,8 +266,9 @@ class RedisPresence:
         self._refresher: asyncio.Task[None] | None = None
         self._epoch_candidate = new_epoch()
         self.closed = False
-        #: Counters: reports sent, reports that failed, rebuilds, members reaped.
-        self.counts = {"sent": 0, "failed": 0, "rebuilds": 0, "reaped": 0}
+        #: Counters: reports sent, reports that failed, round trips (pipelines) to
+        #: Redis of the sender, rebuilds, members reaped.
+        self.counts = {"sent": 0, "failed": 0, "round_trips": 0, "rebuilds": 0, "reaped": 0}
 
     def __repr__(self) -> str:
         return f"<RedisPresence {self.process} members={len(self._local)}>"
@@ -355,12 +359,20 @@ class RedisPresence:
         if self._worker is None:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._push(("refresh", len(self._local), future))
+        # First in line: a backlog of reports must not make this process look dead.
+        self._ops.appendleft(("refresh", future))
+        self._wake.set()
         await future
 
     # -- the sender -----------------------------------------------------------------
 
     async def _work(self) -> None:
+        client: Any = self.backend.redis
+        with contextlib.suppress(RedisError, *_UNAVAILABLE):  # else loaded on first NOSCRIPT
+            pipe = client.pipeline(transaction=False)
+            for script in (_JOIN, _LEAVE, _REFRESH, _REAP):
+                pipe.script_load(script.text)
+            await pipe.execute()
         ops = self._ops
         while True:
             if not ops:
@@ -379,13 +391,14 @@ class RedisPresence:
                     op[1].set_result(None)
             elif kind == "refresh":
                 try:
-                    await self._refresh(op[1])
+                    # Redis holds what this process holds only when no report waits.
+                    await self._refresh(None if ops else len(self._local))
                 except (BackendError, RedisError, *_UNAVAILABLE) as exc:
                     self._dirty = True
                     log.warning("presence refresh failed: %s", exc)
                 finally:
-                    if not op[2].done():
-                        op[2].set_result(None)
+                    if not op[1].done():
+                        op[1].set_result(None)
             elif kind == "forget":
                 with contextlib.suppress(BackendError, RedisError, *_UNAVAILABLE):
                     pipe = self.backend.redis.pipeline(transaction=False)
@@ -417,6 +430,7 @@ class RedisPresence:
             pipe = client.pipeline(transaction=False)
             for script, args in calls:
                 pipe.execute_command("EVALSHA", script.sha, 0, *args)
+            self.counts["round_trips"] += 1
             try:
                 results: list[Any] = await pipe.execute(raise_on_error=False)
             except _UNAVAILABLE as exc:
@@ -450,9 +464,10 @@ class RedisPresence:
             self.counts["failed"] += len(batch)
             log.warning("presence reports failed (rebuilt at the next refresh): %s", exc)
 
-    async def _refresh(self, expected: int) -> None:
+    async def _refresh(self, expected: int | None) -> None:
+        """Set the deadline; rebuild when Redis holds other than ``expected`` (None: no check)."""
         held = await self._run([(_REFRESH, [self.prefix, self.process, round(self.ttl * 1000)])])
-        if self._dirty or int(held[0]) != expected:
+        if expected is not None and (self._dirty or int(held[0]) != expected):
             self._dirty = False
             self.counts["rebuilds"] += 1
             await self._rebuild()
