@@ -4,6 +4,7 @@ and members over WebSocket, SSE and long-poll (in-memory store, real sockets).""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -279,3 +280,24 @@ async def test_user_registry_in_one_process() -> None:
         await anonymous.ws.close()
     await users.close()
     await hub.close(spread=0)
+
+
+async def test_sse_stream_receives_presence_events(
+    served: tuple[MemoryPresence, AppServer],
+) -> None:
+    _, server = served
+    async with httpx.AsyncClient(timeout=scaled(20)) as client:
+        params = {"topics": "room", "client": "watcher", "presence": "1"}
+        async with client.stream("GET", server.url("/events"), params=params) as response:
+            lines = response.aiter_lines()
+            (ready,) = await read_events(lines, 1)
+            assert ready["event"] == "ready"
+            ann = await connect(server, "?user=ann")
+            await ann.request("subscribe", topic="room")
+            (joined,) = await read_events(lines, 1)
+            assert joined["event"] == "join" and "id" not in joined
+            body = json.loads(joined["data"])
+            assert body["topic"] == "room" and body["member"]["user"] == "ann"
+            await ann.ws.close()
+            (left,) = await read_events(lines, 1)
+            assert left["event"] == "leave" and json.loads(left["data"])["reason"] == "left"

@@ -64,7 +64,7 @@ from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import Cursor
 from .logfields import log_fields
 from .longpoll import DEFAULT_TIMEOUT, LongPollWaiter, PollResult, WaiterLimitError, check_timeout
-from .presence import Member, PollLeases, PresenceStore, presence_of
+from .presence import Member, PollLeases, PresenceEvent, PresenceStore, presence_of
 from .sse import (
     DEFAULT_KEEPALIVE,
     DEFAULT_RETRY,
@@ -89,6 +89,8 @@ __all__ = [
 log = logging.getLogger("tornado_longconn.subscriptions")
 
 _JSON: Final = "application/json; charset=UTF-8"
+# Presence events an SSE stream holds for its client at most (then presence_gap).
+_PRESENCE_QUEUE: Final = 256
 # A client id a long-poll or SSE client chooses (``?client=``).
 _CLIENT_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
@@ -393,7 +395,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         ``data`` = ``{"cursors": {...}}``), then an ``event: error`` per refused
         topic, then one ``message`` event per message (``id`` = the cursor map
         after it, ``data`` = ``{"topic","cursor","data"}``) and ``event: resync``
-        where a topic cannot resume exactly. Answers 400/429/503 with
+        where a topic cannot resume exactly. With ``?presence=1`` (and a presence
+        store) also ``event: join`` / ``event: leave`` / ``event: presence_gap``
+        with the protocol's event objects as data, for changes after ``ready``. Answers 400/429/503 with
         ``{"code","reason"}`` before the stream starts.
         """
         try:
@@ -444,6 +448,34 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         for topic in topics:
             if positions[topic] is None:
                 positions[topic] = next(fresh).cursor
+        # One task per topic pulls from the waiter; a queue of one item per topic
+        # keeps them from running ahead of the client (the backlog stays in history).
+        # Presence events (?presence=1) have room of their own; past it they are
+        # dropped and the topic gets a presence_gap event.
+        store = presence_of(self)
+        if store is None or self.get_query_argument("presence", "") not in ("1", "true"):
+            store = None
+        queue: asyncio.Queue[tuple[str, PollResult | BaseException | PresenceEvent]] = (
+            asyncio.Queue(maxsize=max(1, len(topics)) + (_PRESENCE_QUEUE if store else 0))
+        )
+        lost: dict[str, None] = {}
+
+        def on_presence(event: PresenceEvent) -> None:
+            try:
+                queue.put_nowait((event.topic, event))
+            except asyncio.QueueFull:
+                lost[event.topic] = None
+
+        if store is not None:
+            try:
+                for topic in topics:
+                    await store.watch(topic, on_presence)
+            except BackendError as exc:
+                for topic in topics:
+                    store.unwatch(topic, on_presence)
+                log.warning("multi-topic SSE could not start: %s", exc, extra=log_fields(self))
+                self._answer_error(503, "unavailable", "backend unavailable")
+                return
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Accel-Buffering", "no")
@@ -459,11 +491,6 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             )
         ]
         chunks.extend(format_event(_dumps(e), event="error") for e in errors)
-        # One task per topic pulls from the waiter; a queue of one item per topic
-        # keeps them from running ahead of the client (the backlog stays in history).
-        queue: asyncio.Queue[tuple[str, PollResult | BaseException]] = asyncio.Queue(
-            maxsize=max(1, len(topics))
-        )
         tasks = [asyncio.ensure_future(self._pull(waiter, t, positions[t], queue)) for t in topics]
         try:
             await writer.send(b"".join(chunks))
@@ -479,7 +506,10 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                         )
                         break
                     parts: list[bytes] = []
-                    if item.gap:
+                    if isinstance(item, PresenceEvent):
+                        frame = item.to_json()
+                        parts.append(format_event(_dumps(frame), event=frame["type"]))
+                    elif item.gap:
                         after = _after_gap(item)
                         positions[topic] = after
                         parts.append(
@@ -489,9 +519,16 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                                 event="resync",
                             )
                         )
-                    for message in item.messages:
-                        positions[topic] = message.cursor
-                        parts.append(format_event(_dumps(message_object(message)), id=cursor_id()))
+                    if not isinstance(item, PresenceEvent):
+                        for message in item.messages:
+                            positions[topic] = message.cursor
+                            parts.append(
+                                format_event(_dumps(message_object(message)), id=cursor_id())
+                            )
+                    for name in lost:
+                        gap = PresenceEvent(name, "gap", reason="overflow").to_json()
+                        parts.append(format_event(_dumps(gap), event="presence_gap"))
+                    lost.clear()
                     chunk = b"".join(parts)
                 if writer.buffered <= writer.high_water:
                     await writer.send(chunk)
@@ -506,6 +543,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         except LongConnError:  # the client is gone
             return
         finally:
+            if store is not None:
+                for topic in topics:
+                    store.unwatch(topic, on_presence)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -516,7 +556,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         waiter: LongPollWaiter,
         topic: str,
         cursor: Cursor | None,
-        queue: asyncio.Queue[tuple[str, PollResult | BaseException]],
+        queue: asyncio.Queue[tuple[str, PollResult | BaseException | PresenceEvent]],
     ) -> None:
         try:
             while True:
