@@ -301,3 +301,16 @@ async def test_sse_stream_receives_presence_events(
             await ann.ws.close()
             (left,) = await read_events(lines, 1)
             assert left["event"] == "leave" and json.loads(left["data"])["reason"] == "left"
+
+
+def test_presence_for_refuses_backends_without_a_store() -> None:
+    with pytest.raises(TypeError, match="no presence store"):
+        presence_for(object())
+
+
+async def test_info_that_is_not_json_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryPresence()
+    assert store.join_nowait("t", Member("a", "ann", {"bad": object()}))
+    (member,) = (await store.presence("t")).members
+    assert member.info is None and member.user == "ann"
+    assert "not JSON" in caplog.text

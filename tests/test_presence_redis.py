@@ -299,3 +299,15 @@ async def test_redis_restart_rebuilds_without_phantoms() -> None:
     finally:
         await close_stores([live, dead])
         await redis.close()
+
+
+async def test_info_that_is_not_json_does_not_stop_the_sender(prefix: str) -> None:
+    store = await make_store(REDIS_URL, prefix)
+    try:
+        store.join_nowait("room", Member("a", "ann", {"bad": {1, 2}}))
+        store.join_nowait("room", Member("b", "bob", {"ok": 1}))
+        await store.settled()
+        found = {m.client: m.info for m in (await store.presence("room")).members}
+        assert found == {"a": None, "b": {"ok": 1}}
+    finally:
+        await close_stores([store])

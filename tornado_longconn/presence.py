@@ -412,7 +412,7 @@ class MemoryPresence:
         """Add ``member`` (its ``process`` is set to this store's) and tell the watchers."""
         if member.process != self.process:
             member = _with_process(member, self.process)
-        event = self.state.join(topic, member)
+        event = self.state.join(topic, checked(member))
         if event is None:
             return False
         self._watchers.dispatch(event)
@@ -503,17 +503,44 @@ def _with_process(member: Member, process: str) -> Member:
 
 
 def presence_for(backend: Any, **options: Any) -> PresenceStore:
-    """A presence store for ``backend``: Redis presence on a Redis backend, else in memory.
+    """A presence store for ``backend``: :class:`MemoryPresence` on the in-memory
+    backend, ``RedisPresence`` on a Redis backend (one server or Sentinel).
 
-    ``options`` go to the store (``ttl`` for Redis, ``process`` for both).
+    ``options`` go to the store (``ttl``, ``refresh_interval`` for Redis;
+    ``process`` for both). Raises ``TypeError`` for a backend without a presence
+    store (Redis Cluster, NATS): a per-process ``MemoryPresence()`` would
+    silently show each process its own members only.
     """
-    from .backends.redis import RedisBackend
+    from .backends.memory import MemoryBackend
 
-    if isinstance(backend, RedisBackend):
-        from .presence_redis import RedisPresence
+    if isinstance(backend, MemoryBackend):
+        return MemoryPresence(**{k: v for k, v in options.items() if k == "process"})
+    try:
+        from .backends.redis import RedisBackend
+        from .backends.redis_cluster import ClusterRedisBackend
+    except ImportError:  # the redis extra is not installed: not a Redis backend
+        pass
+    else:
+        if isinstance(backend, RedisBackend) and not isinstance(backend, ClusterRedisBackend):
+            from .presence_redis import RedisPresence
 
-        return RedisPresence(backend, **options)
-    return MemoryPresence(**{k: v for k, v in options.items() if k == "process"})
+            return RedisPresence(backend, **options)
+    raise TypeError(
+        f"no presence store for {type(backend).__name__} (in memory: MemoryBackend; "
+        "many processes: RedisBackend on one Redis server or Sentinel)"
+    )
+
+
+def checked(member: Member) -> Member:
+    """``member``, or a copy without ``info`` when its info is not JSON (logged)."""
+    try:
+        member.encode()
+    except (TypeError, ValueError):
+        log.error("presence info of %r is not JSON; sent without it", member.client)
+        return Member(
+            member.client, member.user, None, member.since, member.transport, member.process
+        )
+    return member
 
 
 def presence_of(handler: tornado.web.RequestHandler) -> PresenceStore | None:

@@ -66,6 +66,7 @@ from .presence import (
     PresenceStats,
     Watchers,
     check_limit,
+    checked,
     events_topic,
 )
 
@@ -331,6 +332,7 @@ class RedisPresence:
                 member.transport,
                 self.process,
             )
+        member = checked(member)
         self._local[key] = member
         self._push(("join", topic, member))
         return True
@@ -396,6 +398,9 @@ class RedisPresence:
                 except (BackendError, RedisError, *_UNAVAILABLE) as exc:
                     self._dirty = True
                     log.warning("presence refresh failed: %s", exc)
+                except Exception:  # a bug must not stop the sender
+                    self._dirty = True
+                    log.exception("presence refresh failed")
                 finally:
                     if not op[1].done():
                         op[1].set_result(None)
@@ -463,6 +468,10 @@ class RedisPresence:
             self._dirty = True
             self.counts["failed"] += len(batch)
             log.warning("presence reports failed (rebuilt at the next refresh): %s", exc)
+        except Exception:  # a bug must not stop the sender
+            self._dirty = True
+            self.counts["failed"] += len(batch)
+            log.exception("presence reports failed")
 
     async def _refresh(self, expected: int | None) -> None:
         """Set the deadline; rebuild when Redis holds other than ``expected`` (None: no check)."""

@@ -64,7 +64,12 @@ from tornado_longconn.heartbeat import HeartbeatMixin
 from tornado_longconn.inspection import InspectionHandler
 from tornado_longconn.log import Cursor
 from tornado_longconn.longpoll import LongPollWaiter
-from tornado_longconn.presence import PresenceEvent, presence_for
+from tornado_longconn.presence import (
+    MemoryPresence,
+    PresenceEvent,
+    PresenceStore,
+    presence_for,
+)
 from tornado_longconn.server import ServerLimits, start_server
 from tornado_longconn.staticfiles import static_url_spec
 from tornado_longconn.subscriptions import (
@@ -257,7 +262,12 @@ class Demo:
         # {"topic","cursor","data"} messages, resync notices (longconn.js handles them).
         self.hub = BroadcastHub(backend, history=HISTORY)
         # Who is in which room, on every process (RedisPresence on a Redis backend).
-        self.presence = presence_for(backend, ttl=presence_ttl)
+        self.presence: PresenceStore
+        try:
+            self.presence = presence_for(backend, ttl=presence_ttl)
+        except TypeError:  # a backend without a shared store (Redis Cluster, NATS)
+            log.warning("member lists show this process's members only")
+            self.presence = MemoryPresence()
         self.waiter = LongPollWaiter(backend)  # serves both long-poll and SSE
         self.store = UploadStore(storage, max_size=MAX_UPLOAD, expire_after=upload_expiry)
         # /metrics: every part's stats(), read when Prometheus scrapes.
