@@ -83,14 +83,15 @@ async def serve(redis_url: str, prefix: str, ttl: float) -> None:
 
 
 class Server:
-    def __init__(self, prefix: str, ttl: float) -> None:
+    def __init__(self, prefix: str, ttl: float, redis_url: str = REDIS_URL) -> None:
         self.prefix = prefix
         self.ttl = ttl
+        self.redis_url = redis_url
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
 
     async def start(self) -> None:
-        args = [__file__, "--serve", "--redis", REDIS_URL, "--prefix", self.prefix]
+        args = [__file__, "--serve", "--redis", self.redis_url, "--prefix", self.prefix]
         args += ["--ttl", repr(self.ttl)]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = await asyncio.create_subprocess_exec(
@@ -288,6 +289,70 @@ async def test_three_processes_agree_and_a_killed_one_leaves_once() -> None:
                 await client.close()
         for server in servers:
             await server.stop()
+
+
+async def test_redis_restart_rebuilds_presence_without_the_dead(tmp_path: Path) -> None:
+    """Redis restarts empty right after a process was killed: the two live processes
+    report their members again; the dead one's never come back."""
+    pytest.importorskip("websockets.asyncio.client")
+    from tests.backends.redisproc import REDIS_SERVER, RedisProcess
+
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed")
+    redis = RedisProcess()
+    await redis.start()
+    ttl = scaled(1.5)
+    servers = [Server("test:presence-restart:", ttl, redis.url) for _ in range(3)]
+    clients: list[Client] = []
+    try:
+        await asyncio.gather(*(s.start() for s in servers))
+        for i, server in enumerate(servers):
+            client = await Client.connect(server, f"u{i}")
+            clients.append(client)
+            await client.request("subscribe", topic="room", params={"presence": True})
+        for client in clients:
+            await client.until(
+                lambda c=client: any(e["member"]["client"] == c.id for e in c.events("join")),
+                scaled(10),
+            )
+        await servers[0].stop(signal.SIGKILL)
+        await redis.restart()
+        survivors = {c.id for c in clients[1:]}
+        for client in clients[1:]:
+            # Told that events were missed, a client reads the members again, then
+            # applies the events that follow (the survivors report themselves again).
+            await client.until(lambda c=client: bool(c.events("presence_gap")), scaled(15))
+            start = len(client.frames)
+            answer = await client.request("presence", topic="room")
+            for _ in range(20):  # Redis may answer the pub/sub before the command pool
+                if answer["type"] != "error":
+                    break
+                assert answer["code"] == "unavailable"
+                answer = await client.request("presence", topic="room")
+            assert answer["type"] == "presence"
+            view = {m["client"] for m in answer["members"]}
+
+            def current(c: Client = client, base: set[str] = view, mark: int = start) -> set[str]:
+                seen = set(base)
+                for frame in c.frames[mark:]:
+                    if frame.get("type") == "join":
+                        seen.add(frame["member"]["client"])
+                    elif frame.get("type") == "leave":
+                        seen.discard(frame["member"]["client"])
+                return seen
+
+            await client.until(lambda f=current: f() == survivors, ttl + scaled(10))
+            assert clients[0].id not in current()
+        answer = await clients[1].request("presence", topic="room")
+        assert {m["client"] for m in answer["members"]} == survivors
+        assert (answer["connections"], answer["users"]) == (2, 2)
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+        for server in servers:
+            await server.stop()
+        await redis.close()
 
 
 def main() -> None:
