@@ -311,3 +311,15 @@ async def test_info_that_is_not_json_does_not_stop_the_sender(prefix: str) -> No
         assert found == {"a": None, "b": {"ok": 1}}
     finally:
         await close_stores([store])
+
+
+async def test_names_with_a_newline_are_refused(prefix: str) -> None:
+    store = await make_store(REDIS_URL, prefix)
+    try:
+        assert not store.join_nowait("user#a\nb", Member("c1", "a\nb"))
+        assert not store.join_nowait("room", Member("c\n2"))
+        assert store.join_nowait("room", Member("c3", "a\nb"))  # a user id may hold one
+        await store.settled()
+        assert await store.presence_stats("room") == PresenceStats(1, 1)
+    finally:
+        await close_stores([store])

@@ -323,6 +323,9 @@ class RedisPresence:
         key = (topic, member.client)
         if self.closed or key in self._local:
             return False
+        if "\n" in topic or "\n" in member.client:  # the separator of the process's set
+            log.error("presence of %r in %r refused: a newline in the name", member.client, topic)
+            return False
         if member.process != self.process:
             member = Member(
                 member.client,
