@@ -4,7 +4,7 @@
 import { test, describe, beforeEach, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import { createRequire } from "node:module";
-import { FakeWebSocket } from "./fakes.mjs";
+import { FakeWebSocket, FakeEventSource, FakeFetch } from "./fakes.mjs";
 
 const require = createRequire(import.meta.url);
 const LongConn = require("../../tornado_longconn/static/longconn.js");
@@ -90,5 +90,53 @@ describe("Session presence", () => {
       ["option", { text: "hi" }],
       ["listener", { text: "hi" }],
     ]);
+  });
+});
+
+describe("Session presence over SSE and long-poll", () => {
+  let conn;
+  let fetcher;
+  beforeEach(() => {
+    FakeEventSource.reset();
+    fetcher = new FakeFetch();
+    globalThis.EventSource = FakeEventSource;
+    globalThis.__realFetch = globalThis.__realFetch || globalThis.fetch;
+    globalThis.fetch = fetcher.fetch;
+  });
+  afterEach(() => {
+    if (conn) conn.close();
+    conn = null;
+    delete globalThis.EventSource;
+    globalThis.fetch = globalThis.__realFetch;
+  });
+
+  test("SSE sends the presence client and presence=1, and delivers join / leave events", async () => {
+    conn = LongConn.session({ sseUrl: "http://h/sse", transport: "sse", presenceClient: "tab-1", ...FAST });
+    const seen = [];
+    conn.subscribe("room:1", {
+      onJoin: (m, info) => seen.push(["join", m.client, info.topic]),
+      onLeave: (m, info) => seen.push(["leave", m.client, info.reason]),
+    });
+    const es = await FakeEventSource.nth(0);
+    assert.equal(es.url.searchParams.get("client"), "tab-1");
+    assert.equal(es.url.searchParams.get("presence"), "1");
+    es.accept();
+    es.event("ready", { cursors: { "room:1": "e-1" } });
+    const ann = { client: "c1", user: "ann", info: null, since: 1, transport: "sse" };
+    es.event("join", { type: "join", topic: "room:1", member: ann });
+    es.event("leave", { type: "leave", topic: "room:1", member: ann, reason: "left" });
+    assert.deepEqual(seen, [
+      ["join", "c1", "room:1"],
+      ["leave", "c1", "left"],
+    ]);
+  });
+
+  test("a long-poll carries the session's presence client; no presence=1 without handlers", async () => {
+    conn = LongConn.session({ pollUrl: "http://h/poll", transport: "longpoll", ...FAST });
+    conn.subscribe("a");
+    const poll = await fetcher.nth(0);
+    assert.match(poll.url.searchParams.get("client"), /^[0-9a-f]{16}$/);
+    assert.equal(poll.url.searchParams.get("client"), conn.presenceClient);
+    assert.equal(poll.url.searchParams.get("presence"), null);
   });
 });

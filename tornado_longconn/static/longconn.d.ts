@@ -253,6 +253,8 @@ export interface SessionOptions extends TransportOptions {
   onError?: (this: Session, error: Error) => void;
   /** A message the server sent to this session's user (`UserRegistry.send_to_user`). */
   onDirect?: (this: Session, data: Json) => void;
+  /** The `client` of SSE and long-poll requests: the session's presence member id (default: random). */
+  presenceClient?: string;
 }
 
 export interface WelcomeInfo {
@@ -282,9 +284,9 @@ export interface SubscribeOptions<T = any> {
   onError?: (this: Subscription<T>, error: LongConnError) => void;
   /** The server ended the subscription itself. */
   onUnsubscribed?: (this: Subscription<T>, info: { topic: string; reason: string | null }) => void;
-  /** A member joined the topic (WebSocket; setting it sends `params.presence = true`). */
+  /** A member joined the topic (setting it asks for presence events: WebSocket and SSE). */
   onJoin?: (this: Subscription<T>, member: PresenceMember, info: PresenceEventInfo) => void;
-  /** A member left the topic (WebSocket; setting it sends `params.presence = true`). */
+  /** A member left the topic (setting it asks for presence events: WebSocket and SSE). */
   onLeave?: (this: Subscription<T>, member: PresenceMember, info: PresenceEventInfo) => void;
   /** Presence events may have been missed: call `session.presence(topic)` again. */
   onPresenceGap?: (this: Subscription<T>, info: PresenceEventInfo) => void;
@@ -372,6 +374,8 @@ export class Session {
   stats: ConnectionStats;
   /** The server's id of this connection (welcome frame; WebSocket only). */
   clientId: string | null;
+  /** The `client` of SSE and long-poll requests (the presence member id there). */
+  readonly presenceClient: string;
   protocolVersion: number | null;
   /**
    * Subscribe to `topic`. Throws a LongConnError: "bad_request" (bad topic or cursor),

@@ -133,6 +133,20 @@
     }
   }
 
+  /** 16 random hex digits: a session's presence client id over SSE and long-poll. */
+  function randomClientId() {
+    var out = "";
+    var bytes = null;
+    if (typeof crypto !== "undefined" && crypto && typeof crypto.getRandomValues === "function") {
+      bytes = crypto.getRandomValues(new Uint8Array(8));
+    }
+    for (var i = 0; i < 8; i++) {
+      var b = bytes ? bytes[i] : Math.floor(Math.random() * 256);
+      out += (b < 16 ? "0" : "") + b.toString(16);
+    }
+    return out;
+  }
+
   function assign(target) {
     for (var i = 1; i < arguments.length; i++) {
       var src = arguments[i] || {};
@@ -1076,12 +1090,16 @@
    *   onResync        function(info): any subscription's resync ({topic, cursor, reason})
    *   onWelcome       function({v, client}): the server's welcome frame
    *   onDirect        function(data): a message the server sent to this session's user
+   *   presenceClient  the `client` sent with SSE and long-poll requests (its presence
+   *                   member id on the server; default: 16 random hex digits)
    * Use LongConn.session(options) to create and start one.
    */
   function Session(options) {
     Connection.call(this, assign({ requestTimeout: 10000, publishUrl: null }, options));
     this.clientId = null; // the server's connection id (welcome frame)
     this.protocolVersion = null;
+    // The `client` of SSE and long-poll requests: this session's presence member id.
+    this.presenceClient = typeof options.presenceClient === "string" ? options.presenceClient : randomClientId();
     this._subs = new Map(); // topic -> Subscription
     this._subReqs = Object.create(null); // request id -> Subscription awaiting "subscribed"
     this._pending = new Pending();
@@ -1094,8 +1112,9 @@
    * Subscribe to `topic`. `options` is a message handler, or: cursor (resume after it; default: from now), params
    * (sent with the WebSocket subscribe frame), onMessage(data, cursor, meta),
    * onResync({topic, cursor, reason, transport}), onError(error), onUnsubscribed(info),
-   * onJoin(member, info) and onLeave(member, info) (the topic's presence events over
-   * WebSocket: either one sends params.presence = true; info is {topic, reason}),
+   * onJoin(member, info) and onLeave(member, info) (the topic's presence events:
+   * either one sends params.presence = true over WebSocket, presence=1 over SSE;
+   * info is {topic, reason}; long-poll carries no events),
    * onPresenceGap({topic, reason}) (events may have been missed: call presence() again).
    * Returns a Subscription at once; throws a LongConnError for a bad topic or cursor
    * ("bad_request"), a topic already subscribed ("conflict") or a closed session.
@@ -1326,16 +1345,36 @@
     if (this._impl && typeof this._impl.topicsChanged === "function") this._impl.topicsChanged();
   };
 
-  /** The query of an SSE or long-poll request: {list, topics, cursors}, or null without topics. */
+  /**
+   * The query of an SSE or long-poll request: {list, topics, cursors, presence}, or
+   * null without topics (presence: some subscription asked for presence events).
+   */
   Session.prototype._topicQuery = function () {
     var list = [];
     var entries = [];
+    var presence = false;
     this._subs.forEach(function (sub, topic) {
       list.push(topic);
       entries.push([topic, sub.cursor]);
+      if (sub.params && sub.params.presence === true) presence = true;
     });
     if (!list.length) return null;
-    return { list: list, topics: list.join(","), cursors: encodeCursorMap(entries) };
+    return { list: list, topics: list.join(","), cursors: encodeCursorMap(entries), presence: presence };
+  };
+
+  /** The HTTP query of an SSE or long-poll request for `q` (the presence client id too). */
+  Session.prototype._httpParams = function (q, extra) {
+    var params = assign({}, this.options.params, { topics: q.topics, cursors: q.cursors, client: this.presenceClient }, extra);
+    return params;
+  };
+
+  /** A join, leave or presence_gap of a topic (WebSocket frame or SSE event). */
+  Session.prototype._presenceEvent = function (kind, f) {
+    var sub = f && this._subs.get(f.topic);
+    if (!sub) return;
+    var info = { topic: f.topic, reason: f.reason === undefined ? null : f.reason };
+    if (kind === "presence_gap") sub._emit("presenceGap", [info]);
+    else if (sub.state === "active") sub._emit(kind, [f.member, info]);
   };
 
   Session.prototype._onOpen = function (idle) {
@@ -1464,14 +1503,8 @@
         return;
       case "join":
       case "leave":
-        sub = this._subs.get(f.topic);
-        if (sub && sub.state === "active") {
-          sub._emit(parsed.kind, [f.member, { topic: f.topic, reason: f.reason === undefined ? null : f.reason }]);
-        }
-        return;
       case "presence_gap":
-        sub = this._subs.get(f.topic);
-        if (sub) sub._emit("presenceGap", [{ topic: f.topic, reason: f.reason === undefined ? null : f.reason }]);
+        this._presenceEvent(parsed.kind, f);
         return;
       case "direct":
         this._emit("direct", [f.data]);
@@ -1627,7 +1660,7 @@
         es = null;
         var q = conn._topicQuery();
         if (!q) return markOpen(true);
-        var params = assign({}, conn.options.params, { topics: q.topics, cursors: q.cursors });
+        var params = conn._httpParams(q, q.presence ? { presence: 1 } : {});
         var mine = new EventSource(buildUrl(conn.options.sseUrl, params), {
           withCredentials: !!conn.options.withCredentials,
         });
@@ -1668,6 +1701,11 @@
           var r = tryJson(ev.data);
           var sub = r && conn._subs.get(r.topic);
           if (sub) conn._topicResync(sub, r.cursor || null, r.reason || null);
+        });
+        ["join", "leave", "presence_gap"].forEach(function (kind) {
+          mine.addEventListener(kind, function (ev) {
+            if (current()) conn._presenceEvent(kind, tryJson(ev.data));
+          });
         });
         // "error" is both the server's `event: error` (a refused topic, with data)
         // and the stream's failure (no data). EventSource would reconnect by itself;
@@ -1734,7 +1772,7 @@
         fresh = false;
         var ctl = typeof AbortController === "function" ? new AbortController() : { abort: function () {}, signal: undefined };
         controller = ctl;
-        var params = assign({}, conn.options.params, { topics: q.topics, cursors: q.cursors, timeout: timeout });
+        var params = conn._httpParams(q, { timeout: timeout });
         clearTimeout(timer);
         timer = setTimeout(function () {
           finish({ code: null, reason: "poll timeout" });
