@@ -323,3 +323,19 @@ async def test_names_with_a_newline_are_refused(prefix: str) -> None:
         assert await store.presence_stats("room") == PresenceStats(1, 1)
     finally:
         await close_stores([store])
+
+
+async def test_members_reported_before_start_are_stored_by_the_first_refresh(
+    prefix: str,
+) -> None:
+    backend = RedisBackend(REDIS_URL, prefix=prefix)
+    await backend.start()
+    store = RedisPresence(backend)
+    try:
+        assert store.join_nowait("room", Member("early", "ann"))  # nothing queued yet
+        assert store.counts["dropped"] == 1
+        await store.start()  # its first refresh finds Redis short of one and rebuilds
+        assert await store.presence_stats("room") == PresenceStats(1, 1)
+        assert store.counts["rebuilds"] == 1
+    finally:
+        await close_stores([store])

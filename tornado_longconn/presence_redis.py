@@ -9,7 +9,10 @@ How presence works on Redis
   topic's presence channel (through the backend's message format, so the
   events of a topic arrive in one order in every process). Reports are queued
   in the order the handlers made them and sent by one task; what is queued
-  together goes in one pipeline: one round trip for a burst of joins.
+  together goes in one pipeline: one round trip for a burst of joins. At most
+  100,000 reports wait; past that (Redis far too slow, or gone) they are
+  dropped and the next refresh rebuilds (below), as it does for reports made
+  before :meth:`RedisPresence.start`.
 * **Liveness.** Every ``refresh_interval`` (default ``ttl / 3``) each process
   sets its deadline (Redis ``TIME`` + ``ttl``) in a sorted set and then reaps:
   a script takes the processes whose deadline passed and removes their
@@ -78,6 +81,9 @@ log = logging.getLogger("tornado_longconn.presence")
 DEFAULT_TTL: Final = 30.0
 # Reports sent in one pipeline at most.
 _BATCH: Final = 512
+# Reports waiting at most; past it (Redis too slow or gone for long) they are
+# dropped and the next refresh rebuilds this process's members instead.
+_MAX_QUEUE: Final = 100_000
 # Memberships one reap script removes at most (it runs again while there are more).
 _REAP_BUDGET: Final = 1000
 
@@ -258,6 +264,7 @@ class RedisPresence:
         self.prefix = backend.prefix
         self._local: dict[tuple[str, str], Member] = {}
         self._ops: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._reports = 0  # joins and leaves in _ops
         self._wake = asyncio.Event()
         self._dirty = False
         self._watchers = Watchers()
@@ -267,9 +274,17 @@ class RedisPresence:
         self._refresher: asyncio.Task[None] | None = None
         self._epoch_candidate = new_epoch()
         self.closed = False
-        #: Counters: reports sent, reports that failed, round trips (pipelines) to
-        #: Redis of the sender, rebuilds, members reaped.
-        self.counts = {"sent": 0, "failed": 0, "round_trips": 0, "rebuilds": 0, "reaped": 0}
+        #: Counters: reports sent, failed, dropped (not started, or over 100,000
+        #: waiting: rebuilt instead), round trips (pipelines) to Redis of the
+        #: sender, rebuilds, members reaped.
+        self.counts = {
+            "sent": 0,
+            "failed": 0,
+            "dropped": 0,
+            "round_trips": 0,
+            "rebuilds": 0,
+            "reaped": 0,
+        }
 
     def __repr__(self) -> str:
         return f"<RedisPresence {self.process} members={len(self._local)}>"
@@ -315,7 +330,14 @@ class RedisPresence:
     # -- reports ------------------------------------------------------------------
 
     def _push(self, op: tuple[Any, ...]) -> None:
+        if self._worker is None or self._reports >= _MAX_QUEUE:
+            # Not started (start() rebuilds from the local members), or too far
+            # behind: the next refresh rebuilds, with the events of what changed.
+            self._dirty = True
+            self.counts["dropped"] += 1
+            return
         self._ops.append(op)
+        self._reports += 1
         self._wake.set()
 
     def join_nowait(self, topic: str, member: Member) -> bool:
@@ -356,7 +378,8 @@ class RedisPresence:
         if self._worker is None or self._worker.done():
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._push(("mark", future))
+        self._ops.append(("mark", future))  # never dropped, unlike reports
+        self._wake.set()
         await future
 
     async def refresh(self) -> None:
@@ -387,6 +410,7 @@ class RedisPresence:
             while ops and len(batch) < _BATCH and ops[0][0] in ("join", "leave"):
                 batch.append(ops.popleft())
             if batch:
+                self._reports -= len(batch)
                 await self._send(batch)
                 continue
             op = ops.popleft()
@@ -397,7 +421,7 @@ class RedisPresence:
             elif kind == "refresh":
                 try:
                     # Redis holds what this process holds only when no report waits.
-                    await self._refresh(None if ops else len(self._local))
+                    await self._refresh(None if self._reports else len(self._local))
                 except (BackendError, RedisError, *_UNAVAILABLE) as exc:
                     self._dirty = True
                     log.warning("presence refresh failed: %s", exc)
