@@ -63,6 +63,7 @@ from ._frames import (
     stream_write_indexes,
     try_send,
 )
+from ._tornado.iostream import release_error
 from ._tornado.websocket_proto import read_progress
 from .codes import CloseCode
 from .gc_tuning import after_tick as gc_after_tick
@@ -929,7 +930,12 @@ class HeartbeatMixin(StrictWebSocketMixin):
         state = self._heartbeat
         if state is not None and state._slot is not None:
             HeartbeatScheduler.current().discard(self, state)
+        ws = self.ws_connection
+        stream = None if ws is None else ws.stream
         super().on_connection_close()
+        # A stream closed by an error (a reset peer) holds itself through the
+        # error's traceback: drop it, so the connection is freed by refcounting.
+        release_error(stream)
 
     def _heartbeat_progress(self) -> int | None:
         # The I/O counters at this instant, so that the bytes of the frame just

@@ -87,9 +87,11 @@ class _Patch:
         obj: Any,
         name: str,
         hook: Hook,
+        obj_ref: weakref.ref[Any] | None = None,
     ) -> None:
         self.hooks = hooks
-        self.obj = weakref.ref(obj)
+        # The registry's weak reference to the handler is shared, not made again.
+        self.obj = weakref.ref(obj) if obj_ref is None else obj_ref
         self.name = name
         self.hook = hook
         # An attribute someone else set on the instance first is kept and called.
@@ -114,6 +116,8 @@ class _Patch:
         finally:
             hooks.run(Hook.AFTER_CONNECTION_CLOSE)
             hooks.release()
+            stream = getattr(getattr(self.obj(), "ws_connection", None), "stream", None)
+            iostream.release_error(stream)
 
     def remove(self) -> None:
         obj = self.obj()
@@ -200,6 +204,18 @@ class HandlerHooks:
         else:
             self._listeners.append((hook, None, listener))
 
+    def add_handler_listener(
+        self, hook: Hook, listener: Callable[[tornado.web.RequestHandler], object]
+    ) -> None:
+        """Run ``listener(handler)`` at ``hook`` while the handler is alive.
+
+        For a module-level function: the registry's own weak reference to the
+        handler is reused, so the listener costs one tuple and no closure.
+        """
+        if not any(h is hook for h, _, _ in self._listeners):
+            self._patch(hook)
+        self._listeners.append((hook, self._handler, listener))
+
     def discard(self, hook: Hook, listener: Listener) -> None:
         """Stop calling ``listener`` at ``hook`` (the patch stays; nothing if absent)."""
         if isinstance(listener, MethodType):
@@ -282,6 +298,6 @@ class HandlerHooks:
             stream.set_close_callback(patch)
         else:
             name = _HANDLER_METHODS[hook]
-            patch = _Patch(self._ref, handler, name, hook)
+            patch = _Patch(self._ref, handler, name, hook, self._handler)
             handler.__dict__[name] = patch
         self._patches.append(patch)
