@@ -518,6 +518,20 @@ def _detach_writer(target: Any) -> None:
 _UNSETTLED = (Lifecycle.OPEN, Lifecycle.CLOSING)
 
 
+def _flush_before_close(target: Any) -> None:
+    """Hook listener: ``close()``/``finish()`` is about to run on ``target``."""
+    writer: BackpressureWriter | None = target.__dict__.get(_ATTR)
+    if writer is not None:
+        writer._flush_before_close()
+
+
+def _on_protocol_close(target: Any) -> None:
+    """Hook listener: ``target``'s WebSocket protocol started closing."""
+    writer: BackpressureWriter | None = target.__dict__.get(_ATTR)
+    if writer is not None:
+        writer._on_protocol_close()
+
+
 class _Transport:
     """How a writer reaches its connection: the interface of the two transports.
 
@@ -820,13 +834,15 @@ class BackpressureWriter:
         if self._is_closing():
             self._sync_closed()
         setattr(target, _ATTR, self)
+        # Module-level listeners that find the writer on the handler: no weak
+        # reference or bound method per connection.
         hooks = HandlerHooks.of(target)
-        hooks.add(transport.close_hook, self._flush_before_close)
+        hooks.add_handler_listener(transport.close_hook, _flush_before_close)
         if self._plain and self._sock is not None and self._state.lifecycle is _OPEN:
             self._fast_sock = self._sock
             # Tornado calls ws_connection.close() right after every change that ends
             # the data phase, so the fan-out need not read the protocol's flags.
-            hooks.add(Hook.PROTOCOL_CLOSE, self._on_protocol_close)
+            hooks.add_handler_listener(Hook.PROTOCOL_CLOSE, _on_protocol_close)
 
     def _flush_before_close(self) -> None:
         """``handler.close()``/``finish()`` is about to run: write the cork first, to keep order."""

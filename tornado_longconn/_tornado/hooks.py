@@ -18,9 +18,10 @@ Method patches made here (each checked against Tornado 6.4.2, 6.5.2 and 6.6.1):
 * ``IOStream._close_callback`` -- read (through :mod:`.iostream`) to chain the
   callback that was set before ours.
 
-The registry holds the handler and the protocol weakly, and listeners that are
-bound methods through a weak reference to their object, so hooking a handler creates
-no reference cycle. Once ``on_connection_close`` ran, every patch is removed
+The registry holds the handler, the protocol and the stream weakly, and listeners
+that are bound methods through a weak reference to their object (or, for
+module-level listeners, get the handler through the registry's own weak
+reference), so hooking a handler creates no reference cycle. Once ``on_connection_close`` ran, every patch is removed
 (the attributes that were there before are put back).
 """
 
@@ -83,12 +84,14 @@ class _Patch:
 
     def __init__(
         self,
-        hooks: weakref.ref[HandlerHooks],
+        hooks: HandlerHooks,
         obj: Any,
         name: str,
         hook: Hook,
         obj_ref: weakref.ref[Any] | None = None,
     ) -> None:
+        # Held strongly: the registry holds the handler, protocol and stream weakly,
+        # so patch -> registry makes no cycle (and costs no weak reference).
         self.hooks = hooks
         # The registry's weak reference to the handler is shared, not made again.
         self.obj = weakref.ref(obj) if obj_ref is None else obj_ref
@@ -105,9 +108,7 @@ class _Patch:
         return self.unbound(self.obj(), *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        hooks = self.hooks()
-        if hooks is None:
-            return self.original(*args, **kwargs)
+        hooks = self.hooks
         hooks.run(self.hook)
         if self.hook is not Hook.CONNECTION_CLOSE:
             return self.original(*args, **kwargs)
@@ -136,17 +137,15 @@ class _StreamPatch:
 
     __slots__ = ("hook", "hooks", "previous", "stream")
 
-    def __init__(self, hooks: weakref.ref[HandlerHooks], stream: IOStream) -> None:
+    def __init__(self, hooks: HandlerHooks, stream: IOStream) -> None:
         self.hooks = hooks
         self.hook = Hook.STREAM_CLOSE
         self.stream = weakref.ref(stream)
         self.previous = iostream.close_callback(stream)
 
     def __call__(self) -> None:
-        hooks = self.hooks()
         try:
-            if hooks is not None:
-                hooks.run(Hook.STREAM_CLOSE)
+            self.hooks.run(Hook.STREAM_CLOSE)
         finally:
             if self.previous is not None:
                 self.previous()
@@ -167,11 +166,10 @@ class HandlerHooks:
     registry never keeps a writer or a group alive); other callables strongly.
     """
 
-    __slots__ = ("__weakref__", "_handler", "_listeners", "_patches", "_ref", "_released")
+    __slots__ = ("__weakref__", "_handler", "_listeners", "_patches", "_released")
 
     def __init__(self, handler: tornado.web.RequestHandler) -> None:
         self._handler = weakref.ref(handler)
-        self._ref = weakref.ref(self)
         # (hook, weak reference to the method's object or None, function)
         self._listeners: list[tuple[Hook, weakref.ref[Any] | None, Callable[..., object]]] = []
         self._patches: list[_Patch | _StreamPatch] = []
@@ -288,16 +286,16 @@ class HandlerHooks:
             proto = getattr(handler, "ws_connection", None)
             if proto is None:
                 raise ValueError("the handler has no WebSocket connection to hook")
-            patch = _Patch(self._ref, proto, "close", hook)
+            patch = _Patch(self, proto, "close", hook)
             proto.__dict__["close"] = patch
         elif hook is Hook.STREAM_CLOSE:
             stream = getattr(getattr(handler, "ws_connection", None), "stream", None)
             if stream is None:
                 raise ValueError("the handler has no stream to hook")
-            patch = _StreamPatch(self._ref, stream)
+            patch = _StreamPatch(self, stream)
             stream.set_close_callback(patch)
         else:
             name = _HANDLER_METHODS[hook]
-            patch = _Patch(self._ref, handler, name, hook, self._handler)
+            patch = _Patch(self, handler, name, hook, self._handler)
             handler.__dict__[name] = patch
         self._patches.append(patch)
