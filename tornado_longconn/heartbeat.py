@@ -60,10 +60,9 @@ from ._frames import (
     OP_TEXT,
     abort_stream,
     build_frame,
-    stream_write_indexes,
     try_send,
 )
-from ._tornado.iostream import release_error
+from ._tornado.iostream import release_error, write_done, write_total
 from ._tornado.websocket_proto import read_progress
 from .codes import CloseCode
 from .gc_tuning import after_tick as gc_after_tick
@@ -526,8 +525,7 @@ def heartbeat_stats(application: tornado.web.Application) -> HeartbeatStats:
 
 
 def _sample_writes(state: HeartbeatState, stream: IOStream, now: float) -> None:
-    total, done = stream_write_indexes(stream)
-    state.writes(now, total, done)
+    state.writes(now, write_total(stream), write_done(stream))  # no tuple per check
 
 
 def _send(stream: IOStream, frame: bytes) -> None:

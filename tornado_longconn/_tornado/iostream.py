@@ -47,7 +47,9 @@ __all__ = [
     "socket_send",
     "try_send",
     "unread_bytes",
+    "write_done",
     "write_indexes",
+    "write_total",
 ]
 
 
@@ -109,6 +111,18 @@ def write_indexes(stream: IOStream) -> tuple[int, int]:
     """``(total, done)``: bytes ever accepted by ``stream.write`` and bytes handed to the kernel."""
     s: StreamInternals = stream  # type: ignore[assignment]
     return s._total_write_index, s._total_write_done_index
+
+
+def write_total(stream: IOStream) -> int:
+    """Bytes ever accepted by ``stream.write`` (the first of :func:`write_indexes`)."""
+    s: StreamInternals = stream  # type: ignore[assignment]
+    return s._total_write_index
+
+
+def write_done(stream: IOStream) -> int:
+    """Bytes ever handed to the kernel (the second of :func:`write_indexes`)."""
+    s: StreamInternals = stream  # type: ignore[assignment]
+    return s._total_write_done_index
 
 
 def idle(stream: IOStream) -> bool:
