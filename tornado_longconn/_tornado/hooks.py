@@ -171,7 +171,9 @@ class HandlerHooks:
     def __init__(self, handler: tornado.web.RequestHandler) -> None:
         self._handler = weakref.ref(handler)
         # (hook, weak reference to the method's object or None, function)
-        self._listeners: list[tuple[Hook, weakref.ref[Any] | None, Callable[..., object]]] = []
+        # Flat triples (hook, weak reference to the listener's object or None,
+        # function): a tuple per listener would be one more object per connection.
+        self._listeners: list[Any] = []
         self._patches: list[_Patch | _StreamPatch] = []
         self._released = False
 
@@ -195,12 +197,12 @@ class HandlerHooks:
         Raises :class:`ValueError` for ``PROTOCOL_CLOSE``/``STREAM_CLOSE`` on a
         handler without a WebSocket connection or stream.
         """
-        if not any(h is hook for h, _, _ in self._listeners):
+        if hook not in self._listeners[::3]:
             self._patch(hook)
         if isinstance(listener, MethodType):
-            self._listeners.append((hook, weakref.ref(listener.__self__), listener.__func__))
+            self._listeners += (hook, weakref.ref(listener.__self__), listener.__func__)
         else:
-            self._listeners.append((hook, None, listener))
+            self._listeners += (hook, None, listener)
 
     def add_handler_listener(
         self, hook: Hook, listener: Callable[[tornado.web.RequestHandler], object]
@@ -210,9 +212,9 @@ class HandlerHooks:
         For a module-level function: the registry's own weak reference to the
         handler is reused, so the listener costs one tuple and no closure.
         """
-        if not any(h is hook for h, _, _ in self._listeners):
+        if hook not in self._listeners[::3]:
             self._patch(hook)
-        self._listeners.append((hook, self._handler, listener))
+        self._listeners += (hook, self._handler, listener)
 
     def discard(self, hook: Hook, listener: Listener) -> None:
         """Stop calling ``listener`` at ``hook`` (the patch stays; nothing if absent)."""
@@ -221,9 +223,8 @@ class HandlerHooks:
             func: object = listener.__func__
         else:
             owner, func = None, listener
-        self._listeners[:] = [
-            entry
-            for entry in self._listeners
+        kept: list[Any] = []
+        for entry in self._entries():
             if not (
                 entry[0] is hook
                 and entry[2] is func
@@ -232,12 +233,18 @@ class HandlerHooks:
                     if owner is None
                     else entry[1] is not None and entry[1]() is owner
                 )
-            )
-        ]
+            ):
+                kept += entry
+        self._listeners[:] = kept
+
+    def _entries(self) -> list[tuple[Hook, weakref.ref[Any] | None, Callable[..., object]]]:
+        """The listeners as ``(hook, ref, function)`` triples (a copy)."""
+        flat = self._listeners
+        return list(zip(flat[::3], flat[1::3], flat[2::3], strict=True))
 
     def run(self, hook: Hook) -> None:
         """Call the listeners of ``hook`` (each failure logged, never raised)."""
-        for h, ref, func in list(self._listeners):
+        for h, ref, func in self._entries():
             if h is not hook:
                 continue
             try:
