@@ -12,6 +12,7 @@ from tests.helpers import run_on_suite_loop
 from tornado_longconn.client import (
     BufferPolicy,
     Client,
+    PresenceChange,
     Resync,
     Subscription,
     TopicMessage,
@@ -80,6 +81,25 @@ def test_drop_oldest_keeps_a_marker_and_the_newest() -> None:
                 assert [m.data for m in rest] == list(range(22 - size, 21))  # type: ignore[union-attr]
             stats = client.stats()
             assert stats.dropped == 20 - len(rest)
+
+    run_on_suite_loop(main())
+
+
+def test_presence_changes_share_the_buffer_and_keep_the_cursor_of_messages() -> None:
+    async def main() -> None:
+        for size in (1, 2, 4):
+            sub, client = _subscription(size, BufferPolicy.DROP_OLDEST)
+            for n in range(1, 11):
+                sub._put(TopicMessage("t", f"e-{n}", n), client._counters)
+                sub._put(PresenceChange("t", "join", {"user": f"u{n}"}), client._counters)
+            assert sub.buffered <= size
+            first = await sub.get(1)
+            assert isinstance(first, Resync) and first.reason == "overflow"
+            # The marker's cursor is a message's (a presence change has none).
+            assert first.cursor is not None and first.cursor.startswith("e-")
+            rest = [await sub.get(1) for _ in range(sub.buffered)]
+            if size > 1:
+                assert isinstance(rest[-1], PresenceChange) and rest[-1].member == {"user": "u10"}
 
     run_on_suite_loop(main())
 

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .client import ClientError, Subscription, TopicMessage, connect
+from .client import ClientError, PresenceChange, Subscription, TopicMessage, connect
 from .client_http import http_request
 from .client_upload import upload
 
@@ -68,6 +68,10 @@ def _event_json(event: Any) -> str:
             obj["binary"] = True
         else:
             obj["data"] = event.data
+    elif isinstance(event, PresenceChange):
+        obj = {"type": event.kind, "topic": event.topic, "member": event.member}
+        if event.reason is not None:
+            obj["reason"] = event.reason
     else:
         obj = {"type": "resync", "topic": event.topic, "cursor": event.cursor}
         obj["reason"] = event.reason
@@ -111,6 +115,23 @@ async def _tail(args: argparse.Namespace) -> int:
             for task in pumps:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
+    return 0
+
+
+async def _presence(args: argparse.Namespace) -> int:
+    async with connect(args.url, **_client_options(args)) as client:
+        cursor: str | None = None
+        shown = 0
+        while True:
+            page = await client.presence(args.topic, cursor=cursor)
+            for member in page.members:
+                print(json.dumps(member, ensure_ascii=False), flush=True)
+                shown += 1
+            cursor = page.cursor
+            if cursor is None or (args.limit is not None and shown >= args.limit):
+                break
+    counts = {"topic": args.topic, "connections": page.connections, "users": page.users}
+    print(json.dumps({"type": "presence_stats", **counts}), flush=True)
     return 0
 
 
@@ -172,8 +193,7 @@ async def _metrics(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longconn",
-        description="Talk to a tornado-longconn server: tail, publish, upload, metrics.",
-        epilog="Presence is not part of the library yet: there is no presence subcommand.",
+        description="Talk to a tornado-longconn server: tail, publish, presence, upload, metrics.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -209,6 +229,15 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("data", help="JSON (anything else is sent as a string)")
     publish.add_argument("--raw", action="store_true", help="send DATA as a string")
     publish.set_defaults(run=_publish)
+
+    presence = commands.add_parser(
+        "presence", help="print a topic's members (JSON lines), then its counts"
+    )
+    connection(presence)
+    header(presence)
+    presence.add_argument("topic")
+    presence.add_argument("--limit", type=int, help="stop after about this many members")
+    presence.set_defaults(run=_presence)
 
     up = commands.add_parser("upload", help="upload a file (WebSocket upload protocol)")
     up.add_argument("url", help="the WebSocket upload endpoint")

@@ -86,6 +86,8 @@ __all__ = [
     "ClientError",
     "ClientStats",
     "Event",
+    "PresenceChange",
+    "PresencePage",
     "Resync",
     "Subscription",
     "TopicMessage",
@@ -220,8 +222,41 @@ class Resync:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceChange:
+    """Who is on a topic changed (only for a subscription made with ``presence=True``).
+
+    ``kind`` is ``"join"`` or ``"leave"`` (``member`` is the server's member
+    object: ``client``, ``user``, ``info``, ``since``, ``transport``; ``reason``
+    of a leave is ``"left"`` or ``"expired"``), or ``"presence_gap"``: events
+    may have been missed, read the list again with :meth:`Client.presence`
+    (``member`` is None).
+    """
+
+    topic: str
+    kind: str
+    member: Any
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PresencePage:
+    """One page of a topic's members (:meth:`Client.presence`).
+
+    ``members`` are the server's member objects; ``cursor`` is None on the
+    last page (else pass it back for the next one); ``connections`` and
+    ``users`` count the whole topic on every server process.
+    """
+
+    topic: str
+    members: tuple[Any, ...]
+    cursor: str | None
+    connections: int
+    users: int
+
+
 #: What a :class:`Subscription` yields.
-Event = TopicMessage | Resync
+Event = TopicMessage | Resync | PresenceChange
 
 
 class BufferPolicy(str, enum.Enum):
@@ -398,11 +433,13 @@ class Subscription:
                 old = buffer.popleft()
                 if isinstance(old, TopicMessage):
                     counters.dropped += 1
-                last = old.cursor
+                if not isinstance(old, PresenceChange):
+                    last = old.cursor
             if self._size < 2:
                 if isinstance(event, TopicMessage):
                     counters.dropped += 1
-                buffer.append(Resync(self.topic, event.cursor, "overflow"))
+                cursor = last if isinstance(event, PresenceChange) else event.cursor
+                buffer.append(Resync(self.topic, cursor, "overflow"))
                 self._wakeup.set()
                 return
             buffer.appendleft(Resync(self.topic, last, "overflow"))
@@ -921,7 +958,10 @@ class Client:
         Returns the :class:`Subscription` once the server accepted it (on SSE or
         long-poll: once the request carrying it was answered). If the
         connection is down it is sent when one opens. ``params`` goes with the
-        WebSocket subscribe (the server's ``authorize_subscribe`` sees it).
+        WebSocket subscribe (the server's ``authorize_subscribe`` sees it);
+        ``params={"presence": True}`` also asks for the topic's join and leave
+        events, which arrive as :class:`PresenceChange` (they are not held back
+        by :attr:`BufferPolicy.BLOCK`).
         Raises :class:`ClientError`: ``bad_request`` (topic or cursor),
         ``conflict`` (already subscribed here), the server's refusal
         (``forbidden``, ``limit``, ...), ``timeout`` (no answer within
@@ -1088,6 +1128,39 @@ class Client:
             frame["params"] = params
         answer = await self._request(frame, self.request_timeout if timeout is None else timeout)
         return answer.get("result") if isinstance(answer, dict) else None
+
+    async def presence(
+        self, topic: str, *, cursor: str | None = None, limit: int | None = None
+    ) -> PresencePage:
+        """One page of ``topic``'s members, and its counts, on every server process.
+
+        Pass the returned page's ``cursor`` to read the next page; ``limit`` is
+        1 to 1000 (the server's default: 100). Needs the WebSocket transport, as
+        :meth:`call` does. Raises :class:`ClientError` (``forbidden`` when the
+        application does not show this topic's members, ``not_found`` when the
+        server keeps no presence).
+        """
+        if self._closed:
+            raise ClientError("closed", "the client is closed")
+        transport = self._transport
+        if not self._open or transport is None:
+            raise ClientError("disconnected", "not connected")
+        if transport.name != "websocket":
+            raise ClientError("unsupported", f"presence needs the WebSocket (now {transport.name})")
+        frame: dict[str, Any] = {"type": "presence", "topic": topic}
+        if cursor is not None:
+            frame["cursor"] = cursor
+        if limit is not None:
+            frame["limit"] = limit
+        answer = await self._request(frame, self.request_timeout)
+        members = answer.get("members")
+        return PresencePage(
+            topic=topic,
+            members=tuple(members) if isinstance(members, list) else (),
+            cursor=_str(answer.get("cursor")),
+            connections=int(answer.get("connections") or 0),
+            users=int(answer.get("users") or 0),
+        )
 
     def _new_id(self) -> int:
         self._next_id = (self._next_id + 1) % (2**53)
@@ -1389,8 +1462,19 @@ class Client:
             if isinstance(topic, str):
                 reason = str(frame.get("reason") or "ended by the server")
                 self._refused(topic, ClientError("closed", reason, topic=topic))
-        elif kind in ("published", "result"):
+        elif kind in ("published", "result", "presence"):
             self._answer(frame.get("id"), frame)
+        elif kind in ("join", "leave", "presence_gap"):
+            topic = frame.get("topic")
+            sub = self._subs.get(topic) if isinstance(topic, str) else None
+            if sub is not None and not sub.ended:
+                change = PresenceChange(
+                    topic=sub.topic,
+                    kind=kind,
+                    member=frame.get("member"),
+                    reason=_str(frame.get("reason")),
+                )
+                sub._put(change, self._counters)
         elif kind == "error":
             self._on_error_frame(frame)
         # a type of a newer server: ignored

@@ -491,6 +491,11 @@ class DemoSocket(DemoHooks, HeartbeatMixin, SubscriptionMixin, tornado.websocket
         self.user = clean_user(self.get_query_argument("user", ""))
         self.current_user = self.user  # the library's log lines name the user (longconn_user)
 
+    def authorize_presence(self, topic: str) -> bool:
+        # Rooms are public (every page lists their members): anyone may read who is
+        # in one, e.g. `longconn presence ws://.../ws room:lobby`; nobody else's DMs.
+        return room_of(topic) is not None
+
     async def authorize_subscribe(self, topic: str, params: Any) -> bool:  # type: ignore[override]
         if not super().authorize_subscribe(topic, params):
             return False
