@@ -211,7 +211,7 @@ async def prefix() -> str:
 
 
 async def test_dead_process_members_leave_within_the_ttl(prefix: str) -> None:
-    """A process that stops refreshing: its members leave once, in ttl + refresh_interval."""
+    """A process that stops refreshing: its members leave once, in ttl + reap_interval."""
     ttl = scaled(0.6)
     alive = await make_store(REDIS_URL, prefix, ttl)
     doomed = await make_store(REDIS_URL, prefix, ttl)
@@ -229,18 +229,54 @@ async def test_dead_process_members_leave_within_the_ttl(prefix: str) -> None:
         start = loop.time()
         await recorder.until(
             lambda: sum(1 for e in recorder.events if e.kind == "leave") == 2,
-            timeout=ttl + ttl / 3 + 1.0,
+            timeout=ttl + alive.reap_interval + scaled(1.0),
         )
         leaves = [e for e in recorder.events if e.kind == "leave"]
         assert {e.member.client for e in leaves if e.member} == {"d1", "d2"}
         assert {e.reason for e in leaves} == {"expired"}
-        assert loop.time() - start < ttl + ttl / 3 + scaled(1.0)
+        assert loop.time() - start < ttl + alive.reap_interval + scaled(1.0)
         assert await alive.presence_stats("room") == PresenceStats(1, 1)
         # a reap after the reap removes nothing more
         await alive.refresh()
         assert alive.counts["reaped"] == 2
     finally:
         await close_stores([alive, doomed])
+
+
+async def test_a_survivor_reaps_between_its_refreshes(prefix: str) -> None:
+    """Dead members leave within ttl + reap_interval, not at the survivor's next refresh."""
+    ttl = scaled(3.0)
+    backend = RedisBackend(REDIS_URL, prefix=prefix)
+    await backend.start()
+    # Refreshing only every 2.9 (scaled) seconds: a reap at refresh time would come
+    # ttl + up to 2.9 s after the death; the reap every 0.1 s comes right after ttl.
+    alive = RedisPresence(backend, ttl=ttl, refresh_interval=scaled(2.9), reap_interval=0.1)
+    await alive.start()
+    doomed = await make_store(REDIS_URL, prefix, ttl)
+    recorder = Recorder()
+    try:
+        await alive.watch("room", recorder)
+        doomed.join_nowait("room", Member("d1", "dan"))
+        await doomed.settled()
+        await recorder.until(lambda: len(recorder.events) == 1)
+        await crash(doomed)
+        await recorder.until(
+            lambda: [e.kind for e in recorder.events] == ["join", "leave"],
+            timeout=(ttl + scaled(1.5)) / scaled(1.0),  # until() scales it once more
+        )
+        assert recorder.events[1].reason == "expired"
+    finally:
+        await close_stores([alive, doomed])
+
+
+def test_reap_interval_is_checked() -> None:
+    backend = RedisBackend(REDIS_URL)
+    with pytest.raises(ValueError, match="reap_interval"):
+        RedisPresence(backend, ttl=3, refresh_interval=1, reap_interval=2)
+    with pytest.raises(ValueError, match="reap_interval"):
+        RedisPresence(backend, ttl=3, reap_interval=0)
+    assert RedisPresence(backend, ttl=30).reap_interval == 1.0
+    assert RedisPresence(backend, ttl=0.6).reap_interval == pytest.approx(0.2)
 
 
 async def test_close_removes_members_at_once(prefix: str) -> None:

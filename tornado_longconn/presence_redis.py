@@ -14,12 +14,13 @@ How presence works on Redis
   dropped and the next refresh rebuilds (below), as it does for reports made
   before :meth:`RedisPresence.start`.
 * **Liveness.** Every ``refresh_interval`` (default ``ttl / 3``) each process
-  sets its deadline (Redis ``TIME`` + ``ttl``) in a sorted set and then reaps:
-  a script takes the processes whose deadline passed and removes their
-  members, each with one ``leave`` event (reason ``"expired"``). Redis runs one
-  script at a time and the script pops each membership it removes, so however
-  many processes reap at once, every member of a dead process leaves exactly
-  once, within ``ttl`` + ``refresh_interval`` of the death. The refresh goes
+  sets its deadline (Redis ``TIME`` + ``ttl``) in a sorted set, and every
+  ``reap_interval`` (default 1 s) it reaps: a script takes the processes whose
+  deadline passed and removes their members, each with one ``leave`` event
+  (reason ``"expired"``). Redis runs one script at a time and the script pops
+  each membership it removes, so however many processes reap at once, every
+  member of a dead process leaves exactly once, within ``ttl`` +
+  ``reap_interval`` of the death (one small script per process and second). The refresh goes
   ahead of queued reports, so a backlog does not make a live process look dead;
   a process whose event loop stalls for longer than ``ttl`` is reaped like a
   dead one, and its next refresh reports its members again.
@@ -238,6 +239,8 @@ class RedisPresence:
 
     ``ttl`` (:data:`DEFAULT_TTL` seconds): how long the members of a process
     that stopped refreshing stay; ``refresh_interval`` (default ``ttl / 3``);
+    ``reap_interval`` (default 1 s, at most ``refresh_interval``): how often
+    this process looks for dead processes between its refreshes;
     ``process`` (default: random) this process's id. Call :meth:`start` once
     the loop runs (it refreshes and starts the background tasks) and
     :meth:`close` at shutdown (this process's members leave at once).
@@ -251,6 +254,7 @@ class RedisPresence:
         *,
         ttl: float = DEFAULT_TTL,
         refresh_interval: float | None = None,
+        reap_interval: float | None = None,
         process: str | None = None,
     ) -> None:
         if ttl <= 0:
@@ -260,6 +264,11 @@ class RedisPresence:
         self.refresh_interval = refresh_interval if refresh_interval is not None else ttl / 3
         if not 0 < self.refresh_interval < ttl:
             raise ValueError("refresh_interval must be > 0 and < ttl")
+        self.reap_interval = (
+            reap_interval if reap_interval is not None else min(1.0, self.refresh_interval)
+        )
+        if not 0 < self.reap_interval <= self.refresh_interval:
+            raise ValueError("reap_interval must be > 0 and <= refresh_interval")
         self.process = process or secrets.token_hex(8)
         self.prefix = backend.prefix
         self._local: dict[tuple[str, str], Member] = {}
@@ -386,11 +395,8 @@ class RedisPresence:
         """Refresh and reap now (the refresh task does it every ``refresh_interval``)."""
         if self._worker is None:
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # First in line: a backlog of reports must not make this process look dead.
-        self._ops.appendleft(("refresh", future))
-        self._wake.set()
-        await future
+        await self._queue_first("refresh")
 
     # -- the sender -----------------------------------------------------------------
 
@@ -418,10 +424,13 @@ class RedisPresence:
             if kind == "mark":
                 if not op[1].done():
                     op[1].set_result(None)
-            elif kind == "refresh":
+            elif kind in ("refresh", "reap"):
                 try:
-                    # Redis holds what this process holds only when no report waits.
-                    await self._refresh(None if self._reports else len(self._local))
+                    if kind == "reap":
+                        await self._reap()
+                    else:
+                        # Redis holds what this process holds only when no report waits.
+                        await self._refresh(None if self._reports else len(self._local))
                 except (BackendError, RedisError, *_UNAVAILABLE) as exc:
                     self._dirty = True
                     log.warning("presence refresh failed: %s", exc)
@@ -507,6 +516,10 @@ class RedisPresence:
             self._dirty = False
             self.counts["rebuilds"] += 1
             await self._rebuild()
+        await self._reap()
+
+    async def _reap(self) -> None:
+        """Remove the members of every process whose deadline passed (each once)."""
         while True:
             removed, more = (
                 await self._run([(_REAP, [self.prefix, self._epoch_candidate, _REAP_BUDGET])])
@@ -533,9 +546,21 @@ class RedisPresence:
             await self._run([self._op_args(("leave", t, c)) for t, c in gone])
 
     async def _refresh_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self.refresh()
-            await asyncio.sleep(self.refresh_interval)  # a deadline timer, not a poll
+            refreshed = loop.time()
+            while True:
+                await asyncio.sleep(self.reap_interval)  # a deadline timer, not a poll
+                if loop.time() - refreshed >= self.refresh_interval - self.reap_interval / 2:
+                    break
+                await self._queue_first("reap")
+
+    async def _queue_first(self, kind: str) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ops.appendleft((kind, future))
+        self._wake.set()
+        await future
 
     # -- readers -------------------------------------------------------------------------
 
