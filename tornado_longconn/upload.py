@@ -57,19 +57,24 @@ import secrets
 import time
 import unicodedata
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tornado_longconn.exceptions import UploadError
 
 from .logfields import log_fields
-from .stats import COUNTER, GAUGE
+from .stats import COUNTER, GAUGE, TALLY
+
+if TYPE_CHECKING:
+    from .upload_state import SharedUploadState
 
 __all__ = [
     "CHECKSUM_ALGORITHMS",
+    "MAX_CONCAT_PARTS",
     "ChunkedUploadSink",
+    "UploadInfo",
     "UploadState",
     "UploadStats",
     "UploadStatus",
@@ -79,10 +84,14 @@ __all__ = [
     "is_upload_id",
     "parse_tus_metadata",
     "sanitize_filename",
+    "upload_info",
 ]
 
 #: Per-request checksum algorithms (tus ``Tus-Checksum-Algorithm`` names).
 CHECKSUM_ALGORITHMS: tuple[str, ...] = ("sha1", "sha256", "md5")
+
+#: The most partial uploads one concatenation may name (more: 400).
+MAX_CONCAT_PARTS = 1000
 
 _log = logging.getLogger("tornado_longconn.upload")
 _ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -209,7 +218,19 @@ class UploadState:
     :attr:`accepted`, so a client cannot queue more than the declared size.
     """
 
-    def __init__(self, *, size: int, max_size: int, offset: int = 0, now: float) -> None:
+    def __init__(
+        self,
+        *,
+        size: int | None,
+        max_size: int,
+        offset: int = 0,
+        now: float,
+    ) -> None:
+        #: True while the length is not known yet (tus ``creation-defer-length``): the
+        #: upload accepts up to ``max_size`` bytes until :meth:`declare_length`.
+        self.deferred = size is None
+        if size is None:
+            size = max_size
         if size < 0 or offset < 0:
             raise UploadError("size and offset must be >= 0", status=400)
         if size > max_size:
@@ -230,8 +251,35 @@ class UploadState:
 
     @property
     def is_stored(self) -> bool:
-        """True once every declared byte is durably stored (ready to finish)."""
-        return self.offset == self.size
+        """True once every declared byte is durably stored (ready to finish).
+
+        Never true while the length is deferred.
+        """
+        return not self.deferred and self.offset == self.size
+
+    def declare_length(self, size: int) -> None:
+        """Set the length of a deferred upload (tus ``creation-defer-length``).
+
+        Raises ``UploadError`` 400 if the length was already declared with another
+        value or is below the bytes already accepted, 413 above ``max_size``. Declaring
+        the same length again is a no-op.
+        """
+        if not self.deferred:
+            if size != self.size:
+                raise UploadError(
+                    f"Upload-Length {size} differs from the declared length {self.size}",
+                    status=400,
+                )
+            return
+        if size > self.max_size:
+            raise UploadError(f"upload size {size} exceeds the maximum {self.max_size}", status=413)
+        if size < self.accepted:
+            raise UploadError(
+                f"Upload-Length {size} is below the {self.accepted} bytes already received",
+                status=400,
+            )
+        self.size = size
+        self.deferred = False
 
     def check_offset(self, offset: int) -> None:
         """Check that a client resumes at the durable offset.
@@ -282,8 +330,9 @@ class UploadState:
         """Mark the upload complete; raises ``UploadError`` 409 if bytes are missing."""
         self._check_active()
         if not self.is_stored or self.accepted != self.offset:
+            of = "an undeclared length" if self.deferred else str(self.size)
             raise UploadError(
-                f"upload is incomplete: {self.offset} of {self.size} bytes stored", status=409
+                f"upload is incomplete: {self.offset} of {of} bytes stored", status=409
             )
         self.status = UploadStatus.COMPLETE
 
@@ -304,6 +353,52 @@ class UploadState:
             raise UploadError("upload was terminated", status=404)
         if self.status is UploadStatus.COMPLETE:
             raise UploadError("upload is already complete", status=409)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadInfo:
+    """A snapshot of an upload: what hooks receive and :meth:`UploadStore.describe` returns.
+
+    In ``pre_create`` the upload does not exist yet: ``id`` and ``path`` are ``""``.
+    """
+
+    #: The server-generated id (32 hex digits), ``""`` in ``pre_create``.
+    id: str
+    #: The declared length; None while it is deferred (``Upload-Defer-Length: 1``).
+    size: int | None
+    #: Durable offset: bytes stored.
+    offset: int
+    #: The client's metadata (sanitized ``filename``).
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    #: ``"partial"``, ``"final"`` or None (tus ``concatenation``).
+    concat: str | None = None
+    #: Ids of the partial uploads a final upload is made of.
+    parts: tuple[str, ...] = ()
+    #: The partial file while receiving, the final file once complete.
+    path: str = ""
+    #: Hex sha256 of the whole file once complete.
+    sha256: str | None = None
+    #: True once the file is complete.
+    complete: bool = False
+    #: When the upload expires if it stays idle (``time.time()`` seconds); None once
+    #: every byte is stored.
+    expires: float | None = None
+
+
+def upload_info(sink: ChunkedUploadSink) -> UploadInfo:
+    """The :class:`UploadInfo` of an upload's sink now."""
+    return UploadInfo(
+        id=sink.id,
+        size=None if sink.deferred else sink.size,
+        offset=sink.offset,
+        metadata=dict(sink.metadata),
+        concat=sink.concat,
+        parts=sink.parts,
+        path=sink.path,
+        sha256=sink.sha256,
+        complete=sink.state.status is UploadStatus.COMPLETE,
+        expires=None if sink.state.is_stored else sink.state.expires_at(sink.store.expire_after),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +447,15 @@ class UploadStats:
     cached: int = field(default=0, metadata=GAUGE)
     #: Uploads being received now: a request or WebSocket holds their writer lock (gauge).
     active: int = field(default=0, metadata=GAUGE)
+    #: Final uploads assembled from partial uploads (tus ``concatenation``).
+    concatenated: int = field(default=0, metadata=COUNTER)
+    #: Uploads refused by a hook (``pre_create`` or ``pre_finish`` raised ``UploadError``).
+    hook_rejections: int = field(default=0, metadata=COUNTER)
+    #: Exceptions raised by ``post_*`` hooks (logged; the client's answer is unchanged).
+    hook_errors: int = field(default=0, metadata=COUNTER)
+    #: Requests answered with an error status by a transport (tus handler), per status
+    #: code: ``(("400", n), ("403", n), ...)``.
+    refused: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
 
 
 @dataclass(slots=True)
@@ -372,6 +476,10 @@ class _UploadCounters:
     deleted: int = 0
     files_closed: int = 0
     file_waits: int = 0
+    concatenated: int = 0
+    hook_rejections: int = 0
+    hook_errors: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 def _storage_error(exc: OSError) -> UploadError:
@@ -440,6 +548,16 @@ class ChunkedUploadSink:
         self._let_go: Callable[[], Awaitable[None]] | None = None
         self._segment: tuple[int, _Hasher, _Hasher, str, bytes] | None = None
         self._final_sha256: str | None = None
+        #: ``"partial"`` (a part of a later concatenation), ``"final"`` (made by
+        #: :meth:`UploadStore.concatenate`) or None (an ordinary upload).
+        self.concat: str | None = None
+        #: The ids a final upload was concatenated from (empty otherwise).
+        self.parts: tuple[str, ...] = ()
+        #: With shared state: the generation this process's view of the upload is
+        #: valid for (-1: loaded without the lock, never trusted for writing).
+        self.generation = 0
+        self._shared_owner: str | None = None
+        self._renewal: asyncio.Task[None] | None = None
         #: Optional ``callback(durable_offset, error)``, called on the event loop after
         #: each write job is stored (``error`` None) or failed (``error`` the
         #: ``UploadError``, which :meth:`write`/:meth:`flush` still raise once).
@@ -457,6 +575,44 @@ class ChunkedUploadSink:
     def size(self) -> int:
         """The declared size of the upload."""
         return self.state.size
+
+    def info(self) -> UploadInfo:
+        """A snapshot of this upload (:class:`UploadInfo`, what hooks receive)."""
+        return upload_info(self)
+
+    async def end_write(self) -> None:
+        """Record the upload and let the writer lock go (:meth:`UploadStore.end_write`)."""
+        await self.store.end_write(self)
+
+    def release_later(self) -> None:
+        """:meth:`end_write` from synchronous code (see :meth:`UploadStore.release_later`)."""
+        self.store.release_later(self)
+
+    @property
+    def deferred(self) -> bool:
+        """True while the upload's length is not declared yet (``creation-defer-length``)."""
+        return self.state.deferred
+
+    async def declare_length(self, size: int) -> None:
+        """Declare the length of a deferred upload, and record it in ``<id>.info``.
+
+        Raises ``UploadError`` as :meth:`UploadState.declare_length` does (400 for a
+        length that differs from one already declared or is below the bytes received,
+        413 above ``max_size``), or the storage error (the length stays deferred).
+        """
+        if not self.state.deferred:
+            self.state.declare_length(size)
+            return
+        self.state.declare_length(size)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self.store.executor, self.store._update_info, self.id, {"size": size}
+            )
+        except OSError as exc:
+            self.state.deferred = True
+            self.state.size = self.state.max_size
+            self.store._counters.storage_errors += 1
+            raise _storage_error(exc) from exc
 
     @property
     def filename(self) -> str:
@@ -530,15 +686,23 @@ class ChunkedUploadSink:
         the newcomer. Raises ``UploadError`` 423 if the holder gave no ``let_go``
         (an HTTP request: tus keeps its 423) or did not let go in time.
         """
+        await self.request_release(timeout=timeout)
+        self.acquire(let_go)
+
+    async def request_release(self, *, timeout: float = 10.0) -> bool:
+        """Ask the holder of the writer lock to let go, if it allows that (see :meth:`take_over`).
+
+        Returns True if the lock is free afterwards (also when nobody held it). The
+        holder's ``let_go`` runs shielded: one slower than ``timeout`` still finishes.
+        """
         holder = self._let_go
         if self._locked and holder is not None:
             self._let_go = None
-            # Shielded: a holder slower than the timeout still finishes letting go.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(holder()), timeout)
-            if not self.locked:  # the holder let go (else acquire raises 423)
+            if not self.locked:  # the holder let go
                 self.store._counters.takeovers += 1
-        self.acquire(let_go)
+        return not self._locked
 
     def release(self) -> None:
         """Give the writer lock back (idempotent)."""
@@ -816,6 +980,8 @@ class ChunkedUploadSink:
                 self._fd_closed_by_job()
         self.store._counters.aborted += 1
         self.store._forget(self.id)
+        if self.store.shared is not None:
+            await self.store.shared.delete(self.id)
 
     async def delete(self) -> None:
         """Remove the upload whatever its status; its id answers 404 from then on.
@@ -834,6 +1000,8 @@ class ChunkedUploadSink:
         )
         self.store._counters.deleted += 1
         self.store._forget(self.id)
+        if self.store.shared is not None:
+            await self.store.shared.delete(self.id)
 
     # -- the partial file's descriptor (bounded by the store's max_open_files) --------
 
@@ -913,6 +1081,16 @@ class UploadStore:
       -- ``<id>.info`` writes, the re-hash read -- are outside the budget; at most one
       per executor thread.)
     * ``executor`` [None: the loop's default executor] -- where file I/O runs.
+    * ``shared`` [None] -- a :class:`~tornado_longconn.upload_state.SharedUploadState`
+      (e.g. :class:`~tornado_longconn.upload_state.RedisUploadState`) when several
+      processes serve this ``root`` (a shared disk): writers then take its lock (423
+      while another process writes), offsets and metadata are recorded in it, and a
+      process reloads an upload another process wrote (see
+      :mod:`tornado_longconn.upload_state`). A lost record (a flushed Redis) is
+      rebuilt from the disk by the upload's next writer.
+    * ``lock_ttl`` [30 s] -- with ``shared``: the writer lock's expiry; the holder
+      extends it every ``lock_ttl / 3`` while it writes, so a dead process frees its
+      uploads after at most this long.
 
     Storage faults can be injected by overriding :meth:`write_at`.
     """
@@ -928,7 +1106,11 @@ class UploadStore:
         max_cached: int = 1000,
         max_open_files: int | None = None,
         executor: concurrent.futures.Executor | None = None,
+        shared: SharedUploadState | None = None,
+        lock_ttl: float = 30.0,
     ) -> None:
+        if lock_ttl <= 0:
+            raise ValueError("lock_ttl must be positive")
         if chunk_size <= 0 or max_in_flight <= 0 or max_cached <= 0 or max_size < 0:
             raise ValueError("chunk_size, max_in_flight and max_cached must be positive")
         if max_open_files is None:
@@ -944,6 +1126,8 @@ class UploadStore:
         self.max_cached = max_cached
         self.max_open_files = max_open_files
         self.executor = executor
+        self.shared = shared
+        self.lock_ttl = lock_ttl
         self._counters = _UploadCounters()
         self._sinks: dict[str, ChunkedUploadSink] = {}
         self._opening: dict[str, asyncio.Future[ChunkedUploadSink]] = {}
@@ -978,15 +1162,27 @@ class UploadStore:
     # -- public API -----------------------------------------------------------------
 
     async def create(
-        self, size: int, *, metadata: Mapping[str, str] | None = None, now: float | None = None
+        self,
+        size: int | None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        now: float | None = None,
+        concat: str | None = None,
+        parts: Sequence[str] = (),
     ) -> ChunkedUploadSink:
         """Create a new upload of ``size`` bytes and return its sink.
 
+        ``size`` None defers the length (tus ``creation-defer-length``): the upload
+        accepts up to ``max_size`` bytes until :meth:`ChunkedUploadSink.declare_length`.
         ``metadata`` is kept (``filename``, and ``name`` as a fallback, sanitized by
-        :func:`sanitize_filename`; other values cut to 1024 characters). Raises
-        ``UploadError`` 413 if ``size > max_size``, 400 if negative, 507/500 if the
-        files cannot be created.
+        :func:`sanitize_filename`; other values cut to 1024 characters). ``concat`` is
+        ``"partial"`` for a part of a later concatenation (tus ``Upload-Concat:
+        partial``), ``"final"`` (with the ``parts`` ids) for one made by
+        :meth:`concatenate`, else None. Raises ``UploadError`` 413 if ``size >
+        max_size``, 400 if negative, 507/500 if the files cannot be created.
         """
+        if concat not in (None, "partial", "final"):
+            raise ValueError(f"concat must be None, 'partial' or 'final', not {concat!r}")
         now = time.time() if now is None else now
         state = UploadState(size=size, max_size=self.max_size, now=now)
         clean = {str(k)[:64]: str(v)[:1024] for k, v in (metadata or {}).items()}
@@ -994,7 +1190,9 @@ class UploadStore:
         if raw_name is not None:
             clean["filename"] = sanitize_filename(raw_name)
         upload_id = secrets.token_hex(16)
-        info = {"id": upload_id, "size": size, "metadata": clean, "created": now}
+        info: dict[str, Any] = {"id": upload_id, "size": size, "metadata": clean, "created": now}
+        if concat is not None:
+            info.update(concat=concat, parts=list(parts))
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self.executor, self._create_files, upload_id, info)
@@ -1002,9 +1200,103 @@ class UploadStore:
             self._counters.storage_errors += 1
             raise _storage_error(exc) from exc
         sink = ChunkedUploadSink(self, upload_id, state, clean, now, -1, hashlib.sha256())
+        sink.concat = concat
+        sink.parts = tuple(parts)
+        if self.shared is not None:
+            await self.shared.put(upload_id, self._record(sink))
         self._counters.created += 1
         self._remember(sink)
         return sink
+
+    async def concatenate(
+        self,
+        part_ids: Sequence[str],
+        *,
+        metadata: Mapping[str, str] | None = None,
+        now: float | None = None,
+    ) -> ChunkedUploadSink:
+        """Make a completed upload from completed partial uploads, in order (tus ``final``).
+
+        Every id must name an upload created with ``concat="partial"`` and complete.
+        The bytes are copied in the executor into a new upload (the partials stay;
+        delete them if you no longer need them), hashed, and finished atomically like
+        any upload. Returns the completed sink (``concat == "final"``, ``parts`` the
+        ids). Raises ``UploadError`` before anything is created: 400 for no ids, more
+        than :data:`MAX_CONCAT_PARTS`, an upload that is not a partial one or is not
+        complete; 404 for an unknown id (410 expired); 413 if the total passes
+        ``max_size``; 423 while another request uses one of them (a DELETE); 507/500 for
+        a storage error (the new upload is then removed).
+        """
+        parts = await self._partials(part_ids, now)
+        total = sum(part.size or 0 for part in parts)
+        held: list[ChunkedUploadSink] = []
+        try:
+            if self.shared is None:
+                for part_id in dict.fromkeys(part_ids):
+                    sink = await self.open(part_id, now=now)
+                    sink.acquire()  # a concurrent DELETE of a part gets 423 meanwhile
+                    held.append(sink)
+            sink = await self.create(
+                total, metadata=metadata, now=now, concat="final", parts=list(part_ids)
+            )
+            loop = asyncio.get_running_loop()
+            paths = [self.final_path(part.id) for part in parts]
+            try:
+                fd = await sink._use_fd()
+                try:
+                    hasher = await loop.run_in_executor(
+                        self.executor, self._copy_parts, fd, paths, total
+                    )
+                finally:
+                    sink._done_fd()
+            except BaseException as exc:
+                await sink.abort()
+                self._counters.aborted -= 1
+                if isinstance(exc, OSError):
+                    self._counters.storage_errors += 1
+                    raise _storage_error(exc) from exc
+                raise
+            sink._sha256 = hasher
+            sink.state.accept(total)
+            sink.state.stored(total, time.time())
+            self._counters.bytes_stored += total
+            await sink.finish()
+            if self.shared is not None:
+                await self.shared.put(sink.id, self._record(sink))
+            self._counters.concatenated += 1
+            return sink
+        finally:
+            for part in held:
+                part.release()
+
+    async def check_partials(self, part_ids: Sequence[str], *, now: float | None = None) -> int:
+        """Check that ``part_ids`` can be concatenated; return their total size.
+
+        Raises the ``UploadError`` :meth:`concatenate` would raise before creating
+        anything (400, 404, 410, 413). Handlers call it before a ``pre_create`` hook.
+        """
+        return sum(part.size or 0 for part in await self._partials(part_ids, now))
+
+    async def _partials(self, part_ids: Sequence[str], now: float | None) -> list[UploadInfo]:
+        if not part_ids:
+            raise UploadError("Upload-Concat: final needs at least one partial upload", status=400)
+        if len(part_ids) > MAX_CONCAT_PARTS:
+            raise UploadError(f"more than {MAX_CONCAT_PARTS} partial uploads", status=400)
+        parts: list[UploadInfo] = []
+        for part_id in part_ids:
+            part = await self.describe(part_id, now=now)
+            if part.concat != "partial":
+                raise UploadError(f"upload {part_id} is not a partial upload", status=400)
+            if not part.complete:
+                raise UploadError(f"partial upload {part_id} is not finished", status=400)
+            parts.append(part)
+        total = sum(part.size or 0 for part in parts)
+        if total > self.max_size:
+            raise UploadError(
+                f"the partial uploads add up to {total} bytes, above the maximum {self.max_size}",
+                status=413,
+            )
+        return parts
 
     async def open(self, upload_id: str, *, now: float | None = None) -> ChunkedUploadSink:
         """Return the sink of an existing partial upload, rebuilding it from disk if needed.
@@ -1016,6 +1308,8 @@ class UploadStore:
         """
         self._checked(upload_id)
         now = time.time() if now is None else now
+        if self.shared is not None:
+            return await self._open_shared(upload_id)
         sink = self._sinks.get(upload_id)
         if sink is None:
             pending = self._opening.get(upload_id)
@@ -1044,6 +1338,181 @@ class UploadStore:
             self._sinks[upload_id] = sink  # most recently used last
         return sink
 
+    async def describe(self, upload_id: str, *, now: float | None = None) -> UploadInfo:
+        """What is known about an upload now, without reading its bytes.
+
+        With ``shared`` state this is the shared record (no re-hash, whichever process
+        wrote the upload); else the sink's state (:meth:`open`). An upload whose
+        files exist but whose record is lost (a Redis flushed or replaced) is read
+        from the disk (re-hashed) until its next writer records it again. Raises
+        ``UploadError`` 404 for an unknown id, 410 for an expired partial upload.
+        """
+        self._checked(upload_id)
+        if self.shared is None:
+            return upload_info(await self.open(upload_id, now=now))
+        now = time.time() if now is None else now
+        record = await self.shared.get(upload_id)
+        data = None if record is None else record.data
+        if data is None:
+            return upload_info(await self._load(upload_id, repair=False))
+        size = data.get("size")
+        offset = int(data.get("offset", 0))
+        complete = data.get("status") == UploadStatus.COMPLETE.value
+        stored = complete or (size is not None and offset == size)
+        expires = None if stored else float(data.get("activity", 0.0)) + self.expire_after
+        if expires is not None and now >= expires:
+            raise UploadError("upload expired", status=410)
+        return UploadInfo(
+            id=upload_id,
+            size=None if size is None else int(size),
+            offset=offset,
+            metadata={str(k): str(v) for k, v in dict(data.get("metadata") or {}).items()},
+            concat=data.get("concat"),
+            parts=tuple(str(part) for part in data.get("parts") or ()),
+            path=self.final_path(upload_id) if complete else self.partial_path(upload_id),
+            sha256=data.get("sha256"),
+            complete=complete,
+            expires=expires,
+        )
+
+    async def lock_for_write(
+        self,
+        upload_id: str,
+        *,
+        now: float | None = None,
+        let_go: Callable[[], Awaitable[None]] | None = None,
+        take_over: float | None = None,
+    ) -> ChunkedUploadSink:
+        """Open an upload and hold it for one writer; pair with :meth:`end_write`.
+
+        Without ``shared`` state: :meth:`open` and :meth:`ChunkedUploadSink.acquire`.
+        With it: the shared lock first (``UploadError`` 423 while any process holds
+        it), then the upload as the shared record says: the cached state if this
+        process was its last writer, else reloaded from the disk (bytes past the
+        recorded offset, left by a writer that died, are cut off). The lock is
+        extended every ``lock_ttl / 3`` seconds until :meth:`end_write`. Raises 404
+        for an unknown upload. ``let_go`` is passed to
+        :meth:`ChunkedUploadSink.acquire`. ``take_over`` (seconds), if given, first asks
+        a writer of this process that holds the upload and gave a ``let_go`` to let go
+        (see :meth:`ChunkedUploadSink.take_over`); a writer on another process is
+        never asked (423).
+        """
+        if self.shared is None:
+            sink = await self.open(upload_id, now=now)
+            if take_over is not None:
+                await sink.take_over(let_go, timeout=take_over)
+            else:
+                sink.acquire(let_go)
+            return sink
+        cached = self._sinks.get(upload_id)
+        if take_over is not None and cached is not None and cached.locked:
+            await cached.request_release(timeout=take_over)
+        self._checked(upload_id)
+        owner = secrets.token_hex(8)
+        generation = await self.shared.lock(upload_id, owner, self.lock_ttl)
+        if generation is None:
+            self._counters.lock_conflicts += 1
+            raise UploadError("another request is writing this upload", status=423)
+        try:
+            record = await self.shared.get(upload_id)
+            data = None if record is None else record.data
+            # No record: lost (the files are the truth until this writer records it).
+            limit = None if data is None else int(data.get("offset", 0))
+            cached = self._sinks.get(upload_id)
+            if (
+                data is not None
+                and cached is not None
+                and cached.generation == generation - 1
+                and not cached._retired
+            ):
+                sink = cached
+            else:
+                self._forget(upload_id)
+                sink = await self._load(upload_id, repair=True, limit=limit)
+                if sink.state.status is UploadStatus.ACTIVE:
+                    self._remember(sink)
+            sink.acquire(let_go)
+        except BaseException:
+            await self.shared.unlock(upload_id, owner)
+            raise
+        sink.generation = generation
+        sink._shared_owner = owner
+        sink._renewal = asyncio.get_running_loop().create_task(self._renew(sink, owner))
+        return sink
+
+    async def end_write(self, sink: ChunkedUploadSink) -> None:
+        """Record the upload's state in the shared state (if any), then let it go.
+
+        Call it once the writer is done (after :meth:`ChunkedUploadSink.flush` or
+        ``finish``). Errors of the shared state are logged; the lock then expires by
+        itself. Idempotent.
+        """
+        owner, sink._shared_owner = sink._shared_owner, None
+        if owner is not None and self.shared is not None:
+            if sink._renewal is not None:
+                sink._renewal.cancel()
+                sink._renewal = None
+            try:
+                if sink.state.status is not UploadStatus.ABORTED:
+                    await self.shared.put(sink.id, self._record(sink))
+                await self.shared.unlock(sink.id, owner)
+                sink.generation += 1  # our unlock added one
+            except Exception:
+                sink.generation = -1
+                _log.exception("upload %s: the shared state was not updated", sink.id)
+        sink.release()
+
+    def release_later(self, sink: ChunkedUploadSink) -> None:
+        """:meth:`end_write` from synchronous code (a task the store keeps)."""
+        if sink._shared_owner is None:
+            sink.release()
+        else:
+            self.spawn(self.end_write(sink))
+
+    async def _renew(self, sink: ChunkedUploadSink, owner: str) -> None:
+        """Extend the shared lock while it is held (a timer for the lock's deadline)."""
+        assert self.shared is not None
+        while True:
+            await asyncio.sleep(self.lock_ttl / 3)
+            try:
+                kept = await self.shared.extend(sink.id, owner, self.lock_ttl)
+            except Exception:
+                _log.exception("upload %s: the lock could not be extended", sink.id)
+                continue
+            if not kept:
+                sink._error = UploadError("the upload's lock expired", status=423)
+                return
+
+    def _record(self, sink: ChunkedUploadSink) -> dict[str, Any]:
+        return {
+            "size": None if sink.deferred else sink.size,
+            "offset": sink.offset,
+            "metadata": dict(sink.metadata),
+            "status": sink.state.status.value,
+            "concat": sink.concat,
+            "parts": list(sink.parts),
+            "sha256": sink.sha256,
+            "activity": sink.state.last_activity,
+            "created": sink.created,
+        }
+
+    async def _open_shared(self, upload_id: str) -> ChunkedUploadSink:
+        assert self.shared is not None
+        record = await self.shared.get(upload_id)
+        if record is None or record.data is None:
+            self._forget(upload_id)
+            lost = await self._load(upload_id, repair=False)  # 404 without files
+            lost.generation = -1
+            return lost
+        cached = self._sinks.get(upload_id)
+        if cached is not None and (cached.generation == record.generation or cached.locked):
+            return cached
+        self._forget(upload_id)
+        # Without the lock: read only (another process may be writing it).
+        sink = await self._load(upload_id, repair=False, limit=int(record.data.get("offset", 0)))
+        sink.generation = -1
+        return sink
+
     async def sweep(self, now: float | None = None) -> int:
         """Remove expired partial uploads (idle past ``expire_after``); return how many.
 
@@ -1065,6 +1534,8 @@ class UploadStore:
                 self._counters.aborted -= 1
             else:
                 await loop.run_in_executor(self.executor, self._delete_files, -1, upload_id)
+            if self.shared is not None:
+                await self.shared.delete(upload_id)
             self._counters.expired += 1
             removed += 1
         return removed
@@ -1108,7 +1579,55 @@ class UploadStore:
             file_waits=c.file_waits,
             cached=len(self._sinks),
             active=sum(1 for sink in self._sinks.values() if sink.locked),
+            concatenated=c.concatenated,
+            hook_rejections=c.hook_rejections,
+            hook_errors=c.hook_errors,
+            refused=tuple(sorted(c.refused.items())),
         )
+
+    def count_hook(self, *, rejected: bool) -> None:
+        """Count a hook that rejected an upload (``rejected``) or raised after the fact."""
+        if rejected:
+            self._counters.hook_rejections += 1
+        else:
+            self._counters.hook_errors += 1
+
+    async def durable_offset(self, upload_id: str) -> int:
+        """The bytes of an upload stored for good (the tus ``Upload-Offset``).
+
+        The shared record's offset with ``shared`` state, else the sink's. Raises
+        ``UploadError`` 404/410 like :meth:`describe`.
+        """
+        return (await self.describe(upload_id)).offset
+
+    async def read(self, upload_id: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Up to ``length`` bytes (all if None) of a completed upload from ``offset``.
+
+        Reads in the executor. Raises ``UploadError`` 404 for an unknown id, 409 while
+        the upload is not complete. Large files: read them in pieces, or open
+        ``final_path(id)`` yourself.
+        """
+        info = await self.describe(upload_id)
+        if not info.complete:
+            raise UploadError("upload is not complete", status=409)
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must be >= 0")
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._read_final, upload_id, offset, length
+        )
+
+    def _read_final(self, upload_id: str, offset: int, length: int | None) -> bytes:
+        try:
+            with open(self.final_path(upload_id), "rb") as fh:
+                fh.seek(offset)
+                return fh.read() if length is None else fh.read(length)
+        except FileNotFoundError as exc:
+            raise UploadError("no such upload", status=404) from exc
+
+    def count_refused(self, status: int) -> None:
+        """Count a request a transport answered with error ``status`` (``stats().refused``)."""
+        key = str(status)
+        self._counters.refused[key] = self._counters.refused.get(key, 0) + 1
 
     async def drain_tasks(self) -> None:
         """Wait for the clean-up tasks started by :meth:`spawn` (tests, shutdown)."""
@@ -1164,6 +1683,33 @@ class UploadStore:
                 0o600,
             )
         )
+
+    def _copy_parts(self, fd: int, paths: list[str], total: int) -> _Hasher:
+        hasher: _Hasher = hashlib.sha256()
+        pos = 0
+        for path in paths:
+            with open(path, "rb") as fh:
+                while block := fh.read(self.chunk_size):
+                    if pos + len(block) > total:
+                        break
+                    view = memoryview(block)
+                    done = 0
+                    while done < len(view):
+                        done += self.write_at(fd, view[done:], pos + done)
+                    hasher.update(view)
+                    pos += len(block)
+        if pos != total:
+            raise UploadError("a partial upload changed on disk", status=409)
+        return hasher
+
+    def _update_info(self, upload_id: str, changes: dict[str, Any]) -> None:
+        info_path = self.info_path(upload_id)
+        with open(info_path, encoding="utf-8") as fh:
+            info = json.load(fh)
+        info.update(changes)
+        with open(info_path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump(info, fh)
+        os.replace(info_path + ".tmp", info_path)
 
     def _open_partial(self, upload_id: str) -> int:
         return os.open(self.partial_path(upload_id), os.O_RDWR | os.O_CLOEXEC)
@@ -1223,29 +1769,38 @@ class UploadStore:
             except FileNotFoundError:
                 pass
 
-    def _load_files(self, upload_id: str) -> tuple[dict[str, Any], int, _Hasher, float] | None:
+    def _load_files(
+        self, upload_id: str, repair: bool = True, limit: int | None = None
+    ) -> tuple[dict[str, Any], int, _Hasher, float] | None:
         part = self.partial_path(upload_id)
         try:
             with open(self.info_path(upload_id), encoding="utf-8") as fh:
                 info = json.load(fh)
             if "sha256" in info and os.path.exists(self.final_path(upload_id)):
-                info["_offset"] = int(info["size"])
+                info["_offset"] = int(info["size"] or 0)
                 return info, -1, hashlib.sha256(), float(info.get("completed", 0.0))
             fd = os.open(part, os.O_RDWR | os.O_CLOEXEC)
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
         try:
+            stat = os.fstat(fd)
+            size = stat.st_size
+            marker = False
             try:
                 with open(self._marker_path(upload_id), encoding="ascii") as fh:
-                    start = int(fh.read().strip() or 0)
-                os.ftruncate(fd, min(start, os.fstat(fd).st_size))
-                os.unlink(self._marker_path(upload_id))
+                    size = min(int(fh.read().strip() or 0), size)
+                marker = True
             except FileNotFoundError:
                 pass
-            stat = os.fstat(fd)
-            size = min(stat.st_size, int(info["size"]))
-            if stat.st_size > size:
+            declared = info["size"]
+            if declared is not None:
+                size = min(size, int(declared))
+            if limit is not None:
+                size = min(size, limit)
+            if stat.st_size > size and repair:
                 os.ftruncate(fd, size)
+            if marker and repair:
+                os.unlink(self._marker_path(upload_id))
             hasher: _Hasher = hashlib.sha256()
             pos = 0
             while pos < size:
@@ -1260,23 +1815,34 @@ class UploadStore:
         info["_offset"] = pos
         return info, 0, hasher, stat.st_mtime
 
-    async def _load(self, upload_id: str) -> ChunkedUploadSink:
+    async def _load(
+        self, upload_id: str, *, repair: bool = True, limit: int | None = None
+    ) -> ChunkedUploadSink:
         loop = asyncio.get_running_loop()
         try:
-            loaded = await loop.run_in_executor(self.executor, self._load_files, upload_id)
+            loaded = await loop.run_in_executor(
+                self.executor, self._load_files, upload_id, repair, limit
+            )
         except OSError as exc:
             raise _storage_error(exc) from exc
         if loaded is None:
             raise UploadError("no such upload", status=404)
         info, fd, hasher, mtime = loaded
-        size = int(info["size"])
+        declared = info["size"]
+        size = None if declared is None else int(declared)
         state = UploadState(
-            size=size, max_size=max(size, self.max_size), offset=info["_offset"], now=mtime
+            size=size,
+            max_size=max(size or 0, self.max_size, info["_offset"]),
+            offset=info["_offset"],
+            now=mtime,
         )
         metadata = {str(k): str(v) for k, v in dict(info.get("metadata", {})).items()}
         sink = ChunkedUploadSink(
             self, upload_id, state, metadata, float(info["created"]), -1, hasher
         )
+        concat = info.get("concat")
+        sink.concat = concat if concat in ("partial", "final") else None
+        sink.parts = tuple(str(part) for part in info.get("parts", ()))
         if fd < 0:  # completed earlier: answer HEAD with offset == size
             state.status = UploadStatus.COMPLETE
             sink._final_sha256 = str(info["sha256"])

@@ -155,7 +155,7 @@ class WebSocketUploadMixin:
             await sink.flush()
         finally:
             sink.stored_callback = None
-            sink.release()
+            await sink.end_write()
 
     async def _upload_release(self) -> None:
         sink, self._upload_sink = self._upload_sink, None
@@ -166,7 +166,7 @@ class WebSocketUploadMixin:
                 pass
             finally:
                 sink.stored_callback = None
-                sink.release()
+                await sink.end_write()
 
     async def _upload_send(self, payload: dict[str, Any]) -> None:
         try:
@@ -215,17 +215,24 @@ class WebSocketUploadMixin:
                 if name is not None:
                     metadata["filename"] = name
                 sink = await store.create(size, metadata=metadata)
-                sink.acquire(self._upload_let_go)
+                if store.shared is None:
+                    sink.acquire(self._upload_let_go)
+                else:  # the shared lock too: other processes see the upload being written
+                    sink = await store.lock_for_write(sink.id, let_go=self._upload_let_go)
             else:
                 upload_id = msg.get("id")
                 if not isinstance(upload_id, str) or not is_upload_id(upload_id):
                     raise UploadError("no such upload", status=404)
-                sink = await store.open(upload_id)
-                # A connection still writing this upload is asked to let go: the
-                # client reconnected, so that one is most likely half-open.
-                await sink.take_over(self._upload_let_go, timeout=self.upload_takeover_timeout)
+                # A connection of this process still writing this upload is asked to
+                # let go: the client reconnected, so that one is most likely half-open.
+                # (With shared state, one on another process is not: 423 -> 4409.)
+                sink = await store.lock_for_write(
+                    upload_id,
+                    let_go=self._upload_let_go,
+                    take_over=self.upload_takeover_timeout,
+                )
             if not self._upload_connection_open():
-                sink.release()  # this connection closed while waiting: leave the upload free
+                await sink.end_write()  # this connection closed while waiting: leave it free
                 return
             self._upload_sink = sink
             self._upload_sha256 = sha256
@@ -241,8 +248,10 @@ class WebSocketUploadMixin:
                 raise UploadError("no upload in progress", status=400)
             self._upload_sink = None
             current.stored_callback = None
-            current.release()
-            await current.abort()
+            try:
+                await current.abort()
+            finally:
+                await current.end_write()
             await self._upload_send({"type": "aborted", "id": current.id})
         else:
             raise UploadError(f"unknown message type {str(kind)[:40]!r}", status=400)
@@ -312,8 +321,10 @@ class WebSocketUploadMixin:
     async def _upload_finish(self, sink: ChunkedUploadSink) -> None:
         self._upload_sink = None
         sink.stored_callback = None
-        sink.release()
-        await sink.finish(expected_sha256=self._upload_sha256)
+        try:
+            await sink.finish(expected_sha256=self._upload_sha256)
+        finally:
+            await sink.end_write()
         result = self.upload_complete(sink)
         if inspect.isawaitable(result):
             await result

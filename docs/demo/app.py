@@ -789,7 +789,10 @@ def local_only(request: tornado.httputil.HTTPServerRequest) -> bool:
 
 
 def make_app(
-    demo: Demo, allowed_hosts: frozenset[str] | None = None, base_url: str | None = None
+    demo: Demo,
+    allowed_hosts: frozenset[str] | None = None,
+    base_url: str | None = None,
+    cors_origins: list[str] | None = None,
 ) -> tornado.web.Application:
     d = {"demo": demo}
     room = r"([A-Za-z0-9_-]{1,40})"
@@ -812,6 +815,8 @@ def make_app(
             on_complete=demo.upload_complete,
             # Location: <base URL>/files/<id>, or relative; never from the client's Host.
             base_url=base_url.rstrip("/") + "/files" if base_url else None,
+            # Browser tus clients (tus-js-client, Uppy) on other origins: --cors-origin.
+            cors_origins=("*" if "*" in cors_origins else cors_origins) if cors_origins else None,
         ),
         (
             r"/ws-upload",
@@ -863,6 +868,14 @@ async def main() -> None:
         "(default: relative Locations)",
     )
     parser.add_argument(
+        "--cors-origin",
+        metavar="ORIGIN",
+        action="append",
+        default=[],
+        help="an origin (e.g. https://app.example) whose pages may upload to /files/ with "
+        "tus-js-client or Uppy; repeat for more, '*' for any (default: none)",
+    )
+    parser.add_argument(
         "--upload-expiry",
         type=float,
         default=86400.0,
@@ -907,7 +920,10 @@ async def main() -> None:
         idle_connection_timeout=args.header_timeout, body_timeout=args.body_timeout
     )
     server = start_server(
-        make_app(demo, allowed, args.base_url), args.port, args.host, limits=limits
+        make_app(demo, allowed, args.base_url, args.cors_origin),
+        args.port,
+        args.host,
+        limits=limits,
     )
     if demo.collector is not None:
         demo.collector.servers.append(server)  # accept-loop counters on /metrics

@@ -1,0 +1,247 @@
+"""Two real server processes on one upload directory and one Redis serve the same uploads.
+
+Run as a script, this file is one such server: ``python tests/test_upload_multiprocess.py
+--root DIR --redis URL --prefix P`` serves tus at ``/files/`` on a free 127.0.0.1 port,
+prints ``READY <port>`` and stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+from tusclient import client as tus_client
+
+from tests.helpers import REDIS_URL, redis_reachable
+from tornado_longconn.testing import scaled
+from tornado_longconn.upload import UploadStore
+from tornado_longconn.upload_state import RedisUploadState
+from tornado_longconn.upload_tus import TusUploadHandler
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+TUS = {"Tus-Resumable": "1.0.0"}
+OCTETS = {**TUS, "Content-Type": "application/offset+octet-stream"}
+
+
+# -- the server process ------------------------------------------------------------------
+
+
+async def serve(root: str, redis_url: str, prefix: str) -> None:
+    """Serve tus on a free port until SIGTERM; everything is made after the process started."""
+    state = RedisUploadState(redis_url, prefix=prefix)
+    store = UploadStore(root, chunk_size=64 * 1024, shared=state, lock_ttl=30.0)
+    app = tornado.web.Application(TusUploadHandler.routes("/files", store=store))
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    os.write(sys.stdout.fileno(), f"READY {port}\n".encode())
+    await stop.wait()
+    server.stop()
+    await store.drain_tasks()
+    store.close()
+    await state.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one tus server process on shared state")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--redis", required=True)
+    parser.add_argument("--prefix", required=True)
+    args = parser.parse_args()
+    asyncio.run(serve(args.root, args.redis, args.prefix))
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def servers(
+    root: Path, prefix: str, count: int = 2, procs: list[asyncio.subprocess.Process] | None = None
+) -> AsyncIterator[list[str]]:
+    if not await redis_reachable():
+        pytest.skip("needs Redis")
+    procs = [] if procs is None else procs
+    urls: list[str] = []
+    try:
+        for _ in range(count):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "--root",
+                str(root),
+                "--redis",
+                REDIS_URL,
+                "--prefix",
+                prefix,
+                stdout=asyncio.subprocess.PIPE,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            )
+            procs.append(proc)
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), scaled(20))
+            assert line.startswith(b"READY "), line
+            urls.append(f"http://127.0.0.1:{int(line.split()[1])}/files/")
+        yield urls
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            await asyncio.wait_for(proc.wait(), scaled(10))
+        state = RedisUploadState(REDIS_URL, prefix=prefix)
+        keys = [key async for key in state._client.scan_iter(prefix + "*")]
+        if keys:
+            await state._client.delete(*keys)
+        await state.close()
+
+
+async def test_resume_on_the_other_process_with_tuspy(tmp_path: Path) -> None:
+    data = os.urandom(1_000_000)
+    prefix = f"test-upload-mp-{secrets.token_hex(4)}:"
+    async with servers(tmp_path, prefix) as (one, two), httpx.AsyncClient() as http:
+        resp = await http.post(one, headers={**TUS, "Upload-Length": str(len(data))})
+        assert resp.status_code == 201
+        upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+        resp = await http.patch(
+            one + upload_id, headers={**OCTETS, "Upload-Offset": "0"}, content=data[:400_000]
+        )
+        assert resp.status_code == 204
+        head = await http.head(two + upload_id, headers=TUS)
+        assert head.headers["Upload-Offset"] == "400000"
+
+        def resume() -> int:
+            uploader = tus_client.TusClient(two).uploader(
+                file_stream=io.BytesIO(data), url=two + upload_id, chunk_size=250_000
+            )
+            start = int(uploader.offset)  # from a HEAD to the second process
+            uploader.upload()
+            return start
+
+        assert await asyncio.to_thread(resume) == 400_000
+        head = await http.head(one + upload_id, headers=TUS)
+        assert head.headers["Upload-Offset"] == str(len(data))
+        # The first process's cached view is stale: a PATCH there is told the truth.
+        resp = await http.patch(
+            one + upload_id, headers={**OCTETS, "Upload-Offset": "400000"}, content=b"x"
+        )
+        assert resp.status_code == 409
+    final = tmp_path / upload_id
+    assert await asyncio.to_thread(final.read_bytes) == data
+
+
+async def test_concurrent_patches_on_two_processes_one_204_one_423(tmp_path: Path) -> None:
+    prefix = f"test-upload-mp-{secrets.token_hex(4)}:"
+    async with servers(tmp_path, prefix) as (one, two), httpx.AsyncClient() as http:
+        resp = await http.post(one, headers={**TUS, "Upload-Length": "1000"})
+        upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+        port = int(one.split(":")[2].split("/")[0])
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            # Tornado answers "100 Continue" once prepare() returned: the lock is held.
+            await loop.sock_sendall(
+                sock,
+                (
+                    f"PATCH /files/{upload_id} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+                    "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+                    "Expect: 100-continue\r\nContent-Length: 1000\r\n\r\n"
+                ).encode(),
+            )
+            interim = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(10))
+            assert interim.startswith(b"HTTP/1.1 100"), interim
+            other = await http.patch(
+                two + upload_id, headers={**OCTETS, "Upload-Offset": "0"}, content=b"b" * 1000
+            )
+            assert other.status_code == 423
+            assert other.headers["Upload-Offset"] == "0"
+            await loop.sock_sendall(sock, b"a" * 1000)
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(10))
+                assert chunk, reply
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 204"), reply
+        finally:
+            sock.close()
+        head = await http.head(two + upload_id, headers=TUS)
+        assert head.headers["Upload-Offset"] == "1000"
+    final = tmp_path / upload_id
+    assert await asyncio.to_thread(final.read_bytes) == b"a" * 1000
+
+
+async def test_a_writer_killed_mid_patch_leaves_the_recorded_offset(tmp_path: Path) -> None:
+    data = os.urandom(2_000_000)
+    prefix = f"test-upload-mp-{secrets.token_hex(4)}:"
+    procs: list[asyncio.subprocess.Process] = []
+    async with servers(tmp_path, prefix, procs=procs) as (one, two), httpx.AsyncClient() as http:
+        resp = await http.post(one, headers={**TUS, "Upload-Length": str(len(data))})
+        upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+        resp = await http.patch(
+            one + upload_id, headers={**OCTETS, "Upload-Offset": "0"}, content=data[:500_000]
+        )
+        assert resp.status_code == 204
+        port = int(one.split(":")[2].split("/")[0])
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(
+                sock,
+                (
+                    f"PATCH /files/{upload_id} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+                    "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 500000\r\n"
+                    f"Expect: 100-continue\r\nContent-Length: {len(data) - 500_000}\r\n\r\n"
+                ).encode(),
+            )
+            interim = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(10))
+            assert interim.startswith(b"HTTP/1.1 100"), interim  # the lock is held
+            await loop.sock_sendall(sock, data[500_000:1_500_000])
+            # However much of that reached the disk, it was never recorded: kill -9.
+            procs[0].kill()
+            await procs[0].wait()
+        finally:
+            sock.close()
+        resp = await http.patch(
+            two + upload_id, headers={**OCTETS, "Upload-Offset": "500000"}, content=b"x"
+        )
+        assert resp.status_code == 423  # the dead writer's lock has not expired yet
+        # Its expiry (lock_ttl) is what frees the upload; expire it now.
+        state = RedisUploadState(REDIS_URL, prefix=prefix)
+        try:
+            assert await state._client.delete(f"{prefix}upload:{upload_id}:lock") == 1
+        finally:
+            await state.close()
+        head = await http.head(two + upload_id, headers=TUS)
+        assert head.headers["Upload-Offset"] == "500000"
+        resp = await http.patch(
+            two + upload_id, headers={**OCTETS, "Upload-Offset": "500000"}, content=data[500_000:]
+        )
+        assert resp.status_code == 204, resp.text
+    final = tmp_path / upload_id
+    assert await asyncio.to_thread(final.read_bytes) == data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Upload state shared by every process that serves one storage: locks, offsets, metadata.
+
+N processes (on one host or many) that share an upload directory (a local disk, NFS,
+a mounted volume) serve the same uploads when their
+:class:`~tornado_longconn.upload.UploadStore` is given one
+:class:`SharedUploadState`::
+
+    state = RedisUploadState("redis://10.0.0.5:6379/0", prefix="uploads:")
+    store = UploadStore("/mnt/uploads", shared=state)
+
+The contract (:class:`SharedUploadState`, kept by :class:`MemoryUploadState` for one
+process and tests, and by :class:`RedisUploadState` for many):
+
+* **A writer lock with an expiry.** :meth:`~SharedUploadState.lock` takes an upload
+  for one writer (``owner``, a random token per request) for ``ttl`` seconds, or
+  answers None if another owner holds it (the tus handler answers 423). The holder
+  extends it while it writes; a holder that dies (``kill -9``, a lost host) stops
+  extending, and the upload is free again ``ttl`` seconds later.
+* **A generation.** Every lock and every unlock adds 1 to the upload's generation. A
+  process trusts what it keeps in memory about an upload (offset, running sha256)
+  only if the generation says that no other process locked it since: otherwise it
+  reloads the upload from the shared disk (re-hashing the partial file).
+* **A record.** The upload's declared size, durable offset, metadata, status and
+  concatenation, as JSON. The writer updates it before it answers a request, so a
+  HEAD answered by any process gives an offset a client can resume at. The record is
+  the truth about the offset: a writer that died between writing bytes and
+  recording them leaves bytes past the recorded offset, and the next writer cuts
+  them off before it appends (no client was ever told of them). A record that is
+  lost (a Redis flushed or replaced) is not fatal: the upload is read from the disk
+  until its next writer records it again.
+
+Keys of :class:`RedisUploadState` (``P`` the prefix, ``I`` the upload id): ``Pupload:I``
+(hash: ``gen``, ``rec``) and ``Pupload:I:lock`` (the owner token, with a ``PX``
+expiry). Records have no expiry: they are removed with their upload (DELETE, expiry
+sweep).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+__all__ = [
+    "MemoryUploadState",
+    "RedisUploadState",
+    "SharedUploadRecord",
+    "SharedUploadState",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SharedUploadRecord:
+    """What every process knows about one upload."""
+
+    #: Locks plus unlocks so far (0 for a new upload).
+    generation: int
+    #: The record (JSON-ready): ``size`` (None while deferred), ``offset``,
+    #: ``metadata``, ``status`` (``"active"``/``"complete"``), ``concat``, ``parts``,
+    #: ``sha256``, ``activity`` (time of the last stored byte), ``created``. None if
+    #: the upload has a generation but no record (it was never recorded).
+    data: dict[str, Any] | None
+
+
+@runtime_checkable
+class SharedUploadState(Protocol):
+    """The shared-state contract of uploads (see the module documentation)."""
+
+    async def lock(self, upload_id: str, owner: str, ttl: float) -> int | None:
+        """Take the writer lock for ``ttl`` seconds; the new generation, None if held."""
+        ...
+
+    async def extend(self, upload_id: str, owner: str, ttl: float) -> bool:
+        """Push the lock's expiry ``ttl`` seconds ahead; False if ``owner`` lost it."""
+        ...
+
+    async def unlock(self, upload_id: str, owner: str) -> None:
+        """Give the lock back (only if ``owner`` holds it); adds 1 to the generation."""
+        ...
+
+    async def get(self, upload_id: str) -> SharedUploadRecord | None:
+        """The upload's generation and record; None if the upload is unknown."""
+        ...
+
+    async def put(self, upload_id: str, data: dict[str, Any]) -> None:
+        """Store the upload's record (the generation does not change)."""
+        ...
+
+    async def delete(self, upload_id: str) -> None:
+        """Forget the upload (record and generation; a held lock expires by itself)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections (idempotent)."""
+        ...
+
+
+class MemoryUploadState:
+    """:class:`SharedUploadState` in this process's memory (one process; tests).
+
+    ``clock`` [``time.monotonic``] decides lock expiry; a test passes its own.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._gen: dict[str, int] = {}
+        self._rec: dict[str, str] = {}
+        self._locks: dict[str, tuple[str, float]] = {}
+
+    def _holder(self, upload_id: str) -> str | None:
+        held = self._locks.get(upload_id)
+        if held is None:
+            return None
+        if held[1] <= self.clock():
+            del self._locks[upload_id]
+            return None
+        return held[0]
+
+    async def lock(self, upload_id: str, owner: str, ttl: float) -> int | None:
+        """Take the lock (see :meth:`SharedUploadState.lock`)."""
+        if self._holder(upload_id) is not None:
+            return None
+        self._locks[upload_id] = (owner, self.clock() + ttl)
+        self._gen[upload_id] = gen = self._gen.get(upload_id, 0) + 1
+        return gen
+
+    async def extend(self, upload_id: str, owner: str, ttl: float) -> bool:
+        """Extend the lock (see :meth:`SharedUploadState.extend`)."""
+        if self._holder(upload_id) != owner:
+            return False
+        self._locks[upload_id] = (owner, self.clock() + ttl)
+        return True
+
+    async def unlock(self, upload_id: str, owner: str) -> None:
+        """Release the lock (see :meth:`SharedUploadState.unlock`)."""
+        if self._holder(upload_id) == owner:
+            del self._locks[upload_id]
+            if upload_id in self._gen:
+                self._gen[upload_id] += 1
+
+    async def get(self, upload_id: str) -> SharedUploadRecord | None:
+        """The record (see :meth:`SharedUploadState.get`)."""
+        gen = self._gen.get(upload_id)
+        raw = self._rec.get(upload_id)
+        if gen is None and raw is None:
+            return None
+        return SharedUploadRecord(gen or 0, None if raw is None else json.loads(raw))
+
+    async def put(self, upload_id: str, data: dict[str, Any]) -> None:
+        """Store the record (see :meth:`SharedUploadState.put`)."""
+        self._rec[upload_id] = json.dumps(data)
+        self._gen.setdefault(upload_id, 0)
+
+    async def delete(self, upload_id: str) -> None:
+        """Forget the upload (see :meth:`SharedUploadState.delete`)."""
+        self._rec.pop(upload_id, None)
+        self._gen.pop(upload_id, None)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+_LOCK = """
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('HINCRBY', KEYS[1], 'gen', 1)
+end
+return false
+"""
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_UNLOCK = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'gen', 1)
+  end
+end
+return 0
+"""
+
+
+class RedisUploadState:
+    """:class:`SharedUploadState` on Redis, for many processes and hosts.
+
+    ``redis`` is a URL (``redis://``, ``rediss://``, ``unix://``) or a
+    :class:`redis.asyncio.Redis` client (then :meth:`close` leaves it open); ``prefix``
+    starts every key (use one per application on a shared Redis). Needs the
+    ``redis`` extra (``pip install tornado-longconn[redis]``). Each operation is one
+    round trip (a script for lock, extend and unlock), waits at most
+    ``connect_timeout`` [2 s] to connect and ``command_timeout`` [5 s] for a reply or
+    a free connection (at most ``max_connections`` [64]), and is never retried. Errors
+    of the client (``redis.exceptions.ConnectionError``, ``TimeoutError``, ...)
+    propagate: the handler answers 500 and the upload is not touched (a lock taken
+    before the error expires after ``lock_ttl``).
+    """
+
+    def __init__(
+        self,
+        redis: str | aioredis.Redis = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "longconn:",
+        connect_timeout: float = 2.0,
+        command_timeout: float = 5.0,
+        max_connections: int = 64,
+    ) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.prefix = prefix
+        if isinstance(redis, str):
+            if not redis.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError(f"not a Redis URL: {redis!r}")
+            # Bounded waits; no retries: a lock script retried after a lost reply
+            # would find its own lock and answer "held".
+            pool = aioredis.BlockingConnectionPool.from_url(
+                redis,
+                max_connections=max_connections,
+                timeout=command_timeout,
+                socket_connect_timeout=connect_timeout,
+                socket_timeout=command_timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._client = aioredis.Redis.from_pool(pool)
+            self._owned = True
+        else:
+            self._client = redis
+            self._owned = False
+        self._lock = self._client.register_script(_LOCK)
+        self._extend = self._client.register_script(_EXTEND)
+        self._unlock = self._client.register_script(_UNLOCK)
+
+    def _keys(self, upload_id: str) -> list[str]:
+        key = f"{self.prefix}upload:{upload_id}"
+        return [key, key + ":lock"]
+
+    async def lock(self, upload_id: str, owner: str, ttl: float) -> int | None:
+        """Take the lock (see :meth:`SharedUploadState.lock`)."""
+        result = await self._lock(keys=self._keys(upload_id), args=[owner, max(1, int(ttl * 1000))])
+        return None if result is None else int(result)
+
+    async def extend(self, upload_id: str, owner: str, ttl: float) -> bool:
+        """Extend the lock (see :meth:`SharedUploadState.extend`)."""
+        key = self._keys(upload_id)[1]
+        return bool(await self._extend(keys=[key], args=[owner, max(1, int(ttl * 1000))]))
+
+    async def unlock(self, upload_id: str, owner: str) -> None:
+        """Release the lock (see :meth:`SharedUploadState.unlock`)."""
+        await self._unlock(keys=self._keys(upload_id), args=[owner])
+
+    async def get(self, upload_id: str) -> SharedUploadRecord | None:
+        """The record (see :meth:`SharedUploadState.get`)."""
+        gen, raw = await self._client.hmget(self._keys(upload_id)[0], ["gen", "rec"])
+        if gen is None and raw is None:
+            return None
+        return SharedUploadRecord(int(gen or 0), None if raw is None else json.loads(raw))
+
+    async def put(self, upload_id: str, data: dict[str, Any]) -> None:
+        """Store the record (see :meth:`SharedUploadState.put`)."""
+        await self._client.hset(self._keys(upload_id)[0], "rec", json.dumps(data))
+
+    async def delete(self, upload_id: str) -> None:
+        """Forget the upload (see :meth:`SharedUploadState.delete`)."""
+        await self._client.delete(self._keys(upload_id)[0])
+
+    async def close(self) -> None:
+        """Close the client if this object made it."""
+        if self._owned:
+            self._owned = False
+            await self._client.aclose()
