@@ -52,6 +52,16 @@ from .heartbeat import HeartbeatCounters, HeartbeatMixin, HeartbeatStats, heartb
 from .histogram import HistogramStats
 from .log import Cursor, HistoryLimit, Message, SinceResult, parse_cursor
 from .longpoll import LongPollHandler, LongPollMixin, LongPollStats, LongPollWaiter, PollResult
+from .presence import (
+    Member,
+    MemberPage,
+    MemoryPresence,
+    PresenceEvent,
+    PresenceStats,
+    PresenceStore,
+    presence_for,
+)
+from .presence_users import UserRegistry
 from .server import AcceptStats, LongConnHTTPServer, ServerLimits, start_server
 from .sse import SSEHandler, SSEMixin
 from .staticfiles import static_path, static_url_spec
@@ -116,11 +126,17 @@ __all__ = [
     "LongPollMixin",
     "LongPollStats",
     "LongPollWaiter",
+    "Member",
+    "MemberPage",
     "MemoryBackend",
+    "MemoryPresence",
     "Message",
     "OverflowPolicy",
     "PeerGoneError",
     "PollResult",
+    "PresenceEvent",
+    "PresenceStats",
+    "PresenceStore",
     "ProtocolErrorCounters",
     "ProtocolErrorStats",
     "PublishResult",
@@ -146,6 +162,7 @@ __all__ = [
     "UploadError",
     "UploadStats",
     "UploadStore",
+    "UserRegistry",
     "WebSocketUploadHandler",
     "WebSocketUploadMixin",
     "WriterStats",
@@ -156,6 +173,7 @@ __all__ = [
     "gc_tuning_stats",
     "heartbeat_stats",
     "parse_cursor",
+    "presence_for",
     "protocol_error_stats",
     "start_server",
     "static_path",

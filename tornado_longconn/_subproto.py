@@ -70,7 +70,9 @@ ERROR_STATUS: Final[dict[str, int]] = {
     "timeout": 504,
 }
 
-_TYPES: Final = frozenset(("subscribe", "unsubscribe", "publish", "call", "pong"))
+_TYPES: Final = frozenset(("subscribe", "unsubscribe", "publish", "call", "pong", "presence"))
+# A presence cursor is the store's own (digits for Redis, a client id in memory).
+_PRESENCE_CURSOR_MAX: Final = 64
 _HEADER_LEN: Final = struct.Struct("!H")
 
 
@@ -123,10 +125,11 @@ class ProtocolError(SubscriptionError):
 class Request:
     """One parsed client request (see :func:`parse_frame`).
 
-    ``type`` is ``"subscribe"``, ``"unsubscribe"``, ``"publish"``, ``"call"`` or
-    ``"pong"``; ``id`` the client's request id (None only for ``pong``);
-    ``topic`` for the first three; ``cursor`` a subscribe's cursor (None: from
-    now); ``params`` a subscribe's or call's params (None when absent);
+    ``type`` is ``"subscribe"``, ``"unsubscribe"``, ``"publish"``, ``"call"``,
+    ``"presence"`` or ``"pong"``; ``id`` the client's request id (None only for
+    ``pong``); ``topic`` for all but ``call`` and ``pong``; ``cursor`` a
+    subscribe's cursor (None: from now); ``params`` a subscribe's or call's
+    params (None when absent), for ``presence`` ``{"cursor", "limit"}``;
     ``data`` a publish's payload, as compact JSON text (``str``) or the bytes of
     a binary publish; ``method`` a call's method.
     """
@@ -219,6 +222,18 @@ def _request(obj: Any, payload: bytes | None = None) -> Request:
         return Request("subscribe", rid, topic, cursor, obj.get("params"))
     if kind == "unsubscribe":
         return Request("unsubscribe", rid, topic)
+    if kind == "presence":
+        page = obj.get("cursor")
+        if page is not None and (
+            not isinstance(page, str) or not 1 <= len(page) <= _PRESENCE_CURSOR_MAX
+        ):
+            raise ProtocolError("a presence cursor is a string or null", id=rid, topic=topic)
+        limit = obj.get("limit")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000
+        ):
+            raise ProtocolError("limit is an integer from 1 to 1000", id=rid, topic=topic)
+        return Request("presence", rid, topic, params={"cursor": page, "limit": limit})
     # publish
     if payload is not None:
         return Request("publish", rid, topic, data=payload)

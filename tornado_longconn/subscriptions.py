@@ -50,6 +50,7 @@ import inspect
 import json
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -83,6 +84,8 @@ from .codes import CloseCode
 from .exceptions import BackendError, BackendUnavailableError
 from .log import Cursor, HistoryLimit
 from .logfields import log_fields
+from .presence import Member, PresenceEvent, PresenceStore, presence_of
+from .presence_users import UserRegistry, users_of
 from .stats import COUNTER, GAUGE, TALLY
 
 __all__ = [
@@ -296,6 +299,18 @@ class SubscriptionHooks:
         """
         raise SubscriptionError("not_found", f"unknown method {method[:64]!r}")
 
+    def presence_user(self) -> str | None:
+        """The user id of this connection's presence (default: ``str(current_user)``, or None)."""
+        user = getattr(self, "current_user", None)
+        return None if user is None else str(user)
+
+    def presence_info(self, topic: str) -> Any:
+        """The JSON value other members see with this connection in ``topic`` (default None).
+
+        Called once per topic joined, when presence is on; keep it small and public.
+        """
+        return None
+
 
 class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
     """The subscriptions protocol (v1) on a ``WebSocketHandler``.
@@ -329,6 +344,8 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
     """
 
     subscription_hub: BroadcastHub | None = None
+    subscription_presence: PresenceStore | None = None
+    subscription_users: UserRegistry | None = None
     max_topics: int = DEFAULT_MAX_TOPICS
     max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS
     call_timeout: float = DEFAULT_CALL_TIMEOUT
@@ -354,6 +371,10 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         self._slot: asyncio.Future[None] | None = None
         self._sub_counted = False
         self._sub_done = False
+        # Topics this connection is present in (value: it watches their events);
+        # None until the first one, so a connection without presence pays nothing.
+        self._presence: dict[str, bool] | None = None
+        self._registered_user: str | None = None
         #: This connection's id, sent in ``welcome`` as ``client``.
         self.client_id = secrets.token_hex(8)
         super().__init__(application, request, **kwargs)
@@ -428,6 +449,12 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         BackpressureWriter.of(self, **options)
         _members_of(self)
         self._send({"type": "welcome", "v": PROTOCOL_VERSION, "client": self.client_id})
+        registry = users_of(self)
+        if registry is not None:
+            user = self.presence_user()
+            if user is not None:
+                registry.register(self, user)
+                self._registered_user = user
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         """Parse one request and start it; never raises.
@@ -452,12 +479,13 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         if rid in self._pending:
             self._error(rid, "conflict", "a request with this id is pending", request.topic)
             return None
-        if kind == "call":
+        if kind == "call" or kind == "presence":
             if self._calls >= self.max_pending_calls:
                 self._error(rid, "limit", f"more than {self.max_pending_calls} pending calls")
                 return None
             self._calls += 1
-            task = asyncio.ensure_future(self._call(request))
+            work = self._call(request) if kind == "call" else self._presence_request(request)
+            task = asyncio.ensure_future(work)
         else:
             topic = request.topic
             assert topic is not None
@@ -494,6 +522,15 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             counters.connections -= 1
         counters.subscriptions -= self._sub_count
         self._sub_count = 0
+        if self._presence:
+            for topic in list(self._presence):
+                self._presence_leave(topic)
+        user = self._registered_user
+        if user is not None:
+            self._registered_user = None
+            registry = users_of(self)
+            if registry is not None:
+                registry.unregister(self, user)
         for task in list(self._pending.values()):
             task.cancel()
         slot = self._slot
@@ -507,7 +544,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             del pending[request.id]
             if not pending:
                 self._pending = {}
-        if request.type == "call":
+        if request.type == "call" or request.type == "presence":
             self._calls -= 1
         elif request.topic is not None and self._tails.get(request.topic) is task:
             del self._tails[request.topic]
@@ -698,6 +735,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
                 "cursor": None if head is None else str(head),
             }
         )
+        self._presence_join(group.name, request.params)
 
     def _check_room(self) -> None:
         if len(_members_of(self)) >= self.max_topics:
@@ -718,7 +756,116 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             member.leave()
             self._sub_count = max(0, self._sub_count - 1)
             self.subscription_counters.subscriptions -= 1
+            self._presence_leave(topic)
         return member
+
+    # ------------------------------------------------------------------ presence
+
+    def _presence_join(self, topic: str, params: Any) -> None:
+        """Report this connection present in ``topic`` (and watch it when asked)."""
+        store = presence_of(self)
+        if store is None:
+            return
+        watch = isinstance(params, dict) and params.get("presence") is True
+        if self._presence is None:
+            self._presence = {}
+        self._presence[topic] = watch
+        try:
+            member = Member(
+                self.client_id,
+                self.presence_user(),
+                self.presence_info(topic),
+                time.time(),
+                "websocket",
+            )
+        except Exception:
+            log.exception("presence hooks failed", extra=log_fields(self, topic=topic))
+            member = Member(self.client_id, None, None, time.time(), "websocket")
+        if not watch:
+            store.join_nowait(topic, member)
+            return
+        # Watch first, so that this connection's own join event reaches it.
+        task = asyncio.ensure_future(self._presence_watch(store, topic, member))
+        task.add_done_callback(_retrieve)
+
+    async def _presence_watch(self, store: PresenceStore, topic: str, member: Member) -> None:
+        try:
+            await store.watch(topic, self._presence_event)
+        except Exception:
+            log.exception("watching presence failed", extra=log_fields(self, topic=topic))
+        held = self._presence is not None and self._presence.get(topic) is True
+        if held and not self._gone():
+            store.join_nowait(topic, member)
+        else:  # left meanwhile
+            store.unwatch(topic, self._presence_event)
+
+    def _presence_leave(self, topic: str) -> None:
+        topics = self._presence
+        if topics is None or topic not in topics:
+            return
+        watch = topics.pop(topic)
+        store = presence_of(self)
+        if store is None:
+            return
+        store.leave_nowait(topic, self.client_id)
+        if watch:
+            store.unwatch(topic, self._presence_event)
+
+    def _presence_event(self, event: PresenceEvent) -> None:
+        """Send a watched topic's join, leave or gap to the client."""
+        topics = self._presence
+        if topics is not None and topics.get(event.topic) is True:
+            self._send(event.to_json())
+
+    def user_message(self, data: Any) -> None:
+        """Send ``{"type":"direct","data":data}``: a message to this connection's user."""
+        self._send({"type": "direct", "data": data})
+
+    def user_disconnect(self, code: int, reason: str) -> None:
+        """Close the connection with ``code`` and ``reason`` (its user was disconnected)."""
+        self._refuse(code, reason)
+
+    def authorize_presence(self, topic: str) -> bool | Awaitable[bool]:
+        """May this connection read ``topic``'s members? Default: when it holds the topic."""
+        return self._membership(topic) is not None
+
+    async def _presence_request(self, request: Request) -> None:
+        topic = request.topic
+        assert topic is not None
+        try:
+            store = presence_of(self)
+            if store is None:
+                raise SubscriptionError("not_found", "presence is not enabled")
+            if not await _resolve(self.authorize_presence(topic)):
+                raise SubscriptionError("forbidden", "presence refused")
+            params = request.params or {}
+            try:
+                page = await store.presence(
+                    topic, cursor=params.get("cursor"), limit=params.get("limit")
+                )
+                counts = await store.presence_stats(topic)
+            except ValueError as exc:
+                raise SubscriptionError("bad_request", str(exc)) from None
+            except BackendError as exc:
+                raise SubscriptionError("unavailable", "backend unavailable") from exc
+            self._send(
+                {
+                    "type": "presence",
+                    "id": request.id,
+                    "topic": topic,
+                    "members": [m.to_json() for m in page.members],
+                    "cursor": page.cursor,
+                    "connections": counts.connections,
+                    "users": counts.users,
+                }
+            )
+        except SubscriptionError as exc:
+            self._fail(request, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("presence of %r failed", topic, extra=log_fields(self, topic=topic))
+            self._error(request.id, "internal", "internal error", topic)
 
     def _unsubscribe(self, request: Request) -> None:
         topic = request.topic
@@ -790,6 +937,11 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         except Exception:
             log.exception("call %r failed", method, extra=log_fields(self))
             self._error(request.id, "internal", "internal error")
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _head_nowait(group: BroadcastGroup, topic: str) -> Cursor | None:

@@ -40,6 +40,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import secrets
+import time
 from typing import Any, Final
 
 import tornado.web
@@ -61,6 +64,7 @@ from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import Cursor
 from .logfields import log_fields
 from .longpoll import DEFAULT_TIMEOUT, LongPollWaiter, PollResult, WaiterLimitError, check_timeout
+from .presence import Member, PollLeases, PresenceEvent, PresenceStore, presence_of
 from .sse import (
     DEFAULT_KEEPALIVE,
     DEFAULT_RETRY,
@@ -85,6 +89,10 @@ __all__ = [
 log = logging.getLogger("tornado_longconn.subscriptions")
 
 _JSON: Final = "application/json; charset=UTF-8"
+# Presence events an SSE stream holds for its client at most (then presence_gap).
+_PRESENCE_QUEUE: Final = 256
+# A client id a long-poll or SSE client chooses (``?client=``).
+_CLIENT_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 class _Refused(Exception):
@@ -144,6 +152,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
     sse_high_water: int = DEFAULT_HIGH_WATER
     sse_stall_timeout: float = DEFAULT_STALL_TIMEOUT
     longpoll_default_timeout: float = DEFAULT_TIMEOUT
+    subscription_presence: PresenceStore | None = None
+    #: Seconds a long-poll client stays present after a poll ends.
+    presence_grace: float = 10.0
 
     _subs_task: asyncio.Future[Any] | None = None
     _subs_gone = False
@@ -248,6 +259,26 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             task.cancel()
         super().on_connection_close()
 
+    # ------------------------------------------------------------------ presence
+
+    def _presence_member(self, transport: str, client: str, topic: str) -> Member:
+        try:
+            return Member(
+                client, self.presence_user(), self.presence_info(topic), time.time(), transport
+            )
+        except Exception:
+            log.exception("presence hooks failed", extra=log_fields(self, topic=topic))
+            return Member(client, None, None, time.time(), transport)
+
+    def presence_client(self) -> str | None:
+        """This request's presence client id: ``?client=`` when valid, else None.
+
+        A long-poll without one is not a member; an SSE stream without one gets
+        a random id. Override it to derive the id otherwise (e.g. per user).
+        """
+        raw = self.get_query_argument("client", None)
+        return raw if raw is not None and _CLIENT_RE.fullmatch(raw) else None
+
     # ------------------------------------------------------------------ long-poll
 
     async def poll_subscriptions(self) -> None:
@@ -278,6 +309,12 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             return
         counters = ConnectionCounters.for_application(self.application)
         counters.opened(self, "longpoll")
+        store = presence_of(self)
+        client = self.presence_client() if store is not None else None
+        if store is not None and client is not None:
+            leases = PollLeases.for_application(self.application)
+            for topic in allowed:
+                leases.hold(store, topic, self._presence_member("longpoll", client, topic))
         try:
             body = await self._guarded(self._poll(allowed, cursors, errors, timeout))
         except (WaiterLimitError, BackendError) as exc:
@@ -286,6 +323,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             return
         finally:
             counters.closed(self)
+            if store is not None and client is not None:
+                for topic in allowed:
+                    leases.release(store, topic, client, self.presence_grace)
         if body is None:
             return
         self.set_header("Content-Type", _JSON)
@@ -355,7 +395,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         ``data`` = ``{"cursors": {...}}``), then an ``event: error`` per refused
         topic, then one ``message`` event per message (``id`` = the cursor map
         after it, ``data`` = ``{"topic","cursor","data"}``) and ``event: resync``
-        where a topic cannot resume exactly. Answers 400/429/503 with
+        where a topic cannot resume exactly. With ``?presence=1`` (and a presence
+        store) also ``event: join`` / ``event: leave`` / ``event: presence_gap``
+        with the protocol's event objects as data, for changes after ``ready``. Answers 400/429/503 with
         ``{"code","reason"}`` before the stream starts.
         """
         try:
@@ -367,6 +409,11 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                     return
                 counters = ConnectionCounters.for_application(self.application)
                 counters.opened(self, "sse")
+                store = presence_of(self)
+                client = self.presence_client() or secrets.token_hex(8)
+                if store is not None:
+                    for topic in allowed:
+                        store.join_nowait(topic, self._presence_member("sse", client, topic))
                 fields = log_fields(self, topic=",".join(allowed))
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("SSE stream on %d topics", len(allowed), extra=fields)
@@ -374,6 +421,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                     await self._guarded(self._stream(allowed, cursors, errors))
                 finally:
                     counters.closed(self)
+                    if store is not None:
+                        for topic in allowed:
+                            store.leave_nowait(topic, client)
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("SSE stream on %d topics ended", len(allowed), extra=fields)
         except _Refused as exc:
@@ -398,6 +448,34 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         for topic in topics:
             if positions[topic] is None:
                 positions[topic] = next(fresh).cursor
+        # One task per topic pulls from the waiter; a queue of one item per topic
+        # keeps them from running ahead of the client (the backlog stays in history).
+        # Presence events (?presence=1) have room of their own; past it they are
+        # dropped and the topic gets a presence_gap event.
+        store = presence_of(self)
+        if store is None or self.get_query_argument("presence", "") not in ("1", "true"):
+            store = None
+        queue: asyncio.Queue[tuple[str, PollResult | BaseException | PresenceEvent]] = (
+            asyncio.Queue(maxsize=max(1, len(topics)) + (_PRESENCE_QUEUE if store else 0))
+        )
+        lost: dict[str, None] = {}
+
+        def on_presence(event: PresenceEvent) -> None:
+            try:
+                queue.put_nowait((event.topic, event))
+            except asyncio.QueueFull:
+                lost[event.topic] = None
+
+        if store is not None:
+            try:
+                for topic in topics:
+                    await store.watch(topic, on_presence)
+            except BackendError as exc:
+                for topic in topics:
+                    store.unwatch(topic, on_presence)
+                log.warning("multi-topic SSE could not start: %s", exc, extra=log_fields(self))
+                self._answer_error(503, "unavailable", "backend unavailable")
+                return
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Accel-Buffering", "no")
@@ -413,11 +491,6 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             )
         ]
         chunks.extend(format_event(_dumps(e), event="error") for e in errors)
-        # One task per topic pulls from the waiter; a queue of one item per topic
-        # keeps them from running ahead of the client (the backlog stays in history).
-        queue: asyncio.Queue[tuple[str, PollResult | BaseException]] = asyncio.Queue(
-            maxsize=max(1, len(topics))
-        )
         tasks = [asyncio.ensure_future(self._pull(waiter, t, positions[t], queue)) for t in topics]
         try:
             await writer.send(b"".join(chunks))
@@ -433,7 +506,10 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                         )
                         break
                     parts: list[bytes] = []
-                    if item.gap:
+                    if isinstance(item, PresenceEvent):
+                        frame = item.to_json()
+                        parts.append(format_event(_dumps(frame), event=frame["type"]))
+                    elif item.gap:
                         after = _after_gap(item)
                         positions[topic] = after
                         parts.append(
@@ -443,9 +519,16 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                                 event="resync",
                             )
                         )
-                    for message in item.messages:
-                        positions[topic] = message.cursor
-                        parts.append(format_event(_dumps(message_object(message)), id=cursor_id()))
+                    if not isinstance(item, PresenceEvent):
+                        for message in item.messages:
+                            positions[topic] = message.cursor
+                            parts.append(
+                                format_event(_dumps(message_object(message)), id=cursor_id())
+                            )
+                    for name in lost:
+                        gap = PresenceEvent(name, "gap", reason="overflow").to_json()
+                        parts.append(format_event(_dumps(gap), event="presence_gap"))
+                    lost.clear()
                     chunk = b"".join(parts)
                 if writer.buffered <= writer.high_water:
                     await writer.send(chunk)
@@ -460,6 +543,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         except LongConnError:  # the client is gone
             return
         finally:
+            if store is not None:
+                for topic in topics:
+                    store.unwatch(topic, on_presence)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -470,7 +556,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         waiter: LongPollWaiter,
         topic: str,
         cursor: Cursor | None,
-        queue: asyncio.Queue[tuple[str, PollResult | BaseException]],
+        queue: asyncio.Queue[tuple[str, PollResult | BaseException | PresenceEvent]],
     ) -> None:
         try:
             while True:

@@ -8,7 +8,7 @@ then open the address it prints (http://localhost:8888/). Options: ``--port``,
 ``--host``, ``--redis redis://127.0.0.1:6379/0`` (Redis backend: run several
 processes on several ports and they behave as one app), ``--storage DIR`` (uploads),
 ``--heartbeat SECONDS``, ``--allowed-hosts NAMES``, ``--upload-expiry SECONDS``,
-``--sweep-interval SECONDS``.
+``--sweep-interval SECONDS``, ``--presence-ttl SECONDS``.
 
 Everything below uses only the library's public API. A page holds ONE connection
 speaking the subscriptions protocol (``longconn.js``'s ``LongConn.session()``) and
@@ -20,7 +20,10 @@ multi-topic handlers, reading through one shared ``LongPollWaiter``). Messages a
 sent with ``call("chat.send")`` / ``call("dm.send")`` on WebSocket and ``POST
 /api/send/<room>`` / ``POST /api/dm/<user>`` otherwise, so the server stamps the
 sender. Presence snapshots (who is here, on which transport, with which heartbeat
-latency) are ordinary messages of the room, so every transport sees them.
+latency) are ordinary messages of the room, so every transport sees them; who is
+here comes from the library's presence store (``presence_for``: with ``--redis``
+the members of every process, and those of a process that died leave within its
+TTL), the latency from the process that measured it.
 
 Nothing is acknowledged that was not done: a chat message the backend could not
 publish gets ``503`` over HTTP and an ``unavailable`` error answer to the call over
@@ -61,6 +64,12 @@ from tornado_longconn.heartbeat import HeartbeatMixin
 from tornado_longconn.inspection import InspectionHandler
 from tornado_longconn.log import Cursor
 from tornado_longconn.longpoll import LongPollWaiter
+from tornado_longconn.presence import (
+    MemoryPresence,
+    PresenceEvent,
+    PresenceStore,
+    presence_for,
+)
 from tornado_longconn.server import ServerLimits, start_server
 from tornado_longconn.staticfiles import static_url_spec
 from tornado_longconn.subscriptions import (
@@ -91,6 +100,7 @@ MAX_DEPTH = 4  # nesting of [] and {} in a chat message, checked before parsing
 MAX_UPLOAD = 256 << 20  # bytes per upload
 UPLOAD_CHUNK = 256 << 10  # bytes per WebSocket upload chunk
 POLL_GRACE = 40.0  # seconds a long-poll user stays present between polls
+PRESENCE_TTL = 15.0  # seconds the members of a process that died stay listed (Redis)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 NOTIFY = "notify"  # the topic every page subscribes to: finished uploads
 
@@ -110,7 +120,10 @@ def dm_topic(user: str) -> str:
 
 
 class Room:
-    """One room: its broadcast group and who is present (on this process)."""
+    """One room: its broadcast group, who is present on this process (and their latency).
+
+    The snapshot lists the members of every process, read from the presence store.
+    """
 
     def __init__(self, demo: Demo, name: str) -> None:
         self.demo = demo
@@ -118,6 +131,10 @@ class Room:
         # The group of the protocol topic "room:<name>" (history, topic envelope, resync).
         self.group: BroadcastGroup = subscription_group(demo.hub, "room:" + name)
         self.present: dict[str, dict[str, Any]] = {}  # user -> {"transports": {...}, "latency": s}
+        # Any change on any process (a join elsewhere, members of a dead process
+        # leaving) publishes a fresh snapshot, so the last one is right everywhere.
+        self._watch = asyncio.ensure_future(demo.presence.watch(self.group.name, self._event))
+        self._publishing = asyncio.Lock()  # snapshots leave in the order they were read
         self._poll_timers: dict[str, object] = {}
         self._publish_handle: object | None = None
         self.busy = 0  # requests using the room right now (history, send, SSE, long-poll)
@@ -173,15 +190,36 @@ class Room:
         if old is None or abs(latency - old) > max(0.002, 0.2 * old):
             self.changed(delay=self.demo.latency_refresh)
 
-    def snapshot(self) -> dict[str, Any]:
-        members = [
-            {
-                "user": user,
-                "transport": "+".join(sorted(entry["transports"])),
-                "latency_ms": None if entry["latency"] is None else entry["latency"] * 1000,
-            }
-            for user, entry in sorted(self.present.items())
-        ]
+    def _event(self, event: PresenceEvent) -> None:
+        self.changed()
+
+    def close(self) -> None:
+        """Stop watching the room's presence (the room is freed)."""
+        self._watch.cancel()
+        self.demo.presence.unwatch(self.group.name, self._event)
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Who is here on every process (presence store), with this process's latencies."""
+        transports: dict[str, set[str]] = {}
+        cursor = None
+        for _ in range(10):  # at most 10 pages of 1,000 connections
+            page = await self.demo.presence.presence(self.group.name, cursor=cursor, limit=1000)
+            for member in page.members:
+                if member.user is not None:
+                    transports.setdefault(member.user, set()).add(member.transport)
+            cursor = page.cursor
+            if cursor is None:
+                break
+        members = []
+        for user, kinds in sorted(transports.items()):
+            latency = self.present.get(user, {}).get("latency")
+            members.append(
+                {
+                    "user": user,
+                    "transport": "+".join(sorted(kinds)),
+                    "latency_ms": None if latency is None else latency * 1000,
+                }
+            )
         return {"type": "presence", "members": members, "count": len(members), "time": time.time()}
 
     def changed(self, delay: float = 0.05) -> None:
@@ -194,7 +232,14 @@ class Room:
         self._publish_handle = None
         self.busy += 1
         try:
-            await self.demo.publish(self, self.snapshot())
+            async with self._publishing:
+                await self.demo.presence.settled()  # this process's joins and leaves are stored
+                try:
+                    snapshot = await self.snapshot()
+                except LongConnError as exc:
+                    log.warning("presence of %s unavailable: %r", self.name, exc)
+                    return
+                await self.demo.publish(self, snapshot)
         finally:
             self.busy -= 1
             self.demo.release(self)
@@ -210,11 +255,19 @@ class Demo:
         heartbeat: float,
         *,
         upload_expiry: float = 86400.0,
+        presence_ttl: float = PRESENCE_TTL,
     ) -> None:
         self.backend = backend
         # Every topic is a group of this hub made by subscription_group(): history,
         # {"topic","cursor","data"} messages, resync notices (longconn.js handles them).
         self.hub = BroadcastHub(backend, history=HISTORY)
+        # Who is in which room, on every process (RedisPresence on a Redis backend).
+        self.presence: PresenceStore
+        try:
+            self.presence = presence_for(backend, ttl=presence_ttl)
+        except TypeError:  # a backend without a shared store (Redis Cluster, NATS)
+            log.warning("member lists show this process's members only")
+            self.presence = MemoryPresence()
         self.waiter = LongPollWaiter(backend)  # serves both long-poll and SSE
         self.store = UploadStore(storage, max_size=MAX_UPLOAD, expire_after=upload_expiry)
         # /metrics: every part's stats(), read when Prometheus scrapes.
@@ -290,6 +343,7 @@ class Demo:
         """Free ``room`` if nobody uses it (its group's history stays in the backend)."""
         if room.idle() and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
+            room.close()
             self.stats["rooms_freed"] += 1
 
     async def publish(self, room: Room, message: dict[str, Any]) -> bool:
@@ -315,7 +369,7 @@ class Demo:
         return {
             "messages": messages[-RECENT:],
             "cursor": str(result.cursor),
-            "presence": room.snapshot(),
+            "presence": await room.snapshot(),
         }
 
     async def upload_complete(self, sink: ChunkedUploadSink) -> None:
@@ -430,6 +484,7 @@ class DemoSocket(DemoHooks, HeartbeatMixin, SubscriptionMixin, tornado.websocket
     def initialize(self, demo: Demo) -> None:
         self.demo = demo
         self.subscription_hub = demo.hub
+        self.subscription_presence = demo.presence  # every subscription is a member
         self.rooms: dict[str, Room] = {}  # rooms this page is present in
 
     def prepare(self) -> None:
@@ -569,9 +624,18 @@ def requested_rooms(handler: tornado.web.RequestHandler) -> list[str]:
 class DemoPoll(DemoHooks, SubscriptionPollHandler):
     """Long-poll fallback: the page's topics; the user counted as present in its rooms."""
 
+    presence_grace = POLL_GRACE
+
     def initialize(self, demo: Demo) -> None:  # type: ignore[override]
         super().initialize(hub=demo.hub, waiter=demo.waiter)
         self.demo = demo
+        self.subscription_presence = demo.presence
+
+    def presence_user(self) -> str | None:
+        return self.user
+
+    def presence_client(self) -> str | None:
+        return "poll-" + self.user  # one long-poll member per user and process
 
     def prepare(self) -> None:
         self.user = clean_user(self.get_query_argument("user", ""))
@@ -590,6 +654,10 @@ class DemoEvents(DemoHooks, SubscriptionSSEHandler):
     def initialize(self, demo: Demo) -> None:  # type: ignore[override]
         super().initialize(hub=demo.hub, waiter=demo.waiter)
         self.demo = demo
+        self.subscription_presence = demo.presence
+
+    def presence_user(self) -> str | None:
+        return self.user
 
     def prepare(self) -> None:
         self.user = clean_user(self.get_query_argument("user", ""))
@@ -882,6 +950,12 @@ async def main() -> None:
         help="seconds an idle partial upload is kept",
     )
     parser.add_argument(
+        "--presence-ttl",
+        type=float,
+        default=PRESENCE_TTL,
+        help="seconds the members of a process that died stay listed (Redis; default 15)",
+    )
+    parser.add_argument(
         "--sweep-interval", type=float, default=600.0, help="seconds between upload sweeps"
     )
     parser.add_argument(
@@ -911,7 +985,14 @@ async def main() -> None:
         log.error("the %s backend did not start: %r", type(backend).__name__, exc)
         raise SystemExit(1) from exc
     storage = args.storage or os.path.join(tempfile.gettempdir(), "tornado-longconn-demo")
-    demo = Demo(backend, storage, args.heartbeat, upload_expiry=args.upload_expiry)
+    demo = Demo(
+        backend,
+        storage,
+        args.heartbeat,
+        upload_expiry=args.upload_expiry,
+        presence_ttl=args.presence_ttl,
+    )
+    await demo.presence.start()
     if args.allowed_hosts:
         allowed = frozenset(host_name(h) for h in args.allowed_hosts.split(",") if h.strip())
     else:
@@ -947,6 +1028,7 @@ async def main() -> None:
     sweeper.stop()
     server.stop()
     await demo.hub.close()  # 1001 "going away" to every member, in jittered batches
+    await demo.presence.close()  # this process's members leave at once
     await demo.waiter.close()
     await backend.close()
     demo.store.close()

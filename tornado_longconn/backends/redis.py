@@ -447,6 +447,15 @@ class RedisBackend:
         state = self._topics.get(topic)
         return len(state.subscribers) if state is not None else 0
 
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The client of the backend's commands (shared with the Redis presence store)."""
+        return self._client
+
+    def channel_of(self, topic: str) -> bytes:
+        """The pub/sub channel of ``topic`` (``P{T}``; its meta hash is that name + ``:m``)."""
+        return self._channel(topic)
+
     async def start(self) -> None:
         """Start the pub/sub connection task and wait for its first connection attempt.
 

@@ -251,6 +251,10 @@ export interface SessionOptions extends TransportOptions {
   onWelcome?: (this: Session, welcome: WelcomeInfo) => void;
   onStatus?: (this: Session, status: StatusInfo) => void;
   onError?: (this: Session, error: Error) => void;
+  /** A message the server sent to this session's user (`UserRegistry.send_to_user`). */
+  onDirect?: (this: Session, data: Json) => void;
+  /** The `client` of SSE and long-poll requests: the session's presence member id (default: random). */
+  presenceClient?: string;
 }
 
 export interface WelcomeInfo {
@@ -280,6 +284,51 @@ export interface SubscribeOptions<T = any> {
   onError?: (this: Subscription<T>, error: LongConnError) => void;
   /** The server ended the subscription itself. */
   onUnsubscribed?: (this: Subscription<T>, info: { topic: string; reason: string | null }) => void;
+  /** A member joined the topic (setting it asks for presence events: WebSocket and SSE). */
+  onJoin?: (this: Subscription<T>, member: PresenceMember, info: PresenceEventInfo) => void;
+  /** A member left the topic (setting it asks for presence events: WebSocket and SSE). */
+  onLeave?: (this: Subscription<T>, member: PresenceMember, info: PresenceEventInfo) => void;
+  /** Presence events may have been missed: call `session.presence(topic)` again. */
+  onPresenceGap?: (this: Subscription<T>, info: PresenceEventInfo) => void;
+}
+
+/** One member of a topic: one connection on some server process. */
+export interface PresenceMember {
+  /** The connection's id (the server's welcome `client`). */
+  client: string;
+  user: string | null;
+  /** What the server attached (its `presence_info` hook). */
+  info: Json;
+  /** When it joined, seconds since the Unix epoch. */
+  since: number;
+  transport: "websocket" | "sse" | "longpoll";
+}
+
+export interface PresenceEventInfo {
+  topic: string;
+  /** A leave's reason: "left", or "expired" (its server process died); null for a join. */
+  reason: string | null;
+}
+
+/** The answer of `session.presence(topic)`: one page of members and the counts. */
+export interface PresencePage {
+  topic: string;
+  members: PresenceMember[];
+  /** Pass it back for the next page; null when there is none. */
+  cursor: string | null;
+  /** Members (connections) on every process. */
+  connections: number;
+  /** Distinct user ids. */
+  users: number;
+}
+
+export interface PresenceOptions {
+  /** The `cursor` of a previous answer: the next page. */
+  cursor?: string | null;
+  /** Members per page, 1 to 1000 (server default 100). */
+  limit?: number;
+  /** Milliseconds to wait for the answer (default: requestTimeout). */
+  timeout?: number;
 }
 
 /** One topic of a Session. */
@@ -296,6 +345,8 @@ export class Subscription<T = any> {
   on(event: "resync", fn: (this: Subscription<T>, info: TopicResyncInfo) => void): this;
   on(event: "error", fn: (this: Subscription<T>, error: LongConnError) => void): this;
   on(event: "unsubscribed", fn: (this: Subscription<T>, info: { topic: string; reason: string | null }) => void): this;
+  on(event: "join" | "leave", fn: (this: Subscription<T>, member: PresenceMember, info: PresenceEventInfo) => void): this;
+  on(event: "presenceGap", fn: (this: Subscription<T>, info: PresenceEventInfo) => void): this;
   /** Stop receiving the topic; never rejects. */
   unsubscribe(): Promise<void>;
 }
@@ -323,6 +374,8 @@ export class Session {
   stats: ConnectionStats;
   /** The server's id of this connection (welcome frame; WebSocket only). */
   clientId: string | null;
+  /** The `client` of SSE and long-poll requests (the presence member id there). */
+  readonly presenceClient: string;
   protocolVersion: number | null;
   /**
    * Subscribe to `topic`. Throws a LongConnError: "bad_request" (bad topic or cursor),
@@ -337,10 +390,13 @@ export class Session {
   publish(topic: string, data: Json | BinaryPayload): Promise<Published>;
   /** Call a server method; WebSocket only. */
   call<R = any>(method: string, params?: Json, options?: CallOptions): Promise<R>;
+  /** The members of `topic` on every server process (one page) and its counts; WebSocket only. */
+  presence(topic: string, options?: PresenceOptions): Promise<PresencePage>;
   on(event: "status", fn: (this: Session, status: StatusInfo) => void): this;
   on(event: "resync", fn: (this: Session, info: TopicResyncInfo) => void): this;
   on(event: "welcome", fn: (this: Session, welcome: WelcomeInfo) => void): this;
   on(event: "error", fn: (this: Session, error: Error) => void): this;
+  on(event: "direct", fn: (this: Session, data: Json) => void): this;
   start(): this;
   /** Close for good: pending requests reject with "closed", subscriptions end. */
   close(): void;

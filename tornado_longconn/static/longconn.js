@@ -133,6 +133,20 @@
     }
   }
 
+  /** 16 random hex digits: a session's presence client id over SSE and long-poll. */
+  function randomClientId() {
+    var out = "";
+    var bytes = null;
+    if (typeof crypto !== "undefined" && crypto && typeof crypto.getRandomValues === "function") {
+      bytes = crypto.getRandomValues(new Uint8Array(8));
+    }
+    for (var i = 0; i < 8; i++) {
+      var b = bytes ? bytes[i] : Math.floor(Math.random() * 256);
+      out += (b < 16 ? "0" : "") + b.toString(16);
+    }
+    return out;
+  }
+
   function assign(target) {
     for (var i = 1; i < arguments.length; i++) {
       var src = arguments[i] || {};
@@ -808,7 +822,8 @@
   /**
    * Classify a server text frame: {kind, frame} where kind is "message" (no `type`),
    * "welcome", "subscribed", "resync", "unsubscribed", "published", "result", "error",
-   * "ping" or "unknown" (a type from a newer server); null for anything that is not a
+   * "ping", "presence", "join", "leave", "presence_gap", "direct" or "unknown" (a type
+   * from a newer server); null for anything that is not a
    * JSON object.
    */
   function parseFrame(raw) {
@@ -824,7 +839,10 @@
     if (value.type === undefined) {
       return typeof value.topic === "string" ? { kind: "message", frame: value } : null;
     }
-    var known = ["welcome", "subscribed", "resync", "unsubscribed", "published", "result", "error", "ping"];
+    var known = [
+      "welcome", "subscribed", "resync", "unsubscribed", "published", "result", "error", "ping",
+      "presence", "join", "leave", "presence_gap", "direct",
+    ];
     return { kind: known.indexOf(value.type) >= 0 ? value.type : "unknown", frame: value };
   }
 
@@ -1071,12 +1089,17 @@
    *   requestTimeout  ms a publish() or call() may wait for its answer (10000)
    *   onResync        function(info): any subscription's resync ({topic, cursor, reason})
    *   onWelcome       function({v, client}): the server's welcome frame
+   *   onDirect        function(data): a message the server sent to this session's user
+   *   presenceClient  the `client` sent with SSE and long-poll requests (its presence
+   *                   member id on the server; default: 16 random hex digits)
    * Use LongConn.session(options) to create and start one.
    */
   function Session(options) {
     Connection.call(this, assign({ requestTimeout: 10000, publishUrl: null }, options));
     this.clientId = null; // the server's connection id (welcome frame)
     this.protocolVersion = null;
+    // The `client` of SSE and long-poll requests: this session's presence member id.
+    this.presenceClient = typeof options.presenceClient === "string" ? options.presenceClient : randomClientId();
     this._subs = new Map(); // topic -> Subscription
     this._subReqs = Object.create(null); // request id -> Subscription awaiting "subscribed"
     this._pending = new Pending();
@@ -1088,7 +1111,11 @@
   /**
    * Subscribe to `topic`. `options` is a message handler, or: cursor (resume after it; default: from now), params
    * (sent with the WebSocket subscribe frame), onMessage(data, cursor, meta),
-   * onResync({topic, cursor, reason, transport}), onError(error), onUnsubscribed(info).
+   * onResync({topic, cursor, reason, transport}), onError(error), onUnsubscribed(info),
+   * onJoin(member, info) and onLeave(member, info) (the topic's presence events:
+   * either one sends params.presence = true over WebSocket, presence=1 over SSE;
+   * info is {topic, reason}; long-poll carries no events),
+   * onPresenceGap({topic, reason}) (events may have been missed: call presence() again).
    * Returns a Subscription at once; throws a LongConnError for a bad topic or cursor
    * ("bad_request"), a topic already subscribed ("conflict") or a closed session.
    */
@@ -1106,6 +1133,9 @@
       throw new LongConnError("LongConn: bad cursor " + JSON.stringify(options.cursor), "bad_request", 400, {
         topic: topic,
       });
+    }
+    if (typeof options.onJoin === "function" || typeof options.onLeave === "function") {
+      options = assign({}, options, { params: assign({}, options.params || {}, { presence: true }) });
     }
     var sub = new Subscription(this, topic, options);
     this._subs.set(topic, sub);
@@ -1258,6 +1288,39 @@
     return req.promise;
   };
 
+  /**
+   * The members of `topic` on every server process: resolves with {topic, members,
+   * cursor, connections, users} (members: [{client, user, info, since, transport}]).
+   * `options`: cursor (from a previous answer: the next page), limit (1-1000),
+   * timeout (ms). Needs an open WebSocket, like call(); rejects with the server's
+   * error ("forbidden" for a topic this session does not hold, "not_found" when the
+   * server keeps no presence).
+   */
+  Session.prototype.presence = function (topic, options) {
+    options = options || {};
+    if (this.state === "closed") return Promise.reject(new LongConnError("LongConn: the session is closed", "closed", null));
+    if (!validTopic(topic)) {
+      return Promise.reject(new LongConnError("LongConn: bad topic " + JSON.stringify(topic), "bad_request", 400, { topic: topic }));
+    }
+    if (!this._wsReady) {
+      var onOther = this.state === "open" && this.transport !== "websocket";
+      return Promise.reject(
+        new LongConnError(
+          onOther ? "LongConn: presence() needs the WebSocket transport (now " + this.transport + ")" : "LongConn: not connected",
+          onOther ? "unsupported" : "disconnected",
+          null
+        )
+      );
+    }
+    var timeout = options.timeout !== undefined ? options.timeout : this.options.requestTimeout;
+    var req = this._pending.add("presence", timeout, { topic: topic });
+    var frame = { type: "presence", id: req.id, topic: topic };
+    if (options.cursor) frame.cursor = options.cursor;
+    if (options.limit !== undefined) frame.limit = options.limit;
+    this._impl.send(JSON.stringify(frame));
+    return req.promise;
+  };
+
   /** Sessions do not send raw messages: use publish() or call(). */
   Session.prototype.send = function () {
     return Promise.reject(new LongConnError("LongConn: a Session sends with publish() or call()", "unsupported", null));
@@ -1282,16 +1345,36 @@
     if (this._impl && typeof this._impl.topicsChanged === "function") this._impl.topicsChanged();
   };
 
-  /** The query of an SSE or long-poll request: {list, topics, cursors}, or null without topics. */
+  /**
+   * The query of an SSE or long-poll request: {list, topics, cursors, presence}, or
+   * null without topics (presence: some subscription asked for presence events).
+   */
   Session.prototype._topicQuery = function () {
     var list = [];
     var entries = [];
+    var presence = false;
     this._subs.forEach(function (sub, topic) {
       list.push(topic);
       entries.push([topic, sub.cursor]);
+      if (sub.params && sub.params.presence === true) presence = true;
     });
     if (!list.length) return null;
-    return { list: list, topics: list.join(","), cursors: encodeCursorMap(entries) };
+    return { list: list, topics: list.join(","), cursors: encodeCursorMap(entries), presence: presence };
+  };
+
+  /** The HTTP query of an SSE or long-poll request for `q` (the presence client id too). */
+  Session.prototype._httpParams = function (q, extra) {
+    var params = assign({}, this.options.params, { topics: q.topics, cursors: q.cursors, client: this.presenceClient }, extra);
+    return params;
+  };
+
+  /** A join, leave or presence_gap of a topic (WebSocket frame or SSE event). */
+  Session.prototype._presenceEvent = function (kind, f) {
+    var sub = f && this._subs.get(f.topic);
+    if (!sub) return;
+    var info = { topic: f.topic, reason: f.reason === undefined ? null : f.reason };
+    if (kind === "presence_gap") sub._emit("presenceGap", [info]);
+    else if (sub.state === "active") sub._emit(kind, [f.member, info]);
   };
 
   Session.prototype._onOpen = function (idle) {
@@ -1408,6 +1491,23 @@
         return;
       case "result":
         this._pending.resolve(f.id, f.result);
+        return;
+      case "presence":
+        this._pending.resolve(f.id, {
+          topic: f.topic,
+          members: f.members || [],
+          cursor: f.cursor === undefined ? null : f.cursor,
+          connections: f.connections,
+          users: f.users,
+        });
+        return;
+      case "join":
+      case "leave":
+      case "presence_gap":
+        this._presenceEvent(parsed.kind, f);
+        return;
+      case "direct":
+        this._emit("direct", [f.data]);
         return;
       case "error":
         this._onErrorFrame(f);
@@ -1560,7 +1660,7 @@
         es = null;
         var q = conn._topicQuery();
         if (!q) return markOpen(true);
-        var params = assign({}, conn.options.params, { topics: q.topics, cursors: q.cursors });
+        var params = conn._httpParams(q, q.presence ? { presence: 1 } : {});
         var mine = new EventSource(buildUrl(conn.options.sseUrl, params), {
           withCredentials: !!conn.options.withCredentials,
         });
@@ -1601,6 +1701,11 @@
           var r = tryJson(ev.data);
           var sub = r && conn._subs.get(r.topic);
           if (sub) conn._topicResync(sub, r.cursor || null, r.reason || null);
+        });
+        ["join", "leave", "presence_gap"].forEach(function (kind) {
+          mine.addEventListener(kind, function (ev) {
+            if (current()) conn._presenceEvent(kind, tryJson(ev.data));
+          });
         });
         // "error" is both the server's `event: error` (a refused topic, with data)
         // and the stream's failure (no data). EventSource would reconnect by itself;
@@ -1667,7 +1772,7 @@
         fresh = false;
         var ctl = typeof AbortController === "function" ? new AbortController() : { abort: function () {}, signal: undefined };
         controller = ctl;
-        var params = assign({}, conn.options.params, { topics: q.topics, cursors: q.cursors, timeout: timeout });
+        var params = conn._httpParams(q, { timeout: timeout });
         clearTimeout(timer);
         timer = setTimeout(function () {
           finish({ code: null, reason: "poll timeout" });

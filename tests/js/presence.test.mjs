@@ -1,0 +1,142 @@
+// Presence in longconn.js's Session: session.presence(topic), onJoin / onLeave /
+// onPresenceGap subscription options and onDirect, against a fake WebSocket.
+// Run: node --test tests/js/*.test.mjs (npm test)
+import { test, describe, beforeEach, afterEach } from "node:test";
+import assert from "node:assert/strict";
+import { createRequire } from "node:module";
+import { FakeWebSocket, FakeEventSource, FakeFetch } from "./fakes.mjs";
+
+const require = createRequire(import.meta.url);
+const LongConn = require("../../tornado_longconn/static/longconn.js");
+
+const FAST = { backoff: { base: 1, max: 1 }, random: () => 0, openTimeout: 60000 };
+
+describe("Session presence", () => {
+  let conn;
+  beforeEach(() => {
+    FakeWebSocket.reset();
+    globalThis.WebSocket = FakeWebSocket;
+  });
+  afterEach(() => {
+    if (conn) conn.close();
+    conn = null;
+    delete globalThis.WebSocket;
+  });
+
+  test("onJoin / onLeave ask for presence events and receive them in order", async () => {
+    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    const seen = [];
+    const room = conn.subscribe("room:1", {
+      params: { token: "t" },
+      onJoin(member, info) {
+        seen.push(["join", member.client, info.topic, info.reason]);
+      },
+      onLeave(member, info) {
+        seen.push(["leave", member.client, info.topic, info.reason]);
+      },
+      onPresenceGap(info) {
+        seen.push(["gap", info.topic, info.reason]);
+      },
+    });
+    conn.subscribe("dm:ann");
+    const ws = await FakeWebSocket.nth(0);
+    ws.accept();
+    const [s1, s2] = ws.frames("subscribe");
+    assert.deepEqual(s1.params, { token: "t", presence: true });
+    assert.equal(s2.params, undefined);
+    const ann = { client: "c1", user: "ann", info: null, since: 1.5, transport: "websocket" };
+    // an event before `subscribed` is not delivered
+    ws.push({ type: "join", topic: "room:1", member: ann });
+    ws.push({ type: "subscribed", id: s1.id, topic: "room:1", cursor: "e-1" });
+    ws.push({ type: "subscribed", id: s2.id, topic: "dm:ann", cursor: "e-1" });
+    await room.ready;
+    ws.push({ type: "join", topic: "room:1", member: ann });
+    ws.push({ type: "join", topic: "dm:ann", member: ann }); // no handler: ignored
+    ws.push({ type: "leave", topic: "room:1", member: ann, reason: "expired" });
+    ws.push({ type: "presence_gap", topic: "room:1", reason: "reconnect" });
+    assert.deepEqual(seen, [
+      ["join", "c1", "room:1", null],
+      ["leave", "c1", "room:1", "expired"],
+      ["gap", "room:1", "reconnect"],
+    ]);
+  });
+
+  test("presence() answers a page of members and the counts; errors reject", async () => {
+    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    await assert.rejects(conn.presence("room:1"), (e) => e.code === "disconnected");
+    const ws = await FakeWebSocket.nth(0);
+    ws.accept();
+    await assert.rejects(conn.presence("a,b"), (e) => e.code === "bad_request");
+    const first = conn.presence("room:1", { limit: 2 });
+    const refused = conn.presence("secret", { cursor: "17" });
+    const [p1, p2] = ws.frames("presence");
+    assert.deepEqual(p1, { type: "presence", id: p1.id, topic: "room:1", limit: 2 });
+    assert.deepEqual(p2, { type: "presence", id: p2.id, topic: "secret", cursor: "17" });
+    const members = [{ client: "c1", user: "ann", info: { n: 1 }, since: 2, transport: "sse" }];
+    ws.push({ type: "presence", id: p1.id, topic: "room:1", members, cursor: "5", connections: 3, users: 2 });
+    ws.push({ type: "error", id: p2.id, code: "forbidden", status: 403, reason: "presence refused" });
+    assert.deepEqual(await first, { topic: "room:1", members, cursor: "5", connections: 3, users: 2 });
+    await assert.rejects(refused, (e) => e instanceof LongConn.LongConnError && e.code === "forbidden");
+  });
+
+  test("a direct message reaches onDirect and `direct` listeners", async () => {
+    const got = [];
+    conn = LongConn.session({ url: "ws://h/ws", ...FAST, onDirect: (data) => got.push(["option", data]) });
+    conn.on("direct", (data) => got.push(["listener", data]));
+    const ws = await FakeWebSocket.nth(0);
+    ws.accept();
+    ws.push({ type: "direct", data: { text: "hi" } });
+    assert.deepEqual(got, [
+      ["option", { text: "hi" }],
+      ["listener", { text: "hi" }],
+    ]);
+  });
+});
+
+describe("Session presence over SSE and long-poll", () => {
+  let conn;
+  let fetcher;
+  beforeEach(() => {
+    FakeEventSource.reset();
+    fetcher = new FakeFetch();
+    globalThis.EventSource = FakeEventSource;
+    globalThis.__realFetch = globalThis.__realFetch || globalThis.fetch;
+    globalThis.fetch = fetcher.fetch;
+  });
+  afterEach(() => {
+    if (conn) conn.close();
+    conn = null;
+    delete globalThis.EventSource;
+    globalThis.fetch = globalThis.__realFetch;
+  });
+
+  test("SSE sends the presence client and presence=1, and delivers join / leave events", async () => {
+    conn = LongConn.session({ sseUrl: "http://h/sse", transport: "sse", presenceClient: "tab-1", ...FAST });
+    const seen = [];
+    conn.subscribe("room:1", {
+      onJoin: (m, info) => seen.push(["join", m.client, info.topic]),
+      onLeave: (m, info) => seen.push(["leave", m.client, info.reason]),
+    });
+    const es = await FakeEventSource.nth(0);
+    assert.equal(es.url.searchParams.get("client"), "tab-1");
+    assert.equal(es.url.searchParams.get("presence"), "1");
+    es.accept();
+    es.event("ready", { cursors: { "room:1": "e-1" } });
+    const ann = { client: "c1", user: "ann", info: null, since: 1, transport: "sse" };
+    es.event("join", { type: "join", topic: "room:1", member: ann });
+    es.event("leave", { type: "leave", topic: "room:1", member: ann, reason: "left" });
+    assert.deepEqual(seen, [
+      ["join", "c1", "room:1"],
+      ["leave", "c1", "left"],
+    ]);
+  });
+
+  test("a long-poll carries the session's presence client; no presence=1 without handlers", async () => {
+    conn = LongConn.session({ pollUrl: "http://h/poll", transport: "longpoll", ...FAST });
+    conn.subscribe("a");
+    const poll = await fetcher.nth(0);
+    assert.match(poll.url.searchParams.get("client"), /^[0-9a-f]{16}$/);
+    assert.equal(poll.url.searchParams.get("client"), conn.presenceClient);
+    assert.equal(poll.url.searchParams.get("presence"), null);
+  });
+});
