@@ -249,7 +249,9 @@ class FlowState(Generic[T]):
         self.max_queue = max_queue
         self.corked = 0
         self.pending = 0
-        self.queue: deque[tuple[T, int]] = deque()
+        # The DROP_OLDEST queue: the shared empty tuple until a message is queued, and
+        # again once it is empty (an empty deque costs 624 bytes per connection).
+        self.queue: deque[tuple[T, int]] | tuple[()] = ()
         self.queued_bytes = 0
         self.lifecycle = Lifecycle.OPEN
         self.closed_slow = False
@@ -372,6 +374,8 @@ class FlowState(Generic[T]):
             return SendResult.DROPPED
         if policy is OverflowPolicy.DROP_OLDEST:
             queue = self.queue
+            if not isinstance(queue, deque):
+                queue = self.queue = deque()
             queue.append((item, size))
             self.queued_bytes += size
             if len(queue) > self.max_queue:
@@ -389,9 +393,13 @@ class FlowState(Generic[T]):
         One is returned while the committed bytes are at or below the high-water
         mark; the caller commits it (:meth:`commit`) before asking again.
         """
-        if self.queue and self.corked + self.pending <= self.high_water:
-            item, size = self.queue.popleft()
+        queue = self.queue
+        if queue and self.corked + self.pending <= self.high_water:
+            assert isinstance(queue, deque)
+            item, size = queue.popleft()
             self.queued_bytes -= size
+            if not queue:
+                self.queue = ()
             return item
         return None
 
@@ -411,7 +419,7 @@ class FlowState(Generic[T]):
             self.closed_slow = True
         self._note_peak()
         items = [item for item, _ in self.queue]
-        self.queue.clear()
+        self.queue = ()
         self.queued_bytes = 0
         self.corked = 0
         return items
@@ -508,6 +516,20 @@ def _detach_writer(target: Any) -> None:
 
 
 _UNSETTLED = (Lifecycle.OPEN, Lifecycle.CLOSING)
+
+
+def _flush_before_close(target: Any) -> None:
+    """Hook listener: ``close()``/``finish()`` is about to run on ``target``."""
+    writer: BackpressureWriter | None = target.__dict__.get(_ATTR)
+    if writer is not None:
+        writer._flush_before_close()
+
+
+def _on_protocol_close(target: Any) -> None:
+    """Hook listener: ``target``'s WebSocket protocol started closing."""
+    writer: BackpressureWriter | None = target.__dict__.get(_ATTR)
+    if writer is not None:
+        writer._on_protocol_close()
 
 
 class _Transport:
@@ -710,6 +732,35 @@ class BackpressureWriter:
     writer (use :meth:`of`).
     """
 
+    # One writer per connection, alive as long as it: slotted, and its waiter queues
+    # and write-future list are made on first need and dropped once empty.
+    # ``__dict__`` stays (created only when used) for ``close_grace`` on one writer.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "_abort_handle",
+        "_close_code",
+        "_close_reason",
+        "_cork",
+        "_dirty",
+        "_drain_waiters",
+        "_epoch",
+        "_fast_sock",
+        "_flusher",
+        "_gone",
+        "_is_closing",
+        "_loop",
+        "_plain",
+        "_sock",
+        "_state",
+        "_stream",
+        "_target",
+        "_transport",
+        "_waiters",
+        "_watching",
+        "_write_futures",
+    )
+
     #: Seconds the ``CLOSE`` policy waits for a clean close before resetting
     #: the TCP connection. Set on the class or on one writer.
     close_grace: float = 1.0
@@ -749,10 +800,12 @@ class BackpressureWriter:
         # it without asking the writer: plain frames, OPEN, nothing queued. A cache
         # of those three facts, kept by the methods that change them.
         self._fast_sock: socket.socket | None = None
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._drain_waiters: list[asyncio.Future[None]] = []
+        # Senders waiting for their turn / for the drain, and the stream's write
+        # futures with the index each resolves at: None until first needed.
+        self._waiters: deque[asyncio.Future[None]] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] | None = None
         self._watching: asyncio.Future[None] | None = None
-        self._write_futures: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._write_futures: deque[tuple[int, asyncio.Future[None]]] | None = None
         self._gone: BaseException | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
         transport: _Transport
@@ -781,13 +834,15 @@ class BackpressureWriter:
         if self._is_closing():
             self._sync_closed()
         setattr(target, _ATTR, self)
+        # Module-level listeners that find the writer on the handler: no weak
+        # reference or bound method per connection.
         hooks = HandlerHooks.of(target)
-        hooks.add(transport.close_hook, self._flush_before_close)
+        hooks.add_handler_listener(transport.close_hook, _flush_before_close)
         if self._plain and self._sock is not None and self._state.lifecycle is _OPEN:
             self._fast_sock = self._sock
             # Tornado calls ws_connection.close() right after every change that ends
             # the data phase, so the fan-out need not read the protocol's flags.
-            hooks.add(Hook.PROTOCOL_CLOSE, self._on_protocol_close)
+            hooks.add_handler_listener(Hook.PROTOCOL_CLOSE, _on_protocol_close)
 
     def _flush_before_close(self) -> None:
         """``handler.close()``/``finish()`` is about to run: write the cork first, to keep order."""
@@ -992,13 +1047,19 @@ class BackpressureWriter:
         state.waits += 1
         self._flush()
         fut: asyncio.Future[None] = self._loop.create_future()
-        self._drain_waiters.append(fut)
+        drain_waiters = self._drain_waiters
+        if drain_waiters is None:
+            drain_waiters = self._drain_waiters = []
+        drain_waiters.append(fut)
         self._progress()
         try:
             await fut
         finally:
-            if fut in self._drain_waiters:
-                self._drain_waiters.remove(fut)
+            drain_waiters = self._drain_waiters
+            if drain_waiters is not None and fut in drain_waiters:
+                drain_waiters.remove(fut)
+                if not drain_waiters:
+                    self._drain_waiters = None
         if state.lifecycle is not _OPEN:
             self._raise_closed()
 
@@ -1059,8 +1120,11 @@ class BackpressureWriter:
     def _track(self, stream: IOStream, fut: asyncio.Future[None]) -> None:
         """Remember a write future with the write index it resolves at (for :meth:`_watch`)."""
         futures = self._write_futures
-        while futures and futures[0][1].done():
-            futures.popleft()
+        if futures is None:
+            futures = self._write_futures = deque()
+        else:
+            while futures and futures[0][1].done():
+                futures.popleft()
         futures.append((iostream.write_indexes(stream)[0], fut))
 
     def _scheduled_flush(self) -> None:
@@ -1092,22 +1156,31 @@ class BackpressureWriter:
         first = True
         while True:
             fut: asyncio.Future[None] = self._loop.create_future()
+            waiters = self._waiters
+            if waiters is None:
+                waiters = self._waiters = deque()
             if first:
-                self._waiters.append(fut)
+                waiters.append(fut)
                 first = False
             else:
-                self._waiters.appendleft(fut)  # keep this sender's place
+                waiters.appendleft(fut)  # keep this sender's place
             self._flush()
             self._progress()
             try:
                 await fut
             except BaseException:
+                waiters = self._waiters
                 try:
-                    self._waiters.remove(fut)
+                    if waiters is None:
+                        raise ValueError
+                    waiters.remove(fut)
                 except ValueError:
                     # Woken but cancelled before running: hand the turn on.
                     if not state.must_wait():
                         self._wake_next()
+                else:
+                    if not waiters:
+                        self._waiters = None
                 raise
             if state.lifecycle is not _OPEN:
                 self._raise_closed()
@@ -1121,8 +1194,11 @@ class BackpressureWriter:
         while waiters:
             fut = waiters.popleft()
             if not fut.done():
+                if not waiters:
+                    self._waiters = None
                 fut.set_result(None)
                 return
+        self._waiters = None
 
     def _pump(self) -> bool:
         """Commit queued messages while under high water; False if the writer closed."""
@@ -1154,10 +1230,11 @@ class BackpressureWriter:
             self._release_waiters()
             return
         if state.is_drained():
-            drain_waiters, self._drain_waiters = self._drain_waiters, []
-            for fut in drain_waiters:
-                if not fut.done():
-                    fut.set_result(None)
+            drain_waiters, self._drain_waiters = self._drain_waiters, None
+            if drain_waiters:
+                for fut in drain_waiters:
+                    if not fut.done():
+                        fut.set_result(None)
             if self._waiters:
                 self._wake_next()
         if self._waiters or self._drain_waiters or state.queue:
@@ -1176,7 +1253,7 @@ class BackpressureWriter:
         target = total - self._state.low_water
         fut: asyncio.Future[None] | None = None
         if done < target:
-            for end, candidate in self._write_futures:
+            for end, candidate in self._write_futures or ():
                 if end >= target and not candidate.done():
                     fut = candidate
                     break
@@ -1197,6 +1274,12 @@ class BackpressureWriter:
     def _on_write_done(self, fut: asyncio.Future[None]) -> None:
         if self._watching is fut:
             self._watching = None
+        futures = self._write_futures
+        if futures is not None:
+            while futures and futures[0][1].done():
+                futures.popleft()
+            if not futures:
+                self._write_futures = None  # drained: an idle writer holds no futures
         exc = None if fut.cancelled() else fut.exception()
         if exc is not None:
             self._mark_gone(exc)
@@ -1223,14 +1306,17 @@ class BackpressureWriter:
         self._release_waiters()
 
     def _release_waiters(self) -> None:
-        waiters, self._waiters = self._waiters, deque()
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-        drain_waiters, self._drain_waiters = self._drain_waiters, []
-        for fut in drain_waiters:
-            if not fut.done():
-                fut.set_result(None)
+        waiters, self._waiters = self._waiters, None
+        if waiters:
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        drain_waiters, self._drain_waiters = self._drain_waiters, None
+        if drain_waiters:
+            for fut in drain_waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        self._write_futures = None
 
     def _close_slow(self) -> None:
         """The ``CLOSE`` policy fired (``FlowState.offer`` already marked it ``GONE``)."""

@@ -47,7 +47,6 @@ import json
 import logging
 import random
 import secrets
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field, fields
@@ -524,36 +523,33 @@ def _members_of(handler: WebSocketHandler) -> dict[BroadcastGroup, None]:
         return groups
     groups = {}
     handler.__dict__[_GROUPS_ATTR] = groups
-    handler_ref = weakref.ref(handler)
-
-    def leave_all() -> None:
-        target = handler_ref()
-        if target is None:
-            return
-        for group in list(groups):
-            try:
-                group._remove(target, closed=False)
-            except Exception:
-                log.exception(
-                    "leaving %r on close failed",
-                    group,
-                    extra=log_fields(target, topic=group.name),
-                )
-
-    def forget() -> None:
-        target = handler_ref()
-        if target is not None:
-            _forget(target)
-
+    # Module-level listeners called with the handler: no closures, cells or extra
+    # weak references per connection.
     hooks = HandlerHooks.of(handler)
-    hooks.add(Hook.CONNECTION_CLOSE, leave_all)
-    hooks.add(Hook.AFTER_CONNECTION_CLOSE, forget)
+    hooks.add_handler_listener(Hook.CONNECTION_CLOSE, _leave_all)
+    hooks.add_handler_listener(Hook.AFTER_CONNECTION_CLOSE, _forget)
     if getattr(handler.ws_connection, "stream", None) is not None:
-        hooks.add(Hook.STREAM_CLOSE, leave_all)
+        hooks.add_handler_listener(Hook.STREAM_CLOSE, _leave_all)
     return groups
 
 
-def _forget(handler: WebSocketHandler) -> None:
+def _leave_all(handler: Any) -> None:
+    """The connection closed: leave every group it belongs to (a hook listener)."""
+    groups: dict[BroadcastGroup, None] | None = handler.__dict__.get(_GROUPS_ATTR)
+    if not groups:
+        return
+    for group in list(groups):
+        try:
+            group._remove(handler, closed=False)
+        except Exception:
+            log.exception(
+                "leaving %r on close failed",
+                group,
+                extra=log_fields(handler, topic=group.name),
+            )
+
+
+def _forget(handler: Any) -> None:
     """Drop what :func:`_members_of` attached to a closed handler, and its writer.
 
     The hook registry removes its own patches after ``on_connection_close``.

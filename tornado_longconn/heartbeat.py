@@ -60,9 +60,9 @@ from ._frames import (
     OP_TEXT,
     abort_stream,
     build_frame,
-    stream_write_indexes,
     try_send,
 )
+from ._tornado.iostream import release_error, write_done, write_total
 from ._tornado.websocket_proto import read_progress
 from .codes import CloseCode
 from .gc_tuning import after_tick as gc_after_tick
@@ -525,8 +525,7 @@ def heartbeat_stats(application: tornado.web.Application) -> HeartbeatStats:
 
 
 def _sample_writes(state: HeartbeatState, stream: IOStream, now: float) -> None:
-    total, done = stream_write_indexes(stream)
-    state.writes(now, total, done)
+    state.writes(now, write_total(stream), write_done(stream))  # no tuple per check
 
 
 def _send(stream: IOStream, frame: bytes) -> None:
@@ -929,7 +928,12 @@ class HeartbeatMixin(StrictWebSocketMixin):
         state = self._heartbeat
         if state is not None and state._slot is not None:
             HeartbeatScheduler.current().discard(self, state)
+        ws = self.ws_connection
+        stream = None if ws is None else ws.stream
         super().on_connection_close()
+        # A stream closed by an error (a reset peer) holds itself through the
+        # error's traceback: drop it, so the connection is freed by refcounting.
+        release_error(stream)
 
     def _heartbeat_progress(self) -> int | None:
         # The I/O counters at this instant, so that the bytes of the frame just

@@ -18,9 +18,10 @@ Method patches made here (each checked against Tornado 6.4.2, 6.5.2 and 6.6.1):
 * ``IOStream._close_callback`` -- read (through :mod:`.iostream`) to chain the
   callback that was set before ours.
 
-The registry holds the handler and the protocol weakly, and listeners that are
-bound methods through a weak reference to their object, so hooking a handler creates
-no reference cycle. Once ``on_connection_close`` ran, every patch is removed
+The registry holds the handler, the protocol and the stream weakly, and listeners
+that are bound methods through a weak reference to their object (or, for
+module-level listeners, get the handler through the registry's own weak
+reference), so hooking a handler creates no reference cycle. Once ``on_connection_close`` ran, every patch is removed
 (the attributes that were there before are put back).
 """
 
@@ -83,13 +84,17 @@ class _Patch:
 
     def __init__(
         self,
-        hooks: weakref.ref[HandlerHooks],
+        hooks: HandlerHooks,
         obj: Any,
         name: str,
         hook: Hook,
+        obj_ref: weakref.ref[Any] | None = None,
     ) -> None:
+        # Held strongly: the registry holds the handler, protocol and stream weakly,
+        # so patch -> registry makes no cycle (and costs no weak reference).
         self.hooks = hooks
-        self.obj = weakref.ref(obj)
+        # The registry's weak reference to the handler is shared, not made again.
+        self.obj = weakref.ref(obj) if obj_ref is None else obj_ref
         self.name = name
         self.hook = hook
         # An attribute someone else set on the instance first is kept and called.
@@ -103,9 +108,7 @@ class _Patch:
         return self.unbound(self.obj(), *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        hooks = self.hooks()
-        if hooks is None:
-            return self.original(*args, **kwargs)
+        hooks = self.hooks
         hooks.run(self.hook)
         if self.hook is not Hook.CONNECTION_CLOSE:
             return self.original(*args, **kwargs)
@@ -114,6 +117,8 @@ class _Patch:
         finally:
             hooks.run(Hook.AFTER_CONNECTION_CLOSE)
             hooks.release()
+            stream = getattr(getattr(self.obj(), "ws_connection", None), "stream", None)
+            iostream.release_error(stream)
 
     def remove(self) -> None:
         obj = self.obj()
@@ -132,17 +137,15 @@ class _StreamPatch:
 
     __slots__ = ("hook", "hooks", "previous", "stream")
 
-    def __init__(self, hooks: weakref.ref[HandlerHooks], stream: IOStream) -> None:
+    def __init__(self, hooks: HandlerHooks, stream: IOStream) -> None:
         self.hooks = hooks
         self.hook = Hook.STREAM_CLOSE
         self.stream = weakref.ref(stream)
         self.previous = iostream.close_callback(stream)
 
     def __call__(self) -> None:
-        hooks = self.hooks()
         try:
-            if hooks is not None:
-                hooks.run(Hook.STREAM_CLOSE)
+            self.hooks.run(Hook.STREAM_CLOSE)
         finally:
             if self.previous is not None:
                 self.previous()
@@ -163,13 +166,14 @@ class HandlerHooks:
     registry never keeps a writer or a group alive); other callables strongly.
     """
 
-    __slots__ = ("__weakref__", "_handler", "_listeners", "_patches", "_ref", "_released")
+    __slots__ = ("__weakref__", "_handler", "_listeners", "_patches", "_released")
 
     def __init__(self, handler: tornado.web.RequestHandler) -> None:
         self._handler = weakref.ref(handler)
-        self._ref = weakref.ref(self)
         # (hook, weak reference to the method's object or None, function)
-        self._listeners: list[tuple[Hook, weakref.ref[Any] | None, Callable[..., object]]] = []
+        # Flat triples (hook, weak reference to the listener's object or None,
+        # function): a tuple per listener would be one more object per connection.
+        self._listeners: list[Any] = []
         self._patches: list[_Patch | _StreamPatch] = []
         self._released = False
 
@@ -193,12 +197,24 @@ class HandlerHooks:
         Raises :class:`ValueError` for ``PROTOCOL_CLOSE``/``STREAM_CLOSE`` on a
         handler without a WebSocket connection or stream.
         """
-        if not any(h is hook for h, _, _ in self._listeners):
+        if hook not in self._listeners[::3]:
             self._patch(hook)
         if isinstance(listener, MethodType):
-            self._listeners.append((hook, weakref.ref(listener.__self__), listener.__func__))
+            self._listeners += (hook, weakref.ref(listener.__self__), listener.__func__)
         else:
-            self._listeners.append((hook, None, listener))
+            self._listeners += (hook, None, listener)
+
+    def add_handler_listener(
+        self, hook: Hook, listener: Callable[[tornado.web.RequestHandler], object]
+    ) -> None:
+        """Run ``listener(handler)`` at ``hook`` while the handler is alive.
+
+        For a module-level function: the registry's own weak reference to the
+        handler is reused, so the listener costs one tuple and no closure.
+        """
+        if hook not in self._listeners[::3]:
+            self._patch(hook)
+        self._listeners += (hook, self._handler, listener)
 
     def discard(self, hook: Hook, listener: Listener) -> None:
         """Stop calling ``listener`` at ``hook`` (the patch stays; nothing if absent)."""
@@ -207,9 +223,8 @@ class HandlerHooks:
             func: object = listener.__func__
         else:
             owner, func = None, listener
-        self._listeners[:] = [
-            entry
-            for entry in self._listeners
+        kept: list[Any] = []
+        for entry in self._entries():
             if not (
                 entry[0] is hook
                 and entry[2] is func
@@ -218,12 +233,18 @@ class HandlerHooks:
                     if owner is None
                     else entry[1] is not None and entry[1]() is owner
                 )
-            )
-        ]
+            ):
+                kept += entry
+        self._listeners[:] = kept
+
+    def _entries(self) -> list[tuple[Hook, weakref.ref[Any] | None, Callable[..., object]]]:
+        """The listeners as ``(hook, ref, function)`` triples (a copy)."""
+        flat = self._listeners
+        return list(zip(flat[::3], flat[1::3], flat[2::3], strict=True))
 
     def run(self, hook: Hook) -> None:
         """Call the listeners of ``hook`` (each failure logged, never raised)."""
-        for h, ref, func in list(self._listeners):
+        for h, ref, func in self._entries():
             if h is not hook:
                 continue
             try:
@@ -272,16 +293,16 @@ class HandlerHooks:
             proto = getattr(handler, "ws_connection", None)
             if proto is None:
                 raise ValueError("the handler has no WebSocket connection to hook")
-            patch = _Patch(self._ref, proto, "close", hook)
+            patch = _Patch(self, proto, "close", hook)
             proto.__dict__["close"] = patch
         elif hook is Hook.STREAM_CLOSE:
             stream = getattr(getattr(handler, "ws_connection", None), "stream", None)
             if stream is None:
                 raise ValueError("the handler has no stream to hook")
-            patch = _StreamPatch(self._ref, stream)
+            patch = _StreamPatch(self, stream)
             stream.set_close_callback(patch)
         else:
             name = _HANDLER_METHODS[hook]
-            patch = _Patch(self._ref, handler, name, hook)
+            patch = _Patch(self, handler, name, hook, self._handler)
             handler.__dict__[name] = patch
         self._patches.append(patch)

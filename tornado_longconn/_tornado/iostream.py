@@ -13,6 +13,9 @@ Private names used (each checked against Tornado 6.4.2, 6.5.2 and 6.6.1):
   consumed by a ``read_*`` call.
 * ``BaseIOStream._close_callback`` -- what ``set_close_callback`` set (``None``
   after it ran).
+* ``BaseIOStream.error`` (public) -- the exception that closed the stream; its
+  traceback holds the frames of the stream's own methods, so a stream closed by an
+  error (a reset peer) sits in a reference cycle: :func:`release_error` drops it.
 * ``IOStream.socket`` -- the connected socket: raw ``send()`` when nothing is
   pending (order is kept because the stream is idle), ``SO_LINGER`` for an abort.
 
@@ -39,11 +42,14 @@ __all__ = [
     "idle",
     "pending_bytes",
     "plain_socket",
+    "release_error",
     "send_if_idle",
     "socket_send",
     "try_send",
     "unread_bytes",
+    "write_done",
     "write_indexes",
+    "write_total",
 ]
 
 
@@ -105,6 +111,18 @@ def write_indexes(stream: IOStream) -> tuple[int, int]:
     """``(total, done)``: bytes ever accepted by ``stream.write`` and bytes handed to the kernel."""
     s: StreamInternals = stream  # type: ignore[assignment]
     return s._total_write_index, s._total_write_done_index
+
+
+def write_total(stream: IOStream) -> int:
+    """Bytes ever accepted by ``stream.write`` (the first of :func:`write_indexes`)."""
+    s: StreamInternals = stream  # type: ignore[assignment]
+    return s._total_write_index
+
+
+def write_done(stream: IOStream) -> int:
+    """Bytes ever handed to the kernel (the second of :func:`write_indexes`)."""
+    s: StreamInternals = stream  # type: ignore[assignment]
+    return s._total_write_done_index
 
 
 def idle(stream: IOStream) -> bool:
@@ -182,3 +200,22 @@ def abort(stream: IOStream) -> None:
     except OSError:
         pass
     stream.close()
+
+
+def release_error(stream: IOStream | None) -> None:
+    """Drop the traceback of the error that closed ``stream`` (nothing if none).
+
+    ``IOStream.close(exc_info=...)`` keeps the exception in ``stream.error`` with
+    its traceback, whose frames hold the stream (``self`` of ``read_from_fd`` and
+    its callers): the stream, its socket and buffers would wait for the cyclic
+    collector. Called once the connection's close handling ran; the exception
+    itself (type, errno, message) stays for whoever reads ``stream.error``.
+    """
+    if stream is None:
+        return
+    error = stream.error
+    if error is not None and error.__traceback__ is not None:
+        error.__traceback__ = None
+        context = error.__context__
+        if context is not None:
+            context.__traceback__ = None
