@@ -183,6 +183,12 @@ FAMILIES: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
         ("code",),
         "Connections closed by the subscriptions protocol, by close code.",
     ),
+    "longconn_subscription_rate_limited": (
+        "counter",
+        ("limit",),
+        "Subscriptions protocol frames refused by a rate limit, by limit "
+        "(messages, bytes, publishes).",
+    ),
     # long-poll and SSE (all waiters)
     "longconn_longpoll_waiting": (
         "gauge",
@@ -272,7 +278,11 @@ _SUBSCRIPTION_CLOSE_CODES: Final = (
     int(CloseCode.POLICY_VIOLATION),
     int(CloseCode.UNAUTHORIZED),
     int(CloseCode.FORBIDDEN),
+    int(CloseCode.RATE_LIMITED),
 )
+
+#: The rate limits of the subscriptions protocol (always exported, 0 or more).
+_RATE_LIMITS: Final = ("bytes", "messages", "publishes")
 
 _UPLOAD_FAILURES: Final = (
     ("aborted", "aborted"),
@@ -478,6 +488,11 @@ class LongConnCollector(Collector):
         by_close.update(subs.closed)
         for close_code, count in sorted(by_close.items()):
             closes.add((str(close_code),), count)
+        limited = fam("longconn_subscription_rate_limited")
+        by_limit = dict.fromkeys(_RATE_LIMITS, 0)
+        by_limit.update(subs.rate_limited)
+        for limit, count in sorted(by_limit.items()):
+            limited.add((limit,), count)
 
     def _broadcast(self, fam: Any) -> None:
         snapshots = [hub.stats() for hub in self.hubs]

@@ -86,6 +86,7 @@ from .log import Cursor, HistoryLimit
 from .logfields import log_fields
 from .presence import Member, PresenceEvent, PresenceStore, presence_of
 from .presence_users import UserRegistry, users_of
+from .ratelimit import ConnectionRateLimiter, RateLimits
 from .stats import COUNTER, GAUGE, TALLY
 
 __all__ = [
@@ -141,7 +142,10 @@ class SubscriptionStats:
     ``subscribed`` / ``unsubscribed`` / ``published`` / ``calls`` requests that
     succeeded, ``errors`` error replies by code (a tally, e.g. ``forbidden``,
     ``limit``), ``protocol_errors`` malformed frames, ``closed`` connections
-    closed by the protocol by close code (a tally: 1008, 4401, 4403).
+    closed by the protocol by close code (a tally: 1008, 4401, 4403, 4429),
+    ``rate_limited`` requests refused by a rate limit, by limit (a tally:
+    ``messages``, ``bytes``, ``publishes``; each also counted in ``errors`` as
+    ``limit``).
     """
 
     connections: int = field(default=0, metadata=GAUGE)
@@ -153,6 +157,7 @@ class SubscriptionStats:
     protocol_errors: int = field(default=0, metadata=COUNTER)
     errors: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
     closed: tuple[tuple[int, int], ...] = field(default=(), metadata=TALLY)
+    rate_limited: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
 
 
 class SubscriptionCounters:
@@ -170,6 +175,7 @@ class SubscriptionCounters:
     __slots__ = (
         "_closed",
         "_errors",
+        "_rate_limited",
         "calls",
         "connections",
         "protocol_errors",
@@ -189,6 +195,7 @@ class SubscriptionCounters:
         self.protocol_errors = 0
         self._errors: dict[str, int] = {}
         self._closed: dict[int, int] = {}
+        self._rate_limited: dict[str, int] = {}
 
     @classmethod
     def for_application(cls, application: tornado.web.Application) -> SubscriptionCounters:
@@ -208,6 +215,10 @@ class SubscriptionCounters:
         """Count one connection closed by the protocol with ``code``."""
         self._closed[code] = self._closed.get(code, 0) + 1
 
+    def rate_limit(self, kind: str) -> None:
+        """Count one request refused by the rate limit ``kind``."""
+        self._rate_limited[kind] = self._rate_limited.get(kind, 0) + 1
+
     def stats(self) -> SubscriptionStats:
         """A snapshot (:class:`SubscriptionStats`)."""
         return SubscriptionStats(
@@ -220,6 +231,7 @@ class SubscriptionCounters:
             protocol_errors=self.protocol_errors,
             errors=tuple(sorted(self._errors.items())),
             closed=tuple(sorted(self._closed.items())),
+            rate_limited=tuple(sorted(self._rate_limited.items())),
         )
 
 
@@ -341,6 +353,12 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
       not read until one finishes (inbound flow control, nothing is refused).
     * ``require_user`` (False) -- close with 4401 at ``open`` when
       ``current_user`` is None.
+    * ``rate_limits`` (None: none) -- a :class:`~tornado_longconn.ratelimit.RateLimits`:
+      inbound frames/s, bytes/s and publishes/s per topic of this connection. A
+      frame beyond a limit is not handled: it is answered with the error
+      ``limit`` (429) and counted (``subscription_stats(app).rate_limited``);
+      past ``max_breaches`` such answers the connection is closed with 4429
+      (``CloseCode.RATE_LIMITED``). Other connections are not affected.
     """
 
     subscription_hub: BroadcastHub | None = None
@@ -353,6 +371,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     require_user: bool = False
+    rate_limits: RateLimits | None = None
 
     def __init__(
         self,
@@ -375,6 +394,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         # None until the first one, so a connection without presence pays nothing.
         self._presence: dict[str, bool] | None = None
         self._registered_user: str | None = None
+        self._limiter: ConnectionRateLimiter | None = None
         #: This connection's id, sent in ``welcome`` as ``client``.
         self.client_id = secrets.token_hex(8)
         super().__init__(application, request, **kwargs)
@@ -448,6 +468,8 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         # its close hooks, made once here rather than on the first subscribe.
         BackpressureWriter.of(self, **options)
         _members_of(self)
+        if self.rate_limits is not None:
+            self._limiter = ConnectionRateLimiter(self.rate_limits)
         self._send({"type": "welcome", "v": PROTOCOL_VERSION, "client": self.client_id})
         registry = users_of(self)
         if registry is not None:
@@ -462,9 +484,17 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         Returns an awaitable (Tornado then reads no more) while ``max_inflight``
         requests are being handled.
         """
+        limiter = self._limiter
+        breach = None
+        if limiter is not None:
+            size = len(message) if isinstance(message, bytes) else len(message.encode("utf-8"))
+            breach = limiter.check_message(time.monotonic(), size)
         try:
             request = parse_frame(message, max_size=self.max_frame_size)
         except ProtocolError as exc:
+            if breach is not None:
+                self._rate_limited(breach, exc.id, exc.topic)
+                return None
             self._protocol_error(exc)
             return None
         except Exception:  # a parser bug must not kill the connection's loop
@@ -472,6 +502,13 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             self._error(None, "internal", "internal error")
             return None
         kind = request.type
+        if limiter is not None and breach is None and kind == "publish":
+            assert request.topic is not None
+            breach = limiter.check_publish(time.monotonic(), request.topic)
+        if breach is not None:
+            if kind != "pong":  # a late pong is not answered; the heartbeat judges it
+                self._rate_limited(breach, request.id, request.topic)
+            return None
         if kind == "pong":
             return None
         rid = request.id
@@ -559,6 +596,19 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             self._slot = None
             if not slot.done():
                 slot.set_result(None)
+
+    def _rate_limited(self, kind: str, id: int | str | None, topic: str | None) -> None:
+        """Answer a frame refused by the rate limit ``kind``; close with 4429 past the breaches.
+
+        Frames read after the close began are dropped uncounted.
+        """
+        if self._gone():
+            return
+        self.subscription_counters.rate_limit(kind)
+        self._error(id, "limit", f"rate limit: too many {kind}", topic)
+        limiter = self._limiter
+        if limiter is not None and limiter.exhausted:
+            self._refuse(int(CloseCode.RATE_LIMITED), "rate limited")
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         counters = self.subscription_counters

@@ -1,0 +1,145 @@
+"""Production controls over real sockets: rate limits and connection caps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import tornado.web
+import tornado.websocket
+import websockets
+from prometheus_client import generate_latest
+from prometheus_client.registry import CollectorRegistry
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from tornado_longconn import BroadcastHub, CloseCode, MemoryBackend
+from tornado_longconn.metrics import LongConnCollector
+from tornado_longconn.ratelimit import RateLimits
+from tornado_longconn.subscriptions import SubscriptionMixin, subscription_stats
+from tornado_longconn.testing import AppServer, scaled
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Open(SubscriptionMixin, tornado.websocket.WebSocketHandler):
+    """Anyone may publish anywhere; the limits come from the route."""
+
+    def initialize(self, hub: BroadcastHub, **settings: Any) -> None:
+        self.subscription_hub = hub
+        for key, value in settings.items():
+            setattr(self, key, value)
+
+    def authorize_publish(self, topic: str, data: Any) -> bool:
+        return True
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[BroadcastHub]:
+    hub = BroadcastHub(MemoryBackend(epoch="ep"), history=1000)
+    yield hub
+    await hub.close(spread=0)
+
+
+def make_app(hub: BroadcastHub, **settings: Any) -> tornado.web.Application:
+    return tornado.web.Application([(r"/ws", Open, {"hub": hub, **settings})])
+
+
+async def connect(server: AppServer) -> ClientConnection:
+    ws = await websockets.connect(server.ws_url("/ws"), max_size=None)
+    welcome = json.loads(await asyncio.wait_for(ws.recv(), scaled(10)))
+    assert welcome["type"] == "welcome"
+    return ws
+
+
+async def recv(ws: ClientConnection) -> Any:
+    return json.loads(await asyncio.wait_for(ws.recv(), scaled(10)))
+
+
+async def drain_frames(ws: ClientConnection) -> list[Any]:
+    """Every frame until the server closes the connection."""
+    frames = []
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            frames.append(await recv(ws))
+    return frames
+
+
+LIMITS = RateLimits(messages_per_second=20, message_burst=20, max_breaches=5)
+
+
+async def test_flooder_gets_limit_errors_then_4429_others_unaffected(hub: BroadcastHub) -> None:
+    async with AppServer(make_app(hub, rate_limits=LIMITS)) as server:
+        reader = await connect(server)
+        await reader.send(json.dumps({"type": "subscribe", "id": 1, "topic": "room"}))
+        assert (await recv(reader))["type"] == "subscribed"
+        good = await connect(server)
+        flooder = await connect(server)
+        # 10x the burst in one go
+        with contextlib.suppress(ConnectionClosed):
+            for i in range(200):
+                frame = {"type": "publish", "id": i, "topic": "flood", "data": i}
+                await flooder.send(json.dumps(frame))
+        frames = await drain_frames(flooder)
+        assert flooder.close_code == CloseCode.RATE_LIMITED == 4429
+        errors = [f for f in frames if f.get("type") == "error"]
+        published = [f for f in frames if f.get("type") == "published"]
+        assert len(errors) == LIMITS.max_breaches + 1
+        assert all(e["code"] == "limit" and e["status"] == 429 for e in errors)
+        assert {e["id"] for e in errors}.isdisjoint(p["id"] for p in published)
+        assert len(published) >= 20
+        # the well-behaved client on the same server: every message delivered
+        for i in range(10):
+            await good.send(json.dumps({"type": "publish", "id": i, "topic": "room", "data": i}))
+            assert (await recv(good))["type"] == "published"
+        got = [await recv(reader) for _ in range(10)]
+        assert [m["data"] for m in got] == list(range(10))
+        stats = subscription_stats(server.app)
+        limited = dict(stats.rate_limited)
+        assert limited == {"messages": LIMITS.max_breaches + 1}
+        assert dict(stats.closed) == {4429: 1}
+        assert dict(stats.errors)["limit"] == LIMITS.max_breaches + 1
+        registry = CollectorRegistry()
+        registry.register(LongConnCollector(application=server.app))
+        text = generate_latest(registry).decode()
+        assert 'longconn_subscription_rate_limited_total{limit="messages"} 6' in text
+        assert 'longconn_subscription_closes_total{code="4429"} 1' in text
+        await good.close()
+        await reader.close()
+
+
+async def test_publish_rate_per_topic(hub: BroadcastHub) -> None:
+    limits = RateLimits(publishes_per_second=0.01, publish_burst=2, max_breaches=100)
+    async with AppServer(make_app(hub, rate_limits=limits)) as server:
+        ws = await connect(server)
+        answers = []
+        for i, topic in enumerate(["a", "a", "a", "b", "b", "b"]):
+            await ws.send(json.dumps({"type": "publish", "id": i, "topic": topic, "data": i}))
+            answers.append(await recv(ws))
+        kinds = [(a["type"], a.get("code")) for a in answers]
+        ok, limited = ("published", None), ("error", "limit")
+        assert kinds == [ok, ok, limited, ok, ok, limited]
+        assert answers[2]["topic"] == "a" and answers[2]["id"] == 2
+        # other requests of the connection still work
+        await ws.send(json.dumps({"type": "subscribe", "id": 99, "topic": "a"}))
+        assert (await recv(ws))["type"] == "subscribed"
+        assert dict(subscription_stats(server.app).rate_limited) == {"publishes": 2}
+        await ws.close()
+
+
+async def test_bytes_rate(hub: BroadcastHub) -> None:
+    limits = RateLimits(bytes_per_second=1, byte_burst=300, max_breaches=0)
+    async with AppServer(make_app(hub, rate_limits=limits)) as server:
+        ws = await connect(server)
+        big = {"type": "publish", "id": 1, "topic": "t", "data": "x" * 200}
+        await ws.send(json.dumps(big))
+        assert (await recv(ws))["type"] == "published"
+        await ws.send(json.dumps({**big, "id": 2}))
+        frames = await drain_frames(ws)
+        assert [(f["type"], f["code"], f["id"]) for f in frames] == [("error", "limit", 2)]
+        assert ws.close_code == 4429
+        assert dict(subscription_stats(server.app).rate_limited) == {"bytes": 1}
