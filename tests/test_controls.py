@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 import tornado.web
 import tornado.websocket
@@ -17,10 +18,13 @@ from prometheus_client.registry import CollectorRegistry
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from tests.helpers import wait_until
 from tornado_longconn import BroadcastHub, CloseCode, MemoryBackend
+from tornado_longconn.longpoll import LongPollWaiter
 from tornado_longconn.metrics import LongConnCollector
 from tornado_longconn.ratelimit import RateLimits
 from tornado_longconn.subscriptions import SubscriptionMixin, subscription_stats
+from tornado_longconn.subscriptions_http import SubscriptionPollHandler, SubscriptionSSEHandler
 from tornado_longconn.testing import AppServer, scaled
 
 pytestmark = pytest.mark.timeout(60)
@@ -143,3 +147,84 @@ async def test_bytes_rate(hub: BroadcastHub) -> None:
         assert [(f["type"], f["code"], f["id"]) for f in frames] == [("error", "limit", 2)]
         assert ws.close_code == 4429
         assert dict(subscription_stats(server.app).rate_limited) == {"bytes": 1}
+
+
+class Streams(SubscriptionSSEHandler):
+    max_connections_per_ip = 2
+
+
+class Polls(SubscriptionPollHandler):
+    max_connections_per_ip = 2
+
+
+async def test_websockets_per_ip_cap(hub: BroadcastHub) -> None:
+    app = make_app(hub, max_connections_per_ip=3)
+    async with AppServer(app) as server:
+        kept = [await connect(server) for _ in range(3)]
+        refused = await websockets.connect(server.ws_url("/ws"))
+        assert await drain_frames(refused) == []  # no welcome: closed at once
+        assert refused.close_code == CloseCode.RATE_LIMITED
+        assert "per ip" in (refused.close_reason or "")
+        stats = subscription_stats(app)
+        assert dict(stats.refused) == {"ip": 1} and dict(stats.closed) == {4429: 1}
+        # a slot freed is a slot taken again
+        await kept.pop().close()
+        await wait_until(lambda: subscription_stats(app).connections == 2)
+        kept.append(await connect(server))
+        for ws in kept:
+            await ws.close()
+
+
+async def test_websockets_per_user_cap(hub: BroadcastHub) -> None:
+    class PerUser(Open):
+        def get_current_user(self) -> str | None:
+            return self.get_query_argument("user", None)
+
+    app = tornado.web.Application([(r"/ws", PerUser, {"hub": hub, "max_connections_per_user": 2})])
+    async with AppServer(app) as server:
+        url = server.ws_url("/ws")
+        ann = [await websockets.connect(url + "?user=ann") for _ in range(2)]
+        for ws in ann:
+            assert json.loads(await recv_raw(ws))["type"] == "welcome"
+        third = await websockets.connect(url + "?user=ann")
+        assert await drain_frames(third) == []
+        assert third.close_code == 4429
+        bob = await websockets.connect(url + "?user=bob")  # another user is not affected
+        assert json.loads(await recv_raw(bob))["type"] == "welcome"
+        assert dict(subscription_stats(app).refused) == {"user": 1}
+        for ws in [*ann, bob]:
+            await ws.close()
+
+
+async def recv_raw(ws: ClientConnection) -> Any:
+    return await asyncio.wait_for(ws.recv(), scaled(10))
+
+
+async def test_http_streams_and_polls_share_the_per_ip_cap(hub: BroadcastHub) -> None:
+    waiter = LongPollWaiter(hub.backend, linger=0)
+    app = tornado.web.Application(
+        [
+            (r"/events", Streams, {"hub": hub, "waiter": waiter}),
+            (r"/poll", Polls, {"hub": hub, "waiter": waiter}),
+        ]
+    )
+    async with AppServer(app) as server, httpx.AsyncClient(timeout=scaled(20)) as client:
+        params = {"topics": "room"}
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(2):
+                response = await stack.enter_async_context(
+                    client.stream("GET", server.url("/events"), params=params)
+                )
+                assert response.status_code == 200
+                lines = response.aiter_lines()
+                assert (await anext(lines)).startswith(("retry", "event", "id", ":"))
+            refused = await client.get(server.url("/poll"), params={**params, "timeout": "0"})
+            assert refused.status_code == 429
+            assert refused.json()["code"] == "limit"
+            assert refused.headers["Retry-After"] == "1"
+            assert dict(subscription_stats(app).refused) == {"ip": 1}
+        # the streams ended: their slots are free again
+        await wait_until(lambda: waiter.stats().waiting == 0)
+        answered = await client.get(server.url("/poll"), params={**params, "timeout": "0"})
+        assert answered.status_code == 200
+    await waiter.close()

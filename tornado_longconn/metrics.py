@@ -189,6 +189,12 @@ FAMILIES: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
         "Subscriptions protocol frames refused by a rate limit, by limit "
         "(messages, bytes, publishes).",
     ),
+    "longconn_subscription_connections_refused": (
+        "counter",
+        ("cap",),
+        "Subscriptions protocol connections (WebSocket, SSE, long-poll) refused by a "
+        "connection cap, by cap (ip, user).",
+    ),
     # long-poll and SSE (all waiters)
     "longconn_longpoll_waiting": (
         "gauge",
@@ -283,6 +289,8 @@ _SUBSCRIPTION_CLOSE_CODES: Final = (
 
 #: The rate limits of the subscriptions protocol (always exported, 0 or more).
 _RATE_LIMITS: Final = ("bytes", "messages", "publishes")
+#: The connection caps (always exported, 0 or more).
+_CAPS: Final = ("ip", "user")
 
 _UPLOAD_FAILURES: Final = (
     ("aborted", "aborted"),
@@ -493,6 +501,11 @@ class LongConnCollector(Collector):
         by_limit.update(subs.rate_limited)
         for limit, count in sorted(by_limit.items()):
             limited.add((limit,), count)
+        refused = fam("longconn_subscription_connections_refused")
+        by_cap = dict.fromkeys(_CAPS, 0)
+        by_cap.update(subs.refused)
+        for cap, count in sorted(by_cap.items()):
+            refused.add((cap,), count)
 
     def _broadcast(self, fam: Any) -> None:
         snapshots = [hub.stats() for hub in self.hubs]

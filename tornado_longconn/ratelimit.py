@@ -18,12 +18,14 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "DEFAULT_MAX_BREACHES",
     "ConnectionCap",
+    "ConnectionCaps",
     "ConnectionRateLimiter",
     "RateLimits",
     "TokenBucket",
@@ -31,6 +33,8 @@ __all__ = [
 
 #: Rate-limit breaches answered with ``limit`` before the next one closes with 4429.
 DEFAULT_MAX_BREACHES: Final = 10
+#: The application setting that holds the :class:`ConnectionCaps`.
+_CAPS_SETTING: Final = "longconn_connection_caps"
 # Per-topic publish buckets kept per connection; a new topic beyond it is refused
 # unless an idle (full) bucket can be dropped, so a client cannot grow the table.
 _MAX_PUBLISH_TOPICS: Final = 256
@@ -261,3 +265,62 @@ class ConnectionCap:
     def count(self, key: str) -> int:
         """Open connections of ``key``."""
         return self._open.get(key, 0)
+
+
+class ConnectionCaps:
+    """The connection caps of one application: one :class:`ConnectionCap` per (kind, limit).
+
+    Stored at ``application.settings["longconn_connection_caps"]`` (see
+    :meth:`for_settings`), so every handler of the application with the same
+    limit shares one count: a WebSocket and an SSE stream from one address
+    both count against ``max_connections_per_ip``.
+
+    >>> caps = ConnectionCaps()
+    >>> held, refused = caps.acquire([("ip", "10.0.0.1", 1), ("user", None, 5)])
+    >>> refused, caps.acquire([("ip", "10.0.0.1", 1)])[1]
+    (None, 'ip')
+    >>> caps.release(held); caps.acquire([("ip", "10.0.0.1", 1)])[1] is None
+    True
+    """
+
+    __slots__ = ("_caps",)
+
+    def __init__(self) -> None:
+        self._caps: dict[tuple[str, int], ConnectionCap] = {}
+
+    @classmethod
+    def for_settings(cls, settings: MutableMapping[str, Any]) -> ConnectionCaps:
+        """The caps in an application's ``settings``, created if missing."""
+        caps = settings.get(_CAPS_SETTING)
+        if caps is None:
+            caps = settings[_CAPS_SETTING] = cls()
+        if not isinstance(caps, ConnectionCaps):
+            raise TypeError(f"settings[{_CAPS_SETTING!r}] must be a ConnectionCaps")
+        return caps
+
+    def acquire(
+        self, wanted: Iterable[tuple[str, str | None, int | None]]
+    ) -> tuple[list[tuple[ConnectionCap, str]], str | None]:
+        """Count a connection in under every ``(kind, key, limit)`` (a None key or limit: skipped).
+
+        Returns what was held (give it to :meth:`release` when the connection
+        ends) and None, or ``([], kind)`` with the first cap that refused
+        (nothing is held then).
+        """
+        held: list[tuple[ConnectionCap, str]] = []
+        for kind, key, limit in wanted:
+            if key is None or limit is None:
+                continue
+            cap = self._caps.get((kind, limit))
+            if cap is None:
+                cap = self._caps[kind, limit] = ConnectionCap(limit)
+            if not cap.acquire(key):
+                self.release(held)
+                return [], kind
+            held.append((cap, key))
+        return held, None
+
+    def release(self, held: Iterable[tuple[ConnectionCap, str]]) -> None:
+        """Count out what :meth:`acquire` held."""
+        for cap, key in held:
+            cap.release(key)

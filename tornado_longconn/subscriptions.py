@@ -86,7 +86,7 @@ from .log import Cursor, HistoryLimit
 from .logfields import log_fields
 from .presence import Member, PresenceEvent, PresenceStore, presence_of
 from .presence_users import UserRegistry, users_of
-from .ratelimit import ConnectionRateLimiter, RateLimits
+from .ratelimit import ConnectionCap, ConnectionCaps, ConnectionRateLimiter, RateLimits
 from .stats import COUNTER, GAUGE, TALLY
 
 __all__ = [
@@ -145,7 +145,8 @@ class SubscriptionStats:
     closed by the protocol by close code (a tally: 1008, 4401, 4403, 4429),
     ``rate_limited`` requests refused by a rate limit, by limit (a tally:
     ``messages``, ``bytes``, ``publishes``; each also counted in ``errors`` as
-    ``limit``).
+    ``limit``), ``refused`` connections refused by a connection cap, by cap
+    (a tally: ``ip``, ``user``; WebSocket and HTTP).
     """
 
     connections: int = field(default=0, metadata=GAUGE)
@@ -158,6 +159,7 @@ class SubscriptionStats:
     errors: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
     closed: tuple[tuple[int, int], ...] = field(default=(), metadata=TALLY)
     rate_limited: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
+    refused: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
 
 
 class SubscriptionCounters:
@@ -176,6 +178,7 @@ class SubscriptionCounters:
         "_closed",
         "_errors",
         "_rate_limited",
+        "_refused",
         "calls",
         "connections",
         "protocol_errors",
@@ -196,6 +199,7 @@ class SubscriptionCounters:
         self._errors: dict[str, int] = {}
         self._closed: dict[int, int] = {}
         self._rate_limited: dict[str, int] = {}
+        self._refused: dict[str, int] = {}
 
     @classmethod
     def for_application(cls, application: tornado.web.Application) -> SubscriptionCounters:
@@ -219,6 +223,10 @@ class SubscriptionCounters:
         """Count one request refused by the rate limit ``kind``."""
         self._rate_limited[kind] = self._rate_limited.get(kind, 0) + 1
 
+    def refuse(self, cap: str) -> None:
+        """Count one connection refused by the connection cap ``cap`` (``ip``, ``user``)."""
+        self._refused[cap] = self._refused.get(cap, 0) + 1
+
     def stats(self) -> SubscriptionStats:
         """A snapshot (:class:`SubscriptionStats`)."""
         return SubscriptionStats(
@@ -232,6 +240,7 @@ class SubscriptionCounters:
             errors=tuple(sorted(self._errors.items())),
             closed=tuple(sorted(self._closed.items())),
             rate_limited=tuple(sorted(self._rate_limited.items())),
+            refused=tuple(sorted(self._refused.items())),
         )
 
 
@@ -359,6 +368,13 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
       ``limit`` (429) and counted (``subscription_stats(app).rate_limited``);
       past ``max_breaches`` such answers the connection is closed with 4429
       (``CloseCode.RATE_LIMITED``). Other connections are not affected.
+    * ``max_connections_per_ip`` / ``max_connections_per_user`` (None: no cap)
+      -- open connections of one ``request.remote_ip`` (behind a proxy, run
+      the server with ``xheaders=True``) or one :meth:`presence_user`, counted
+      in this process for every handler of the application with the same cap
+      (:class:`~tornado_longconn.ratelimit.ConnectionCaps`). A connection
+      beyond it is closed at ``open`` with 4429 and counted
+      (``subscription_stats(app).refused``).
     """
 
     subscription_hub: BroadcastHub | None = None
@@ -372,6 +388,8 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     require_user: bool = False
     rate_limits: RateLimits | None = None
+    max_connections_per_ip: int | None = None
+    max_connections_per_user: int | None = None
 
     def __init__(
         self,
@@ -395,6 +413,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         self._presence: dict[str, bool] | None = None
         self._registered_user: str | None = None
         self._limiter: ConnectionRateLimiter | None = None
+        self._held: list[tuple[ConnectionCap, str]] = []
         #: This connection's id, sent in ``welcome`` as ``client``.
         self.client_id = secrets.token_hex(8)
         super().__init__(application, request, **kwargs)
@@ -457,6 +476,18 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         if self.require_user and self.current_user is None:
             self._refuse(int(CloseCode.UNAUTHORIZED), "unauthorized")
             return
+        if self.max_connections_per_ip is not None or self.max_connections_per_user is not None:
+            caps = ConnectionCaps.for_settings(self.application.settings)
+            self._held, refused = caps.acquire(
+                (
+                    ("ip", self.request.remote_ip, self.max_connections_per_ip),
+                    ("user", self.presence_user(), self.max_connections_per_user),
+                )
+            )
+            if refused is not None:
+                counters.refuse(refused)
+                self._refuse(int(CloseCode.RATE_LIMITED), f"too many connections per {refused}")
+                return
         hub = self.get_subscription_hub()
         defaults = hub.defaults
         options: dict[str, Any] = {"policy": defaults.policy, "high_water": defaults.high_water}
@@ -559,6 +590,9 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             counters.connections -= 1
         counters.subscriptions -= self._sub_count
         self._sub_count = 0
+        if self._held:
+            ConnectionCaps.for_settings(self.application.settings).release(self._held)
+            self._held = []
         if self._presence:
             for topic in list(self._presence):
                 self._presence_leave(topic)

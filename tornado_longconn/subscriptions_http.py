@@ -43,6 +43,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import tornado.web
@@ -65,6 +66,7 @@ from .log import Cursor
 from .logfields import log_fields
 from .longpoll import DEFAULT_TIMEOUT, LongPollWaiter, PollResult, WaiterLimitError, check_timeout
 from .presence import Member, PollLeases, PresenceEvent, PresenceStore, presence_of
+from .ratelimit import ConnectionCaps
 from .sse import (
     DEFAULT_KEEPALIVE,
     DEFAULT_RETRY,
@@ -141,7 +143,11 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
     (:data:`~tornado_longconn.subscriptions.DEFAULT_MAX_TOPICS`: more topics in
     one request is answered 429), ``sse_keepalive``, ``sse_retry``,
     ``sse_high_water``, ``sse_stall_timeout`` (as
-    :class:`~tornado_longconn.sse.SSEMixin`), ``longpoll_default_timeout``.
+    :class:`~tornado_longconn.sse.SSEMixin`), ``longpoll_default_timeout``,
+    ``max_connections_per_ip`` / ``max_connections_per_user`` (None: no cap;
+    as on :class:`~tornado_longconn.subscriptions.SubscriptionMixin`, sharing
+    its counts: a stream or a poll beyond the cap is answered 429 ``limit``
+    with ``Retry-After`` and counted in ``subscription_stats(app).refused``).
     """
 
     subscription_hub: BroadcastHub | None = None
@@ -152,6 +158,8 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
     sse_high_water: int = DEFAULT_HIGH_WATER
     sse_stall_timeout: float = DEFAULT_STALL_TIMEOUT
     longpoll_default_timeout: float = DEFAULT_TIMEOUT
+    max_connections_per_ip: int | None = None
+    max_connections_per_user: int | None = None
     subscription_presence: PresenceStore | None = None
     #: Seconds a long-poll client stays present after a poll ends.
     presence_grace: float = 10.0
@@ -247,6 +255,28 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         finally:
             self._subs_task = None
 
+    async def _capped(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` counted under the connection caps, or answer 429 when one is full."""
+        if self.max_connections_per_ip is None and self.max_connections_per_user is None:
+            await work()
+            return
+        caps = ConnectionCaps.for_settings(self.application.settings)
+        held, refused = caps.acquire(
+            (
+                ("ip", self.request.remote_ip, self.max_connections_per_ip),
+                ("user", self.presence_user(), self.max_connections_per_user),
+            )
+        )
+        if refused is not None:
+            SubscriptionCounters.for_application(self.application).refuse(refused)
+            self.set_header("Retry-After", "1")
+            self._answer_error(429, "limit", f"too many connections per {refused}")
+            return
+        try:
+            await work()
+        finally:
+            caps.release(held)
+
     def subscription_client_gone(self) -> bool:
         """True once the client closed the connection."""
         return self._subs_gone
@@ -290,8 +320,13 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         messages or a resync; with an empty ``messages`` list after the timeout.
         Poll again with ``cursors`` built from the answer's ``cursors``. A
         malformed request gets 400, too many topics 429, a full waiter or a
-        failing backend 503; every status comes with ``{"code","reason"}``.
+        failing backend 503 (429 also beyond a connection cap); every status
+        comes with ``{"code","reason"}``.
         """
+        await self._capped(self._poll_subscriptions)
+
+    async def _poll_subscriptions(self) -> None:
+        """poll_subscriptions without the connection caps."""
         try:
             topics, cursors = self._requested(sse=False)
             raw_timeout = self.get_query_argument("timeout", None)
@@ -398,8 +433,13 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         where a topic cannot resume exactly. With ``?presence=1`` (and a presence
         store) also ``event: join`` / ``event: leave`` / ``event: presence_gap``
         with the protocol's event objects as data, for changes after ``ready``. Answers 400/429/503 with
-        ``{"code","reason"}`` before the stream starts.
+        ``{"code","reason"}`` before the stream starts (429 also beyond a
+        connection cap).
         """
+        await self._capped(self._stream_subscriptions)
+
+    async def _stream_subscriptions(self) -> None:
+        """stream_subscriptions without the connection caps."""
         try:
             topics, cursors = self._requested(sse=True)
             allowed, errors = await self._authorized(topics)
