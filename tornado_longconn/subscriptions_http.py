@@ -390,28 +390,34 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             return bool(result.messages)
 
         # What is there now, for every topic at once (and the heads of "from now").
-        if topics:
-            now = await asyncio.gather(*(waiter.wait(positions[t], 0, topic=t) for t in topics))
-            found = False
-            for topic, result in zip(topics, now, strict=True):
-                found |= absorb(topic, result)
-            if not found and timeout > 0:
-                tasks = {
-                    asyncio.ensure_future(waiter.wait(positions[t], timeout, topic=t)): t
-                    for t in topics
-                }
-                try:
-                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                finally:
+        # A waiter closed meanwhile (a drain) answers with what was found: no
+        # messages and the cursors as they are, and the client polls again.
+        try:
+            if topics:
+                now = await asyncio.gather(*(waiter.wait(positions[t], 0, topic=t) for t in topics))
+                found = False
+                for topic, result in zip(topics, now, strict=True):
+                    found |= absorb(topic, result)
+                if not found and timeout > 0:
+                    tasks = {
+                        asyncio.ensure_future(waiter.wait(positions[t], timeout, topic=t)): t
+                        for t in topics
+                    }
+                    try:
+                        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for task in tasks:
+                            task.cancel()
+                        await asyncio.gather(*tasks, return_exceptions=True)
                     for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                for task in tasks:
-                    if task in done and not task.cancelled():
-                        error = task.exception()
-                        if error is not None:
-                            raise error
-                        absorb(tasks[task], task.result())
+                        if task in done and not task.cancelled():
+                            error = task.exception()
+                            if error is not None:
+                                raise error
+                            absorb(tasks[task], task.result())
+        except LongConnError:
+            if not waiter.closed:
+                raise
         return _dumps(
             {
                 "messages": messages,
@@ -483,6 +489,11 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         except BackendError as exc:
             log.warning("multi-topic SSE could not start: %s", exc, extra=log_fields(self))
             self._answer_error(503, "unavailable", "backend unavailable")
+            return
+        except LongConnError:
+            if not waiter.closed:
+                raise
+            self._answer_error(503, "unavailable", "the server is shutting down")
             return
         fresh = iter(heads)
         for topic in topics:

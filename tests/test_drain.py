@@ -1,0 +1,134 @@
+"""Graceful drain under load: readiness 503, polls answered, streams ended, WebSockets 1001."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import tornado.web
+import tornado.websocket
+import websockets
+from websockets.exceptions import ConnectionClosed
+
+from tests.helpers import wait_until
+from tornado_longconn import BroadcastHub, CloseCode, MemoryBackend
+from tornado_longconn.connections import connection_stats
+from tornado_longconn.drain import ReadinessHandler, drain, is_draining
+from tornado_longconn.longpoll import LongPollWaiter
+from tornado_longconn.subscriptions import SubscriptionMixin
+from tornado_longconn.subscriptions_http import SubscriptionPollHandler, SubscriptionSSEHandler
+from tornado_longconn.testing import AppServer, scaled
+
+pytestmark = pytest.mark.timeout(60)
+
+N = 5
+
+
+class Socket(SubscriptionMixin, tornado.websocket.WebSocketHandler):
+    def initialize(self, hub: BroadcastHub) -> None:
+        self.subscription_hub = hub
+
+
+async def sse_until_end(client: httpx.AsyncClient, url: str, started: asyncio.Event) -> int:
+    """Stream until the server ends it; the status (the body must end cleanly)."""
+    async with client.stream("GET", url, params={"topics": "room"}) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("event: ready"):
+                started.set()
+        return response.status_code
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[BroadcastHub]:
+    hub = BroadcastHub(MemoryBackend(epoch="ep"), history=100)
+    yield hub
+    await hub.close(spread=0)
+
+
+async def test_drain_under_load(hub: BroadcastHub) -> None:
+    waiter = LongPollWaiter(hub.backend, linger=0)
+    # a poll on a waiter the drain does not close: the drain waits for it
+    held = LongPollWaiter(hub.backend, linger=0)
+    app = tornado.web.Application(
+        [
+            (r"/ws", Socket, {"hub": hub}),
+            (r"/events", SubscriptionSSEHandler, {"hub": hub, "waiter": waiter}),
+            (r"/poll", SubscriptionPollHandler, {"hub": hub, "waiter": waiter}),
+            (r"/held", SubscriptionPollHandler, {"hub": hub, "waiter": held}),
+            (r"/ready", ReadinessHandler),
+        ]
+    )
+    limits = httpx.Limits(max_connections=4 * N)
+    async with (
+        AppServer(app) as server,
+        httpx.AsyncClient(timeout=scaled(30), limits=limits) as client,
+        httpx.AsyncClient(timeout=scaled(30), limits=httpx.Limits(max_connections=1)) as probe,
+    ):
+        assert (await probe.get(server.url("/ready"))).json() == {"ready": True}
+        sockets = []
+        for _ in range(N):
+            ws = await websockets.connect(server.ws_url("/ws"))
+            await ws.send(json.dumps({"type": "subscribe", "id": 1, "topic": "room"}))
+            sockets.append(ws)
+        for ws in sockets:  # welcome, then subscribed
+            frames = [json.loads(await asyncio.wait_for(ws.recv(), scaled(10))) for _ in range(2)]
+            assert frames[1]["type"] == "subscribed"
+        started = [asyncio.Event() for _ in range(N)]
+        streams = [
+            asyncio.ensure_future(sse_until_end(client, server.url("/events"), ev))
+            for ev in started
+        ]
+        for ev in started:
+            await asyncio.wait_for(ev.wait(), scaled(10))
+        polls = [
+            asyncio.ensure_future(
+                client.get(server.url("/poll"), params={"topics": "room", "timeout": "60"})
+            )
+            for _ in range(N)
+        ]
+        held_poll = asyncio.ensure_future(
+            client.get(server.url("/held"), params={"topics": "room", "timeout": "60"})
+        )
+        stats = connection_stats(app)
+        await wait_until(lambda: connection_stats(app).longpoll == N + 1)
+        assert stats.sse == N
+
+        draining = asyncio.ensure_future(
+            drain(app, servers=[server.server], waiters=[waiter], hubs=[hub], spread=0.05)
+        )
+        # the poll of the held waiter keeps the drain waiting
+        await wait_until(lambda: connection_stats(app).longpoll == 1)
+        assert is_draining(app) and not draining.done()
+        ready = await probe.get(server.url("/ready"))  # a kept-alive connection
+        assert ready.status_code == 503 and ready.json() == {"ready": False}
+        assert ready.headers["Retry-After"] == "1"
+
+        answers = [await asyncio.wait_for(p, scaled(10)) for p in polls]
+        assert [a.status_code for a in answers] == [200] * N
+        for answer in answers:
+            body = answer.json()
+            assert body["messages"] == [] and set(body["cursors"]) == {"room"}
+        assert await asyncio.wait_for(asyncio.gather(*streams), scaled(10)) == [200] * N
+        for ws in sockets:
+            with contextlib.suppress(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), scaled(10))
+            assert ws.close_code == CloseCode.GOING_AWAY
+
+        await held.close()  # the last poll is answered: the drain finishes
+        left = await asyncio.wait_for(draining, scaled(10))
+        assert (await held_poll).status_code == 200
+        assert left.sse == 0 and left.longpoll == 0
+    await waiter.close()
+
+
+async def test_readiness_head_and_get() -> None:
+    app = tornado.web.Application([(r"/ready", ReadinessHandler)])
+    async with AppServer(app) as server, httpx.AsyncClient() as client:
+        assert (await client.head(server.url("/ready"))).status_code == 200
+        await drain(app)
+        head = await client.head(server.url("/ready"))
+        assert head.status_code == 503 and head.content == b""
