@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +17,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import wait_until
+from tests.test_demo import DemoServer
 from tornado_longconn import BroadcastHub, CloseCode, MemoryBackend
 from tornado_longconn.connections import connection_stats
 from tornado_longconn.drain import ReadinessHandler, drain, is_draining
@@ -33,9 +36,11 @@ class Socket(SubscriptionMixin, tornado.websocket.WebSocketHandler):
         self.subscription_hub = hub
 
 
-async def sse_until_end(client: httpx.AsyncClient, url: str, started: asyncio.Event) -> int:
+async def sse_until_end(
+    client: httpx.AsyncClient, url: str, started: asyncio.Event, topics: str = "room"
+) -> int:
     """Stream until the server ends it; the status (the body must end cleanly)."""
-    async with client.stream("GET", url, params={"topics": "room"}) as response:
+    async with client.stream("GET", url, params={"topics": topics}) as response:
         async for line in response.aiter_lines():
             if line.startswith("event: ready"):
                 started.set()
@@ -132,3 +137,43 @@ async def test_readiness_head_and_get() -> None:
         await drain(app)
         head = await client.head(server.url("/ready"))
         assert head.status_code == 503 and head.content == b""
+
+
+async def test_demo_drains_on_sigterm(tmp_path: Path) -> None:
+    """SIGTERM: pending polls answered 200, SSE streams ended, WebSockets closed with 1001."""
+    server = DemoServer(tmp_path)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=scaled(30)) as client:
+            ws = await websockets.connect(f"ws://127.0.0.1:{server.port}/ws?user=ann")
+            await ws.send(json.dumps({"type": "subscribe", "id": 1, "topic": "room:lobby"}))
+            while json.loads(await asyncio.wait_for(ws.recv(), scaled(10))).get("id") != 1:
+                pass
+            started = asyncio.Event()
+            stream = asyncio.ensure_future(sse_until_end(client, "/sse", started, "room:lobby"))
+            await asyncio.wait_for(started.wait(), scaled(10))
+            poll = asyncio.ensure_future(
+                client.get("/poll", params={"topics": "room:lobby", "timeout": "60"})
+            )
+
+            async def poll_waiting() -> None:
+                while True:
+                    inspect = (await client.get("/api/inspect")).json()
+                    if inspect["connections"]["longpoll"] == 1:
+                        return
+
+            await asyncio.wait_for(poll_waiting(), scaled(10))
+            assert (await client.get("/ready")).json() == {"ready": True}
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(stream, scaled(15)) == 200
+            answer = await asyncio.wait_for(poll, scaled(15))
+            assert answer.status_code == 200 and answer.json()["messages"] == []
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), scaled(10))
+            assert ws.close_code == CloseCode.GOING_AWAY
+            assert await asyncio.wait_for(server.proc.wait(), scaled(15)) == 0
+        assert not [line for line in server.output if " 500 " in line or "Traceback" in line]
+    finally:
+        await server.stop()
