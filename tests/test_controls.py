@@ -18,7 +18,7 @@ from prometheus_client.registry import CollectorRegistry
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from tests.helpers import wait_until
+from tests.helpers import load_example, wait_until
 from tornado_longconn import BroadcastHub, CloseCode, MemoryBackend
 from tornado_longconn.longpoll import LongPollWaiter
 from tornado_longconn.metrics import LongConnCollector
@@ -228,3 +228,90 @@ async def test_http_streams_and_polls_share_the_per_ip_cap(hub: BroadcastHub) ->
         answered = await client.get(server.url("/poll"), params={**params, "timeout": "0"})
         assert answered.status_code == 200
     await waiter.close()
+
+
+# -- docs/examples/controls_app.py: the three ways to say who a client is ------------
+
+EXAMPLE = load_example("controls_app")
+SECRET = "s" * 32
+
+
+@contextlib.asynccontextmanager
+async def example_server(hub: BroadcastHub) -> AsyncIterator[AppServer]:
+    waiter = LongPollWaiter(hub.backend, linger=0)
+    app = EXAMPLE.make_app(
+        hub, waiter, cookie_secret=SECRET, allowed_origins=frozenset({"https://app.example"})
+    )
+    async with AppServer(app) as server:
+        yield server
+    await waiter.close()
+
+
+async def welcomed(url: str, **kwargs: Any) -> ClientConnection:
+    ws = await websockets.connect(url, **kwargs)
+    assert json.loads(await recv_raw(ws))["type"] == "welcome"
+    return ws
+
+
+async def call(ws: ClientConnection, rid: int, method: str, params: Any = None) -> Any:
+    await ws.send(json.dumps({"type": "call", "id": rid, "method": method, "params": params}))
+    return await recv(ws)
+
+
+async def test_example_cookie_identity(hub: BroadcastHub) -> None:
+    async with example_server(hub) as server:
+        cookie = tornado.web.create_signed_value(SECRET, "user", "alice").decode()
+        url = server.ws_url("/ws/cookie")
+        ws = await welcomed(url, additional_headers={"Cookie": f"user={cookie}"})
+        await ws.send(json.dumps({"type": "subscribe", "id": 1, "topic": "room:1"}))
+        assert (await recv(ws))["type"] == "subscribed"
+        await ws.close()
+        anonymous = await websockets.connect(url)
+        assert await drain_frames(anonymous) == []
+        assert anonymous.close_code == CloseCode.UNAUTHORIZED
+        # another site's page cannot use the cookie
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(url, origin=websockets.Origin("https://evil.example"))
+        assert refused.value.response.status_code == 403
+
+
+async def test_example_header_identity(hub: BroadcastHub) -> None:
+    async with example_server(hub) as server:
+        url = server.ws_url("/ws/header")
+        ws = await welcomed(url, additional_headers={"Authorization": "Bearer t-bob"})
+        await ws.close()
+        wrong = await websockets.connect(url, additional_headers={"Authorization": "Bearer nope"})
+        assert await drain_frames(wrong) == []
+        assert wrong.close_code == CloseCode.UNAUTHORIZED
+
+
+async def test_example_token_in_first_message_and_expiry(hub: BroadcastHub) -> None:
+    async with example_server(hub) as server:
+        url = server.ws_url("/ws/token")
+        ws = await welcomed(url)
+        await ws.send(json.dumps({"type": "subscribe", "id": 1, "topic": "room:1"}))
+        refused = await recv(ws)
+        assert refused["code"] == "unauthorized" and refused["status"] == 401
+        answer = await call(ws, 2, "auth", {"token": "t-alice"})
+        assert answer["result"]["user"] == "alice"
+        await ws.send(json.dumps({"type": "subscribe", "id": 3, "topic": "room:1"}))
+        assert (await recv(ws))["type"] == "subscribed"
+        await ws.close()
+
+        bad = await welcomed(url)
+        answer = await call(bad, 1, "auth", {"token": "stolen?"})
+        assert answer["code"] == "unauthorized"
+        assert await drain_frames(bad) == []
+        assert bad.close_code == CloseCode.UNAUTHORIZED
+
+
+async def test_example_session_lapses_with_4401(
+    hub: BroadcastHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(EXAMPLE.TokenLive, "session_ttl", scaled(0.2))
+    async with example_server(hub) as server:
+        ws = await welcomed(server.ws_url("/ws/token"))
+        assert (await call(ws, 1, "auth", {"token": "t-alice"}))["result"]["user"] == "alice"
+        assert await drain_frames(ws) == []  # nothing until the session lapses
+        assert ws.close_code == CloseCode.UNAUTHORIZED
+        assert ws.close_reason == "session expired"
