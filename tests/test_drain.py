@@ -25,6 +25,8 @@ from tornado_longconn.longpoll import LongPollWaiter
 from tornado_longconn.subscriptions import SubscriptionMixin
 from tornado_longconn.subscriptions_http import SubscriptionPollHandler, SubscriptionSSEHandler
 from tornado_longconn.testing import AppServer, scaled
+from tornado_longconn.upload import UploadStore
+from tornado_longconn.upload_tus import TusUploadHandler
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -177,3 +179,38 @@ async def test_demo_drains_on_sigterm(tmp_path: Path) -> None:
         assert not [line for line in server.output if " 500 " in line or "Traceback" in line]
     finally:
         await server.stop()
+
+
+async def test_drain_lets_an_upload_in_flight_finish(tmp_path: Path) -> None:
+    store = UploadStore(tmp_path / "uploads", max_size=1 << 20)
+    app = tornado.web.Application(TusUploadHandler.routes("/files", store=store))
+    tus = {"Tus-Resumable": "1.0.0"}
+    async with AppServer(app) as server, httpx.AsyncClient() as client:
+        created = await client.post(server.url("/files/"), headers={**tus, "Upload-Length": "100"})
+        assert created.status_code == 201
+        path = created.headers["Location"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+            "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+            "Content-Length: 100\r\n\r\n".encode()
+            + b"a" * 50
+        )
+        await writer.drain()
+        await wait_until(lambda: store.stats().active == 1)
+        draining = asyncio.ensure_future(
+            drain(app, servers=[server.server], upload_stores=[store], timeout=scaled(30))
+        )
+        await wait_until(lambda: is_draining(app))
+        assert not draining.done()  # the upload holds it
+        writer.write(b"b" * 50)  # the rest of the body
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), scaled(10))
+        assert status.startswith(b"HTTP/1.1 204")
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), scaled(10))).lower()
+        assert b"upload-offset: 100\r\n" in head
+        await asyncio.wait_for(draining, scaled(10))
+        writer.close()
+        assert store.stats().completed == 1
+    await store.drain_tasks()
+    store.close()

@@ -11,7 +11,8 @@ SSE streams end cleanly (the waiters are closed), the WebSockets of the hubs'
 groups are closed with 1001 (going away) in jittered batches
 (:meth:`BroadcastHub.close <tornado_longconn.broadcast.BroadcastHub.close>`),
 then it waits, at most ``timeout`` seconds, until no SSE stream or long-poll of
-``app`` is open, and finally closes the servers' remaining (idle keep-alive)
+``app`` is open and no upload request of ``upload_stores`` is still writing
+(an upload in flight finishes its body, so its offset is durable), and finally closes the servers' remaining (idle keep-alive)
 HTTP connections. Return from ``main()`` only after it: ``asyncio.run``
 cancels the tasks still running, and Tornado answers a cancelled request
 with 500.
@@ -39,6 +40,7 @@ from .broadcast import BroadcastHub
 from .codes import CloseCode
 from .connections import ConnectionCounters, ConnectionStats
 from .longpoll import LongPollWaiter
+from .upload import UploadStore
 
 __all__ = ["DEFAULT_DRAIN_TIMEOUT", "DrainState", "ReadinessHandler", "drain", "is_draining"]
 
@@ -104,6 +106,7 @@ async def drain(
     servers: Iterable[tornado.httpserver.HTTPServer] = (),
     waiters: Iterable[LongPollWaiter] = (),
     hubs: Iterable[BroadcastHub] = (),
+    upload_stores: Iterable[UploadStore] = (),
     batch: int | None = None,
     spread: float | None = None,
     timeout: float = DEFAULT_DRAIN_TIMEOUT,
@@ -112,7 +115,8 @@ async def drain(
 
     ``batch`` and ``spread`` go to :meth:`BroadcastHub.close` (None: the hub's
     ``close_batch`` / ``close_spread``). ``timeout`` bounds the wait for SSE
-    streams and long-polls to end. Returns the application's connection
+    streams and long-polls to end, and for the upload requests (tus ``PATCH``,
+    chunked ``PUT``) of ``upload_stores`` to finish writing their body. Returns the application's connection
     counters at the end (:class:`~tornado_longconn.connections.ConnectionStats`):
     ``sse`` and ``longpoll`` are 0 unless the timeout passed. WebSockets outside
     the hubs' groups are not closed here: close them yourself (with
@@ -131,11 +135,18 @@ async def drain(
         )
     )
     counters = ConnectionCounters.for_application(app)
+    waits = [counters.wait_closed(("sse", "longpoll"))]
+    waits += [store.wait_writers() for store in upload_stores]
     try:
-        await asyncio.wait_for(counters.wait_closed(("sse", "longpoll")), timeout)
+        await asyncio.wait_for(asyncio.gather(*waits), timeout)
     except asyncio.TimeoutError:
         left: Any = counters.stats()
-        log.warning("drain: %d SSE streams, %d long-polls still open", left.sse, left.longpoll)
+        log.warning(
+            "drain: %d SSE streams, %d long-polls or uploads still open after %g s",
+            left.sse,
+            left.longpoll,
+            timeout,
+        )
     for server in servers:
         await server.close_all_connections()
     return counters.stats()

@@ -1031,9 +1031,11 @@ async def main() -> None:
     sweeper.stop()
     # /ready answers 503, the server stops listening, pending long-polls are answered
     # and SSE streams end, members get 1001 "going away" in jittered batches; then it
-    # waits for the streams and polls to finish (returning earlier would cancel their
+    # waits for the streams, polls and upload requests to finish (returning earlier would cancel their
     # handlers, which Tornado answers with 500).
-    await drain(app, servers=[server], waiters=[demo.waiter], hubs=[demo.hub])
+    await drain(
+        app, servers=[server], waiters=[demo.waiter], hubs=[demo.hub], upload_stores=[demo.store]
+    )
     await demo.presence.close()  # this process's members leave at once
     await backend.close()
     demo.store.close()
