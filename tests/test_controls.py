@@ -24,7 +24,11 @@ from tornado_longconn.longpoll import LongPollWaiter
 from tornado_longconn.metrics import LongConnCollector
 from tornado_longconn.ratelimit import RateLimits
 from tornado_longconn.subscriptions import SubscriptionMixin, subscription_stats
-from tornado_longconn.subscriptions_http import SubscriptionPollHandler, SubscriptionSSEHandler
+from tornado_longconn.subscriptions_http import (
+    SubscriptionPollHandler,
+    SubscriptionPublishHandler,
+    SubscriptionSSEHandler,
+)
 from tornado_longconn.testing import AppServer, scaled
 
 pytestmark = pytest.mark.timeout(60)
@@ -315,3 +319,52 @@ async def test_example_session_lapses_with_4401(
         assert await drain_frames(ws) == []  # nothing until the session lapses
         assert ws.close_code == CloseCode.UNAUTHORIZED
         assert ws.close_reason == "session expired"
+
+
+class UserPublish(SubscriptionPublishHandler):
+    rate_limits = RateLimits(user_publishes_per_second=0.01, user_publish_burst=2)
+
+    def get_current_user(self) -> str | None:
+        return self.get_query_argument("user", None)
+
+    def authorize_publish(self, topic: str, data: Any) -> bool:
+        return True
+
+
+async def test_user_publish_limit_spans_connections_and_http(hub: BroadcastHub) -> None:
+    class PerUser(Open):
+        def get_current_user(self) -> str | None:
+            return self.get_query_argument("user", None)
+
+    limits = RateLimits(user_publishes_per_second=0.01, user_publish_burst=2, max_breaches=100)
+    app = tornado.web.Application(
+        [
+            (r"/ws", PerUser, {"hub": hub, "rate_limits": limits}),
+            (r"/publish", UserPublish, {"hub": hub}),
+        ]
+    )
+    async with AppServer(app) as server, httpx.AsyncClient() as client:
+        url = server.ws_url("/ws")
+        first = await welcomed(url + "?user=ann")
+        second = await welcomed(url + "?user=ann")
+        bob = await welcomed(url + "?user=bob")
+
+        async def publish(ws: ClientConnection, rid: int, topic: str = "room") -> Any:
+            await ws.send(json.dumps({"type": "publish", "id": rid, "topic": topic, "data": 1}))
+            return await recv(ws)
+
+        assert (await publish(first, 1))["type"] == "published"
+        assert (await publish(second, 1))["type"] == "published"
+        refused = await publish(first, 2)  # ann's burst is spent, on any connection
+        assert refused["code"] == "limit" and "user_publishes" in refused["reason"]
+        over_http = await client.post(
+            server.url("/publish?user=ann"), json={"topic": "room", "data": 1}
+        )
+        assert over_http.status_code == 429 and over_http.json()["code"] == "limit"
+        assert (await publish(first, 3, "other"))["type"] == "published"  # another topic
+        assert (await publish(bob, 1))["type"] == "published"  # another user
+        ok = await client.post(server.url("/publish?user=bob"), json={"topic": "room", "data": 2})
+        assert ok.status_code == 200
+        assert dict(subscription_stats(app).rate_limited) == {"user_publishes": 2}
+        for ws in (first, second, bob):
+            await ws.close()

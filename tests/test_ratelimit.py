@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from tornado_longconn.ratelimit import (
     ConnectionCap,
     ConnectionRateLimiter,
+    KeyedBuckets,
     RateLimits,
     TokenBucket,
 )
@@ -151,3 +152,20 @@ def test_cap_never_exceeds_limit(ops: list[tuple[bool, str]]) -> None:
             cap.release(key)
             model[key] -= 1
         assert cap.count(key) == model.get(key, 0) <= 3
+
+
+@given(st.lists(st.tuples(st.integers(0, 20), st.floats(0, 1, allow_nan=False)), max_size=200))
+def test_keyed_buckets_stay_bounded(ops: list[tuple[int, float]]) -> None:
+    buckets = KeyedBuckets(rate=1, burst=2, max_keys=5)
+    now = 0.0
+    for key, step in ops:
+        now += step
+        buckets.try_take(key, now)
+        assert len(buckets) <= 5
+
+
+def test_keyed_buckets_limit_each_key() -> None:
+    buckets = KeyedBuckets(rate=1, burst=2)
+    assert [buckets.try_take("a", 0.0) for _ in range(3)] == [True, True, False]
+    assert buckets.try_take("b", 0.0)
+    assert buckets.try_take("a", 1.0)

@@ -187,7 +187,7 @@ FAMILIES: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
         "counter",
         ("limit",),
         "Subscriptions protocol frames refused by a rate limit, by limit "
-        "(messages, bytes, publishes).",
+        "(messages, bytes, publishes, user_publishes).",
     ),
     "longconn_subscription_connections_refused": (
         "counter",
@@ -288,7 +288,7 @@ _SUBSCRIPTION_CLOSE_CODES: Final = (
 )
 
 #: The rate limits of the subscriptions protocol (always exported, 0 or more).
-_RATE_LIMITS: Final = ("bytes", "messages", "publishes")
+_RATE_LIMITS: Final = ("bytes", "messages", "publishes", "user_publishes")
 #: The connection caps (always exported, 0 or more).
 _CAPS: Final = ("ip", "user")
 

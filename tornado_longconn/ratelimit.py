@@ -27,14 +27,20 @@ __all__ = [
     "ConnectionCap",
     "ConnectionCaps",
     "ConnectionRateLimiter",
+    "KeyedBuckets",
     "RateLimits",
     "TokenBucket",
+    "user_publish_buckets",
 ]
 
 #: Rate-limit breaches answered with ``limit`` before the next one closes with 4429.
 DEFAULT_MAX_BREACHES: Final = 10
 #: The application setting that holds the :class:`ConnectionCaps`.
 _CAPS_SETTING: Final = "longconn_connection_caps"
+#: The application setting that holds the per-user publish buckets.
+_USER_SETTING: Final = "longconn_user_publish_buckets"
+# (user, topic) buckets kept per application for the per-user publish limit.
+_MAX_USER_KEYS: Final = 100_000
 # Per-topic publish buckets kept per connection; a new topic beyond it is refused
 # unless an idle (full) bucket can be dropped, so a client cannot grow the table.
 _MAX_PUBLISH_TOPICS: Final = 256
@@ -107,6 +113,9 @@ class RateLimits:
       always refused).
     * ``publishes_per_second`` / ``publish_burst`` -- ``publish`` requests per
       topic.
+    * ``user_publishes_per_second`` / ``user_publish_burst`` -- ``publish``
+      requests per topic per user (``presence_user()``), summed over the user's
+      connections in this process (and the HTTP publish handler's requests).
     * ``max_breaches`` (:data:`DEFAULT_MAX_BREACHES`) -- breaches answered with
       the error ``limit``; the next one closes the connection with 4429
       (``CloseCode.RATE_LIMITED``).
@@ -123,6 +132,8 @@ class RateLimits:
     byte_burst: float | None = None
     publishes_per_second: float | None = None
     publish_burst: float | None = None
+    user_publishes_per_second: float | None = None
+    user_publish_burst: float | None = None
     max_breaches: int = DEFAULT_MAX_BREACHES
 
     def message_burst_or_default(self) -> float:
@@ -136,6 +147,10 @@ class RateLimits:
     def publish_burst_or_default(self) -> float:
         """``publish_burst``, else one second of ``publishes_per_second``."""
         return _burst(self.publishes_per_second, self.publish_burst)
+
+    def user_publish_burst_or_default(self) -> float:
+        """``user_publish_burst``, else one second of ``user_publishes_per_second``."""
+        return _burst(self.user_publishes_per_second, self.user_publish_burst)
 
 
 def _burst(rate: float | None, burst: float | None) -> float:
@@ -324,3 +339,63 @@ class ConnectionCaps:
         """Count out what :meth:`acquire` held."""
         for cap, key in held:
             cap.release(key)
+
+
+class KeyedBuckets:
+    """One :class:`TokenBucket` per key, at most ``max_keys`` of them (I/O-free).
+
+    A new key beyond ``max_keys`` first drops the buckets that are full again
+    (idle senders lose nothing), then the least recently created one: the table
+    stays bounded and no key is refused because of others.
+
+    >>> buckets = KeyedBuckets(rate=1, burst=1, max_keys=2)
+    >>> buckets.try_take("a", 0.0), buckets.try_take("a", 0.0), buckets.try_take("b", 0.0)
+    (True, False, True)
+    """
+
+    __slots__ = ("_buckets", "burst", "max_keys", "rate")
+
+    def __init__(self, rate: float, burst: float, max_keys: int = _MAX_USER_KEYS) -> None:
+        TokenBucket(rate, burst)  # validates
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: dict[Any, TokenBucket] = {}
+
+    def try_take(self, key: Any, now: float, n: float = 1) -> bool:
+        """Take ``n`` tokens from ``key``'s bucket at ``now`` (see :meth:`TokenBucket.try_take`)."""
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            if len(buckets) >= self.max_keys:
+                for old in [k for k, b in buckets.items() if b.full(now)]:
+                    del buckets[old]
+                while len(buckets) >= self.max_keys:
+                    del buckets[next(iter(buckets))]
+            bucket = buckets[key] = TokenBucket(self.rate, self.burst)
+        return bucket.try_take(now, n)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def user_publish_buckets(
+    settings: MutableMapping[str, Any], limits: RateLimits
+) -> KeyedBuckets | None:
+    """The application's per-user publish buckets for ``limits`` (None: no such limit).
+
+    Kept in ``settings["longconn_user_publish_buckets"]``, one table per rate and
+    burst, shared by every handler of the application.
+    """
+    rate = limits.user_publishes_per_second
+    if rate is None:
+        return None
+    burst = limits.user_publish_burst_or_default()
+    tables = settings.get(_USER_SETTING)
+    if tables is None:
+        tables = settings[_USER_SETTING] = {}
+    table = tables.get((rate, burst))
+    if table is None:
+        table = tables[rate, burst] = KeyedBuckets(rate, burst)
+    assert isinstance(table, KeyedBuckets)
+    return table

@@ -86,7 +86,13 @@ from .log import Cursor, HistoryLimit
 from .logfields import log_fields
 from .presence import Member, PresenceEvent, PresenceStore, presence_of
 from .presence_users import UserRegistry, users_of
-from .ratelimit import ConnectionCap, ConnectionCaps, ConnectionRateLimiter, RateLimits
+from .ratelimit import (
+    ConnectionCap,
+    ConnectionCaps,
+    ConnectionRateLimiter,
+    RateLimits,
+    user_publish_buckets,
+)
 from .stats import COUNTER, GAUGE, TALLY
 
 __all__ = [
@@ -144,7 +150,7 @@ class SubscriptionStats:
     ``limit``), ``protocol_errors`` malformed frames, ``closed`` connections
     closed by the protocol by close code (a tally: 1008, 4401, 4403, 4429),
     ``rate_limited`` requests refused by a rate limit, by limit (a tally:
-    ``messages``, ``bytes``, ``publishes``; each also counted in ``errors`` as
+    ``messages``, ``bytes``, ``publishes``, ``user_publishes``; each also counted in ``errors`` as
     ``limit``), ``refused`` connections refused by a connection cap, by cap
     (a tally: ``ip``, ``user``; WebSocket and HTTP).
     """
@@ -536,6 +542,8 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         if limiter is not None and breach is None and kind == "publish":
             assert request.topic is not None
             breach = limiter.check_publish(time.monotonic(), request.topic)
+            if breach is None:
+                breach = self._check_user_publish(limiter, request.topic)
         if breach is not None:
             if kind != "pong":  # a late pong is not answered; the heartbeat judges it
                 self._rate_limited(breach, request.id, request.topic)
@@ -630,6 +638,17 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             self._slot = None
             if not slot.done():
                 slot.set_result(None)
+
+    def _check_user_publish(self, limiter: ConnectionRateLimiter, topic: str) -> str | None:
+        """The per-user publish limit (shared by the user's connections); a breach or None."""
+        buckets = user_publish_buckets(self.application.settings, limiter.limits)
+        user = None if buckets is None else self.presence_user()
+        if buckets is None or user is None:
+            return None
+        if buckets.try_take((user, topic), time.monotonic()):
+            return None
+        limiter.breaches += 1
+        return "user_publishes"
 
     def _rate_limited(self, kind: str, id: int | str | None, topic: str | None) -> None:
         """Answer a frame refused by the rate limit ``kind``; close with 4429 past the breaches.

@@ -66,7 +66,7 @@ from .log import Cursor
 from .logfields import log_fields
 from .longpoll import DEFAULT_TIMEOUT, LongPollWaiter, PollResult, WaiterLimitError, check_timeout
 from .presence import Member, PollLeases, PresenceEvent, PresenceStore, presence_of
-from .ratelimit import ConnectionCaps
+from .ratelimit import ConnectionCaps, RateLimits, user_publish_buckets
 from .sse import (
     DEFAULT_KEEPALIVE,
     DEFAULT_RETRY,
@@ -147,7 +147,10 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
     ``max_connections_per_ip`` / ``max_connections_per_user`` (None: no cap;
     as on :class:`~tornado_longconn.subscriptions.SubscriptionMixin`, sharing
     its counts: a stream or a poll beyond the cap is answered 429 ``limit``
-    with ``Retry-After`` and counted in ``subscription_stats(app).refused``).
+    with ``Retry-After`` and counted in ``subscription_stats(app).refused``),
+    ``rate_limits`` (a :class:`~tornado_longconn.ratelimit.RateLimits`; over HTTP
+    only its per-user publish limit applies, shared with the user's WebSockets:
+    a publish beyond it is answered 429 ``limit``).
     """
 
     subscription_hub: BroadcastHub | None = None
@@ -160,6 +163,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
     longpoll_default_timeout: float = DEFAULT_TIMEOUT
     max_connections_per_ip: int | None = None
     max_connections_per_user: int | None = None
+    rate_limits: RateLimits | None = None
     subscription_presence: PresenceStore | None = None
     #: Seconds a long-poll client stays present after a poll ends.
     presence_grace: float = 10.0
@@ -254,6 +258,20 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             raise
         finally:
             self._subs_task = None
+
+    def _check_user_publish(self, topic: str) -> None:
+        """The per-user publish limit of ``rate_limits``: ``SubscriptionError`` limit past it."""
+        limits = self.rate_limits
+        buckets = (
+            None if limits is None else user_publish_buckets(self.application.settings, limits)
+        )
+        user = None if buckets is None else self.presence_user()
+        if buckets is None or user is None:
+            return
+        if not buckets.try_take((user, topic), time.monotonic()):
+            SubscriptionCounters.for_application(self.application).rate_limit("user_publishes")
+            self.set_header("Retry-After", "1")
+            raise SubscriptionError("limit", "rate limit: too many user_publishes")
 
     async def _capped(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` counted under the connection caps, or answer 429 when one is full."""
@@ -659,6 +677,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                 raise SubscriptionError("internal", "internal error") from None
             if not allowed:
                 raise SubscriptionError("forbidden", "publish refused")
+            self._check_user_publish(topic)
             group = subscription_group(self.get_subscription_hub(), topic)
             try:
                 result = await group.publish(_dumps(data))
