@@ -19,6 +19,10 @@ Mixins and helpers that Tornado applications compose into their own handlers:
   :class:`SubscriptionPollHandler`).
 * :func:`start_server` / :class:`LongConnHTTPServer` -- an ``HTTPServer`` with
   production limits (:class:`ServerLimits`) that survives descriptor exhaustion.
+* :class:`RateLimits`, :class:`TokenBucket` -- per-connection and per-user rate
+  limits of the subscriptions protocol (:mod:`tornado_longconn.ratelimit`);
+  :class:`ReadinessHandler` and ``tornado_longconn.drain.drain`` -- leave service
+  without an error answer.
 * Backends: :class:`MemoryBackend` (default) and ``RedisBackend``
   (``tornado_longconn.backends``, extra ``[redis]``), chosen with
   :func:`backend_from_url`.
@@ -37,6 +41,7 @@ from .backpressure import BackpressureWriter, OverflowPolicy, SendResult, Writer
 from .broadcast import BroadcastGroup, BroadcastHub, BroadcastStats, GapPolicy, PublishResult
 from .codes import CloseCode
 from .connections import ConnectionStats, connection_stats
+from .drain import ReadinessHandler
 from .exceptions import (
     BackendError,
     BackendUnavailableError,
@@ -62,6 +67,7 @@ from .presence import (
     presence_for,
 )
 from .presence_users import UserRegistry
+from .ratelimit import RateLimits, TokenBucket
 from .server import AcceptStats, LongConnHTTPServer, ServerLimits, start_server
 from .sse import SSEHandler, SSEMixin
 from .staticfiles import static_path, static_url_spec
@@ -140,6 +146,8 @@ __all__ = [
     "ProtocolErrorCounters",
     "ProtocolErrorStats",
     "PublishResult",
+    "RateLimits",
+    "ReadinessHandler",
     "SSEHandler",
     "SSEMixin",
     "SendResult",
@@ -158,6 +166,7 @@ __all__ = [
     "SubscriptionPublishHandler",
     "SubscriptionSSEHandler",
     "SubscriptionStats",
+    "TokenBucket",
     "TusUploadHandler",
     "UploadError",
     "UploadStats",

@@ -47,6 +47,11 @@ class CloseCode(IntEnum):
     #: Subscriptions: the connection is refused as a whole (a hook raised
     #: ``SubscriptionError("forbidden", close=True)``); do not retry as is.
     FORBIDDEN = 4403
+    #: The client sent faster than the server's rate limits allow, past the
+    #: breaches tolerated (``RateLimits.max_breaches``), or opened more
+    #: connections than its cap; do not reconnect at once: wait (with backoff)
+    #: and send less.
+    RATE_LIMITED = 4429
     #: Upload: malformed request or protocol message.
     UPLOAD_BAD_REQUEST = 4400
     #: Upload: unknown upload id.

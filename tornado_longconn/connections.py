@@ -21,6 +21,7 @@ nothing per message. Read them with :func:`connection_stats`.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -124,11 +125,13 @@ class ConnectionCounters:
     0
     """
 
-    __slots__ = ("_open", "_opened")
+    __slots__ = ("_changed", "_open", "_opened")
 
     def __init__(self) -> None:
         self._open = dict.fromkeys(TRANSPORTS, 0)
         self._opened = dict.fromkeys(TRANSPORTS, 0)
+        # Set on every close while someone waits in wait_closed (None: nobody).
+        self._changed: asyncio.Event | None = None
 
     @classmethod
     def for_application(cls, application: tornado.web.Application) -> ConnectionCounters:
@@ -163,6 +166,20 @@ class ConnectionCounters:
             return
         setattr(handler, _OPEN_ATTR, None)
         self._open[transport] -= 1
+        if self._changed is not None:
+            self._changed.set()
+
+    async def wait_closed(self, transports: tuple[str, ...] = TRANSPORTS) -> None:
+        """Return once no connection of ``transports`` is open (e.g. while draining).
+
+        Wrap it in ``asyncio.wait_for`` for a deadline.
+        """
+        while any(self._open[t] for t in transports):
+            changed = self._changed
+            if changed is None:
+                changed = self._changed = asyncio.Event()
+            changed.clear()
+            await changed.wait()
 
     def stats(self) -> ConnectionStats:
         """A snapshot of the counters (:class:`ConnectionStats`)."""

@@ -734,6 +734,11 @@ class LongPollWaiter:
         finally:
             self._streams -= 1
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
     async def close(self) -> None:
         """Answer every pending wait (empty), unsubscribe every topic. Idempotent.
 

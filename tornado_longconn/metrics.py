@@ -183,6 +183,18 @@ FAMILIES: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
         ("code",),
         "Connections closed by the subscriptions protocol, by close code.",
     ),
+    "longconn_subscription_rate_limited": (
+        "counter",
+        ("limit",),
+        "Subscriptions protocol frames refused by a rate limit, by limit "
+        "(messages, bytes, publishes, user_publishes).",
+    ),
+    "longconn_subscription_connections_refused": (
+        "counter",
+        ("cap",),
+        "Subscriptions protocol connections (WebSocket, SSE, long-poll) refused by a "
+        "connection cap, by cap (ip, user).",
+    ),
     # long-poll and SSE (all waiters)
     "longconn_longpoll_waiting": (
         "gauge",
@@ -272,7 +284,13 @@ _SUBSCRIPTION_CLOSE_CODES: Final = (
     int(CloseCode.POLICY_VIOLATION),
     int(CloseCode.UNAUTHORIZED),
     int(CloseCode.FORBIDDEN),
+    int(CloseCode.RATE_LIMITED),
 )
+
+#: The rate limits of the subscriptions protocol (always exported, 0 or more).
+_RATE_LIMITS: Final = ("bytes", "messages", "publishes", "user_publishes")
+#: The connection caps (always exported, 0 or more).
+_CAPS: Final = ("ip", "user")
 
 _UPLOAD_FAILURES: Final = (
     ("aborted", "aborted"),
@@ -478,6 +496,16 @@ class LongConnCollector(Collector):
         by_close.update(subs.closed)
         for close_code, count in sorted(by_close.items()):
             closes.add((str(close_code),), count)
+        limited = fam("longconn_subscription_rate_limited")
+        by_limit = dict.fromkeys(_RATE_LIMITS, 0)
+        by_limit.update(subs.rate_limited)
+        for limit, count in sorted(by_limit.items()):
+            limited.add((limit,), count)
+        refused = fam("longconn_subscription_connections_refused")
+        by_cap = dict.fromkeys(_CAPS, 0)
+        by_cap.update(subs.refused)
+        for cap, count in sorted(by_cap.items()):
+            refused.add((cap,), count)
 
     def _broadcast(self, fam: Any) -> None:
         snapshots = [hub.stats() for hub in self.hubs]

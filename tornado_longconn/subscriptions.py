@@ -86,6 +86,13 @@ from .log import Cursor, HistoryLimit
 from .logfields import log_fields
 from .presence import Member, PresenceEvent, PresenceStore, presence_of
 from .presence_users import UserRegistry, users_of
+from .ratelimit import (
+    ConnectionCap,
+    ConnectionCaps,
+    ConnectionRateLimiter,
+    RateLimits,
+    user_publish_buckets,
+)
 from .stats import COUNTER, GAUGE, TALLY
 
 __all__ = [
@@ -141,7 +148,11 @@ class SubscriptionStats:
     ``subscribed`` / ``unsubscribed`` / ``published`` / ``calls`` requests that
     succeeded, ``errors`` error replies by code (a tally, e.g. ``forbidden``,
     ``limit``), ``protocol_errors`` malformed frames, ``closed`` connections
-    closed by the protocol by close code (a tally: 1008, 4401, 4403).
+    closed by the protocol by close code (a tally: 1008, 4401, 4403, 4429),
+    ``rate_limited`` requests refused by a rate limit, by limit (a tally:
+    ``messages``, ``bytes``, ``publishes``, ``user_publishes``; each also counted in ``errors`` as
+    ``limit``), ``refused`` connections refused by a connection cap, by cap
+    (a tally: ``ip``, ``user``; WebSocket and HTTP).
     """
 
     connections: int = field(default=0, metadata=GAUGE)
@@ -153,6 +164,8 @@ class SubscriptionStats:
     protocol_errors: int = field(default=0, metadata=COUNTER)
     errors: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
     closed: tuple[tuple[int, int], ...] = field(default=(), metadata=TALLY)
+    rate_limited: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
+    refused: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
 
 
 class SubscriptionCounters:
@@ -170,6 +183,8 @@ class SubscriptionCounters:
     __slots__ = (
         "_closed",
         "_errors",
+        "_rate_limited",
+        "_refused",
         "calls",
         "connections",
         "protocol_errors",
@@ -189,6 +204,8 @@ class SubscriptionCounters:
         self.protocol_errors = 0
         self._errors: dict[str, int] = {}
         self._closed: dict[int, int] = {}
+        self._rate_limited: dict[str, int] = {}
+        self._refused: dict[str, int] = {}
 
     @classmethod
     def for_application(cls, application: tornado.web.Application) -> SubscriptionCounters:
@@ -208,6 +225,14 @@ class SubscriptionCounters:
         """Count one connection closed by the protocol with ``code``."""
         self._closed[code] = self._closed.get(code, 0) + 1
 
+    def rate_limit(self, kind: str) -> None:
+        """Count one request refused by the rate limit ``kind``."""
+        self._rate_limited[kind] = self._rate_limited.get(kind, 0) + 1
+
+    def refuse(self, cap: str) -> None:
+        """Count one connection refused by the connection cap ``cap`` (``ip``, ``user``)."""
+        self._refused[cap] = self._refused.get(cap, 0) + 1
+
     def stats(self) -> SubscriptionStats:
         """A snapshot (:class:`SubscriptionStats`)."""
         return SubscriptionStats(
@@ -220,6 +245,8 @@ class SubscriptionCounters:
             protocol_errors=self.protocol_errors,
             errors=tuple(sorted(self._errors.items())),
             closed=tuple(sorted(self._closed.items())),
+            rate_limited=tuple(sorted(self._rate_limited.items())),
+            refused=tuple(sorted(self._refused.items())),
         )
 
 
@@ -341,6 +368,19 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
       not read until one finishes (inbound flow control, nothing is refused).
     * ``require_user`` (False) -- close with 4401 at ``open`` when
       ``current_user`` is None.
+    * ``rate_limits`` (None: none) -- a :class:`~tornado_longconn.ratelimit.RateLimits`:
+      inbound frames/s, bytes/s and publishes/s per topic of this connection. A
+      frame beyond a limit is not handled: it is answered with the error
+      ``limit`` (429) and counted (``subscription_stats(app).rate_limited``);
+      past ``max_breaches`` such answers the connection is closed with 4429
+      (``CloseCode.RATE_LIMITED``). Other connections are not affected.
+    * ``max_connections_per_ip`` / ``max_connections_per_user`` (None: no cap)
+      -- open connections of one ``request.remote_ip`` (behind a proxy, run
+      the server with ``xheaders=True``) or one :meth:`presence_user`, counted
+      in this process for every handler of the application with the same cap
+      (:class:`~tornado_longconn.ratelimit.ConnectionCaps`). A connection
+      beyond it is closed at ``open`` with 4429 and counted
+      (``subscription_stats(app).refused``).
     """
 
     subscription_hub: BroadcastHub | None = None
@@ -353,6 +393,9 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     require_user: bool = False
+    rate_limits: RateLimits | None = None
+    max_connections_per_ip: int | None = None
+    max_connections_per_user: int | None = None
 
     def __init__(
         self,
@@ -375,6 +418,8 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         # None until the first one, so a connection without presence pays nothing.
         self._presence: dict[str, bool] | None = None
         self._registered_user: str | None = None
+        self._limiter: ConnectionRateLimiter | None = None
+        self._held: list[tuple[ConnectionCap, str]] = []
         #: This connection's id, sent in ``welcome`` as ``client``.
         self.client_id = secrets.token_hex(8)
         super().__init__(application, request, **kwargs)
@@ -437,6 +482,18 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         if self.require_user and self.current_user is None:
             self._refuse(int(CloseCode.UNAUTHORIZED), "unauthorized")
             return
+        if self.max_connections_per_ip is not None or self.max_connections_per_user is not None:
+            caps = ConnectionCaps.for_settings(self.application.settings)
+            self._held, refused = caps.acquire(
+                (
+                    ("ip", self.request.remote_ip, self.max_connections_per_ip),
+                    ("user", self.presence_user(), self.max_connections_per_user),
+                )
+            )
+            if refused is not None:
+                counters.refuse(refused)
+                self._refuse(int(CloseCode.RATE_LIMITED), f"too many connections per {refused}")
+                return
         hub = self.get_subscription_hub()
         defaults = hub.defaults
         options: dict[str, Any] = {"policy": defaults.policy, "high_water": defaults.high_water}
@@ -448,6 +505,8 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         # its close hooks, made once here rather than on the first subscribe.
         BackpressureWriter.of(self, **options)
         _members_of(self)
+        if self.rate_limits is not None:
+            self._limiter = ConnectionRateLimiter(self.rate_limits)
         self._send({"type": "welcome", "v": PROTOCOL_VERSION, "client": self.client_id})
         registry = users_of(self)
         if registry is not None:
@@ -462,9 +521,17 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         Returns an awaitable (Tornado then reads no more) while ``max_inflight``
         requests are being handled.
         """
+        limiter = self._limiter
+        breach = None
+        if limiter is not None:
+            size = len(message) if isinstance(message, bytes) else len(message.encode("utf-8"))
+            breach = limiter.check_message(time.monotonic(), size)
         try:
             request = parse_frame(message, max_size=self.max_frame_size)
         except ProtocolError as exc:
+            if breach is not None:
+                self._rate_limited(breach, exc.id, exc.topic)
+                return None
             self._protocol_error(exc)
             return None
         except Exception:  # a parser bug must not kill the connection's loop
@@ -472,6 +539,15 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             self._error(None, "internal", "internal error")
             return None
         kind = request.type
+        if limiter is not None and breach is None and kind == "publish":
+            assert request.topic is not None
+            breach = limiter.check_publish(time.monotonic(), request.topic)
+            if breach is None:
+                breach = self._check_user_publish(limiter, request.topic)
+        if breach is not None:
+            if kind != "pong":  # a late pong is not answered; the heartbeat judges it
+                self._rate_limited(breach, request.id, request.topic)
+            return None
         if kind == "pong":
             return None
         rid = request.id
@@ -522,6 +598,9 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             counters.connections -= 1
         counters.subscriptions -= self._sub_count
         self._sub_count = 0
+        if self._held:
+            ConnectionCaps.for_settings(self.application.settings).release(self._held)
+            self._held = []
         if self._presence:
             for topic in list(self._presence):
                 self._presence_leave(topic)
@@ -559,6 +638,30 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             self._slot = None
             if not slot.done():
                 slot.set_result(None)
+
+    def _check_user_publish(self, limiter: ConnectionRateLimiter, topic: str) -> str | None:
+        """The per-user publish limit (shared by the user's connections); a breach or None."""
+        buckets = user_publish_buckets(self.application.settings, limiter.limits)
+        user = None if buckets is None else self.presence_user()
+        if buckets is None or user is None:
+            return None
+        if buckets.try_take((user, topic), time.monotonic()):
+            return None
+        limiter.breaches += 1
+        return "user_publishes"
+
+    def _rate_limited(self, kind: str, id: int | str | None, topic: str | None) -> None:
+        """Answer a frame refused by the rate limit ``kind``; close with 4429 past the breaches.
+
+        Frames read after the close began are dropped uncounted.
+        """
+        if self._gone():
+            return
+        self.subscription_counters.rate_limit(kind)
+        self._error(id, "limit", f"rate limit: too many {kind}", topic)
+        limiter = self._limiter
+        if limiter is not None and limiter.exhausted:
+            self._refuse(int(CloseCode.RATE_LIMITED), "rate limited")
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         counters = self.subscription_counters

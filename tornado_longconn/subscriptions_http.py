@@ -43,6 +43,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import tornado.web
@@ -65,6 +66,7 @@ from .log import Cursor
 from .logfields import log_fields
 from .longpoll import DEFAULT_TIMEOUT, LongPollWaiter, PollResult, WaiterLimitError, check_timeout
 from .presence import Member, PollLeases, PresenceEvent, PresenceStore, presence_of
+from .ratelimit import ConnectionCaps, RateLimits, user_publish_buckets
 from .sse import (
     DEFAULT_KEEPALIVE,
     DEFAULT_RETRY,
@@ -141,7 +143,14 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
     (:data:`~tornado_longconn.subscriptions.DEFAULT_MAX_TOPICS`: more topics in
     one request is answered 429), ``sse_keepalive``, ``sse_retry``,
     ``sse_high_water``, ``sse_stall_timeout`` (as
-    :class:`~tornado_longconn.sse.SSEMixin`), ``longpoll_default_timeout``.
+    :class:`~tornado_longconn.sse.SSEMixin`), ``longpoll_default_timeout``,
+    ``max_connections_per_ip`` / ``max_connections_per_user`` (None: no cap;
+    as on :class:`~tornado_longconn.subscriptions.SubscriptionMixin`, sharing
+    its counts: a stream or a poll beyond the cap is answered 429 ``limit``
+    with ``Retry-After`` and counted in ``subscription_stats(app).refused``),
+    ``rate_limits`` (a :class:`~tornado_longconn.ratelimit.RateLimits`; over HTTP
+    only its per-user publish limit applies, shared with the user's WebSockets:
+    a publish beyond it is answered 429 ``limit``).
     """
 
     subscription_hub: BroadcastHub | None = None
@@ -152,6 +161,9 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
     sse_high_water: int = DEFAULT_HIGH_WATER
     sse_stall_timeout: float = DEFAULT_STALL_TIMEOUT
     longpoll_default_timeout: float = DEFAULT_TIMEOUT
+    max_connections_per_ip: int | None = None
+    max_connections_per_user: int | None = None
+    rate_limits: RateLimits | None = None
     subscription_presence: PresenceStore | None = None
     #: Seconds a long-poll client stays present after a poll ends.
     presence_grace: float = 10.0
@@ -247,6 +259,42 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         finally:
             self._subs_task = None
 
+    def _check_user_publish(self, topic: str) -> None:
+        """The per-user publish limit of ``rate_limits``: ``SubscriptionError`` limit past it."""
+        limits = self.rate_limits
+        buckets = (
+            None if limits is None else user_publish_buckets(self.application.settings, limits)
+        )
+        user = None if buckets is None else self.presence_user()
+        if buckets is None or user is None:
+            return
+        if not buckets.try_take((user, topic), time.monotonic()):
+            SubscriptionCounters.for_application(self.application).rate_limit("user_publishes")
+            self.set_header("Retry-After", "1")
+            raise SubscriptionError("limit", "rate limit: too many user_publishes")
+
+    async def _capped(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` counted under the connection caps, or answer 429 when one is full."""
+        if self.max_connections_per_ip is None and self.max_connections_per_user is None:
+            await work()
+            return
+        caps = ConnectionCaps.for_settings(self.application.settings)
+        held, refused = caps.acquire(
+            (
+                ("ip", self.request.remote_ip, self.max_connections_per_ip),
+                ("user", self.presence_user(), self.max_connections_per_user),
+            )
+        )
+        if refused is not None:
+            SubscriptionCounters.for_application(self.application).refuse(refused)
+            self.set_header("Retry-After", "1")
+            self._answer_error(429, "limit", f"too many connections per {refused}")
+            return
+        try:
+            await work()
+        finally:
+            caps.release(held)
+
     def subscription_client_gone(self) -> bool:
         """True once the client closed the connection."""
         return self._subs_gone
@@ -290,8 +338,13 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         messages or a resync; with an empty ``messages`` list after the timeout.
         Poll again with ``cursors`` built from the answer's ``cursors``. A
         malformed request gets 400, too many topics 429, a full waiter or a
-        failing backend 503; every status comes with ``{"code","reason"}``.
+        failing backend 503 (429 also beyond a connection cap); every status
+        comes with ``{"code","reason"}``.
         """
+        await self._capped(self._poll_subscriptions)
+
+    async def _poll_subscriptions(self) -> None:
+        """poll_subscriptions without the connection caps."""
         try:
             topics, cursors = self._requested(sse=False)
             raw_timeout = self.get_query_argument("timeout", None)
@@ -355,28 +408,34 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             return bool(result.messages)
 
         # What is there now, for every topic at once (and the heads of "from now").
-        if topics:
-            now = await asyncio.gather(*(waiter.wait(positions[t], 0, topic=t) for t in topics))
-            found = False
-            for topic, result in zip(topics, now, strict=True):
-                found |= absorb(topic, result)
-            if not found and timeout > 0:
-                tasks = {
-                    asyncio.ensure_future(waiter.wait(positions[t], timeout, topic=t)): t
-                    for t in topics
-                }
-                try:
-                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                finally:
+        # A waiter closed meanwhile (a drain) answers with what was found: no
+        # messages and the cursors as they are, and the client polls again.
+        try:
+            if topics:
+                now = await asyncio.gather(*(waiter.wait(positions[t], 0, topic=t) for t in topics))
+                found = False
+                for topic, result in zip(topics, now, strict=True):
+                    found |= absorb(topic, result)
+                if not found and timeout > 0:
+                    tasks = {
+                        asyncio.ensure_future(waiter.wait(positions[t], timeout, topic=t)): t
+                        for t in topics
+                    }
+                    try:
+                        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for task in tasks:
+                            task.cancel()
+                        await asyncio.gather(*tasks, return_exceptions=True)
                     for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                for task in tasks:
-                    if task in done and not task.cancelled():
-                        error = task.exception()
-                        if error is not None:
-                            raise error
-                        absorb(tasks[task], task.result())
+                        if task in done and not task.cancelled():
+                            error = task.exception()
+                            if error is not None:
+                                raise error
+                            absorb(tasks[task], task.result())
+        except LongConnError:
+            if not waiter.closed:
+                raise
         return _dumps(
             {
                 "messages": messages,
@@ -398,8 +457,13 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         where a topic cannot resume exactly. With ``?presence=1`` (and a presence
         store) also ``event: join`` / ``event: leave`` / ``event: presence_gap``
         with the protocol's event objects as data, for changes after ``ready``. Answers 400/429/503 with
-        ``{"code","reason"}`` before the stream starts.
+        ``{"code","reason"}`` before the stream starts (429 also beyond a
+        connection cap).
         """
+        await self._capped(self._stream_subscriptions)
+
+    async def _stream_subscriptions(self) -> None:
+        """stream_subscriptions without the connection caps."""
         try:
             topics, cursors = self._requested(sse=True)
             allowed, errors = await self._authorized(topics)
@@ -443,6 +507,11 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         except BackendError as exc:
             log.warning("multi-topic SSE could not start: %s", exc, extra=log_fields(self))
             self._answer_error(503, "unavailable", "backend unavailable")
+            return
+        except LongConnError:
+            if not waiter.closed:
+                raise
+            self._answer_error(503, "unavailable", "the server is shutting down")
             return
         fresh = iter(heads)
         for topic in topics:
@@ -608,6 +677,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                 raise SubscriptionError("internal", "internal error") from None
             if not allowed:
                 raise SubscriptionError("forbidden", "publish refused")
+            self._check_user_publish(topic)
             group = subscription_group(self.get_subscription_hub(), topic)
             try:
                 result = await group.publish(_dumps(data))

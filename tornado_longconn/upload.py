@@ -706,8 +706,11 @@ class ChunkedUploadSink:
 
     def release(self) -> None:
         """Give the writer lock back (idempotent)."""
+        was_locked = self._locked
         self._locked = False
         self._let_go = None
+        if was_locked:
+            self.store._writer_released()
 
     # -- writing --------------------------------------------------------------------
 
@@ -1136,6 +1139,8 @@ class UploadStore:
         self._open_fds: OrderedDict[str, ChunkedUploadSink] = OrderedDict()
         self._fd_reserved = 0
         self._fd_waiters: deque[asyncio.Future[None]] = deque()
+        # Set when a writer lock is released while someone waits in wait_writers.
+        self._released: asyncio.Event | None = None
 
     # -- paths (ids only, never client names) ---------------------------------------
 
@@ -1628,6 +1633,28 @@ class UploadStore:
         """Count a request a transport answered with error ``status`` (``stats().refused``)."""
         key = str(status)
         self._counters.refused[key] = self._counters.refused.get(key, 0) + 1
+
+    def _writer_released(self) -> None:
+        if self._released is not None:
+            self._released.set()
+
+    def _http_writers(self) -> int:
+        # A writer without let_go is a request (tus PATCH, chunked PUT); one with it
+        # is a WebSocket upload connection, which lasts until the connection closes.
+        return sum(1 for sink in self._sinks.values() if sink.locked and sink._let_go is None)
+
+    async def wait_writers(self) -> None:
+        """Return once no HTTP request is writing an upload (for a graceful drain).
+
+        WebSocket upload connections are not waited for: they hold their upload
+        until the connection closes. Wrap it in ``asyncio.wait_for`` for a deadline.
+        """
+        while self._http_writers():
+            released = self._released
+            if released is None:
+                released = self._released = asyncio.Event()
+            released.clear()
+            await released.wait()
 
     async def drain_tasks(self) -> None:
         """Wait for the clean-up tasks started by :meth:`spawn` (tests, shutdown)."""

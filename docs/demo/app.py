@@ -59,6 +59,7 @@ import tornado.websocket
 
 from tornado_longconn.backends import Backend, MemoryBackend, backend_from_url
 from tornado_longconn.broadcast import BroadcastGroup, BroadcastHub
+from tornado_longconn.drain import ReadinessHandler, drain
 from tornado_longconn.exceptions import LongConnError
 from tornado_longconn.heartbeat import HeartbeatMixin
 from tornado_longconn.inspection import InspectionHandler
@@ -879,6 +880,7 @@ def make_app(
         (r"/api/history/" + room, HistoryHandler, d),
         (r"/api/rooms", RoomsHandler, d),
         (r"/api/config", ConfigHandler, d),
+        (r"/ready", ReadinessHandler),  # 503 while draining: point the load balancer here
         (r"/api/files/([0-9a-f]{32})", FileInfoHandler, d),
         (r"/download/([0-9a-f]{32})", DownloadHandler, {"path": demo.store.root}),
         static_url_spec("/longconn/"),  # longconn.js, shipped inside the package
@@ -1005,8 +1007,9 @@ async def main() -> None:
     limits = ServerLimits(
         idle_connection_timeout=args.header_timeout, body_timeout=args.body_timeout
     )
+    app = make_app(demo, allowed, args.base_url, args.cors_origin)
     server = start_server(
-        make_app(demo, allowed, args.base_url, args.cors_origin),
+        app,
         args.port,
         args.host,
         limits=limits,
@@ -1031,10 +1034,14 @@ async def main() -> None:
     await stop.wait()
     log.info("shutting down")
     sweeper.stop()
-    server.stop()
-    await demo.hub.close()  # 1001 "going away" to every member, in jittered batches
+    # /ready answers 503, the server stops listening, pending long-polls are answered
+    # and SSE streams end, members get 1001 "going away" in jittered batches; then it
+    # waits for the streams, polls and upload requests to finish (returning earlier would cancel their
+    # handlers, which Tornado answers with 500).
+    await drain(
+        app, servers=[server], waiters=[demo.waiter], hubs=[demo.hub], upload_stores=[demo.store]
+    )
     await demo.presence.close()  # this process's members leave at once
-    await demo.waiter.close()
     await backend.close()
     demo.store.close()
 

@@ -474,6 +474,16 @@ describe("Session over WebSocket", () => {
     assert.throws(() => conn.subscribe("b"), { code: "closed" });
   });
 
+  test("a rate-limited close (4429) ends the session without reconnecting", async () => {
+    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    const sub = conn.subscribe("a");
+    const ws = await FakeWebSocket.nth(0);
+    ws.accept();
+    ws.drop(4429, "rate limited");
+    await assert.rejects(sub.ready, { code: "limit" });
+    assert.equal(conn.state, "closed");
+  });
+
   test("close() rejects pending requests with code closed", async () => {
     conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const ws = await FakeWebSocket.nth(0);

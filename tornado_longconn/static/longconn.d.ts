@@ -109,7 +109,7 @@ export interface StatusInfo {
   reason?: string;
   /** "waiting": the transport tried next. */
   next?: TransportName;
-  /** "closed" after a close code that reconnecting cannot help (1008, 4401, 4403). */
+  /** "closed" after a close code that reconnecting cannot help (1008, 4401, 4403, 4429). */
   fatal?: boolean;
 }
 

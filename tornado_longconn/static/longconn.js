@@ -69,7 +69,7 @@
   });
 
   // Close codes after which reconnecting cannot help (the server refused us).
-  var FATAL_CLOSE_CODES = [CloseCode.POLICY_VIOLATION, 4401, 4403];
+  var FATAL_CLOSE_CODES = [CloseCode.POLICY_VIOLATION, 4401, 4403, 4429];
 
   var TRANSPORTS = ["websocket", "sse", "longpoll"];
 
@@ -731,7 +731,12 @@
   });
 
   // Close codes that end a Session for good, and the error code they are reported as.
-  var FATAL_CLOSE_ERRORS = { 1008: "bad_request", 4401: "unauthorized", 4403: "forbidden" };
+  var FATAL_CLOSE_ERRORS = {
+    1008: "bad_request",
+    4401: "unauthorized",
+    4403: "forbidden",
+    4429: "limit",
+  };
 
   /** True when `topic` is a valid topic name (1-128 of A-Z a-z 0-9 _ - . : @ / +). */
   function validTopic(topic) {
