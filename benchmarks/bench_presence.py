@@ -83,7 +83,26 @@ async def worker(url: str, prefix: str, index: int, joins: int, total: int, ttl:
     await until(lambda: len(joined) >= total)
     seen = time.perf_counter() - t0
     stats = await store.presence_stats(TOPIC)
+    # The whole member list, paged as the protocol's presence request pages it
+    # (limit 1000): time, pages, and the bytes of the answers' member objects.
+    q0 = time.perf_counter()
+    cursor: str | None = None
+    listed: set[str] = set()
+    pages = answer_bytes = 0
+    while True:
+        page = await store.presence(TOPIC, cursor=cursor, limit=1000)
+        pages += 1
+        answer_bytes += len(json.dumps([m.to_json() for m in page.members]))
+        listed.update(m.client for m in page.members)
+        cursor = page.cursor
+        if cursor is None:
+            break
+    query_s = time.perf_counter() - q0
     report: dict[str, Any] = {
+        "query_s": query_s,
+        "query_pages": pages,
+        "query_bytes": answer_bytes,
+        "listed": len(listed),
         "sent_s": sent,
         "seen_s": seen,
         "round_trips": trips,
@@ -126,7 +145,7 @@ def start_worker(url: str, prefix: str, index: int, joins: int, total: int, ttl:
 
 
 def read_line(proc: Any, kind: str) -> str:
-    line = proc.stdout.readline().decode().strip()
+    line: str = proc.stdout.readline().decode().strip()
     if not line.startswith(kind):
         raise RuntimeError(f"worker said {line!r}, expected {kind}")
     return line[len(kind) :].strip()
@@ -139,6 +158,30 @@ def commandstats(url: str) -> dict[str, int]:
     info = client.info("commandstats")
     client.close()
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+async def socketio_joins(url: str, joins: int) -> dict[str, Any]:
+    """python-socketio's ``enter_room`` on its Redis manager, ``joins`` times, for comparison.
+
+    Its rooms live in the process that entered them (the Redis manager carries
+    emits between processes, not membership): Redis sees no command, and another
+    process cannot count or list the room's members.
+    """
+    import socketio  # type: ignore[import-untyped,unused-ignore]
+
+    manager = socketio.AsyncRedisManager(url)
+    manager.set_server(socketio.AsyncServer(client_manager=manager))
+    manager.initialize()
+    sids = [await manager.connect(f"e{n}", "/") for n in range(joins)]  # local clients
+    before = commandstats(url)
+    t0 = time.perf_counter()
+    for n, sid in enumerate(sids):
+        await manager.enter_room(sid, "/", TOPIC, eio_sid=f"e{n}")
+    elapsed = time.perf_counter() - t0
+    after = commandstats(url)
+    commands = sum(after.get(k, 0) - before.get(k, 0) for k in after) - 1  # INFO itself
+    members = len(list(manager.get_participants("/", TOPIC)))
+    return {"seconds": elapsed, "commands": commands, "members_here": members}
 
 
 def run(joins: int, ttl: float) -> tuple[Result, dict[str, Any]]:
@@ -166,6 +209,10 @@ def run(joins: int, ttl: float) -> tuple[Result, dict[str, Any]]:
         workers[0].stdin.write(b"done\n")
         workers[0].stdin.flush()
         workers[0].wait(timeout=30)
+        try:
+            peer = asyncio.run(socketio_joins(url, joins))
+        except ImportError:
+            peer = None
     finally:
         for w in workers:
             if w.poll() is None:
@@ -181,7 +228,10 @@ def run(joins: int, ttl: float) -> tuple[Result, dict[str, Any]]:
     # commands the scripts ran (every command but EVALSHA and the refresh loop's own)
     inner = sum(delta.values()) - evalsha
     ok = all(
-        r["connections"] == total and r["users"] == min(USERS, total) and r["events"] == total
+        r["connections"] == total
+        and r["users"] == min(USERS, total)
+        and r["events"] == total
+        and r["listed"] == total
         for r in reports
     ) and (reap["expired"] == half and reap["connections"] == half)
     detail = {
@@ -195,6 +245,10 @@ def run(joins: int, ttl: float) -> tuple[Result, dict[str, Any]]:
         "reap_s": reap["reap_s"],
         "ttl": ttl,
         "expired": reap["expired"],
+        "query_s": max(r["query_s"] for r in reports),
+        "query_pages": reports[0]["query_pages"],
+        "query_bytes": reports[0]["query_bytes"],
+        "peer": peer,
     }
     result = Result(
         "ours", f"join storm {total}", ok, "" if ok else json.dumps([reports, reap])[:300],
@@ -219,8 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         f"everywhere (count correct) in {d['seen_s']:.3f} s; {d['round_trips']} round trips "
         f"({d['round_trips'] / d['joins']:.4f} per join), {d['evalsha_per_join']:.2f} EVALSHA and "
         f"{d['commands_per_join']:.1f} commands per join; {d['expired']} members of the killed "
-        f"process left in {d['reap_s']:.2f} s after the kill (TTL {d['ttl']:g} s)"
+        f"process left in {d['reap_s']:.2f} s after the kill (TTL {d['ttl']:g} s); the whole "
+        f"list in {d['query_s'] * 1000:.0f} ms ({d['query_pages']} pages, "
+        f"{d['query_bytes']:,} B of members)"
     )
+    peer = d["peer"]
+    if peer is not None:
+        print(
+            f"python-socketio enter_room on AsyncRedisManager: {d['joins']} joins in "
+            f"{peer['seconds'] * 1000:.0f} ms, {peer['commands']} Redis commands, "
+            f"{peer['members_here']} members visible in this process only"
+        )
     if not args.tiny:
         ok = "yes" if result.ok else "NO"
         body = (
@@ -232,7 +295,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{d['round_trips'] / d['joins']:.4f} | {d['evalsha_per_join']:.2f} | "
             f"{d['commands_per_join']:.1f} |\n"
             f"| SIGKILL of one: its {d['expired']:,} members left everywhere (TTL {d['ttl']:g} s) | "
-            f"ours | {ok} | {d['reap_s'] * 1000:,.0f} | - | - | - | - |\n\n"
+            f"ours | {ok} | {d['reap_s'] * 1000:,.0f} | - | - | - | - |\n"
+            f"| the {d['joins']:,}-member list read whole ({d['query_pages']} pages of 1,000; "
+            f"{d['query_bytes']:,} B of member objects) | ours | {ok} | "
+            f"{d['query_s'] * 1000:,.0f} | {d['query_pages']} | - | - | - |\n"
+        )
+        if peer is not None:
+            body += (
+                f"| {d['joins']:,} `enter_room` on python-socketio's `AsyncRedisManager` "
+                f"(membership in the entering process only) | socketio | - | "
+                f"{peer['seconds'] * 1000:,.0f} | 0 | 0 | 0 | "
+                f"{peer['commands'] / d['joins']:.1f} |\n"
+            )
+        body += (
+            "\n"
             f"Reports of the storm sent (last process) after {d['sent_s'] * 1000:,.0f} ms. "
             f"Redis commands during the storm (`INFO commandstats` delta): "
             f"{json.dumps(d['delta'], sort_keys=True)}.\n"
