@@ -466,3 +466,29 @@ async def test_an_unavailable_head_read_is_tried_again_before_answering_unavaila
             await client.ws.close()
     finally:
         await hub.close(spread=0)
+
+
+async def test_a_request_cancelled_before_it_ran_leaves_no_coroutine_unawaited(
+    hub: BroadcastHub,
+) -> None:
+    # A subscribe behind an async hook, and the close frame in the same write: the
+    # connection closes (cancelling the request's task) before the task first runs.
+    import gc
+    import warnings
+
+    from tornado_longconn.testing import WebSocketTestClient
+
+    subscribe = json.dumps({"type": "subscribe", "id": 1, "topic": "slow:1"}).encode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with AppServer(make_app(hub)) as server:
+            for _ in range(20):
+                client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+                await client.send_raw(
+                    WebSocketTestClient.build_frame(0x1, subscribe)
+                    + WebSocketTestClient.build_frame(0x8, b"\x03\xe8")
+                )
+                await client.wait_closed(scaled(10))
+        gc.collect()
+    unawaited = [str(w.message) for w in caught if "never awaited" in str(w.message)]
+    assert unawaited == []

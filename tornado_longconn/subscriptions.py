@@ -408,6 +408,9 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         # Requests in flight by id (emptied tables are replaced: a burst of
         # requests must not leave a large table on every idle connection).
         self._pending: dict[int | str, asyncio.Task[None]] = {}
+        # The awaitables a pending request's task will await once it starts; closed
+        # when the task is cancelled before it started (else "never awaited").
+        self._unstarted: dict[int | str, tuple[Any, ...]] = {}
         self._tails: dict[str, asyncio.Task[None]] = {}
         self._calls = 0
         self._protocol_errors = 0
@@ -618,6 +621,11 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
 
     def _request_done(self, task: asyncio.Task[None], request: Request) -> None:
         assert request.id is not None
+        unstarted = self._unstarted.pop(request.id, None)
+        if unstarted is not None:  # cancelled before it ran (the connection closed)
+            for awaitable in unstarted:
+                if inspect.iscoroutine(awaitable):
+                    awaitable.close()
         pending = self._pending
         if pending.get(request.id) is task:
             del pending[request.id]
@@ -698,11 +706,11 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
                 value: Any = data if isinstance(data, bytes) else json.loads(data)
                 allowed = self.authorize_publish(topic, value)
             if inspect.isawaitable(allowed):
-                return self._guard(request, self._authorized(request, allowed))
+                return self._guarded(request, self._authorized(request, allowed), allowed)
             if not allowed:
                 raise SubscriptionError("forbidden", f"{kind} refused")
             rest = self._allowed(request)
-            return None if rest is None else self._guard(request, rest)
+            return None if rest is None else self._guarded(request, rest)
         except SubscriptionError as exc:
             self._fail(request, exc)
         except Exception:
@@ -725,8 +733,18 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         if rest is not None:
             await rest
 
+    def _guarded(
+        self, request: Request, work: Awaitable[None], *inner: Any
+    ) -> Coroutine[Any, Any, None]:
+        """:meth:`_guard` of ``work``, remembering what it will await until it starts."""
+        assert request.id is not None
+        self._unstarted[request.id] = (work, *inner)
+        return self._guard(request, work)
+
     async def _guard(self, request: Request, work: Awaitable[None]) -> None:
         """Await the rest of a request; answer its failure. Never raises (but cancels)."""
+        if request.id is not None:
+            self._unstarted.pop(request.id, None)  # started: ``work`` is awaited below
         try:
             await work
         except SubscriptionError as exc:
