@@ -187,7 +187,10 @@ async def test_a_command_queued_for_the_pool_outwaits_the_command_timeout(prefix
         for b in (backend, impatient):
             await b.publish("t", "m", history=H)
             pool = b._client.connection_pool
-            held = await pool.get_connection()
+            try:
+                held = await pool.get_connection()
+            except TypeError:  # redis-py < 5.3 needs a command name
+                held = await pool.get_connection("PING")
             queued = asyncio.ensure_future(b.head("t"))
             done, _ = await asyncio.wait([queued], timeout=3 * command_timeout)
             if b is impatient:
