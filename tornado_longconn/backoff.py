@@ -1,8 +1,8 @@
 """Exponential backoff with full jitter, I/O-free.
 
 One policy for everything that tries again after a failure: the Redis backend's
-reconnects, and a resuming member's history reads when the backend is briefly
-unavailable. Full jitter (a uniformly random delay up to the ceiling) spreads
+reconnects, and (through :func:`retry_unavailable`) a resuming member's history
+reads and a subscribe's head read when the backend is briefly unavailable. Full jitter (a uniformly random delay up to the ceiling) spreads
 the attempts of many clients or processes apart, so they do not retry in
 lockstep.
 
@@ -15,11 +15,17 @@ lockstep.
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-__all__ = ["ReconnectBackoff"]
+from .exceptions import BackendUnavailableError
+
+__all__ = ["ReconnectBackoff", "retry_unavailable"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,3 +60,32 @@ class ReconnectBackoff:
     def reset(self) -> None:
         """Forget past failures (the connection is healthy again)."""
         self.attempt = 0
+
+
+async def retry_unavailable(
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    retries: int,
+    backoff: ReconnectBackoff,
+    give_up: Callable[[], bool],
+    on_retry: Callable[[BackendUnavailableError, float], None] | None = None,
+) -> T:
+    """Await ``attempt()`` until it does not fail as unavailable.
+
+    A :class:`~tornado_longconn.exceptions.BackendUnavailableError` (a busy
+    backend, its command pool taken by a reconnect storm) is tried again after
+    ``backoff.next_delay()``, at most ``retries`` times and only while
+    ``give_up()`` is false; then the error is raised. ``on_retry(error, delay)``
+    is called before each wait (for logging). Any other exception is raised at
+    once.
+    """
+    while True:
+        try:
+            return await attempt()
+        except BackendUnavailableError as exc:
+            if backoff.attempt >= retries or give_up():
+                raise
+            delay = backoff.next_delay()
+            if on_retry is not None:
+                on_retry(exc, delay)
+        await asyncio.sleep(delay)  # a backoff: nothing to wait for but time

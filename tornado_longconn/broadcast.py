@@ -59,7 +59,7 @@ from ._groupcore import GapPolicy, GroupCore, MemberSlot, MemberState
 from ._tornado.hooks import HandlerHooks, Hook
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
-from .backoff import ReconnectBackoff
+from .backoff import ReconnectBackoff, retry_unavailable
 from .backpressure import (
     BackpressureWriter,
     OverflowPolicy,
@@ -1248,27 +1248,32 @@ class BroadcastGroup:
         again (:data:`_RESUME_RETRIES` times, jittered backoff) while the member
         stays; then it is raised. None when the member left while waiting.
         """
+
+        async def read() -> SinceResult | None:
+            if backoff.attempt and _left(member):
+                return None  # left while waiting to try again
+            await self._ensure_subscribed()
+            return await self._read(position)
+
+        def retrying(exc: BackendUnavailableError, delay: float) -> None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "group %r: resume read unavailable (%r), attempt %d in %.2f s",
+                    self.name,
+                    exc,
+                    backoff.attempt,
+                    delay,
+                    extra=log_fields(member.handler, topic=self.name),
+                )
+
         backoff = ReconnectBackoff(_RESUME_RETRY_BASE, _RESUME_RETRY_CAP)
-        while True:
-            try:
-                await self._ensure_subscribed()
-                return await self._read(position)
-            except BackendUnavailableError as exc:
-                if backoff.attempt >= _RESUME_RETRIES or self._closed:
-                    raise
-                delay = backoff.next_delay()
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug(
-                        "group %r: resume read unavailable (%r), attempt %d in %.2f s",
-                        self.name,
-                        exc,
-                        backoff.attempt,
-                        delay,
-                        extra=log_fields(member.handler, topic=self.name),
-                    )
-            await asyncio.sleep(delay)  # a backoff: nothing to wait for but time
-            if _left(member):
-                return None
+        return await retry_unavailable(
+            read,
+            retries=_RESUME_RETRIES,
+            backoff=backoff,
+            give_up=lambda: self._closed,
+            on_retry=retrying,
+        )
 
     def _resync(
         self, member: Membership, policy: GapPolicy, head: Cursor | None, reason: str

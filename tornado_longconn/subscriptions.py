@@ -70,7 +70,7 @@ from ._subproto import (
     resync_frame,
     topic_envelope,
 )
-from .backoff import ReconnectBackoff
+from .backoff import ReconnectBackoff, retry_unavailable
 from .backpressure import BackpressureWriter
 from .broadcast import (
     BroadcastGroup,
@@ -824,14 +824,12 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         member's reads are, before the subscribe is answered ``unavailable``: one
         retry here spares every subscriber of the topic a round trip of its own.
         """
-        backoff = ReconnectBackoff(_HEAD_RETRY_BASE, _HEAD_RETRY_CAP)
-        while True:
-            try:
-                return await group.head()
-            except BackendUnavailableError:
-                if backoff.attempt >= _HEAD_RETRIES or self._gone():
-                    raise
-            await asyncio.sleep(backoff.next_delay())  # a backoff: only time to wait for
+        return await retry_unavailable(
+            group.head,
+            retries=_HEAD_RETRIES,
+            backoff=ReconnectBackoff(_HEAD_RETRY_BASE, _HEAD_RETRY_CAP),
+            give_up=self._gone,
+        )
 
     def _join(
         self,
