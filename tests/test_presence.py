@@ -308,6 +308,28 @@ def test_presence_for_refuses_backends_without_a_store() -> None:
         presence_for(object())
 
 
+async def test_presence_for_names_the_supported_backends_for_cluster_and_nats() -> None:
+    pytest.importorskip("redis")
+    pytest.importorskip("nats")
+    from tornado_longconn.backends.nats import NatsBackend
+    from tornado_longconn.backends.redis_cluster import ClusterRedisBackend
+    from tornado_longconn.presence_redis import RedisPresence
+
+    cluster = ClusterRedisBackend("redis+cluster://127.0.0.1:7000")
+    nats = NatsBackend()
+    try:
+        for backend in (cluster, nats):
+            with pytest.raises(
+                TypeError, match=r"MemoryBackend .* RedisBackend .* not Redis Cluster or NATS"
+            ):
+                presence_for(backend)
+        with pytest.raises(TypeError, match="not ClusterRedisBackend"):
+            RedisPresence(cluster)
+    finally:
+        await cluster.close()
+        await nats.close()
+
+
 async def test_info_that_is_not_json_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
     store = MemoryPresence()
     assert store.join_nowait("t", Member("a", "ann", {"bad": object()}))

@@ -507,9 +507,10 @@ def presence_for(backend: Any, **options: Any) -> PresenceStore:
     backend, ``RedisPresence`` on a Redis backend (one server or Sentinel).
 
     ``options`` go to the store (``ttl``, ``refresh_interval`` for Redis;
-    ``process`` for both). Raises ``TypeError`` for a backend without a presence
-    store (Redis Cluster, NATS): a per-process ``MemoryPresence()`` would
-    silently show each process its own members only.
+    ``process`` for both). Raises ``TypeError`` naming the supported backends
+    for any other backend (Redis Cluster, NATS): a per-process
+    ``MemoryPresence()`` would silently show each process its own members only.
+    Call it at setup, so a wrong backend stops the application before it serves.
     """
     from .backends.memory import MemoryBackend
 
@@ -526,8 +527,9 @@ def presence_for(backend: Any, **options: Any) -> PresenceStore:
 
             return RedisPresence(backend, **options)
     raise TypeError(
-        f"no presence store for {type(backend).__name__} (in memory: MemoryBackend; "
-        "many processes: RedisBackend on one Redis server or Sentinel)"
+        f"no presence store for {type(backend).__name__}: presence_for supports "
+        "MemoryBackend (one process) and RedisBackend on one Redis server or Sentinel "
+        "(many processes); not Redis Cluster or NATS"
     )
 
 

@@ -246,6 +246,7 @@ class RedisPresence:
     :meth:`close` at shutdown (this process's members leave at once).
     Reports never raise: when Redis is unreachable they are dropped and the
     next refresh after Redis is back rebuilds this process's members.
+    Raises ``TypeError`` for a Redis Cluster backend (or any other backend).
     """
 
     def __init__(
@@ -257,6 +258,13 @@ class RedisPresence:
         reap_interval: float | None = None,
         process: str | None = None,
     ) -> None:
+        from .backends.redis_cluster import ClusterRedisBackend
+
+        if isinstance(backend, ClusterRedisBackend) or not isinstance(backend, RedisBackend):
+            raise TypeError(
+                f"RedisPresence needs a RedisBackend on one Redis server or Sentinel, "
+                f"not {type(backend).__name__} (its scripts use keys of many slots)"
+            )
         if ttl <= 0:
             raise ValueError(f"ttl must be > 0, got {ttl}")
         self.backend = backend
