@@ -238,3 +238,57 @@ def test_revoked_ids_expire_and_are_bounded() -> None:
     assert sessions.stats().revoked == 0 and sessions.stats().refused == 1
     with pytest.raises(ValueError, match="buffer"):
         PollSessions(buffer=0)
+
+
+async def test_presence_families_in_metrics(served: Served) -> None:
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tornado_longconn.metrics import LongConnCollector
+
+    registry = CollectorRegistry()
+    registry.register(LongConnCollector(application=served.server.app, topic_labels=5))
+    async with httpx.AsyncClient(timeout=scaled(20)) as client:
+        await served.poll(client, client="a", user="ann", topics="room,hall")
+        await served.poll(client, client="b", user="bob")
+        await served.poll(client, client="b", user="bob", topics="hall")  # leaves room
+        await served.users.disconnect_user("bob", 4403, "revoked")
+        assert (await served.poll(client, client="b", user="bob")).status_code == 403
+    text = generate_latest(registry).decode()
+    lines = set(text.splitlines())
+    # memberships: a in room and hall, and a's user registry entry (b was disconnected)
+    assert "longconn_presence_members 3.0" in lines
+    assert "longconn_presence_joins_total 6.0" in lines  # a: 3; b: room, user#bob, hall
+    assert "longconn_presence_leaves_total 3.0" in lines  # b: room, then hall and user#bob
+    assert "longconn_poll_sessions 1.0" in lines
+    assert "longconn_user_disconnects_total 1.0" in lines
+    assert "longconn_user_disconnected_refused_total 1.0" in lines
+    assert 'longconn_user_events_dropped_total{kind="direct"} 0.0' in lines
+    assert 'longconn_topic_presence_members{topic="hall"} 1.0' in lines
+    assert 'longconn_topic_presence_members{topic="room"} 1.0' in lines
+    assert "user#" not in text
+
+
+async def test_inspection_fills_presence_cluster() -> None:
+    from tornado_longconn.inspection import InspectionHandler
+    from tornado_longconn.presence import Member
+
+    presence = MemoryPresence(process="p1")
+    presence.join_nowait("room", Member("c1", "ann"))
+    presence.join_nowait("room", Member("c2", "ann"))
+    presence.join_nowait("hall", Member("c3", None))
+    presence.join_nowait("user#ann", Member("c1", "ann"))
+    app = tornado.web.Application(
+        [(r"/inspect", InspectionHandler, {"authorize": lambda request: True})],
+        longconn_presence=presence,
+    )
+    async with AppServer(app) as server, httpx.AsyncClient(timeout=scaled(20)) as client:
+        doc = (await client.get(server.url("/inspect"))).json()
+    assert doc["presence"]["cluster"] == {
+        "process": "p1",
+        "held": 4,
+        "topics": {
+            "room": {"connections": 2, "users": 1},
+            "hall": {"connections": 1, "users": 0},
+        },
+    }

@@ -48,6 +48,7 @@ __all__ = [
     "PresenceState",
     "PresenceStats",
     "PresenceStore",
+    "PresenceStoreStats",
     "events_topic",
     "presence_for",
     "presence_of",
@@ -65,6 +66,8 @@ SETTING: Final = "longconn_presence"
 # Presence events of topic T travel on the backend topic "presence#T" ("#" is
 # not a topic character, so no application topic has that name).
 _EVENTS_PREFIX: Final = "presence#"
+# The reserved topics of the user registry (presence_users): "user#<user>".
+USERS_PREFIX: Final = "user#"
 
 
 def events_topic(topic: str) -> str:
@@ -181,6 +184,32 @@ class PresenceEvent:
         if self.kind == "leave":
             out["reason"] = self.reason or "left"
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceStoreStats:
+    """Counters of one process's presence store (``store.stats()``).
+
+    ``held`` memberships this process holds now (with the user registry's); ``joins`` and ``leaves`` it
+    reported; ``reaped`` members of dead processes it removed (Redis);
+    ``dropped`` reports it dropped (Redis: not started, or too many waiting; the
+    next refresh rebuilds them).
+    """
+
+    held: int = 0
+    joins: int = 0
+    leaves: int = 0
+    reaped: int = 0
+    dropped: int = 0
+
+
+def top_topics(counts: dict[str, int], limit: int) -> list[tuple[str, int]]:
+    """The ``limit`` topics with the most members (ties by name).
+
+    >>> top_topics({"a": 1, "b": 3, "c": 3}, 2)
+    [('b', 3), ('c', 3)]
+    """
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
 
 
 class PresenceListener(Protocol):
@@ -304,6 +333,10 @@ class PresenceState:
         more = len(keys) > size
         return MemberPage(tuple(members[k] for k in page), page[-1] if more else None)
 
+    def topics(self) -> list[str]:
+        """The topics with members."""
+        return list(self._topics)
+
     def all_members(self, topic: str) -> list[Member]:
         """Every member of ``topic``, in join order (for tests)."""
         return list(self._topics.get(topic, {}).values())
@@ -343,6 +376,16 @@ class PresenceStore(Protocol):
 
     async def settled(self) -> None:
         """Wait until what this process reported has reached the store."""
+
+    def stats(self) -> PresenceStoreStats:
+        """This process's counters (O(1))."""
+
+    def topic_members(self, limit: int) -> list[tuple[str, int]]:
+        """This process's members per topic, the ``limit`` topics with the most.
+
+        O(memberships held by this process): for scrapes and inspection. The
+        user registry's reserved topics (``user#...``) are left out.
+        """
 
 
 class Watchers:
@@ -396,6 +439,8 @@ class MemoryPresence:
         self.process = process or secrets.token_hex(8)
         self.state = PresenceState()
         self._watchers = Watchers()
+        self._joins = 0
+        self._leaves = 0
 
     def __repr__(self) -> str:
         return f"<MemoryPresence {self.process}>"
@@ -415,6 +460,7 @@ class MemoryPresence:
         event = self.state.join(topic, checked(member))
         if event is None:
             return False
+        self._joins += 1
         self._watchers.dispatch(event)
         return True
 
@@ -423,6 +469,7 @@ class MemoryPresence:
         event = self.state.leave(topic, client, self.process)
         if event is None:
             return False
+        self._leaves += 1
         self._watchers.dispatch(event)
         return True
 
@@ -446,6 +493,19 @@ class MemoryPresence:
 
     async def settled(self) -> None:
         """Nothing is ever pending in memory."""
+
+    def stats(self) -> PresenceStoreStats:
+        """The counters (nothing is reaped or dropped in memory)."""
+        return PresenceStoreStats(self.state.held(self.process), self._joins, self._leaves)
+
+    def topic_members(self, limit: int) -> list[tuple[str, int]]:
+        """The ``limit`` topics with the most members."""
+        counts = {
+            t: self.state.stats(t).connections
+            for t in self.state.topics()
+            if not t.startswith(USERS_PREFIX)
+        }
+        return top_topics(counts, limit)
 
 
 class PollLeases:
