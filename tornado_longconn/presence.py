@@ -25,7 +25,6 @@ scripts do the same steps, and the property tests hold the stores to it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
@@ -42,7 +41,6 @@ __all__ = [
     "Member",
     "MemberPage",
     "MemoryPresence",
-    "PollLeases",
     "PresenceEvent",
     "PresenceListener",
     "PresenceState",
@@ -506,56 +504,6 @@ class MemoryPresence:
             if not t.startswith(USERS_PREFIX)
         }
         return top_topics(counts, limit)
-
-
-class PollLeases:
-    """Presence of long-poll clients: present while they poll, and ``grace`` seconds after.
-
-    A long-poll client is one request after another; it is a member from its
-    first poll until ``grace`` seconds pass with no poll in progress (its next
-    poll cancels the timer). One per application
-    (:meth:`for_application`); the timers are the only state.
-    """
-
-    def __init__(self) -> None:
-        self._held: dict[tuple[str, str], tuple[int, asyncio.TimerHandle | None]] = {}
-
-    @classmethod
-    def for_application(cls, application: tornado.web.Application) -> PollLeases:
-        """The application's leases, created on first use."""
-        leases = application.settings.get(_LEASES)
-        if leases is None:
-            leases = application.settings[_LEASES] = cls()
-        assert isinstance(leases, PollLeases)
-        return leases
-
-    def hold(self, store: PresenceStore, topic: str, member: Member) -> None:
-        """A poll of ``member`` in ``topic`` starts: join (once) and stop any leave timer."""
-        key = (topic, member.client)
-        polls, timer = self._held.get(key, (0, None))
-        if timer is not None:
-            timer.cancel()
-        if polls == 0 and timer is None:
-            store.join_nowait(topic, member)
-        self._held[key] = (polls + 1, None)
-
-    def release(self, store: PresenceStore, topic: str, client: str, grace: float) -> None:
-        """A poll ends: leave ``grace`` seconds after the last poll in progress ended."""
-        key = (topic, client)
-        polls, _ = self._held.get(key, (1, None))
-        if polls > 1:
-            self._held[key] = (polls - 1, None)
-            return
-
-        def expire() -> None:
-            self._held.pop(key, None)
-            store.leave_nowait(topic, client)
-
-        timer = asyncio.get_running_loop().call_later(grace, expire)
-        self._held[key] = (0, timer)
-
-
-_LEASES: Final = "longconn_presence_leases"
 
 
 def _with_process(member: Member, process: str) -> Member:
