@@ -379,6 +379,14 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         malformed request gets 400, too many topics 429, a full waiter or a
         failing backend 503 (429 also beyond a connection cap); every status
         comes with ``{"code","reason"}``.
+
+        With ``?client=<id>`` the client has a session
+        (:class:`~tornado_longconn.presence_http.PollSessions`): it is a presence
+        member of its topics and a connection of its user, and the answer's
+        ``events`` list carries its topics' presence events (``?presence=1``)
+        and messages to its user. A disconnect of its user answers the pending
+        or next poll with :func:`~tornado_longconn.presence_http.disconnect_status`
+        and ``{"code":"disconnected","close_code","reason"}``.
         """
         await self._capped(self._poll_subscriptions)
 
@@ -526,7 +534,12 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         store) also ``event: join`` / ``event: leave`` / ``event: presence_gap``
         with the protocol's event objects as data, for changes after ``ready``. Answers 400/429/503 with
         ``{"code","reason"}`` before the stream starts (429 also beyond a
-        connection cap).
+        connection cap). A stream with a user is a connection of that user
+        (:class:`~tornado_longconn.presence_users.UserRegistry`): ``event:
+        direct`` for each message, and a final ``event: disconnect``
+        (``{"type":"disconnect","code","reason"}``) before the stream ends when
+        the user is disconnected; a new stream with that ``client`` is then
+        refused as a long-poll would be.
         """
         await self._capped(self._stream_subscriptions)
 
