@@ -37,7 +37,7 @@ class SSE(Identified, SubscriptionSSEHandler):
 
 
 class Poll(Identified, SubscriptionPollHandler):
-    presence_grace = scaled(0.3)
+    presence_grace = scaled(2.0)  # longer than any pause between polls here
 
 
 class Served:
