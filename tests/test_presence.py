@@ -290,8 +290,11 @@ async def test_sse_stream_receives_presence_events(
         params = {"topics": "room", "client": "watcher", "presence": "1"}
         async with client.stream("GET", server.url("/events"), params=params) as response:
             lines = response.aiter_lines()
-            (ready,) = await read_events(lines, 1)
+            (ready, own) = await read_events(lines, 2)
             assert ready["event"] == "ready"
+            # its own join first: the stream watches its topics before it joins them
+            assert own["event"] == "join"
+            assert json.loads(own["data"])["member"]["client"] == "watcher"
             ann = await connect(server, "?user=ann")
             await ann.request("subscribe", topic="room")
             (joined,) = await read_events(lines, 1)

@@ -292,3 +292,36 @@ async def test_inspection_fills_presence_cluster() -> None:
             "hall": {"connections": 1, "users": 0},
         },
     }
+
+
+@pytest.mark.parametrize("transport", ["longpoll", "sse"])
+async def test_python_client_over_http_gets_presence_and_is_disconnected(
+    served: Served, transport: str
+) -> None:
+    from tornado_longconn.client import ClientError, PresenceChange, connect
+
+    base = served.server.url("")
+    async with connect(
+        "ws://127.0.0.1:1/unused?user=ann",
+        sse_url=base + "/events?user=ann",
+        poll_url=base + "/poll?user=ann",
+        transports=[transport],
+        open_timeout=scaled(10),
+        poll_timeout=scaled(5),
+    ) as client:
+        room = await client.subscribe("room", params={"presence": True})
+        first = client.presence_client
+        event = await room.get(scaled(10))
+        assert isinstance(event, PresenceChange) and event.kind == "join"
+        assert event.member["client"] == first and event.member["transport"] == transport
+        async with httpx.AsyncClient(timeout=scaled(20)) as http:
+            await served.poll(http, client="other", user="bob")
+        event = await room.get(scaled(10))
+        assert isinstance(event, PresenceChange) and event.member["client"] == "other"
+        assert {m.client for m in await served.users.connections_of("ann")} == {first}
+        await served.users.disconnect_user("ann", 4403, "revoked")
+        with pytest.raises(ClientError) as raised:  # noqa: PT012 (drain until the end)
+            while True:
+                await room.get(scaled(10))
+        assert raised.value.code == "forbidden"
+        assert client.presence_client != first

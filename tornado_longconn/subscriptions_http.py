@@ -532,7 +532,8 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         after it, ``data`` = ``{"topic","cursor","data"}``) and ``event: resync``
         where a topic cannot resume exactly. With ``?presence=1`` (and a presence
         store) also ``event: join`` / ``event: leave`` / ``event: presence_gap``
-        with the protocol's event objects as data, for changes after ``ready``. Answers 400/429/503 with
+        with the protocol's event objects as data, for changes after ``ready``
+        (the stream's own join first). Answers 400/429/503 with
         ``{"code","reason"}`` before the stream starts (429 also beyond a
         connection cap). A stream with a user is a connection of that user
         (:class:`~tornado_longconn.presence_users.UserRegistry`): ``event:
@@ -562,9 +563,6 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                 counters.opened(self, "sse")
                 store = presence_of(self)
                 client = chosen or secrets.token_hex(8)
-                if store is not None:
-                    for topic in allowed:
-                        store.join_nowait(topic, self._presence_member("sse", client, topic))
                 fields = log_fields(self, topic=",".join(allowed))
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("SSE stream on %d topics", len(allowed), extra=fields)
@@ -640,6 +638,12 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                 log.warning("multi-topic SSE could not start: %s", exc, extra=log_fields(self))
                 self._answer_error(503, "unavailable", "backend unavailable")
                 return
+        # Join after watching, so that the stream's own join reaches it (as on a
+        # WebSocket); the caller leaves when the stream ends.
+        members = presence_of(self)
+        if members is not None:
+            for topic in topics:
+                members.join_nowait(topic, self._presence_member("sse", client, topic))
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Accel-Buffering", "no")
