@@ -290,8 +290,11 @@ async def test_sse_stream_receives_presence_events(
         params = {"topics": "room", "client": "watcher", "presence": "1"}
         async with client.stream("GET", server.url("/events"), params=params) as response:
             lines = response.aiter_lines()
-            (ready,) = await read_events(lines, 1)
+            (ready, own) = await read_events(lines, 2)
             assert ready["event"] == "ready"
+            # its own join first: the stream watches its topics before it joins them
+            assert own["event"] == "join"
+            assert json.loads(own["data"])["member"]["client"] == "watcher"
             ann = await connect(server, "?user=ann")
             await ann.request("subscribe", topic="room")
             (joined,) = await read_events(lines, 1)
@@ -306,6 +309,28 @@ async def test_sse_stream_receives_presence_events(
 def test_presence_for_refuses_backends_without_a_store() -> None:
     with pytest.raises(TypeError, match="no presence store"):
         presence_for(object())
+
+
+async def test_presence_for_names_the_supported_backends_for_cluster_and_nats() -> None:
+    pytest.importorskip("redis")
+    pytest.importorskip("nats")
+    from tornado_longconn.backends.nats import NatsBackend
+    from tornado_longconn.backends.redis_cluster import ClusterRedisBackend
+    from tornado_longconn.presence_redis import RedisPresence
+
+    cluster = ClusterRedisBackend("redis+cluster://127.0.0.1:7000")
+    nats = NatsBackend()
+    try:
+        for backend in (cluster, nats):
+            with pytest.raises(
+                TypeError, match=r"MemoryBackend .* RedisBackend .* not Redis Cluster or NATS"
+            ):
+                presence_for(backend)
+        with pytest.raises(TypeError, match="not ClusterRedisBackend"):
+            RedisPresence(cluster)
+    finally:
+        await cluster.close()
+        await nats.close()
 
 
 async def test_info_that_is_not_json_is_dropped(caplog: pytest.LogCaptureFixture) -> None:

@@ -45,11 +45,24 @@ async def serve(redis_url: str, prefix: str, ttl: float) -> None:
 
     from tornado_longconn import BroadcastHub
     from tornado_longconn.backends.redis import RedisBackend
+    from tornado_longconn.longpoll import LongPollWaiter
     from tornado_longconn.presence_redis import RedisPresence
     from tornado_longconn.presence_users import UserRegistry
     from tornado_longconn.subscriptions import SubscriptionMixin
+    from tornado_longconn.subscriptions_http import (
+        SubscriptionPollHandler,
+        SubscriptionSSEHandler,
+    )
 
     class Live(SubscriptionMixin, tornado.websocket.WebSocketHandler):
+        def get_current_user(self) -> str | None:
+            return self.get_query_argument("user", None)
+
+    class SSE(SubscriptionSSEHandler):
+        def get_current_user(self) -> str | None:
+            return self.get_query_argument("user", None)
+
+    class Poll(SubscriptionPollHandler):
         def get_current_user(self) -> str | None:
             return self.get_query_argument("user", None)
 
@@ -59,8 +72,16 @@ async def serve(redis_url: str, prefix: str, ttl: float) -> None:
     presence = RedisPresence(backend, ttl=ttl)
     await presence.start()
     users = UserRegistry(backend, presence)
+    waiter = LongPollWaiter(backend, linger=0)
     app = tornado.web.Application(
-        [(r"/ws", Live)], longconn_hub=hub, longconn_presence=presence, longconn_users=users
+        [
+            (r"/ws", Live),
+            (r"/events", SSE, {"hub": hub, "waiter": waiter}),
+            (r"/poll", Poll, {"hub": hub, "waiter": waiter}),
+        ],
+        longconn_hub=hub,
+        longconn_presence=presence,
+        longconn_users=users,
     )
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
     server = tornado.httpserver.HTTPServer(app)
@@ -72,6 +93,7 @@ async def serve(redis_url: str, prefix: str, ttl: float) -> None:
     os.write(sys.stdout.fileno(), f"READY {sockets[0].getsockname()[1]}\n".encode())
     await stop.wait()
     server.stop()
+    await waiter.close()
     await users.close()
     await presence.close()
     await hub.close(spread=0)
@@ -289,6 +311,74 @@ async def test_three_processes_agree_and_a_killed_one_leaves_once() -> None:
                 await client.close()
         for server in servers:
             await server.stop()
+
+
+async def test_user_sse_and_long_poll_on_another_process_are_reached() -> None:
+    """Process B holds a user's SSE stream and long-poll session; this process (A) finds
+    them with connections_of, reaches them with send_to_user and ends them with
+    disconnect_user."""
+    await require_redis()
+    import httpx
+
+    from tests.test_subscriptions_http import read_events
+
+    prefix = f"test:presence-http-mp:{secrets.token_hex(4)}:"
+    server = Server(prefix, scaled(5.0))
+    backend = RedisBackend(REDIS_URL, prefix=prefix)
+    store = RedisPresence(backend, ttl=scaled(5.0))
+    users = UserRegistry(backend, store)
+    try:
+        await server.start()
+        await backend.start()
+        await store.start()
+        joins: list[Any] = []
+        both = asyncio.Event()
+
+        def on_join(event: Any) -> None:
+            joins.append(event)
+            if sum(1 for e in joins if e.kind == "join") == 2:
+                both.set()
+
+        await store.watch("user#u9", on_join)
+        base = f"http://127.0.0.1:{server.port}"
+        async with httpx.AsyncClient(timeout=scaled(20)) as http:
+            poll = {"topics": "room", "client": "lp-9", "user": "u9", "timeout": "0"}
+            assert (await http.get(base + "/poll", params=poll)).status_code == 200
+            params = {"topics": "room", "client": "sse-9", "user": "u9"}
+            async with http.stream("GET", base + "/events", params=params) as stream:
+                lines = stream.aiter_lines()
+                await read_events(lines, 1)  # ready
+                # B reports a connection present once it is subscribed to the user
+                await asyncio.wait_for(both.wait(), scaled(10))
+                found = {(m.client, m.transport) for m in await users.connections_of("u9")}
+                assert found == {("lp-9", "longpoll"), ("sse-9", "sse")}
+                assert {m.process for m in await users.connections_of("u9")} != {store.process}
+                await users.send_to_user("u9", {"text": "hi"})
+                (direct,) = await asyncio.wait_for(read_events(lines, 1), scaled(10))
+                assert json.loads(direct["data"]) == {"type": "direct", "data": {"text": "hi"}}
+                answer = (await http.get(base + "/poll", params=poll)).json()
+                assert answer["events"] == [{"type": "direct", "data": {"text": "hi"}}]
+                pending = asyncio.ensure_future(
+                    http.get(base + "/poll", params=dict(poll, timeout="20"))
+                )
+                await users.disconnect_user("u9", 4401, "session expired")
+                (final,) = await asyncio.wait_for(read_events(lines, 1), scaled(10))
+                assert final["event"] == "disconnect"
+                assert json.loads(final["data"])["code"] == 4401
+                refused = await pending
+                # the disconnect answered the pending poll, or refused it on arrival
+                assert refused.status_code == 401
+                assert refused.json() == {
+                    "code": "disconnected",
+                    "close_code": 4401,
+                    "reason": "session expired",
+                }
+            assert (await http.get(base + "/poll", params=poll)).status_code == 401
+    finally:
+        await users.close()
+        await store.close()
+        await backend.close()
+        await server.stop()
 
 
 async def test_redis_restart_rebuilds_presence_without_the_dead(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ import enum
 import json
 import logging
 import random
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -714,9 +715,15 @@ class _SSE(_HTTPTransport):
                 )
             except _Blocked:
                 return _BLOCKED
+            gone, client._disconnect = client._disconnect, None
+            if gone is not None:
+                client._disconnected(*gone)
             if not done:
                 continue  # the topic set changed: ask again with the new set
             if answer.status != 200:
+                gone = _disconnect_answer(answer.body)
+                if gone is not None:
+                    client._disconnected(*gone)
                 self._refuse_status(answer.status, answer.body)
                 continue
             return "stream ended"
@@ -756,6 +763,9 @@ class _LongPoll(_HTTPTransport):
                 fresh = True
                 continue
             if answer.status != 200:
+                gone = _disconnect_answer(answer.body)
+                if gone is not None:
+                    client._disconnected(*gone)
                 self._refuse_status(answer.status, answer.body)
                 fresh = True
                 continue
@@ -861,6 +871,11 @@ class Client:
         self._proven = False  # the transport carried something (not only an idle open)
         #: The server's id of this connection (the ``welcome`` frame's ``client``).
         self.client_id: str | None = None
+        #: The ``client`` of SSE and long-poll requests: this client's presence
+        #: member id there (renewed after the server disconnected it).
+        self.presence_client = secrets.token_hex(8)
+        # (close code, reason) of an SSE stream's final ``event: disconnect``.
+        self._disconnect: tuple[Any, Any] | None = None
 
     # -- lifecycle
 
@@ -1371,7 +1386,14 @@ class Client:
         cursors: dict[str, Cursor | None] = {}
         for topic, sub in self._subs.items():
             cursors[topic] = parse_cursor(sub.cursor) if sub.cursor is not None else None
-        return topics, {"topics": ",".join(topics), "cursors": format_cursor_map(cursors)}
+        query = {
+            "topics": ",".join(topics),
+            "cursors": format_cursor_map(cursors),
+            "client": self.presence_client,
+        }
+        if any(_wants_presence(sub.params) for sub in self._subs.values()):
+            query["presence"] = "1"
+        return topics, query
 
     def _has_cursors(self) -> bool:
         return any(sub.cursor is not None for sub in self._subs.values())
@@ -1465,19 +1487,36 @@ class Client:
         elif kind in ("published", "result", "presence"):
             self._answer(frame.get("id"), frame)
         elif kind in ("join", "leave", "presence_gap"):
-            topic = frame.get("topic")
-            sub = self._subs.get(topic) if isinstance(topic, str) else None
-            if sub is not None and not sub.ended:
-                change = PresenceChange(
-                    topic=sub.topic,
-                    kind=kind,
-                    member=frame.get("member"),
-                    reason=_str(frame.get("reason")),
-                )
-                sub._put(change, self._counters)
+            self._presence_change(kind, frame)
         elif kind == "error":
             self._on_error_frame(frame)
         # a type of a newer server: ignored
+
+    def _presence_change(self, kind: str, frame: Any) -> None:
+        """A join, leave or presence_gap (WebSocket frame, SSE event, long-poll ``events``)."""
+        topic = frame.get("topic") if isinstance(frame, dict) else None
+        sub = self._subs.get(topic) if isinstance(topic, str) else None
+        if sub is not None and not sub.ended:
+            change = PresenceChange(
+                topic=sub.topic,
+                kind=kind,
+                member=frame.get("member"),
+                reason=_str(frame.get("reason")),
+            )
+            sub._put(change, self._counters)
+
+    def _disconnected(self, code: Any, reason: Any) -> None:
+        """The server disconnected this client's user over SSE or long-poll: end or reconnect.
+
+        Raises ``_Fatal`` for 1008, 4401, 4403 (as a WebSocket closed with it),
+        else ``ConnectionError`` (reconnect with a new presence client id: the
+        server refuses the old one for a while).
+        """
+        self.presence_client = secrets.token_hex(8)
+        text = f"disconnected by the server (close code {code}: {reason})"
+        if code in _FATAL_CLOSE:
+            raise _Fatal(ClientError(_FATAL_CLOSE[code], text))
+        raise ConnectionError(text)
 
     def _answer(self, rid: Any, frame: dict[str, Any]) -> None:
         future = self._pending.get(rid) if isinstance(rid, int) else None
@@ -1574,6 +1613,12 @@ class Client:
                 self._topic_resync(obj["topic"], _str(obj.get("cursor")), str(obj.get("reason")))
         elif event == "error":
             self._topic_error(obj)
+        elif event in ("join", "leave", "presence_gap"):
+            self._presence_change(event, obj)
+        elif event == "disconnect" and isinstance(obj, dict):
+            # The server ends the stream after it; the transport acts then (an
+            # exception here would be Tornado's, inside its body callback).
+            self._disconnect = (obj.get("code"), obj.get("reason"))
         return True
 
     async def _on_poll_body(self, body: Any, topics: list[str]) -> None:
@@ -1588,10 +1633,29 @@ class Client:
         for item in body.get("messages") or ():
             await self._on_message_object(item)
         self._fill_cursors(body.get("cursors"))
+        for item in body.get("events") or ():
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind in ("join", "leave", "presence_gap"):
+                self._presence_change(kind, item)
 
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _wants_presence(params: Any) -> bool:
+    return isinstance(params, dict) and params.get("presence") is True
+
+
+def _disconnect_answer(body: bytes) -> tuple[Any, Any] | None:
+    """``(close_code, reason)`` of a long-poll answer ``{"code":"disconnected",...}``, else None."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(obj, dict) and obj.get("code") == "disconnected":
+        return obj.get("close_code"), obj.get("reason")
+    return None
 
 
 def connect(

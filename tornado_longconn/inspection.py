@@ -24,8 +24,12 @@ The document (all keys always present; a part not given is ``null`` or empty):
   ``groups_total`` counts them all.
 * ``presence`` -- ``{"scope": "process", "members": {topic: count}, "cluster": null}``:
   member counts per group *of this process* (the same groups as above).
-  ``cluster`` is reserved for the counts over every process, which the
-  presence feature will fill; it is ``null`` until then (not a guess).
+  :class:`InspectionHandler` fills ``cluster`` when it has a presence store
+  (its ``presence`` kwarg, else the application's ``longconn_presence``
+  setting): ``{"process": id, "held": n, "topics": {topic: {"connections": n,
+  "users": n}}}``, the counts over every process of the same topics and of the
+  topics with the most members held by this process (:func:`presence_cluster`);
+  else it stays ``null`` (not a guess).
 * ``writers`` -- the ``top_writers`` group members with the most bytes
   buffered: ``conn`` (:func:`~tornado_longconn.connections.connection_id`),
   ``remote``, ``user`` (when known), ``topic``, ``buffered``,
@@ -45,6 +49,7 @@ The document (all keys always present; a part not given is ``null`` or empty):
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections.abc import Awaitable, Iterable
 from typing import Any, Protocol
@@ -57,10 +62,14 @@ from .broadcast import BroadcastGroup, BroadcastHub
 from .connections import connection_stats
 from .logfields import log_fields
 from .longpoll import LongPollWaiter
+from .presence import SETTING as PRESENCE_SETTING
+from .presence import PresenceStore
 from .stats import stats_dict, sum_stats
 from .upload import UploadStore
 
-__all__ = ["Authorize", "InspectionHandler", "inspect_process"]
+__all__ = ["Authorize", "InspectionHandler", "inspect_process", "presence_cluster"]
+
+log = logging.getLogger("tornado_longconn.inspection")
 
 
 class Authorize(Protocol):
@@ -173,6 +182,27 @@ def inspect_process(
     }
 
 
+async def presence_cluster(
+    store: PresenceStore, topics: Iterable[str] = (), *, max_topics: int = 100
+) -> dict[str, Any]:
+    """The ``presence.cluster`` part of the inspection document, read from ``store``.
+
+    The counts over every process (one O(1) read per topic) of ``topics`` and
+    of the topics with the most members held by this process, at most
+    ``max_topics`` in all. Raises what the store raises (Redis unavailable).
+    """
+    chosen = dict.fromkeys(list(topics)[:max_topics])
+    for topic, _ in store.topic_members(max_topics):
+        if len(chosen) >= max_topics:
+            break
+        chosen.setdefault(topic)
+    counts = {}
+    for topic in chosen:
+        stats = await store.presence_stats(topic)
+        counts[topic] = {"connections": stats.connections, "users": stats.users}
+    return {"process": store.process, "held": store.stats().held, "topics": counts}
+
+
 class InspectionHandler(tornado.web.RequestHandler):
     """``GET`` answers the inspection document (:func:`inspect_process`) as JSON; 403 when refused.
 
@@ -180,8 +210,10 @@ class InspectionHandler(tornado.web.RequestHandler):
     it, or when it returns false, the answer is 403 ``{"error": "forbidden"}``),
     then ``hubs``, ``waiters``, ``upload_stores``, ``backends``,
     ``top_writers`` (default 10) and ``max_groups`` (default 100) as for
-    :func:`inspect_process`. An exception in ``authorize`` is a 500, never an
-    answer.
+    :func:`inspect_process`, and ``presence`` (a presence store; None: the
+    application's ``longconn_presence`` setting) for ``presence.cluster``. An
+    exception in ``authorize`` is a 500, never an answer; a presence store that
+    cannot answer leaves ``cluster`` ``null`` (logged).
     """
 
     def initialize(
@@ -193,8 +225,10 @@ class InspectionHandler(tornado.web.RequestHandler):
         backends: Iterable[Backend] = (),
         top_writers: int = 10,
         max_groups: int = 100,
+        presence: PresenceStore | None = None,
     ) -> None:
         """Keep the hook and the parts to describe."""
+        self.presence = presence
         self.authorize = authorize
         self.hubs = list(hubs)
         self.waiters = list(waiters)
@@ -215,14 +249,23 @@ class InspectionHandler(tornado.web.RequestHandler):
             self.set_status(403)
             self.finish({"error": "forbidden"})
             return
-        self.finish(
-            inspect_process(
-                self.application,
-                hubs=self.hubs,
-                waiters=self.waiters,
-                upload_stores=self.upload_stores,
-                backends=self.backends,
-                top_writers=self.top_writers,
-                max_groups=self.max_groups,
-            )
+        doc = inspect_process(
+            self.application,
+            hubs=self.hubs,
+            waiters=self.waiters,
+            upload_stores=self.upload_stores,
+            backends=self.backends,
+            top_writers=self.top_writers,
+            max_groups=self.max_groups,
         )
+        store = self.presence
+        if store is None:
+            store = self.application.settings.get(PRESENCE_SETTING)
+        if store is not None:
+            try:
+                doc["presence"]["cluster"] = await presence_cluster(
+                    store, doc["presence"]["members"], max_topics=self.max_groups
+                )
+            except Exception:
+                log.warning("inspection: presence unavailable", exc_info=True)
+        self.finish(doc)

@@ -69,6 +69,9 @@ from .heartbeat import HeartbeatCounters
 from .histogram import HistogramStats
 from .logfields import log_fields
 from .longpoll import LongPollWaiter
+from .presence import SETTING as PRESENCE_SETTING
+from .presence import PresenceStore
+from .presence_http import PollSessions
 from .server import LongConnHTTPServer
 from .stats import sum_stats
 from .strict import protocol_error_stats
@@ -264,7 +267,48 @@ FAMILIES: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
         "accept() failures (EMFILE, ENFILE, ENOBUFS, ENOMEM).",
     ),
     "longconn_accept_paused": ("gauge", (), "1 while accepting is paused for a backoff."),
+    # presence (the store given as presence=, else the application's longconn_presence)
+    "longconn_presence_members": (
+        "gauge",
+        (),
+        "Presence memberships this process holds now (user registry connections included).",
+    ),
+    "longconn_presence_joins": ("counter", (), "Presence joins this process reported."),
+    "longconn_presence_leaves": ("counter", (), "Presence leaves this process reported."),
+    "longconn_presence_reaped": (
+        "counter",
+        (),
+        "Members of dead processes this process removed (Redis).",
+    ),
+    "longconn_presence_reports_dropped": (
+        "counter",
+        (),
+        "Presence reports dropped (not started, or too many waiting); rebuilt by a refresh.",
+    ),
+    # long-poll sessions and SSE streams as presence members and user connections
+    "longconn_poll_sessions": ("gauge", (), "Long-poll sessions (clients with ?client=) now."),
+    "longconn_user_disconnects": (
+        "counter",
+        (),
+        "Long-poll sessions and SSE streams ended by disconnect_user.",
+    ),
+    "longconn_user_disconnected_refused": (
+        "counter",
+        (),
+        "Polls and SSE streams refused because their client id was disconnected.",
+    ),
+    "longconn_user_events_dropped": (
+        "counter",
+        ("kind",),
+        "Events for long-poll and SSE clients dropped past their buffer, by kind "
+        "(presence, direct).",
+    ),
     # opt-in, capped
+    "longconn_topic_presence_members": (
+        "gauge",
+        ("topic",),
+        "Presence members this process holds, per topic (opt-in, capped).",
+    ),
     "longconn_topic_members": ("gauge", ("topic",), "Members of a group (opt-in, capped)."),
     "longconn_topic_published": (
         "counter",
@@ -357,6 +401,9 @@ class LongConnCollector(Collector):
     * ``backends`` -- more backends (those of the hubs, groups and waiters are
       found by themselves; each is read once).
     * ``servers`` -- :class:`~tornado_longconn.server.LongConnHTTPServer` objects.
+    * ``presence`` -- a presence store
+      (:class:`~tornado_longconn.presence.PresenceStore`); None: the
+      application's ``longconn_presence`` setting, if any.
     * ``topic_labels`` -- export per-topic families for at most this many
       groups (the ones with the most members); default 0: none, so label
       values stay bounded.
@@ -378,6 +425,7 @@ class LongConnCollector(Collector):
         backends: Iterable[Backend] = (),
         servers: Iterable[LongConnHTTPServer] = (),
         topic_labels: int = 0,
+        presence: PresenceStore | None = None,
     ) -> None:
         if topic_labels < 0:
             raise ValueError(f"topic_labels must be >= 0, got {topic_labels}")
@@ -389,6 +437,7 @@ class LongConnCollector(Collector):
         self.backends = list(backends)
         self.servers = list(servers)
         self.topic_labels = topic_labels
+        self.presence = presence
         self._share: _Share | None = None
 
     def describe(self) -> list[Metric]:
@@ -443,6 +492,18 @@ class LongConnCollector(Collector):
             for code, count in sorted(by_code.items()):
                 errors.add((str(code),), count)
             self._subscriptions(fam, subscription_stats(app))
+            sessions = PollSessions.for_application(app).stats()
+            fam("longconn_poll_sessions").add((), sessions.sessions)
+            fam("longconn_user_disconnects").add((), sessions.disconnected)
+            fam("longconn_user_disconnected_refused").add((), sessions.refused)
+            dropped = fam("longconn_user_events_dropped")
+            dropped.add(("direct",), sessions.direct_dropped)
+            dropped.add(("presence",), sessions.presence_dropped)
+        store = self.presence
+        if store is None and app is not None:
+            store = app.settings.get(PRESENCE_SETTING)
+        if store is not None:
+            self._presence(fam, store)
         if self.hubs or self.groups:
             self._broadcast(fam)
         if self.waiters:
@@ -472,6 +533,18 @@ class LongConnCollector(Collector):
             fam("longconn_accept_errors").add((), accept.errors)
             fam("longconn_accept_paused").add((), accept.paused)
         return out
+
+    def _presence(self, fam: Any, store: PresenceStore) -> None:
+        counts = store.stats()
+        fam("longconn_presence_members").add((), counts.held)
+        fam("longconn_presence_joins").add((), counts.joins)
+        fam("longconn_presence_leaves").add((), counts.leaves)
+        fam("longconn_presence_reaped").add((), counts.reaped)
+        fam("longconn_presence_reports_dropped").add((), counts.dropped)
+        if self.topic_labels:
+            topics = fam("longconn_topic_presence_members")
+            for topic, count in store.topic_members(self.topic_labels):
+                topics.add((topic,), count)
 
     @staticmethod
     def _subscriptions(fam: Any, subs: SubscriptionStats) -> None:

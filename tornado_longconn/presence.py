@@ -25,7 +25,6 @@ scripts do the same steps, and the property tests hold the stores to it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
@@ -42,12 +41,12 @@ __all__ = [
     "Member",
     "MemberPage",
     "MemoryPresence",
-    "PollLeases",
     "PresenceEvent",
     "PresenceListener",
     "PresenceState",
     "PresenceStats",
     "PresenceStore",
+    "PresenceStoreStats",
     "events_topic",
     "presence_for",
     "presence_of",
@@ -65,6 +64,8 @@ SETTING: Final = "longconn_presence"
 # Presence events of topic T travel on the backend topic "presence#T" ("#" is
 # not a topic character, so no application topic has that name).
 _EVENTS_PREFIX: Final = "presence#"
+# The reserved topics of the user registry (presence_users): "user#<user>".
+USERS_PREFIX: Final = "user#"
 
 
 def events_topic(topic: str) -> str:
@@ -181,6 +182,32 @@ class PresenceEvent:
         if self.kind == "leave":
             out["reason"] = self.reason or "left"
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceStoreStats:
+    """Counters of one process's presence store (``store.stats()``).
+
+    ``held`` memberships this process holds now (with the user registry's); ``joins`` and ``leaves`` it
+    reported; ``reaped`` members of dead processes it removed (Redis);
+    ``dropped`` reports it dropped (Redis: not started, or too many waiting; the
+    next refresh rebuilds them).
+    """
+
+    held: int = 0
+    joins: int = 0
+    leaves: int = 0
+    reaped: int = 0
+    dropped: int = 0
+
+
+def top_topics(counts: dict[str, int], limit: int) -> list[tuple[str, int]]:
+    """The ``limit`` topics with the most members (ties by name).
+
+    >>> top_topics({"a": 1, "b": 3, "c": 3}, 2)
+    [('b', 3), ('c', 3)]
+    """
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
 
 
 class PresenceListener(Protocol):
@@ -304,6 +331,10 @@ class PresenceState:
         more = len(keys) > size
         return MemberPage(tuple(members[k] for k in page), page[-1] if more else None)
 
+    def topics(self) -> list[str]:
+        """The topics with members."""
+        return list(self._topics)
+
     def all_members(self, topic: str) -> list[Member]:
         """Every member of ``topic``, in join order (for tests)."""
         return list(self._topics.get(topic, {}).values())
@@ -343,6 +374,16 @@ class PresenceStore(Protocol):
 
     async def settled(self) -> None:
         """Wait until what this process reported has reached the store."""
+
+    def stats(self) -> PresenceStoreStats:
+        """This process's counters (O(1))."""
+
+    def topic_members(self, limit: int) -> list[tuple[str, int]]:
+        """This process's members per topic, the ``limit`` topics with the most.
+
+        O(memberships held by this process): for scrapes and inspection. The
+        user registry's reserved topics (``user#...``) are left out.
+        """
 
 
 class Watchers:
@@ -396,6 +437,8 @@ class MemoryPresence:
         self.process = process or secrets.token_hex(8)
         self.state = PresenceState()
         self._watchers = Watchers()
+        self._joins = 0
+        self._leaves = 0
 
     def __repr__(self) -> str:
         return f"<MemoryPresence {self.process}>"
@@ -415,6 +458,7 @@ class MemoryPresence:
         event = self.state.join(topic, checked(member))
         if event is None:
             return False
+        self._joins += 1
         self._watchers.dispatch(event)
         return True
 
@@ -423,6 +467,7 @@ class MemoryPresence:
         event = self.state.leave(topic, client, self.process)
         if event is None:
             return False
+        self._leaves += 1
         self._watchers.dispatch(event)
         return True
 
@@ -447,55 +492,18 @@ class MemoryPresence:
     async def settled(self) -> None:
         """Nothing is ever pending in memory."""
 
+    def stats(self) -> PresenceStoreStats:
+        """The counters (nothing is reaped or dropped in memory)."""
+        return PresenceStoreStats(self.state.held(self.process), self._joins, self._leaves)
 
-class PollLeases:
-    """Presence of long-poll clients: present while they poll, and ``grace`` seconds after.
-
-    A long-poll client is one request after another; it is a member from its
-    first poll until ``grace`` seconds pass with no poll in progress (its next
-    poll cancels the timer). One per application
-    (:meth:`for_application`); the timers are the only state.
-    """
-
-    def __init__(self) -> None:
-        self._held: dict[tuple[str, str], tuple[int, asyncio.TimerHandle | None]] = {}
-
-    @classmethod
-    def for_application(cls, application: tornado.web.Application) -> PollLeases:
-        """The application's leases, created on first use."""
-        leases = application.settings.get(_LEASES)
-        if leases is None:
-            leases = application.settings[_LEASES] = cls()
-        assert isinstance(leases, PollLeases)
-        return leases
-
-    def hold(self, store: PresenceStore, topic: str, member: Member) -> None:
-        """A poll of ``member`` in ``topic`` starts: join (once) and stop any leave timer."""
-        key = (topic, member.client)
-        polls, timer = self._held.get(key, (0, None))
-        if timer is not None:
-            timer.cancel()
-        if polls == 0 and timer is None:
-            store.join_nowait(topic, member)
-        self._held[key] = (polls + 1, None)
-
-    def release(self, store: PresenceStore, topic: str, client: str, grace: float) -> None:
-        """A poll ends: leave ``grace`` seconds after the last poll in progress ended."""
-        key = (topic, client)
-        polls, _ = self._held.get(key, (1, None))
-        if polls > 1:
-            self._held[key] = (polls - 1, None)
-            return
-
-        def expire() -> None:
-            self._held.pop(key, None)
-            store.leave_nowait(topic, client)
-
-        timer = asyncio.get_running_loop().call_later(grace, expire)
-        self._held[key] = (0, timer)
-
-
-_LEASES: Final = "longconn_presence_leases"
+    def topic_members(self, limit: int) -> list[tuple[str, int]]:
+        """The ``limit`` topics with the most members."""
+        counts = {
+            t: self.state.stats(t).connections
+            for t in self.state.topics()
+            if not t.startswith(USERS_PREFIX)
+        }
+        return top_topics(counts, limit)
 
 
 def _with_process(member: Member, process: str) -> Member:
@@ -507,9 +515,10 @@ def presence_for(backend: Any, **options: Any) -> PresenceStore:
     backend, ``RedisPresence`` on a Redis backend (one server or Sentinel).
 
     ``options`` go to the store (``ttl``, ``refresh_interval`` for Redis;
-    ``process`` for both). Raises ``TypeError`` for a backend without a presence
-    store (Redis Cluster, NATS): a per-process ``MemoryPresence()`` would
-    silently show each process its own members only.
+    ``process`` for both). Raises ``TypeError`` naming the supported backends
+    for any other backend (Redis Cluster, NATS): a per-process
+    ``MemoryPresence()`` would silently show each process its own members only.
+    Call it at setup, so a wrong backend stops the application before it serves.
     """
     from .backends.memory import MemoryBackend
 
@@ -526,8 +535,9 @@ def presence_for(backend: Any, **options: Any) -> PresenceStore:
 
             return RedisPresence(backend, **options)
     raise TypeError(
-        f"no presence store for {type(backend).__name__} (in memory: MemoryBackend; "
-        "many processes: RedisBackend on one Redis server or Sentinel)"
+        f"no presence store for {type(backend).__name__}: presence_for supports "
+        "MemoryBackend (one process) and RedisBackend on one Redis server or Sentinel "
+        "(many processes); not Redis Cluster or NATS"
     )
 
 

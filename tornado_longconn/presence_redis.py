@@ -63,15 +63,18 @@ from .backends.redis import RedisBackend
 from .exceptions import BackendError, BackendUnavailableError
 from .log import Message, new_epoch
 from .presence import (
+    USERS_PREFIX,
     Member,
     MemberPage,
     PresenceEvent,
     PresenceListener,
     PresenceStats,
+    PresenceStoreStats,
     Watchers,
     check_limit,
     checked,
     events_topic,
+    top_topics,
 )
 
 __all__ = ["DEFAULT_TTL", "RedisPresence"]
@@ -246,6 +249,7 @@ class RedisPresence:
     :meth:`close` at shutdown (this process's members leave at once).
     Reports never raise: when Redis is unreachable they are dropped and the
     next refresh after Redis is back rebuilds this process's members.
+    Raises ``TypeError`` for a Redis Cluster backend (or any other backend).
     """
 
     def __init__(
@@ -257,6 +261,13 @@ class RedisPresence:
         reap_interval: float | None = None,
         process: str | None = None,
     ) -> None:
+        from .backends.redis_cluster import ClusterRedisBackend
+
+        if isinstance(backend, ClusterRedisBackend) or not isinstance(backend, RedisBackend):
+            raise TypeError(
+                f"RedisPresence needs a RedisBackend on one Redis server or Sentinel, "
+                f"not {type(backend).__name__} (its scripts use keys of many slots)"
+            )
         if ttl <= 0:
             raise ValueError(f"ttl must be > 0, got {ttl}")
         self.backend = backend
@@ -272,6 +283,8 @@ class RedisPresence:
         self.process = process or secrets.token_hex(8)
         self.prefix = backend.prefix
         self._local: dict[tuple[str, str], Member] = {}
+        self._joins = 0
+        self._leaves = 0
         self._ops: collections.deque[tuple[Any, ...]] = collections.deque()
         self._reports = 0  # joins and leaves in _ops
         self._wake = asyncio.Event()
@@ -368,6 +381,7 @@ class RedisPresence:
             )
         member = checked(member)
         self._local[key] = member
+        self._joins += 1
         self._push(("join", topic, member))
         return True
 
@@ -375,8 +389,27 @@ class RedisPresence:
         """Report ``client`` gone from ``topic`` (queued; False: not held here)."""
         if self._local.pop((topic, client), None) is None:
             return False
+        self._leaves += 1
         self._push(("leave", topic, client))
         return True
+
+    def stats(self) -> PresenceStoreStats:
+        """This process's counters (see :class:`~tornado_longconn.presence.PresenceStoreStats`)."""
+        return PresenceStoreStats(
+            len(self._local),
+            self._joins,
+            self._leaves,
+            self.counts["reaped"],
+            self.counts["dropped"],
+        )
+
+    def topic_members(self, limit: int) -> list[tuple[str, int]]:
+        """This process's members per topic, the ``limit`` topics with the most."""
+        counts: dict[str, int] = {}
+        for topic, _ in self._local:
+            if not topic.startswith(USERS_PREFIX):
+                counts[topic] = counts.get(topic, 0) + 1
+        return top_topics(counts, limit)
 
     def local_members(self) -> int:
         """Memberships this process holds."""

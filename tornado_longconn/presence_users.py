@@ -9,14 +9,20 @@ of the registry's presence store (``#`` is not a topic character): on Redis they
 share its TTL, rebuild and exactly-once expiry. Messages and disconnects travel
 on the backend topic ``user#<user>`` (no history), to which a process is
 subscribed while it holds a connection of that user; each process then acts on
-its own connections. A message sent before a process's subscription was made
-(a connection that opened a moment ago) may not reach that connection.
+its own connections. A connection is reported present only once its process is
+subscribed, so every connection :meth:`~UserRegistry.connections_of` lists is
+reached by a message sent after that answer.
 
 :class:`~tornado_longconn.subscriptions.SubscriptionMixin` connections with a
 user (``presence_user()``) register themselves when the handler's
 ``subscription_users`` (or the application setting ``longconn_users``) is a
 registry: a message arrives as ``{"type":"direct","data":...}``; a disconnect
-closes the WebSocket with the code and reason given.
+closes the WebSocket with the code and reason given. The multi-topic SSE streams
+and long-poll sessions of a user register too (transport ``"sse"`` and
+``"longpoll"``): a message is an ``event: direct`` in the stream or an entry of
+the next poll answer's ``events``; a disconnect ends the stream with a final
+``event: disconnect`` and answers the long-poll with an HTTP status (see
+:mod:`tornado_longconn.presence_http`).
 """
 
 from __future__ import annotations
@@ -86,6 +92,8 @@ class UserRegistry:
         self._local: dict[str, dict[UserConnection, None]] = {}
         self._channel = _Channel(self)
         self._tasks: set[asyncio.Future[Any]] = set()
+        # The subscription to each local user's channel (joins wait for it).
+        self._subscribing: dict[str, asyncio.Future[Any]] = {}
 
     def __repr__(self) -> str:
         return f"<UserRegistry users={len(self._local)}>"
@@ -101,15 +109,31 @@ class UserRegistry:
             log.warning("user channel subscription failed: %r", task.exception())
 
     def register(self, conn: UserConnection, user: str, transport: str = "websocket") -> None:
-        """Record ``conn`` as a connection of ``user`` (here and in the presence store)."""
+        """Record ``conn`` as a connection of ``user`` (here and in the presence store).
+
+        The presence report waits for this process's subscription to the user's
+        channel: once :meth:`connections_of` lists ``conn``, :meth:`send_to_user`
+        and :meth:`disconnect_user` reach it.
+        """
         conns = self._local.get(user)
         if conns is None:
             conns = self._local[user] = {}
-            self._spawn(self.backend.subscribe(_PREFIX + user, self._channel))
+            task = asyncio.ensure_future(self.backend.subscribe(_PREFIX + user, self._channel))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+            self._subscribing[user] = task
         conns[conn] = None
-        self.presence.join_nowait(
-            _PREFIX + user, Member(conn.client_id, user, None, time.time(), transport)
-        )
+        member = Member(conn.client_id, user, None, time.time(), transport)
+        subscribing = self._subscribing.get(user)
+        if subscribing is None or subscribing.done():
+            self.presence.join_nowait(_PREFIX + user, member)
+            return
+
+        def join(_: asyncio.Future[Any]) -> None:
+            if conn in self._local.get(user, ()):
+                self.presence.join_nowait(_PREFIX + user, member)
+
+        subscribing.add_done_callback(join)
 
     def unregister(self, conn: UserConnection, user: str) -> None:
         """Forget ``conn`` (no error when it was not registered)."""
@@ -120,6 +144,7 @@ class UserRegistry:
         self.presence.leave_nowait(_PREFIX + user, conn.client_id)
         if not conns:
             del self._local[user]
+            self._subscribing.pop(user, None)
             self._spawn(self._unsubscribe(user))
 
     async def _unsubscribe(self, user: str) -> None:
@@ -188,6 +213,7 @@ class UserRegistry:
         for user in list(self._local):
             await self.backend.unsubscribe(_PREFIX + user, self._channel)
         self._local.clear()
+        self._subscribing.clear()
         for task in list(self._tasks):
             task.cancel()
 

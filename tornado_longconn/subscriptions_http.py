@@ -38,6 +38,7 @@ so they keep history and cursors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -65,7 +66,15 @@ from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import Cursor
 from .logfields import log_fields
 from .longpoll import DEFAULT_TIMEOUT, LongPollWaiter, PollResult, WaiterLimitError, check_timeout
-from .presence import Member, PollLeases, PresenceEvent, PresenceStore, presence_of
+from .presence import Member, PresenceEvent, PresenceStore, presence_of
+from .presence_http import (
+    DEFAULT_BUFFER,
+    PollSession,
+    PollSessions,
+    disconnect_body,
+    disconnect_status,
+)
+from .presence_users import users_of
 from .ratelimit import ConnectionCaps, RateLimits, user_publish_buckets
 from .sse import (
     DEFAULT_KEEPALIVE,
@@ -126,6 +135,36 @@ def _resync_object(topic: str, cursor: Cursor, reason: str | None) -> dict[str, 
         "cursor": str(cursor),
         "reason": resync_reason(reason or "gap"),
     }
+
+
+# What an SSE stream's queue carries: a topic's messages or gap, an error that
+# ends the stream, a presence event, a direct message frame (or the disconnect).
+_StreamItem = PollResult | BaseException | PresenceEvent | dict[str, Any]
+
+
+class _StreamUser:
+    """An SSE stream as a connection of its user (:class:`UserRegistry`)."""
+
+    __slots__ = ("client_id", "disconnected", "dropped", "queue")
+
+    def __init__(self, client: str, queue: asyncio.Queue[tuple[str, _StreamItem]]) -> None:
+        self.client_id = client
+        self.queue = queue
+        self.dropped = 0
+        self.disconnected: tuple[int, str] | None = None
+
+    def user_message(self, data: Any) -> None:
+        try:
+            self.queue.put_nowait(("", {"type": "direct", "data": data}))
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def user_disconnect(self, code: int, reason: str) -> None:
+        if self.disconnected is None:
+            self.disconnected = (int(code), reason)
+            # Past a full queue the stream sees the disconnect at its next item.
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(("", {"type": "disconnect"}))
 
 
 class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
@@ -340,6 +379,14 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         malformed request gets 400, too many topics 429, a full waiter or a
         failing backend 503 (429 also beyond a connection cap); every status
         comes with ``{"code","reason"}``.
+
+        With ``?client=<id>`` the client has a session
+        (:class:`~tornado_longconn.presence_http.PollSessions`): it is a presence
+        member of its topics and a connection of its user, and the answer's
+        ``events`` list carries its topics' presence events (``?presence=1``)
+        and messages to its user. A disconnect of its user answers the pending
+        or next poll with :func:`~tornado_longconn.presence_http.disconnect_status`
+        and ``{"code":"disconnected","close_code","reason"}``.
         """
         await self._capped(self._poll_subscriptions)
 
@@ -360,30 +407,55 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             return
         if self._subs_gone:
             return
+        store = presence_of(self)
+        registry = users_of(self)
+        client = self.presence_client() if store is not None or registry is not None else None
+        sessions = PollSessions.for_application(self.application)
+        if client is not None:
+            revoked = sessions.revoked(client)
+            if revoked is not None:
+                self._answer_disconnected(*revoked)
+                return
         counters = ConnectionCounters.for_application(self.application)
         counters.opened(self, "longpoll")
-        store = presence_of(self)
-        client = self.presence_client() if store is not None else None
-        if store is not None and client is not None:
-            leases = PollLeases.for_application(self.application)
-            for topic in allowed:
-                leases.hold(store, topic, self._presence_member("longpoll", client, topic))
+        session: PollSession | None = None
         try:
-            body = await self._guarded(self._poll(allowed, cursors, errors, timeout))
+            if client is not None:
+                session = await sessions.begin(
+                    client,
+                    self.presence_user(),
+                    {}
+                    if store is None
+                    else {t: self._presence_member("longpoll", client, t) for t in allowed},
+                    watch=self.get_query_argument("presence", "") in ("1", "true"),
+                    store=store,
+                    registry=registry,
+                )
+            body = await self._guarded(self._poll(allowed, cursors, errors, timeout, session))
         except (WaiterLimitError, BackendError) as exc:
             log.warning("multi-topic long-poll failed: %s", exc, extra=log_fields(self))
             self._answer_error(503, "unavailable", "backend unavailable")
             return
         finally:
             counters.closed(self)
-            if store is not None and client is not None:
-                for topic in allowed:
-                    leases.release(store, topic, client, self.presence_grace)
+            if session is not None:
+                sessions.end(session, self.presence_grace)
         if body is None:
+            return
+        if session is not None and session.revoked is not None:
+            self._answer_disconnected(*session.revoked)
             return
         self.set_header("Content-Type", _JSON)
         self.set_header("Cache-Control", "no-store")
         self.finish(body)
+
+    def _answer_disconnected(self, code: int, reason: str) -> None:
+        """Answer a request of a disconnected client (see :func:`disconnect_status`)."""
+        SubscriptionCounters.for_application(self.application).error("disconnected")
+        self.set_status(disconnect_status(code))
+        self.set_header("Content-Type", _JSON)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(_dumps(disconnect_body(code, reason)))
 
     async def _poll(
         self,
@@ -391,6 +463,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         cursors: dict[str, Cursor | None],
         errors: list[dict[str, Any]],
         timeout: float,
+        session: PollSession | None = None,
     ) -> str:
         waiter = self._waiter()
         messages: list[dict[str, Any]] = []
@@ -413,26 +486,28 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         try:
             if topics:
                 now = await asyncio.gather(*(waiter.wait(positions[t], 0, topic=t) for t in topics))
-                found = False
+                found = session is not None and session.pending()
                 for topic, result in zip(topics, now, strict=True):
                     found |= absorb(topic, result)
                 if not found and timeout > 0:
-                    tasks = {
+                    tasks: dict[asyncio.Future[Any], str | None] = {
                         asyncio.ensure_future(waiter.wait(positions[t], timeout, topic=t)): t
                         for t in topics
                     }
+                    if session is not None:
+                        tasks[asyncio.ensure_future(session.wake.wait())] = None
                     try:
                         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         for task in tasks:
                             task.cancel()
                         await asyncio.gather(*tasks, return_exceptions=True)
-                    for task in tasks:
-                        if task in done and not task.cancelled():
+                    for task, name in tasks.items():
+                        if name is not None and task in done and not task.cancelled():
                             error = task.exception()
                             if error is not None:
                                 raise error
-                            absorb(tasks[task], task.result())
+                            absorb(name, task.result())
         except LongConnError:
             if not waiter.closed:
                 raise
@@ -442,6 +517,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                 "cursors": {t: None if c is None else str(c) for t, c in positions.items()},
                 "resync": resync,
                 "errors": errors,
+                "events": [] if session is None else session.take(),
             }
         )
 
@@ -456,9 +532,15 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         after it, ``data`` = ``{"topic","cursor","data"}``) and ``event: resync``
         where a topic cannot resume exactly. With ``?presence=1`` (and a presence
         store) also ``event: join`` / ``event: leave`` / ``event: presence_gap``
-        with the protocol's event objects as data, for changes after ``ready``. Answers 400/429/503 with
+        with the protocol's event objects as data, for changes after ``ready``
+        (the stream's own join first). Answers 400/429/503 with
         ``{"code","reason"}`` before the stream starts (429 also beyond a
-        connection cap).
+        connection cap). A stream with a user is a connection of that user
+        (:class:`~tornado_longconn.presence_users.UserRegistry`): ``event:
+        direct`` for each message, and a final ``event: disconnect``
+        (``{"type":"disconnect","code","reason"}``) before the stream ends when
+        the user is disconnected; a new stream with that ``client`` is then
+        refused as a long-poll would be.
         """
         await self._capped(self._stream_subscriptions)
 
@@ -468,21 +550,24 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             topics, cursors = self._requested(sse=True)
             allowed, errors = await self._authorized(topics)
             waiter = self._waiter()
+            chosen = self.presence_client()
+            if chosen is not None:
+                revoked = PollSessions.for_application(self.application).revoked(chosen)
+                if revoked is not None:
+                    self._answer_disconnected(*revoked)
+                    return
             with waiter.stream():
                 if self._subs_gone:
                     return
                 counters = ConnectionCounters.for_application(self.application)
                 counters.opened(self, "sse")
                 store = presence_of(self)
-                client = self.presence_client() or secrets.token_hex(8)
-                if store is not None:
-                    for topic in allowed:
-                        store.join_nowait(topic, self._presence_member("sse", client, topic))
+                client = chosen or secrets.token_hex(8)
                 fields = log_fields(self, topic=",".join(allowed))
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("SSE stream on %d topics", len(allowed), extra=fields)
                 try:
-                    await self._guarded(self._stream(allowed, cursors, errors))
+                    await self._guarded(self._stream(allowed, cursors, errors, client))
                 finally:
                     counters.closed(self)
                     if store is not None:
@@ -496,7 +581,11 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             self._answer_error(503, "unavailable", str(exc))
 
     async def _stream(
-        self, topics: list[str], cursors: dict[str, Cursor | None], errors: list[dict[str, Any]]
+        self,
+        topics: list[str],
+        cursors: dict[str, Cursor | None],
+        errors: list[dict[str, Any]],
+        client: str = "",
     ) -> None:
         waiter = self._waiter()
         positions: dict[str, Cursor | None] = {t: cursors[t] for t in topics}
@@ -524,10 +613,14 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         store = presence_of(self)
         if store is None or self.get_query_argument("presence", "") not in ("1", "true"):
             store = None
-        queue: asyncio.Queue[tuple[str, PollResult | BaseException | PresenceEvent]] = (
-            asyncio.Queue(maxsize=max(1, len(topics)) + (_PRESENCE_QUEUE if store else 0))
+        registry = users_of(self)
+        user = None if registry is None else self.presence_user()
+        room = max(1, len(topics)) + (_PRESENCE_QUEUE if store else 0)
+        queue: asyncio.Queue[tuple[str, _StreamItem]] = asyncio.Queue(
+            maxsize=room + (DEFAULT_BUFFER if user is not None else 0)
         )
         lost: dict[str, None] = {}
+        conn = _StreamUser(client, queue)
 
         def on_presence(event: PresenceEvent) -> None:
             try:
@@ -545,6 +638,12 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                 log.warning("multi-topic SSE could not start: %s", exc, extra=log_fields(self))
                 self._answer_error(503, "unavailable", "backend unavailable")
                 return
+        # Join after watching, so that the stream's own join reaches it (as on a
+        # WebSocket); the caller leaves when the stream ends.
+        members = presence_of(self)
+        if members is not None:
+            for topic in topics:
+                members.join_nowait(topic, self._presence_member("sse", client, topic))
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Accel-Buffering", "no")
@@ -561,6 +660,8 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         ]
         chunks.extend(format_event(_dumps(e), event="error") for e in errors)
         tasks = [asyncio.ensure_future(self._pull(waiter, t, positions[t], queue)) for t in topics]
+        if registry is not None and user is not None:
+            registry.register(conn, user, "sse")
         try:
             await writer.send(b"".join(chunks))
             while True:
@@ -575,7 +676,17 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                         )
                         break
                     parts: list[bytes] = []
-                    if isinstance(item, PresenceEvent):
+                    if conn.disconnected is not None:
+                        code, reason = conn.disconnected
+                        final = {"type": "disconnect", "code": code, "reason": reason}
+                        await writer.send(format_event(_dumps(final), event="disconnect"))
+                        PollSessions.for_application(self.application).stream_disconnected(
+                            client, code, reason
+                        )
+                        break
+                    if isinstance(item, dict):
+                        parts.append(format_event(_dumps(item), event="direct"))
+                    elif isinstance(item, PresenceEvent):
                         frame = item.to_json()
                         parts.append(format_event(_dumps(frame), event=frame["type"]))
                     elif item.gap:
@@ -588,7 +699,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                                 event="resync",
                             )
                         )
-                    if not isinstance(item, PresenceEvent):
+                    if isinstance(item, PollResult):
                         for message in item.messages:
                             positions[topic] = message.cursor
                             parts.append(
@@ -598,6 +709,11 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                         gap = PresenceEvent(name, "gap", reason="overflow").to_json()
                         parts.append(format_event(_dumps(gap), event="presence_gap"))
                     lost.clear()
+                    if conn.dropped:
+                        gap = {"type": "direct_gap", "dropped": conn.dropped}
+                        parts.append(format_event(_dumps(gap), event="direct_gap"))
+                        PollSessions.for_application(self.application).count_dropped(conn.dropped)
+                        conn.dropped = 0
                     chunk = b"".join(parts)
                 if writer.buffered <= writer.high_water:
                     await writer.send(chunk)
@@ -612,6 +728,8 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         except LongConnError:  # the client is gone
             return
         finally:
+            if registry is not None and user is not None:
+                registry.unregister(conn, user)
             if store is not None:
                 for topic in topics:
                     store.unwatch(topic, on_presence)
@@ -625,7 +743,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         waiter: LongPollWaiter,
         topic: str,
         cursor: Cursor | None,
-        queue: asyncio.Queue[tuple[str, PollResult | BaseException | PresenceEvent]],
+        queue: asyncio.Queue[tuple[str, _StreamItem]],
     ) -> None:
         try:
             while True:

@@ -273,7 +273,12 @@ class Demo:
         self.store = UploadStore(storage, max_size=MAX_UPLOAD, expire_after=upload_expiry)
         # /metrics: every part's stats(), read when Prometheus scrapes.
         self.collector = (
-            LongConnCollector(hubs=[self.hub], waiters=[self.waiter], upload_stores=[self.store])
+            LongConnCollector(
+                hubs=[self.hub],
+                waiters=[self.waiter],
+                upload_stores=[self.store],
+                presence=self.presence,
+            )
             if LongConnCollector is not None
             else None
         )

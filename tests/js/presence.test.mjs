@@ -140,3 +140,101 @@ describe("Session presence over SSE and long-poll", () => {
     assert.equal(poll.url.searchParams.get("presence"), null);
   });
 });
+
+describe("Session presence over HTTP: long-poll events, direct messages, disconnects", () => {
+  let conn;
+  let fetcher;
+  beforeEach(() => {
+    FakeEventSource.reset();
+    fetcher = new FakeFetch();
+    globalThis.EventSource = FakeEventSource;
+    globalThis.__realFetch = globalThis.__realFetch || globalThis.fetch;
+    globalThis.fetch = fetcher.fetch;
+  });
+  afterEach(() => {
+    if (conn) conn.close();
+    conn = null;
+    delete globalThis.EventSource;
+    globalThis.fetch = globalThis.__realFetch;
+  });
+
+  test("a long-poll asks presence=1 and delivers the answer's events in order", async () => {
+    const direct = [];
+    conn = LongConn.session({ pollUrl: "http://h/poll", transport: "longpoll", onDirect: (d) => direct.push(d), ...FAST });
+    const seen = [];
+    conn.subscribe("room:1", {
+      onJoin: (m, info) => seen.push(["join", m.client, info.topic]),
+      onLeave: (m, info) => seen.push(["leave", m.client, info.reason]),
+      onPresenceGap: (info) => seen.push(["gap", info.reason]),
+    });
+    const first = await fetcher.nth(0);
+    assert.equal(first.url.searchParams.get("presence"), "1");
+    const me = { client: conn.presenceClient, user: null, info: null, since: 1, transport: "longpoll" };
+    const bob = { client: "b", user: "bob", info: null, since: 2, transport: "websocket" };
+    first.respond(200, {
+      messages: [],
+      cursors: { "room:1": "e-1" },
+      resync: [],
+      errors: [],
+      events: [
+        { type: "join", topic: "room:1", member: me },
+        { type: "join", topic: "room:1", member: bob },
+        { type: "direct", data: { text: "hi" } },
+        { type: "leave", topic: "room:1", member: bob, reason: "expired" },
+        { type: "presence_gap", topic: "room:1", reason: "overflow" },
+      ],
+    });
+    const second = await fetcher.nth(1);
+    assert.equal(second.url.searchParams.get("presence"), "1");
+    assert.deepEqual(seen, [
+      ["join", conn.presenceClient, "room:1"],
+      ["join", "b", "room:1"],
+      ["leave", "b", "expired"],
+      ["gap", "overflow"],
+    ]);
+    assert.deepEqual(direct, [{ text: "hi" }]);
+  });
+
+  test("a long-poll answered `disconnected` closes with its close code (4403: fatal)", async () => {
+    const statuses = [];
+    let onClosed;
+    const closedOnce = new Promise((resolve) => (onClosed = resolve));
+    const onStatus = (s) => {
+      statuses.push(s);
+      if (s.state === "closed") onClosed();
+    };
+    conn = LongConn.session({ pollUrl: "http://h/poll", transport: "longpoll", onStatus, ...FAST });
+    conn.subscribe("a");
+    const old = conn.presenceClient;
+    const poll = await fetcher.nth(0);
+    poll.respond(403, { code: "disconnected", close_code: 4403, reason: "revoked" });
+    await closedOnce;
+    const closed = statuses.filter((s) => s.state === "closed");
+    assert.equal(closed.length, 1);
+    assert.deepEqual([closed[0].code, closed[0].reason, closed[0].fatal], [4403, "revoked", true]);
+    assert.notEqual(conn.presenceClient, old); // a new id for a new session
+  });
+
+  test("SSE delivers `direct` and ends at `disconnect` with its close code", async () => {
+    const direct = [];
+    const statuses = [];
+    conn = LongConn.session({
+      sseUrl: "http://h/sse",
+      transport: "sse",
+      presenceClient: "tab-1",
+      onDirect: (d) => direct.push(d),
+      onStatus: (s) => statuses.push(s),
+      ...FAST,
+    });
+    conn.subscribe("room:1");
+    const es = await FakeEventSource.nth(0);
+    es.accept();
+    es.event("ready", { cursors: { "room:1": "e-1" } });
+    es.event("direct", { type: "direct", data: 7 });
+    es.event("disconnect", { type: "disconnect", code: 4401, reason: "expired" });
+    assert.deepEqual(direct, [7]);
+    const closed = statuses.filter((s) => s.state === "closed");
+    assert.deepEqual([closed[0].code, closed[0].fatal], [4401, true]);
+    assert.equal(conn.presenceClient, "tab-1"); // the application's own id is kept
+  });
+});

@@ -374,7 +374,11 @@ export class Session {
   stats: ConnectionStats;
   /** The server's id of this connection (welcome frame; WebSocket only). */
   clientId: string | null;
-  /** The `client` of SSE and long-poll requests (the presence member id there). */
+  /**
+   * The `client` of SSE and long-poll requests (the presence member id there). A
+   * random one (not set by the option) is renewed after the server disconnected the
+   * user over SSE or long-poll, since the server then refuses the old id for a while.
+   */
   readonly presenceClient: string;
   protocolVersion: number | null;
   /**

@@ -1105,6 +1105,7 @@
     this.protocolVersion = null;
     // The `client` of SSE and long-poll requests: this session's presence member id.
     this.presenceClient = typeof options.presenceClient === "string" ? options.presenceClient : randomClientId();
+    this._ownClient = typeof options.presenceClient !== "string"; // ours: renewed after a disconnect
     this._subs = new Map(); // topic -> Subscription
     this._subReqs = Object.create(null); // request id -> Subscription awaiting "subscribed"
     this._pending = new Pending();
@@ -1118,8 +1119,8 @@
    * (sent with the WebSocket subscribe frame), onMessage(data, cursor, meta),
    * onResync({topic, cursor, reason, transport}), onError(error), onUnsubscribed(info),
    * onJoin(member, info) and onLeave(member, info) (the topic's presence events:
-   * either one sends params.presence = true over WebSocket, presence=1 over SSE;
-   * info is {topic, reason}; long-poll carries no events),
+   * either one sends params.presence = true over WebSocket, presence=1 over SSE and
+   * long-poll; info is {topic, reason}),
    * onPresenceGap({topic, reason}) (events may have been missed: call presence() again).
    * Returns a Subscription at once; throws a LongConnError for a bad topic or cursor
    * ("bad_request"), a topic already subscribed ("conflict") or a closed session.
@@ -1625,7 +1626,40 @@
       var sub = self._subs.get(topic);
       if (sub) sub.cursor = advanceCursor(sub.cursor, cursors[topic]);
     });
+    // Presence events (presence=1) and messages to the user, in the server's order.
+    (body.events || []).forEach(function (f) {
+      self._httpEvent(f);
+    });
   };
+
+  /**
+   * The server disconnected this session over SSE or long-poll (`info` {code, reason}):
+   * it refuses the old presence client id for a while, so a session that made its own
+   * takes a new one before it reconnects (fatal codes do not reconnect).
+   */
+  Session.prototype._disconnected = function (info) {
+    if (this._ownClient) this.presenceClient = randomClientId();
+    return info;
+  };
+
+  /** A join, leave, presence_gap or direct object of an SSE event or a long-poll answer. */
+  Session.prototype._httpEvent = function (f) {
+    if (!f || typeof f !== "object") return;
+    if (f.type === "join" || f.type === "leave" || f.type === "presence_gap") this._presenceEvent(f.type, f);
+    else if (f.type === "direct") this._emit("direct", [f.data]);
+  };
+
+  /**
+   * The server disconnected this session's user (UserRegistry.disconnect_user) over
+   * SSE or long-poll: `{code, close_code, reason}` / `{type: "disconnect", code,
+   * reason}`. Closes like a WebSocket closed with that code (4401, 4403, 4429: fatal).
+   */
+  function disconnectInfo(body) {
+    if (!body || typeof body !== "object") return null;
+    if (body.type === "disconnect" && typeof body.code === "number") return { code: body.code, reason: body.reason || "" };
+    if (body.code === "disconnected" && typeof body.close_code === "number") return { code: body.close_code, reason: body.reason || "" };
+    return null;
+  }
 
   Session.prototype._hasCursors = function () {
     var any = false;
@@ -1707,10 +1741,16 @@
           var sub = r && conn._subs.get(r.topic);
           if (sub) conn._topicResync(sub, r.cursor || null, r.reason || null);
         });
-        ["join", "leave", "presence_gap"].forEach(function (kind) {
+        ["join", "leave", "presence_gap", "direct"].forEach(function (kind) {
           mine.addEventListener(kind, function (ev) {
-            if (current()) conn._presenceEvent(kind, tryJson(ev.data));
+            if (current()) conn._httpEvent(tryJson(ev.data));
           });
+        });
+        // The user was disconnected: the stream's last event.
+        mine.addEventListener("disconnect", function (ev) {
+          if (!current()) return;
+          var info = disconnectInfo(tryJson(ev.data));
+          if (info) finish(conn._disconnected(info));
         });
         // "error" is both the server's `event: error` (a refused topic, with data)
         // and the stream's failure (no data). EventSource would reconnect by itself;
@@ -1777,7 +1817,7 @@
         fresh = false;
         var ctl = typeof AbortController === "function" ? new AbortController() : { abort: function () {}, signal: undefined };
         controller = ctl;
-        var params = conn._httpParams(q, { timeout: timeout });
+        var params = conn._httpParams(q, q.presence ? { timeout: timeout, presence: 1 } : { timeout: timeout });
         clearTimeout(timer);
         timer = setTimeout(function () {
           finish({ code: null, reason: "poll timeout" });
@@ -1799,7 +1839,20 @@
               fresh = true;
               return null;
             }
-            if (!res.ok) throw new Error("HTTP " + res.status);
+            if (!res.ok) {
+              // The user was disconnected: close with the close code it stands for.
+              return res.json().then(
+                function (body) {
+                  var info = disconnectInfo(body);
+                  if (info && current()) finish(conn._disconnected(info));
+                  else throw new Error("HTTP " + res.status);
+                  return null;
+                },
+                function () {
+                  throw new Error("HTTP " + res.status);
+                }
+              );
+            }
             return res.json();
           })
           .then(function (body) {
