@@ -170,15 +170,32 @@ async def test_scrape_after_a_scripted_run_matches_the_parts_stats(
                 lines = events.aiter_lines()
                 while (await lines.__anext__()) != "":
                     pass  # the first event (ready) has arrived: the stream is counted
-                scrape = await http.get("/metrics")
+                # The demo may still be publishing (a leave of a closed member, an
+                # upload's notice) and the healthy member answers heartbeats: scrape
+                # until nothing moved between the scrape and the parts' own counters.
+                for _ in range(50):
+                    scrape = await http.get("/metrics")
+                    hub, beat = app_demo.hub.stats(), heartbeat_stats(app)
+                    hist = counters.latency_histogram()
+                    scraped = parse(scrape.text)
+                    if (
+                        value(scraped, "longconn_messages_published"),
+                        value(scraped, "longconn_messages_delivered"),
+                        value(scraped, "longconn_written_bytes"),
+                        value(scraped, "longconn_heartbeat_pings"),
+                        [
+                            x.value
+                            for x in scraped["longconn_heartbeat_rtt_seconds"].samples
+                            if x.name.endswith("_count")
+                        ],
+                    ) == (hub.published, hub.delivered, hub.bytes, beat.pings_sent, [hist.count]):
+                        break
                 inspect = await http.get("/api/inspect")
-                hub, waits, uploads = (
-                    app_demo.hub.stats(),
+                waits, uploads = (
                     app_demo.waiter.stats(),
                     app_demo.store.stats(),
                 )
-                beat, conns = heartbeat_stats(app), connection_stats(app)
-                hist = counters.latency_histogram()
+                conns = connection_stats(app)
                 backend = app_demo.backend.stats()
                 latency = app_demo.backend.publish_latency()
                 errors = protocol_error_stats(app)
