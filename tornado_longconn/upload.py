@@ -867,14 +867,17 @@ class ChunkedUploadSink:
         On a mismatch the segment's bytes are truncated away, the offset goes back to
         where the segment started, and ``UploadError`` 460 is raised.
         """
-        if self._segment is None:
+        segment = self._segment
+        if segment is None:
             return await self.flush()
         try:
             await self.flush()
         except UploadError:
             await self.rollback_segment()
             raise
-        _, _, hasher, algorithm, expected = self._segment
+        if self._segment is not segment:  # rolled back meanwhile (the writer gave up)
+            raise UploadError("the checksummed segment was discarded", status=409)
+        _, _, hasher, algorithm, expected = segment
         if hasher.digest() != expected:
             await self.rollback_segment()
             raise UploadError(f"{algorithm} checksum mismatch; chunk discarded", status=460)

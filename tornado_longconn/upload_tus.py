@@ -261,6 +261,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         self._holding = False
         self._failed = False
         self._with_body = False
+        self._storing = False
         self._offset_hint: int | None = None
 
     # -- helpers --------------------------------------------------------------------
@@ -525,7 +526,9 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
     def on_connection_close(self) -> None:
         """The client went away mid-body: the partial file keeps every stored byte."""
         super().on_connection_close()
-        if self._holding and self._sink is not None and not self._failed:
+        # Once the whole body arrived, _store_body owns the upload: it verifies and
+        # records what was stored even if the client is gone.
+        if self._holding and self._sink is not None and not self._failed and not self._storing:
             self._failed = True
             self.store.spawn(self._settle(self._sink))
 
@@ -539,6 +542,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         sink = self._sink
         if finished(self) or self._failed or sink is None:
             return None
+        self._storing = True
         try:
             if sink.concat == "final":
                 await self._completed(sink)
