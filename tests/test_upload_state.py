@@ -367,3 +367,54 @@ async def test_a_lost_record_is_rebuilt_from_the_disk(tmp_path: Path) -> None:
         unknown = await http.head(a.url("/files/" + "f" * 32), headers=TUS)
         assert unknown.status_code == 404
     assert read(two.final_path(upload_id)) == b"abcdefghij"
+
+
+# -- the shared state unreachable: 503 with Retry-After, counted, nothing lost ----------
+
+
+async def test_redis_down_is_503_with_retry_after_and_counted(tmp_path: Path) -> None:
+    from tests.backends.redisproc import REDIS_SERVER, RedisProcess
+
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed")
+    redis = RedisProcess()
+    await redis.start()
+    state = RedisUploadState(redis.url, prefix="test-upload-503:", connect_timeout=scaled(1))
+    store = UploadStore(tmp_path / "uploads", chunk_size=64 * 1024, shared=state)
+    data = os.urandom(300_000)
+    try:
+        async with serve(store) as (server, _), httpx.AsyncClient() as http:
+            base = server.url("/files/")
+            resp = await http.post(base, headers={**TUS, "Upload-Length": str(len(data))})
+            assert resp.status_code == 201
+            url = urljoin(base, resp.headers["Location"])
+            resp = await http.patch(
+                url, headers={**OCTETS, "Upload-Offset": "0"}, content=data[:100_000]
+            )
+            assert resp.status_code == 204
+            await redis.stop()
+            answers = [
+                await http.post(base, headers={**TUS, "Upload-Length": "10"}),
+                await http.head(url, headers=TUS),
+                await http.patch(
+                    url, headers={**OCTETS, "Upload-Offset": "100000"}, content=data[100_000:]
+                ),
+            ]
+            for answer in answers:
+                assert answer.status_code == 503, answer.text
+                assert answer.headers["Retry-After"] == "1"
+            stats = store.stats()
+            assert stats.state_errors == 3 and dict(stats.refused)["503"] == 3
+            assert size_of(store.partial_path(url.rsplit("/", 1)[1])) == 100_000
+            # Redis is back (empty: the record is lost, the disk is the truth).
+            await redis.start()
+            head = await http.head(url, headers=TUS)
+            assert head.headers["Upload-Offset"] == "100000"
+            resp = await http.patch(
+                url, headers={**OCTETS, "Upload-Offset": "100000"}, content=data[100_000:]
+            )
+            assert resp.status_code == 204, resp.text
+        assert read(store.final_path(url.rsplit("/", 1)[1])) == data
+    finally:
+        await state.close()
+        await redis.close()

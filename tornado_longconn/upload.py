@@ -456,6 +456,12 @@ class UploadStats:
     #: Requests answered with an error status by a transport (tus handler), per status
     #: code: ``(("400", n), ("403", n), ...)``.
     refused: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
+    #: Requests answered 503 because the shared upload state (Redis) was unreachable
+    #: (:class:`~tornado_longconn.upload_state.UploadStateUnavailable`).
+    state_errors: int = field(default=0, metadata=COUNTER)
+    #: Requests refused by an upload quota (:mod:`tornado_longconn.upload_quota`:
+    #: 413 over the total, 429 over the bytes in flight).
+    quota_refusals: int = field(default=0, metadata=COUNTER)
 
 
 @dataclass(slots=True)
@@ -480,6 +486,8 @@ class _UploadCounters:
     hook_rejections: int = 0
     hook_errors: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+    state_errors: int = 0
+    quota_refusals: int = 0
 
 
 def _storage_error(exc: OSError) -> UploadError:
@@ -1591,7 +1599,21 @@ class UploadStore:
             hook_rejections=c.hook_rejections,
             hook_errors=c.hook_errors,
             refused=tuple(sorted(c.refused.items())),
+            state_errors=c.state_errors,
+            quota_refusals=c.quota_refusals,
         )
+
+    def count_reason(self, reason: str) -> None:
+        """Count why a request was refused, besides its status (:meth:`count_refused`).
+
+        ``"state"``: the shared state was unreachable (``stats().state_errors``);
+        ``"quota"``: an upload quota refused it (``stats().quota_refusals``). The tus
+        handler calls it when the store has it (other stores may leave it out).
+        """
+        if reason == "state":
+            self._counters.state_errors += 1
+        elif reason == "quota":
+            self._counters.quota_refusals += 1
 
     def count_hook(self, *, rejected: bool) -> None:
         """Count a hook that rejected an upload (``rejected``) or raised after the fact."""

@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+from tornado_longconn.exceptions import UploadError
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -51,7 +53,24 @@ __all__ = [
     "RedisUploadState",
     "SharedUploadRecord",
     "SharedUploadState",
+    "UploadStateUnavailable",
 ]
+
+
+_T = TypeVar("_T")
+
+
+class UploadStateUnavailable(UploadError):
+    """The shared upload state could not be reached (Redis down, timed out, ...).
+
+    An :class:`~tornado_longconn.exceptions.UploadError` with status 503 and
+    ``retry_after`` seconds: the tus handler answers ``503`` with ``Retry-After`` (tus
+    clients retry; nothing of the upload was touched) and counts it in
+    ``stats().state_errors``. The client library's error is kept as ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, status=503, retry_after=retry_after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +218,9 @@ class RedisUploadState:
     ``connect_timeout`` [2 s] to connect and ``command_timeout`` [5 s] for a reply or
     a free connection (at most ``max_connections`` [64]), and is never retried. Errors
     of the client (``redis.exceptions.ConnectionError``, ``TimeoutError``, ...)
-    propagate: the handler answers 500 and the upload is not touched (a lock taken
-    before the error expires after ``lock_ttl``).
+    are raised as :class:`UploadStateUnavailable` (status 503, cause attached): the tus
+    handler answers ``503`` with ``Retry-After: retry_after`` [1 s], counts it, and the
+    upload is not touched (a lock taken before the error expires after ``lock_ttl``).
     """
 
     def __init__(
@@ -211,12 +231,16 @@ class RedisUploadState:
         connect_timeout: float = 2.0,
         command_timeout: float = 5.0,
         max_connections: int = 64,
+        retry_after: float = 1.0,
     ) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
 
         self.prefix = prefix
+        self.retry_after = retry_after
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError)
         if isinstance(redis, str):
             if not redis.startswith(("redis://", "rediss://", "unix://")):
                 raise ValueError(f"not a Redis URL: {redis!r}")
@@ -239,38 +263,50 @@ class RedisUploadState:
         self._extend = self._client.register_script(_EXTEND)
         self._unlock = self._client.register_script(_UNLOCK)
 
+    async def _call(self, awaitable: Awaitable[_T]) -> _T:
+        try:
+            return await awaitable
+        except self._errors as exc:
+            raise UploadStateUnavailable(
+                f"upload state unavailable: {type(exc).__name__}", retry_after=self.retry_after
+            ) from exc
+
     def _keys(self, upload_id: str) -> list[str]:
         key = f"{self.prefix}upload:{upload_id}"
         return [key, key + ":lock"]
 
     async def lock(self, upload_id: str, owner: str, ttl: float) -> int | None:
         """Take the lock (see :meth:`SharedUploadState.lock`)."""
-        result = await self._lock(keys=self._keys(upload_id), args=[owner, max(1, int(ttl * 1000))])
+        result = await self._call(
+            self._lock(keys=self._keys(upload_id), args=[owner, max(1, int(ttl * 1000))])
+        )
         return None if result is None else int(result)
 
     async def extend(self, upload_id: str, owner: str, ttl: float) -> bool:
         """Extend the lock (see :meth:`SharedUploadState.extend`)."""
         key = self._keys(upload_id)[1]
-        return bool(await self._extend(keys=[key], args=[owner, max(1, int(ttl * 1000))]))
+        return bool(
+            await self._call(self._extend(keys=[key], args=[owner, max(1, int(ttl * 1000))]))
+        )
 
     async def unlock(self, upload_id: str, owner: str) -> None:
         """Release the lock (see :meth:`SharedUploadState.unlock`)."""
-        await self._unlock(keys=self._keys(upload_id), args=[owner])
+        await self._call(self._unlock(keys=self._keys(upload_id), args=[owner]))
 
     async def get(self, upload_id: str) -> SharedUploadRecord | None:
         """The record (see :meth:`SharedUploadState.get`)."""
-        gen, raw = await self._client.hmget(self._keys(upload_id)[0], ["gen", "rec"])
+        gen, raw = await self._call(self._client.hmget(self._keys(upload_id)[0], ["gen", "rec"]))
         if gen is None and raw is None:
             return None
         return SharedUploadRecord(int(gen or 0), None if raw is None else json.loads(raw))
 
     async def put(self, upload_id: str, data: dict[str, Any]) -> None:
         """Store the record (see :meth:`SharedUploadState.put`)."""
-        await self._client.hset(self._keys(upload_id)[0], "rec", json.dumps(data))
+        await self._call(self._client.hset(self._keys(upload_id)[0], "rec", json.dumps(data)))
 
     async def delete(self, upload_id: str) -> None:
         """Forget the upload (see :meth:`SharedUploadState.delete`)."""
-        await self._client.delete(self._keys(upload_id)[0])
+        await self._call(self._client.delete(self._keys(upload_id)[0]))
 
     async def close(self) -> None:
         """Close the client if this object made it."""

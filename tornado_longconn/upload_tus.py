@@ -53,6 +53,7 @@ import contextlib
 import email.utils
 import inspect
 import logging
+import math
 import re
 import time
 import urllib.parse
@@ -72,6 +73,7 @@ from tornado_longconn.upload import (
     parse_tus_metadata,
 )
 from tornado_longconn.upload_hooks import TusHooks, UploadInfo
+from tornado_longconn.upload_state import UploadStateUnavailable
 from tornado_longconn.upload_storage import UploadHandle, UploadStorage
 
 __all__ = ["TUS_EXPOSE_HEADERS", "TUS_VERSION", "TusUploadHandler"]
@@ -292,9 +294,17 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         self._failed = True
         if finished(self):
             return
+        reason = getattr(error, "reason", None)
+        if isinstance(error, UploadStateUnavailable):
+            reason = "state"
         self.store.count_refused(error.status)
+        count_reason = getattr(self.store, "count_reason", None)
+        if reason is not None and count_reason is not None:
+            count_reason(reason)
         self.clear()
         self.set_status(error.status, _REASONS.get(error.status))
+        if error.retry_after is not None:
+            self.set_header("Retry-After", str(max(1, math.ceil(error.retry_after))))
         if error.status == 412:
             self.set_header("Tus-Version", TUS_VERSION)
         if error.status in (409, 460, 507, 423, 413):

@@ -35,6 +35,7 @@ from tornado_longconn.codes import CloseCode
 from tornado_longconn.exceptions import UploadError
 from tornado_longconn.strict import StrictWebSocketMixin
 from tornado_longconn.upload import ChunkedUploadSink, UploadStore, is_upload_id
+from tornado_longconn.upload_state import UploadStateUnavailable
 
 __all__ = [
     "OFFSET_HEADER",
@@ -54,6 +55,7 @@ _CODES = {
     409: CloseCode.UPLOAD_CONFLICT,
     423: CloseCode.UPLOAD_CONFLICT,
     413: CloseCode.UPLOAD_TOO_LARGE,
+    429: CloseCode.RATE_LIMITED,
     460: CloseCode.UPLOAD_CHECKSUM_MISMATCH,
     507: CloseCode.UPLOAD_STORAGE_FULL,
 }
@@ -62,7 +64,9 @@ _CODES = {
 def close_code_for(error: UploadError) -> CloseCode:
     """The WebSocket close code for an upload error (``INTERNAL_ERROR`` for 5xx others).
 
-    400 → 4400, 404/410 → 4404, 409/423 → 4409, 413 → 4413, 460 → 4460, 507 → 4507.
+    400 → 4400, 404/410 → 4404, 409/423 → 4409, 413 → 4413, 429 → 4429 (an upload
+    quota's bytes in flight), 460 → 4460, 507 → 4507; 503 (the shared upload state is
+    unreachable) → 1011: reconnect and resume later.
     """
     return _CODES.get(error.status, CloseCode.INTERNAL_ERROR)
 
@@ -125,6 +129,11 @@ class WebSocketUploadMixin:
             else:
                 await self._upload_control(message)
         except UploadError as err:
+            reason = getattr(err, "reason", None)
+            if isinstance(err, UploadStateUnavailable):
+                reason = "state"
+            if reason is not None:
+                self.upload_store.count_reason(reason)
             await self._upload_release()
             self._ws.close(close_code_for(err), _reason(str(err)))
 
