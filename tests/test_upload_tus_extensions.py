@@ -356,6 +356,7 @@ for (let i = 0; i < size; i++) data[i] = (i * 13 + (i >> 9)) & 0xff;
 let corrupted = false;    // the first PATCH carries a wrong digest: 460, then resume
 let paused = false;       // abort once past 40%, then start again
 const statuses = [];
+const seen = new Set();
 const upload = new tus.Upload(data, {
   endpoint,
   parallelUploads: 4,
@@ -367,7 +368,10 @@ const upload = new tus.Upload(data, {
     const send = req.send.bind(req);
     req.send = (body) => {
       const digest = createHash("sha1").update(body).digest();
-      if (!corrupted && body.length > 0) {
+      seen.add(req.getURL());
+      // Once the 4 partial uploads exist (their URLs seen), so that resuming needs
+      // no new creation.
+      if (!corrupted && seen.size === 4 && body.length > 0) {
         corrupted = true;
         digest[0] ^= 0xff;
       }
