@@ -1,7 +1,8 @@
 """Two real server processes on one upload directory and one Redis serve the same uploads.
 
 Run as a script, this file is one such server: ``python tests/test_upload_multiprocess.py
---root DIR --redis URL --prefix P`` serves tus at ``/files/`` on a free 127.0.0.1 port,
+--root DIR --redis URL --prefix P`` serves tus at ``/files/`` and the WebSocket upload
+protocol at ``/ws`` on a free 127.0.0.1 port,
 prints ``READY <port>`` and stops on SIGTERM.
 """
 
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
 import os
 import random
 import secrets
@@ -27,13 +29,17 @@ import pytest
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
+import websockets
 from tusclient import client as tus_client
+from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import REDIS_URL, redis_reachable
+from tornado_longconn.codes import CloseCode
 from tornado_longconn.testing import scaled
 from tornado_longconn.upload import UploadStore
 from tornado_longconn.upload_state import RedisUploadState
 from tornado_longconn.upload_tus import TusUploadHandler
+from tornado_longconn.upload_ws import WebSocketUploadHandler, encode_chunk
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -49,7 +55,12 @@ async def serve(root: str, redis_url: str, prefix: str) -> None:
     """Serve tus on a free port until SIGTERM; everything is made after the process started."""
     state = RedisUploadState(redis_url, prefix=prefix)
     store = UploadStore(root, chunk_size=64 * 1024, shared=state, lock_ttl=30.0)
-    app = tornado.web.Application(TusUploadHandler.routes("/files", store=store))
+    app = tornado.web.Application(
+        [
+            *TusUploadHandler.routes("/files", store=store),
+            (r"/ws", WebSocketUploadHandler, {"store": store}),
+        ]
+    )
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
     server = tornado.httpserver.HTTPServer(app)
     server.add_sockets(sockets)
@@ -360,6 +371,45 @@ async def test_two_processes_racing_at_one_offset_exactly_one_proceeds(tmp_path:
         winner = statuses.index(204)
     final = await asyncio.to_thread((tmp_path / upload_id).read_bytes)
     assert final == bodies[winner]
+
+
+# -- WebSocket uploads: a resume on another process takes the upload over ----------------
+
+
+async def test_websocket_resume_on_another_process_closes_the_older_with_4409(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(600_000)
+    prefix = f"test-upload-mp-{secrets.token_hex(4)}:"
+    async with servers(tmp_path, prefix) as (one, two):
+        ws_one, ws_two = (
+            url.replace("http://", "ws://").replace("/files/", "/ws") for url in (one, two)
+        )
+        async with websockets.connect(ws_one) as older, websockets.connect(ws_two) as newer:
+            await older.send(json.dumps({"type": "start", "size": len(data)}))
+            ready = json.loads(await asyncio.wait_for(older.recv(), scaled(10)))
+            upload_id = ready["id"]
+            await older.send(encode_chunk(0, data[:200_000]))
+            ack = json.loads(await asyncio.wait_for(older.recv(), scaled(10)))
+            assert ack == {"type": "ack", "offset": 200_000}
+            # The older connection is still open on process one (a half-open phone
+            # connection, say): the client resumes on process two.
+            await newer.send(json.dumps({"type": "resume", "id": upload_id}))
+            ready = json.loads(await asyncio.wait_for(newer.recv(), scaled(15)))
+            assert ready["type"] == "ready" and ready["offset"] == 200_000
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(older.recv(), scaled(10))
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == CloseCode.UPLOAD_CONFLICT
+            assert closed.value.rcvd.reason == "upload resumed on another connection"
+            await newer.send(encode_chunk(200_000, data[200_000:]))
+            ack = json.loads(await asyncio.wait_for(newer.recv(), scaled(10)))
+            assert ack == {"type": "ack", "offset": len(data)}
+            complete = json.loads(await asyncio.wait_for(newer.recv(), scaled(10)))
+            assert complete["type"] == "complete"
+            assert complete["sha256"] == hashlib.sha256(data).hexdigest()
+    final = tmp_path / upload_id
+    assert await asyncio.to_thread(final.read_bytes) == data
 
 
 if __name__ == "__main__":

@@ -104,6 +104,8 @@ _OPEN_FILES_FRACTION = 4
 _OPEN_FILES_MIN = 16
 #: ... and never more (an unlimited or huge soft limit).
 _OPEN_FILES_MAX = 4096
+#: Seconds a writer asked by another process to let go has to store what it accepted.
+_LET_GO_TIMEOUT = 10.0
 
 
 def default_max_open_files() -> int:
@@ -1410,8 +1412,10 @@ class UploadStore:
         for an unknown upload. ``let_go`` is passed to
         :meth:`ChunkedUploadSink.acquire`. ``take_over`` (seconds), if given, first asks
         a writer of this process that holds the upload and gave a ``let_go`` to let go
-        (see :meth:`ChunkedUploadSink.take_over`); a writer on another process is
-        never asked (423).
+        (see :meth:`ChunkedUploadSink.take_over`); with a shared state that relays
+        release requests (:class:`~tornado_longconn.upload_state.RedisUploadState`), a
+        writer on another process is asked too, and the lock is taken once it let go
+        (423 if it did not within ``take_over`` seconds).
         """
         if self.shared is None:
             sink = await self.open(upload_id, now=now)
@@ -1424,8 +1428,12 @@ class UploadStore:
         if take_over is not None and cached is not None and cached.locked:
             await cached.request_release(timeout=take_over)
         self._checked(upload_id)
+        if let_go is not None:
+            await self._watch_releases()
         owner = secrets.token_hex(8)
         generation = await self.shared.lock(upload_id, owner, self.lock_ttl)
+        if generation is None and take_over is not None:
+            generation = await self._take_over_shared(upload_id, owner, take_over)
         if generation is None:
             self._counters.lock_conflicts += 1
             raise UploadError("another request is writing this upload", status=423)
@@ -1455,6 +1463,33 @@ class UploadStore:
         sink._shared_owner = owner
         sink._renewal = asyncio.get_running_loop().create_task(self._renew(sink, owner))
         return sink
+
+    async def _watch_releases(self) -> None:
+        """With a shared state that relays release requests: answer them (once started)."""
+        watch = getattr(self.shared, "watch_releases", None)
+        if watch is not None:
+            await watch(self._release_requested)
+
+    def _release_requested(self, upload_id: str) -> None:
+        """Another process asks for ``upload_id``: a writer here that allows it lets go."""
+        sink = self._sinks.get(upload_id)
+        if sink is not None and sink.locked:
+            self.spawn(sink.request_release(timeout=_LET_GO_TIMEOUT))
+
+    async def _take_over_shared(self, upload_id: str, owner: str, timeout: float) -> int | None:
+        """Ask the holder on another process to let go; the lock's generation, or None."""
+        shared = self.shared
+        released = getattr(shared, "released", None)
+        if shared is None or released is None:
+            return None
+        future: asyncio.Future[None] = released(upload_id)
+        try:
+            await shared.ask_release(upload_id)  # type: ignore[attr-defined]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(future), timeout)
+        finally:
+            shared.forget_released(upload_id, future)  # type: ignore[attr-defined]
+        return await shared.lock(upload_id, owner, self.lock_ttl)
 
     async def end_write(self, sink: ChunkedUploadSink) -> None:
         """Record the upload's state in the shared state (if any), then let it go.

@@ -37,7 +37,10 @@ sweep).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -58,6 +61,7 @@ __all__ = [
 
 
 _T = TypeVar("_T")
+_log = logging.getLogger("tornado_longconn.upload")
 
 
 class UploadStateUnavailable(UploadError):
@@ -202,9 +206,14 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then
   if redis.call('EXISTS', KEYS[1]) == 1 then
     redis.call('HINCRBY', KEYS[1], 'gen', 1)
   end
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
 end
 return 0
 """
+#: Seconds between PINGs on the idle release-request listener (a dead Redis connection
+#: is noticed within twice that), and the delay before it reconnects.
+_LISTEN_PING = 15.0
+_LISTEN_RETRY = 1.0
 
 
 class RedisUploadState:
@@ -259,6 +268,12 @@ class RedisUploadState:
         else:
             self._client = redis
             self._owned = False
+        self._release_channel = f"{prefix}upload-release".encode()
+        self._released_channel = f"{prefix}upload-released".encode()
+        self._on_request: Callable[[str], None] | None = None
+        self._released: dict[str, list[asyncio.Future[None]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._listening: asyncio.Future[None] | None = None
         self._lock = self._client.register_script(_LOCK)
         self._extend = self._client.register_script(_EXTEND)
         self._unlock = self._client.register_script(_UNLOCK)
@@ -291,7 +306,11 @@ class RedisUploadState:
 
     async def unlock(self, upload_id: str, owner: str) -> None:
         """Release the lock (see :meth:`SharedUploadState.unlock`)."""
-        await self._call(self._unlock(keys=self._keys(upload_id), args=[owner]))
+        await self._call(
+            self._unlock(
+                keys=self._keys(upload_id), args=[owner, self._released_channel, upload_id]
+            )
+        )
 
     async def get(self, upload_id: str) -> SharedUploadRecord | None:
         """The record (see :meth:`SharedUploadState.get`)."""
@@ -308,8 +327,114 @@ class RedisUploadState:
         """Forget the upload (see :meth:`SharedUploadState.delete`)."""
         await self._call(self._client.delete(self._keys(upload_id)[0]))
 
+    # -- release requests (WebSocket takeover across processes) ------------------------
+
+    async def watch_releases(self, on_request: Callable[[str], None]) -> None:
+        """Listen for release requests and releases (idempotent; returns once subscribed).
+
+        ``on_request(upload_id)`` is called when another process asks this one's writer
+        of ``upload_id`` to let go (:meth:`ask_release`). One pub/sub connection of its
+        own, reconnected after errors. Raises :class:`UploadStateUnavailable` if the
+        first subscription fails.
+        """
+        self._on_request = on_request
+        if self._listener is None or self._listener.done():
+            self._listening = asyncio.get_running_loop().create_future()
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+        assert self._listening is not None
+        if not self._listening.done():
+            await asyncio.shield(self._listening)
+        elif self._listening.exception() is not None:
+            raise UploadStateUnavailable("upload state unavailable: no release listener")
+
+    def released(self, upload_id: str) -> asyncio.Future[None]:
+        """A future set when any process next releases ``upload_id``'s lock.
+
+        Register it before :meth:`ask_release`; drop it with :meth:`forget_released`.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._released.setdefault(upload_id, []).append(future)
+        return future
+
+    def forget_released(self, upload_id: str, future: asyncio.Future[None]) -> None:
+        """Stop waiting with a future of :meth:`released`."""
+        waiting = self._released.get(upload_id)
+        if waiting is not None and future in waiting:
+            waiting.remove(future)
+            if not waiting:
+                del self._released[upload_id]
+
+    async def ask_release(self, upload_id: str) -> None:
+        """Ask whichever process writes ``upload_id`` to let go (one PUBLISH)."""
+        await self._call(self._client.publish(self._release_channel, upload_id))
+
+    async def _listen(self) -> None:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        from tornado_longconn._tornado.redispy import pubsub_connection
+
+        while True:
+            conn = pubsub_connection(
+                self._client.connection_pool,
+                protocol=2,
+                decode_responses=False,
+                retry=Retry(NoBackoff(), 0),
+            )
+            try:
+                await conn.connect()
+                await conn.send_command(
+                    "SUBSCRIBE", self._release_channel, self._released_channel, check_health=False
+                )
+                await self._read(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._listening is not None and not self._listening.done():
+                    self._listening.set_exception(
+                        UploadStateUnavailable(f"upload state unavailable: {exc!r}")
+                    )
+                    self._listening.exception()
+                _log.warning("upload release listener: %r; reconnecting", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+            await asyncio.sleep(_LISTEN_RETRY)  # a timer for the reconnect deadline
+
+    async def _read(self, conn: Any) -> None:
+        subscribed = 0
+        waiting_pong = False
+        while True:
+            response = await conn.read_response(timeout=_LISTEN_PING, disconnect_on_error=False)
+            if response is None:
+                if waiting_pong:
+                    raise TimeoutError(f"no PONG within {_LISTEN_PING} s")
+                await conn.send_command("PING", check_health=False)
+                waiting_pong = True
+                continue
+            waiting_pong = False
+            kind = response[0]
+            if kind == b"subscribe":
+                subscribed += 1
+                if subscribed == 2 and self._listening is not None and not self._listening.done():
+                    self._listening.set_result(None)
+            elif kind == b"message":
+                upload_id = response[2].decode("ascii", "replace")
+                if response[1] == self._release_channel:
+                    if self._on_request is not None:
+                        self._on_request(upload_id)
+                else:
+                    for future in self._released.pop(upload_id, []):
+                        if not future.done():
+                            future.set_result(None)
+
     async def close(self) -> None:
         """Close the client if this object made it."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
         if self._owned:
             self._owned = False
             await self._client.aclose()

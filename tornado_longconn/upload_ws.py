@@ -264,7 +264,7 @@ class WebSocketUploadMixin:
                     raise UploadError("no such upload", status=404)
                 # A connection of this process still writing this upload is asked to
                 # let go: the client reconnected, so that one is most likely half-open.
-                # (With shared state, one on another process is not: 423 -> 4409.)
+                # (With Redis shared state, one on another process is asked too.)
                 self._upload_quota_begin(None)
                 try:
                     sink = await store.lock_for_write(
