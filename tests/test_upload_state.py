@@ -418,3 +418,41 @@ async def test_redis_down_is_503_with_retry_after_and_counted(tmp_path: Path) ->
     finally:
         await state.close()
         await redis.close()
+
+
+async def test_a_tus_patch_costs_two_redis_round_trips(tmp_path: Path) -> None:
+    """Lock + read the record in one script before the body, record + unlock in one
+    script before the answer: two round trips per PATCH (on a Redis of our own)."""
+    from tests.backends.redisproc import REDIS_SERVER, RedisProcess
+
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed")
+    redis = RedisProcess()
+    await redis.start()
+    state = RedisUploadState(redis.url, prefix="test-upload-rt:")
+    store = UploadStore(tmp_path / "uploads", chunk_size=64 * 1024, shared=state)
+
+    try:
+        async with serve(store) as (server, _), httpx.AsyncClient() as http:
+            base = server.url("/files/")
+            resp = await http.post(base, headers={**TUS, "Upload-Length": "40000"})
+            url = urljoin(base, resp.headers["Location"])
+            resp = await http.patch(url, headers={**OCTETS, "Upload-Offset": "0"}, content=b"x")
+            assert resp.status_code == 204  # the scripts are loaded now
+            before = state.round_trips
+            scripts = (await state._client.info("commandstats"))["cmdstat_evalsha"]["calls"]
+            for offset in range(1, 40000, 4000):
+                resp = await http.patch(
+                    url,
+                    headers={**OCTETS, "Upload-Offset": str(offset)},
+                    content=b"x" * min(4000, 40000 - offset),
+                )
+                assert resp.status_code == 204
+            after = state.round_trips
+            info = await state._client.info("commandstats")
+        # 10 PATCHes, 2 scripts each (and Redis ran exactly those).
+        assert after - before == 2 * 10
+        assert info["cmdstat_evalsha"]["calls"] - scripts == 2 * 10
+    finally:
+        await state.close()
+        await redis.close()

@@ -68,7 +68,7 @@ from .logfields import log_fields
 from .stats import COUNTER, GAUGE, TALLY
 
 if TYPE_CHECKING:
-    from .upload_state import SharedUploadState
+    from .upload_state import SharedUploadRecord, SharedUploadState
 
 __all__ = [
     "CHECKSUM_ALGORITHMS",
@@ -1431,14 +1431,14 @@ class UploadStore:
         if let_go is not None:
             await self._watch_releases()
         owner = secrets.token_hex(8)
-        generation = await self.shared.lock(upload_id, owner, self.lock_ttl)
-        if generation is None and take_over is not None:
-            generation = await self._take_over_shared(upload_id, owner, take_over)
-        if generation is None:
+        taken = await self._lock_shared(upload_id, owner)
+        if taken is None and take_over is not None:
+            taken = await self._take_over_shared(upload_id, owner, take_over)
+        if taken is None:
             self._counters.lock_conflicts += 1
             raise UploadError("another request is writing this upload", status=423)
+        generation, record = taken
         try:
-            record = await self.shared.get(upload_id)
             data = None if record is None else record.data
             # No record: lost (the files are the truth until this writer records it).
             limit = None if data is None else int(data.get("offset", 0))
@@ -1476,8 +1476,30 @@ class UploadStore:
         if sink is not None and sink.locked:
             self.spawn(sink.request_release(timeout=_LET_GO_TIMEOUT))
 
-    async def _take_over_shared(self, upload_id: str, owner: str, timeout: float) -> int | None:
-        """Ask the holder on another process to let go; the lock's generation, or None."""
+    async def _lock_shared(
+        self, upload_id: str, owner: str
+    ) -> tuple[int, SharedUploadRecord | None] | None:
+        """Take the shared lock and read the record (one round trip where the state can)."""
+        assert self.shared is not None
+        both = getattr(self.shared, "lock_and_get", None)
+        if both is not None:
+            result: tuple[int, SharedUploadRecord | None] | None = await both(
+                upload_id, owner, self.lock_ttl
+            )
+            return result
+        generation = await self.shared.lock(upload_id, owner, self.lock_ttl)
+        if generation is None:
+            return None
+        try:
+            return generation, await self.shared.get(upload_id)
+        except BaseException:
+            await self.shared.unlock(upload_id, owner)
+            raise
+
+    async def _take_over_shared(
+        self, upload_id: str, owner: str, timeout: float
+    ) -> tuple[int, SharedUploadRecord | None] | None:
+        """Ask the holder on another process to let go; then lock as :meth:`_lock_shared`."""
         shared = self.shared
         released = getattr(shared, "released", None)
         if shared is None or released is None:
@@ -1489,7 +1511,7 @@ class UploadStore:
                 await asyncio.wait_for(asyncio.shield(future), timeout)
         finally:
             shared.forget_released(upload_id, future)  # type: ignore[attr-defined]
-        return await shared.lock(upload_id, owner, self.lock_ttl)
+        return await self._lock_shared(upload_id, owner)
 
     async def end_write(self, sink: ChunkedUploadSink) -> None:
         """Record the upload's state in the shared state (if any), then let it go.
@@ -1503,11 +1525,17 @@ class UploadStore:
             if sink._renewal is not None:
                 sink._renewal.cancel()
                 sink._renewal = None
+            both = getattr(self.shared, "put_and_unlock", None)
             try:
-                if sink.state.status is not UploadStatus.ABORTED:
-                    await self.shared.put(sink.id, self._record(sink))
-                await self.shared.unlock(sink.id, owner)
-                sink.generation += 1  # our unlock added one
+                kept = True
+                if sink.state.status is not UploadStatus.ABORTED and both is not None:
+                    kept = await both(sink.id, owner, self._record(sink))
+                else:
+                    if sink.state.status is not UploadStatus.ABORTED:
+                        await self.shared.put(sink.id, self._record(sink))
+                    await self.shared.unlock(sink.id, owner)
+                # Our unlock added one; a lost lock means another writer: reload next time.
+                sink.generation = sink.generation + 1 if kept else -1
             except Exception:
                 sink.generation = -1
                 _log.exception("upload %s: the shared state was not updated", sink.id)

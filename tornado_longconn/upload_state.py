@@ -194,6 +194,23 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return false
 """
+_LOCK_GET = """
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+  return {gen, redis.call('HGET', KEYS[1], 'rec')}
+end
+return false
+"""
+_PUT_UNLOCK = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'rec', ARGV[4])
+  redis.call('DEL', KEYS[2])
+  redis.call('HINCRBY', KEYS[1], 'gen', 1)
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
 _EXTEND = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -223,7 +240,9 @@ class RedisUploadState:
     :class:`redis.asyncio.Redis` client (then :meth:`close` leaves it open); ``prefix``
     starts every key (use one per application on a shared Redis). Needs the
     ``redis`` extra (``pip install tornado-longconn[redis]``). Each operation is one
-    round trip (a script for lock, extend and unlock), waits at most
+    round trip (a script for lock, extend and unlock; :meth:`lock_and_get` and
+    :meth:`put_and_unlock`, which the store uses, do two operations in one, so a tus
+    PATCH costs two round trips: one before its body, one before its answer), waits at most
     ``connect_timeout`` [2 s] to connect and ``command_timeout`` [5 s] for a reply or
     a free connection (at most ``max_connections`` [64]), and is never retried. Errors
     of the client (``redis.exceptions.ConnectionError``, ``TimeoutError``, ...)
@@ -249,6 +268,8 @@ class RedisUploadState:
 
         self.prefix = prefix
         self.retry_after = retry_after
+        #: Commands sent to Redis so far (each one round trip; the listener's not counted).
+        self.round_trips = 0
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError)
         if isinstance(redis, str):
             if not redis.startswith(("redis://", "rediss://", "unix://")):
@@ -275,10 +296,13 @@ class RedisUploadState:
         self._listener: asyncio.Task[None] | None = None
         self._listening: asyncio.Future[None] | None = None
         self._lock = self._client.register_script(_LOCK)
+        self._lock_get = self._client.register_script(_LOCK_GET)
+        self._put_unlock = self._client.register_script(_PUT_UNLOCK)
         self._extend = self._client.register_script(_EXTEND)
         self._unlock = self._client.register_script(_UNLOCK)
 
     async def _call(self, awaitable: Awaitable[_T]) -> _T:
+        self.round_trips += 1
         try:
             return await awaitable
         except self._errors as exc:
@@ -296,6 +320,27 @@ class RedisUploadState:
             self._lock(keys=self._keys(upload_id), args=[owner, max(1, int(ttl * 1000))])
         )
         return None if result is None else int(result)
+
+    async def lock_and_get(
+        self, upload_id: str, owner: str, ttl: float
+    ) -> tuple[int, SharedUploadRecord] | None:
+        """:meth:`lock` and :meth:`get` in one round trip (one script); None if held."""
+        result = await self._call(
+            self._lock_get(keys=self._keys(upload_id), args=[owner, max(1, int(ttl * 1000))])
+        )
+        if result is None:
+            return None
+        gen, raw = int(result[0]), (result[1] if len(result) > 1 else None)
+        return gen, SharedUploadRecord(gen, None if raw is None else json.loads(raw))
+
+    async def put_and_unlock(self, upload_id: str, owner: str, data: dict[str, Any]) -> bool:
+        """:meth:`put` and :meth:`unlock` in one round trip, only if ``owner`` holds the lock.
+
+        False (nothing stored) if the lock was lost meanwhile.
+        """
+        keys = self._keys(upload_id)
+        args: list[str | bytes] = [owner, self._released_channel, upload_id, json.dumps(data)]
+        return bool(await self._call(self._put_unlock(keys=keys, args=args)))
 
     async def extend(self, upload_id: str, owner: str, ttl: float) -> bool:
         """Extend the lock (see :meth:`SharedUploadState.extend`)."""
