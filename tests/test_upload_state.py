@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import secrets
@@ -456,3 +457,28 @@ async def test_a_tus_patch_costs_two_redis_round_trips(tmp_path: Path) -> None:
     finally:
         await state.close()
         await redis.close()
+
+
+async def test_patches_alternating_between_stores_hash_the_file_once(
+    tmp_path: Path, state: SharedUploadState
+) -> None:
+    """A store that reloads an upload another store appended to does not re-read the
+    part (O(n^2) over many PATCHes): the sha256 is computed once, at finish."""
+    data = os.urandom(600_000)
+    one, two = await two_servers(tmp_path, state)
+    async with serve(one) as (a, _), serve(two) as (b, _), httpx.AsyncClient() as http:
+        resp = await http.post(a.url("/files/"), headers={**TUS, "Upload-Length": str(len(data))})
+        path = resp.headers["Location"]
+        for n, offset in enumerate(range(0, len(data), 100_000)):
+            server = (a, b)[n % 2]
+            resp = await http.patch(
+                urljoin(server.url("/files/"), path),
+                headers={**OCTETS, "Upload-Offset": str(offset)},
+                content=data[offset : offset + 100_000],
+            )
+            assert resp.status_code == 204, resp.text
+    upload_id = path.rsplit("/", 1)[1]
+    assert read(one.final_path(upload_id)) == data
+    info = json.loads(read(one.info_path(upload_id)))
+    assert info["sha256"] == hashlib.sha256(data).hexdigest()
+    assert one.stats().rehashed + two.stats().rehashed == 1

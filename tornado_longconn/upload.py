@@ -419,8 +419,10 @@ class UploadStats:
     aborted: int = field(default=0, metadata=COUNTER)
     #: Partial uploads removed by :meth:`UploadStore.sweep` (expired).
     expired: int = field(default=0, metadata=COUNTER)
-    #: Uploads reopened from disk with a re-hash of the partial file (after a restart
-    #: or an eviction from the in-memory cache).
+    #: Partial files read again to compute their sha256: an upload reopened from disk
+    #: (after a restart or an eviction from the in-memory cache), or, with shared
+    #: state, finished by a store after another store appended to it (hashed once, at
+    #: finish).
     rehashed: int = field(default=0, metadata=COUNTER)
     #: Checksummed segments rejected (mismatch or interrupted) and truncated away.
     checksum_mismatches: int = field(default=0, metadata=COUNTER)
@@ -529,7 +531,7 @@ class ChunkedUploadSink:
         metadata: dict[str, str],
         created: float,
         fd: int,
-        sha256: _Hasher,
+        sha256: _Hasher | None,
     ) -> None:
         self.store = store
         #: The server-generated upload id (32 hex digits).
@@ -556,7 +558,7 @@ class ChunkedUploadSink:
         self._error: UploadError | None = None
         self._locked = False
         self._let_go: Callable[[], Awaitable[None]] | None = None
-        self._segment: tuple[int, _Hasher, _Hasher, str, bytes] | None = None
+        self._segment: tuple[int, _Hasher | None, _Hasher, str, bytes] | None = None
         self._final_sha256: str | None = None
         #: ``"partial"`` (a part of a later concatenation), ``"final"`` (made by
         #: :meth:`UploadStore.concatenate`) or None (an ordinary upload).
@@ -815,7 +817,7 @@ class ChunkedUploadSink:
         try:
             while self._queue:
                 data = self._queue[0]
-                hashers: list[_Hasher] = [self._sha256]
+                hashers: list[_Hasher] = [] if self._sha256 is None else [self._sha256]
                 if self._segment is not None:
                     hashers.append(self._segment[2])
                 try:
@@ -869,7 +871,8 @@ class ChunkedUploadSink:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.store.executor, self.store._write_marker, self.id, start)
         hasher: _Hasher = hashlib.new(algorithm)
-        self._segment = (start, self._sha256.copy(), hasher, algorithm, expected)
+        before = None if self._sha256 is None else self._sha256.copy()
+        self._segment = (start, before, hasher, algorithm, expected)
 
     async def end_segment(self) -> int:
         """Flush and verify the open segment; return the durable offset.
@@ -938,6 +941,18 @@ class ChunkedUploadSink:
         await self.flush()
         if not self.state.is_stored:
             self.state.complete()  # raises the 409 (or 404 once aborted)
+        if self._sha256 is None:  # reloaded after another process wrote: hash it once now
+            try:
+                fd = await self._use_fd()
+            except OSError as exc:
+                raise _storage_error(exc) from exc
+            try:
+                self._sha256 = await asyncio.get_running_loop().run_in_executor(
+                    self.store.executor, self.store._hash_fd, fd, self.offset
+                )
+            finally:
+                self._done_fd()
+            self.store._counters.rehashed += 1
         digest = self._sha256.hexdigest()
         if expected_sha256 is not None and expected_sha256.lower() != digest:
             await self.abort()
@@ -1452,7 +1467,7 @@ class UploadStore:
                 sink = cached
             else:
                 self._forget(upload_id)
-                sink = await self._load(upload_id, repair=True, limit=limit)
+                sink = await self._load(upload_id, repair=True, limit=limit, hash_now=False)
                 if sink.state.status is UploadStatus.ACTIVE:
                     self._remember(sink)
             sink.acquire(let_go)
@@ -1884,9 +1899,25 @@ class UploadStore:
             except FileNotFoundError:
                 pass
 
+    def _hash_fd(self, fd: int, size: int) -> _Hasher:
+        """The sha256 state of the first ``size`` bytes of ``fd`` (executor job)."""
+        hasher: _Hasher = hashlib.sha256()
+        pos = 0
+        while pos < size:
+            block = os.pread(fd, min(self.chunk_size, size - pos), pos)
+            if not block:
+                break
+            hasher.update(block)
+            pos += len(block)
+        return hasher
+
     def _load_files(
-        self, upload_id: str, repair: bool = True, limit: int | None = None
-    ) -> tuple[dict[str, Any], int, _Hasher, float] | None:
+        self,
+        upload_id: str,
+        repair: bool = True,
+        limit: int | None = None,
+        hash_now: bool = True,
+    ) -> tuple[dict[str, Any], int, _Hasher | None, float] | None:
         part = self.partial_path(upload_id)
         try:
             with open(self.info_path(upload_id), encoding="utf-8") as fh:
@@ -1916,14 +1947,17 @@ class UploadStore:
                 os.ftruncate(fd, size)
             if marker and repair:
                 os.unlink(self._marker_path(upload_id))
-            hasher: _Hasher = hashlib.sha256()
-            pos = 0
-            while pos < size:
-                block = os.pread(fd, min(self.chunk_size, size - pos), pos)
-                if not block:
-                    break
-                hasher.update(block)
-                pos += len(block)
+            hasher: _Hasher | None = None
+            pos = size
+            if hash_now:
+                hasher = hashlib.sha256()
+                pos = 0
+                while pos < size:
+                    block = os.pread(fd, min(self.chunk_size, size - pos), pos)
+                    if not block:
+                        break
+                    hasher.update(block)
+                    pos += len(block)
         finally:
             # Writes reopen the file within the store's descriptor budget.
             os.close(fd)
@@ -1931,12 +1965,20 @@ class UploadStore:
         return info, 0, hasher, stat.st_mtime
 
     async def _load(
-        self, upload_id: str, *, repair: bool = True, limit: int | None = None
+        self,
+        upload_id: str,
+        *,
+        repair: bool = True,
+        limit: int | None = None,
+        hash_now: bool = True,
     ) -> ChunkedUploadSink:
+        """Open an upload from its files; ``hash_now=False`` leaves the sha256 for
+        :meth:`ChunkedUploadSink.finish` (a writer of another process may have appended:
+        hashing the whole part on every change of process would cost O(n^2))."""
         loop = asyncio.get_running_loop()
         try:
             loaded = await loop.run_in_executor(
-                self.executor, self._load_files, upload_id, repair, limit
+                self.executor, self._load_files, upload_id, repair, limit, hash_now
             )
         except OSError as exc:
             raise _storage_error(exc) from exc
@@ -1961,7 +2003,7 @@ class UploadStore:
         if fd < 0:  # completed earlier: answer HEAD with offset == size
             state.status = UploadStatus.COMPLETE
             sink._final_sha256 = str(info["sha256"])
-        else:
+        elif hasher is not None:
             self._counters.rehashed += 1
         return sink
 
