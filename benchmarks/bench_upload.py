@@ -487,9 +487,14 @@ def main() -> int:
         i = argv.index("--size")
         size = int(argv[i + 1]) << 20
         del argv[i : i + 2]
+    scale_only = "--scale-only" in argv
+    if scale_only:
+        argv.remove("--scale-only")
     args = bench_args(__doc__.splitlines()[0] if __doc__ else "upload benchmark", argv)
     if args.tiny:
         size = TINY_SIZE
+    if scale_only:
+        return main_scale_only(size, args)
     if CLIENT_CPU is not None:
         os.sched_setaffinity(0, {CLIENT_CPU})
     load_before = os.getloadavg()[0]
@@ -573,6 +578,60 @@ def main() -> int:
         )
         print(f"wrote {out}")
     return 0 if all(r.ok for r in runs + scaled_out) else 1
+
+
+def main_scale_only(size: int, args: Any) -> int:
+    """``--scale-only``: the scaling-out table alone (``results/upload_scale.md``)."""
+    if CLIENT_CPU is not None:
+        os.sched_setaffinity(0, {CLIENT_CPU})
+    load_before = os.getloadavg()[0]
+    data = os.urandom(size)
+    base = Path(tempfile.mkdtemp(prefix="bench-upload-"))
+    try:
+        ours_root, raw_root = base / "ours", base / "raw"
+        for p in (ours_root, raw_root):
+            p.mkdir()
+        with ServerProcess(server_command("upload_server", "ours", str(ours_root))) as ours:
+            raw_write(raw_root, data, fsync=True)  # untimed (see NOTES)
+            runs = run_scale_out(ours, ours_root, raw_root, base, data, args.repeat, args.tiny)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    body = scale_table(runs) + (
+        f"\nLoad average (1 min) of the shared machine: {load_before:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end of the run.\n"
+    )
+    print(body)
+    if not args.tiny:
+        out = Path(args.out) if args.out else BENCH_DIR / "results" / "upload_scale.md"
+        write_markdown(
+            out,
+            "Uploads scaled out: tus PATCHes rotating among processes on one Redis",
+            "python -m benchmarks.bench_upload --scale-only"
+            + ("" if size == FULL_SIZE else f" --size {size >> 20}"),
+            f"One {size >> 20} MiB upload per variant; each row is the median (by MB/s) of "
+            f"{args.repeat} runs, variants interleaved in the same run. The rotating "
+            f"variants send PATCHes of {SCALE_PATCH >> 20} MiB, each on a new connection "
+            "to the next process; every server process is pinned to the same CPU (the "
+            "machine has two: the client has the other), so 3 processes measure the cost "
+            "of the shared state and of changing process, not added CPU. A Redis of the "
+            "benchmark's own on a free port.\n\n" + body + SCALE_NOTES,
+        )
+        print(f"wrote {out}")
+    return 0 if all(r.ok for r in runs) else 1
+
+
+SCALE_NOTES = """
+Notes:
+
+* Round trips per PATCH are the commands the servers' `RedisUploadState` sent
+  (`round_trips`), creation excluded: one script that takes the lock and reads the
+  record before the body, one that records the offset and unlocks before the answer.
+  The lock is extended every `lock_ttl / 3` (10 s) while a PATCH lasts longer.
+* A process that gets a PATCH after another process appended does not re-read the
+  part: the sha256 of the whole file is computed once, at finish (one read of the
+  file, from the page cache here); one process that keeps the upload keeps its
+  running sha256 instead.
+"""
 
 
 NOTES = """
