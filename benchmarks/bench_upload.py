@@ -631,6 +631,11 @@ Notes:
   part: the sha256 of the whole file is computed once, at finish (one read of the
   file, from the page cache here); one process that keeps the upload keeps its
   running sha256 instead.
+* The target was at most one round trip per PATCH; it is two. The lock must be held
+  before the first byte is written (two writers at one offset of a shared file would
+  overwrite each other's bytes), and the offset must be recorded before the 204 (a
+  HEAD on any process must give an offset the client can resume at): each needs Redis
+  once. (Before this change a PATCH cost four: lock, read, record, unlock.)
 """
 
 
