@@ -482,3 +482,30 @@ async def test_patches_alternating_between_stores_hash_the_file_once(
     info = json.loads(read(one.info_path(upload_id)))
     assert info["sha256"] == hashlib.sha256(data).hexdigest()
     assert one.stats().rehashed + two.stats().rehashed == 1
+
+
+async def test_redis_down_closes_a_websocket_upload_with_1011_and_counts_it(
+    tmp_path: Path,
+) -> None:
+    from tests.backends.redisproc import REDIS_SERVER, RedisProcess
+
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed")
+    redis = RedisProcess()
+    await redis.start()
+    state = RedisUploadState(redis.url, prefix="test-upload-ws-503:", connect_timeout=scaled(1))
+    store = UploadStore(tmp_path / "uploads", shared=state)
+    data = os.urandom(50_000)
+    try:
+        async with serve_ws(store) as (url, _):
+            await redis.stop()
+            async with websockets.connect(url) as ws:
+                await ws.send(json.dumps({"type": "start", "size": len(data)}))
+                assert await closed_with(ws) == CloseCode.INTERNAL_ERROR
+            assert store.stats().state_errors == 1
+            await redis.start()
+            result = await upload(url, data, name="after.bin")
+            assert result["sha256"] == hashlib.sha256(data).hexdigest()
+    finally:
+        await state.close()
+        await redis.close()

@@ -461,7 +461,10 @@ class RedisUploadState:
             kind = response[0]
             if kind == b"subscribe":
                 subscribed += 1
-                if subscribed == 2 and self._listening is not None and not self._listening.done():
+                if subscribed == 2:
+                    if self._listening is None or self._listening.done():
+                        # (Re)subscribed after a failed first attempt: listening now.
+                        self._listening = asyncio.get_running_loop().create_future()
                     self._listening.set_result(None)
             elif kind == b"message":
                 upload_id = response[2].decode("ascii", "replace")
