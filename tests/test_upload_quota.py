@@ -201,6 +201,12 @@ async def test_tus_bytes_in_flight_is_429_with_retry_after(
                 urls[1], headers={**ann, **OCTETS, "Upload-Offset": "0"}, content=b"b" * 1001
             )
             assert too_big.status_code == 413 and "quota" in too_big.text
+            # Creation with a body is refused before the upload is created.
+            created = store.stats().created
+            with_body = await http.post(
+                base, headers={**ann, **OCTETS, "Upload-Length": "300"}, content=b"c" * 300
+            )
+            assert with_body.status_code == 429 and store.stats().created == created
             await loop.sock_sendall(sock, b"a" * 800)
             reply = b""
             while b"\r\n\r\n" not in reply:
@@ -216,8 +222,8 @@ async def test_tus_bytes_in_flight_is_429_with_retry_after(
         )
         assert resp.status_code == 204
     stats = store.stats()
-    assert stats.quota_refusals == 2
-    assert dict(stats.refused)["429"] == 1
+    assert stats.quota_refusals == 3
+    assert dict(stats.refused)["429"] == 2
 
 
 async def test_tus_in_flight_is_given_back_when_the_client_vanishes(

@@ -416,6 +416,8 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         parsed = _parse_checksum(checksum) if checksum is not None and with_body else None
         info = UploadInfo(id="", size=size, offset=0, metadata=metadata, concat=concat)
         metadata = await self._pre_create(info)
+        if with_body:  # bytes in flight checked before anything is created (429)
+            self._quota_in_flight(limit if length is None else length)
         reservation = self._reserve_total(size)
         try:
             self._sink = await self.store.create(size, metadata=metadata, concat=concat)
