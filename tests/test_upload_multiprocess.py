@@ -1,7 +1,8 @@
 """Two real server processes on one upload directory and one Redis serve the same uploads.
 
 Run as a script, this file is one such server: ``python tests/test_upload_multiprocess.py
---root DIR --redis URL --prefix P`` serves tus at ``/files/`` on a free 127.0.0.1 port,
+--root DIR --redis URL --prefix P`` serves tus at ``/files/`` and the WebSocket upload
+protocol at ``/ws`` on a free 127.0.0.1 port,
 prints ``READY <port>`` and stops on SIGTERM.
 """
 
@@ -10,11 +11,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import io
+import json
 import os
+import random
 import secrets
 import signal
 import socket
+import struct
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,13 +29,17 @@ import pytest
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
+import websockets
 from tusclient import client as tus_client
+from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import REDIS_URL, redis_reachable
+from tornado_longconn.codes import CloseCode
 from tornado_longconn.testing import scaled
 from tornado_longconn.upload import UploadStore
 from tornado_longconn.upload_state import RedisUploadState
 from tornado_longconn.upload_tus import TusUploadHandler
+from tornado_longconn.upload_ws import WebSocketUploadHandler, encode_chunk
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -46,7 +55,12 @@ async def serve(root: str, redis_url: str, prefix: str) -> None:
     """Serve tus on a free port until SIGTERM; everything is made after the process started."""
     state = RedisUploadState(redis_url, prefix=prefix)
     store = UploadStore(root, chunk_size=64 * 1024, shared=state, lock_ttl=30.0)
-    app = tornado.web.Application(TusUploadHandler.routes("/files", store=store))
+    app = tornado.web.Application(
+        [
+            *TusUploadHandler.routes("/files", store=store),
+            (r"/ws", WebSocketUploadHandler, {"store": store}),
+        ]
+    )
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
     server = tornado.httpserver.HTTPServer(app)
     server.add_sockets(sockets)
@@ -239,6 +253,161 @@ async def test_a_writer_killed_mid_patch_leaves_the_recorded_offset(tmp_path: Pa
             two + upload_id, headers={**OCTETS, "Upload-Offset": "500000"}, content=data[500_000:]
         )
         assert resp.status_code == 204, resp.text
+    final = tmp_path / upload_id
+    assert await asyncio.to_thread(final.read_bytes) == data
+
+
+# -- 3 processes, PATCHes rotating among them and cut at random points ------------------
+
+
+async def raw_patch_headers(
+    port: int, upload_id: str, offset: int, length: int
+) -> tuple[socket.socket, bytes]:
+    """Send a PATCH's headers with ``Expect: 100-continue``; the socket and the first reply.
+
+    A ``100 Continue`` means the server took the upload's lock (prepare() returned).
+    """
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(
+        sock,
+        (
+            f"PATCH /files/{upload_id} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+            f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\n"
+            f"Expect: 100-continue\r\nContent-Length: {length}\r\n\r\n"
+        ).encode(),
+    )
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(10))
+        assert chunk, reply
+        reply += chunk
+    return sock, reply
+
+
+def port_of(url: str) -> int:
+    return int(url.split(":")[2].split("/")[0])
+
+
+async def test_patches_rotating_on_three_processes_cut_at_30_points(tmp_path: Path) -> None:
+    """Every cut leaves HEAD's offset == the bytes on disk (sha256 of the prefix checked)."""
+    rng = random.Random(18)
+    data = rng.randbytes(3 * 1024 * 1024)
+    cuts = sorted(rng.sample(range(1, len(data)), 30))
+    prefix = f"test-upload-mp-{secrets.token_hex(4)}:"
+    loop = asyncio.get_running_loop()
+    checked = 0
+    async with servers(tmp_path, prefix, count=3) as urls, httpx.AsyncClient() as http:
+        resp = await http.post(urls[0], headers={**TUS, "Upload-Length": str(len(data))})
+        assert resp.status_code == 201
+        upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+        partial = tmp_path / f"{upload_id}.part"
+        request = 0
+        for cut in [*cuts, None]:
+            while True:  # a tus client's loop: HEAD on one process, PATCH on the next
+                request += 1
+                head = await http.head(urls[request % 3] + upload_id, headers=TUS)
+                assert head.status_code == 200
+                offset = int(head.headers["Upload-Offset"])
+                port = port_of(urls[(request + 1) % 3])
+                sock, reply = await raw_patch_headers(port, upload_id, offset, len(data) - offset)
+                if reply.startswith((b"HTTP/1.1 423", b"HTTP/1.1 409")):
+                    # The cut request still settles: it holds the lock (423), or the
+                    # HEAD came before it recorded its last bytes (409); HEAD again.
+                    sock.close()
+                    await asyncio.sleep(scaled(0.02))  # the client's retry delay
+                    continue
+                break
+            try:
+                assert reply.startswith(b"HTTP/1.1 100"), reply
+                # This request holds the lock: the offset HEAD (on a third process)
+                # reports is what the disk holds, and those bytes are the client's.
+                check = await http.head(urls[(request + 2) % 3] + upload_id, headers=TUS)
+                assert int(check.headers["Upload-Offset"]) == offset
+                on_disk = await asyncio.to_thread(partial.read_bytes)
+                assert len(on_disk) == offset
+                assert hashlib.sha256(on_disk).digest() == hashlib.sha256(data[:offset]).digest()
+                checked += 1
+                if cut is None:
+                    await loop.sock_sendall(sock, data[offset:])
+                    reply = b""
+                    while b"\r\n\r\n" not in reply:
+                        chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(10))
+                        assert chunk, reply
+                        reply += chunk
+                    assert reply.startswith(b"HTTP/1.1 204"), reply
+                    break
+                await loop.sock_sendall(sock, data[offset : max(cut, offset)])
+                if checked % 2:  # half the cuts are a reset, half a FIN
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            finally:
+                sock.close()
+        head = await http.head(urls[0] + upload_id, headers=TUS)
+        assert head.headers["Upload-Offset"] == str(len(data))
+    assert checked == 31
+    final = await asyncio.to_thread((tmp_path / upload_id).read_bytes)
+    assert hashlib.sha256(final).digest() == hashlib.sha256(data).digest()
+
+
+async def test_two_processes_racing_at_one_offset_exactly_one_proceeds(tmp_path: Path) -> None:
+    prefix = f"test-upload-mp-{secrets.token_hex(4)}:"
+    size = 2 * 1024 * 1024
+    bodies = [b"a" * size, b"b" * size]
+    async with servers(tmp_path, prefix, count=2) as urls, httpx.AsyncClient() as http:
+        resp = await http.post(urls[0], headers={**TUS, "Upload-Length": str(size)})
+        upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+        answers = await asyncio.gather(
+            *(
+                http.patch(url + upload_id, headers={**OCTETS, "Upload-Offset": "0"}, content=body)
+                for url, body in zip(urls, bodies, strict=True)
+            )
+        )
+        statuses = [answer.status_code for answer in answers]
+        # The loser is refused while the winner writes (423) or, if it came later,
+        # told the offset moved (409); never two writers.
+        assert statuses.count(204) == 1, statuses
+        assert set(statuses) - {204} <= {409, 423}, statuses
+        winner = statuses.index(204)
+    final = await asyncio.to_thread((tmp_path / upload_id).read_bytes)
+    assert final == bodies[winner]
+
+
+# -- WebSocket uploads: a resume on another process takes the upload over ----------------
+
+
+async def test_websocket_resume_on_another_process_closes_the_older_with_4409(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(600_000)
+    prefix = f"test-upload-mp-{secrets.token_hex(4)}:"
+    async with servers(tmp_path, prefix) as (one, two):
+        ws_one, ws_two = (
+            url.replace("http://", "ws://").replace("/files/", "/ws") for url in (one, two)
+        )
+        async with websockets.connect(ws_one) as older, websockets.connect(ws_two) as newer:
+            await older.send(json.dumps({"type": "start", "size": len(data)}))
+            ready = json.loads(await asyncio.wait_for(older.recv(), scaled(10)))
+            upload_id = ready["id"]
+            await older.send(encode_chunk(0, data[:200_000]))
+            ack = json.loads(await asyncio.wait_for(older.recv(), scaled(10)))
+            assert ack == {"type": "ack", "offset": 200_000}
+            # The older connection is still open on process one (a half-open phone
+            # connection, say): the client resumes on process two.
+            await newer.send(json.dumps({"type": "resume", "id": upload_id}))
+            ready = json.loads(await asyncio.wait_for(newer.recv(), scaled(15)))
+            assert ready["type"] == "ready" and ready["offset"] == 200_000
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(older.recv(), scaled(10))
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == CloseCode.UPLOAD_CONFLICT
+            assert closed.value.rcvd.reason == "upload resumed on another connection"
+            await newer.send(encode_chunk(200_000, data[200_000:]))
+            ack = json.loads(await asyncio.wait_for(newer.recv(), scaled(10)))
+            assert ack == {"type": "ack", "offset": len(data)}
+            complete = json.loads(await asyncio.wait_for(newer.recv(), scaled(10)))
+            assert complete["type"] == "complete"
+            assert complete["sha256"] == hashlib.sha256(data).hexdigest()
     final = tmp_path / upload_id
     assert await asyncio.to_thread(final.read_bytes) == data
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import secrets
@@ -367,3 +368,144 @@ async def test_a_lost_record_is_rebuilt_from_the_disk(tmp_path: Path) -> None:
         unknown = await http.head(a.url("/files/" + "f" * 32), headers=TUS)
         assert unknown.status_code == 404
     assert read(two.final_path(upload_id)) == b"abcdefghij"
+
+
+# -- the shared state unreachable: 503 with Retry-After, counted, nothing lost ----------
+
+
+async def test_redis_down_is_503_with_retry_after_and_counted(tmp_path: Path) -> None:
+    from tests.backends.redisproc import REDIS_SERVER, RedisProcess
+
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed")
+    redis = RedisProcess()
+    await redis.start()
+    state = RedisUploadState(redis.url, prefix="test-upload-503:", connect_timeout=scaled(1))
+    store = UploadStore(tmp_path / "uploads", chunk_size=64 * 1024, shared=state)
+    data = os.urandom(300_000)
+    try:
+        async with serve(store) as (server, _), httpx.AsyncClient() as http:
+            base = server.url("/files/")
+            resp = await http.post(base, headers={**TUS, "Upload-Length": str(len(data))})
+            assert resp.status_code == 201
+            url = urljoin(base, resp.headers["Location"])
+            resp = await http.patch(
+                url, headers={**OCTETS, "Upload-Offset": "0"}, content=data[:100_000]
+            )
+            assert resp.status_code == 204
+            await redis.stop()
+            answers = [
+                await http.post(base, headers={**TUS, "Upload-Length": "10"}),
+                await http.head(url, headers=TUS),
+                await http.patch(
+                    url, headers={**OCTETS, "Upload-Offset": "100000"}, content=data[100_000:]
+                ),
+            ]
+            for answer in answers:
+                assert answer.status_code == 503, answer.text
+                assert answer.headers["Retry-After"] == "1"
+            stats = store.stats()
+            assert stats.state_errors == 3 and dict(stats.refused)["503"] == 3
+            assert size_of(store.partial_path(url.rsplit("/", 1)[1])) == 100_000
+            # Redis is back (empty: the record is lost, the disk is the truth).
+            await redis.start()
+            head = await http.head(url, headers=TUS)
+            assert head.headers["Upload-Offset"] == "100000"
+            resp = await http.patch(
+                url, headers={**OCTETS, "Upload-Offset": "100000"}, content=data[100_000:]
+            )
+            assert resp.status_code == 204, resp.text
+        assert read(store.final_path(url.rsplit("/", 1)[1])) == data
+    finally:
+        await state.close()
+        await redis.close()
+
+
+async def test_a_tus_patch_costs_two_redis_round_trips(tmp_path: Path) -> None:
+    """Lock + read the record in one script before the body, record + unlock in one
+    script before the answer: two round trips per PATCH (on a Redis of our own)."""
+    from tests.backends.redisproc import REDIS_SERVER, RedisProcess
+
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed")
+    redis = RedisProcess()
+    await redis.start()
+    state = RedisUploadState(redis.url, prefix="test-upload-rt:")
+    store = UploadStore(tmp_path / "uploads", chunk_size=64 * 1024, shared=state)
+
+    try:
+        async with serve(store) as (server, _), httpx.AsyncClient() as http:
+            base = server.url("/files/")
+            resp = await http.post(base, headers={**TUS, "Upload-Length": "40000"})
+            url = urljoin(base, resp.headers["Location"])
+            resp = await http.patch(url, headers={**OCTETS, "Upload-Offset": "0"}, content=b"x")
+            assert resp.status_code == 204  # the scripts are loaded now
+            before = state.round_trips
+            scripts = (await state._client.info("commandstats"))["cmdstat_evalsha"]["calls"]
+            for offset in range(1, 40000, 4000):
+                resp = await http.patch(
+                    url,
+                    headers={**OCTETS, "Upload-Offset": str(offset)},
+                    content=b"x" * min(4000, 40000 - offset),
+                )
+                assert resp.status_code == 204
+            after = state.round_trips
+            info = await state._client.info("commandstats")
+        # 10 PATCHes, 2 scripts each (and Redis ran exactly those).
+        assert after - before == 2 * 10
+        assert info["cmdstat_evalsha"]["calls"] - scripts == 2 * 10
+    finally:
+        await state.close()
+        await redis.close()
+
+
+async def test_patches_alternating_between_stores_hash_the_file_once(
+    tmp_path: Path, state: SharedUploadState
+) -> None:
+    """A store that reloads an upload another store appended to does not re-read the
+    part (O(n^2) over many PATCHes): the sha256 is computed once, at finish."""
+    data = os.urandom(600_000)
+    one, two = await two_servers(tmp_path, state)
+    async with serve(one) as (a, _), serve(two) as (b, _), httpx.AsyncClient() as http:
+        resp = await http.post(a.url("/files/"), headers={**TUS, "Upload-Length": str(len(data))})
+        path = resp.headers["Location"]
+        for n, offset in enumerate(range(0, len(data), 100_000)):
+            server = (a, b)[n % 2]
+            resp = await http.patch(
+                urljoin(server.url("/files/"), path),
+                headers={**OCTETS, "Upload-Offset": str(offset)},
+                content=data[offset : offset + 100_000],
+            )
+            assert resp.status_code == 204, resp.text
+    upload_id = path.rsplit("/", 1)[1]
+    assert read(one.final_path(upload_id)) == data
+    info = json.loads(read(one.info_path(upload_id)))
+    assert info["sha256"] == hashlib.sha256(data).hexdigest()
+    assert one.stats().rehashed + two.stats().rehashed == 1
+
+
+async def test_redis_down_closes_a_websocket_upload_with_1011_and_counts_it(
+    tmp_path: Path,
+) -> None:
+    from tests.backends.redisproc import REDIS_SERVER, RedisProcess
+
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed")
+    redis = RedisProcess()
+    await redis.start()
+    state = RedisUploadState(redis.url, prefix="test-upload-ws-503:", connect_timeout=scaled(1))
+    store = UploadStore(tmp_path / "uploads", shared=state)
+    data = os.urandom(50_000)
+    try:
+        async with serve_ws(store) as (url, _):
+            await redis.stop()
+            async with websockets.connect(url) as ws:
+                await ws.send(json.dumps({"type": "start", "size": len(data)}))
+                assert await closed_with(ws) == CloseCode.INTERNAL_ERROR
+            assert store.stats().state_errors == 1
+            await redis.start()
+            result = await upload(url, data, name="after.bin")
+            assert result["sha256"] == hashlib.sha256(data).hexdigest()
+    finally:
+        await state.close()
+        await redis.close()

@@ -62,8 +62,15 @@ class BackendUnavailableError(BackendError):
 
 
 class UploadError(LongConnError):
-    """An upload was rejected or failed; ``status`` is the HTTP status to answer."""
+    """An upload was rejected or failed; ``status`` is the HTTP status to answer.
 
-    def __init__(self, message: str, *, status: int = 400) -> None:
+    ``retry_after`` (seconds, or None) is sent as ``Retry-After`` by the tus handler
+    (503 when the shared upload state is unreachable, 429 at an upload quota).
+    """
+
+    def __init__(
+        self, message: str, *, status: int = 400, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after

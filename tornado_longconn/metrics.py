@@ -219,7 +219,7 @@ FAMILIES: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
         "counter",
         ("reason",),
         "Upload failures by reason (aborted, expired, checksum_mismatch, storage_error, "
-        "lock_conflict).",
+        "lock_conflict, state_unavailable, quota).",
     ),
     # backends
     "longconn_backend_connected": (
@@ -342,6 +342,8 @@ _UPLOAD_FAILURES: Final = (
     ("checksum_mismatch", "checksum_mismatches"),
     ("storage_error", "storage_errors"),
     ("lock_conflict", "lock_conflicts"),
+    ("state_unavailable", "state_errors"),
+    ("quota", "quota_refusals"),
 )
 
 

@@ -68,7 +68,7 @@ from .logfields import log_fields
 from .stats import COUNTER, GAUGE, TALLY
 
 if TYPE_CHECKING:
-    from .upload_state import SharedUploadState
+    from .upload_state import SharedUploadRecord, SharedUploadState
 
 __all__ = [
     "CHECKSUM_ALGORITHMS",
@@ -104,6 +104,8 @@ _OPEN_FILES_FRACTION = 4
 _OPEN_FILES_MIN = 16
 #: ... and never more (an unlimited or huge soft limit).
 _OPEN_FILES_MAX = 4096
+#: Seconds a writer asked by another process to let go has to store what it accepted.
+_LET_GO_TIMEOUT = 10.0
 
 
 def default_max_open_files() -> int:
@@ -417,8 +419,10 @@ class UploadStats:
     aborted: int = field(default=0, metadata=COUNTER)
     #: Partial uploads removed by :meth:`UploadStore.sweep` (expired).
     expired: int = field(default=0, metadata=COUNTER)
-    #: Uploads reopened from disk with a re-hash of the partial file (after a restart
-    #: or an eviction from the in-memory cache).
+    #: Partial files read again to compute their sha256: an upload reopened from disk
+    #: (after a restart or an eviction from the in-memory cache), or, with shared
+    #: state, finished by a store after another store appended to it (hashed once, at
+    #: finish).
     rehashed: int = field(default=0, metadata=COUNTER)
     #: Checksummed segments rejected (mismatch or interrupted) and truncated away.
     checksum_mismatches: int = field(default=0, metadata=COUNTER)
@@ -456,6 +460,12 @@ class UploadStats:
     #: Requests answered with an error status by a transport (tus handler), per status
     #: code: ``(("400", n), ("403", n), ...)``.
     refused: tuple[tuple[str, int], ...] = field(default=(), metadata=TALLY)
+    #: Requests answered 503 because the shared upload state (Redis) was unreachable
+    #: (:class:`~tornado_longconn.upload_state.UploadStateUnavailable`).
+    state_errors: int = field(default=0, metadata=COUNTER)
+    #: Requests refused by an upload quota (:mod:`tornado_longconn.upload_quota`:
+    #: 413 over the total, 429 over the bytes in flight).
+    quota_refusals: int = field(default=0, metadata=COUNTER)
 
 
 @dataclass(slots=True)
@@ -480,6 +490,8 @@ class _UploadCounters:
     hook_rejections: int = 0
     hook_errors: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+    state_errors: int = 0
+    quota_refusals: int = 0
 
 
 def _storage_error(exc: OSError) -> UploadError:
@@ -519,7 +531,7 @@ class ChunkedUploadSink:
         metadata: dict[str, str],
         created: float,
         fd: int,
-        sha256: _Hasher,
+        sha256: _Hasher | None,
     ) -> None:
         self.store = store
         #: The server-generated upload id (32 hex digits).
@@ -546,7 +558,7 @@ class ChunkedUploadSink:
         self._error: UploadError | None = None
         self._locked = False
         self._let_go: Callable[[], Awaitable[None]] | None = None
-        self._segment: tuple[int, _Hasher, _Hasher, str, bytes] | None = None
+        self._segment: tuple[int, _Hasher | None, _Hasher, str, bytes] | None = None
         self._final_sha256: str | None = None
         #: ``"partial"`` (a part of a later concatenation), ``"final"`` (made by
         #: :meth:`UploadStore.concatenate`) or None (an ordinary upload).
@@ -805,7 +817,7 @@ class ChunkedUploadSink:
         try:
             while self._queue:
                 data = self._queue[0]
-                hashers: list[_Hasher] = [self._sha256]
+                hashers: list[_Hasher] = [] if self._sha256 is None else [self._sha256]
                 if self._segment is not None:
                     hashers.append(self._segment[2])
                 try:
@@ -859,7 +871,8 @@ class ChunkedUploadSink:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.store.executor, self.store._write_marker, self.id, start)
         hasher: _Hasher = hashlib.new(algorithm)
-        self._segment = (start, self._sha256.copy(), hasher, algorithm, expected)
+        before = None if self._sha256 is None else self._sha256.copy()
+        self._segment = (start, before, hasher, algorithm, expected)
 
     async def end_segment(self) -> int:
         """Flush and verify the open segment; return the durable offset.
@@ -867,14 +880,17 @@ class ChunkedUploadSink:
         On a mismatch the segment's bytes are truncated away, the offset goes back to
         where the segment started, and ``UploadError`` 460 is raised.
         """
-        if self._segment is None:
+        segment = self._segment
+        if segment is None:
             return await self.flush()
         try:
             await self.flush()
         except UploadError:
             await self.rollback_segment()
             raise
-        _, _, hasher, algorithm, expected = self._segment
+        if self._segment is not segment:  # rolled back meanwhile (the writer gave up)
+            raise UploadError("the checksummed segment was discarded", status=409)
+        _, _, hasher, algorithm, expected = segment
         if hasher.digest() != expected:
             await self.rollback_segment()
             raise UploadError(f"{algorithm} checksum mismatch; chunk discarded", status=460)
@@ -925,6 +941,18 @@ class ChunkedUploadSink:
         await self.flush()
         if not self.state.is_stored:
             self.state.complete()  # raises the 409 (or 404 once aborted)
+        if self._sha256 is None:  # reloaded after another process wrote: hash it once now
+            try:
+                fd = await self._use_fd()
+            except OSError as exc:
+                raise _storage_error(exc) from exc
+            try:
+                self._sha256 = await asyncio.get_running_loop().run_in_executor(
+                    self.store.executor, self.store._hash_fd, fd, self.offset
+                )
+            finally:
+                self._done_fd()
+            self.store._counters.rehashed += 1
         digest = self._sha256.hexdigest()
         if expected_sha256 is not None and expected_sha256.lower() != digest:
             await self.abort()
@@ -1399,8 +1427,10 @@ class UploadStore:
         for an unknown upload. ``let_go`` is passed to
         :meth:`ChunkedUploadSink.acquire`. ``take_over`` (seconds), if given, first asks
         a writer of this process that holds the upload and gave a ``let_go`` to let go
-        (see :meth:`ChunkedUploadSink.take_over`); a writer on another process is
-        never asked (423).
+        (see :meth:`ChunkedUploadSink.take_over`); with a shared state that relays
+        release requests (:class:`~tornado_longconn.upload_state.RedisUploadState`), a
+        writer on another process is asked too, and the lock is taken once it let go
+        (423 if it did not within ``take_over`` seconds).
         """
         if self.shared is None:
             sink = await self.open(upload_id, now=now)
@@ -1413,13 +1443,17 @@ class UploadStore:
         if take_over is not None and cached is not None and cached.locked:
             await cached.request_release(timeout=take_over)
         self._checked(upload_id)
+        if let_go is not None:
+            await self._watch_releases()
         owner = secrets.token_hex(8)
-        generation = await self.shared.lock(upload_id, owner, self.lock_ttl)
-        if generation is None:
+        taken = await self._lock_shared(upload_id, owner)
+        if taken is None and take_over is not None:
+            taken = await self._take_over_shared(upload_id, owner, take_over)
+        if taken is None:
             self._counters.lock_conflicts += 1
             raise UploadError("another request is writing this upload", status=423)
+        generation, record = taken
         try:
-            record = await self.shared.get(upload_id)
             data = None if record is None else record.data
             # No record: lost (the files are the truth until this writer records it).
             limit = None if data is None else int(data.get("offset", 0))
@@ -1433,7 +1467,7 @@ class UploadStore:
                 sink = cached
             else:
                 self._forget(upload_id)
-                sink = await self._load(upload_id, repair=True, limit=limit)
+                sink = await self._load(upload_id, repair=True, limit=limit, hash_now=False)
                 if sink.state.status is UploadStatus.ACTIVE:
                     self._remember(sink)
             sink.acquire(let_go)
@@ -1444,6 +1478,55 @@ class UploadStore:
         sink._shared_owner = owner
         sink._renewal = asyncio.get_running_loop().create_task(self._renew(sink, owner))
         return sink
+
+    async def _watch_releases(self) -> None:
+        """With a shared state that relays release requests: answer them (once started)."""
+        watch = getattr(self.shared, "watch_releases", None)
+        if watch is not None:
+            await watch(self._release_requested)
+
+    def _release_requested(self, upload_id: str) -> None:
+        """Another process asks for ``upload_id``: a writer here that allows it lets go."""
+        sink = self._sinks.get(upload_id)
+        if sink is not None and sink.locked:
+            self.spawn(sink.request_release(timeout=_LET_GO_TIMEOUT))
+
+    async def _lock_shared(
+        self, upload_id: str, owner: str
+    ) -> tuple[int, SharedUploadRecord | None] | None:
+        """Take the shared lock and read the record (one round trip where the state can)."""
+        assert self.shared is not None
+        both = getattr(self.shared, "lock_and_get", None)
+        if both is not None:
+            result: tuple[int, SharedUploadRecord | None] | None = await both(
+                upload_id, owner, self.lock_ttl
+            )
+            return result
+        generation = await self.shared.lock(upload_id, owner, self.lock_ttl)
+        if generation is None:
+            return None
+        try:
+            return generation, await self.shared.get(upload_id)
+        except BaseException:
+            await self.shared.unlock(upload_id, owner)
+            raise
+
+    async def _take_over_shared(
+        self, upload_id: str, owner: str, timeout: float
+    ) -> tuple[int, SharedUploadRecord | None] | None:
+        """Ask the holder on another process to let go; then lock as :meth:`_lock_shared`."""
+        shared = self.shared
+        released = getattr(shared, "released", None)
+        if shared is None or released is None:
+            return None
+        future: asyncio.Future[None] = released(upload_id)
+        try:
+            await shared.ask_release(upload_id)  # type: ignore[attr-defined]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(future), timeout)
+        finally:
+            shared.forget_released(upload_id, future)  # type: ignore[attr-defined]
+        return await self._lock_shared(upload_id, owner)
 
     async def end_write(self, sink: ChunkedUploadSink) -> None:
         """Record the upload's state in the shared state (if any), then let it go.
@@ -1457,11 +1540,17 @@ class UploadStore:
             if sink._renewal is not None:
                 sink._renewal.cancel()
                 sink._renewal = None
+            both = getattr(self.shared, "put_and_unlock", None)
             try:
-                if sink.state.status is not UploadStatus.ABORTED:
-                    await self.shared.put(sink.id, self._record(sink))
-                await self.shared.unlock(sink.id, owner)
-                sink.generation += 1  # our unlock added one
+                kept = True
+                if sink.state.status is not UploadStatus.ABORTED and both is not None:
+                    kept = await both(sink.id, owner, self._record(sink))
+                else:
+                    if sink.state.status is not UploadStatus.ABORTED:
+                        await self.shared.put(sink.id, self._record(sink))
+                    await self.shared.unlock(sink.id, owner)
+                # Our unlock added one; a lost lock means another writer: reload next time.
+                sink.generation = sink.generation + 1 if kept else -1
             except Exception:
                 sink.generation = -1
                 _log.exception("upload %s: the shared state was not updated", sink.id)
@@ -1588,7 +1677,21 @@ class UploadStore:
             hook_rejections=c.hook_rejections,
             hook_errors=c.hook_errors,
             refused=tuple(sorted(c.refused.items())),
+            state_errors=c.state_errors,
+            quota_refusals=c.quota_refusals,
         )
+
+    def count_reason(self, reason: str) -> None:
+        """Count why a request was refused, besides its status (:meth:`count_refused`).
+
+        ``"state"``: the shared state was unreachable (``stats().state_errors``);
+        ``"quota"``: an upload quota refused it (``stats().quota_refusals``). The tus
+        handler calls it when the store has it (other stores may leave it out).
+        """
+        if reason == "state":
+            self._counters.state_errors += 1
+        elif reason == "quota":
+            self._counters.quota_refusals += 1
 
     def count_hook(self, *, rejected: bool) -> None:
         """Count a hook that rejected an upload (``rejected``) or raised after the fact."""
@@ -1796,9 +1899,25 @@ class UploadStore:
             except FileNotFoundError:
                 pass
 
+    def _hash_fd(self, fd: int, size: int) -> _Hasher:
+        """The sha256 state of the first ``size`` bytes of ``fd`` (executor job)."""
+        hasher: _Hasher = hashlib.sha256()
+        pos = 0
+        while pos < size:
+            block = os.pread(fd, min(self.chunk_size, size - pos), pos)
+            if not block:
+                break
+            hasher.update(block)
+            pos += len(block)
+        return hasher
+
     def _load_files(
-        self, upload_id: str, repair: bool = True, limit: int | None = None
-    ) -> tuple[dict[str, Any], int, _Hasher, float] | None:
+        self,
+        upload_id: str,
+        repair: bool = True,
+        limit: int | None = None,
+        hash_now: bool = True,
+    ) -> tuple[dict[str, Any], int, _Hasher | None, float] | None:
         part = self.partial_path(upload_id)
         try:
             with open(self.info_path(upload_id), encoding="utf-8") as fh:
@@ -1828,14 +1947,17 @@ class UploadStore:
                 os.ftruncate(fd, size)
             if marker and repair:
                 os.unlink(self._marker_path(upload_id))
-            hasher: _Hasher = hashlib.sha256()
-            pos = 0
-            while pos < size:
-                block = os.pread(fd, min(self.chunk_size, size - pos), pos)
-                if not block:
-                    break
-                hasher.update(block)
-                pos += len(block)
+            hasher: _Hasher | None = None
+            pos = size
+            if hash_now:
+                hasher = hashlib.sha256()
+                pos = 0
+                while pos < size:
+                    block = os.pread(fd, min(self.chunk_size, size - pos), pos)
+                    if not block:
+                        break
+                    hasher.update(block)
+                    pos += len(block)
         finally:
             # Writes reopen the file within the store's descriptor budget.
             os.close(fd)
@@ -1843,12 +1965,20 @@ class UploadStore:
         return info, 0, hasher, stat.st_mtime
 
     async def _load(
-        self, upload_id: str, *, repair: bool = True, limit: int | None = None
+        self,
+        upload_id: str,
+        *,
+        repair: bool = True,
+        limit: int | None = None,
+        hash_now: bool = True,
     ) -> ChunkedUploadSink:
+        """Open an upload from its files; ``hash_now=False`` leaves the sha256 for
+        :meth:`ChunkedUploadSink.finish` (a writer of another process may have appended:
+        hashing the whole part on every change of process would cost O(n^2))."""
         loop = asyncio.get_running_loop()
         try:
             loaded = await loop.run_in_executor(
-                self.executor, self._load_files, upload_id, repair, limit
+                self.executor, self._load_files, upload_id, repair, limit, hash_now
             )
         except OSError as exc:
             raise _storage_error(exc) from exc
@@ -1873,7 +2003,7 @@ class UploadStore:
         if fd < 0:  # completed earlier: answer HEAD with offset == size
             state.status = UploadStatus.COMPLETE
             sink._final_sha256 = str(info["sha256"])
-        else:
+        elif hasher is not None:
             self._counters.rehashed += 1
         return sink
 

@@ -37,11 +37,16 @@ sweep).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+from tornado_longconn.exceptions import UploadError
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -51,7 +56,25 @@ __all__ = [
     "RedisUploadState",
     "SharedUploadRecord",
     "SharedUploadState",
+    "UploadStateUnavailable",
 ]
+
+
+_T = TypeVar("_T")
+_log = logging.getLogger("tornado_longconn.upload")
+
+
+class UploadStateUnavailable(UploadError):
+    """The shared upload state could not be reached (Redis down, timed out, ...).
+
+    An :class:`~tornado_longconn.exceptions.UploadError` with status 503 and
+    ``retry_after`` seconds: the tus handler answers ``503`` with ``Retry-After`` (tus
+    clients retry; nothing of the upload was touched) and counts it in
+    ``stats().state_errors``. The client library's error is kept as ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, status=503, retry_after=retry_after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +194,23 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return false
 """
+_LOCK_GET = """
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+  return {gen, redis.call('HGET', KEYS[1], 'rec')}
+end
+return false
+"""
+_PUT_UNLOCK = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'rec', ARGV[4])
+  redis.call('DEL', KEYS[2])
+  redis.call('HINCRBY', KEYS[1], 'gen', 1)
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
 _EXTEND = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -183,9 +223,14 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then
   if redis.call('EXISTS', KEYS[1]) == 1 then
     redis.call('HINCRBY', KEYS[1], 'gen', 1)
   end
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
 end
 return 0
 """
+#: Seconds between PINGs on the idle release-request listener (a dead Redis connection
+#: is noticed within twice that), and the delay before it reconnects.
+_LISTEN_PING = 15.0
+_LISTEN_RETRY = 1.0
 
 
 class RedisUploadState:
@@ -195,12 +240,15 @@ class RedisUploadState:
     :class:`redis.asyncio.Redis` client (then :meth:`close` leaves it open); ``prefix``
     starts every key (use one per application on a shared Redis). Needs the
     ``redis`` extra (``pip install tornado-longconn[redis]``). Each operation is one
-    round trip (a script for lock, extend and unlock), waits at most
+    round trip (a script for lock, extend and unlock; :meth:`lock_and_get` and
+    :meth:`put_and_unlock`, which the store uses, do two operations in one, so a tus
+    PATCH costs two round trips: one before its body, one before its answer), waits at most
     ``connect_timeout`` [2 s] to connect and ``command_timeout`` [5 s] for a reply or
     a free connection (at most ``max_connections`` [64]), and is never retried. Errors
     of the client (``redis.exceptions.ConnectionError``, ``TimeoutError``, ...)
-    propagate: the handler answers 500 and the upload is not touched (a lock taken
-    before the error expires after ``lock_ttl``).
+    are raised as :class:`UploadStateUnavailable` (status 503, cause attached): the tus
+    handler answers ``503`` with ``Retry-After: retry_after`` [1 s], counts it, and the
+    upload is not touched (a lock taken before the error expires after ``lock_ttl``).
     """
 
     def __init__(
@@ -211,12 +259,18 @@ class RedisUploadState:
         connect_timeout: float = 2.0,
         command_timeout: float = 5.0,
         max_connections: int = 64,
+        retry_after: float = 1.0,
     ) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
 
         self.prefix = prefix
+        self.retry_after = retry_after
+        #: Commands sent to Redis so far (each one round trip; the listener's not counted).
+        self.round_trips = 0
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError)
         if isinstance(redis, str):
             if not redis.startswith(("redis://", "rediss://", "unix://")):
                 raise ValueError(f"not a Redis URL: {redis!r}")
@@ -235,9 +289,26 @@ class RedisUploadState:
         else:
             self._client = redis
             self._owned = False
+        self._release_channel = f"{prefix}upload-release".encode()
+        self._released_channel = f"{prefix}upload-released".encode()
+        self._on_request: Callable[[str], None] | None = None
+        self._released: dict[str, list[asyncio.Future[None]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._listening: asyncio.Future[None] | None = None
         self._lock = self._client.register_script(_LOCK)
+        self._lock_get = self._client.register_script(_LOCK_GET)
+        self._put_unlock = self._client.register_script(_PUT_UNLOCK)
         self._extend = self._client.register_script(_EXTEND)
         self._unlock = self._client.register_script(_UNLOCK)
+
+    async def _call(self, awaitable: Awaitable[_T]) -> _T:
+        self.round_trips += 1
+        try:
+            return await awaitable
+        except self._errors as exc:
+            raise UploadStateUnavailable(
+                f"upload state unavailable: {type(exc).__name__}", retry_after=self.retry_after
+            ) from exc
 
     def _keys(self, upload_id: str) -> list[str]:
         key = f"{self.prefix}upload:{upload_id}"
@@ -245,35 +316,173 @@ class RedisUploadState:
 
     async def lock(self, upload_id: str, owner: str, ttl: float) -> int | None:
         """Take the lock (see :meth:`SharedUploadState.lock`)."""
-        result = await self._lock(keys=self._keys(upload_id), args=[owner, max(1, int(ttl * 1000))])
+        result = await self._call(
+            self._lock(keys=self._keys(upload_id), args=[owner, max(1, int(ttl * 1000))])
+        )
         return None if result is None else int(result)
+
+    async def lock_and_get(
+        self, upload_id: str, owner: str, ttl: float
+    ) -> tuple[int, SharedUploadRecord] | None:
+        """:meth:`lock` and :meth:`get` in one round trip (one script); None if held."""
+        result = await self._call(
+            self._lock_get(keys=self._keys(upload_id), args=[owner, max(1, int(ttl * 1000))])
+        )
+        if result is None:
+            return None
+        gen, raw = int(result[0]), (result[1] if len(result) > 1 else None)
+        return gen, SharedUploadRecord(gen, None if raw is None else json.loads(raw))
+
+    async def put_and_unlock(self, upload_id: str, owner: str, data: dict[str, Any]) -> bool:
+        """:meth:`put` and :meth:`unlock` in one round trip, only if ``owner`` holds the lock.
+
+        False (nothing stored) if the lock was lost meanwhile.
+        """
+        keys = self._keys(upload_id)
+        args: list[str | bytes] = [owner, self._released_channel, upload_id, json.dumps(data)]
+        return bool(await self._call(self._put_unlock(keys=keys, args=args)))
 
     async def extend(self, upload_id: str, owner: str, ttl: float) -> bool:
         """Extend the lock (see :meth:`SharedUploadState.extend`)."""
         key = self._keys(upload_id)[1]
-        return bool(await self._extend(keys=[key], args=[owner, max(1, int(ttl * 1000))]))
+        return bool(
+            await self._call(self._extend(keys=[key], args=[owner, max(1, int(ttl * 1000))]))
+        )
 
     async def unlock(self, upload_id: str, owner: str) -> None:
         """Release the lock (see :meth:`SharedUploadState.unlock`)."""
-        await self._unlock(keys=self._keys(upload_id), args=[owner])
+        await self._call(
+            self._unlock(
+                keys=self._keys(upload_id), args=[owner, self._released_channel, upload_id]
+            )
+        )
 
     async def get(self, upload_id: str) -> SharedUploadRecord | None:
         """The record (see :meth:`SharedUploadState.get`)."""
-        gen, raw = await self._client.hmget(self._keys(upload_id)[0], ["gen", "rec"])
+        gen, raw = await self._call(self._client.hmget(self._keys(upload_id)[0], ["gen", "rec"]))
         if gen is None and raw is None:
             return None
         return SharedUploadRecord(int(gen or 0), None if raw is None else json.loads(raw))
 
     async def put(self, upload_id: str, data: dict[str, Any]) -> None:
         """Store the record (see :meth:`SharedUploadState.put`)."""
-        await self._client.hset(self._keys(upload_id)[0], "rec", json.dumps(data))
+        await self._call(self._client.hset(self._keys(upload_id)[0], "rec", json.dumps(data)))
 
     async def delete(self, upload_id: str) -> None:
         """Forget the upload (see :meth:`SharedUploadState.delete`)."""
-        await self._client.delete(self._keys(upload_id)[0])
+        await self._call(self._client.delete(self._keys(upload_id)[0]))
+
+    # -- release requests (WebSocket takeover across processes) ------------------------
+
+    async def watch_releases(self, on_request: Callable[[str], None]) -> None:
+        """Listen for release requests and releases (idempotent; returns once subscribed).
+
+        ``on_request(upload_id)`` is called when another process asks this one's writer
+        of ``upload_id`` to let go (:meth:`ask_release`). One pub/sub connection of its
+        own, reconnected after errors. Raises :class:`UploadStateUnavailable` if the
+        first subscription fails.
+        """
+        self._on_request = on_request
+        if self._listener is None or self._listener.done():
+            self._listening = asyncio.get_running_loop().create_future()
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+        assert self._listening is not None
+        if not self._listening.done():
+            await asyncio.shield(self._listening)
+        elif self._listening.exception() is not None:
+            raise UploadStateUnavailable("upload state unavailable: no release listener")
+
+    def released(self, upload_id: str) -> asyncio.Future[None]:
+        """A future set when any process next releases ``upload_id``'s lock.
+
+        Register it before :meth:`ask_release`; drop it with :meth:`forget_released`.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._released.setdefault(upload_id, []).append(future)
+        return future
+
+    def forget_released(self, upload_id: str, future: asyncio.Future[None]) -> None:
+        """Stop waiting with a future of :meth:`released`."""
+        waiting = self._released.get(upload_id)
+        if waiting is not None and future in waiting:
+            waiting.remove(future)
+            if not waiting:
+                del self._released[upload_id]
+
+    async def ask_release(self, upload_id: str) -> None:
+        """Ask whichever process writes ``upload_id`` to let go (one PUBLISH)."""
+        await self._call(self._client.publish(self._release_channel, upload_id))
+
+    async def _listen(self) -> None:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        from tornado_longconn._tornado.redispy import pubsub_connection
+
+        while True:
+            conn = pubsub_connection(
+                self._client.connection_pool,
+                protocol=2,
+                decode_responses=False,
+                retry=Retry(NoBackoff(), 0),
+            )
+            try:
+                await conn.connect()
+                await conn.send_command(
+                    "SUBSCRIBE", self._release_channel, self._released_channel, check_health=False
+                )
+                await self._read(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._listening is not None and not self._listening.done():
+                    self._listening.set_exception(
+                        UploadStateUnavailable(f"upload state unavailable: {exc!r}")
+                    )
+                    self._listening.exception()
+                _log.warning("upload release listener: %r; reconnecting", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+            await asyncio.sleep(_LISTEN_RETRY)  # a timer for the reconnect deadline
+
+    async def _read(self, conn: Any) -> None:
+        subscribed = 0
+        waiting_pong = False
+        while True:
+            response = await conn.read_response(timeout=_LISTEN_PING, disconnect_on_error=False)
+            if response is None:
+                if waiting_pong:
+                    raise TimeoutError(f"no PONG within {_LISTEN_PING} s")
+                await conn.send_command("PING", check_health=False)
+                waiting_pong = True
+                continue
+            waiting_pong = False
+            kind = response[0]
+            if kind == b"subscribe":
+                subscribed += 1
+                if subscribed == 2:
+                    if self._listening is None or self._listening.done():
+                        # (Re)subscribed after a failed first attempt: listening now.
+                        self._listening = asyncio.get_running_loop().create_future()
+                    self._listening.set_result(None)
+            elif kind == b"message":
+                upload_id = response[2].decode("ascii", "replace")
+                if response[1] == self._release_channel:
+                    if self._on_request is not None:
+                        self._on_request(upload_id)
+                else:
+                    for future in self._released.pop(upload_id, []):
+                        if not future.done():
+                            future.set_result(None)
 
     async def close(self) -> None:
         """Close the client if this object made it."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
         if self._owned:
             self._owned = False
             await self._client.aclose()

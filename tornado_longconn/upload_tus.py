@@ -53,7 +53,9 @@ import contextlib
 import email.utils
 import inspect
 import logging
+import math
 import re
+import secrets
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -72,6 +74,8 @@ from tornado_longconn.upload import (
     parse_tus_metadata,
 )
 from tornado_longconn.upload_hooks import TusHooks, UploadInfo
+from tornado_longconn.upload_quota import QuotaTicket, UploadQuotaLedger
+from tornado_longconn.upload_state import UploadStateUnavailable
 from tornado_longconn.upload_storage import UploadHandle, UploadStorage
 
 __all__ = ["TUS_EXPOSE_HEADERS", "TUS_VERSION", "TusUploadHandler"]
@@ -209,6 +213,11 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
       :class:`~tornado_longconn.streaming.EarlyAnswer` bounds (bytes, seconds) for
       draining a body after an early answer, and its counters.
 
+    * ``quotas`` [None] -- an :class:`~tornado_longconn.upload_quota.UploadQuotaLedger`
+      (one per application): per user, bytes in flight (429 with ``Retry-After`` past
+      them) and total bytes (413 for a declared ``Upload-Length`` past them); the user
+      is :meth:`upload_quota_key`. Refusals count in ``stats().quota_refusals``.
+
     A POST carrying ``X-HTTP-Method-Override: PATCH`` (``DELETE``, ``HEAD``) is
     handled as that method, as the tus protocol asks (for clients behind proxies
     that only pass GET and POST).
@@ -244,9 +253,12 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         early_answer: EarlyAnswer | None = None,
         hooks: TusHooks | None = None,
         progress_interval: float | None = None,
+        quotas: UploadQuotaLedger | None = None,
     ) -> None:
         """Keep the handler configuration (see the class docstring)."""
         self.store = store
+        self.quotas = quotas
+        self._quota_ticket: QuotaTicket | None = None
         self.hooks = hooks
         self.progress_interval = progress_interval
         self._reported = -1
@@ -261,6 +273,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         self._holding = False
         self._failed = False
         self._with_body = False
+        self._storing = False
         self._offset_hint: int | None = None
 
     # -- helpers --------------------------------------------------------------------
@@ -291,12 +304,20 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         self._failed = True
         if finished(self):
             return
+        reason = getattr(error, "reason", None)
+        if isinstance(error, UploadStateUnavailable):
+            reason = "state"
         self.store.count_refused(error.status)
+        count_reason = getattr(self.store, "count_reason", None)
+        if reason is not None and count_reason is not None:
+            count_reason(reason)
         self.clear()
         self.set_status(error.status, _REASONS.get(error.status))
+        if error.retry_after is not None:
+            self.set_header("Retry-After", str(max(1, math.ceil(error.retry_after))))
         if error.status == 412:
             self.set_header("Tus-Version", TUS_VERSION)
-        if error.status in (409, 460, 507, 423, 413):
+        if error.status in (409, 460, 507, 423, 413, 429):
             offset = self._sink.offset if self._sink is not None else self._offset_hint
             if offset is not None:
                 self.set_header("Upload-Offset", str(offset))
@@ -395,11 +416,47 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         parsed = _parse_checksum(checksum) if checksum is not None and with_body else None
         info = UploadInfo(id="", size=size, offset=0, metadata=metadata, concat=concat)
         metadata = await self._pre_create(info)
-        self._sink = await self.store.create(size, metadata=metadata, concat=concat)
+        if with_body:  # bytes in flight checked before anything is created (429)
+            self._quota_in_flight(limit if length is None else length)
+        reservation = self._reserve_total(size)
+        try:
+            self._sink = await self.store.create(size, metadata=metadata, concat=concat)
+        except BaseException:
+            if reservation is not None and self.quotas is not None:
+                self.quotas.remove(reservation)
+            raise
+        if reservation is not None and self.quotas is not None:
+            self.quotas.rename(reservation, self._sink.id)
         await self._post_hook(self.post_create, self._sink.info())
         if with_body:
             self._with_body = True
             await self._begin_body(parsed, self._sink.state.remaining)
+
+    def upload_quota_key(self) -> str | None:
+        """The key ``quotas`` count under: ``str(self.current_user)``, None (no quota) if
+        there is no user. Override to count by API key, tenant, IP address, ...
+        """
+        user = self.current_user
+        return None if user is None else str(user)
+
+    def _reserve_total(self, size: int | None) -> str | None:
+        """Count a new upload's declared size in its user's total (413 past it)."""
+        key = self.upload_quota_key() if self.quotas is not None else None
+        if key is None or size is None or self.quotas is None:
+            return None
+        reservation = "new:" + secrets.token_hex(8)
+        self.quotas.add_total(key, reservation, size)
+        return reservation
+
+    def _quota_in_flight(self, nbytes: int) -> None:
+        key = self.upload_quota_key() if self.quotas is not None else None
+        if key is not None and self.quotas is not None and self._quota_ticket is None:
+            self._quota_ticket = self.quotas.begin(key, nbytes)
+
+    def _quota_done(self) -> None:
+        ticket, self._quota_ticket = self._quota_ticket, None
+        if ticket is not None and self.quotas is not None:
+            self.quotas.end(ticket)
 
     async def _prepare_final(
         self, part_ids: list[str], metadata: dict[str, str], length: int | None
@@ -461,7 +518,16 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
             fits = new_size < offset or not sink.deferred  # else declare_length answers
             if not fits and length is not None and offset + length > new_size:
                 raise UploadError("body is longer than Upload-Length", status=413)
-            await sink.declare_length(new_size)
+            key = self.upload_quota_key() if self.quotas is not None else None
+            counted = sink.deferred and key is not None and self.quotas is not None
+            if counted and key is not None and self.quotas is not None:
+                self.quotas.add_total(key, sink.id, new_size)  # 413 past the total
+            try:
+                await sink.declare_length(new_size)
+            except BaseException:
+                if counted and self.quotas is not None:
+                    self.quotas.remove(sink.id)
+                raise
         if length is not None:
             sink.state.check_length(length)
         self._with_body = True
@@ -479,6 +545,8 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         # The slack lets a chunked body that overshoots reach data_received, which
         # answers 413 (Tornado itself would answer a bare 400).
         self.request.connection.set_max_body_size(limit + _BODY_SLACK)  # type: ignore[union-attr]
+        length = self._body_length()
+        self._quota_in_flight(limit if length is None else length)
         if checksum is not None:
             await self._sink.begin_segment(*checksum)
 
@@ -525,12 +593,16 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
     def on_connection_close(self) -> None:
         """The client went away mid-body: the partial file keeps every stored byte."""
         super().on_connection_close()
-        if self._holding and self._sink is not None and not self._failed:
+        self._quota_done()
+        # Once the whole body arrived, _store_body owns the upload: it verifies and
+        # records what was stored even if the client is gone.
+        if self._holding and self._sink is not None and not self._failed and not self._storing:
             self._failed = True
             self.store.spawn(self._settle(self._sink))
 
     def on_finish(self) -> None:
         """Release the upload if the response ended without the body being stored."""
+        self._quota_done()
         if self._holding and self._sink is not None and not self._failed:
             self._release()
 
@@ -539,6 +611,7 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         sink = self._sink
         if finished(self) or self._failed or sink is None:
             return None
+        self._storing = True
         try:
             if sink.concat == "final":
                 await self._completed(sink)
@@ -666,6 +739,8 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
             sink = await self._lock(upload_id)
             info = sink.info()
             await sink.delete()
+            if self.quotas is not None:
+                self.quotas.remove(upload_id)
         except UploadError as err:
             await self._release_now()
             self._fail(err)
@@ -721,4 +796,9 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         return self.hooks.post_terminate(info, self.request) if self.hooks is not None else None
 
 
-_REASONS = {460: "Checksum Mismatch", 423: "Locked", 507: "Insufficient Storage"}
+_REASONS = {
+    460: "Checksum Mismatch",
+    423: "Locked",
+    507: "Insufficient Storage",
+    429: "Too Many Requests",
+}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import secrets
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,8 @@ from tornado_longconn.codes import CloseCode
 from tornado_longconn.exceptions import UploadError
 from tornado_longconn.strict import StrictWebSocketMixin
 from tornado_longconn.upload import ChunkedUploadSink, UploadStore, is_upload_id
+from tornado_longconn.upload_quota import QuotaTicket, UploadQuotaLedger
+from tornado_longconn.upload_state import UploadStateUnavailable
 
 __all__ = [
     "OFFSET_HEADER",
@@ -54,6 +57,7 @@ _CODES = {
     409: CloseCode.UPLOAD_CONFLICT,
     423: CloseCode.UPLOAD_CONFLICT,
     413: CloseCode.UPLOAD_TOO_LARGE,
+    429: CloseCode.RATE_LIMITED,
     460: CloseCode.UPLOAD_CHECKSUM_MISMATCH,
     507: CloseCode.UPLOAD_STORAGE_FULL,
 }
@@ -62,7 +66,9 @@ _CODES = {
 def close_code_for(error: UploadError) -> CloseCode:
     """The WebSocket close code for an upload error (``INTERNAL_ERROR`` for 5xx others).
 
-    400 → 4400, 404/410 → 4404, 409/423 → 4409, 413 → 4413, 460 → 4460, 507 → 4507.
+    400 → 4400, 404/410 → 4404, 409/423 → 4409, 413 → 4413, 429 → 4429 (an upload
+    quota's bytes in flight), 460 → 4460, 507 → 4507; 503 (the shared upload state is
+    unreachable) → 1011: reconnect and resume later.
     """
     return _CODES.get(error.status, CloseCode.INTERNAL_ERROR)
 
@@ -113,6 +119,13 @@ class WebSocketUploadMixin:
     upload_chunk_size: int = 1 << 20
     upload_read_ahead: bool = False
     upload_takeover_timeout: float = 10.0
+    #: Per-user upload quotas (:mod:`tornado_longconn.upload_quota`), or None. A
+    #: ``start`` past the total closes with 4413; an upload counts its window
+    #: (``upload_window * upload_chunk_size``) in flight while this connection holds
+    #: it, a ``start``/``resume`` past the bytes in flight closes with 4429. The key
+    #: is :meth:`upload_quota_key`.
+    upload_quotas: UploadQuotaLedger | None = None
+    _upload_quota_ticket: QuotaTicket | None = None
     _upload_sink: ChunkedUploadSink | None = None
     _upload_sha256: str | None = None
     _upload_acks: deque[int] | None = None
@@ -125,11 +138,27 @@ class WebSocketUploadMixin:
             else:
                 await self._upload_control(message)
         except UploadError as err:
+            reason = getattr(err, "reason", None)
+            if isinstance(err, UploadStateUnavailable):
+                reason = "state"
+            if reason is not None:
+                self.upload_store.count_reason(reason)
             await self._upload_release()
             self._ws.close(close_code_for(err), _reason(str(err)))
 
+    def upload_quota_key(self) -> str | None:
+        """The key :attr:`upload_quotas` count under: ``str(current_user)``, or None."""
+        user = self._ws.current_user
+        return None if user is None else str(user)
+
+    def _upload_quota_done(self) -> None:
+        ticket, self._upload_quota_ticket = self._upload_quota_ticket, None
+        if ticket is not None and self.upload_quotas is not None:
+            self.upload_quotas.end(ticket)
+
     def on_close(self) -> None:
         """The connection ended: keep every stored byte and free the upload for a resume."""
+        self._upload_quota_done()
         sink, self._upload_sink = self._upload_sink, None
         if sink is not None:
             sink.store.spawn(self._upload_settle(sink))
@@ -158,6 +187,7 @@ class WebSocketUploadMixin:
             await sink.end_write()
 
     async def _upload_release(self) -> None:
+        self._upload_quota_done()
         sink, self._upload_sink = self._upload_sink, None
         if sink is not None:
             try:
@@ -214,7 +244,16 @@ class WebSocketUploadMixin:
                 metadata = {str(k): str(v) for k, v in meta.items()}
                 if name is not None:
                     metadata["filename"] = name
-                sink = await store.create(size, metadata=metadata)
+                reservation = self._upload_quota_begin(size)
+                try:
+                    sink = await store.create(size, metadata=metadata)
+                except BaseException:
+                    self._upload_quota_done()
+                    if reservation is not None and self.upload_quotas is not None:
+                        self.upload_quotas.remove(reservation)
+                    raise
+                if reservation is not None and self.upload_quotas is not None:
+                    self.upload_quotas.rename(reservation, sink.id)
                 if store.shared is None:
                     sink.acquire(self._upload_let_go)
                 else:  # the shared lock too: other processes see the upload being written
@@ -225,13 +264,19 @@ class WebSocketUploadMixin:
                     raise UploadError("no such upload", status=404)
                 # A connection of this process still writing this upload is asked to
                 # let go: the client reconnected, so that one is most likely half-open.
-                # (With shared state, one on another process is not: 423 -> 4409.)
-                sink = await store.lock_for_write(
-                    upload_id,
-                    let_go=self._upload_let_go,
-                    take_over=self.upload_takeover_timeout,
-                )
+                # (With Redis shared state, one on another process is asked too.)
+                self._upload_quota_begin(None)
+                try:
+                    sink = await store.lock_for_write(
+                        upload_id,
+                        let_go=self._upload_let_go,
+                        take_over=self.upload_takeover_timeout,
+                    )
+                except BaseException:
+                    self._upload_quota_done()
+                    raise
             if not self._upload_connection_open():
+                self._upload_quota_done()
                 await sink.end_write()  # this connection closed while waiting: leave it free
                 return
             self._upload_sink = sink
@@ -247,14 +292,37 @@ class WebSocketUploadMixin:
             if current is None:
                 raise UploadError("no upload in progress", status=400)
             self._upload_sink = None
+            self._upload_quota_done()
             current.stored_callback = None
             try:
                 await current.abort()
             finally:
                 await current.end_write()
+            if self.upload_quotas is not None:
+                self.upload_quotas.remove(current.id)
             await self._upload_send({"type": "aborted", "id": current.id})
         else:
             raise UploadError(f"unknown message type {str(kind)[:40]!r}", status=400)
+
+    def _upload_quota_begin(self, size: int | None) -> str | None:
+        """Count a new upload's ``size`` (None: a resume) and this connection's window."""
+        ledger = self.upload_quotas
+        key = self.upload_quota_key() if ledger is not None else None
+        if ledger is None or key is None:
+            return None
+        reservation = None
+        if size is not None:
+            reservation = "new:" + secrets.token_hex(8)
+            ledger.add_total(key, reservation, size)
+        try:
+            self._upload_quota_ticket = ledger.begin(
+                key, self.upload_window * self.upload_chunk_size
+            )
+        except BaseException:
+            if reservation is not None:
+                ledger.remove(reservation)
+            raise
+        return reservation
 
     def _upload_let_go(self) -> Awaitable[None]:
         """Give this connection's upload up to a newer connection (see ``take_over``).
@@ -320,6 +388,7 @@ class WebSocketUploadMixin:
 
     async def _upload_finish(self, sink: ChunkedUploadSink) -> None:
         self._upload_sink = None
+        self._upload_quota_done()
         sink.stored_callback = None
         try:
             await sink.finish(expected_sha256=self._upload_sha256)
@@ -338,7 +407,8 @@ class WebSocketUploadHandler(WebSocketUploadMixin, StrictWebSocketMixin):
 
     ``initialize`` keyword arguments: ``store`` (required), ``window`` [8],
     ``chunk_size`` [1 MiB], ``on_complete`` [None] (called with the sink, may be async),
-    ``read_ahead`` [False] (see :attr:`WebSocketUploadMixin.upload_read_ahead`).
+    ``read_ahead`` [False] (see :attr:`WebSocketUploadMixin.upload_read_ahead`),
+    ``quotas`` [None] (see :attr:`WebSocketUploadMixin.upload_quotas`).
     """
 
     def initialize(
@@ -348,9 +418,11 @@ class WebSocketUploadHandler(WebSocketUploadMixin, StrictWebSocketMixin):
         chunk_size: int = 1 << 20,
         on_complete: Callable[[ChunkedUploadSink], Awaitable[None] | None] | None = None,
         read_ahead: bool = False,
+        quotas: UploadQuotaLedger | None = None,
     ) -> None:
         """Keep the configuration (see the class docstring)."""
         self.upload_store = store
+        self.upload_quotas = quotas
         self.upload_window = window
         self.upload_chunk_size = chunk_size
         self.upload_read_ahead = read_ahead

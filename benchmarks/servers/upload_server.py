@@ -11,6 +11,10 @@ Variants:
   ``/ws`` (and with ``read_ahead=True`` at ``/ws-ra``) on one ``UploadStore(ROOT)``
   (executor writes, sha256, fsync + rename); ``/null/`` and ``/ws-null`` take the same
   requests and messages and throw the bytes away (the transport's ceiling);
+* ``shared``: ``TusUploadHandler`` at ``/files/`` on an ``UploadStore(ROOT)`` whose
+  upload state is shared through Redis (``python -m benchmarks.servers.upload_server
+  shared ROOT REDIS_URL PREFIX``): N such processes serve one upload directory. It also
+  reports ``RT``: the commands its ``RedisUploadState`` sent so far (round trips);
 * ``tutorial``: the tutorial's WebSocket upload: ``self.file.write(chunk)`` inside
   ``on_message`` on the event loop, no checksum, no fsync; it speaks the same
   start/ack/complete messages so the same client drives it.
@@ -35,7 +39,7 @@ from tornado_longconn.upload_ws import WebSocketUploadHandler
 
 __all__ = ["VARIANTS", "main"]
 
-VARIANTS = ("ours", "tutorial")
+VARIANTS = ("ours", "shared", "tutorial")
 TICK = 0.010
 
 
@@ -168,6 +172,15 @@ def main() -> None:
             (r"/ws-ra", WebSocketUploadHandler, {"store": store, "window": 8, "read_ahead": True})
         )
         rules += [(r"/ws-null", NullWebSocket), (r"/null/?", NullTus), (r"/null/(.*)", NullTus)]
+    elif variant == "shared":
+        from tornado_longconn.upload_state import RedisUploadState
+
+        state = RedisUploadState(sys.argv[3], prefix=sys.argv[4])
+        store = UploadStore(
+            root, max_size=4 << 30, chunk_size=1 << 20, max_in_flight=4, shared=state
+        )
+        rules = [report_route(LAG=ticker.report, RT=lambda: state.round_trips)]
+        rules += TusUploadHandler.routes("/files", store=store)
     else:
         rules.append((r"/ws", TutorialUpload, {"root": root}))
     app = tornado.web.Application(rules, websocket_max_message_size=2 << 20)

@@ -711,3 +711,41 @@ describe("fallback", () => {
     conn.close();
   });
 });
+
+// ------------------------------------------------------------------ WebSocket uploads
+
+describe("WebSocket upload takeover", () => {
+  beforeEach(() => installFakes());
+  afterEach(() => removeFakes());
+
+  const options = { protocol: "websocket", url: "ws://upload.example/up", rememberUrl: false,
+    checksum: false, backoff: { base: 1, max: 1 }, random: () => 0 };
+
+  test("4409 'upload resumed on another connection' is final: no reconnect", { timeout: 5000 }, async () => {
+    const done = LongConn.upload(new Blob([new Uint8Array(10)]), options);
+    const ws = await FakeWebSocket.nth(0);
+    ws.accept();
+    await ws.waitFrames("start", 1);
+    ws.push({ type: "ready", id: "a".repeat(32), offset: 0, size: 10, window: 1, chunk_size: 4 });
+    ws.drop(4409, "upload resumed on another connection");
+    await assert.rejects(done, (err) => err.fatal === true && err.takenOver === true && err.code === 4409);
+    // Rejected at once: a retried close would reconnect instead of rejecting.
+    assert.equal(FakeWebSocket.instances.length, 1);
+  });
+
+  test("another 4409 (a writer held the upload) is retried with a resume", async () => {
+    const done = LongConn.upload(new Blob([new Uint8Array(10)]), options);
+    const ws = await FakeWebSocket.nth(0);
+    ws.accept();
+    ws.push({ type: "ready", id: "b".repeat(32), offset: 0, size: 10, window: 1, chunk_size: 4 });
+    ws.drop(4409, "another request is writing this upload");
+    const again = await FakeWebSocket.nth(1);
+    again.accept();
+    const [resume] = await again.waitFrames("resume", 1);
+    assert.equal(resume.id, "b".repeat(32));
+    again.push({ type: "ready", id: "b".repeat(32), offset: 10, size: 10, window: 1, chunk_size: 4 });
+    again.push({ type: "complete", id: "b".repeat(32), size: 10, sha256: "0".repeat(64) });
+    const result = await done;
+    assert.equal(result.id, "b".repeat(32));
+  });
+});

@@ -441,7 +441,12 @@ export type UploadResult =
   | { protocol: "tus"; url: string; size: number }
   | { protocol: "websocket"; id: string; size: number; sha256: string };
 
-/** Upload a File or Blob (tus 1.0 or the WebSocket chunk protocol), with progress and resume. */
+/**
+ * Upload a File or Blob (tus 1.0 or the WebSocket chunk protocol), with progress and resume.
+ * Rejects with an Error carrying `status` (HTTP) or `code` (close code) and `fatal`
+ * (retrying cannot help); `takenOver` is true when a newer connection resumed the same
+ * upload (close 4409 "upload resumed on another connection"): this one stops for good.
+ */
 export function upload(file: Blob & { name?: string; lastModified?: number }, options?: UploadOptions): Promise<UploadResult>;
 
 // ------------------------------------------------------------------ helpers

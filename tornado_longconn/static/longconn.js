@@ -2133,6 +2133,9 @@
     CloseCode.MESSAGE_TOO_BIG,
   ];
 
+  /** The reason of the 4409 close that tells a connection its upload was resumed elsewhere. */
+  var UPLOAD_TAKEN_OVER = "upload resumed on another connection";
+
   /**
    * The WebSocket chunk protocol (tornado_longconn.upload_ws): "start" (or "resume"
    * with the id), then binary chunks [8-byte big-endian offset][data], at most
@@ -2252,6 +2255,12 @@
           var err = UploadError("upload connection closed: " + ev.code + " " + ev.reason, ev.code);
           err.code = ev.code;
           if (FATAL_UPLOAD_CODES.indexOf(ev.code) >= 0) err.fatal = true;
+          if (ev.code === CloseCode.UPLOAD_CONFLICT && ev.reason === UPLOAD_TAKEN_OVER) {
+            // A newer connection (another tab, or this client after a network change)
+            // resumed this upload: this one stops, or the two would take it in turns.
+            err.fatal = true;
+            err.takenOver = true;
+          }
           if (ev.code === CloseCode.UPLOAD_NOT_FOUND) {
             // The upload expired or is unknown here: start again from zero.
             uploadId = null;
