@@ -87,10 +87,9 @@ from .logfields import log_fields
 from .presence import Member, PresenceEvent, PresenceStore, presence_of
 from .presence_users import UserRegistry, users_of
 from .ratelimit import (
-    ConnectionCap,
-    ConnectionCaps,
     ConnectionRateLimiter,
     RateLimits,
+    connection_caps_of,
     user_publish_buckets,
 )
 from .stats import COUNTER, GAUGE, TALLY
@@ -422,7 +421,8 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         self._presence: dict[str, bool] | None = None
         self._registered_user: str | None = None
         self._limiter: ConnectionRateLimiter | None = None
-        self._held: list[tuple[ConnectionCap, str]] = []
+        self._held: Any = None
+        self._cap_refused: str | None = None
         #: This connection's id, sent in ``welcome`` as ``client``.
         self.client_id = secrets.token_hex(8)
         super().__init__(application, request, **kwargs)
@@ -485,18 +485,11 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         if self.require_user and self.current_user is None:
             self._refuse(int(CloseCode.UNAUTHORIZED), "unauthorized")
             return
-        if self.max_connections_per_ip is not None or self.max_connections_per_user is not None:
-            caps = ConnectionCaps.for_settings(self.application.settings)
-            self._held, refused = caps.acquire(
-                (
-                    ("ip", self.request.remote_ip, self.max_connections_per_ip),
-                    ("user", self.presence_user(), self.max_connections_per_user),
-                )
-            )
-            if refused is not None:
-                counters.refuse(refused)
-                self._refuse(int(CloseCode.RATE_LIMITED), f"too many connections per {refused}")
-                return
+        refused = self._cap_refused
+        if refused is not None:
+            counters.refuse(refused)
+            self._refuse(int(CloseCode.RATE_LIMITED), f"too many connections per {refused}")
+            return
         hub = self.get_subscription_hub()
         defaults = hub.defaults
         options: dict[str, Any] = {"policy": defaults.policy, "high_water": defaults.high_water}
@@ -517,6 +510,34 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             if user is not None:
                 registry.register(self, user)
                 self._registered_user = user
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        """Count the connection under the connection caps (one backend round trip), then upgrade.
+
+        A connection over a cap is still upgraded, then closed with 4429 at
+        ``open`` (a browser cannot read an HTTP status of a refused upgrade;
+        ``longconn.js`` backs off on 4429).
+        """
+        if (
+            self.max_connections_per_ip is not None or self.max_connections_per_user is not None
+        ) and not (self.require_user and self.current_user is None):
+            store = connection_caps_of(self.application.settings)
+            self._held, self._cap_refused = await store.acquire_connection(
+                (
+                    ("ip", self.request.remote_ip, self.max_connections_per_ip),
+                    ("user", self.presence_user(), self.max_connections_per_user),
+                )
+            )
+        try:
+            await super().get(*args, **kwargs)
+        finally:
+            if not self._sub_counted:  # not upgraded (bad handshake, origin refused)
+                self._release_caps()
+
+    def _release_caps(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            connection_caps_of(self.application.settings).release_connection(held)
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         """Parse one request and start it; never raises.
@@ -601,9 +622,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             counters.connections -= 1
         counters.subscriptions -= self._sub_count
         self._sub_count = 0
-        if self._held:
-            ConnectionCaps.for_settings(self.application.settings).release(self._held)
-            self._held = []
+        self._release_caps()
         if self._presence:
             for topic in list(self._presence):
                 self._presence_leave(topic)

@@ -66,7 +66,7 @@ from .log import Cursor
 from .logfields import log_fields
 from .longpoll import DEFAULT_TIMEOUT, LongPollWaiter, PollResult, WaiterLimitError, check_timeout
 from .presence import Member, PollLeases, PresenceEvent, PresenceStore, presence_of
-from .ratelimit import ConnectionCaps, RateLimits, user_publish_buckets
+from .ratelimit import RateLimits, connection_caps_of, user_publish_buckets
 from .sse import (
     DEFAULT_KEEPALIVE,
     DEFAULT_RETRY,
@@ -278,8 +278,8 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         if self.max_connections_per_ip is None and self.max_connections_per_user is None:
             await work()
             return
-        caps = ConnectionCaps.for_settings(self.application.settings)
-        held, refused = caps.acquire(
+        caps = connection_caps_of(self.application.settings)
+        held, refused = await caps.acquire_connection(
             (
                 ("ip", self.request.remote_ip, self.max_connections_per_ip),
                 ("user", self.presence_user(), self.max_connections_per_user),
@@ -293,7 +293,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         try:
             await work()
         finally:
-            caps.release(held)
+            caps.release_connection(held)
 
     def subscription_client_gone(self) -> bool:
         """True once the client closed the connection."""
