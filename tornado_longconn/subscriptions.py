@@ -82,6 +82,7 @@ from .broadcast import (
     _members_of,
 )
 from .codes import CloseCode
+from .connections import ConnectionCounters
 from .exceptions import BackendError, BackendUnavailableError
 from .log import Cursor, HistoryLimit
 from .logfields import log_fields
@@ -511,6 +512,8 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         counters = self.subscription_counters
         counters.connections += 1
         self._sub_counted = True
+        # Counted among the application's open WebSockets (what a drain closes).
+        ConnectionCounters.for_application(self.application).opened(self, "websocket")
         anonymous = self.current_user is None
         if self.require_user and anonymous and self.auth_timeout is None:
             self._refuse(int(CloseCode.UNAUTHORIZED), "unauthorized")
@@ -681,6 +684,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         if self._sub_done:
             return
         self._sub_done = True
+        ConnectionCounters.for_application(self.application).closed(self)
         counters = self.subscription_counters
         if self._sub_counted:
             counters.connections -= 1
