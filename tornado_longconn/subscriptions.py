@@ -86,6 +86,7 @@ from .connections import ConnectionCounters
 from .exceptions import BackendError, BackendUnavailableError
 from .log import Cursor, HistoryLimit
 from .logfields import log_fields
+from .origin import count_refused, request_origin_allowed
 from .presence import Member, PresenceEvent, PresenceStore, presence_of
 from .presence_users import UserRegistry, users_of
 from .ratelimit import (
@@ -568,6 +569,17 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             if user is not None:
                 registry.register(self, user)
                 self._registered_user = user
+
+    def check_origin(self, origin: str) -> bool:
+        """The origin policy (:mod:`tornado_longconn.origin`): same-origin, or ``allowed_origins``.
+
+        A refused handshake is answered 403 by Tornado and counted in
+        ``subscription_stats(app).refused["origin"]``.
+        """
+        if request_origin_allowed(self, origin):
+            return True
+        count_refused(self.application)
+        return False
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         """Count the connection under the connection caps (one backend round trip), then upgrade.

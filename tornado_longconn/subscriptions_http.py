@@ -65,6 +65,7 @@ from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import Cursor
 from .logfields import log_fields
 from .longpoll import DEFAULT_TIMEOUT, LongPollWaiter, PollResult, WaiterLimitError, check_timeout
+from .origin import refuse_cross_origin
 from .presence import Member, PollLeases, PresenceEvent, PresenceStore, presence_of
 from .ratelimit import RateLimits, connection_caps_of, user_publish_buckets
 from .sse import (
@@ -274,7 +275,12 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             raise SubscriptionError("limit", "rate limit: too many user_publishes")
 
     async def _capped(self, work: Callable[[], Awaitable[None]]) -> None:
-        """Run ``work`` counted under the connection caps, or answer 429 when one is full."""
+        """Run ``work`` counted under the connection caps, or answer 429 when one is full.
+
+        A request from another origin is answered 403 first (:mod:`tornado_longconn.origin`).
+        """
+        if refuse_cross_origin(self):
+            return
         if self.max_connections_per_ip is None and self.max_connections_per_user is None:
             await work()
             return
@@ -651,6 +657,8 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         ``authorize_publish``, ``500`` the hook raised, ``503`` backend
         unavailable; errors carry ``{"code","reason"}``.
         """
+        if refuse_cross_origin(self):
+            return
         counters = SubscriptionCounters.for_application(self.application)
         try:
             try:
@@ -736,3 +744,13 @@ class SubscriptionPublishHandler(_Configured):
     async def post(self, *args: str, **kwargs: str) -> None:
         """Publish the body's message."""
         await self.publish_from_body()
+
+    def options(self, *args: str, **kwargs: str) -> None:
+        """The CORS preflight: 204 for an allowed origin, 403 for another (:mod:`~tornado_longconn.origin`)."""
+        if refuse_cross_origin(self):
+            return
+        self.set_header("Access-Control-Allow-Methods", "POST, OPTIONS")
+        self.set_header("Access-Control-Allow-Headers", "Content-Type")
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
