@@ -168,3 +168,22 @@ async def test_per_ip_cap_holds_across_two_processes_and_a_killed_process_is_rel
         assert ws is None and code == 4429
         for ws in [*still, *gained]:
             await ws.close()
+
+
+async def test_a_thousand_connections_from_one_address_past_the_cap() -> None:
+    """The issue's scale: 1,000 handshakes from one address, 50 kept, over two processes."""
+    cap = 50
+    async with servers(2, "--cap", str(cap)) as (a, b):
+        kept: list[ClientConnection] = []
+        refused = 0
+        for i in range(0, 1000, 50):
+            results = await asyncio.gather(
+                *(attempt((a, b)[j % 2].ws_url(), FLOOD_IP) for j in range(i, i + 50))
+            )
+            kept += [ws for ws, _ in results if ws is not None]
+            refused += sum(1 for ws, code in results if ws is None and code == 4429)
+        assert (len(kept), refused) == (cap, 1000 - cap)
+        stats = [await a.stats(), await b.stats()]
+        assert sum(s["refused"]["ip"] for s in stats) == 1000 - cap
+        for ws in kept:
+            await ws.close()
