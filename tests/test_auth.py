@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 import tornado.web
 import tornado.websocket
@@ -23,11 +24,13 @@ from websockets.exceptions import ConnectionClosed
 from tests.helpers import wait_until
 from tornado_longconn import BroadcastHub, CloseCode, MemoryBackend
 from tornado_longconn.auth import Credentials
+from tornado_longconn.longpoll import LongPollWaiter
 from tornado_longconn.subscriptions import (
     SubscriptionError,
     SubscriptionMixin,
     subscription_stats,
 )
+from tornado_longconn.subscriptions_http import SubscriptionPollHandler, SubscriptionSSEHandler
 from tornado_longconn.testing import AppServer, scaled
 
 pytestmark = pytest.mark.timeout(60)
@@ -233,3 +236,53 @@ async def test_per_user_cap_applies_once_the_token_names_the_user(hub: Broadcast
         kept.append(again)
         for ws in [*kept, bob]:
             await ws.close()
+
+
+class HeaderHTTP:
+    """Identity and expiry from ``X-Token`` for the HTTP handlers."""
+
+    def get_current_user(self: Any) -> str | None:
+        found = TOKENS.get(self.request.headers.get("X-Token", ""))
+        return found[0] if found else None
+
+    def connection_expiry(self: Any) -> float | None:
+        return TOKENS[self.request.headers["X-Token"]][1]
+
+
+class ExpiringSSE(HeaderHTTP, SubscriptionSSEHandler):
+    pass
+
+
+class ExpiringPoll(HeaderHTTP, SubscriptionPollHandler):
+    pass
+
+
+async def test_sse_stream_ends_at_expiry_and_an_expired_poll_gets_401(hub: BroadcastHub) -> None:
+    waiter = LongPollWaiter(hub.backend, linger=0)
+    app = tornado.web.Application(
+        [
+            (r"/events", ExpiringSSE, {"hub": hub, "waiter": waiter}),
+            (r"/poll", ExpiringPoll, {"hub": hub, "waiter": waiter}),
+        ]
+    )
+    async with AppServer(app) as server, httpx.AsyncClient(timeout=scaled(20)) as client:
+        expires_at = time.time() + scaled(0.4)
+        TOKENS["t-sse"] = ("ann", expires_at)
+        headers = {"X-Token": "t-sse"}
+        params = {"topics": "room"}
+        async with client.stream(
+            "GET", server.url("/events"), params=params, headers=headers
+        ) as stream:
+            assert stream.status_code == 200
+            lines = [line async for line in stream.aiter_lines()]  # until the server ends it
+        assert time.time() >= expires_at
+        assert any(line.startswith("event: ready") for line in lines)
+        again = await client.get(server.url("/events"), params=params, headers=headers)
+        assert again.status_code == 401
+        assert again.json() == {"code": "unauthorized", "reason": "expired"}
+        poll = await client.get(
+            server.url("/poll"), params={**params, "timeout": "0"}, headers=headers
+        )
+        assert poll.status_code == 401
+        assert dict(subscription_stats(app).errors)["unauthorized"] == 3
+    await waiter.close()

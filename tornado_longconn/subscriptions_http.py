@@ -171,6 +171,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
 
     _subs_task: asyncio.Future[Any] | None = None
     _subs_gone = False
+    _subs_expired = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -254,7 +255,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         try:
             return await self._subs_task
         except asyncio.CancelledError:
-            if self._subs_gone:
+            if self._subs_gone or self._subs_expired:
                 return None
             raise
         finally:
@@ -274,13 +275,39 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             self.set_header("Retry-After", "1")
             raise SubscriptionError("limit", "rate limit: too many user_publishes")
 
-    async def _capped(self, work: Callable[[], Awaitable[None]]) -> None:
+    async def _capped(self, work: Callable[[], Awaitable[None]], *, stream: bool = False) -> None:
         """Run ``work`` counted under the connection caps, or answer 429 when one is full.
 
-        A request from another origin is answered 403 first (:mod:`tornado_longconn.origin`).
+        A request from another origin is answered 403 first (:mod:`tornado_longconn.origin`);
+        one whose identity expired (``connection_expiry()``) 401 ``unauthorized``.
+        A stream (``stream``) ends when the identity expires.
         """
         if refuse_cross_origin(self):
             return
+        expires_at = None if self.current_user is None else self.connection_expiry()
+        if expires_at is not None:
+            left = expires_at - time.time()
+            if left <= 0:
+                self._answer_error(401, "unauthorized", "expired")
+                return
+            if stream:
+                timer = asyncio.get_running_loop().call_later(left, self._expired)
+                try:
+                    await self._capped_work(work)
+                finally:
+                    timer.cancel()
+                return
+        await self._capped_work(work)
+
+    def _expired(self) -> None:
+        """The identity of a stream expired: end the stream (the reconnect gets 401)."""
+        task = self._subs_task
+        if task is not None and not self._subs_gone:
+            SubscriptionCounters.for_application(self.application).error("unauthorized")
+            self._subs_expired = True
+            task.cancel()
+
+    async def _capped_work(self, work: Callable[[], Awaitable[None]]) -> None:
         if self.max_connections_per_ip is None and self.max_connections_per_user is None:
             await work()
             return
@@ -466,7 +493,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         ``{"code","reason"}`` before the stream starts (429 also beyond a
         connection cap).
         """
-        await self._capped(self._stream_subscriptions)
+        await self._capped(self._stream_subscriptions, stream=True)
 
     async def _stream_subscriptions(self) -> None:
         """stream_subscriptions without the connection caps."""
