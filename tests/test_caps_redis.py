@@ -5,18 +5,24 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
+import tornado.web
 
 from tests.helpers import REDIS_URL, free_port, require_redis
-from tornado_longconn import MemoryBackend
+from tornado_longconn import BroadcastHub, MemoryBackend
 from tornado_longconn.backends.redis import RedisBackend
 from tornado_longconn.caps_redis import RedisConnectionCaps
+from tornado_longconn.longpoll import LongPollWaiter
 from tornado_longconn.ratelimit import (
     ConnectionCaps,
     ConnectionCapStore,
     connection_caps_for,
     connection_caps_of,
 )
+from tornado_longconn.subscriptions import subscription_stats
+from tornado_longconn.subscriptions_http import SubscriptionPollHandler
+from tornado_longconn.testing import AppServer, scaled
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(30)]
 
@@ -129,3 +135,37 @@ async def test_store_selection() -> None:
     assert isinstance(redis_caps, RedisConnectionCaps) and redis_caps.ttl == 3
     with pytest.raises(ValueError, match="ttl"):
         RedisConnectionCaps(RedisBackend(REDIS_URL), ttl=0)
+
+
+class CappedPoll(SubscriptionPollHandler):
+    max_connections_per_ip = 1
+
+
+async def test_http_polls_count_against_other_processes(backend: RedisBackend) -> None:
+    """A long-poll is refused (429) when another process holds the address's slot."""
+    here = RedisConnectionCaps(backend, ttl=30)
+    other = RedisConnectionCaps(backend, ttl=30)  # another process, same Redis
+    await here.start()
+    await other.start()
+    hub = BroadcastHub(MemoryBackend(epoch="ep"), history=10)
+    waiter = LongPollWaiter(hub.backend, linger=0)
+    app = tornado.web.Application(
+        [(r"/poll", CappedPoll, {"hub": hub, "waiter": waiter})], longconn_connection_caps=here
+    )
+    try:
+        async with AppServer(app) as server, httpx.AsyncClient(timeout=scaled(10)) as client:
+            params = {"topics": "room", "timeout": "0"}
+            held, refused = await other.acquire_connection([("ip", "127.0.0.1", 1)])
+            assert refused is None
+            answer = await client.get(server.url("/poll"), params=params)
+            assert answer.status_code == 429 and answer.json()["code"] == "limit"
+            assert dict(subscription_stats(app).refused) == {"ip": 1}
+            other.release_connection(held)
+            await other.close()  # waits for the release
+            assert (await client.get(server.url("/poll"), params=params)).status_code == 200
+            assert here.local_count("ip", "127.0.0.1") == 0  # the poll's slot was released
+    finally:
+        await waiter.close()
+        await hub.close(spread=0)
+        await here.close()
+        await other.close()
