@@ -97,6 +97,21 @@ describe("Session token authentication", () => {
     assert.equal(FakeWebSocket.instances.length, 1); // no reconnect
   });
 
+  test("an identity that expired without refresh (4401 expired): reconnect with a new token", async () => {
+    let n = 0;
+    conn = LongConn.session({ url: "ws://h/ws", ...FAST, getToken: () => `tok-${++n}` });
+    const first = await FakeWebSocket.nth(0);
+    first.accept();
+    const [auth] = await first.waitFrames("auth", 1);
+    first.push({ type: "authenticated", id: auth.id, user: "ann", expires_in: 3600 });
+    first.drop(4401, "expired");
+    const second = await FakeWebSocket.nth(1);
+    second.accept();
+    const [again] = await second.waitFrames("auth", 1);
+    assert.equal(again.token, "tok-2");
+    assert.notEqual(conn.state, "closed");
+  });
+
   test("no token on open: the connection is dropped and tried again", async () => {
     let calls = 0;
     conn = LongConn.session({

@@ -260,7 +260,8 @@ export interface SessionOptions extends TransportOptions {
    * first sends `{"type":"auth","token"}` (reason "open") and subscribes once it is
    * accepted; `refreshMargin` ms before the identity expires it sends
    * `{"type":"refresh","token"}` (reason "refresh"). A token the server refuses closes
-   * the connection with 4401 / 4403 (the session ends).
+   * the connection with 4401 / 4403 (the session ends); a 4401 "expired" (a refresh
+   * missed) reconnects with a fresh token.
    */
   getToken?: (this: Session, reason: "open" | "refresh") => string | Promise<string>;
   /** Milliseconds before expiry to refresh the token (30000; at most half the lifetime). */

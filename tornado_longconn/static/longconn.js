@@ -366,7 +366,7 @@
     clearTimeout(this._idleTimer);
     if (this.state === "closed") return;
     var code = info.code;
-    if (FATAL_CLOSE_CODES.indexOf(code) >= 0) {
+    if (FATAL_CLOSE_CODES.indexOf(code) >= 0 && !this._retryableClose(info)) {
       this._status("closed", { code: code, reason: info.reason, fatal: true });
       return;
     }
@@ -405,6 +405,11 @@
       self._timer = null;
       if (self.state !== "closed") self._open();
     }, delay);
+  };
+
+  /** A close with a fatal code that is still worth a reconnect (Session: an expired identity). */
+  Connection.prototype._retryableClose = function () {
+    return false;
   };
 
   // Any inbound data proves the server is alive; a silent server is dropped after idleTimeout.
@@ -1099,7 +1104,8 @@
    *                   "refresh"): on every WebSocket open the session first sends
    *                   {"type":"auth","token"} and subscribes once it is answered
    *                   "authenticated"; `refreshMargin` ms before the identity expires
-   *                   it sends {"type":"refresh","token"} with a fresh token
+   *                   it sends {"type":"refresh","token"} with a fresh token; a close
+   *                   4401 "expired" (a refresh missed) then reconnects instead of ending
    *   refreshMargin   ms before expiry to refresh (30000; at most half the lifetime)
    *   onAuthenticated function({user, expiresIn}): an auth or refresh was accepted
    *   presenceClient  the `client` sent with SSE and long-poll requests (its presence
@@ -1450,6 +1456,12 @@
           if (kind === "auth" && !refused) impl.abort("no token");
         }
       );
+  };
+
+  // 4401 "expired" (the refresh did not come in time, e.g. the device slept): with
+  // getToken a new connection gets a fresh token, so reconnect (with backoff).
+  Session.prototype._retryableClose = function (info) {
+    return typeof this.options.getToken === "function" && info.code === 4401 && info.reason === "expired";
   };
 
   /** Refresh `refreshMargin` ms before `expiresIn` seconds pass (at most half-way). */
