@@ -78,3 +78,33 @@ async def test_client_with_a_forged_token_ends_unauthorized(hub: BroadcastHub) -
             await client.start()
         assert refused.value.code == "unauthorized"
         await client.close()
+
+
+async def test_an_identity_expired_without_refresh_reconnects_with_a_new_token(
+    hub: BroadcastHub,
+) -> None:
+    lifetime = scaled(0.3)
+    reasons: list[str] = []
+    reopened = asyncio.Event()
+
+    def get_token(reason: str) -> str:
+        reasons.append(reason)
+        if len(reasons) == 3:
+            reopened.set()
+        if reason == "refresh":
+            raise RuntimeError("identity provider down")  # the refresh is missed
+        token = f"t-x{len(reasons)}"
+        TOKENS[token] = ("ann", time.time() + (lifetime if len(reasons) == 1 else 600))
+        return token
+
+    async with (
+        AppServer(app(hub)) as server,
+        connect(server.ws_url("/ws"), get_token=get_token, **FAST) as client,
+    ):
+        room = await client.subscribe("room:1")
+        # closed with 4401 "expired", reconnected, authenticated with a new token
+        await asyncio.wait_for(reopened.wait(), scaled(10))
+        assert reasons[:3] == ["open", "refresh", "open"]
+        result = await subscription_group(hub, "room:1").publish('"back"')
+        message = await room.get(scaled(10))
+        assert message == TopicMessage("room:1", str(result.cursor), "back")

@@ -568,7 +568,10 @@ class _WebSocket(_Transport):
                 if message is None:
                     ended = True
                     code = conn.close_code
-                    if code in _FATAL_CLOSE:
+                    # 4401 "expired" (a refresh missed) with get_token: a new connection
+                    # gets a fresh token, so it is worth a reconnect.
+                    expired = code == 4401 and conn.close_reason == "expired"
+                    if code in _FATAL_CLOSE and not (expired and client.get_token is not None):
                         raise _Fatal(
                             ClientError(
                                 _FATAL_CLOSE[code],
@@ -1699,7 +1702,8 @@ def connect(
       is accepted; ``refresh_margin`` (30 s; at most half the lifetime) before
       the identity expires it sends ``{"type":"refresh","token"}`` (reason
       ``"refresh"``). A refused token makes the server close with 4401/4403:
-      the client ends with that error.
+      the client ends with that error; a close 4401 ``"expired"`` (a refresh
+      missed) reconnects with a fresh token instead.
     """
     return Client(
         url,
