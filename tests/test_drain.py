@@ -68,6 +68,7 @@ async def test_drain_under_load(hub: BroadcastHub) -> None:
             (r"/poll", SubscriptionPollHandler, {"hub": hub, "waiter": waiter}),
             (r"/held", SubscriptionPollHandler, {"hub": hub, "waiter": held}),
             (r"/ready", ReadinessHandler),
+            (r"/beat", Beating),  # heartbeat WebSockets in no group
         ]
     )
     limits = httpx.Limits(max_connections=4 * N)
@@ -85,6 +86,11 @@ async def test_drain_under_load(hub: BroadcastHub) -> None:
         for ws in sockets:  # welcome, then subscribed
             frames = [json.loads(await asyncio.wait_for(ws.recv(), scaled(10))) for _ in range(2)]
             assert frames[1]["type"] == "subscribed"
+        for _ in range(N):
+            beat = await websockets.connect(server.ws_url("/beat"))
+            await beat.send("hi")
+            assert await asyncio.wait_for(beat.recv(), scaled(10)) == "hi"
+            sockets.append(beat)
         started = [asyncio.Event() for _ in range(N)]
         streams = [
             asyncio.ensure_future(sse_until_end(client, server.url("/events"), ev))
@@ -129,7 +135,7 @@ async def test_drain_under_load(hub: BroadcastHub) -> None:
         await held.close()  # the last poll is answered: the drain finishes
         left = await asyncio.wait_for(draining, scaled(10))
         assert (await held_poll).status_code == 200
-        assert left.sse == 0 and left.longpoll == 0
+        assert left.sse == 0 and left.longpoll == 0 and left.websocket == 0
     await waiter.close()
 
 
