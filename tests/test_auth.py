@@ -286,3 +286,14 @@ async def test_sse_stream_ends_at_expiry_and_an_expired_poll_gets_401(hub: Broad
         assert poll.status_code == 401
         assert dict(subscription_stats(app).errors)["unauthorized"] == 3
     await waiter.close()
+
+
+async def test_anonymous_connections_awaiting_auth_count_against_the_ip_cap(
+    hub: BroadcastHub,
+) -> None:
+    settings = {"auth_timeout": scaled(10), "require_user": True, "max_connections_per_ip": 1}
+    async with serve(hub, **settings) as server:
+        first, _ = await open_ws(server)
+        second = await websockets.connect(server.ws_url("/ws"))
+        assert await closed(second) == ([], 4429, "too many connections per ip")
+        await first.close()

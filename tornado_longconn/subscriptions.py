@@ -588,9 +588,12 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         ``open`` (a browser cannot read an HTTP status of a refused upgrade;
         ``longconn.js`` backs off on 4429).
         """
+        refused_at_open = (
+            self.require_user and self.auth_timeout is None and self.current_user is None
+        )
         if (
             self.max_connections_per_ip is not None or self.max_connections_per_user is not None
-        ) and not (self.require_user and self.current_user is None):
+        ) and not refused_at_open:
             store = connection_caps_of(self.application.settings)
             self._held, self._cap_refused = await store.acquire_connection(
                 (
