@@ -21,6 +21,7 @@ from tests.test_demo import DemoServer
 from tornado_longconn import BroadcastHub, CloseCode, MemoryBackend
 from tornado_longconn.connections import connection_stats
 from tornado_longconn.drain import ReadinessHandler, drain, is_draining
+from tornado_longconn.heartbeat import HeartbeatMixin
 from tornado_longconn.longpoll import LongPollWaiter
 from tornado_longconn.subscriptions import SubscriptionMixin
 from tornado_longconn.subscriptions_http import SubscriptionPollHandler, SubscriptionSSEHandler
@@ -67,6 +68,7 @@ async def test_drain_under_load(hub: BroadcastHub) -> None:
             (r"/poll", SubscriptionPollHandler, {"hub": hub, "waiter": waiter}),
             (r"/held", SubscriptionPollHandler, {"hub": hub, "waiter": held}),
             (r"/ready", ReadinessHandler),
+            (r"/beat", Beating),  # heartbeat WebSockets in no group
         ]
     )
     limits = httpx.Limits(max_connections=4 * N)
@@ -84,6 +86,11 @@ async def test_drain_under_load(hub: BroadcastHub) -> None:
         for ws in sockets:  # welcome, then subscribed
             frames = [json.loads(await asyncio.wait_for(ws.recv(), scaled(10))) for _ in range(2)]
             assert frames[1]["type"] == "subscribed"
+        for _ in range(N):
+            beat = await websockets.connect(server.ws_url("/beat"))
+            await beat.send("hi")
+            assert await asyncio.wait_for(beat.recv(), scaled(10)) == "hi"
+            sockets.append(beat)
         started = [asyncio.Event() for _ in range(N)]
         streams = [
             asyncio.ensure_future(sse_until_end(client, server.url("/events"), ev))
@@ -128,7 +135,7 @@ async def test_drain_under_load(hub: BroadcastHub) -> None:
         await held.close()  # the last poll is answered: the drain finishes
         left = await asyncio.wait_for(draining, scaled(10))
         assert (await held_poll).status_code == 200
-        assert left.sse == 0 and left.longpoll == 0
+        assert left.sse == 0 and left.longpoll == 0 and left.websocket == 0
     await waiter.close()
 
 
@@ -214,3 +221,75 @@ async def test_drain_lets_an_upload_in_flight_finish(tmp_path: Path) -> None:
         assert store.stats().completed == 1
     await store.drain_tasks()
     store.close()
+
+
+class Beating(HeartbeatMixin, tornado.websocket.WebSocketHandler):
+    """A plain heartbeat WebSocket in no group: the drain must close it too."""
+
+    def on_message(self, message: str | bytes) -> None:
+        self.write_message(message)
+
+
+async def test_drain_closes_websockets_in_no_group_with_1001(hub: BroadcastHub) -> None:
+    app = tornado.web.Application([(r"/beat", Beating), (r"/ws", Socket, {"hub": hub})])
+    async with AppServer(app) as server:
+        beating = [await websockets.connect(server.ws_url("/beat")) for _ in range(N)]
+        for ws in beating:  # open and answering
+            await ws.send("hi")
+            assert await asyncio.wait_for(ws.recv(), scaled(10)) == "hi"
+        # subscriptions connections that subscribed to nothing: in no group either
+        idle = [await websockets.connect(server.ws_url("/ws")) for _ in range(N)]
+        for ws in idle:
+            assert json.loads(await asyncio.wait_for(ws.recv(), scaled(10)))["type"] == "welcome"
+        assert connection_stats(app).websocket == 2 * N
+        left = await asyncio.wait_for(
+            drain(app, servers=[server.server], batch=3, spread=scaled(0.05)), scaled(20)
+        )
+        assert left.websocket == 0
+        for ws in [*beating, *idle]:
+            with contextlib.suppress(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), scaled(10))
+            assert (ws.close_code, ws.close_reason) == (CloseCode.GOING_AWAY, "going away")
+
+
+async def test_an_upload_cut_by_a_drain_resumes_on_the_next_process(tmp_path: Path) -> None:
+    """The drain's process stops; the next one (same storage) continues the upload."""
+    tus = {"Tus-Resumable": "1.0.0"}
+    store = UploadStore(tmp_path / "uploads", max_size=1 << 20)
+    app = tornado.web.Application(TusUploadHandler.routes("/files", store=store))
+    async with AppServer(app) as server, httpx.AsyncClient() as client:
+        created = await client.post(server.url("/files/"), headers={**tus, "Upload-Length": "100"})
+        path = created.headers["Location"]
+        part = await client.patch(
+            server.url(path),
+            headers={
+                **tus,
+                "Content-Type": "application/offset+octet-stream",
+                "Upload-Offset": "0",
+            },
+            content=b"a" * 60,
+        )
+        assert part.status_code == 204
+        left = await drain(app, servers=[server.server], upload_stores=[store], timeout=scaled(10))
+        assert left == connection_stats(app)
+    await store.drain_tasks()
+    store.close()
+
+    again = UploadStore(tmp_path / "uploads", max_size=1 << 20)
+    app2 = tornado.web.Application(TusUploadHandler.routes("/files", store=again))
+    async with AppServer(app2) as server, httpx.AsyncClient() as client:
+        head = await client.head(server.url(path), headers=tus)
+        assert head.status_code == 200 and head.headers["Upload-Offset"] == "60"
+        rest = await client.patch(
+            server.url(path),
+            headers={
+                **tus,
+                "Content-Type": "application/offset+octet-stream",
+                "Upload-Offset": "60",
+            },
+            content=b"b" * 40,
+        )
+        assert rest.status_code == 204 and rest.headers["Upload-Offset"] == "100"
+    await again.drain_tasks()
+    assert again.stats().completed == 1
+    again.close()

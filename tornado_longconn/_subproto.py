@@ -70,7 +70,11 @@ ERROR_STATUS: Final[dict[str, int]] = {
     "timeout": 504,
 }
 
-_TYPES: Final = frozenset(("subscribe", "unsubscribe", "publish", "call", "pong", "presence"))
+_TYPES: Final = frozenset(
+    ("subscribe", "unsubscribe", "publish", "call", "pong", "presence", "auth", "refresh")
+)
+# Longest token of an auth / refresh request (characters); auth.MAX_TOKEN_LENGTH.
+_MAX_TOKEN: Final = 8192
 # A presence cursor is the store's own (digits for Redis, a client id in memory).
 _PRESENCE_CURSOR_MAX: Final = 64
 _HEADER_LEN: Final = struct.Struct("!H")
@@ -126,7 +130,7 @@ class Request:
     """One parsed client request (see :func:`parse_frame`).
 
     ``type`` is ``"subscribe"``, ``"unsubscribe"``, ``"publish"``, ``"call"``,
-    ``"presence"`` or ``"pong"``; ``id`` the client's request id (None only for
+    ``"presence"``, ``"auth"``, ``"refresh"`` (``params``: the token) or ``"pong"``; ``id`` the client's request id (None only for
     ``pong``); ``topic`` for all but ``call`` and ``pong``; ``cursor`` a
     subscribe's cursor (None: from now); ``params`` a subscribe's or call's
     params (None when absent), for ``presence`` ``{"cursor", "limit"}``;
@@ -205,6 +209,11 @@ def _request(obj: Any, payload: bytes | None = None) -> Request:
         if not isinstance(method, str) or not 1 <= len(method) <= MAX_METHOD_LENGTH:
             raise ProtocolError(f"method must be a string of 1 to {MAX_METHOD_LENGTH}", id=rid)
         return Request("call", rid, params=obj.get("params"), method=method)
+    if kind == "auth" or kind == "refresh":
+        token = obj.get("token")
+        if not isinstance(token, str) or not 1 <= len(token) <= _MAX_TOKEN:
+            raise ProtocolError(f"token must be a string of 1 to {_MAX_TOKEN}", id=rid)
+        return Request(kind, rid, params=token)
     topic = obj.get("topic")
     if not is_topic(topic):
         raise ProtocolError(

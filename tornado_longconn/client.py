@@ -569,7 +569,10 @@ class _WebSocket(_Transport):
                 if message is None:
                     ended = True
                     code = conn.close_code
-                    if code in _FATAL_CLOSE:
+                    # 4401 "expired" (a refresh missed) with get_token: a new connection
+                    # gets a fresh token, so it is worth a reconnect.
+                    expired = code == 4401 and conn.close_reason == "expired"
+                    if code in _FATAL_CLOSE and not (expired and client.get_token is not None):
                         raise _Fatal(
                             ClientError(
                                 _FATAL_CLOSE[code],
@@ -818,6 +821,8 @@ class Client:
         ping_interval: float | None = None,
         max_message_size: int = 10 * 1024 * 1024,
         rand: Callable[[], float] = random.random,
+        get_token: Callable[[str], Awaitable[str] | str] | None = None,
+        refresh_margin: float = 30.0,
     ) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
@@ -838,7 +843,15 @@ class Client:
         self.fallback_after = fallback_after
         self.ping_interval = ping_interval
         self.max_message_size = max_message_size
+        self.get_token = get_token
+        self.refresh_margin = refresh_margin
         self._rand = rand
+        # The auth on open, then the refresh before the expiry (token authentication).
+        self._auth_task: asyncio.Task[None] | None = None
+        #: The user the server's last ``authenticated`` answer named (token authentication).
+        self.user: str | None = None
+        #: Seconds the identity had left at the last ``authenticated`` answer (None: no expiry).
+        self.expires_in: float | None = None
         wanted = list(transports) if transports is not None else list(_TRANSPORTS)
         for name in wanted:
             if name not in _TRANSPORTS:
@@ -910,6 +923,7 @@ class Client:
 
     async def close(self) -> None:
         """Close the connection for good: pending requests fail with ``closed``, iterations end."""
+        self._stop_auth()
         if not self._closed:
             self._closed = True
             self._closing.set()
@@ -1348,7 +1362,42 @@ class Client:
                 self._send_subscribe(sub)  # each from its own cursor
         self._changed.set()
 
+    def _stop_auth(self) -> None:
+        task, self._auth_task = self._auth_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _authenticate(self, transport: _Transport) -> None:
+        """``auth`` with a token from ``get_token("open")``, then open; refresh before expiry."""
+        assert self.get_token is not None
+        kind, reason = "auth", "open"
+        while transport is self._transport:
+            try:
+                token = self.get_token(reason)
+                if not isinstance(token, str):
+                    token = await token
+                answer = await self._request({"type": kind, "token": token}, self.request_timeout)
+            except asyncio.CancelledError:
+                raise
+            except ClientError as exc:  # refused: the server closes (4401 / 4403)
+                log.warning("%s refused: %s", kind, exc)
+                return
+            except Exception as exc:  # no token: the server closes when the time is up
+                log.warning("getting a token for %s failed: %r", kind, exc)
+                return
+            self.user = _str(answer.get("user"))
+            left = answer.get("expires_in")
+            self.expires_in = float(left) if isinstance(left, int | float) else None
+            if kind == "auth":
+                self._opened(transport)
+            if self.expires_in is None:
+                return
+            # A deadline timer, not a poll: the refresh is due refresh_margin s before.
+            await asyncio.sleep(max(self.expires_in - self.refresh_margin, self.expires_in / 2))
+            kind, reason = "refresh", "refresh"
+
     def _lost(self) -> None:
+        self._stop_auth()
         was_open = self._open
         self._open = False
         self._sub_requests = {}
@@ -1464,8 +1513,13 @@ class Client:
                 self._transport.send_text('{"type":"pong"}')
         elif kind == "welcome":
             self.client_id = _str(frame.get("client"))
-            if self._transport is not None:
-                self._opened(self._transport)
+            transport = self._transport
+            if transport is not None:
+                if self.get_token is not None and transport.name == "websocket":
+                    self._stop_auth()
+                    self._auth_task = asyncio.ensure_future(self._authenticate(transport))
+                else:
+                    self._opened(transport)
         elif kind == "subscribed":
             rid = frame.get("id")
             sub = self._sub_requests.pop(rid, None) if isinstance(rid, int) else None
@@ -1484,7 +1538,7 @@ class Client:
             if isinstance(topic, str):
                 reason = str(frame.get("reason") or "ended by the server")
                 self._refused(topic, ClientError("closed", reason, topic=topic))
-        elif kind in ("published", "result", "presence"):
+        elif kind in ("published", "result", "presence", "authenticated"):
             self._answer(frame.get("id"), frame)
         elif kind in ("join", "leave", "presence_gap"):
             self._presence_change(kind, frame)
@@ -1678,6 +1732,8 @@ def connect(
     fallback_after: int = 2,
     ping_interval: float | None = None,
     max_message_size: int = 10 * 1024 * 1024,
+    get_token: Callable[[str], Awaitable[str] | str] | None = None,
+    refresh_margin: float = 30.0,
 ) -> Client:
     """A :class:`Client` for the subscriptions protocol; use ``async with connect(...) as client``.
 
@@ -1704,6 +1760,14 @@ def connect(
     * ``ping_interval`` -- seconds between WebSocket pings sent by the client
       (None: none; the server's pings are answered either way);
       ``max_message_size`` -- the largest frame accepted (10 MiB).
+    * ``get_token`` -- ``get_token(reason)`` (sync or async) returns a token for
+      the server's ``authenticate`` hook: on every WebSocket the client sends
+      ``{"type":"auth","token"}`` first (reason ``"open"``) and is open once it
+      is accepted; ``refresh_margin`` (30 s; at most half the lifetime) before
+      the identity expires it sends ``{"type":"refresh","token"}`` (reason
+      ``"refresh"``). A refused token makes the server close with 4401/4403:
+      the client ends with that error; a close 4401 ``"expired"`` (a refresh
+      missed) reconnects with a fresh token instead.
     """
     return Client(
         url,
@@ -1724,4 +1788,6 @@ def connect(
         fallback_after=fallback_after,
         ping_interval=ping_interval,
         max_message_size=max_message_size,
+        get_token=get_token,
+        refresh_margin=refresh_margin,
     )

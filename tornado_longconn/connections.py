@@ -125,11 +125,13 @@ class ConnectionCounters:
     0
     """
 
-    __slots__ = ("_changed", "_open", "_opened")
+    __slots__ = ("_changed", "_open", "_opened", "_websockets")
 
     def __init__(self) -> None:
         self._open = dict.fromkeys(TRANSPORTS, 0)
         self._opened = dict.fromkeys(TRANSPORTS, 0)
+        # The open WebSocket handlers, in opening order (what a drain closes).
+        self._websockets: dict[Any, None] = {}
         # Set on every close while someone waits in wait_closed (None: nobody).
         self._changed: asyncio.Event | None = None
 
@@ -156,6 +158,8 @@ class ConnectionCounters:
             raise ValueError(f"unknown transport {transport!r}")
         connection_id(handler)
         setattr(handler, _OPEN_ATTR, transport)
+        if transport == "websocket":
+            self._websockets[handler] = None
         self._open[transport] += 1
         self._opened[transport] += 1
 
@@ -165,9 +169,15 @@ class ConnectionCounters:
         if transport is None:
             return
         setattr(handler, _OPEN_ATTR, None)
+        if transport == "websocket":
+            self._websockets.pop(handler, None)
         self._open[transport] -= 1
         if self._changed is not None:
             self._changed.set()
+
+    def websockets(self) -> list[Any]:
+        """The WebSocket handlers counted open now, oldest first (a copy)."""
+        return list(self._websockets)
 
     async def wait_closed(self, transports: tuple[str, ...] = TRANSPORTS) -> None:
         """Return once no connection of ``transports`` is open (e.g. while draining).

@@ -10,8 +10,12 @@ pending long-polls are answered (200 with their cursor and no messages) and
 SSE streams end cleanly (the waiters are closed), the WebSockets of the hubs'
 groups are closed with 1001 (going away) in jittered batches
 (:meth:`BroadcastHub.close <tornado_longconn.broadcast.BroadcastHub.close>`),
-then it waits, at most ``timeout`` seconds, until no SSE stream or long-poll of
-``app`` is open and no upload request of ``upload_stores`` is still writing
+and so is every other WebSocket of the library's handlers that is still open
+(:class:`~tornado_longconn.heartbeat.HeartbeatMixin`,
+:class:`~tornado_longconn.strict.StrictWebSocketMixin`,
+:class:`~tornado_longconn.subscriptions.SubscriptionMixin`, the WebSocket upload
+handler; in or out of any group), then it waits, at most ``timeout`` seconds,
+until no WebSocket, SSE stream or long-poll of ``app`` is open and no upload request of ``upload_stores`` is still writing
 (an upload in flight finishes its body, so its offset is durable), and finally closes the servers' remaining (idle keep-alive)
 HTTP connections. Return from ``main()`` only after it: ``asyncio.run``
 cancels the tasks still running, and Tornado answers a cancelled request
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -36,7 +41,7 @@ from typing import Any, Final
 import tornado.httpserver
 import tornado.web
 
-from .broadcast import BroadcastHub
+from .broadcast import DEFAULT_CLOSE_BATCH, DEFAULT_CLOSE_SPREAD, BroadcastHub
 from .codes import CloseCode
 from .connections import ConnectionCounters, ConnectionStats
 from .longpoll import LongPollWaiter
@@ -118,9 +123,11 @@ async def drain(
     streams and long-polls to end, and for the upload requests (tus ``PATCH``,
     chunked ``PUT``) of ``upload_stores`` to finish writing their body. Returns the application's connection
     counters at the end (:class:`~tornado_longconn.connections.ConnectionStats`):
-    ``sse`` and ``longpoll`` are 0 unless the timeout passed. WebSockets outside
-    the hubs' groups are not closed here: close them yourself (with
-    ``CloseCode.GOING_AWAY``) before calling it.
+    ``websocket``, ``sse`` and ``longpoll`` are 0 unless the timeout passed.
+    WebSockets outside the hubs' groups are closed with 1001 too, in batches of
+    ``batch`` (default 500) spread over about ``spread`` seconds (default 1) --
+    those of the library's handlers only: close a plain ``WebSocketHandler``
+    that is in no group yourself.
     """
     DrainState.for_application(app).draining = True
     servers = list(servers)
@@ -135,14 +142,20 @@ async def drain(
         )
     )
     counters = ConnectionCounters.for_application(app)
-    waits = [counters.wait_closed(("sse", "longpoll"))]
+    await _close_websockets(
+        counters.websockets(),
+        DEFAULT_CLOSE_BATCH if batch is None else batch,
+        DEFAULT_CLOSE_SPREAD if spread is None else spread,
+    )
+    waits = [counters.wait_closed()]
     waits += [store.wait_writers() for store in upload_stores]
     try:
         await asyncio.wait_for(asyncio.gather(*waits), timeout)
     except asyncio.TimeoutError:
         left: Any = counters.stats()
         log.warning(
-            "drain: %d SSE streams, %d long-polls or uploads still open after %g s",
+            "drain: %d WebSockets, %d SSE streams, %d long-polls or uploads still open after %g s",
+            left.websocket,
             left.sse,
             left.longpoll,
             timeout,
@@ -150,3 +163,26 @@ async def drain(
     for server in servers:
         await server.close_all_connections()
     return counters.stats()
+
+
+async def _close_websockets(handlers: list[Any], batch: int, spread: float) -> None:
+    """Close ``handlers`` with 1001, ``batch`` at a time, pausing a random share of ``spread``."""
+    batch = max(1, batch)
+    batches = [handlers[i : i + batch] for i in range(0, len(handlers), batch)]
+    mean_pause = spread / len(batches) if spread > 0 and batches else 0.0
+    rng = random.Random()
+    for index, group in enumerate(batches):
+        if index and mean_pause > 0:
+            await asyncio.sleep(rng.uniform(0.0, 2.0 * mean_pause))
+        for handler in group:
+            _going_away(handler)
+
+
+def _going_away(handler: Any) -> None:
+    conn = getattr(handler, "ws_connection", None)
+    if conn is None or conn.is_closing():
+        return
+    try:  # a BackpressureWriter's queue is flushed before the close frame (its close hook)
+        handler.close(int(CloseCode.GOING_AWAY), "going away")
+    except Exception:
+        log.exception("closing %r failed", handler)

@@ -62,6 +62,7 @@ from .connections import ConnectionCounters
 from .exceptions import BackendError, CursorError, LongConnError
 from .log import Cursor, Message, SinceResult, parse_cursor
 from .logfields import log_fields
+from .origin import refuse_cross_origin
 from .stats import COUNTER, GAUGE
 
 __all__ = [
@@ -810,6 +811,8 @@ class LongPollMixin(tornado.web.RequestHandler):
         ``timeout``, 503 when the waiter is full or the backend fails; writes
         nothing when the client went away first.
         """
+        if refuse_cross_origin(self):
+            return
         cursor: Cursor | None = None
         raw_cursor = self.get_query_argument("cursor", None)
         raw_timeout = self.get_query_argument("timeout", None)

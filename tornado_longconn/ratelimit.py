@@ -18,18 +18,21 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol, runtime_checkable
 
 __all__ = [
     "DEFAULT_MAX_BREACHES",
     "ConnectionCap",
+    "ConnectionCapStore",
     "ConnectionCaps",
     "ConnectionRateLimiter",
     "KeyedBuckets",
     "RateLimits",
     "TokenBucket",
+    "connection_caps_for",
+    "connection_caps_of",
     "user_publish_buckets",
 ]
 
@@ -339,6 +342,89 @@ class ConnectionCaps:
         """Count out what :meth:`acquire` held."""
         for cap, key in held:
             cap.release(key)
+
+    async def acquire_connection(
+        self, wanted: Sequence[tuple[str, str | None, int | None]]
+    ) -> tuple[Any, str | None]:
+        """:meth:`acquire` as a :class:`ConnectionCapStore` (no I/O: this process only)."""
+        return self.acquire(wanted)
+
+    def release_connection(self, held: Any) -> None:
+        """:meth:`release` as a :class:`ConnectionCapStore`."""
+        self.release(held)
+
+
+@runtime_checkable
+class ConnectionCapStore(Protocol):
+    """Where the connection caps are counted: this process, or every process of a backend.
+
+    :class:`ConnectionCaps` counts in this process (the memory backend);
+    :class:`~tornado_longconn.caps_redis.RedisConnectionCaps` counts the
+    connections of every process sharing a Redis server. Get the right one with
+    :func:`connection_caps_for` and put it in the application setting
+    ``longconn_connection_caps`` (where the mixins look, see
+    :func:`connection_caps_of`).
+    """
+
+    async def acquire_connection(
+        self, wanted: Sequence[tuple[str, str | None, int | None]]
+    ) -> tuple[Any, str | None]:
+        """Count one connection in under every ``(kind, key, limit)`` (None key or limit: skipped).
+
+        Returns ``(held, None)`` -- give ``held`` to :meth:`release_connection`
+        when the connection ends -- or ``(held, kind)`` naming the first cap
+        that was full (nothing is counted then; ``held`` is empty).
+        """
+        ...
+
+    def release_connection(self, held: Any) -> None:
+        """Count out what :meth:`acquire_connection` held (never blocks, never raises)."""
+        ...
+
+
+def connection_caps_of(settings: MutableMapping[str, Any]) -> ConnectionCapStore:
+    """The application's cap store: ``settings["longconn_connection_caps"]``.
+
+    A process-local :class:`ConnectionCaps` is created there when the setting is
+    missing. Raises ``TypeError`` when it holds something that is not a
+    :class:`ConnectionCapStore`.
+    """
+    store = settings.get(_CAPS_SETTING)
+    if store is None:
+        store = settings[_CAPS_SETTING] = ConnectionCaps()
+    if not isinstance(store, ConnectionCapStore):
+        raise TypeError(f"settings[{_CAPS_SETTING!r}] must be a ConnectionCapStore")
+    return store
+
+
+def connection_caps_for(backend: Any, **options: Any) -> ConnectionCapStore:
+    """A cap store for ``backend``: counts of this process on the memory backend,
+    of every process on a Redis backend (one server or Sentinel).
+
+    ``options`` go to :class:`~tornado_longconn.caps_redis.RedisConnectionCaps`
+    (``ttl``, ``refresh_interval``, ``process``); call its ``start()`` once the
+    loop runs and ``close()`` at shutdown. Raises ``TypeError`` for other
+    backends (NATS, Redis Cluster): process-local caps would silently let N
+    processes accept N times the cap.
+    """
+    from .backends.memory import MemoryBackend
+
+    if isinstance(backend, MemoryBackend):
+        return ConnectionCaps()
+    try:
+        from .backends.redis import RedisBackend
+        from .backends.redis_cluster import ClusterRedisBackend
+    except ImportError:  # the redis extra is not installed: not a Redis backend
+        pass
+    else:
+        if isinstance(backend, RedisBackend) and not isinstance(backend, ClusterRedisBackend):
+            from .caps_redis import RedisConnectionCaps
+
+            return RedisConnectionCaps(backend, **options)
+    raise TypeError(
+        f"no connection cap store for {type(backend).__name__} (in memory: MemoryBackend; "
+        "many processes: RedisBackend on one Redis server or Sentinel)"
+    )
 
 
 class KeyedBuckets:

@@ -63,6 +63,7 @@ from .longpoll import (
     json_error,
     topic_for_request,
 )
+from .origin import refuse_cross_origin
 
 __all__ = [
     "DEFAULT_KEEPALIVE",
@@ -194,6 +195,8 @@ class SSEMixin(tornado.web.RequestHandler):
         Answers 400 for a malformed cursor and 503 when the waiter has
         ``max_streams`` streams or the backend fails before the stream starts.
         """
+        if refuse_cross_origin(self):
+            return
         waiter = self.sse_waiter
         try:
             cursor = self.sse_start_cursor()

@@ -165,6 +165,15 @@ class StrictWebSocketMixin(tornado.websocket.WebSocketHandler):
         """A snapshot of the application's protocol-error counters (:func:`protocol_error_stats`)."""
         return protocol_error_stats(self.application)
 
+    def check_origin(self, origin: str) -> bool:
+        """The origin policy (:mod:`tornado_longconn.origin`): same-origin, or ``allowed_origins``."""
+        from .origin import count_refused, request_origin_allowed
+
+        if request_origin_allowed(self, origin):
+            return True
+        count_refused(self.application)
+        return False
+
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
         """Tornado's protocol for this connection, made strict (``None`` stays ``None``)."""
         protocol = super().get_websocket_protocol()

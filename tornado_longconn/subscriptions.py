@@ -70,6 +70,7 @@ from ._subproto import (
     resync_frame,
     topic_envelope,
 )
+from .auth import Credentials, ExpiredError, SessionExpiry
 from .backoff import ReconnectBackoff, retry_unavailable
 from .backpressure import BackpressureWriter
 from .broadcast import (
@@ -81,16 +82,17 @@ from .broadcast import (
     _members_of,
 )
 from .codes import CloseCode
+from .connections import ConnectionCounters
 from .exceptions import BackendError, BackendUnavailableError
 from .log import Cursor, HistoryLimit
 from .logfields import log_fields
+from .origin import count_refused, request_origin_allowed
 from .presence import Member, PresenceEvent, PresenceStore, presence_of
 from .presence_users import UserRegistry, users_of
 from .ratelimit import (
-    ConnectionCap,
-    ConnectionCaps,
     ConnectionRateLimiter,
     RateLimits,
+    connection_caps_of,
     user_publish_buckets,
 )
 from .stats import COUNTER, GAUGE, TALLY
@@ -326,6 +328,26 @@ class SubscriptionHooks:
         """
         raise SubscriptionError("not_found", f"unknown method {method[:64]!r}")
 
+    def connection_expiry(self) -> float | None:
+        """When the identity of ``current_user`` expires (seconds since the epoch; None: never).
+
+        Called once at ``open`` when there is a user (e.g. return the ``exp``
+        of the token your ``get_current_user`` read). A WebSocket still open at
+        that time is closed with 4401 (``"expired"``) unless the client sent a
+        ``refresh`` with a new token before.
+        """
+        return None
+
+    def authenticate(self, token: str) -> Credentials | Awaitable[Credentials]:
+        """Check the token of an ``auth`` or ``refresh`` request; return its :class:`Credentials`.
+
+        Raise :class:`SubscriptionError` ``unauthorized`` for a forged or
+        expired token (the connection is then closed with 4401) or
+        ``forbidden`` (closed with 4403). The default accepts no token
+        (``unauthorized``).
+        """
+        raise SubscriptionError("unauthorized", "token authentication is not enabled")
+
     def presence_user(self) -> str | None:
         """The user id of this connection's presence (default: ``str(current_user)``, or None)."""
         user = getattr(self, "current_user", None)
@@ -367,7 +389,12 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
     * ``max_inflight`` (64) -- requests handled at once; beyond it the socket is
       not read until one finishes (inbound flow control, nothing is refused).
     * ``require_user`` (False) -- close with 4401 at ``open`` when
-      ``current_user`` is None.
+      ``current_user`` is None (unless ``auth_timeout`` is set).
+    * ``auth_timeout`` (None) -- seconds an anonymous connection has to send
+      ``{"type":"auth","token":...}`` (checked by :meth:`authenticate`); until
+      then every other request is answered ``unauthorized``; past it the
+      connection is closed with 4401 (``"authentication timeout"``). The
+      per-user cap applies once the token names the user.
     * ``rate_limits`` (None: none) -- a :class:`~tornado_longconn.ratelimit.RateLimits`:
       inbound frames/s, bytes/s and publishes/s per topic of this connection. A
       frame beyond a limit is not handled: it is answered with the error
@@ -393,6 +420,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     require_user: bool = False
+    auth_timeout: float | None = None
     rate_limits: RateLimits | None = None
     max_connections_per_ip: int | None = None
     max_connections_per_user: int | None = None
@@ -422,7 +450,10 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         self._presence: dict[str, bool] | None = None
         self._registered_user: str | None = None
         self._limiter: ConnectionRateLimiter | None = None
-        self._held: list[tuple[ConnectionCap, str]] = []
+        self._held: Any = None
+        self._cap_refused: str | None = None
+        self._expiry: SessionExpiry | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
         #: This connection's id, sent in ``welcome`` as ``client``.
         self.client_id = secrets.token_hex(8)
         super().__init__(application, request, **kwargs)
@@ -482,21 +513,17 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         counters = self.subscription_counters
         counters.connections += 1
         self._sub_counted = True
-        if self.require_user and self.current_user is None:
+        # Counted among the application's open WebSockets (what a drain closes).
+        ConnectionCounters.for_application(self.application).opened(self, "websocket")
+        anonymous = self.current_user is None
+        if self.require_user and anonymous and self.auth_timeout is None:
             self._refuse(int(CloseCode.UNAUTHORIZED), "unauthorized")
             return
-        if self.max_connections_per_ip is not None or self.max_connections_per_user is not None:
-            caps = ConnectionCaps.for_settings(self.application.settings)
-            self._held, refused = caps.acquire(
-                (
-                    ("ip", self.request.remote_ip, self.max_connections_per_ip),
-                    ("user", self.presence_user(), self.max_connections_per_user),
-                )
-            )
-            if refused is not None:
-                counters.refuse(refused)
-                self._refuse(int(CloseCode.RATE_LIMITED), f"too many connections per {refused}")
-                return
+        refused = self._cap_refused
+        if refused is not None:
+            counters.refuse(refused)
+            self._refuse(int(CloseCode.RATE_LIMITED), f"too many connections per {refused}")
+            return
         hub = self.get_subscription_hub()
         defaults = hub.defaults
         options: dict[str, Any] = {"policy": defaults.policy, "high_water": defaults.high_water}
@@ -510,13 +537,80 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         _members_of(self)
         if self.rate_limits is not None:
             self._limiter = ConnectionRateLimiter(self.rate_limits)
-        self._send({"type": "welcome", "v": PROTOCOL_VERSION, "client": self.client_id})
+        now = time.time()
+        if anonymous:
+            if self.auth_timeout is not None:
+                self._expiry = SessionExpiry(auth_deadline=now + self.auth_timeout)
+        else:
+            expires_at = self.connection_expiry()
+            if expires_at is not None:
+                self._expiry = SessionExpiry(expires_at)
+                if self._expiry.expired(now):
+                    self._refuse(int(CloseCode.UNAUTHORIZED), "expired")
+                    return
+        welcome: dict[str, Any] = {
+            "type": "welcome",
+            "v": PROTOCOL_VERSION,
+            "client": self.client_id,
+        }
+        expiry = self._expiry
+        if expiry is not None:
+            welcome["expires_in"] = expiry.remaining(now)
+            self._schedule_expiry()
+        self._send(welcome)
+        if anonymous:
+            return
+        self._register_user()
+
+    def _register_user(self) -> None:
         registry = users_of(self)
         if registry is not None:
             user = self.presence_user()
             if user is not None:
                 registry.register(self, user)
                 self._registered_user = user
+
+    def check_origin(self, origin: str) -> bool:
+        """The origin policy (:mod:`tornado_longconn.origin`): same-origin, or ``allowed_origins``.
+
+        A refused handshake is answered 403 by Tornado and counted in
+        ``subscription_stats(app).refused["origin"]``.
+        """
+        if request_origin_allowed(self, origin):
+            return True
+        count_refused(self.application)
+        return False
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        """Count the connection under the connection caps (one backend round trip), then upgrade.
+
+        A connection over a cap is still upgraded, then closed with 4429 at
+        ``open`` (a browser cannot read an HTTP status of a refused upgrade;
+        ``longconn.js`` backs off on 4429).
+        """
+        refused_at_open = (
+            self.require_user and self.auth_timeout is None and self.current_user is None
+        )
+        if (
+            self.max_connections_per_ip is not None or self.max_connections_per_user is not None
+        ) and not refused_at_open:
+            store = connection_caps_of(self.application.settings)
+            self._held, self._cap_refused = await store.acquire_connection(
+                (
+                    ("ip", self.request.remote_ip, self.max_connections_per_ip),
+                    ("user", self.presence_user(), self.max_connections_per_user),
+                )
+            )
+        try:
+            await super().get(*args, **kwargs)
+        finally:
+            if not self._sub_counted:  # not upgraded (bad handshake, origin refused)
+                self._release_caps()
+
+    def _release_caps(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            connection_caps_of(self.application.settings).release_connection(held)
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         """Parse one request and start it; never raises.
@@ -554,16 +648,25 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         if kind == "pong":
             return None
         rid = request.id
+        auth = kind == "auth" or kind == "refresh"
+        if not auth and self._awaiting_auth():
+            self._error(rid, "unauthorized", "authenticate first", request.topic)
+            return None
         assert rid is not None
         if rid in self._pending:
             self._error(rid, "conflict", "a request with this id is pending", request.topic)
             return None
-        if kind == "call" or kind == "presence":
+        if kind == "call" or kind == "presence" or auth:
             if self._calls >= self.max_pending_calls:
                 self._error(rid, "limit", f"more than {self.max_pending_calls} pending calls")
                 return None
             self._calls += 1
-            work = self._call(request) if kind == "call" else self._presence_request(request)
+            if auth:
+                work = self._auth(request)
+            elif kind == "call":
+                work = self._call(request)
+            else:
+                work = self._presence_request(request)
             task = asyncio.ensure_future(work)
         else:
             topic = request.topic
@@ -596,14 +699,16 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
         if self._sub_done:
             return
         self._sub_done = True
+        ConnectionCounters.for_application(self.application).closed(self)
         counters = self.subscription_counters
         if self._sub_counted:
             counters.connections -= 1
         counters.subscriptions -= self._sub_count
         self._sub_count = 0
-        if self._held:
-            ConnectionCaps.for_settings(self.application.settings).release(self._held)
-            self._held = []
+        self._release_caps()
+        timer, self._expiry_timer = self._expiry_timer, None
+        if timer is not None:
+            timer.cancel()
         if self._presence:
             for topic in list(self._presence):
                 self._presence_leave(topic)
@@ -631,7 +736,7 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
             del pending[request.id]
             if not pending:
                 self._pending = {}
-        if request.type == "call" or request.type == "presence":
+        if request.type in ("call", "presence", "auth", "refresh"):
             self._calls -= 1
         elif request.topic is not None and self._tails.get(request.topic) is task:
             del self._tails[request.topic]
@@ -1023,6 +1128,109 @@ class SubscriptionMixin(SubscriptionHooks, tornado.websocket.WebSocketHandler):
                 "cursor": None if cursor is None else str(cursor),
             }
         )
+
+    # ------------------------------------------------------------------ identity
+
+    def _awaiting_auth(self) -> bool:
+        """True while an anonymous connection has yet to authenticate (``auth_timeout``)."""
+        return self.current_user is None and self.auth_timeout is not None
+
+    def _schedule_expiry(self) -> None:
+        """Arm the one timer of this connection for its expiry deadline (or disarm it)."""
+        timer, self._expiry_timer = self._expiry_timer, None
+        if timer is not None:
+            timer.cancel()
+        expiry = self._expiry
+        deadline = None if expiry is None else expiry.next_deadline()
+        if deadline is None or self._gone():
+            return
+        delay = max(0.0, deadline - time.time())
+        self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._check_expiry)
+
+    def _check_expiry(self) -> None:
+        self._expiry_timer = None
+        expiry = self._expiry
+        if expiry is None or self._gone():
+            return
+        if expiry.expired(time.time()):
+            self._refuse(int(CloseCode.UNAUTHORIZED), expiry.reason)
+        else:  # the wall clock moved back: wait again
+            self._schedule_expiry()
+
+    async def _auth(self, request: Request) -> None:
+        """An ``auth`` or ``refresh`` request: check the token, renew the expiry, cap the user."""
+        token = request.params
+        assert isinstance(token, str)
+        try:
+            try:
+                creds = await asyncio.wait_for(
+                    _resolve(self.authenticate(token)), self.call_timeout
+                )
+            except asyncio.TimeoutError:
+                raise SubscriptionError(
+                    "timeout", f"no answer within {self.call_timeout:g} s"
+                ) from None
+            if not isinstance(creds, Credentials):
+                log.error(
+                    "authenticate returned %r, not Credentials", creds, extra=log_fields(self)
+                )
+                raise SubscriptionError("internal", "internal error")
+            previous = self.current_user
+            if previous is not None and str(previous) != creds.user:
+                raise SubscriptionError("forbidden", "the token is another user's", close=True)
+            expiry = self._expiry
+            if expiry is None:
+                expiry = self._expiry = SessionExpiry()
+            try:
+                expiry.renew(creds.expires_at, now=time.time())
+            except ExpiredError:
+                raise SubscriptionError(
+                    "unauthorized", "the token has expired", close=True
+                ) from None
+            if previous is None:
+                self.current_user = creds.user
+                if not await self._cap_user():
+                    return
+                self._register_user()
+            self._schedule_expiry()
+            self._send(
+                {
+                    "type": "authenticated",
+                    "id": request.id,
+                    "user": creds.user,
+                    "expires_in": expiry.remaining(time.time()),
+                }
+            )
+        except SubscriptionError as exc:
+            if exc.code in ("unauthorized", "forbidden"):
+                exc.close = True  # a bad token ends the connection: no guessing on it
+            self._fail(request, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("authenticate failed", extra=log_fields(self))
+            self._error(request.id, "internal", "internal error")
+
+    async def _cap_user(self) -> bool:
+        """Count the user that a token just named under ``max_connections_per_user``.
+
+        False (and the connection closed with 4429) when the user is at the cap.
+        """
+        limit = self.max_connections_per_user
+        user = self.presence_user()
+        if limit is None or user is None:
+            return True
+        store = connection_caps_of(self.application.settings)
+        held, refused = await store.acquire_connection((("user", user, limit),))
+        if refused is not None:
+            self.subscription_counters.refuse(refused)
+            self._refuse(int(CloseCode.RATE_LIMITED), f"too many connections per {refused}")
+            return False
+        if self._sub_done:  # closed meanwhile: nothing to hold
+            store.release_connection(held)
+            return False
+        self._held = [*(self._held or ()), *held]
+        return True
 
     async def _call(self, request: Request) -> None:
         method = request.method

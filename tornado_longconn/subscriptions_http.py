@@ -66,6 +66,7 @@ from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import Cursor
 from .logfields import log_fields
 from .longpoll import DEFAULT_TIMEOUT, LongPollWaiter, PollResult, WaiterLimitError, check_timeout
+from .origin import refuse_cross_origin
 from .presence import Member, PresenceEvent, PresenceStore, presence_of
 from .presence_http import (
     DEFAULT_BUFFER,
@@ -75,7 +76,7 @@ from .presence_http import (
     disconnect_status,
 )
 from .presence_users import users_of
-from .ratelimit import ConnectionCaps, RateLimits, user_publish_buckets
+from .ratelimit import RateLimits, connection_caps_of, user_publish_buckets
 from .sse import (
     DEFAULT_KEEPALIVE,
     DEFAULT_RETRY,
@@ -209,6 +210,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
 
     _subs_task: asyncio.Future[Any] | None = None
     _subs_gone = False
+    _subs_expired = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -292,7 +294,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         try:
             return await self._subs_task
         except asyncio.CancelledError:
-            if self._subs_gone:
+            if self._subs_gone or self._subs_expired:
                 return None
             raise
         finally:
@@ -312,13 +314,44 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
             self.set_header("Retry-After", "1")
             raise SubscriptionError("limit", "rate limit: too many user_publishes")
 
-    async def _capped(self, work: Callable[[], Awaitable[None]]) -> None:
-        """Run ``work`` counted under the connection caps, or answer 429 when one is full."""
+    async def _capped(self, work: Callable[[], Awaitable[None]], *, stream: bool = False) -> None:
+        """Run ``work`` counted under the connection caps, or answer 429 when one is full.
+
+        A request from another origin is answered 403 first (:mod:`tornado_longconn.origin`);
+        one whose identity expired (``connection_expiry()``) 401 ``unauthorized``.
+        A stream (``stream``) ends when the identity expires.
+        """
+        if refuse_cross_origin(self):
+            return
+        expires_at = None if self.current_user is None else self.connection_expiry()
+        if expires_at is not None:
+            left = expires_at - time.time()
+            if left <= 0:
+                self._answer_error(401, "unauthorized", "expired")
+                return
+            if stream:
+                timer = asyncio.get_running_loop().call_later(left, self._expired)
+                try:
+                    await self._capped_work(work)
+                finally:
+                    timer.cancel()
+                return
+        await self._capped_work(work)
+
+    def _expired(self) -> None:
+        """The identity of a stream expired: end the stream (the reconnect gets 401)."""
+        task = self._subs_task
+        if task is not None and not self._subs_gone:
+            SubscriptionCounters.for_application(self.application).error("unauthorized")
+            self._subs_expired = True
+            task.cancel()
+
+    async def _capped_work(self, work: Callable[[], Awaitable[None]]) -> None:
         if self.max_connections_per_ip is None and self.max_connections_per_user is None:
             await work()
             return
-        caps = ConnectionCaps.for_settings(self.application.settings)
-        held, refused = caps.acquire(
+        caps = connection_caps_of(self.application.settings)
+        held, refused = await caps.acquire_connection(
             (
                 ("ip", self.request.remote_ip, self.max_connections_per_ip),
                 ("user", self.presence_user(), self.max_connections_per_user),
@@ -332,7 +365,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         try:
             await work()
         finally:
-            caps.release(held)
+            caps.release_connection(held)
 
     def subscription_client_gone(self) -> bool:
         """True once the client closed the connection."""
@@ -542,7 +575,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         the user is disconnected; a new stream with that ``client`` is then
         refused as a long-poll would be.
         """
-        await self._capped(self._stream_subscriptions)
+        await self._capped(self._stream_subscriptions, stream=True)
 
     async def _stream_subscriptions(self) -> None:
         """stream_subscriptions without the connection caps."""
@@ -769,6 +802,8 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         ``authorize_publish``, ``500`` the hook raised, ``503`` backend
         unavailable; errors carry ``{"code","reason"}``.
         """
+        if refuse_cross_origin(self):
+            return
         counters = SubscriptionCounters.for_application(self.application)
         try:
             try:
@@ -854,3 +889,13 @@ class SubscriptionPublishHandler(_Configured):
     async def post(self, *args: str, **kwargs: str) -> None:
         """Publish the body's message."""
         await self.publish_from_body()
+
+    def options(self, *args: str, **kwargs: str) -> None:
+        """The CORS preflight: 204 for an allowed origin, 403 for another (:mod:`~tornado_longconn.origin`)."""
+        if refuse_cross_origin(self):
+            return
+        self.set_header("Access-Control-Allow-Methods", "POST, OPTIONS")
+        self.set_header("Access-Control-Allow-Headers", "Content-Type")
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()

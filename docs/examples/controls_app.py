@@ -13,14 +13,14 @@ import asyncio
 import os
 import secrets
 import signal
+import time
 from typing import Any
 
-import tornado.ioloop
 import tornado.web
 import tornado.websocket
 
+from tornado_longconn.auth import Credentials
 from tornado_longconn.broadcast import BroadcastHub
-from tornado_longconn.codes import CloseCode
 from tornado_longconn.drain import ReadinessHandler, drain
 from tornado_longconn.longpoll import LongPollWaiter
 from tornado_longconn.ratelimit import RateLimits
@@ -53,11 +53,6 @@ class Controlled(SubscriptionMixin, tornado.websocket.WebSocketHandler):
     def initialize(self, hub: BroadcastHub) -> None:
         self.subscription_hub = hub
 
-    def check_origin(self, origin: str) -> bool:
-        # Only pages of our own sites may open a socket with the user's cookie.
-        allowed: frozenset[str] = self.settings["allowed_origins"]
-        return origin in allowed
-
     def authorize_publish(self, topic: str, data: Any) -> bool:
         return topic.startswith("room:")
 
@@ -83,58 +78,26 @@ class HeaderLive(Controlled):
 
 
 class TokenLive(Controlled):
-    """Identity from the first message: ``call("auth", {"token": ...})``.
+    """Identity from the first message: ``{"type": "auth", "token": ...}``.
 
     Browsers cannot set headers on a WebSocket, and a token in the URL ends up in
-    logs. Until the client authenticates it may do nothing; the session lapses
-    ``session_ttl`` seconds after the last ``auth`` (close 4401): send ``auth``
-    again before that to refresh it. The per-user cap does not apply here (the
-    user is not known at open).
+    logs. The connection opens without a user and must authenticate within
+    ``auth_timeout`` seconds; until then every other request is answered
+    ``unauthorized``. A token lives ``session_ttl`` seconds: the client sends
+    ``{"type": "refresh", "token": ...}`` with a new one before that (longconn.js
+    does it with its ``getToken`` option), or the connection is closed with 4401.
+    A forged or expired token closes it with 4401 at once. The per-user cap
+    applies once the token names the user.
     """
 
+    auth_timeout = 10.0
     session_ttl = 300.0
-    _lapse: object | None = None
 
-    def open(self, *args: str, **kwargs: str) -> None:
-        super().open(*args, **kwargs)
-        self._schedule_lapse()  # the first auth must come within session_ttl too
-
-    def _schedule_lapse(self) -> None:
-        loop = tornado.ioloop.IOLoop.current()
-        if self._lapse is not None:
-            loop.remove_timeout(self._lapse)
-        self._lapse = loop.call_later(self.session_ttl, self._lapsed)
-
-    def _lapsed(self) -> None:
-        self._lapse = None
-        self.user_disconnect(int(CloseCode.UNAUTHORIZED), "session expired")
-
-    def on_connection_close(self) -> None:
-        if self._lapse is not None:
-            tornado.ioloop.IOLoop.current().remove_timeout(self._lapse)
-            self._lapse = None
-        super().on_connection_close()
-
-    def on_call(self, method: str, params: Any) -> Any:
-        if method == "auth":
-            token = params.get("token") if isinstance(params, dict) else None
-            user = TOKENS.get(token) if isinstance(token, str) else None
-            if user is None or self.current_user not in (None, user):
-                raise SubscriptionError("unauthorized", "invalid token", close=True)
-            self.current_user = user
-            self._schedule_lapse()
-            return {"user": user, "expires_in": self.session_ttl}
-        if self.current_user is None:
-            raise SubscriptionError("unauthorized", "send auth first")
-        return super().on_call(method, params)
-
-    def authorize_subscribe(self, topic: str, params: Any) -> bool:
-        if self.current_user is None:
-            raise SubscriptionError("unauthorized", "send auth first")
-        return True
-
-    def authorize_publish(self, topic: str, data: Any) -> bool:
-        return self.current_user is not None and super().authorize_publish(topic, data)
+    def authenticate(self, token: str) -> Credentials:
+        user = TOKENS.get(token)
+        if user is None:
+            raise SubscriptionError("unauthorized", "invalid token")
+        return Credentials(user, expires_at=time.time() + self.session_ttl)
 
 
 class Events(SubscriptionSSEHandler):
@@ -162,7 +125,8 @@ def make_app(
             (r"/ready", ReadinessHandler),  # the load balancer's health check
         ],
         cookie_secret=cookie_secret,
-        allowed_origins=allowed_origins,
+        # Pages of these sites may connect too (same-origin pages always may).
+        longconn_allowed_origins=allowed_origins,
         websocket_max_message_size=256 * 1024,
     )
 

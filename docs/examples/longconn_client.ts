@@ -22,6 +22,7 @@ import type {
   UploadOptions,
   UploadResult,
   WelcomeInfo,
+  AuthenticatedInfo,
 } from "tornado-longconn";
 
 /** What this application publishes to a room (any JSON shape you choose). */
@@ -172,3 +173,21 @@ console.log(delay, parsed?.epoch, LongConn.isAfter("a1b2-18", "a1b2-17"), LongCo
 
 void main();
 void sendFile;
+
+// A token in the first message, refreshed before it expires: the page asks its own
+// backend for a short-lived token (the login cookie stays on that request).
+async function fetchToken(reason: "open" | "refresh"): Promise<string> {
+  const res = await fetch(`/token?for=${reason}`, { method: "POST", credentials: "same-origin" });
+  if (!res.ok) throw new Error(`token: HTTP ${res.status}`);
+  return ((await res.json()) as { token: string }).token;
+}
+
+const authed: Session = LongConn.session({
+  url: "/ws/token",
+  getToken: fetchToken,
+  refreshMargin: 60_000,
+  onAuthenticated(info: AuthenticatedInfo) {
+    console.log("signed in as", info.user, "for", info.expiresIn ?? "ever", "s");
+  },
+});
+authed.subscribe<ChatMessage>("room:lobby", (msg) => console.log(msg.text));

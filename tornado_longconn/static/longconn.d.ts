@@ -255,6 +255,26 @@ export interface SessionOptions extends TransportOptions {
   onDirect?: (this: Session, data: Json) => void;
   /** The `client` of SSE and long-poll requests: the session's presence member id (default: random). */
   presenceClient?: string;
+  /**
+   * A token for the server's `authenticate` hook. On every WebSocket open the session
+   * first sends `{"type":"auth","token"}` (reason "open") and subscribes once it is
+   * accepted; `refreshMargin` ms before the identity expires it sends
+   * `{"type":"refresh","token"}` (reason "refresh"). A token the server refuses closes
+   * the connection with 4401 / 4403 (the session ends); a 4401 "expired" (a refresh
+   * missed) reconnects with a fresh token.
+   */
+  getToken?: (this: Session, reason: "open" | "refresh") => string | Promise<string>;
+  /** Milliseconds before expiry to refresh the token (30000; at most half the lifetime). */
+  refreshMargin?: number;
+  /** An auth or refresh was accepted. */
+  onAuthenticated?: (this: Session, info: AuthenticatedInfo) => void;
+}
+
+/** The server's answer to an auth or refresh request. */
+export interface AuthenticatedInfo {
+  user: string | null;
+  /** Seconds until the identity expires (null: never). */
+  expiresIn: number | null;
 }
 
 export interface WelcomeInfo {

@@ -366,7 +366,7 @@
     clearTimeout(this._idleTimer);
     if (this.state === "closed") return;
     var code = info.code;
-    if (FATAL_CLOSE_CODES.indexOf(code) >= 0) {
+    if (FATAL_CLOSE_CODES.indexOf(code) >= 0 && !this._retryableClose(info)) {
       this._status("closed", { code: code, reason: info.reason, fatal: true });
       return;
     }
@@ -405,6 +405,11 @@
       self._timer = null;
       if (self.state !== "closed") self._open();
     }, delay);
+  };
+
+  /** A close with a fatal code that is still worth a reconnect (Session: an expired identity). */
+  Connection.prototype._retryableClose = function () {
+    return false;
   };
 
   // Any inbound data proves the server is alive; a silent server is dropped after idleTimeout.
@@ -827,7 +832,7 @@
   /**
    * Classify a server text frame: {kind, frame} where kind is "message" (no `type`),
    * "welcome", "subscribed", "resync", "unsubscribed", "published", "result", "error",
-   * "ping", "presence", "join", "leave", "presence_gap", "direct" or "unknown" (a type
+   * "ping", "presence", "join", "leave", "presence_gap", "direct", "authenticated" or "unknown" (a type
    * from a newer server); null for anything that is not a
    * JSON object.
    */
@@ -846,7 +851,7 @@
     }
     var known = [
       "welcome", "subscribed", "resync", "unsubscribed", "published", "result", "error", "ping",
-      "presence", "join", "leave", "presence_gap", "direct",
+      "presence", "join", "leave", "presence_gap", "direct", "authenticated",
     ];
     return { kind: known.indexOf(value.type) >= 0 ? value.type : "unknown", frame: value };
   }
@@ -1095,6 +1100,14 @@
    *   onResync        function(info): any subscription's resync ({topic, cursor, reason})
    *   onWelcome       function({v, client}): the server's welcome frame
    *   onDirect        function(data): a message the server sent to this session's user
+   *   getToken        function(reason) -> token or Promise of one (reason: "open" or
+   *                   "refresh"): on every WebSocket open the session first sends
+   *                   {"type":"auth","token"} and subscribes once it is answered
+   *                   "authenticated"; `refreshMargin` ms before the identity expires
+   *                   it sends {"type":"refresh","token"} with a fresh token; a close
+   *                   4401 "expired" (a refresh missed) then reconnects instead of ending
+   *   refreshMargin   ms before expiry to refresh (30000; at most half the lifetime)
+   *   onAuthenticated function({user, expiresIn}): an auth or refresh was accepted
    *   presenceClient  the `client` sent with SSE and long-poll requests (its presence
    *                   member id on the server; default: 16 random hex digits)
    * Use LongConn.session(options) to create and start one.
@@ -1110,6 +1123,8 @@
     this._subReqs = Object.create(null); // request id -> Subscription awaiting "subscribed"
     this._pending = new Pending();
     this._wsReady = false; // a WebSocket is open: frames can be sent
+    this._refreshTimer = null; // the refresh of the token before it expires
+    this._authGen = 0; // bumped per transport: a late token answer is for an old one
   }
   Session.prototype = Object.create(Connection.prototype);
   Session.prototype.constructor = Session;
@@ -1386,6 +1401,11 @@
   Session.prototype._onOpen = function (idle) {
     var self = this;
     if (this.transport === "websocket" && this._impl) {
+      if (typeof this.options.getToken === "function") {
+        Connection.prototype._onOpen.call(this, idle);
+        this._authenticate("open");
+        return;
+      }
       this._wsReady = true;
       this._subs.forEach(function (sub) {
         self._sendSubscribe(sub); // each from its own cursor
@@ -1394,10 +1414,79 @@
     Connection.prototype._onOpen.call(this, idle);
   };
 
+  /**
+   * Send {"type": kind, "token"} with a token from options.getToken: "auth" on open
+   * (then subscribe), "refresh" before the identity expires. A token the server
+   * refuses closes the connection (4401 / 4403: the session ends).
+   */
+  Session.prototype._authenticate = function (reason) {
+    var self = this;
+    var impl = this._impl;
+    var gen = this._authGen;
+    var kind = reason === "open" ? "auth" : "refresh";
+    Promise.resolve()
+      .then(function () {
+        return self.options.getToken.call(self, reason);
+      })
+      .then(function (token) {
+        if (self._impl !== impl || self._authGen !== gen || self.state === "closed") return null;
+        if (typeof token !== "string" || !token) throw new Error("getToken gave no token");
+        var req = self._pending.add(kind, self.options.requestTimeout);
+        impl.send(JSON.stringify({ type: kind, id: req.id, token: token }));
+        return req.promise;
+      })
+      .then(
+        function (info) {
+          if (!info || self._impl !== impl || self._authGen !== gen) return;
+          self._emit("authenticated", [info]);
+          self._scheduleRefresh(info.expiresIn);
+          if (kind === "auth") {
+            self._wsReady = true;
+            self._subs.forEach(function (sub) {
+              self._sendSubscribe(sub);
+            });
+          }
+        },
+        function (err) {
+          if (self._impl !== impl || self._authGen !== gen || self.state === "closed") return;
+          var e = err instanceof LongConnError ? err : new LongConnError("LongConn: " + kind + " failed: " + String((err && err.message) || err), "unauthorized", 401);
+          self._emit("error", [e]);
+          // A token the server refused: it closes the connection itself (4401 / 4403).
+          // No token, or no answer, on open: drop the connection and reconnect later.
+          var refused = err instanceof LongConnError && (err.code === "unauthorized" || err.code === "forbidden");
+          if (kind === "auth" && !refused) impl.abort("no token");
+        }
+      );
+  };
+
+  // 4401 "expired" (the refresh did not come in time, e.g. the device slept): with
+  // getToken a new connection gets a fresh token, so reconnect (with backoff).
+  Session.prototype._retryableClose = function (info) {
+    return typeof this.options.getToken === "function" && info.code === 4401 && info.reason === "expired";
+  };
+
+  /** Refresh `refreshMargin` ms before `expiresIn` seconds pass (at most half-way). */
+  Session.prototype._scheduleRefresh = function (expiresIn) {
+    var self = this;
+    if (this._refreshTimer !== null) clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (typeof expiresIn !== "number" || !isFinite(expiresIn)) return;
+    var lifetime = expiresIn * 1000;
+    var margin = this.options.refreshMargin === undefined ? 30000 : this.options.refreshMargin;
+    var delay = Math.max(lifetime - margin, lifetime / 2, 0);
+    this._refreshTimer = setTimeout(function () {
+      self._refreshTimer = null;
+      if (self._impl && self.transport === "websocket" && self.state !== "closed") self._authenticate("refresh");
+    }, delay);
+  };
+
   // The transport is gone: requests cannot be answered any more, subscriptions wait
   // for the next transport (they are sent again with their cursors).
   Session.prototype._lost = function (code, message) {
     this._wsReady = false;
+    this._authGen++;
+    if (this._refreshTimer !== null) clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
     this._subReqs = Object.create(null);
     this._subs.forEach(function (sub) {
       if (sub.state === "active") sub.state = "pending";
@@ -1497,6 +1586,12 @@
         return;
       case "result":
         this._pending.resolve(f.id, f.result);
+        return;
+      case "authenticated":
+        this._pending.resolve(f.id, {
+          user: f.user === undefined ? null : f.user,
+          expiresIn: typeof f.expires_in === "number" ? f.expires_in : null,
+        });
         return;
       case "presence":
         this._pending.resolve(f.id, {
