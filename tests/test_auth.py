@@ -257,7 +257,7 @@ class ExpiringPoll(HeaderHTTP, SubscriptionPollHandler):
     pass
 
 
-async def test_sse_stream_ends_at_expiry_and_an_expired_poll_gets_401(hub: BroadcastHub) -> None:
+async def test_sse_stream_ends_at_expiry_with_a_final_event_and_an_expired_poll_gets_401(hub: BroadcastHub) -> None:
     waiter = LongPollWaiter(hub.backend, linger=0)
     app = tornado.web.Application(
         [
@@ -277,6 +277,11 @@ async def test_sse_stream_ends_at_expiry_and_an_expired_poll_gets_401(hub: Broad
             lines = [line async for line in stream.aiter_lines()]  # until the server ends it
         assert time.time() >= expires_at
         assert any(line.startswith("event: ready") for line in lines)
+        # The last event says why the stream ended (4401 expired), as a WebSocket's close.
+        events = [i for i, line in enumerate(lines) if line.startswith("event: ")]
+        assert lines[events[-1]] == "event: disconnect"
+        final = json.loads(lines[events[-1] + 1].removeprefix("data: "))
+        assert final == {"type": "disconnect", "code": 4401, "reason": "expired"}
         again = await client.get(server.url("/events"), params=params, headers=headers)
         assert again.status_code == 401
         assert again.json() == {"code": "unauthorized", "reason": "expired"}

@@ -61,6 +61,7 @@ from ._subproto import (
 )
 from .backpressure import DEFAULT_HIGH_WATER, BackpressureWriter
 from .broadcast import BroadcastHub
+from .codes import CloseCode
 from .connections import ConnectionCounters
 from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import Cursor
@@ -146,13 +147,14 @@ _StreamItem = PollResult | BaseException | PresenceEvent | dict[str, Any]
 class _StreamUser:
     """An SSE stream as a connection of its user (:class:`UserRegistry`)."""
 
-    __slots__ = ("client_id", "disconnected", "dropped", "queue")
+    __slots__ = ("client_id", "disconnected", "dropped", "expired", "queue")
 
     def __init__(self, client: str, queue: asyncio.Queue[tuple[str, _StreamItem]]) -> None:
         self.client_id = client
         self.queue = queue
         self.dropped = 0
         self.disconnected: tuple[int, str] | None = None
+        self.expired = False
 
     def user_message(self, data: Any) -> None:
         try:
@@ -166,6 +168,14 @@ class _StreamUser:
             # Past a full queue the stream sees the disconnect at its next item.
             with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(("", {"type": "disconnect"}))
+
+    def expire(self) -> None:
+        """The identity lapsed: the stream ends with a final 4401 ``expired`` event."""
+        if not self.expired:
+            self.expired = True
+            # Past a full queue the stream sees it at its next item or keep-alive.
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(("", {"type": "expired"}))
 
 
 class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
@@ -211,6 +221,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
     _subs_task: asyncio.Future[Any] | None = None
     _subs_gone = False
     _subs_expired = False
+    _subs_stream: _StreamUser | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -339,12 +350,17 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         await self._capped_work(work)
 
     def _expired(self) -> None:
-        """The identity of a stream expired: end the stream (the reconnect gets 401)."""
+        """The identity of a stream expired: end it with a final ``event: disconnect``
+        (4401, ``expired``) once it runs, else cancel it; the reconnect gets 401."""
         task = self._subs_task
         if task is not None and not self._subs_gone:
             SubscriptionCounters.for_application(self.application).error("unauthorized")
             self._subs_expired = True
-            task.cancel()
+            stream = self._subs_stream
+            if stream is not None:
+                stream.expire()
+            else:
+                task.cancel()
 
     async def _capped_work(self, work: Callable[[], Awaitable[None]]) -> None:
         if self.max_connections_per_ip is None and self.max_connections_per_user is None:
@@ -654,6 +670,7 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
         )
         lost: dict[str, None] = {}
         conn = _StreamUser(client, queue)
+        self._subs_stream = conn
 
         def on_presence(event: PresenceEvent) -> None:
             try:
@@ -702,7 +719,16 @@ class SubscriptionHTTPMixin(SubscriptionHooks, tornado.web.RequestHandler):
                     topic, item = await asyncio.wait_for(queue.get(), self.sse_keepalive)
                 except asyncio.TimeoutError:
                     chunk = format_comment("keep-alive")
-                else:
+                    item = None
+                if conn.expired:
+                    final = {
+                        "type": "disconnect",
+                        "code": int(CloseCode.UNAUTHORIZED),
+                        "reason": "expired",
+                    }
+                    await writer.send(format_event(_dumps(final), event="disconnect"))
+                    break
+                if item is not None:
                     if isinstance(item, BaseException):
                         log.warning(
                             "multi-topic SSE: ending stream: %s", item, extra=log_fields(self)
