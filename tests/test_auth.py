@@ -257,7 +257,9 @@ class ExpiringPoll(HeaderHTTP, SubscriptionPollHandler):
     pass
 
 
-async def test_sse_stream_ends_at_expiry_with_a_final_event_and_an_expired_poll_gets_401(hub: BroadcastHub) -> None:
+async def test_sse_stream_ends_at_expiry_with_a_final_event_and_an_expired_poll_gets_401(
+    hub: BroadcastHub,
+) -> None:
     waiter = LongPollWaiter(hub.backend, linger=0)
     app = tornado.web.Application(
         [
