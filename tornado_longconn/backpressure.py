@@ -56,7 +56,7 @@ from ._frames import (
     frame_for_connection,
 )
 from ._tornado import fanout, iostream, web, websocket_proto
-from ._tornado.hooks import HandlerHooks, Hook
+from ._tornado.hooks import HandlerHooks, Hook, add_websocket_listener
 from .codes import CloseCode
 from .exceptions import ConnectionClosedError, PeerGoneError, SlowConsumerError
 from .logfields import log_fields
@@ -526,9 +526,18 @@ def _flush_before_close(target: Any) -> None:
 
 
 def _on_protocol_close(target: Any) -> None:
-    """Hook listener: ``target``'s WebSocket protocol started closing."""
-    writer: BackpressureWriter | None = target.__dict__.get(_ATTR)
+    """Class-level hook listener: ``target``'s WebSocket protocol is about to close.
+
+    Runs for every WebSocket of the process (a handler without a writer, or
+    Tornado's client connection, has nothing to do): writes the cork before the
+    close frame, then stops the fan-out's direct writes.
+    """
+    attrs = getattr(target, "__dict__", None)
+    if not attrs:
+        return
+    writer: BackpressureWriter | None = attrs.get(_ATTR)
     if writer is not None:
+        writer._flush_before_close()
         writer._on_protocol_close()
 
 
@@ -834,15 +843,18 @@ class BackpressureWriter:
         if self._is_closing():
             self._sync_closed()
         setattr(target, _ATTR, self)
-        # Module-level listeners that find the writer on the handler: no weak
-        # reference or bound method per connection.
-        hooks = HandlerHooks.of(target)
-        hooks.add_handler_listener(transport.close_hook, _flush_before_close)
-        if self._plain and self._sock is not None and self._state.lifecycle is _OPEN:
-            self._fast_sock = self._sock
-            # Tornado calls ws_connection.close() right after every change that ends
-            # the data phase, so the fan-out need not read the protocol's flags.
-            hooks.add_handler_listener(Hook.PROTOCOL_CLOSE, _on_protocol_close)
+        if isinstance(transport, _WebSocketTransport):
+            # Class-level listeners (patched once on Tornado's classes) that find the
+            # writer on the handler: nothing per connection. ``handler.close()``
+            # calls ``ws_connection.close()``, and Tornado calls that right after
+            # every change that ends the data phase, so one hook both flushes the
+            # cork before the close frame and stops the fan-out's direct writes.
+            add_websocket_listener(Hook.PROTOCOL_CLOSE, _on_protocol_close)
+            if self._plain and self._sock is not None and self._state.lifecycle is _OPEN:
+                self._fast_sock = self._sock
+        else:
+            # A streaming response: ``finish()`` patched on this handler (rare).
+            HandlerHooks.of(target).add_handler_listener(transport.close_hook, _flush_before_close)
 
     def _flush_before_close(self) -> None:
         """``handler.close()``/``finish()`` is about to run: write the cork first, to keep order."""
