@@ -68,6 +68,7 @@ from .backpressure import (
     _offer_all,
 )
 from .codes import CloseCode
+from .connections import _find_slots, _slots_of
 from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import DEFAULT_HISTORY, Cursor, HistoryLimit, Message, SinceResult, parse_cursor
 from .logfields import log_fields
@@ -127,7 +128,6 @@ Envelope = Callable[[Message], Any]
 Notice = Callable[[str, Cursor | None, str], str]
 
 # The handler attribute holding the groups a connection belongs to.
-_GROUPS_ATTR: Final = "_longconn_groups"
 
 _WRITTEN: Final = SendResult.WRITTEN
 _QUEUED: Final = SendResult.QUEUED
@@ -523,37 +523,37 @@ def _members_of(handler: WebSocketHandler) -> dict[BroadcastGroup, None]:
     groups and the writer are dropped once it closed, so a closed member is freed
     by reference counting alone.
     """
-    attrs = handler.__dict__
-    groups: dict[BroadcastGroup, None] | BroadcastGroup | None = attrs.get(_GROUPS_ATTR)
+    slots = _slots_of(handler)
+    groups: dict[BroadcastGroup, None] | BroadcastGroup | None = slots.groups
     if isinstance(groups, dict):
         return groups
     _hook_group_close()
     as_dict: dict[BroadcastGroup, None] = {} if groups is None else {groups: None}
-    attrs[_GROUPS_ATTR] = as_dict
+    slots.groups = as_dict
     return as_dict
 
 
 def _join_group(handler: WebSocketHandler, group: BroadcastGroup) -> None:
     """Record that ``handler`` joined ``group`` (the group itself while it is the only one)."""
-    attrs = handler.__dict__
-    groups: dict[BroadcastGroup, None] | BroadcastGroup | None = attrs.get(_GROUPS_ATTR)
+    slots = _slots_of(handler)
+    groups: dict[BroadcastGroup, None] | BroadcastGroup | None = slots.groups
     if groups is None:
         _hook_group_close()
-        attrs[_GROUPS_ATTR] = group
+        slots.groups = group
     elif isinstance(groups, dict):
         groups[group] = None
     elif groups is not group:
-        attrs[_GROUPS_ATTR] = {groups: None, group: None}
+        slots.groups = {groups: None, group: None}
 
 
 def _left_group(handler: WebSocketHandler, group: BroadcastGroup) -> None:
     """Forget that ``handler`` is in ``group`` (nothing if it is not)."""
-    attrs = handler.__dict__
-    groups: dict[BroadcastGroup, None] | BroadcastGroup | None = attrs.get(_GROUPS_ATTR)
+    slots = _find_slots(handler)
+    groups = None if slots is None else slots.groups
     if isinstance(groups, dict):
         groups.pop(group, None)
-    elif groups is group:
-        attrs[_GROUPS_ATTR] = {}
+    elif slots is not None and groups is group:
+        slots.groups = {}
 
 
 def _hook_group_close() -> None:
@@ -566,9 +566,9 @@ def _hook_group_close() -> None:
 
 def _leave_all(handler: Any) -> None:
     """The connection closed: leave every group it belongs to (a class-level hook listener)."""
-    attrs = getattr(handler, "__dict__", None)
+    slots = _find_slots(handler)
     groups: dict[BroadcastGroup, None] | BroadcastGroup | None = (
-        None if attrs is None else attrs.get(_GROUPS_ATTR)
+        None if slots is None else slots.groups
     )
     if not groups:
         return
@@ -588,12 +588,11 @@ def _forget(handler: Any) -> None:
 
     A class-level listener: runs after every WebSocket's ``on_connection_close``.
     """
-    attrs = handler.__dict__
-    if _GROUPS_ATTR not in attrs:
+    slots = _find_slots(handler)
+    if slots is None or slots.groups is None:
         return
-    groups = attrs.get(_GROUPS_ATTR)
-    if isinstance(groups, dict) and not groups:
-        del attrs[_GROUPS_ATTR]
+    if isinstance(slots.groups, dict) and not slots.groups:
+        slots.groups = None
     _detach_writer(handler)
 
 

@@ -65,6 +65,7 @@ from ._frames import (
 from ._tornado.iostream import release_error, write_done, write_total
 from ._tornado.websocket_proto import read_progress
 from .codes import CloseCode
+from .connections import _find_slots, _slots_of
 from .gc_tuning import after_tick as gc_after_tick
 from .gc_tuning import gc_tuning_stats, tune_gc
 from .histogram import HistogramStats, LatencyHistogram
@@ -801,8 +802,18 @@ class HeartbeatMixin(StrictWebSocketMixin):
     #: The application-level reply that answers it.
     heartbeat_reply: Any = DEFAULT_REPLY
 
-    _heartbeat: HeartbeatState | None = None
     _heartbeat_reply_text: str = DEFAULT_REPLY
+
+    @property
+    def _heartbeat(self) -> HeartbeatState | None:
+        # Kept in the handler's one library attribute (connections._Slots): one
+        # instance attribute more would give every handler a dict of its own.
+        slots = _find_slots(self)
+        return None if slots is None else slots.heartbeat
+
+    @_heartbeat.setter
+    def _heartbeat(self, state: HeartbeatState | None) -> None:
+        _slots_of(self).heartbeat = state
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
