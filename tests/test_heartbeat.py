@@ -545,3 +545,18 @@ async def test_composes_with_broadcast_group_membership(recorder: Recorder) -> N
         gc.collect()
         await asyncio.wait_for(freed.wait(), scaled(5))
     await group.close()
+
+
+def test_gc_tuning_freezes_at_most_once_a_second_of_ticks() -> None:
+    # Each freeze counts the frozen objects (gc.get_freeze_count walks them all: 24 ms
+    # for a million): once per scheduler tick (20 a second) it took the whole event loop
+    # of a 10,000-connection server.
+    from tornado_longconn import gc_tuning
+
+    tune_gc(collect_interval=3600)
+    try:
+        for _ in range(20):
+            gc_tuning.after_tick()
+        assert gc_tuning_stats().freezes == 1
+    finally:
+        untune_gc()
