@@ -149,6 +149,11 @@ def untune_gc() -> None:
         gc.unfreeze()
 
 
+def _tuning_active() -> bool:
+    """True while :func:`tune_gc` is in effect (without counting frozen objects)."""
+    return _tuner is not None
+
+
 def gc_tuning_stats() -> GCTuningStats:
     """The tuning's counters now (a frozen snapshot)."""
     tuner = _tuner
