@@ -505,6 +505,19 @@ class _Proc:
             self.proc.stdout.close()
 
 
+def _delete_keys(prefix: str) -> None:
+    """Remove what the run's Redis backend left under its unique prefix."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 def run_one(
     scenario: str,
     variant: str,
@@ -567,6 +580,8 @@ def run_one(
     finally:
         for p in procs:
             p.stop()
+        if prefix:
+            _delete_keys(prefix)
     errors = []
     if opened != connections:
         errors.append(f"{connections - opened} connections did not open")
@@ -610,7 +625,7 @@ def table(rows: list[Result]) -> str:
         "verified",
         "connect /s",
         "RSS/conn KiB",
-        "CPU s (hold)",
+        "server CPU s (hold)",
         "CPU vs websockets",
         "heartbeat p99 late ms",
         "max stall ms",
