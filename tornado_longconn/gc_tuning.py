@@ -18,13 +18,14 @@ before turning it on.
 Call :func:`tune_gc` once at start-up, in the process that serves connections
 (after forking, if you fork)::
 
-    tornado_longconn.tune_gc()       # freeze after each heartbeat tick, collect every 60 s
+    tornado_longconn.tune_gc()       # freeze after heartbeat ticks (1/s), collect every 60 s
     ...
     tornado_longconn.untune_gc()     # hand frozen objects back to the collector
 
-The freezing runs after each tick of the heartbeat scheduler
-(:class:`~tornado_longconn.heartbeat.HeartbeatScheduler`): with no heartbeat
-connections, nothing is frozen. The tuning never undoes a freeze it did not
+The freezing runs after a tick of the heartbeat scheduler
+(:class:`~tornado_longconn.heartbeat.HeartbeatScheduler`), at most once a
+second (each freeze counts the frozen objects, a walk of them all): with no
+heartbeat connections, nothing is frozen. The tuning never undoes a freeze it did not
 make: if anything else froze objects (before :func:`tune_gc` or in between),
 it stops unfreezing -- no periodic collection and no unfreeze in
 :func:`untune_gc` -- and :func:`gc_tuning_stats` says so.

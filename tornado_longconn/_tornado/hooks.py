@@ -1,4 +1,11 @@
-"""One hook registry per handler: one patch per method, many listeners (internal).
+"""Close hooks: class-level for WebSockets, one registry per other handler (internal).
+
+For WebSocket handlers, :func:`add_websocket_listener` registers module-level
+listeners behind two methods patched once on Tornado's classes (see the comment
+above it): nothing is made per connection, which is what a member of a group
+costs least with. The per-handler registry below (:class:`HandlerHooks`) serves
+streaming ``RequestHandler`` writers (``finish()``) and anything else that needs
+a hook on one handler.
 
 Parts of the library need to run code when a handler closes: the writer flushes
 its cork before ``close()`` / ``finish()`` and stops direct socket writes as soon
