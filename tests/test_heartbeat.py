@@ -16,6 +16,7 @@ import pytest
 import tornado.web
 import tornado.websocket
 
+from tests.helpers import wait_until
 from tornado_longconn.codes import CloseCode
 from tornado_longconn.gc_tuning import gc_tuning_stats, tune_gc, untune_gc
 from tornado_longconn.heartbeat import (
@@ -545,3 +546,51 @@ async def test_composes_with_broadcast_group_membership(recorder: Recorder) -> N
         gc.collect()
         await asyncio.wait_for(freed.wait(), scaled(5))
     await group.close()
+
+
+def test_gc_tuning_freezes_at_most_once_a_second_of_ticks() -> None:
+    # Each freeze counts the frozen objects (gc.get_freeze_count walks them all: 24 ms
+    # for a million): once per scheduler tick (20 a second) it took the whole event loop
+    # of a 10,000-connection server.
+    from tornado_longconn import gc_tuning
+
+    tune_gc(collect_interval=3600)
+    try:
+        for _ in range(20):
+            gc_tuning.after_tick()
+        assert gc_tuning_stats().freezes == 1
+    finally:
+        untune_gc()
+
+
+async def test_gc_freeze_setting_does_not_count_frozen_objects_per_connection(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gc.get_freeze_count() walks every frozen object: once per connection opened,
+    # a 10,000-connection server spent its whole loop counting.
+    import gc
+
+    from tornado_longconn import connection_stats
+
+    calls: list[int] = []
+    real = gc.get_freeze_count
+
+    def counting() -> int:
+        calls.append(1)
+        return real()
+
+    app = make_app(recorder, heartbeat_gc_freeze=True)
+    try:
+        async with AppServer(app) as srv:
+            clients = [await WebSocketTestClient.connect(srv.ws_url("/ws")) for _ in range(2)]
+            await wait_until(lambda: gc_tuning_stats().active)
+            monkeypatch.setattr(gc, "get_freeze_count", counting)
+            clients += [await WebSocketTestClient.connect(srv.ws_url("/ws")) for _ in range(10)]
+            await wait_until(lambda: connection_stats(app).websocket == 12)
+            monkeypatch.undo()
+            # At most one freeze (two counts) in that time, not two per connection.
+            assert len(calls) <= 4
+            for client in clients:
+                await client.close()
+    finally:
+        untune_gc()

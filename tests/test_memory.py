@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
+import tracemalloc
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -23,6 +25,7 @@ import tornado.websocket
 
 from tests.helpers import wait_until
 from tornado_longconn import BroadcastGroup, BroadcastHub, HeartbeatMixin, SubscriptionMixin
+from tornado_longconn._tornado import iostream
 from tornado_longconn.backpressure import BackpressureWriter, FlowState, OverflowPolicy
 from tornado_longconn.broadcast import Membership
 from tornado_longconn.heartbeat import HeartbeatState
@@ -196,3 +199,103 @@ def test_drop_oldest_queue_is_released_when_empty() -> None:
     assert state.take_queued() == "a"
     assert state.queue == ()  # the deque is dropped once empty
     assert state.offer("b", 5).name == "WRITTEN"
+
+
+# -- what one membership allocates ------------------------------------------------------
+
+MEMBERS = 200
+#: The objects a connection's first membership may add (its writer and what the writer
+#: needs, the membership, the handler's one library attribute): no dict, closure, weak
+#: reference or patched method.
+MEMBER_TYPES = {
+    "_Slots": 1,
+    "BackpressureWriter": 1,
+    "FlowState": 1,
+    "_WebSocketTransport": 1,
+    "Membership": 1,
+    "list": 1,  # the writer's cork
+    "method": 1,  # the writer's is_closing, bound once
+}
+
+
+class Counted(tornado.websocket.WebSocketHandler):
+    # Class attributes, not initialize(): a handler with Tornado's attributes only.
+    handlers: list[Any]
+
+    def open(self) -> None:
+        self.handlers.append(self)
+
+    def on_message(self, message: str | bytes) -> None:
+        pass
+
+
+def _library_objects() -> dict[str, int]:
+    """GC-tracked objects by type name (all of them: the test compares two moments)."""
+    counts: dict[str, int] = {}
+    for obj in gc.get_objects():
+        name = type(obj).__name__
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+async def test_a_membership_allocates_no_dict_closure_or_hook_per_connection() -> None:
+    handlers: list[Any] = []
+    hub = BroadcastHub()
+    group = hub.group("room")
+    counted = type("CountedHere", (Counted,), {"handlers": handlers})
+    app = tornado.web.Application([("/ws", counted)])
+    async with AppServer(app) as server:
+        clients = [await WebSocketTestClient.connect(server.ws_url("/ws")) for _ in range(MEMBERS)]
+        try:
+            await wait_until(lambda: len(handlers) == MEMBERS)
+            # One join first: the group's own structures (its member dict, the
+            # flusher, the class-level hooks) are made once, not per member.
+            group.join(handlers[0])
+            gc.collect()
+            keys = [set(h.__dict__) for h in handlers]
+            sizes = [sys.getsizeof(h.__dict__) for h in handlers]
+            before = _library_objects()
+            tracemalloc.start()
+            try:
+                snapshot0 = tracemalloc.take_snapshot()
+                for handler in handlers[1:]:
+                    group.join(handler)
+                snapshot1 = tracemalloc.take_snapshot()
+            finally:
+                tracemalloc.stop()
+            joined = MEMBERS - 1
+            library = tracemalloc.Filter(True, "*tornado_longconn*")
+            diff = snapshot1.filter_traces([library]).compare_to(
+                snapshot0.filter_traces([library]), "filename"
+            )
+            size = sum(stat.size_diff for stat in diff) / joined
+            del snapshot0, snapshot1, diff
+            gc.collect()
+            after = _library_objects()
+            added = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+            per_member = {n: round(c / joined) for n, c in added.items() if c >= joined // 2}
+            assert per_member == MEMBER_TYPES, per_member
+            assert size <= 1024, f"{size:.0f} bytes per member"
+            # Nothing patched on the handler, its protocol or its stream.
+            for handler in handlers:
+                assert "close" not in handler.__dict__
+                assert "on_connection_close" not in handler.__dict__
+                assert "close" not in handler.ws_connection.__dict__
+                assert iostream.close_callback(handler.ws_connection.stream) is None
+            # The handler gains one attribute: with Tornado's 27, CPython still shares
+            # the key table between handlers (one more makes a 1.3 KB dict per handler).
+            for handler, was, size_was in zip(handlers[1:], keys[1:], sizes[1:], strict=True):
+                assert set(handler.__dict__) - was == {"_longconn"}
+                if sys.version_info[:2] == (3, 11):
+                    assert sys.getsizeof(handler.__dict__) == size_was
+            assert all(group in _groups_of(h) for h in handlers)
+        finally:
+            for client in clients:
+                client.vanish()
+    await wait_until(lambda: len(group) == 0)
+
+
+def _groups_of(handler: Any) -> list[BroadcastGroup]:
+    from tornado_longconn.broadcast import _members_of
+
+    return list(_members_of(handler))

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import inspect
 import socket
+import textwrap
 import weakref
 import zlib
 from collections.abc import AsyncIterator
@@ -20,17 +23,20 @@ from typing import Any
 import pytest
 import tornado
 import tornado.httpclient
+import tornado.ioloop
 import tornado.web
 import tornado.websocket
 import websockets
 from tornado.iostream import IOStream
 from tornado.websocket import _PerMessageDeflateCompressor
 
+from tests.helpers import wait_until
+from tornado_longconn import HeartbeatMixin
 from tornado_longconn._tornado import _check, hooks, iostream, web, websocket_proto
 from tornado_longconn._tornado._check import CHECKED_VERSIONS, check_tornado
 from tornado_longconn._tornado.hooks import HandlerHooks, Hook
 from tornado_longconn.exceptions import LongConnError
-from tornado_longconn.testing import AppServer, scaled
+from tornado_longconn.testing import AppServer, WebSocketTestClient, scaled
 
 
 def test_installed_tornado_passes_every_check() -> None:
@@ -450,3 +456,167 @@ async def test_hooks_need_a_websocket_for_protocol_and_stream_hooks(
     client = tornado.httpclient.AsyncHTTPClient()
     response = await client.fetch(server.url("/hooked"))
     assert response.body == b"no WebSocket; no stream"
+
+
+# -- KeepReadingIOStream: Tornado's _handle_events with one condition changed ----------
+
+#: sha256 of the body of ``IOStream._handle_events`` (dedented, without its ``def``
+#: line) in Tornado 6.4.2, 6.5.2 and 6.6.1: the method ``KeepReadingIOStream`` copies.
+HANDLE_EVENTS_SHA256 = "4c018301adb34bd5acced97fcabc26a193907f0b6798a250f21735469672ea44"
+
+
+def _body(func: Any) -> str:
+    source = textwrap.dedent(inspect.getsource(func))
+    return source.split("\n", 1)[1]
+
+
+def test_handle_events_is_the_copy_keep_reading_changes() -> None:
+    body = _body(IOStream._handle_events)
+    assert hashlib.sha256(body.encode()).hexdigest() == HANDLE_EVENTS_SHA256, (
+        f"IOStream._handle_events changed in Tornado {tornado.version}: "
+        "update iostream.KeepReadingIOStream"
+    )
+    ours = _body(iostream.KeepReadingIOStream._handle_events)
+    assert "self._read_buffer_size <= KEEP_READING_BYTES" in ours
+    assert "self._read_buffer_size == 0" in body
+
+
+class Counted(HeartbeatMixin, tornado.websocket.WebSocketHandler):
+    heartbeat_interval = None
+
+    def initialize(self, seen: Seen) -> None:
+        self.seen = seen
+
+    def open(self) -> None:
+        self.seen.handlers.put_nowait(self)
+
+    def on_message(self, message: str | bytes) -> None:
+        self.write_message(message)
+
+
+async def _selector_changes_per_frame(path: str, frames: int) -> tuple[int, type[Any]]:
+    """Selector registration changes on the server while a client sends ``frames`` frames."""
+    seen = Seen()
+    app = tornado.web.Application(
+        [("/counted", Counted, {"seen": seen}), ("/plain", Echo, {"seen": seen})]
+    )
+    loop = tornado.ioloop.IOLoop.current()
+    original = loop.update_handler
+    changes: list[int] = []
+    async with AppServer(app) as server:
+        client = await WebSocketTestClient.connect(server.ws_url(path))
+        handler = await asyncio.wait_for(seen.handlers.get(), scaled(5))
+        stream = handler.ws_connection.stream
+        try:
+            await client.send("first")
+            if path == "/counted":
+                assert await client.recv(scaled(5)) == "first"
+            else:
+                assert await asyncio.wait_for(seen.messages.get(), scaled(5)) == "first"
+            fd = stream.fileno()
+
+            def counting(fd_: Any, events: int) -> None:
+                if fd_ == fd:
+                    changes.append(events)
+                original(fd_, events)
+
+            loop.update_handler = counting  # type: ignore[method-assign]
+            for n in range(frames):
+                await client.send(f"m{n}")
+                if path == "/counted":
+                    assert await client.recv(scaled(5)) == f"m{n}"
+                else:
+                    assert await asyncio.wait_for(seen.messages.get(), scaled(5)) == f"m{n}"
+        finally:
+            loop.update_handler = original  # type: ignore[method-assign]
+            await client.close()
+    return len(changes), type(stream)
+
+
+async def test_a_stream_keeps_listening_while_a_small_frame_is_read() -> None:
+    frames = 30
+    # Tornado's own stream drops the socket from the selector after each frame's header
+    # is read (the rest is buffered) and adds it back for the next header.
+    stock, stock_type = await _selector_changes_per_frame("/plain", frames)
+    assert stock_type is IOStream and stock >= frames
+    # The library's WebSocket reader keeps it registered: no change per frame (the echo
+    # reply's writes go straight to the socket).
+    ours, ours_type = await _selector_changes_per_frame("/counted", frames)
+    assert ours_type is iostream.KeepReadingIOStream
+    assert ours == 0, ours
+
+
+async def test_keep_reading_stops_listening_past_its_limit(
+    pair: tuple[IOStream, socket.socket],
+) -> None:
+    stream, peer = pair
+    assert iostream.keep_reading(stream) and type(stream) is iostream.KeepReadingIOStream
+    first = stream.read_bytes(1)  # nothing there yet: the stream registers for reads
+    peer.send(b"a")
+    assert await first == b"a"
+    # Nothing reads: a small amount is buffered and the stream still listens.
+    peer.send(b"b" * 100)
+    await wait_until(lambda: iostream.unread_bytes(stream) == 100)
+    assert stream._state is not None and stream._state & tornado.ioloop.IOLoop.READ
+    # More than KEEP_READING_BYTES unread: it stops listening (inbound flow control).
+    peer.sendall(b"c" * (iostream.KEEP_READING_BYTES * 2))
+    await wait_until(lambda: iostream.unread_bytes(stream) > iostream.KEEP_READING_BYTES)
+    assert not stream._state & tornado.ioloop.IOLoop.READ
+    data = await stream.read_bytes(100 + iostream.KEEP_READING_BYTES * 2)
+    assert data == b"b" * 100 + b"c" * (iostream.KEEP_READING_BYTES * 2)
+
+
+# -- class-level WebSocket close hooks ----------------------------------------------------
+
+
+async def test_class_level_hooks_run_for_every_websocket_close_path(
+    server: AppServer, seen: Seen
+) -> None:
+    calls: list[tuple[str, str]] = []
+
+    def record(name: str) -> Any:
+        def listener(handler: Any) -> None:
+            if isinstance(handler, Echo):
+                calls.append((name, handler.get_argument("tag", "")))
+
+        listener.__name__ = f"record_{name}"
+        return listener
+
+    listeners = {
+        hook: record(hook.value)
+        for hook in (
+            Hook.PROTOCOL_CLOSE,
+            Hook.STREAM_CLOSE,
+            Hook.CONNECTION_CLOSE,
+            Hook.AFTER_CONNECTION_CLOSE,
+        )
+    }
+    for hook, listener in listeners.items():
+        hooks.add_websocket_listener(hook, listener)
+        hooks.add_websocket_listener(hook, listener)  # twice: added once
+        assert hooks.websocket_listeners(hook).count(listener) == 1
+    with pytest.raises(ValueError, match="not a class-level"):
+        hooks.add_websocket_listener(Hook.CLOSE, listeners[Hook.PROTOCOL_CLOSE])
+    try:
+        client = await WebSocketTestClient.connect(server.ws_url("/ws?tag=client"))
+        handler = await asyncio.wait_for(seen.handlers.get(), scaled(5))
+        assert "close" not in handler.ws_connection.__dict__  # nothing per connection
+        await client.close()
+        await asyncio.wait_for(seen.closed.wait(), scaled(5))
+        await wait_until(lambda: ("after_connection_close", "client") in calls)
+        names = [name for name, tag in calls if tag == "client"]
+        # The close frame: the protocol closes (and with it the stream); then the frame
+        # loop ends: on_connection_close, whose abort closes the protocol again.
+        assert names == [
+            "protocol_close",
+            "stream_close",
+            "on_connection_close",
+            "protocol_close",
+            "stream_close",
+            "after_connection_close",
+        ]
+    finally:
+        for hook, listener in listeners.items():
+            hooks._ws_listeners[hook] = tuple(
+                f for f in hooks._ws_listeners[hook] if f is not listener
+            )

@@ -41,7 +41,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeAlias, TypeVar, Union
+from typing import Any, Final, Generic, TypeAlias, TypeVar, Union
 
 import tornado.web
 import tornado.websocket
@@ -56,8 +56,9 @@ from ._frames import (
     frame_for_connection,
 )
 from ._tornado import fanout, iostream, web, websocket_proto
-from ._tornado.hooks import HandlerHooks, Hook
+from ._tornado.hooks import HandlerHooks, Hook, add_websocket_listener
 from .codes import CloseCode
+from .connections import _find_slots, _slots_of
 from .exceptions import ConnectionClosedError, PeerGoneError, SlowConsumerError
 from .logfields import log_fields
 from .stats import COUNTER, FLAG, GAUGE, PEAK
@@ -183,6 +184,9 @@ class WriterStats:
     writes: int = field(metadata=COUNTER)
 
 
+_DEFAULT_LOW_WATER: Final = max(1, DEFAULT_HIGH_WATER // 4)
+
+
 class FlowState(Generic[T]):
     """Water-mark, queue and policy bookkeeping for one connection, without I/O.
 
@@ -232,7 +236,10 @@ class FlowState(Generic[T]):
         max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
         if low_water is None:
-            low_water = max(1, high_water // 4)
+            # The default's int object shared by every writer (32 bytes each otherwise).
+            low_water = (
+                _DEFAULT_LOW_WATER if high_water == DEFAULT_HIGH_WATER else max(1, high_water // 4)
+            )
         if high_water <= 0 or low_water <= 0:
             raise ValueError(
                 f"water marks must be positive (high_water={high_water}, low_water={low_water})"
@@ -500,7 +507,10 @@ def _flusher_for(loop: asyncio.AbstractEventLoop) -> _Flusher:
     return flusher
 
 
-_ATTR = "_longconn_backpressure_writer"
+def _writer_of(target: Any) -> BackpressureWriter | None:
+    """The writer attached to ``target`` (kept in its :class:`~.connections._Slots`), or None."""
+    slots = _find_slots(target)
+    return None if slots is None else slots.writer
 
 
 def _detach_writer(target: Any) -> None:
@@ -510,7 +520,11 @@ def _detach_writer(target: Any) -> None:
     by reference counting; whoever still holds the writer keeps its stats.
     Called by :mod:`tornado_longconn.broadcast` after the handler's close.
     """
-    writer = target.__dict__.pop(_ATTR, None)
+    slots = _find_slots(target)
+    if slots is None:
+        return
+    writer: BackpressureWriter | None = slots.writer
+    slots.writer = None
     if writer is not None and writer._state.lifecycle in _UNSETTLED:
         writer._sync_closed()
 
@@ -520,15 +534,21 @@ _UNSETTLED = (Lifecycle.OPEN, Lifecycle.CLOSING)
 
 def _flush_before_close(target: Any) -> None:
     """Hook listener: ``close()``/``finish()`` is about to run on ``target``."""
-    writer: BackpressureWriter | None = target.__dict__.get(_ATTR)
+    writer = _writer_of(target)
     if writer is not None:
         writer._flush_before_close()
 
 
 def _on_protocol_close(target: Any) -> None:
-    """Hook listener: ``target``'s WebSocket protocol started closing."""
-    writer: BackpressureWriter | None = target.__dict__.get(_ATTR)
+    """Class-level hook listener: ``target``'s WebSocket protocol is about to close.
+
+    Runs for every WebSocket of the process (a handler without a writer, or
+    Tornado's client connection, has nothing to do): writes the cork before the
+    close frame, then stops the fan-out's direct writes.
+    """
+    writer = _writer_of(target)
     if writer is not None:
+        writer._flush_before_close()
         writer._on_protocol_close()
 
 
@@ -734,12 +754,12 @@ class BackpressureWriter:
 
     # One writer per connection, alive as long as it: slotted, and its waiter queues
     # and write-future list are made on first need and dropped once empty.
-    # ``__dict__`` stays (created only when used) for ``close_grace`` on one writer.
+    # No ``__dict__``: on CPython 3.11 it costs ~150 bytes per writer even unused.
     __slots__ = (
-        "__dict__",
         "__weakref__",
         "_abort_handle",
         "_close_code",
+        "_close_grace",
         "_close_reason",
         "_cork",
         "_dirty",
@@ -761,9 +781,24 @@ class BackpressureWriter:
         "_write_futures",
     )
 
-    #: Seconds the ``CLOSE`` policy waits for a clean close before resetting
-    #: the TCP connection. Set on the class or on one writer.
-    close_grace: float = 1.0
+    _close_grace: float | None
+
+    #: The class's :attr:`close_grace` (set it on a subclass, or here for every writer).
+    default_close_grace: float = 1.0
+
+    @property
+    def close_grace(self) -> float:
+        """Seconds the ``CLOSE`` policy waits for a clean close before resetting the TCP connection.
+
+        Default :attr:`default_close_grace` (1.0); set it on one writer, or as a
+        class attribute of a subclass.
+        """
+        grace = self._close_grace
+        return self.default_close_grace if grace is None else grace
+
+    @close_grace.setter
+    def close_grace(self, seconds: float) -> None:
+        self._close_grace = seconds
 
     def __init__(
         self,
@@ -783,13 +818,14 @@ class BackpressureWriter:
             raise TypeError(
                 f"target must be a WebSocketHandler or RequestHandler, not {type(target).__name__}"
             )
-        if getattr(target, _ATTR, None) is not None:
+        if _writer_of(target) is not None:
             raise RuntimeError(
                 "this handler already has a BackpressureWriter; use BackpressureWriter.of(handler)"
             )
         self._target = target
         self._close_code = close_code
         self._close_reason = close_reason
+        self._close_grace = None
         self._loop = asyncio.get_running_loop()
         self._flusher = _flusher_for(self._loop)
         self._cork: list[bytes] = []
@@ -827,22 +863,25 @@ class BackpressureWriter:
         self._is_closing: Callable[[], bool] = transport.is_closing
         if transport.stream is None:
             self._mark_gone(StreamClosedError())
-            setattr(target, _ATTR, self)
+            _slots_of(target).writer = self
             return
         if isinstance(transport, _WebSocketTransport):
             self._is_closing = transport.proto.is_closing
         if self._is_closing():
             self._sync_closed()
-        setattr(target, _ATTR, self)
-        # Module-level listeners that find the writer on the handler: no weak
-        # reference or bound method per connection.
-        hooks = HandlerHooks.of(target)
-        hooks.add_handler_listener(transport.close_hook, _flush_before_close)
-        if self._plain and self._sock is not None and self._state.lifecycle is _OPEN:
-            self._fast_sock = self._sock
-            # Tornado calls ws_connection.close() right after every change that ends
-            # the data phase, so the fan-out need not read the protocol's flags.
-            hooks.add_handler_listener(Hook.PROTOCOL_CLOSE, _on_protocol_close)
+        _slots_of(target).writer = self
+        if isinstance(transport, _WebSocketTransport):
+            # Class-level listeners (patched once on Tornado's classes) that find the
+            # writer on the handler: nothing per connection. ``handler.close()``
+            # calls ``ws_connection.close()``, and Tornado calls that right after
+            # every change that ends the data phase, so one hook both flushes the
+            # cork before the close frame and stops the fan-out's direct writes.
+            add_websocket_listener(Hook.PROTOCOL_CLOSE, _on_protocol_close)
+            if self._plain and self._sock is not None and self._state.lifecycle is _OPEN:
+                self._fast_sock = self._sock
+        else:
+            # A streaming response: ``finish()`` patched on this handler (rare).
+            HandlerHooks.of(target).add_handler_listener(transport.close_hook, _flush_before_close)
 
     def _flush_before_close(self) -> None:
         """``handler.close()``/``finish()`` is about to run: write the cork first, to keep order."""
@@ -866,7 +905,7 @@ class BackpressureWriter:
         one order and one buffer count. ``kwargs`` (the constructor's keyword
         arguments) only apply when the writer is created here.
         """
-        writer: BackpressureWriter | None = getattr(target, _ATTR, None)
+        writer = _writer_of(target)
         if writer is None:
             writer = cls(target, **kwargs)
         return writer

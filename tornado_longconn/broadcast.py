@@ -56,7 +56,7 @@ from tornado.websocket import WebSocketHandler
 
 from ._frames import OP_TEXT, Encoded, encode_message
 from ._groupcore import GapPolicy, GroupCore, MemberSlot, MemberState
-from ._tornado.hooks import HandlerHooks, Hook
+from ._tornado.hooks import Hook, add_websocket_listener
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
 from .backoff import ReconnectBackoff, retry_unavailable
@@ -68,6 +68,7 @@ from .backpressure import (
     _offer_all,
 )
 from .codes import CloseCode
+from .connections import _find_slots, _slots_of
 from .exceptions import BackendError, BackendUnavailableError, LongConnError
 from .log import DEFAULT_HISTORY, Cursor, HistoryLimit, Message, SinceResult, parse_cursor
 from .logfields import log_fields
@@ -127,7 +128,6 @@ Envelope = Callable[[Message], Any]
 Notice = Callable[[str, Cursor | None, str], str]
 
 # The handler attribute holding the groups a connection belongs to.
-_GROUPS_ATTR: Final = "_longconn_groups"
 
 _WRITTEN: Final = SendResult.WRITTEN
 _QUEUED: Final = SendResult.QUEUED
@@ -508,37 +508,71 @@ class Membership(MemberSlot[_Live]):
 
 
 def _members_of(handler: WebSocketHandler) -> dict[BroadcastGroup, None]:
-    """The groups ``handler`` belongs to, hooking its close the first time.
+    """The groups ``handler`` belongs to, in join order, as a dict (made if needed).
 
-    The handler's ``on_connection_close`` (every close path of a WebSocket that
-    got as far as its frame loop) and its stream's close callback (covers an
-    ``open()`` that raised after joining) both make it leave every group,
-    through the handler's one hook registry
-    (:class:`~tornado_longconn._tornado.hooks.HandlerHooks`). The hooks hold
-    the handler weakly and are removed once it closed (with its writer), so a
-    closed member is freed by reference counting alone.
+    A connection in one group keeps just that group on the handler (a dict costs
+    about 220 bytes per connection); :func:`_join_group` and this function turn
+    it into a dict once a second group is joined or the dict is asked for.
+
+    Every close path makes it leave every group, through listeners patched once
+    on Tornado's classes (:func:`~tornado_longconn._tornado.hooks.add_websocket_listener`):
+    ``on_ws_connection_close`` (the end of the frame loop, before
+    ``on_connection_close``) and the protocol's ``close`` once the stream is
+    closed (covers an ``open()`` that raised after joining, which Tornado aborts
+    without ``on_connection_close``). Nothing is hooked per connection, and the
+    groups and the writer are dropped once it closed, so a closed member is freed
+    by reference counting alone.
     """
-    groups: dict[BroadcastGroup, None] | None = handler.__dict__.get(_GROUPS_ATTR)
-    if groups is not None:
+    slots = _slots_of(handler)
+    groups: dict[BroadcastGroup, None] | BroadcastGroup | None = slots.groups
+    if isinstance(groups, dict):
         return groups
-    groups = {}
-    handler.__dict__[_GROUPS_ATTR] = groups
-    # Module-level listeners called with the handler: no closures, cells or extra
-    # weak references per connection.
-    hooks = HandlerHooks.of(handler)
-    hooks.add_handler_listener(Hook.CONNECTION_CLOSE, _leave_all)
-    hooks.add_handler_listener(Hook.AFTER_CONNECTION_CLOSE, _forget)
-    if getattr(handler.ws_connection, "stream", None) is not None:
-        hooks.add_handler_listener(Hook.STREAM_CLOSE, _leave_all)
-    return groups
+    _hook_group_close()
+    as_dict: dict[BroadcastGroup, None] = {} if groups is None else {groups: None}
+    slots.groups = as_dict
+    return as_dict
+
+
+def _join_group(handler: WebSocketHandler, group: BroadcastGroup) -> None:
+    """Record that ``handler`` joined ``group`` (the group itself while it is the only one)."""
+    slots = _slots_of(handler)
+    groups: dict[BroadcastGroup, None] | BroadcastGroup | None = slots.groups
+    if groups is None:
+        _hook_group_close()
+        slots.groups = group
+    elif isinstance(groups, dict):
+        groups[group] = None
+    elif groups is not group:
+        slots.groups = {groups: None, group: None}
+
+
+def _left_group(handler: WebSocketHandler, group: BroadcastGroup) -> None:
+    """Forget that ``handler`` is in ``group`` (nothing if it is not)."""
+    slots = _find_slots(handler)
+    groups = None if slots is None else slots.groups
+    if isinstance(groups, dict):
+        groups.pop(group, None)
+    elif slots is not None and groups is group:
+        slots.groups = {}
+
+
+def _hook_group_close() -> None:
+    # Class-level listeners (patched once on Tornado's classes) that find the
+    # groups on the handler: nothing per connection.
+    add_websocket_listener(Hook.CONNECTION_CLOSE, _leave_all)
+    add_websocket_listener(Hook.AFTER_CONNECTION_CLOSE, _forget)
+    add_websocket_listener(Hook.STREAM_CLOSE, _leave_all)
 
 
 def _leave_all(handler: Any) -> None:
-    """The connection closed: leave every group it belongs to (a hook listener)."""
-    groups: dict[BroadcastGroup, None] | None = handler.__dict__.get(_GROUPS_ATTR)
+    """The connection closed: leave every group it belongs to (a class-level hook listener)."""
+    slots = _find_slots(handler)
+    groups: dict[BroadcastGroup, None] | BroadcastGroup | None = (
+        None if slots is None else slots.groups
+    )
     if not groups:
         return
-    for group in list(groups):
+    for group in list(groups) if isinstance(groups, dict) else [groups]:
         try:
             group._remove(handler, closed=False)
         except Exception:
@@ -552,12 +586,13 @@ def _leave_all(handler: Any) -> None:
 def _forget(handler: Any) -> None:
     """Drop what :func:`_members_of` attached to a closed handler, and its writer.
 
-    The hook registry removes its own patches after ``on_connection_close``.
+    A class-level listener: runs after every WebSocket's ``on_connection_close``.
     """
-    attrs = handler.__dict__
-    groups = attrs.get(_GROUPS_ATTR)
-    if groups is not None and not groups:
-        del attrs[_GROUPS_ATTR]
+    slots = _find_slots(handler)
+    if slots is None or slots.groups is None:
+        return
+    if isinstance(slots.groups, dict) and not slots.groups:
+        slots.groups = None
     _detach_writer(handler)
 
 
@@ -835,7 +870,7 @@ class BroadcastGroup:
             self._loop = asyncio.get_running_loop()
         writer = BackpressureWriter.of(handler, **self._writer_options(policy, high_water))
         member = Membership(self, handler, writer)
-        _members_of(handler)[self] = None
+        _join_group(handler, self)
         self._core.add(handler, member, cursor=resume_from)
         self._joined += 1
         if resume_from is not None:
@@ -877,9 +912,7 @@ class BroadcastGroup:
         task = member._task
         if task is not None and not task.done() and task is not _current_task():
             task.cancel()
-        groups = handler.__dict__.get(_GROUPS_ATTR)
-        if groups is not None:
-            groups.pop(self, None)
+        _left_group(handler, self)
         if not self._core:
             if self._subscribed:
                 self._sync_subscription()

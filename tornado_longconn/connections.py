@@ -40,13 +40,49 @@ __all__ = [
 
 #: The application setting that holds the :class:`ConnectionCounters`.
 _SETTING: Final = "longconn_connections"
-_ID_ATTR: Final = "_longconn_conn_id"
-_OPEN_ATTR: Final = "_longconn_open_transport"
+#: The ONE instance attribute the library adds to a handler (see :class:`_Slots`).
+_SLOTS_ATTR: Final = "_longconn"
 _DIGITS: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
 _ids = itertools.count(1)
 
 #: The transports counted, in the order of :class:`ConnectionStats`' fields.
 TRANSPORTS: Final[tuple[str, ...]] = ("websocket", "sse", "longpoll")
+
+
+class _Slots:
+    """What the library keeps on one handler, behind one instance attribute (internal).
+
+    CPython keeps the instances of a class in "split" dicts that share one key
+    table while every instance has the same keys, up to about 28 of them; a
+    Tornado ``WebSocketHandler`` already has 27. One key more than that turns
+    the handler's dict into a dict of its own: about 1.3 KB per connection. So
+    the connection id, the counted transport, the heartbeat state, the writer
+    and the groups live in this slotted object (80 bytes) under one key.
+    """
+
+    __slots__ = ("conn_id", "groups", "heartbeat", "open_transport", "writer")
+
+    def __init__(self) -> None:
+        self.conn_id: str | None = None
+        self.open_transport: str | None = None
+        self.heartbeat: Any = None
+        self.writer: Any = None
+        self.groups: Any = None
+
+
+def _slots_of(handler: Any) -> _Slots:
+    """``handler``'s :class:`_Slots`, made on first use."""
+    slots: _Slots | None = handler.__dict__.get(_SLOTS_ATTR)
+    if slots is None:
+        slots = _Slots()
+        setattr(handler, _SLOTS_ATTR, slots)
+    return slots
+
+
+def _find_slots(handler: Any) -> _Slots | None:
+    """``handler``'s :class:`_Slots` if it has them (never made here)."""
+    attrs = getattr(handler, "__dict__", None)
+    return None if attrs is None else attrs.get(_SLOTS_ATTR)
 
 
 def _base36(n: int) -> str:
@@ -68,10 +104,10 @@ def connection_id(handler: Any) -> str:
     >>> connection_id(h) == connection_id(h) and connection_id(h).startswith("c")
     True
     """
-    cid: str | None = getattr(handler, _ID_ATTR, None)
+    slots = _slots_of(handler)
+    cid = slots.conn_id
     if cid is None:
-        cid = "c" + _base36(next(_ids))
-        setattr(handler, _ID_ATTR, cid)
+        cid = slots.conn_id = "c" + _base36(next(_ids))
     return cid
 
 
@@ -152,12 +188,13 @@ class ConnectionCounters:
 
     def opened(self, handler: Any, transport: str) -> None:
         """Count ``handler`` as open on ``transport`` (and give it its id); once per handler."""
-        if getattr(handler, _OPEN_ATTR, None) is not None:
+        slots = _slots_of(handler)
+        if slots.open_transport is not None:
             return
         if transport not in self._open:
             raise ValueError(f"unknown transport {transport!r}")
         connection_id(handler)
-        setattr(handler, _OPEN_ATTR, transport)
+        slots.open_transport = transport
         if transport == "websocket":
             self._websockets[handler] = None
         self._open[transport] += 1
@@ -165,10 +202,11 @@ class ConnectionCounters:
 
     def closed(self, handler: Any) -> None:
         """Count ``handler`` as closed; a no-op if it is not counted as open (idempotent)."""
-        transport = getattr(handler, _OPEN_ATTR, None)
-        if transport is None:
+        slots = _find_slots(handler)
+        transport = None if slots is None else slots.open_transport
+        if slots is None or transport is None:
             return
-        setattr(handler, _OPEN_ATTR, None)
+        slots.open_transport = None
         if transport == "websocket":
             self._websockets.pop(handler, None)
         self._open[transport] -= 1

@@ -65,8 +65,9 @@ from ._frames import (
 from ._tornado.iostream import release_error, write_done, write_total
 from ._tornado.websocket_proto import read_progress
 from .codes import CloseCode
+from .connections import _find_slots, _slots_of
+from .gc_tuning import _tuning_active, tune_gc
 from .gc_tuning import after_tick as gc_after_tick
-from .gc_tuning import gc_tuning_stats, tune_gc
 from .histogram import HistogramStats, LatencyHistogram
 from .logfields import log_fields
 from .stats import COUNTER, GAUGE, PEAK
@@ -801,8 +802,18 @@ class HeartbeatMixin(StrictWebSocketMixin):
     #: The application-level reply that answers it.
     heartbeat_reply: Any = DEFAULT_REPLY
 
-    _heartbeat: HeartbeatState | None = None
     _heartbeat_reply_text: str = DEFAULT_REPLY
+
+    @property
+    def _heartbeat(self) -> HeartbeatState | None:
+        # Kept in the handler's one library attribute (connections._Slots): one
+        # instance attribute more would give every handler a dict of its own.
+        slots = _find_slots(self)
+        return None if slots is None else slots.heartbeat
+
+    @_heartbeat.setter
+    def _heartbeat(self, state: HeartbeatState | None) -> None:
+        _slots_of(self).heartbeat = state
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -882,7 +893,9 @@ class HeartbeatMixin(StrictWebSocketMixin):
             counters = state.counters = HeartbeatCounters.for_application(self.application)
             counters.connections += 1
             scheduler = HeartbeatScheduler.current()
-            if self.settings.get("heartbeat_gc_freeze") and not gc_tuning_stats().active:
+            # Not gc_tuning_stats(): it counts the frozen objects (a walk of them all),
+            # and this runs for every connection.
+            if self.settings.get("heartbeat_gc_freeze") and not _tuning_active():
                 tune_gc()  # once per process; calling tune_gc() at start-up is clearer
             scheduler.add(self, state, state.last_activity)
         return protocol

@@ -1,4 +1,11 @@
-"""One hook registry per handler: one patch per method, many listeners (internal).
+"""Close hooks: class-level for WebSockets, one registry per other handler (internal).
+
+For WebSocket handlers, :func:`add_websocket_listener` registers module-level
+listeners behind two methods patched once on Tornado's classes (see the comment
+above it): nothing is made per connection, which is what a member of a group
+costs least with. The per-handler registry below (:class:`HandlerHooks`) serves
+streaming ``RequestHandler`` writers (``finish()``) and anything else that needs
+a hook on one handler.
 
 Parts of the library need to run code when a handler closes: the writer flushes
 its cork before ``close()`` / ``finish()`` and stops direct socket writes as soon
@@ -35,11 +42,13 @@ from types import MethodType
 from typing import Any, Final
 
 import tornado.web
+import tornado.websocket
 from tornado.iostream import IOStream
 
 from . import iostream
+from ._check import register, require_attrs, require_init_attrs
 
-__all__ = ["HandlerHooks", "Hook"]
+__all__ = ["HandlerHooks", "Hook", "add_websocket_listener", "websocket_listeners"]
 
 log = logging.getLogger("tornado_longconn.hooks")
 
@@ -306,3 +315,121 @@ class HandlerHooks:
             patch = _Patch(self, handler, name, hook, self._handler)
             handler.__dict__[name] = patch
         self._patches.append(patch)
+
+
+# -- class-level WebSocket close hooks -------------------------------------------------
+#
+# A per-handler registry costs its object, a list, a patch object per method and
+# weak references: about 0.9 KiB per connection, paid by every member of a group.
+# For WebSocket handlers the same moments are reached through two of Tornado's own
+# methods, patched once on Tornado's classes (not on the user's handler classes):
+#
+# * ``WebSocketProtocol13.close(code, reason)`` -- every close: ``handler.close()``,
+#   a close frame received, an abort (``_abort`` closes the stream then calls it);
+#   listeners of ``PROTOCOL_CLOSE`` run before it, those of ``STREAM_CLOSE`` after
+#   it when the stream is closed by then (also the path of an ``open()`` that raised:
+#   Tornado aborts without calling ``on_ws_connection_close``).
+# * ``WebSocketHandler.on_ws_connection_close(close_code, close_reason)`` -- called
+#   once by the protocol's frame loop when it ends; it calls
+#   ``on_connection_close()``. ``CONNECTION_CLOSE`` listeners run before it,
+#   ``AFTER_CONNECTION_CLOSE`` ones after it.
+#
+# Listeners are module-level functions called with the handler (for the protocol
+# hooks: ``protocol.handler``, which is a ``WebSocketClientConnection`` on Tornado's
+# client side); each looks up what it needs in the handler's ``__dict__``, so a
+# connection pays nothing until it closes. Checked against Tornado 6.4.2, 6.5.2, 6.6.1.
+
+_WS_HOOKS: Final = (
+    Hook.PROTOCOL_CLOSE,
+    Hook.STREAM_CLOSE,
+    Hook.CONNECTION_CLOSE,
+    Hook.AFTER_CONNECTION_CLOSE,
+)
+_ws_listeners: dict[Hook, tuple[Callable[[Any], object], ...]] = dict.fromkeys(_WS_HOOKS, ())
+_ws_originals: dict[str, Callable[..., Any]] = {}
+
+
+def _check_protocol_attrs() -> None:
+    # ``handler`` and ``stream`` are instance attributes: read from ``__init__``.
+    require_init_attrs(tornado.websocket.WebSocketProtocol, ("handler", "stream"))
+    require_attrs(tornado.websocket.WebSocketProtocol13, ("close",))
+    require_attrs(tornado.websocket.WebSocketHandler, ("on_ws_connection_close",))
+
+
+register(_check_protocol_attrs)
+
+
+def _run_ws(hook: Hook, handler: Any) -> None:
+    for func in _ws_listeners[hook]:
+        try:
+            func(handler)
+        except Exception:
+            from ..logfields import log_fields as _log_fields
+
+            log.exception(
+                "%s listener %r failed",
+                hook.value,
+                func,
+                extra=_log_fields(
+                    handler if isinstance(handler, tornado.web.RequestHandler) else None,
+                    topic=None,
+                ),
+            )
+
+
+def _protocol_close(self: Any, code: int | None = None, reason: str | None = None) -> None:
+    """``WebSocketProtocol13.close``, with the class-level listeners around it."""
+    handler = self.handler
+    _run_ws(Hook.PROTOCOL_CLOSE, handler)
+    try:
+        _ws_originals["close"](self, code, reason)
+    finally:
+        stream = self.stream
+        if stream is None or stream.closed():
+            _run_ws(Hook.STREAM_CLOSE, handler)
+
+
+def _on_ws_connection_close(
+    self: Any, close_code: int | None = None, close_reason: str | None = None
+) -> None:
+    """``WebSocketHandler.on_ws_connection_close``, with the listeners around it."""
+    _run_ws(Hook.CONNECTION_CLOSE, self)
+    try:
+        _ws_originals["on_ws_connection_close"](self, close_code, close_reason)
+    finally:
+        _run_ws(Hook.AFTER_CONNECTION_CLOSE, self)
+
+
+def _install_websocket_patches() -> None:
+    if _ws_originals:
+        return
+    proto_cls: Any = tornado.websocket.WebSocketProtocol13
+    handler_cls: Any = tornado.websocket.WebSocketHandler
+    _ws_originals["close"] = proto_cls.close
+    _ws_originals["on_ws_connection_close"] = handler_cls.on_ws_connection_close
+    _protocol_close.__doc__ = proto_cls.close.__doc__
+    proto_cls.close = _protocol_close
+    handler_cls.on_ws_connection_close = _on_ws_connection_close
+
+
+def add_websocket_listener(hook: Hook, listener: Callable[[Any], object]) -> None:
+    """Call ``listener(handler)`` at ``hook`` for every WebSocket connection of the process.
+
+    ``hook`` is ``PROTOCOL_CLOSE``, ``STREAM_CLOSE``, ``CONNECTION_CLOSE`` or
+    ``AFTER_CONNECTION_CLOSE`` (see the comment above); ``listener`` must be a
+    module-level function that ignores handlers it has nothing attached to (it
+    runs for every WebSocket of the process, Tornado's client connections
+    included, at most a few times per connection). Adding the same listener
+    again changes nothing. The first call patches Tornado's two methods, once.
+    Raises ``ValueError`` for any other hook.
+    """
+    if hook not in _ws_listeners:
+        raise ValueError(f"{hook} is not a class-level WebSocket hook")
+    _install_websocket_patches()
+    if listener not in _ws_listeners[hook]:
+        _ws_listeners[hook] = (*_ws_listeners[hook], listener)
+
+
+def websocket_listeners(hook: Hook) -> tuple[Callable[[Any], object], ...]:
+    """The class-level listeners of ``hook``, in the order they run."""
+    return _ws_listeners[hook]

@@ -27,19 +27,25 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Callable, Sized
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import tornado.iostream
 from tornado.iostream import IOStream, SSLIOStream
+from tornado.iostream import UnsatisfiableReadError as _UnsatisfiableReadError
+from tornado.log import gen_log as _gen_log
 
 from ._check import register, require_attrs, require_init_attrs
 
 __all__ = [
+    "KEEP_READING_BYTES",
+    "KeepReadingIOStream",
     "StreamInternals",
     "abort",
     "check_iostream",
+    "check_keep_reading",
     "close_callback",
     "idle",
+    "keep_reading",
     "pending_bytes",
     "plain_socket",
     "release_error",
@@ -219,3 +225,125 @@ def release_error(stream: IOStream | None) -> None:
         context = error.__context__
         if context is not None:
             context.__traceback__ = None
+
+
+# -- keep listening while a few bytes wait ---------------------------------------------
+#
+# After every read event, ``IOStream._handle_events`` stops listening for reads when
+# no read is pending and its buffer is not empty, and the next ``read_bytes`` starts
+# listening again. A WebSocket frame arrives whole, and Tornado reads it in parts
+# (header, mask, payload): after the header's read the rest is buffered, so each
+# inbound frame (every pong) costs two selector changes -- on asyncio two
+# ``epoll_ctl`` calls and a new ``Handle`` and ``SelectorKey``, objects that live
+# until the next frame and are what the cyclic GC promotes and walks.
+# :class:`KeepReadingIOStream` keeps listening while at most
+# :data:`KEEP_READING_BYTES` wait in the buffer: no change at all for small
+# frames, and inbound flow control is kept (past that much unread data the stream
+# stops listening exactly as Tornado's does). Its ``_handle_events`` is Tornado's
+# (identical in 6.4.2, 6.5.2 and 6.6.1; ``tests/test_tornado_canary.py`` compares
+# the source) with that one condition changed.
+
+#: Bytes that may wait in a stream's read buffer while it keeps listening for reads.
+KEEP_READING_BYTES: Final = 4096
+
+
+class KeepReadingIOStream(IOStream):
+    """An ``IOStream`` that keeps listening for reads while a few bytes are buffered.
+
+    Made by :func:`keep_reading` (a class change of a live stream: same layout, no
+    new attributes; its IOLoop registration is made again with the new method).
+    """
+
+    __slots__ = ()
+
+    def _handle_events(self, fd: Any, events: int) -> None:
+        if self.closed():
+            _gen_log.warning("Got events for closed stream %s", fd)
+            return
+        try:
+            if self._connecting:
+                # Most IOLoops will report a write failed connect
+                # with the WRITE event, but SelectIOLoop reports a
+                # READ as well so we must check for connecting before
+                # either.
+                self._handle_connect()
+            if self.closed():
+                return
+            if events & self.io_loop.READ:
+                self._handle_read()
+            if self.closed():
+                return
+            if events & self.io_loop.WRITE:
+                self._handle_write()
+            if self.closed():
+                return
+            if events & self.io_loop.ERROR:
+                self.error = self.get_fd_error()
+                # We may have queued up a user callback in _handle_read or
+                # _handle_write, so don't close the IOStream until those
+                # callbacks have had a chance to run.
+                self.io_loop.add_callback(self.close)
+                return
+            state = self.io_loop.ERROR
+            if self.reading():
+                state |= self.io_loop.READ
+            if self.writing():
+                state |= self.io_loop.WRITE
+            if state == self.io_loop.ERROR and self._read_buffer_size <= KEEP_READING_BYTES:
+                # If the connection is idle, listen for reads too so
+                # we can tell if the connection is closed.  If there is
+                # data in the read buffer we won't run the close callback
+                # yet anyway, so we don't need to listen in this case.
+                state |= self.io_loop.READ
+            if state != self._state:
+                assert self._state is not None, (
+                    "shouldn't happen: _handle_events without self._state"
+                )
+                self._state = state
+                self.io_loop.update_handler(self.fileno(), self._state)
+        except _UnsatisfiableReadError as e:
+            _gen_log.info("Unsatisfiable read, closing connection: %s", e)
+            self.close(exc_info=e)
+        except Exception as e:
+            _gen_log.error("Uncaught exception, closing connection.", exc_info=True)
+            self.close(exc_info=e)
+            raise
+
+
+def keep_reading(stream: IOStream | None) -> bool:
+    """Make ``stream`` a :class:`KeepReadingIOStream` if it is a plain ``IOStream``.
+
+    True if it is one now; an ``SSLIOStream`` or any other subclass is left as it is.
+    """
+    if stream is None:
+        return False
+    if type(stream) is IOStream and not stream.closed():
+        stream.__class__ = KeepReadingIOStream
+        state = stream._state
+        if state is not None:
+            # The IOLoop holds the bound method it was given: register the new one.
+            fd = stream.fileno()
+            stream.io_loop.remove_handler(fd)
+            stream.io_loop.add_handler(fd, stream._handle_events, state)
+    return type(stream) is KeepReadingIOStream
+
+
+def check_keep_reading() -> None:
+    """The names :class:`KeepReadingIOStream` uses exist."""
+    require_attrs(
+        IOStream,
+        (
+            "_handle_events",
+            "_handle_connect",
+            "_handle_read",
+            "_handle_write",
+            "get_fd_error",
+            "reading",
+            "writing",
+            "fileno",
+        ),
+    )
+    require_init_attrs(IOStream, ("_connecting", "_read_buffer_size", "_state", "io_loop"))
+
+
+register(check_keep_reading)

@@ -62,6 +62,7 @@ from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProt
 
 from ..exceptions import LongConnError
 from ._check import register, require_attrs, require_init_attrs
+from .iostream import keep_reading
 
 __all__ = [
     "PROTOCOL_ERROR",
@@ -277,6 +278,18 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
     reason)`` is called once per failed connection.
     """
 
+    # Slots, not instance attributes: Tornado's protocol instances share one key
+    # table (a split dict) while they have the same keys; six more keys would give
+    # every connection a dict of its own (about 1.5 KB).
+    __slots__ = (
+        "_strict_checker",
+        "_strict_failure",
+        "_strict_header_next",
+        "_strict_quiet",
+        "_strict_reader",
+        "on_error",
+    )
+
     def __init__(
         self,
         handler: Any,
@@ -322,6 +335,9 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
         cast(Any, self)._wire_bytes_in += n
         checker = self._strict_checker
         if checker is None:
+            # The first frame: from now on the stream keeps listening for reads while
+            # the rest of a small frame waits in its buffer (see iostream.keep_reading).
+            keep_reading(self.stream)
             checker = self._strict_checker = FrameChecker(
                 expect_masked=not self.mask_outgoing,
                 deflate=cast(ReaderInternals, self)._decompressor is not None,
