@@ -605,6 +605,7 @@ def run_one(
         "gc_full": sum(h["gc_full"] for h in holds),
         "broadcast_s": last - sent,
         "closed": closed,
+        "pings": sum(r["pings"] for r in reports),
     }
     return Result(
         variant,
@@ -627,6 +628,8 @@ def table(rows: list[Result]) -> str:
         "RSS/conn KiB",
         "server CPU s (hold)",
         "CPU vs websockets",
+        "pings in hold",
+        "CPU µs per ping",
         "heartbeat p99 late ms",
         "max stall ms",
         "stalls >100 ms",
@@ -655,6 +658,8 @@ def table(rows: list[Result]) -> str:
             f"{s['rss_per_conn'] / 1024:.2f}",
             f"{s['cpu_s']:.2f}",
             f"{s['cpu_s'] / ref:.2f}x" if ref else "-",
+            f"{s.get('pings', 0):,}",
+            f"{s['cpu_s'] / s['pings'] * 1e6:,.0f}" if s.get("pings") else "-",
             f"{late * 1000:.0f}" if late is not None else "-",
             f"{s['stall_max_s'] * 1000:.0f}",
             str(s["stalls"]),
