@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import tornado
+import tornado.util
 import tornado.web
 import tornado.websocket
 from hypothesis import given, settings
@@ -455,7 +456,7 @@ def test_make_strict_refuses_other_subclasses() -> None:
 # -- the door: version checks --------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["_read_bytes", "_receive_frame", "_handle_message", "_abort"])
+@pytest.mark.parametrize("name", ["_accept_connection", "_handle_message", "_abort"])
 def test_missing_private_method_raises_naming_it(
     monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
@@ -631,3 +632,32 @@ def test_stats_for_application() -> None:
         ProtocolErrorCounters.for_application(bad)
     with pytest.raises(TypeError):
         protocol_error_stats(bad)
+
+
+def test_reader_not_started_by_name_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def accept(self: Any, handler: Any) -> None:
+        await self._read_all_frames()  # a Tornado that renamed its frame loop
+
+    monkeypatch.setattr(WebSocketProtocol13, "_accept_connection", accept)
+    with pytest.raises(LongConnError, match=r"_receive_frame_loop is missing.*no longer started"):
+        door.check_websocket()
+
+
+def test_missing_websocket_mask_raises_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(tornado.util, "_websocket_mask")
+    with pytest.raises(LongConnError, match=r"_websocket_mask"):
+        door.check_websocket()
+
+
+def test_missing_frame_compressed_raises_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    def init(self: Any, handler: Any, mask_outgoing: bool, params: Any) -> None:
+        # A Tornado whose __init__ sets everything the reader reads but _frame_compressed.
+        self._decompressor = self.params = params
+        self.mask_outgoing = mask_outgoing
+        self.stream = self.close_code = self.close_reason = None
+        self.client_terminated = self.server_terminated = False
+        self._wire_bytes_in = 0
+
+    monkeypatch.setattr(WebSocketProtocol13, "__init__", init)
+    with pytest.raises(LongConnError, match=r"_frame_compressed is missing.*no longer set"):
+        door.check_websocket()

@@ -22,14 +22,29 @@ without a close frame. :class:`StrictWebSocketProtocol` subclasses it and:
 * reports every such failure (close code and reason) to an ``on_error``
   callback, for :class:`~tornado_longconn.strict.ProtocolErrorCounters`.
 
+It reads frames itself: one pending read per wait for the socket, and every
+frame the stream has buffered parsed from one chunk (Tornado's reader awaits a
+read, a future and a coroutine, for the header, the mask and the payload of
+each frame). An idle connection's pong costs one future instead of three and no
+coroutine. Messages go to Tornado's own ``_handle_message`` (and from there to
+the handler's callbacks), as Tornado's reader hands them over; the limits are
+Tornado's (``max_message_size`` answered with 1009) and its fairness rule (a
+turn for the loop after about 256 KiB parsed without a wait) applies on every
+version.
+
 Private names used (each checked against Tornado 6.4.2, 6.5.2 and 6.6.1):
 
-* ``WebSocketProtocol13._receive_frame()`` -- reads one frame; its FIRST
-  ``_read_bytes`` call reads the 2-byte header (verified at each call: any other
-  size raises :class:`~tornado_longconn.exceptions.LongConnError`).
-* ``WebSocketProtocol13._read_bytes(n)`` -- one read from the stream; the
-  header read does what it does (``stream.read_bytes(n)``, then adds ``n`` to
-  ``WebSocketProtocol13._wire_bytes_in``) without its coroutine.
+* ``WebSocketProtocol13._receive_frame_loop()`` -- the coroutine
+  ``WebSocketProtocol13._accept_connection`` awaits after ``open()`` to read
+  frames until the connection ends (checked: its code names it); replaced by
+  the library's reader (below), which ends it as Tornado's does (an abort on a
+  closed stream, then ``handler.on_ws_connection_close(code, reason)``).
+* ``WebSocketProtocol13._wire_bytes_in`` -- bytes read as frames; the reader
+  adds the bytes it takes from the stream (heartbeats read it as progress).
+* ``WebSocketProtocol13._frame_compressed`` -- read by ``_handle_message``:
+  inflate the message? Set by the reader before each message it hands over.
+* ``tornado.util._websocket_mask(mask, data)`` -- unmasks a payload (Tornado's C
+  speedup when it is built).
 * ``WebSocketProtocol13._handle_message(opcode, data)`` -- dispatches a
   complete message or control frame (close frames: records and echoes the code).
 * ``WebSocketProtocol._run_callback(callback, *args)`` -- runs a handler
@@ -52,16 +67,17 @@ from __future__ import annotations
 import asyncio
 import struct
 import zlib
-from collections.abc import Callable, Coroutine
-from typing import Any, Final, NamedTuple, Protocol, cast
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple, Protocol
 
 import tornado
+import tornado.util
 from tornado.concurrent import Future
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
 from ..exceptions import LongConnError
-from ._check import register, require_attrs, require_init_attrs
+from ._check import missing, register, require_attrs, require_init_attrs
 from .iostream import keep_reading
 
 __all__ = [
@@ -90,6 +106,17 @@ _OP_TEXT: Final = 0x1
 _OP_BINARY: Final = 0x2
 _OP_CLOSE: Final = 0x8
 _KNOWN_OPCODES: Final = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))
+_U16: Final = struct.Struct("!H")
+_U64: Final = struct.Struct("!Q")
+
+#: Bytes the reader takes from the stream per read: what the stream has buffered,
+#: up to this much, so the frames in it are parsed without a read each.
+READ_CHUNK: Final = 65536
+# Tornado 6.6's fairness rule, applied on every version: after about this much
+# work (bytes, plus a cost per frame) without a wait for the socket, the reader
+# gives the event loop a turn.
+_YIELD_THRESHOLD: Final = 256 * 1024
+_FRAME_YIELD_COST: Final = 1024
 
 
 class Failure(NamedTuple):
@@ -215,12 +242,13 @@ class ReaderInternals(Protocol):
 
     # checked against Tornado 6.4.2, 6.5.2, 6.6.1 (a _PerMessageDeflateDecompressor)
     _decompressor: object | None
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1 (read by _handle_message: inflate?)
+    _frame_compressed: bool | None
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1 (bytes parsed as frames)
+    _wire_bytes_in: int
 
-    # checked against Tornado 6.4.2, 6.5.2, 6.6.1 (first call reads the 2-byte header)
-    async def _receive_frame(self) -> None: ...
-
-    # checked against Tornado 6.4.2, 6.5.2, 6.6.1
-    async def _read_bytes(self, n: int) -> bytes: ...
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1 (started by the handler after open())
+    async def _receive_frame_loop(self) -> None: ...
 
     # checked against Tornado 6.4.2, 6.5.2, 6.6.1
     def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None: ...
@@ -234,10 +262,11 @@ class ReaderInternals(Protocol):
     def _abort(self) -> None: ...
 
 
-_METHODS: Final = ("_receive_frame", "_read_bytes", "_handle_message", "_run_callback", "_abort")
+_METHODS: Final = ("_receive_frame_loop", "_handle_message", "_run_callback", "_abort")
 # "params" holds a private _WebSocketParams; the others are public attribute names.
 _INSTANCE_NAMES: Final = (
     "_decompressor",
+    "_frame_compressed",
     "params",
     "mask_outgoing",
     "stream",
@@ -254,19 +283,25 @@ def check_websocket() -> None:
 
     Run at import of this module, and again by ``_check.check_tornado()``.
     """
-    require_attrs(WebSocketProtocol13, (*_METHODS, "close"))
+    require_attrs(WebSocketProtocol13, (*_METHODS, "close", "_accept_connection"))
     require_init_attrs(WebSocketProtocol13, _INSTANCE_NAMES)
+    accept = getattr(WebSocketProtocol13._accept_connection, "__code__", None)
+    if accept is None or "_receive_frame_loop" not in accept.co_names:
+        # The reader replaces _receive_frame_loop: Tornado must still start it by name.
+        raise missing(
+            "tornado.websocket.WebSocketProtocol13",
+            "_receive_frame_loop",
+            "no longer started by _accept_connection",
+        )
+    if not callable(getattr(tornado.util, "_websocket_mask", None)):
+        raise missing("tornado.util", "_websocket_mask")
 
 
 register(check_websocket)
 
-
-def _header_size_changed(n: int) -> LongConnError:
-    return LongConnError(
-        f"tornado.websocket.WebSocketProtocol13._receive_frame first read {n} bytes, not the "
-        f"2-byte frame header, in Tornado {tornado.version}: the strict WebSocket reader "
-        "cannot check frames on this version"
-    )
+# ``_unmask(mask, data)``: ``data`` XOR-ed with the 4-byte ``mask``
+# (``tornado.util._websocket_mask``: Tornado's C speedup when it is built).
+_unmask: Final[Callable[[bytes, bytes], bytes]] = tornado.util._websocket_mask
 
 
 class StrictWebSocketProtocol(WebSocketProtocol13):
@@ -282,9 +317,7 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
     # table (a split dict) while they have the same keys; six more keys would give
     # every connection a dict of its own (about 1.5 KB).
     __slots__ = (
-        "_strict_checker",
         "_strict_failure",
-        "_strict_header_next",
         "_strict_quiet",
         "_strict_reader",
         "on_error",
@@ -301,8 +334,6 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
         super().__init__(handler, mask_outgoing, params)
         #: Called with (close code, reason) when this connection is failed while reading.
         self.on_error = on_error
-        self._strict_checker: FrameChecker | None = None
-        self._strict_header_next = False
         # The task running _receive_frame, while it runs: a close or abort made
         # synchronously from it (outside handler callbacks) is a protocol failure.
         self._strict_reader: asyncio.Task[Any] | None = None
@@ -311,44 +342,144 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
 
     # -- reading -------------------------------------------------------------
 
-    async def _receive_frame(self) -> None:
-        self._strict_header_next = True
+    async def _receive_frame_loop(self) -> None:
+        # Tornado's loop (``try: frames; except StreamClosedError: abort; then
+        # on_ws_connection_close``) around a reader of our own.
         self._strict_reader = asyncio.current_task()
         try:
-            await super()._receive_frame()
+            await self._read_frames()
+        except StreamClosedError:
+            self._abort()
         finally:
             self._strict_reader = None
-            self._strict_failure = _OTHER
+            self.handler.on_ws_connection_close(self.close_code, self.close_reason)
 
-    def _read_bytes(self, n: int) -> Coroutine[Any, Any, bytes]:
-        if self._strict_header_next:
-            self._strict_header_next = False
-            return self._read_header(n)
-        return super()._read_bytes(n)
+    async def _fill(self, rest: bytes, n: int) -> bytes:
+        """``rest`` and what follows it on the stream: at least ``n`` bytes.
 
-    async def _read_header(self, n: int) -> bytes:
-        if n != 2:
-            raise _header_size_changed(n)
-        # Tornado's _read_bytes, inlined: one coroutine less per frame, and the frame
-        # loop's idle wait (one per connection) holds one object less.
-        data = await self.stream.read_bytes(n)
-        cast(Any, self)._wire_bytes_in += n
-        checker = self._strict_checker
-        if checker is None:
-            # The first frame: from now on the stream keeps listening for reads while
-            # the rest of a small frame waits in its buffer (see iostream.keep_reading).
-            keep_reading(self.stream)
-            checker = self._strict_checker = FrameChecker(
-                expect_masked=not self.mask_outgoing,
-                deflate=cast(ReaderInternals, self)._decompressor is not None,
-            )
-        failure = checker.check(data[0], data[1])
-        if failure is not None:
-            self._fail(failure)
-            # Ends Tornado's read loop the way a closed stream does (it aborts,
-            # then calls the handler's on_close).
-            raise StreamClosedError()
-        return data
+        Small needs take what the stream has buffered (up to :data:`READ_CHUNK`
+        bytes: the frames behind it are parsed without another read); a large
+        payload is read in one exact read. Bytes taken from the stream count in
+        ``_wire_bytes_in`` (read progress) as they are taken.
+        """
+        stream = self.stream
+        internals: ReaderInternals = self  # type: ignore[assignment]
+        if not rest:
+            data = await stream.read_bytes(READ_CHUNK, partial=True)
+            internals._wire_bytes_in += len(data)
+            if len(data) >= n:
+                return data
+            rest = data
+        acc = bytearray(rest)  # grows in place: a peer sending byte by byte costs O(n)
+        while len(acc) < n:
+            missing = n - len(acc)
+            if missing >= READ_CHUNK:
+                chunk = await stream.read_bytes(missing)
+            else:
+                chunk = await stream.read_bytes(READ_CHUNK, partial=True)
+            internals._wire_bytes_in += len(chunk)
+            acc += chunk
+        return bytes(acc)
+
+    async def _read_frames(self) -> None:
+        """Read, check and dispatch frames until the peer's close frame or a failure.
+
+        One pending read per wait for the socket: the frames the stream has
+        buffered are parsed from one chunk, header, mask and payload, where
+        Tornado's reader awaits a read (a future and a coroutine) for each of the
+        three. Messages go to ``_handle_message`` as Tornado's reader hands them
+        over; a returned future (an ``async`` ``on_message``) is awaited before
+        the next frame is read.
+        """
+        internals: ReaderInternals = self  # type: ignore[assignment]
+        stream = self.stream
+        keep_reading(stream)  # see iostream.keep_reading
+        deflate = internals._decompressor is not None
+        checker = FrameChecker(expect_masked=not self.mask_outgoing, deflate=deflate)
+        max_size = self.params.max_message_size
+        buf = b""
+        pos = 0
+        fragments: bytearray | None = None
+        fragment_opcode = 0
+        compressed = False
+        work = 0
+        while not self.client_terminated:
+            if work >= _YIELD_THRESHOLD:
+                # Tornado 6.6's fairness rule, on every version: a peer whose frames
+                # are always buffered does not keep the loop to itself.
+                work = 0
+                await asyncio.sleep(0)
+                continue  # the connection may have ended meanwhile
+            if pos == len(buf):
+                # Idle: the one object that waits is the stream's read future (no
+                # coroutine of ours is made per wait).
+                buf = await stream.read_bytes(READ_CHUNK, partial=True)
+                internals._wire_bytes_in += len(buf)
+                pos = 0
+            if len(buf) - pos < 2:
+                buf = await self._fill(buf[pos:], 2)
+                pos = 0
+            first = buf[pos]
+            second = buf[pos + 1]
+            failure = checker.check(first, second)
+            if failure is not None:
+                self._fail(failure)
+                return
+            length = second & 0x7F
+            head = 2 if length < 126 else 4 if length == 126 else 10
+            masked = second & 0x80
+            if masked:
+                head += 4
+            if len(buf) - pos < head:
+                buf = await self._fill(buf[pos:], head)
+                pos = 0
+            if length == 126:
+                length = _U16.unpack_from(buf, pos + 2)[0]
+            elif length == 127:
+                length = _U64.unpack_from(buf, pos + 2)[0]
+            opcode = first & 0x0F
+            if length + (0 if fragments is None else len(fragments)) > max_size:
+                self.close(1009, "message too big")  # Tornado's answer, kept
+                self._abort()
+                return
+            mask = buf[pos + head - 4 : pos + head] if masked else b""
+            pos += head
+            end = pos + length
+            if end <= len(buf):
+                payload = buf[pos:end]
+                pos = end
+            else:
+                # What the stream had may reach into the next frames: keep it.
+                buf = await self._fill(buf[pos:], length)
+                payload = buf[:length]
+                pos = length
+            if mask and length:
+                payload = _unmask(mask, payload)
+            work += _FRAME_YIELD_COST + head + length
+            final = first & 0x80
+            if opcode & 0x8:  # control: between the frames of a message, never compressed
+                if deflate:
+                    internals._frame_compressed = False
+            elif opcode == _OP_CONT:
+                assert fragments is not None  # the checker refused an orphan continuation
+                fragments += payload
+                if not final:
+                    continue
+                opcode = fragment_opcode
+                payload = bytes(fragments)
+                fragments = None
+                if deflate:
+                    internals._frame_compressed = compressed
+            else:
+                if deflate:
+                    compressed = internals._frame_compressed = bool(first & 0x40)
+                if not final:
+                    fragment_opcode = opcode
+                    fragments = bytearray(payload)
+                    continue
+            handled = self._handle_message(opcode, payload)
+            if handled is not None:
+                await handled
 
     def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
         if opcode == _OP_CLOSE and not self.client_terminated:
