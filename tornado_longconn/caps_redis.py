@@ -55,11 +55,32 @@ DEFAULT_CAPS_TTL: Final = 30.0
 # Dead processes one refresh removes at most.
 _REAP_BUDGET: Final = 100
 
+# The start of every script: ARGV[1] is the key prefix.
+_CAPS_LUA = r"""
+local base = ARGV[1] .. '{caps}'
+-- Takes one connection of process p off hash h.
+local function count_out(h, p)
+  if redis.call('HINCRBY', h, p, -1) <= 0 then
+    redis.call('HDEL', h, p)
+    redis.call('SREM', base .. ':p:' .. p, h)
+  end
+end
+-- Removes every count of process p; returns the key of its set of hashes.
+local function drop_counts(p)
+  local pk = base .. ':p:' .. p
+  for _, h in ipairs(redis.call('SMEMBERS', pk)) do
+    redis.call('HDEL', h, p)
+  end
+  redis.call('DEL', pk)
+  return pk
+end
+"""
+
 _ACQUIRE_LUA = (
     NOW_MS_LUA
+    + _CAPS_LUA
     + r"""
-local prefix, pid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local base = prefix .. '{caps}'
+local pid, n = ARGV[2], tonumber(ARGV[3])
 local procs = base .. ':procs'
 local done = {}
 for i = 0, n - 1 do
@@ -78,10 +99,7 @@ for i = 0, n - 1 do
   end
   if total >= limit then
     for _, hk in ipairs(done) do
-      if redis.call('HINCRBY', hk, pid, -1) <= 0 then
-        redis.call('HDEL', hk, pid)
-        redis.call('SREM', base .. ':p:' .. pid, hk)
-      end
+      count_out(hk, pid)
     end
     return {0, kind}
   end
@@ -93,35 +111,29 @@ return {1, ''}
 """
 )
 
-_RELEASE_LUA = r"""
-local prefix, pid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local base = prefix .. '{caps}'
+_RELEASE_LUA = (
+    _CAPS_LUA
+    + r"""
+local pid, n = ARGV[2], tonumber(ARGV[3])
 for i = 0, n - 1 do
-  local h = base .. ':c:' .. ARGV[4 + 2 * i] .. ':' .. ARGV[5 + 2 * i]
-  if redis.call('HINCRBY', h, pid, -1) <= 0 then
-    redis.call('HDEL', h, pid)
-    redis.call('SREM', base .. ':p:' .. pid, h)
-  end
+  count_out(base .. ':c:' .. ARGV[4 + 2 * i] .. ':' .. ARGV[5 + 2 * i], pid)
 end
 return 1
 """
+)
 
 # Sets this process's deadline (returns 1 when it was not there: write counts
 # again), then removes the fields of at most ARGV[4] dead processes.
 _REFRESH_LUA = (
     NOW_MS_LUA
+    + _CAPS_LUA
     + r"""
-local prefix, pid, ttl, budget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local base = prefix .. '{caps}'
+local pid, ttl, budget = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local procs = base .. ':procs'
 local added = redis.call('ZADD', procs, now + ttl, pid)
 local dead = redis.call('ZRANGEBYSCORE', procs, '-inf', '(' .. now, 'LIMIT', 0, budget)
 for _, p in ipairs(dead) do
-  local pk = base .. ':p:' .. p
-  for _, h in ipairs(redis.call('SMEMBERS', pk)) do
-    redis.call('HDEL', h, p)
-  end
-  redis.call('DEL', pk)
+  drop_counts(p)
   redis.call('ZREM', procs, p)
 end
 return {added, #dead}
@@ -129,14 +141,11 @@ return {added, #dead}
 )
 
 # Replaces this process's counts with ARGV's (kind, key, count) triples.
-_REWRITE_LUA = r"""
-local prefix, pid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local base = prefix .. '{caps}'
-local pk = base .. ':p:' .. pid
-for _, h in ipairs(redis.call('SMEMBERS', pk)) do
-  redis.call('HDEL', h, pid)
-end
-redis.call('DEL', pk)
+_REWRITE_LUA = (
+    _CAPS_LUA
+    + r"""
+local pid, n = ARGV[2], tonumber(ARGV[3])
+local pk = drop_counts(pid)
 for i = 0, n - 1 do
   local h = base .. ':c:' .. ARGV[4 + 3 * i] .. ':' .. ARGV[5 + 3 * i]
   redis.call('HSET', h, pid, ARGV[6 + 3 * i])
@@ -144,25 +153,23 @@ for i = 0, n - 1 do
 end
 return 1
 """
+)
 
 # Forgets this process (at close).
-_FORGET_LUA = r"""
-local prefix, pid = ARGV[1], ARGV[2]
-local base = prefix .. '{caps}'
-local pk = base .. ':p:' .. pid
-for _, h in ipairs(redis.call('SMEMBERS', pk)) do
-  redis.call('HDEL', h, pid)
-end
-redis.call('DEL', pk)
-redis.call('ZREM', base .. ':procs', pid)
+_FORGET_LUA = (
+    _CAPS_LUA
+    + r"""
+drop_counts(ARGV[2])
+redis.call('ZREM', base .. ':procs', ARGV[2])
 return 1
 """
+)
 
 _COUNT_LUA = (
     NOW_MS_LUA
+    + _CAPS_LUA
     + r"""
-local prefix, kind, key = ARGV[1], ARGV[2], ARGV[3]
-local base = prefix .. '{caps}'
+local kind, key = ARGV[2], ARGV[3]
 local all = redis.call('HGETALL', base .. ':c:' .. kind .. ':' .. key)
 local total = 0
 for j = 1, #all, 2 do
