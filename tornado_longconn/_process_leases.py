@@ -81,8 +81,8 @@ class ProcessLease:
     refresh; ``refresh_interval`` (default ``ttl / 3``, below ``ttl``);
     ``reap_interval`` (default ``refresh_interval`` or ``reap_default`` when
     smaller; at most ``refresh_interval``): how often the refresh task reaps
-    between refreshes; ``process`` (default: random)
-    this process's id. Raises ``ValueError`` for settings out of range.
+    between refreshes; ``process`` (default: random) this process's id.
+    Raises ``ValueError`` for settings out of range.
 
     A subclass sets :attr:`_log` and :attr:`_lease_name` (for the log lines),
     implements :meth:`_lease_refresh` and :meth:`_lease_reap`, starts the
