@@ -17,16 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import socket
-import sys
 
-import tornado.httpserver
-import tornado.netutil
 import tornado.web
 import tornado.websocket
 
+from tests.server_process import serve_until_signal
 from tornado_longconn import BroadcastHub, MemoryBackend
 from tornado_longconn.backends.redis import RedisBackend
 from tornado_longconn.caps_redis import RedisConnectionCaps
@@ -69,17 +64,7 @@ async def serve(args: argparse.Namespace) -> None:
         [(r"/ws", Capped, {"hub": hub}), (r"/stats", Stats, {"caps": caps})],
         longconn_connection_caps=caps,
     )
-    server = tornado.httpserver.HTTPServer(app, xheaders=True)
-    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
-    server.add_sockets(sockets)
-    port = sockets[0].getsockname()[1]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    os.write(sys.stdout.fileno(), f"READY {port}\n".encode())
-    await stop.wait()
-    server.stop()
+    server = await serve_until_signal(app, xheaders=True)
     await hub.close(spread=0)
     await server.close_all_connections()
     await caps.close()

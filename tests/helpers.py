@@ -1,6 +1,7 @@
 """Helpers shared by the test files: one copy of each, imported as ``tests.helpers``.
 
-* :func:`free_port` -- a free TCP port of 127.0.0.1 (for a child process to bind).
+* :func:`free_port` -- a free TCP port of 127.0.0.1 (for a child process to bind);
+  :func:`wait_listening` -- wait until a port accepts connections.
 * :func:`wait_until` -- wait for a condition: on an :class:`asyncio.Event` that is
   set when it may have changed, or, where nothing can be awaited, by a bounded
   deadline poll.
@@ -78,6 +79,7 @@ __all__ = [
     "run_example",
     "run_on_suite_loop",
     "size_of",
+    "wait_listening",
     "wait_until",
 ]
 
@@ -107,6 +109,29 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def wait_listening(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+    """Return once ``host:port`` accepts TCP connections; fail after ``scaled(timeout)`` s.
+
+    For a server that says nothing when it listens (nginx): it tries to
+    connect every 10 ms. A server of ours prints ``READY`` instead (see
+    ``tests/server_process.py``). Raises :class:`AssertionError` at the deadline.
+    """
+
+    async def connect() -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection(host, port)
+                writer.close()
+                await writer.wait_closed()
+                return
+            await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.wait_for(connect(), scaled(timeout))
+    except asyncio.TimeoutError:
+        raise AssertionError(f"{host}:{port} not listening within {scaled(timeout):g} s") from None
 
 
 async def wait_until(

@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import socket
-import sys
 
-import tornado.httpserver
 import tornado.netutil
 import tornado.process
 import tornado.web
 import tornado.websocket
 
+from tests.server_process import serve_until_signal
 from tornado_longconn.backends.redis import RedisBackend
 from tornado_longconn.broadcast import BroadcastGroup, BroadcastHub, GapPolicy, cursor_envelope
 from tornado_longconn.longpoll import LongPollHandler, LongPollWaiter
@@ -87,16 +84,7 @@ async def serve(sockets: list[socket.socket], redis_url: str, prefix: str) -> No
     backend = RedisBackend(redis_url, prefix=prefix, reconnect_base=0.02, reconnect_cap=0.5)
     await backend.start()
     app, hub, waiter = make_app(backend)
-    server = tornado.httpserver.HTTPServer(app)
-    server.add_sockets(sockets)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # One write(2) per line: forked processes share the pipe, lines must not interleave.
-    os.write(sys.stdout.fileno(), f"READY {sockets[0].getsockname()[1]}\n".encode())
-    await stop.wait()
-    server.stop()
+    server = await serve_until_signal(app, sockets)
     await waiter.close()
     await hub.close()
     await server.close_all_connections()

@@ -109,6 +109,33 @@ async def test_a_store_that_never_refreshed_is_not_counted(backend: RedisBackend
         await dead.close()
 
 
+async def test_a_refresh_removes_the_counts_of_a_process_whose_deadline_passed(
+    backend: RedisBackend,
+) -> None:
+    dead, live = RedisConnectionCaps(backend, ttl=30), RedisConnectionCaps(backend, ttl=30)
+    await dead.start()
+    await live.start()
+    try:
+        await dead.acquire_connection([("ip", "10.0.0.1", 5), ("user", "ann", 5)])
+        await live.acquire_connection(IP)
+        assert await live.count("ip", "10.0.0.1") == 2
+        # the dead process's deadline passed (its refresh task stopped long ago)
+        await dead._stop_refresher()
+        procs = f"{backend.prefix}{{caps}}:procs"
+        await backend.redis.zadd(procs, {dead.process: 0})
+        await live.refresh()
+        assert live.counts["reaped"] == 1
+        assert await live.count("ip", "10.0.0.1") == 1
+        hashes = [k async for k in backend.redis.scan_iter(match=backend.prefix + "{caps}:c:*")]
+        for key in hashes:
+            assert dead.process.encode() not in await backend.redis.hkeys(key)
+        assert not await backend.redis.exists(f"{backend.prefix}{{caps}}:p:{dead.process}")
+        assert await backend.redis.zscore(procs, dead.process) is None
+    finally:
+        await dead.close()
+        await live.close()
+
+
 async def test_redis_unreachable_lets_connections_through_and_counts_them() -> None:
     backend = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.5)
     caps = RedisConnectionCaps(backend, ttl=30)

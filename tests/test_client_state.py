@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,6 +27,14 @@ from tornado_longconn.client_http import SSEEvent, SSEParser
 def test_backoff_is_full_jitter_under_the_cap(attempt: int, r: float) -> None:
     delay = backoff_delay(attempt, 0.5, 30.0, lambda: r)
     assert 0 <= delay < min(30.0, 0.5 * 2 ** min(attempt, 62)) or delay == 0
+
+
+@pytest.mark.parametrize(("base", "cap"), [(0.0, 30.0), (-0.5, 30.0), (2.0, 1.0)])
+def test_client_refuses_backoff_outside_0_lt_base_le_cap(base: float, cap: float) -> None:
+    with pytest.raises(ValueError, match="base"):
+        Client("ws://127.0.0.1:9/ws", backoff_base=base, backoff_cap=cap)
+    with pytest.raises(ValueError, match="base"):
+        backoff_delay(0, base, cap)
 
 
 def test_is_after_orders_within_an_epoch_only() -> None:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,57 +24,24 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import REDIS_URL, require_redis
+from tests.server_process import ServerProcess
 from tornado_longconn.testing import scaled
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVER = Path(__file__).resolve().parent / "caps_server.py"
 FLOOD_IP = "203.0.113.7"
 
 
-class CapsServer:
+class CapsServer(ServerProcess):
     """One ``caps_server.py`` process."""
 
     def __init__(self, prefix: str, *args: str) -> None:
-        self.prefix = prefix
-        self.args = args
-        self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        args = [str(SERVER), "--redis", REDIS_URL, "--prefix", self.prefix, *self.args]
-        if os.environ.get("LONGCONN_EVENT_LOOP") == "uvloop":
-            args.append("--uvloop")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, *args, stdout=asyncio.subprocess.PIPE, env=env
-        )
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), scaled(20))
-        if not line.startswith(b"READY "):
-            raise RuntimeError(f"server did not start: {line!r}")
-        self.port = int(line.split()[1])
-
-    def ws_url(self, query: str = "") -> str:
-        return f"ws://127.0.0.1:{self.port}/ws{query}"
+        super().__init__(SERVER, "--redis", REDIS_URL, "--prefix", prefix, *args, uvloop=True)
 
     async def stats(self) -> Any:
         async with httpx.AsyncClient(timeout=scaled(10)) as client:
-            return (await client.get(f"http://127.0.0.1:{self.port}/stats")).json()
-
-    async def stop(self, sig: int = signal.SIGTERM) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-        try:
-            await asyncio.wait_for(proc.wait(), scaled(10))
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+            return (await client.get(self.url("/stats"))).json()
 
 
 @contextlib.asynccontextmanager
@@ -118,7 +83,7 @@ async def test_per_ip_cap_holds_across_two_processes_and_a_killed_process_is_rel
         results = []
         for i in range(0, 100, 10):
             results += await asyncio.gather(
-                *(attempt((a, b)[j % 2].ws_url(), FLOOD_IP) for j in range(i, i + 10))
+                *(attempt((a, b)[j % 2].ws_url("/ws"), FLOOD_IP) for j in range(i, i + 10))
             )
         opened = [ws for ws, _ in results if ws is not None]
         codes = [code for ws, code in results if ws is None]
@@ -131,13 +96,13 @@ async def test_per_ip_cap_holds_across_two_processes_and_a_killed_process_is_rel
         assert sum(s["refused"].get("ip", 0) for s in stats) == 100 - cap
         assert sum(s["caps"]["refused"] for s in stats) == 100 - cap
         # another address is not affected
-        other, code = await attempt(a.ws_url(), "198.51.100.1")
+        other, code = await attempt(a.ws_url("/ws"), "198.51.100.1")
         assert other is not None, code
         await other.close()
         # a closed connection frees a slot for the other process
         await opened.pop(0).close()  # index 0 was on a
         for _ in range(100):  # the release is one round trip in a task: bounded retries
-            ws, code = await attempt(b.ws_url(), FLOOD_IP)
+            ws, code = await attempt(b.ws_url("/ws"), FLOOD_IP)
             if ws is not None:
                 opened.append(ws)
                 break
@@ -157,14 +122,14 @@ async def test_per_ip_cap_holds_across_two_processes_and_a_killed_process_is_rel
         deadline = asyncio.get_running_loop().time() + ttl + scaled(5)
         while len(gained) < held_on_a:
             assert asyncio.get_running_loop().time() < deadline, (len(gained), held_on_a)
-            ws, code = await attempt(b.ws_url(), FLOOD_IP)
+            ws, code = await attempt(b.ws_url("/ws"), FLOOD_IP)
             if ws is None:
                 assert code == 4429
                 await asyncio.sleep(scaled(0.1))  # waiting for the TTL: a clock, no event
             else:
                 gained.append(ws)
         # ...and no more than the cap
-        ws, code = await attempt(b.ws_url(), FLOOD_IP)
+        ws, code = await attempt(b.ws_url("/ws"), FLOOD_IP)
         assert ws is None and code == 4429
         for ws in [*still, *gained]:
             await ws.close()
@@ -178,7 +143,7 @@ async def test_a_thousand_connections_from_one_address_past_the_cap() -> None:
         refused = 0
         for i in range(0, 1000, 50):
             results = await asyncio.gather(
-                *(attempt((a, b)[j % 2].ws_url(), FLOOD_IP) for j in range(i, i + 50))
+                *(attempt((a, b)[j % 2].ws_url("/ws"), FLOOD_IP) for j in range(i, i + 50))
             )
             kept += [ws for ws, _ in results if ws is not None]
             refused += sum(1 for ws, code in results if ws is None and code == 4429)

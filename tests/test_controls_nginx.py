@@ -16,7 +16,7 @@ import tornado.web
 import tornado.websocket
 import websockets
 
-from tests.helpers import EXAMPLES, free_port
+from tests.helpers import EXAMPLES, free_port, wait_listening
 from tornado_longconn import BroadcastHub, MemoryBackend
 from tornado_longconn.longpoll import LongPollWaiter
 from tornado_longconn.subscriptions import SubscriptionMixin, subscription_group
@@ -39,17 +39,6 @@ class Socket(SubscriptionMixin, tornado.websocket.WebSocketHandler):
 class WhoAmI(tornado.web.RequestHandler):
     def get(self) -> None:
         self.finish({"ip": self.request.remote_ip})
-
-
-async def _listening(port: int) -> None:
-    """Return once 127.0.0.1:``port`` accepts connections (nothing to await on nginx)."""
-    while True:
-        with contextlib.suppress(OSError):
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            await writer.wait_closed()
-            return
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
@@ -90,7 +79,7 @@ http {{
         "daemon off;",
     )
     try:
-        await asyncio.wait_for(_listening(port), scaled(10))
+        await wait_listening(port)  # nginx says nothing when it listens
         yield port
     finally:
         proc.terminate()

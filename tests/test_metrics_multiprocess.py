@@ -10,11 +10,8 @@ the totals (twenty messages, four starts), its gauges leave with it (three group
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +22,7 @@ pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import ROOT, free_port
+from tests.server_process import ServerProcess
 from tornado_longconn.testing import scaled
 
 EXAMPLE = ROOT / "docs" / "examples" / "metrics_multiprocess.py"
@@ -32,46 +30,19 @@ PROCESSES = 3
 MESSAGES = 5
 
 
-class Forked:
+class Forked(ServerProcess):
+    """The example forking :data:`PROCESSES` processes on one port; each prints ``READY <pid>``."""
+
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.proc: asyncio.subprocess.Process | None = None
-        self.pids: list[int] = []
+        port = free_port()
+        args = ["--port", str(port), "--processes", str(PROCESSES), "--messages", str(MESSAGES)]
+        env = {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
+        super().__init__(EXAMPLE, *args, processes=PROCESSES, port=port, env=env)
 
-    async def start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PROMETHEUS_MULTIPROC_DIR=str(self.directory))
-        args = [str(EXAMPLE), "--port", str(self.port), "--processes", str(PROCESSES)]
-        args += ["--messages", str(MESSAGES)]
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, *args, stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True
-        )
-        for _ in range(PROCESSES):
-            await self.ready()
-
-    async def ready(self) -> int:
-        assert self.proc is not None and self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), scaled(20))
-        if not line.startswith(b"READY "):
-            raise RuntimeError(f"example did not start: {line!r}")
-        pid = int(line.split()[1])
-        self.pids.append(pid)
-        return pid
-
-    async def stop(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), scaled(10))
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            if proc.stdout is not None:
-                await asyncio.wait_for(proc.stdout.read(), scaled(10))
+    @property
+    def pids(self) -> list[int]:
+        """The processes that said READY so far (a restarted child says it again)."""
+        return self.announced
 
 
 @pytest.fixture

@@ -9,12 +9,9 @@ long-poll and SSE clients; messages are published from every process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import secrets
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from httpx_sse import aconnect_sse
 from tests.backends.backend_helpers import require_redis
 from tests.backends.redisproc import RedisProcess
 from tests.helpers import free_port
+from tests.server_process import ServerProcess
 from tornado_longconn.log import parse_cursor
 from tornado_longconn.testing import scaled
 
@@ -33,62 +31,17 @@ websockets_client = pytest.importorskip("websockets.asyncio.client")
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVER = Path(__file__).resolve().parent / "multiprocess_server.py"
 
 
-class ServerProcess:
-    """One ``multiprocess_server.py`` process."""
-
-    def __init__(self, redis_url: str, prefix: str, processes: int = 1) -> None:
-        self.redis_url = redis_url
-        self.prefix = prefix
-        self.processes = processes
-        self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        args = [str(SERVER), "--redis", self.redis_url, "--prefix", self.prefix]
-        if self.processes != 1:
-            self.port = free_port()
-            args += ["--processes", str(self.processes), "--port", str(self.port)]
-        if os.environ.get("LONGCONN_EVENT_LOOP") == "uvloop":
-            args.append("--uvloop")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, *args, stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True
-        )
-        assert self.proc.stdout is not None
-        for _ in range(self.processes):  # every process says READY once it listens
-            line = await asyncio.wait_for(self.proc.stdout.readline(), scaled(20))
-            if not line.startswith(b"READY "):
-                raise RuntimeError(f"server did not start: {line!r}")
-            self.port = int(line.split()[1])
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def ws_url(self, path: str) -> str:
-        return f"ws://127.0.0.1:{self.port}{path}"
-
-    async def kill(self, sig: int = signal.SIGKILL) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)  # the forked children too
-        try:
-            await asyncio.wait_for(proc.wait(), scaled(10))
-        except asyncio.TimeoutError:
-            os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # no child outlives the test
-        if proc.stdout is not None:
-            # EOF once every forked child (they share the pipe) has exited.
-            await asyncio.wait_for(proc.stdout.read(), scaled(10))
-        self.proc = None
+def room_server(redis_url: str, prefix: str, processes: int = 1) -> ServerProcess:
+    """One ``multiprocess_server.py`` process (forking ``processes`` on one port)."""
+    args = ["--redis", redis_url, "--prefix", prefix]
+    port = None
+    if processes != 1:  # every process says READY once it listens
+        port = free_port()
+        args += ["--processes", str(processes), "--port", str(port)]
+    return ServerProcess(SERVER, *args, processes=processes, port=port, uvloop=True)
 
 
 class Client:
@@ -162,13 +115,13 @@ async def cluster() -> AsyncIterator[tuple[RedisProcess, list[ServerProcess]]]:
     redis = RedisProcess()
     await redis.start()
     prefix = f"mp-{secrets.token_hex(4)}:"
-    servers = [ServerProcess(redis.url, prefix) for _ in range(3)]
+    servers = [room_server(redis.url, prefix) for _ in range(3)]
     try:
         await asyncio.gather(*(s.start() for s in servers))
         yield redis, servers
     finally:
         for server in servers:
-            await server.kill(signal.SIGTERM)
+            await server.stop()
         await redis.close()
 
 
@@ -227,7 +180,7 @@ async def test_killing_one_process_leaves_the_others_working(
         await publish(http, servers[0], "before")
         for client in clients:
             await client.wait_until(lambda c=client: c.data == ["before"])
-        await servers[2].kill()  # SIGKILL: no cleanup, sockets just vanish
+        await servers[2].stop(signal.SIGKILL)  # no cleanup, sockets just vanish
         orphans = [c for c in clients if c.server is servers[2]]
         survivors = [c for c in clients if c.server is not servers[2]]
         for orphan in orphans:
@@ -316,7 +269,7 @@ async def test_fork_processes_share_one_port() -> None:
     await require_redis()
     redis = RedisProcess()
     await redis.start()
-    forked = ServerProcess(redis.url, f"mp-{secrets.token_hex(4)}:", processes=2)
+    forked = room_server(redis.url, f"mp-{secrets.token_hex(4)}:", processes=2)
     try:
         await forked.start()
         async with httpx.AsyncClient(timeout=scaled(10)) as http:
@@ -329,5 +282,5 @@ async def test_fork_processes_share_one_port() -> None:
                 assert sorted(client.data) == sorted(texts)
                 await client.close()
     finally:
-        await forked.kill(signal.SIGTERM)
+        await forked.stop()
         await redis.close()

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
 import tornado.web
 
+from tests.helpers import wait_until
 from tests.test_subscriptions_http import read_events
 from tornado_longconn import BroadcastHub, LongPollWaiter
 from tornado_longconn.backends.memory import MemoryBackend
@@ -77,16 +77,6 @@ async def served() -> AsyncIterator[Served]:
     await hub.close(spread=0)
 
 
-async def until(predicate: Any, timeout: float = 10.0) -> None:
-    """Wait (bounded) for ``predicate()``: state a real request changes in the server."""
-
-    async def wait() -> None:
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(wait(), scaled(timeout))
-
-
 async def test_long_poll_gets_presence_events_in_topic_order(served: Served) -> None:
     async with httpx.AsyncClient(timeout=scaled(20)) as client:
         first = await served.poll(client, client="lp-a", user="ann", presence="1")
@@ -100,7 +90,7 @@ async def test_long_poll_gets_presence_events_in_topic_order(served: Served) -> 
         pending = asyncio.ensure_future(
             served.poll(client, client="lp-a", presence="1", user="ann", timeout="20")
         )
-        await until(
+        await wait_until(
             lambda: (
                 served.sessions.get("lp-a") is not None and served.sessions.get("lp-a").polls == 1
             )
@@ -115,7 +105,7 @@ async def test_long_poll_gets_presence_events_in_topic_order(served: Served) -> 
             ]
             assert answer["events"][0]["member"]["transport"] == "sse"
             assert answer["messages"] == []
-        await until(lambda: served.presence.state.stats("room").connections == 1)
+        await wait_until(lambda: served.presence.state.stats("room").connections == 1)
         # between polls the SSE stream closed and a poller joined and left: kept, in order
         other = await served.poll(client, client="lp-b")
         assert other.status_code == 200
@@ -129,7 +119,7 @@ async def test_long_poll_gets_presence_events_in_topic_order(served: Served) -> 
         await served.poll(client, client="lp-a", user="ann", topics="elsewhere")
         assert await served.presence.presence_stats("room") == PresenceStats(0, 0)
     # the sessions expire presence_grace after their last poll
-    await until(lambda: served.sessions.stats().sessions == 0)
+    await wait_until(lambda: served.sessions.stats().sessions == 0)
     assert await served.presence.presence_stats("elsewhere") == PresenceStats(0, 0)
     assert served.sessions.stats().expired == 2
 
@@ -182,7 +172,7 @@ async def test_long_poll_and_sse_are_user_connections(served: Served) -> None:
             pending = asyncio.ensure_future(
                 served.poll(client, client="lp-ann", user="ann", timeout="20")
             )
-            await until(lambda: served.sessions.get("lp-ann").polls == 1)  # type: ignore[union-attr]
+            await wait_until(lambda: served.sessions.get("lp-ann").polls == 1)  # type: ignore[union-attr]
             await users.send_to_user("ann", "wake")
             assert (await pending).json()["events"] == [{"type": "direct", "data": "wake"}]
             await read_events(lines, 1)  # the SSE stream got it too
@@ -190,7 +180,7 @@ async def test_long_poll_and_sse_are_user_connections(served: Served) -> None:
             pending = asyncio.ensure_future(
                 served.poll(client, client="lp-ann", user="ann", timeout="20")
             )
-            await until(lambda: served.sessions.get("lp-ann").polls == 1)  # type: ignore[union-attr]
+            await wait_until(lambda: served.sessions.get("lp-ann").polls == 1)  # type: ignore[union-attr]
             await users.disconnect_user("ann", 4403, "revoked")
             (final,) = await read_events(lines, 1)
             assert final["event"] == "disconnect"

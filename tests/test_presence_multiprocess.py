@@ -12,10 +12,8 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import REDIS_URL, require_redis
+from tests.server_process import ServerProcess, serve_until_signal
 from tornado_longconn.backends.redis import RedisBackend
 from tornado_longconn.presence_redis import RedisPresence
 from tornado_longconn.presence_users import UserRegistry
@@ -30,16 +29,12 @@ from tornado_longconn.testing import scaled
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(120)]
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 # ---------------------------------------------------------------------- the server
 
 
 async def serve(redis_url: str, prefix: str, ttl: float) -> None:
     """One server process: the subscriptions protocol with Redis presence on ``/ws``."""
-    import tornado.httpserver
-    import tornado.netutil
     import tornado.web
     import tornado.websocket
 
@@ -83,16 +78,7 @@ async def serve(redis_url: str, prefix: str, ttl: float) -> None:
         longconn_presence=presence,
         longconn_users=users,
     )
-    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
-    server = tornado.httpserver.HTTPServer(app)
-    server.add_sockets(sockets)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    os.write(sys.stdout.fileno(), f"READY {sockets[0].getsockname()[1]}\n".encode())
-    await stop.wait()
-    server.stop()
+    server = await serve_until_signal(app)
     await waiter.close()
     await users.close()
     await presence.close()
@@ -104,45 +90,15 @@ async def serve(redis_url: str, prefix: str, ttl: float) -> None:
 # ---------------------------------------------------------------------- the test side
 
 
-class Server:
-    def __init__(self, prefix: str, ttl: float, redis_url: str = REDIS_URL) -> None:
-        self.prefix = prefix
-        self.ttl = ttl
-        self.redis_url = redis_url
-        self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        args = [__file__, "--serve", "--redis", self.redis_url, "--prefix", self.prefix]
-        args += ["--ttl", repr(self.ttl)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, *args, stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True
-        )
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), scaled(20))
-        if not line.startswith(b"READY "):
-            raise RuntimeError(f"server did not start: {line!r}")
-        self.port = int(line.split()[1])
-
-    async def stop(self, sig: int = signal.SIGTERM) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-        try:
-            await asyncio.wait_for(proc.wait(), scaled(10))
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-        if proc.stdout is not None:
-            await asyncio.wait_for(proc.stdout.read(), scaled(10))
+def presence_server(prefix: str, ttl: float, redis_url: str = REDIS_URL) -> ServerProcess:
+    """This file's ``--serve`` process on ``redis_url`` with key prefix ``prefix``."""
+    return ServerProcess(
+        __file__, "--serve", "--redis", redis_url, "--prefix", prefix, "--ttl", repr(ttl)
+    )
 
 
 class Client:
-    """A protocol client that records every frame (of a ``Server`` or a demo server)."""
+    """A protocol client that records every frame (of a :func:`presence_server` or a demo server)."""
 
     def __init__(self, ws: Any, client_id: str) -> None:
         self.ws = ws
@@ -153,7 +109,7 @@ class Client:
         self._next = 0
 
     @classmethod
-    async def connect(cls, server: Server, user: str) -> Client:
+    async def connect(cls, server: ServerProcess, user: str) -> Client:
         from websockets.asyncio.client import connect
 
         ws = await connect(f"ws://127.0.0.1:{server.port}/ws?user={user}")
@@ -200,7 +156,7 @@ async def test_three_processes_agree_and_a_killed_one_leaves_once() -> None:
     pytest.importorskip("websockets.asyncio.client")
     prefix = f"test:presence-mp:{secrets.token_hex(4)}:"
     ttl = scaled(1.5)
-    servers = [Server(prefix, ttl) for _ in range(3)]
+    servers = [presence_server(prefix, ttl) for _ in range(3)]
     clients: list[Client] = []
     try:
         await asyncio.gather(*(s.start() for s in servers))
@@ -323,7 +279,7 @@ async def test_user_sse_and_long_poll_on_another_process_are_reached() -> None:
     from tests.test_subscriptions_http import read_events
 
     prefix = f"test:presence-http-mp:{secrets.token_hex(4)}:"
-    server = Server(prefix, scaled(5.0))
+    server = presence_server(prefix, scaled(5.0))
     backend = RedisBackend(REDIS_URL, prefix=prefix)
     store = RedisPresence(backend, ttl=scaled(5.0))
     users = UserRegistry(backend, store)
@@ -392,7 +348,7 @@ async def test_redis_restart_rebuilds_presence_without_the_dead(tmp_path: Path) 
     redis = RedisProcess()
     await redis.start()
     ttl = scaled(1.5)
-    servers = [Server("test:presence-restart:", ttl, redis.url) for _ in range(3)]
+    servers = [presence_server("test:presence-restart:", ttl, redis.url) for _ in range(3)]
     clients: list[Client] = []
     try:
         await asyncio.gather(*(s.start() for s in servers))

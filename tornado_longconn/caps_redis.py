@@ -35,20 +35,16 @@ one), not a Redis Cluster.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
 import logging
-import secrets
 from collections.abc import Sequence
 from typing import Any, Final
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._process_leases import NOW_MS_LUA, UNAVAILABLE, ProcessLease, Script, redis_errors, text
 from .backends.redis import RedisBackend
-from .exceptions import BackendError, BackendUnavailableError
+from .exceptions import BackendError
 
 __all__ = ["DEFAULT_CAPS_TTL", "RedisConnectionCaps"]
 
@@ -59,14 +55,33 @@ DEFAULT_CAPS_TTL: Final = 30.0
 # Dead processes one refresh removes at most.
 _REAP_BUDGET: Final = 100
 
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+# The start of every script: ARGV[1] is the key prefix.
+_CAPS_LUA = r"""
+local base = ARGV[1] .. '{caps}'
+-- Takes one connection of process p off hash h.
+local function count_out(h, p)
+  if redis.call('HINCRBY', h, p, -1) <= 0 then
+    redis.call('HDEL', h, p)
+    redis.call('SREM', base .. ':p:' .. p, h)
+  end
+end
+-- Removes every count of process p; returns the key of its set of hashes.
+local function drop_counts(p)
+  local pk = base .. ':p:' .. p
+  for _, h in ipairs(redis.call('SMEMBERS', pk)) do
+    redis.call('HDEL', h, p)
+  end
+  redis.call('DEL', pk)
+  return pk
+end
+"""
 
-_ACQUIRE_LUA = r"""
-local prefix, pid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local base = prefix .. '{caps}'
+_ACQUIRE_LUA = (
+    NOW_MS_LUA
+    + _CAPS_LUA
+    + r"""
+local pid, n = ARGV[2], tonumber(ARGV[3])
 local procs = base .. ':procs'
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local done = {}
 for i = 0, n - 1 do
   local kind, key, limit = ARGV[4 + 3 * i], ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i])
@@ -84,10 +99,7 @@ for i = 0, n - 1 do
   end
   if total >= limit then
     for _, hk in ipairs(done) do
-      if redis.call('HINCRBY', hk, pid, -1) <= 0 then
-        redis.call('HDEL', hk, pid)
-        redis.call('SREM', base .. ':p:' .. pid, hk)
-      end
+      count_out(hk, pid)
     end
     return {0, kind}
   end
@@ -97,50 +109,43 @@ for i = 0, n - 1 do
 end
 return {1, ''}
 """
+)
 
-_RELEASE_LUA = r"""
-local prefix, pid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local base = prefix .. '{caps}'
+_RELEASE_LUA = (
+    _CAPS_LUA
+    + r"""
+local pid, n = ARGV[2], tonumber(ARGV[3])
 for i = 0, n - 1 do
-  local h = base .. ':c:' .. ARGV[4 + 2 * i] .. ':' .. ARGV[5 + 2 * i]
-  if redis.call('HINCRBY', h, pid, -1) <= 0 then
-    redis.call('HDEL', h, pid)
-    redis.call('SREM', base .. ':p:' .. pid, h)
-  end
+  count_out(base .. ':c:' .. ARGV[4 + 2 * i] .. ':' .. ARGV[5 + 2 * i], pid)
 end
 return 1
 """
+)
 
 # Sets this process's deadline (returns 1 when it was not there: write counts
 # again), then removes the fields of at most ARGV[4] dead processes.
-_REFRESH_LUA = r"""
-local prefix, pid, ttl, budget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local base = prefix .. '{caps}'
+_REFRESH_LUA = (
+    NOW_MS_LUA
+    + _CAPS_LUA
+    + r"""
+local pid, ttl, budget = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local procs = base .. ':procs'
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local added = redis.call('ZADD', procs, now + ttl, pid)
 local dead = redis.call('ZRANGEBYSCORE', procs, '-inf', '(' .. now, 'LIMIT', 0, budget)
 for _, p in ipairs(dead) do
-  local pk = base .. ':p:' .. p
-  for _, h in ipairs(redis.call('SMEMBERS', pk)) do
-    redis.call('HDEL', h, p)
-  end
-  redis.call('DEL', pk)
+  drop_counts(p)
   redis.call('ZREM', procs, p)
 end
 return {added, #dead}
 """
+)
 
 # Replaces this process's counts with ARGV's (kind, key, count) triples.
-_REWRITE_LUA = r"""
-local prefix, pid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local base = prefix .. '{caps}'
-local pk = base .. ':p:' .. pid
-for _, h in ipairs(redis.call('SMEMBERS', pk)) do
-  redis.call('HDEL', h, pid)
-end
-redis.call('DEL', pk)
+_REWRITE_LUA = (
+    _CAPS_LUA
+    + r"""
+local pid, n = ARGV[2], tonumber(ARGV[3])
+local pk = drop_counts(pid)
 for i = 0, n - 1 do
   local h = base .. ':c:' .. ARGV[4 + 3 * i] .. ':' .. ARGV[5 + 3 * i]
   redis.call('HSET', h, pid, ARGV[6 + 3 * i])
@@ -148,25 +153,23 @@ for i = 0, n - 1 do
 end
 return 1
 """
+)
 
 # Forgets this process (at close).
-_FORGET_LUA = r"""
-local prefix, pid = ARGV[1], ARGV[2]
-local base = prefix .. '{caps}'
-local pk = base .. ':p:' .. pid
-for _, h in ipairs(redis.call('SMEMBERS', pk)) do
-  redis.call('HDEL', h, pid)
-end
-redis.call('DEL', pk)
-redis.call('ZREM', base .. ':procs', pid)
+_FORGET_LUA = (
+    _CAPS_LUA
+    + r"""
+drop_counts(ARGV[2])
+redis.call('ZREM', base .. ':procs', ARGV[2])
 return 1
 """
+)
 
-_COUNT_LUA = r"""
-local prefix, kind, key = ARGV[1], ARGV[2], ARGV[3]
-local base = prefix .. '{caps}'
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_COUNT_LUA = (
+    NOW_MS_LUA
+    + _CAPS_LUA
+    + r"""
+local kind, key = ARGV[2], ARGV[3]
 local all = redis.call('HGETALL', base .. ':c:' .. kind .. ':' .. key)
 local total = 0
 for j = 1, #all, 2 do
@@ -175,29 +178,18 @@ for j = 1, #all, 2 do
 end
 return total
 """
+)
 
 
-class _Script:
-    __slots__ = ("sha", "text")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.sha = hashlib.sha1(text.encode("utf-8")).hexdigest()
-
-
-_ACQUIRE = _Script(_ACQUIRE_LUA)
-_RELEASE = _Script(_RELEASE_LUA)
-_REFRESH = _Script(_REFRESH_LUA)
-_REWRITE = _Script(_REWRITE_LUA)
-_FORGET = _Script(_FORGET_LUA)
-_COUNT = _Script(_COUNT_LUA)
+_ACQUIRE = Script(_ACQUIRE_LUA)
+_RELEASE = Script(_RELEASE_LUA)
+_REFRESH = Script(_REFRESH_LUA)
+_REWRITE = Script(_REWRITE_LUA)
+_FORGET = Script(_FORGET_LUA)
+_COUNT = Script(_COUNT_LUA)
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-class RedisConnectionCaps:
+class RedisConnectionCaps(ProcessLease):
     """Connection caps summed over every process on ``backend``'s Redis (see the module docs).
 
     ``ttl`` (:data:`DEFAULT_CAPS_TTL` seconds): how long the connections of a
@@ -209,6 +201,9 @@ class RedisConnectionCaps:
     setting ``longconn_connection_caps``.
     """
 
+    _log = log
+    _lease_name = "connection caps"
+
     def __init__(
         self,
         backend: RedisBackend,
@@ -217,21 +212,9 @@ class RedisConnectionCaps:
         refresh_interval: float | None = None,
         process: str | None = None,
     ) -> None:
-        if ttl <= 0:
-            raise ValueError(f"ttl must be > 0, got {ttl}")
-        self.backend = backend
-        self.ttl = ttl
-        self.refresh_interval = refresh_interval if refresh_interval is not None else ttl / 3
-        if not 0 < self.refresh_interval < ttl:
-            raise ValueError("refresh_interval must be > 0 and < ttl")
-        self.process = process or secrets.token_hex(8)
-        self.prefix = backend.prefix
+        super().__init__(backend, ttl=ttl, refresh_interval=refresh_interval, process=process)
         # (kind, key) -> connections this process holds.
         self._local: dict[tuple[str, str], int] = {}
-        self._dirty = False
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._refresher: asyncio.Task[None] | None = None
-        self.closed = False
         #: Counters: connections accepted, refused, released; accepts let through
         #: while Redis was unreachable; releases that failed; round trips to
         #: Redis; rewrites of this process's counts; dead processes removed.
@@ -256,22 +239,18 @@ class RedisConnectionCaps:
         if self._refresher is not None:
             return
         await self.refresh()
-        self._refresher = asyncio.create_task(self._refresh_loop(), name=f"{self!r} refresh")
+        self._start_refresher()
 
     async def close(self) -> None:
         """Stop refreshing and remove this process's counts from Redis. Idempotent."""
         if self.closed:
             return
         self.closed = True
-        refresher, self._refresher = self._refresher, None
-        if refresher is not None:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+        await self._stop_refresher()
         for task in list(self._tasks):
             with contextlib.suppress(Exception):
                 await task
-        with contextlib.suppress(BackendError, RedisError, *_UNAVAILABLE):
+        with contextlib.suppress(BackendError, RedisError, *UNAVAILABLE):
             await self._run(_FORGET, [self.prefix, self.process])
         self._local.clear()
 
@@ -282,28 +261,18 @@ class RedisConnectionCaps:
         when Redis cannot be reached (the refresh task logs it and tries again).
         """
         added, reaped = await self._run(
-            _REFRESH, [self.prefix, self.process, round(self.ttl * 1000), _REAP_BUDGET]
+            _REFRESH, [self.prefix, self.process, self._ttl_ms, _REAP_BUDGET]
         )
         self.counts["reaped"] += int(reaped)
-        if (int(added) and self._local) or self._dirty:
-            self._dirty = False
+        if self._take_dirty(bool(int(added) and self._local)):
             self.counts["rewrites"] += 1
             args: list[Any] = [self.prefix, self.process, len(self._local)]
             for (kind, key), count in self._local.items():
                 args += [kind, key, count]
             await self._run(_REWRITE, args)
 
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_interval)  # a deadline timer, not a poll
-            try:
-                await self.refresh()
-            except (BackendError, RedisError, *_UNAVAILABLE) as exc:
-                self._dirty = True
-                log.warning("connection caps refresh failed: %s", exc)
-            except Exception:  # a bug must not stop the refresh
-                self._dirty = True
-                log.exception("connection caps refresh failed")
+    async def _lease_refresh(self) -> None:
+        await self.refresh()
 
     # -- the store ----------------------------------------------------------------
 
@@ -326,14 +295,14 @@ class RedisConnectionCaps:
         held = [(kind, key) for kind, key, _ in caps]
         try:
             ok, kind = await self._run(_ACQUIRE, args)
-        except (BackendError, RedisError, *_UNAVAILABLE) as exc:
+        except (BackendError, RedisError, *UNAVAILABLE) as exc:
             self.counts["unavailable"] += 1
             self._dirty = True
             log.warning("connection caps: Redis unavailable, connection let through: %s", exc)
         else:
             if not int(ok):
                 self.counts["refused"] += 1
-                return [], _text(kind)
+                return [], text(kind)
         self.counts["acquired"] += 1
         for pair in held:
             self._local[pair] = self._local.get(pair, 0) + 1
@@ -356,14 +325,12 @@ class RedisConnectionCaps:
         args: list[Any] = [self.prefix, self.process, len(pairs)]
         for kind, key in pairs:
             args += [kind, key]
-        task = asyncio.ensure_future(self._release(args))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background(self._release(args))
 
     async def _release(self, args: list[Any]) -> None:
         try:
             await self._run(_RELEASE, args)
-        except (BackendError, RedisError, *_UNAVAILABLE) as exc:
+        except (BackendError, RedisError, *UNAVAILABLE) as exc:
             self._dirty = True  # the next refresh writes our counts again
             self.counts["failed"] += 1
             log.warning("connection caps: release failed (rewritten at the next refresh): %s", exc)
@@ -376,16 +343,12 @@ class RedisConnectionCaps:
         """Connections of ``key`` under ``kind`` that this process holds."""
         return self._local.get((kind, key), 0)
 
-    async def _run(self, script: _Script, args: list[Any]) -> Any:
+    async def _run(self, script: Script, args: list[Any]) -> Any:
         """Run one script (loading it if Redis lost its script cache)."""
         client: Any = self.backend.redis
         self.counts["round_trips"] += 1
-        try:
+        with redis_errors("a connection caps script"):
             try:
                 return await client.evalsha(script.sha, 0, *args)
             except NoScriptError:
                 return await client.eval(script.text, 0, *args)
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailableError(f"Redis is unavailable: {exc}") from exc
-        except RedisError as exc:
-            raise BackendError(f"Redis refused a connection caps script: {exc}") from exc

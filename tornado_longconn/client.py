@@ -72,6 +72,7 @@ import tornado.websocket
 from typing_extensions import Self
 
 from ._subproto import ERROR_STATUS, binary_frame, format_cursor_map, is_topic, parse_binary_frame
+from .backoff import ReconnectBackoff
 from .client_http import SSEParser, http_request
 from .exceptions import CursorError, LongConnError
 from .log import Cursor, parse_cursor
@@ -125,13 +126,15 @@ def backoff_delay(
 ) -> float:
     """Full-jitter backoff: a random delay in ``[0, min(cap, base * 2**attempt))`` seconds.
 
+    The delay of :class:`~tornado_longconn.backoff.ReconnectBackoff` after
+    ``attempt`` failures; raises ``ValueError`` unless ``0 < base <= cap``.
+
     >>> backoff_delay(0, 0.5, 30, lambda: 0.5)
     0.25
     >>> backoff_delay(10, 0.5, 30, lambda: 0.5)
     15.0
     """
-    ceiling = min(cap, base * 2 ** min(attempt, 62))
-    return float(rand() * ceiling)
+    return ReconnectBackoff(base, cap, attempt).next_delay(rand)
 
 
 def is_after(cursor: str | None, last: str | None) -> bool:
@@ -840,6 +843,7 @@ class Client:
         self.poll_timeout = poll_timeout
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        self._backoff = ReconnectBackoff(backoff_base, backoff_cap)  # ValueError when invalid
         self.fallback_after = fallback_after
         self.ping_interval = ping_interval
         self.max_message_size = max_message_size
@@ -1226,7 +1230,7 @@ class Client:
     # -- the connection loop
 
     async def _run(self) -> None:
-        attempt = 0
+        self._backoff.reset()
         failures = 0
         pinned = False
         try:
@@ -1261,7 +1265,7 @@ class Client:
                 opened = self._proven
                 if opened:
                     pinned = True
-                    attempt = 0
+                    self._backoff.reset()
                     failures = 0
                 self._lost()
                 if self._stopped():
@@ -1282,8 +1286,7 @@ class Client:
                     delay = 0.0
                     await self._wait_any_room()
                 if delay is None:
-                    delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap, self._rand)
-                    attempt += 1
+                    delay = self._backoff.next_delay(self._rand)
                 if delay > 0:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._closing.wait(), delay)
@@ -1755,8 +1758,10 @@ def connect(
       ``request_timeout`` (10 s) -- an answer to subscribe, publish, call;
       ``poll_timeout`` (25 s) -- how long a long-poll waits on the server.
     * ``backoff_base`` (0.5 s), ``backoff_cap`` (30 s) -- full-jitter reconnect
-      delays (:func:`backoff_delay`); ``fallback_after`` (2) -- failed attempts
-      of a transport that never opened before the next one is tried.
+      delays (:class:`~tornado_longconn.backoff.ReconnectBackoff`; ``ValueError``
+      unless ``0 < backoff_base <= backoff_cap``); ``fallback_after`` (2) --
+      failed attempts of a transport that never opened before the next one is
+      tried.
     * ``ping_interval`` -- seconds between WebSocket pings sent by the client
       (None: none; the server's pings are answered either way);
       ``max_message_size`` -- the largest frame accepted (10 MiB).

@@ -51,14 +51,12 @@ import contextlib
 import json
 import logging
 import re
-import secrets
 from collections.abc import Sequence
 from typing import Any, Final
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._process_leases import NOW_MS_LUA, UNAVAILABLE, ProcessLease, Script, redis_errors, text
 from .backends.redis import RedisBackend
 from .exceptions import BackendError, BackendUnavailableError
 from .log import Message, new_epoch
@@ -90,8 +88,6 @@ _BATCH: Final = 512
 _MAX_QUEUE: Final = 100_000
 # Memberships one reap script removes at most (it runs again while there are more).
 _REAP_BUDGET: Final = 1000
-
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
 _COMMON_LUA = r"""
 local prefix = ARGV[1]
@@ -152,20 +148,20 @@ return remove(ARGV[2], ARGV[3], ARGV[4], 'left', ARGV[5])
 )
 
 # ARGV: prefix, process, ttl (ms). Returns the memberships Redis holds for it.
-_REFRESH_LUA = r"""
+_REFRESH_LUA = (
+    NOW_MS_LUA
+    + r"""
 local prefix = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', prefix .. 'presence:procs', now + tonumber(ARGV[3]), ARGV[2])
 return redis.call('SCARD', prefix .. 'presence:proc:' .. ARGV[2])
 """
+)
 
 # ARGV: prefix, epoch candidate, budget. Returns {removed, 1 when more may remain}.
 _REAP_LUA = (
-    _COMMON_LUA
+    NOW_MS_LUA
+    + _COMMON_LUA
     + r"""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local procs = prefix .. 'presence:procs'
 local dead = redis.call('ZRANGEBYSCORE', procs, '-inf', now, 'LIMIT', 0, 16)
 local budget = tonumber(ARGV[3])
@@ -193,24 +189,10 @@ return {done, 0}
 _CURSOR_RE: Final = re.compile(r"[0-9]{1,20}")
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-class _Script:
-    __slots__ = ("sha", "text")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        import hashlib
-
-        self.sha = hashlib.sha1(text.encode("utf-8")).hexdigest()
-
-
-_JOIN = _Script(_JOIN_LUA)
-_LEAVE = _Script(_LEAVE_LUA)
-_REFRESH = _Script(_REFRESH_LUA)
-_REAP = _Script(_REAP_LUA)
+_JOIN = Script(_JOIN_LUA)
+_LEAVE = Script(_LEAVE_LUA)
+_REFRESH = Script(_REFRESH_LUA)
+_REAP = Script(_REAP_LUA)
 
 
 class _Events:
@@ -237,7 +219,7 @@ class _Events:
         self.watchers.dispatch(PresenceEvent(topic[len(events_topic("")) :], "gap", reason=reason))
 
 
-class RedisPresence:
+class RedisPresence(ProcessLease):
     """Presence of every process that shares ``backend``'s Redis (see the module docs).
 
     ``ttl`` (:data:`DEFAULT_TTL` seconds): how long the members of a process
@@ -251,6 +233,9 @@ class RedisPresence:
     next refresh after Redis is back rebuilds this process's members.
     Raises ``TypeError`` for a Redis Cluster backend (or any other backend).
     """
+
+    _log = log
+    _lease_name = "presence"
 
     def __init__(
         self,
@@ -268,34 +253,24 @@ class RedisPresence:
                 f"RedisPresence needs a RedisBackend on one Redis server or Sentinel, "
                 f"not {type(backend).__name__} (its scripts use keys of many slots)"
             )
-        if ttl <= 0:
-            raise ValueError(f"ttl must be > 0, got {ttl}")
-        self.backend = backend
-        self.ttl = ttl
-        self.refresh_interval = refresh_interval if refresh_interval is not None else ttl / 3
-        if not 0 < self.refresh_interval < ttl:
-            raise ValueError("refresh_interval must be > 0 and < ttl")
-        self.reap_interval = (
-            reap_interval if reap_interval is not None else min(1.0, self.refresh_interval)
+        super().__init__(
+            backend,
+            ttl=ttl,
+            refresh_interval=refresh_interval,
+            reap_interval=reap_interval,
+            process=process,
+            reap_default=1.0,
         )
-        if not 0 < self.reap_interval <= self.refresh_interval:
-            raise ValueError("reap_interval must be > 0 and <= refresh_interval")
-        self.process = process or secrets.token_hex(8)
-        self.prefix = backend.prefix
         self._local: dict[tuple[str, str], Member] = {}
         self._joins = 0
         self._leaves = 0
         self._ops: collections.deque[tuple[Any, ...]] = collections.deque()
         self._reports = 0  # joins and leaves in _ops
         self._wake = asyncio.Event()
-        self._dirty = False
         self._watchers = Watchers()
         self._events = _Events(self._watchers)
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._worker: asyncio.Task[None] | None = None
-        self._refresher: asyncio.Task[None] | None = None
         self._epoch_candidate = new_epoch()
-        self.closed = False
         #: Counters: reports sent, failed, dropped (not started, or over 100,000
         #: waiting: rebuilt instead), round trips (pipelines) to Redis of the
         #: sender, rebuilds, members reaped.
@@ -318,18 +293,14 @@ class RedisPresence:
         if self._worker is not None:
             return
         self._worker = asyncio.create_task(self._work(), name=f"{self!r} sender")
-        self._refresher = asyncio.create_task(self._refresh_loop(), name=f"{self!r} refresh")
-        await self.settled()
+        await self.refresh()
+        self._start_refresher()
 
     async def close(self) -> None:
         """This process's members leave (one event each); stop the tasks. Idempotent."""
         if self.closed:
             return
-        refresher, self._refresher = self._refresher, None
-        if refresher is not None:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+        await self._stop_refresher()
         for topic, client in list(self._local):
             self.leave_nowait(topic, client)
         if self._worker is not None:
@@ -435,7 +406,7 @@ class RedisPresence:
 
     async def _work(self) -> None:
         client: Any = self.backend.redis
-        with contextlib.suppress(RedisError, *_UNAVAILABLE):  # else loaded on first NOSCRIPT
+        with contextlib.suppress(RedisError, *UNAVAILABLE):  # else loaded on first NOSCRIPT
             pipe = client.pipeline(transaction=False)
             for script in (_JOIN, _LEAVE, _REFRESH, _REAP):
                 pipe.script_load(script.text)
@@ -459,22 +430,17 @@ class RedisPresence:
                     op[1].set_result(None)
             elif kind in ("refresh", "reap"):
                 try:
-                    if kind == "reap":
-                        await self._reap()
-                    else:
-                        # Redis holds what this process holds only when no report waits.
-                        await self._refresh(None if self._reports else len(self._local))
-                except (BackendError, RedisError, *_UNAVAILABLE) as exc:
-                    self._dirty = True
-                    log.warning("presence refresh failed: %s", exc)
-                except Exception:  # a bug must not stop the sender
-                    self._dirty = True
-                    log.exception("presence refresh failed")
+                    with self._failing_open("refresh"):  # a failure must not stop the sender
+                        if kind == "reap":
+                            await self._reap()
+                        else:
+                            # Redis holds what this process holds only when no report waits.
+                            await self._refresh(None if self._reports else len(self._local))
                 finally:
                     if not op[1].done():
                         op[1].set_result(None)
             elif kind == "forget":
-                with contextlib.suppress(BackendError, RedisError, *_UNAVAILABLE):
+                with contextlib.suppress(BackendError, RedisError, *UNAVAILABLE):
                     pipe = self.backend.redis.pipeline(transaction=False)
                     pipe.zrem(self.prefix + "presence:procs", self.process)
                     pipe.delete(self._proc_key())
@@ -483,7 +449,7 @@ class RedisPresence:
     def _proc_key(self) -> str:
         return f"{self.prefix}presence:proc:{self.process}"
 
-    def _op_args(self, op: tuple[Any, ...]) -> tuple[_Script, list[Any]]:
+    def _op_args(self, op: tuple[Any, ...]) -> tuple[Script, list[Any]]:
         if op[0] == "join":
             topic, member = op[1], op[2]
             return _JOIN, [
@@ -497,7 +463,7 @@ class RedisPresence:
             ]
         return _LEAVE, [self.prefix, op[1], op[2], self.process, self._epoch_candidate]
 
-    async def _run(self, calls: Sequence[tuple[_Script, list[Any]]]) -> list[Any]:
+    async def _run(self, calls: Sequence[tuple[Script, list[Any]]]) -> list[Any]:
         """Run scripts in one pipeline (loading them once if Redis lost its script cache)."""
         client: Any = self.backend.redis
         for attempt in (0, 1):
@@ -507,7 +473,7 @@ class RedisPresence:
             self.counts["round_trips"] += 1
             try:
                 results: list[Any] = await pipe.execute(raise_on_error=False)
-            except _UNAVAILABLE as exc:
+            except UNAVAILABLE as exc:
                 raise BackendUnavailableError(f"Redis is unavailable: {exc}") from exc
             missing = [r for r in results if isinstance(r, NoScriptError)]
             if missing and attempt == 0:
@@ -532,7 +498,7 @@ class RedisPresence:
         try:
             await self._run([self._op_args(op) for op in batch])
             self.counts["sent"] += len(batch)
-        except (BackendError, RedisError, *_UNAVAILABLE) as exc:
+        except (BackendError, RedisError, *UNAVAILABLE) as exc:
             # Some may have run; the next refresh compares and rebuilds.
             self._dirty = True
             self.counts["failed"] += len(batch)
@@ -544,9 +510,8 @@ class RedisPresence:
 
     async def _refresh(self, expected: int | None) -> None:
         """Set the deadline; rebuild when Redis holds other than ``expected`` (None: no check)."""
-        held = await self._run([(_REFRESH, [self.prefix, self.process, round(self.ttl * 1000)])])
-        if expected is not None and (self._dirty or int(held[0]) != expected):
-            self._dirty = False
+        held = await self._run([(_REFRESH, [self.prefix, self.process, self._ttl_ms])])
+        if expected is not None and self._take_dirty(int(held[0]) != expected):
             self.counts["rebuilds"] += 1
             await self._rebuild()
         await self._reap()
@@ -570,7 +535,7 @@ class RedisPresence:
         client: Any = self.backend.redis
         stale: list[tuple[str, str]] = []
         async for raw in client.sscan_iter(self._proc_key(), count=500):
-            entry = _text(raw)
+            entry = text(raw)
             topic, _, member_client = entry.partition("\n")
             if (topic, member_client) not in self._local:
                 stale.append((topic, member_client))
@@ -578,16 +543,11 @@ class RedisPresence:
             gone = stale[start : start + _BATCH]
             await self._run([self._op_args(("leave", t, c)) for t, c in gone])
 
-    async def _refresh_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self.refresh()
-            refreshed = loop.time()
-            while True:
-                await asyncio.sleep(self.reap_interval)  # a deadline timer, not a poll
-                if loop.time() - refreshed >= self.refresh_interval - self.reap_interval / 2:
-                    break
-                await self._queue_first("reap")
+    async def _lease_refresh(self) -> None:
+        await self.refresh()
+
+    async def _lease_reap(self) -> None:
+        await self._queue_first("reap")
 
     async def _queue_first(self, kind: str) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -609,14 +569,10 @@ class RedisPresence:
         if cursor is not None and not _CURSOR_RE.fullmatch(cursor):
             raise ValueError("not a presence cursor")
         client: Any = self.backend.redis
-        try:
+        with redis_errors("the operation"):
             next_cursor, items = await client.hscan(
                 f"{self.prefix}{{{topic}}}:pm", int(cursor or 0), count=check_limit(limit)
             )
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailableError(f"Redis is unavailable: {exc}") from exc
-        except RedisError as exc:
-            raise BackendError(f"Redis refused the operation: {exc}") from exc
         members = []
         for value in items.values():
             try:
@@ -630,15 +586,11 @@ class RedisPresence:
         """``topic``'s counts: two ``HLEN`` in one round trip."""
         client: Any = self.backend.redis
         base = f"{self.prefix}{{{topic}}}"
-        try:
+        with redis_errors("the operation"):
             pipe = client.pipeline(transaction=False)
             pipe.hlen(base + ":pm")
             pipe.hlen(base + ":pu")
             connections, users = await pipe.execute()
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailableError(f"Redis is unavailable: {exc}") from exc
-        except RedisError as exc:
-            raise BackendError(f"Redis refused the operation: {exc}") from exc
         return PresenceStats(int(connections), int(users))
 
     async def watch(self, topic: str, listener: PresenceListener) -> None:
@@ -649,9 +601,7 @@ class RedisPresence:
     def unwatch(self, topic: str, listener: PresenceListener) -> None:
         """Stop calling ``listener`` (the channel is left when no listener remains)."""
         if self._watchers.remove(topic, listener) and not self.closed:
-            task = asyncio.ensure_future(self._leave_channel(topic))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background(self._leave_channel(topic))
 
     async def _leave_channel(self, topic: str) -> None:
         if topic not in self._watchers.by_topic:  # not watched again meanwhile

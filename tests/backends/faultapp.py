@@ -14,15 +14,10 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
-import socket
-import sys
 from typing import Any
 
-import tornado.httpserver
-import tornado.netutil
-
 from tests.multiprocess_server import make_app
+from tests.server_process import serve_until_signal
 from tornado_longconn.backends import backend_from_url
 
 
@@ -34,16 +29,7 @@ async def serve(url: str, prefix: str) -> None:
     backend = backend_from_url(url, **kwargs)
     await backend.start()
     app, hub, waiter = make_app(backend)  # type: ignore[arg-type]
-    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
-    server = tornado.httpserver.HTTPServer(app)
-    server.add_sockets(sockets)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    os.write(sys.stdout.fileno(), f"READY {sockets[0].getsockname()[1]}\n".encode())
-    await stop.wait()
-    server.stop()
+    server = await serve_until_signal(app)
     await waiter.close()
     await hub.close()
     await server.close_all_connections()

@@ -16,11 +16,7 @@ and skipped with the reason when their binaries are missing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import secrets
-import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,56 +25,19 @@ import httpx
 import pytest
 from serverprocs import NatsServer, RedisCluster, SentinelSet, which
 
+from tests.server_process import ServerProcess
 from tests.test_multiprocess import Client, assert_no_silent_gap
 from tornado_longconn.log import parse_cursor
 from tornado_longconn.testing import scaled
 
 pytestmark = [pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 APP = Path(__file__).resolve().parent / "faultapp.py"
 
 
-class AppProcess:
+def fault_app(url: str, prefix: str) -> ServerProcess:
     """One ``faultapp.py`` process on a backend URL."""
-
-    def __init__(self, url: str, prefix: str) -> None:
-        self.backend_url = url
-        self.prefix = prefix
-        self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(APP), "--backend", self.backend_url, "--prefix", self.prefix,
-            stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), scaled(20))
-        if not line.startswith(b"READY "):
-            raise RuntimeError(f"app process did not start: {line!r}")
-        self.port = int(line.split()[1])
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def ws_url(self, path: str) -> str:
-        return f"ws://127.0.0.1:{self.port}{path}"
-
-    async def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), scaled(10))
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-        if proc.stdout is not None:
-            await proc.stdout.read()
+    return ServerProcess(APP, "--backend", url, "--prefix", prefix)
 
 
 @dataclass
@@ -111,7 +70,7 @@ def count(client: Client, published: list[str]) -> Counts:
     return Counts(len(got), len(data) - len(got), lost_silently, len(client.resyncs), skipped)
 
 
-async def publish_until_ok(http: httpx.AsyncClient, app: AppProcess, text: str) -> None:
+async def publish_until_ok(http: httpx.AsyncClient, app: ServerProcess, text: str) -> None:
     """POST until the process answers 200 (it may be reconnecting), bounded."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + scaled(30)
@@ -134,7 +93,7 @@ async def run_fault(
     until every client got a resync notice; then publish ``after`` more, which
     every client must receive. Returns each client's :class:`Counts`."""
     prefix = f"f{secrets.token_hex(4)}"
-    apps = [AppProcess(url, prefix) for _ in range(3)]
+    apps = [fault_app(url, prefix) for _ in range(3)]
     clients: list[Client] = []
     try:
         await asyncio.gather(*(app.start() for app in apps))

@@ -2,32 +2,21 @@
 // on every WebSocket, subscribes once "authenticated", and refreshes the token
 // before the identity expires. Against a fake WebSocket.
 // Run: node --test tests/js/*.test.mjs (npm test)
-import { test, describe, beforeEach, afterEach } from "node:test";
+import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 import { createRequire } from "node:module";
-import { FakeWebSocket } from "./fakes.mjs";
+import { FakeWebSocket, FAST, sessionTest } from "./fakes.mjs";
 
 const require = createRequire(import.meta.url);
 const LongConn = require("../../tornado_longconn/static/longconn.js");
 
-const FAST = { backoff: { base: 1, max: 1 }, random: () => 0, openTimeout: 60000 };
-
 describe("Session token authentication", () => {
-  let conn;
-  beforeEach(() => {
-    FakeWebSocket.reset();
-    globalThis.WebSocket = FakeWebSocket;
-  });
-  afterEach(() => {
-    if (conn) conn.close();
-    conn = null;
-    delete globalThis.WebSocket;
-  });
+  const t = sessionTest();
 
   test("auth is the first frame; subscribes only once authenticated", async () => {
     const reasons = [];
     const authed = [];
-    conn = LongConn.session({
+    t.conn = LongConn.session({
       url: "ws://h/ws",
       ...FAST,
       getToken: async (reason) => {
@@ -36,7 +25,7 @@ describe("Session token authentication", () => {
       },
       onAuthenticated: (info) => authed.push(info),
     });
-    conn.subscribe("room:1");
+    t.conn.subscribe("room:1");
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
     const [auth] = await ws.waitFrames("auth", 1);
@@ -58,7 +47,7 @@ describe("Session token authentication", () => {
     const authed = [];
     let onRefreshed;
     const refreshed = new Promise((resolve) => (onRefreshed = resolve));
-    conn = LongConn.session({
+    t.conn = LongConn.session({
       url: "ws://h/ws",
       ...FAST,
       refreshMargin: 30000,
@@ -83,8 +72,8 @@ describe("Session token authentication", () => {
 
   test("a refused token ends the session with unauthorized (4401)", async () => {
     const errors = [];
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST, getToken: () => "forged", onError: (e) => errors.push(e) });
-    const sub = conn.subscribe("room:1");
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST, getToken: () => "forged", onError: (e) => errors.push(e) });
+    const sub = t.conn.subscribe("room:1");
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
     const [auth] = await ws.waitFrames("auth", 1);
@@ -92,14 +81,14 @@ describe("Session token authentication", () => {
     await new Promise((resolve) => setImmediate(resolve)); // the close frame comes next
     ws.drop(4401, "invalid token");
     await assert.rejects(sub.ready, (e) => e.code === "unauthorized");
-    assert.equal(conn.state, "closed");
+    assert.equal(t.conn.state, "closed");
     assert.equal(errors[0].code, "unauthorized");
     assert.equal(FakeWebSocket.instances.length, 1); // no reconnect
   });
 
   test("an identity that expired without refresh (4401 expired): reconnect with a new token", async () => {
     let n = 0;
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST, getToken: () => `tok-${++n}` });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST, getToken: () => `tok-${++n}` });
     const first = await FakeWebSocket.nth(0);
     first.accept();
     const [auth] = await first.waitFrames("auth", 1);
@@ -109,12 +98,12 @@ describe("Session token authentication", () => {
     second.accept();
     const [again] = await second.waitFrames("auth", 1);
     assert.equal(again.token, "tok-2");
-    assert.notEqual(conn.state, "closed");
+    assert.notEqual(t.conn.state, "closed");
   });
 
   test("no token on open: the connection is dropped and tried again", async () => {
     let calls = 0;
-    conn = LongConn.session({
+    t.conn = LongConn.session({
       url: "ws://h/ws",
       ...FAST,
       getToken: () => {

@@ -1,5 +1,7 @@
 // Fake browser transports for the Node tests of longconn.js: a WebSocket, an
-// EventSource and fetch() that the test drives from the "server" side.
+// EventSource and fetch() that the test drives from the "server" side; and the
+// set-up of a Session test (installFakes / removeFakes, sessionTest, FAST).
+import { beforeEach, afterEach } from "node:test";
 
 /** Resolves the n-th (0-based) instance of `cls` once it exists. */
 function waitInstance(cls, n) {
@@ -197,4 +199,44 @@ export function recorder() {
   fn.wait = (count) =>
     calls.length >= count ? Promise.resolve(calls) : new Promise((resolve) => waiters.push({ count, resolve }));
   return fn;
+}
+
+/** Session options for tests: reconnect after 1 ms, no jitter, no open timeout in practice. */
+export const FAST = { backoff: { base: 1, max: 1 }, random: () => 0, openTimeout: 60000 };
+
+/** Makes the fakes the globals WebSocket, EventSource and fetch; returns the FakeFetch. */
+export function installFakes() {
+  FakeWebSocket.reset();
+  FakeEventSource.reset();
+  const fetcher = new FakeFetch();
+  globalThis.WebSocket = FakeWebSocket;
+  globalThis.EventSource = FakeEventSource;
+  globalThis.__realFetch = globalThis.__realFetch || globalThis.fetch;
+  globalThis.fetch = fetcher.fetch;
+  return fetcher;
+}
+
+/** Undoes installFakes(). */
+export function removeFakes() {
+  delete globalThis.WebSocket;
+  delete globalThis.EventSource;
+  globalThis.fetch = globalThis.__realFetch;
+}
+
+/**
+ * The set-up of a describe() block of Session tests: before each test the fakes
+ * are installed (`t.fetcher` is that test's FakeFetch); after it the session the
+ * test put in `t.conn` is closed and the fakes are removed.
+ */
+export function sessionTest() {
+  const t = { conn: null, fetcher: null };
+  beforeEach(() => {
+    t.fetcher = installFakes();
+  });
+  afterEach(() => {
+    if (t.conn) t.conn.close();
+    t.conn = null;
+    removeFakes();
+  });
+  return t;
 }

@@ -3,7 +3,7 @@
 import { test, describe, beforeEach, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import { createRequire } from "node:module";
-import { FakeWebSocket, FakeEventSource, FakeFetch, recorder } from "./fakes.mjs";
+import { FakeWebSocket, FakeEventSource, FAST, installFakes, recorder, removeFakes, sessionTest } from "./fakes.mjs";
 
 const require = createRequire(import.meta.url);
 const LongConn = require("../../tornado_longconn/static/longconn.js");
@@ -203,38 +203,13 @@ describe("stream decoding (single-topic API)", () => {
 
 // ------------------------------------------------------------------ Session over WebSocket
 
-function installFakes() {
-  FakeWebSocket.reset();
-  FakeEventSource.reset();
-  const fetcher = new FakeFetch();
-  globalThis.WebSocket = FakeWebSocket;
-  globalThis.EventSource = FakeEventSource;
-  globalThis.__realFetch = globalThis.__realFetch || globalThis.fetch;
-  globalThis.fetch = fetcher.fetch;
-  return fetcher;
-}
-
-function removeFakes() {
-  delete globalThis.WebSocket;
-  delete globalThis.EventSource;
-  globalThis.fetch = globalThis.__realFetch;
-}
-
-const FAST = { backoff: { base: 1, max: 1 }, random: () => 0, openTimeout: 60000 };
-
 describe("Session over WebSocket", () => {
-  let conn;
-  beforeEach(() => installFakes());
-  afterEach(() => {
-    if (conn) conn.close();
-    conn = null;
-    removeFakes();
-  });
+  const t = sessionTest();
 
   test("subscribes every topic on open, each from its own cursor", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", params: { user: "ann" }, ...FAST });
-    conn.subscribe("room:1", { cursor: "e-4", params: { x: 1 } });
-    conn.subscribe("dm:ann");
+    t.conn = LongConn.session({ url: "ws://h/ws", params: { user: "ann" }, ...FAST });
+    t.conn.subscribe("room:1", { cursor: "e-4", params: { x: 1 } });
+    t.conn.subscribe("dm:ann");
     const ws = await FakeWebSocket.nth(0);
     assert.equal(ws.url.searchParams.get("user"), "ann");
     assert.equal(ws.url.searchParams.get("cursor"), null);
@@ -248,15 +223,15 @@ describe("Session over WebSocket", () => {
   });
 
   test("delivers per topic, drops duplicates and messages before `subscribed`", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const room = recorder();
     const dm = recorder();
-    const a = conn.subscribe("room:1", { cursor: "e-4", onMessage: room });
-    const b = conn.subscribe("dm:ann", { onMessage: dm });
+    const a = t.conn.subscribe("room:1", { cursor: "e-4", onMessage: room });
+    const b = t.conn.subscribe("dm:ann", { onMessage: dm });
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
     ws.push({ type: "welcome", v: 1, client: "c1" });
-    assert.equal(conn.clientId, "c1");
+    assert.equal(t.conn.clientId, "c1");
     const [s1, s2] = ws.frames("subscribe");
     ws.push({ topic: "room:1", cursor: "e-5", data: "early" }); // before subscribed: not ours yet
     ws.push({ type: "subscribed", id: s1.id, topic: "room:1", cursor: "e-6" });
@@ -273,15 +248,15 @@ describe("Session over WebSocket", () => {
     assert.deepEqual(room.calls.map((c) => c[0]), ["five", "six"]);
     assert.deepEqual(room.calls[1][2], { topic: "room:1", transport: "websocket", binary: false });
     assert.deepEqual(dm.calls.map((c) => [c[0], c[1]]), [[{ text: "hi" }, "e-10"]]);
-    assert.equal(conn.stats.duplicates, 1);
+    assert.equal(t.conn.stats.duplicates, 1);
     assert.equal(a.state, "active");
   });
 
   test("after a reconnect every topic resumes from its own last cursor", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const got = recorder();
-    conn.subscribe("a", { onMessage: got });
-    conn.subscribe("b", { cursor: "e-1", onMessage: got });
+    t.conn.subscribe("a", { onMessage: got });
+    t.conn.subscribe("b", { cursor: "e-1", onMessage: got });
     let ws = await FakeWebSocket.nth(0);
     ws.accept();
     for (const f of ws.frames("subscribe")) ws.push({ type: "subscribed", id: f.id, topic: f.topic, cursor: "e-2" });
@@ -292,7 +267,7 @@ describe("Session over WebSocket", () => {
     ws.accept();
     const again = ws.frames("subscribe");
     assert.deepEqual(again.map((f) => [f.topic, f.cursor]), [["a", "e-3"], ["b", "e-2"]]);
-    assert.deepEqual(conn.subscriptions().map((s) => s.state), ["pending", "pending"]);
+    assert.deepEqual(t.conn.subscriptions().map((s) => s.state), ["pending", "pending"]);
     for (const f of again) ws.push({ type: "subscribed", id: f.id, topic: f.topic, cursor: "e-4" });
     ws.push({ topic: "a", cursor: "e-3", data: "a3 replayed" });
     ws.push({ topic: "a", cursor: "e-4", data: "a4" });
@@ -301,10 +276,10 @@ describe("Session over WebSocket", () => {
 
   test("a resync notice moves the topic's cursor and is reported", async () => {
     const onResync = recorder();
-    conn = LongConn.session({ url: "ws://h/ws", onResync, ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", onResync, ...FAST });
     const topicResync = recorder();
     const got = recorder();
-    const sub = conn.subscribe("a", { cursor: "old-7", onMessage: got, onResync: topicResync });
+    const sub = t.conn.subscribe("a", { cursor: "old-7", onMessage: got, onResync: topicResync });
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
     const [f] = ws.frames("subscribe");
@@ -318,12 +293,12 @@ describe("Session over WebSocket", () => {
   });
 
   test("publish and call resolve with their answers; errors reject with code and status", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
-    const published = conn.publish("room:1", { text: "hi" });
-    const called = conn.call("rooms.list", { limit: 2 });
-    const refused = conn.call("admin.wipe");
+    const published = t.conn.publish("room:1", { text: "hi" });
+    const called = t.conn.call("rooms.list", { limit: 2 });
+    const refused = t.conn.call("admin.wipe");
     const [pub] = ws.frames("publish");
     assert.deepEqual(pub, { type: "publish", id: pub.id, topic: "room:1", data: { text: "hi" } });
     const [c1, c2] = ws.frames("call");
@@ -342,33 +317,33 @@ describe("Session over WebSocket", () => {
   });
 
   test("a call without an answer times out; a late answer is ignored", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
-    const slow = conn.call("slow", null, { timeout: 5 });
+    const slow = t.conn.call("slow", null, { timeout: 5 });
     await assert.rejects(slow, { code: "timeout" });
     ws.push({ type: "result", id: ws.frames("call")[0].id, result: "late" });
-    assert.equal(conn._pending.size(), 0);
+    assert.equal(t.conn._pending.size(), 0);
   });
 
   test("pending requests reject with code disconnected when the connection drops", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
-    const called = conn.call("x");
-    const published = conn.publish("t", 1);
+    const called = t.conn.call("x");
+    const published = t.conn.publish("t", 1);
     ws.drop(1006);
     await assert.rejects(called, { code: "disconnected" });
     await assert.rejects(published, { code: "disconnected" });
     // Offline: no WebSocket, no publishUrl.
-    await assert.rejects(conn.call("x"), { code: "disconnected" });
-    await assert.rejects(conn.publish("t", 1), { code: "disconnected" });
+    await assert.rejects(t.conn.call("x"), { code: "disconnected" });
+    await assert.rejects(t.conn.publish("t", 1), { code: "disconnected" });
   });
 
   test("binary messages arrive as Uint8Array; binary publish sends a binary frame", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const got = recorder();
-    conn.subscribe("files", { onMessage: got });
+    t.conn.subscribe("files", { onMessage: got });
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
     ws.push({ type: "subscribed", id: ws.frames("subscribe")[0].id, topic: "files", cursor: null });
@@ -377,7 +352,7 @@ describe("Session over WebSocket", () => {
     assert.deepEqual(Array.from(got.calls[0][0]), [1, 2, 255]);
     assert.equal(got.calls[0][1], "e-1");
     assert.equal(got.calls[0][2].binary, true);
-    const p = conn.publish("files", new Uint8Array([7, 8]));
+    const p = t.conn.publish("files", new Uint8Array([7, 8]));
     const sent = I.decodeBinaryFrame(ws.sent.find((d) => typeof d !== "string"));
     assert.equal(sent.header.type, "publish");
     assert.deepEqual(Array.from(sent.payload), [7, 8]);
@@ -386,10 +361,10 @@ describe("Session over WebSocket", () => {
   });
 
   test("a refused subscription rejects `ready`, reports onError and is not sent again", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const onError = recorder();
-    const sub = conn.subscribe("secret", { onError });
-    conn.subscribe("open");
+    const sub = t.conn.subscribe("secret", { onError });
+    t.conn.subscribe("open");
     let ws = await FakeWebSocket.nth(0);
     ws.accept();
     const [f] = ws.frames("subscribe");
@@ -404,14 +379,14 @@ describe("Session over WebSocket", () => {
   });
 
   test("unsubscribe, server-ended subscriptions and local checks", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const got = recorder();
     const ended = recorder();
-    const a = conn.subscribe("a", { onMessage: got });
-    conn.subscribe("b", { onUnsubscribed: ended });
-    assert.throws(() => conn.subscribe("a"), { code: "conflict" });
-    assert.throws(() => conn.subscribe("no spaces"), { code: "bad_request" });
-    assert.throws(() => conn.subscribe("c", { cursor: "nonsense" }), { code: "bad_request" });
+    const a = t.conn.subscribe("a", { onMessage: got });
+    t.conn.subscribe("b", { onUnsubscribed: ended });
+    assert.throws(() => t.conn.subscribe("a"), { code: "conflict" });
+    assert.throws(() => t.conn.subscribe("no spaces"), { code: "bad_request" });
+    assert.throws(() => t.conn.subscribe("c", { cursor: "nonsense" }), { code: "bad_request" });
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
     for (const f of ws.frames("subscribe")) ws.push({ type: "subscribed", id: f.id, topic: f.topic, cursor: "e-1" });
@@ -424,15 +399,15 @@ describe("Session over WebSocket", () => {
     assert.equal(got.calls.length, 0);
     ws.push({ type: "unsubscribed", id: null, topic: "b", reason: "revoked" });
     assert.deepEqual(ended.calls[0][0], { topic: "b", reason: "revoked" });
-    assert.deepEqual(conn.subscriptions(), []);
+    assert.deepEqual(t.conn.subscriptions(), []);
   });
 
   test("the answer to a subscription given up before it came is dropped quietly", async () => {
     const onError = recorder();
-    conn = LongConn.session({ url: "ws://h/ws", onError, ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", onError, ...FAST });
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
-    const sub = conn.subscribe("secret");
+    const sub = t.conn.subscribe("secret");
     const [f] = ws.frames("subscribe");
     const done = sub.unsubscribe();
     ws.push({ type: "error", id: f.id, code: "forbidden", status: 403, reason: "no", topic: "secret" });
@@ -444,9 +419,9 @@ describe("Session over WebSocket", () => {
   });
 
   test("a function is the message handler", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const got = recorder();
-    conn.subscribe("t", got);
+    t.conn.subscribe("t", got);
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
     ws.push({ type: "subscribed", id: ws.frames("subscribe")[0].id, topic: "t", cursor: "e-1" });
@@ -455,7 +430,7 @@ describe("Session over WebSocket", () => {
   });
 
   test("pings are answered; unknown frame types are ignored", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
     ws.push({ type: "ping" });
@@ -464,53 +439,47 @@ describe("Session over WebSocket", () => {
   });
 
   test("a fatal close code ends the session and its subscriptions", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
-    const sub = conn.subscribe("a");
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    const sub = t.conn.subscribe("a");
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
     ws.drop(4403, "refused");
     await assert.rejects(sub.ready, { code: "forbidden" });
-    assert.equal(conn.state, "closed");
-    assert.throws(() => conn.subscribe("b"), { code: "closed" });
+    assert.equal(t.conn.state, "closed");
+    assert.throws(() => t.conn.subscribe("b"), { code: "closed" });
   });
 
   test("a rate-limited close (4429) ends the session without reconnecting", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
-    const sub = conn.subscribe("a");
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    const sub = t.conn.subscribe("a");
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
     ws.drop(4429, "rate limited");
     await assert.rejects(sub.ready, { code: "limit" });
-    assert.equal(conn.state, "closed");
+    assert.equal(t.conn.state, "closed");
   });
 
   test("close() rejects pending requests with code closed", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
-    const called = conn.call("x");
-    conn.close();
+    const called = t.conn.call("x");
+    t.conn.close();
     await assert.rejects(called, { code: "closed" });
-    await assert.rejects(conn.publish("t", 1), { code: "closed" });
+    await assert.rejects(t.conn.publish("t", 1), { code: "closed" });
   });
 });
 
 // ------------------------------------------------------------------ Session over SSE
 
 describe("Session over SSE", () => {
-  let conn;
-  beforeEach(() => installFakes());
-  afterEach(() => {
-    if (conn) conn.close();
-    conn = null;
-    removeFakes();
-  });
+  const t = sessionTest();
 
   test("one stream for the topic set, with the cursor map; reopened when the set changes", async () => {
-    conn = LongConn.session({ sseUrl: "http://h/sse", params: { user: "ann" }, ...FAST });
+    t.conn = LongConn.session({ sseUrl: "http://h/sse", params: { user: "ann" }, ...FAST });
     const got = recorder();
-    const a = conn.subscribe("room:1", { cursor: "e-3", onMessage: got });
-    const b = conn.subscribe("dm:ann", { onMessage: got });
+    const a = t.conn.subscribe("room:1", { cursor: "e-3", onMessage: got });
+    const b = t.conn.subscribe("dm:ann", { onMessage: got });
     let es = await FakeEventSource.nth(0);
     assert.equal(es.url.searchParams.get("topics"), "room:1,dm:ann");
     assert.equal(es.url.searchParams.get("cursors"), "room:1=e-3,dm:ann=");
@@ -523,20 +492,20 @@ describe("Session over SSE", () => {
     assert.equal(b.cursor, "e-9"); // its start position, from the ready event
     es.message({ topic: "room:1", cursor: "e-4", data: "r4" }, "room:1=e-4,dm:ann=e-9");
     es.message({ topic: "room:1", cursor: "e-4", data: "r4 again" }, "room:1=e-4,dm:ann=e-9");
-    conn.subscribe("news");
+    t.conn.subscribe("news");
     es = await FakeEventSource.nth(1);
     assert.ok(FakeEventSource.instances[0].closed);
     assert.equal(es.url.searchParams.get("cursors"), "room:1=e-4,dm:ann=e-9,news=");
     assert.deepEqual(got.calls.map((c) => c[0]), ["r4"]);
-    assert.equal(conn.state, "open");
+    assert.equal(t.conn.state, "open");
   });
 
   test("resync and refused-topic events; a stream error reconnects with the cursors", async () => {
-    conn = LongConn.session({ sseUrl: "http://h/sse", ...FAST });
+    t.conn = LongConn.session({ sseUrl: "http://h/sse", ...FAST });
     const onError = recorder();
     const resync = recorder();
-    const a = conn.subscribe("a", { cursor: "old-5", onResync: resync });
-    const b = conn.subscribe("b", { onError });
+    const a = t.conn.subscribe("a", { cursor: "old-5", onResync: resync });
+    const b = t.conn.subscribe("b", { onError });
     let es = await FakeEventSource.nth(0);
     es.accept();
     es.event("ready", { cursors: { a: "old-5" } }); // b is not accepted: its error follows
@@ -549,7 +518,7 @@ describe("Session over SSE", () => {
     assert.equal(resync.calls[0][0].reason, "epoch");
     assert.equal(onError.calls[0][0].code, "forbidden");
     assert.equal(b.state, "closed");
-    assert.equal(conn.state, "open"); // the other topics go on
+    assert.equal(t.conn.state, "open"); // the other topics go on
     es.fail();
     es = await FakeEventSource.nth(1);
     assert.equal(es.url.searchParams.get("cursors"), "a=new-0");
@@ -557,44 +526,35 @@ describe("Session over SSE", () => {
 
   test("publish goes to publishUrl; call needs the WebSocket", async () => {
     const fetcher = installFakes();
-    conn = LongConn.session({ sseUrl: "http://h/sse", publishUrl: "http://h/publish", ...FAST });
-    conn.subscribe("t");
+    t.conn = LongConn.session({ sseUrl: "http://h/sse", publishUrl: "http://h/publish", ...FAST });
+    t.conn.subscribe("t");
     (await FakeEventSource.nth(0)).accept();
-    const ok = conn.publish("t", { n: 1 });
+    const ok = t.conn.publish("t", { n: 1 });
     const req = await fetcher.nth(0);
     assert.equal(req.init.method, "POST");
     assert.deepEqual(JSON.parse(req.init.body), { topic: "t", data: { n: 1 } });
     req.respond(200, { topic: "t", cursor: "e-5" });
     assert.deepEqual(await ok, { topic: "t", cursor: "e-5" });
-    const refused = conn.publish("t", 2);
+    const refused = t.conn.publish("t", 2);
     (await fetcher.nth(1)).respond(503, { code: "unavailable", reason: "backend down" });
     await assert.rejects(refused, { code: "unavailable", status: 503, message: "backend down" });
-    await assert.rejects(conn.call("x"), { code: "unsupported" });
-    await assert.rejects(conn.publish("t", new Uint8Array(1)), { code: "unsupported" });
+    await assert.rejects(t.conn.call("x"), { code: "unsupported" });
+    await assert.rejects(t.conn.publish("t", new Uint8Array(1)), { code: "unsupported" });
   });
 });
 
 // ------------------------------------------------------------------ Session over long-poll
 
 describe("Session over long-poll", () => {
-  let conn;
-  let fetcher;
-  beforeEach(() => {
-    fetcher = installFakes();
-  });
-  afterEach(() => {
-    if (conn) conn.close();
-    conn = null;
-    removeFakes();
-  });
+  const t = sessionTest();
 
   test("polls with the cursor map; resync before messages; cursors move forward", async () => {
-    conn = LongConn.session({ pollUrl: "http://h/poll", pollTimeout: 20, ...FAST });
+    t.conn = LongConn.session({ pollUrl: "http://h/poll", pollTimeout: 20, ...FAST });
     const got = recorder();
     const resync = recorder();
-    const a = conn.subscribe("a", { cursor: "old-3", onMessage: got, onResync: resync });
-    const b = conn.subscribe("b", { onMessage: got });
-    const first = await fetcher.nth(0);
+    const a = t.conn.subscribe("a", { cursor: "old-3", onMessage: got, onResync: resync });
+    const b = t.conn.subscribe("b", { onMessage: got });
+    const first = await t.fetcher.nth(0);
     assert.equal(first.url.searchParams.get("topics"), "a,b");
     assert.equal(first.url.searchParams.get("cursors"), "a=old-3,b=");
     assert.equal(first.url.searchParams.get("timeout"), "0");
@@ -609,31 +569,31 @@ describe("Session over long-poll", () => {
     });
     await a.ready;
     await b.ready;
-    const second = await fetcher.nth(1);
+    const second = await t.fetcher.nth(1);
     assert.equal(second.url.searchParams.get("cursors"), "a=new-1,b=new-7");
     assert.equal(second.url.searchParams.get("timeout"), "20");
     assert.deepEqual(got.calls.map((c) => c[0]), ["a1", "b7"]);
     assert.equal(resync.calls.length, 1);
     // A timeout answer with positions: a topic without messages gets its start position.
     second.respond(200, { messages: [{ topic: "a", cursor: "new-1", data: "dup" }], cursors: { a: "new-1", b: "new-7" }, resync: [], errors: [] });
-    const third = await fetcher.nth(2);
+    const third = await t.fetcher.nth(2);
     assert.deepEqual(got.calls.map((c) => c[0]), ["a1", "b7"]);
     // Subscribing aborts the waiting request and asks at once with the new set.
-    conn.subscribe("c");
-    const fourth = await fetcher.nth(3);
+    t.conn.subscribe("c");
+    const fourth = await t.fetcher.nth(3);
     assert.ok(third.aborted);
     assert.equal(fourth.url.searchParams.get("topics"), "a,b,c");
     assert.equal(fourth.url.searchParams.get("timeout"), "0");
     fourth.respond(200, { messages: [], cursors: { a: "new-1", b: "new-7", c: "new-2" }, resync: [], errors: [] });
-    await fetcher.nth(4);
-    assert.equal(conn.subscriptions()[2].cursor, "new-2");
+    await t.fetcher.nth(4);
+    assert.equal(t.conn.subscriptions()[2].cursor, "new-2");
   });
 
   test("refused topics end; the others go on", async () => {
-    conn = LongConn.session({ pollUrl: "http://h/poll", ...FAST });
-    const a = conn.subscribe("a");
-    const b = conn.subscribe("b");
-    (await fetcher.nth(0)).respond(200, {
+    t.conn = LongConn.session({ pollUrl: "http://h/poll", ...FAST });
+    const a = t.conn.subscribe("a");
+    const b = t.conn.subscribe("b");
+    (await t.fetcher.nth(0)).respond(200, {
       messages: [],
       cursors: { a: "e-1" },
       resync: [],
@@ -641,16 +601,16 @@ describe("Session over long-poll", () => {
     });
     await a.ready;
     await assert.rejects(b.ready, { code: "forbidden" });
-    const next = await fetcher.nth(1);
+    const next = await t.fetcher.nth(1);
     assert.equal(next.url.searchParams.get("topics"), "a");
   });
 
   test("a failed poll reconnects with backoff and the same cursors", async () => {
-    conn = LongConn.session({ pollUrl: "http://h/poll", ...FAST });
-    conn.subscribe("a", { cursor: "e-5" });
-    (await fetcher.nth(0)).respond(200, { messages: [], cursors: { a: "e-5" }, resync: [], errors: [] });
-    (await fetcher.nth(1)).respond(502, "bad gateway");
-    const retry = await fetcher.nth(2);
+    t.conn = LongConn.session({ pollUrl: "http://h/poll", ...FAST });
+    t.conn.subscribe("a", { cursor: "e-5" });
+    (await t.fetcher.nth(0)).respond(200, { messages: [], cursors: { a: "e-5" }, resync: [], errors: [] });
+    (await t.fetcher.nth(1)).respond(502, "bad gateway");
+    const retry = await t.fetcher.nth(2);
     assert.equal(retry.url.searchParams.get("cursors"), "a=e-5");
   });
 });

@@ -1,32 +1,21 @@
 // Presence in longconn.js's Session: session.presence(topic), onJoin / onLeave /
 // onPresenceGap subscription options and onDirect, against a fake WebSocket.
 // Run: node --test tests/js/*.test.mjs (npm test)
-import { test, describe, beforeEach, afterEach } from "node:test";
+import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 import { createRequire } from "node:module";
-import { FakeWebSocket, FakeEventSource, FakeFetch } from "./fakes.mjs";
+import { FakeWebSocket, FakeEventSource, FAST, sessionTest } from "./fakes.mjs";
 
 const require = createRequire(import.meta.url);
 const LongConn = require("../../tornado_longconn/static/longconn.js");
 
-const FAST = { backoff: { base: 1, max: 1 }, random: () => 0, openTimeout: 60000 };
-
 describe("Session presence", () => {
-  let conn;
-  beforeEach(() => {
-    FakeWebSocket.reset();
-    globalThis.WebSocket = FakeWebSocket;
-  });
-  afterEach(() => {
-    if (conn) conn.close();
-    conn = null;
-    delete globalThis.WebSocket;
-  });
+  const t = sessionTest();
 
   test("onJoin / onLeave ask for presence events and receive them in order", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
     const seen = [];
-    const room = conn.subscribe("room:1", {
+    const room = t.conn.subscribe("room:1", {
       params: { token: "t" },
       onJoin(member, info) {
         seen.push(["join", member.client, info.topic, info.reason]);
@@ -38,7 +27,7 @@ describe("Session presence", () => {
         seen.push(["gap", info.topic, info.reason]);
       },
     });
-    conn.subscribe("dm:ann");
+    t.conn.subscribe("dm:ann");
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
     const [s1, s2] = ws.frames("subscribe");
@@ -62,13 +51,13 @@ describe("Session presence", () => {
   });
 
   test("presence() answers a page of members and the counts; errors reject", async () => {
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST });
-    await assert.rejects(conn.presence("room:1"), (e) => e.code === "disconnected");
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST });
+    await assert.rejects(t.conn.presence("room:1"), (e) => e.code === "disconnected");
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
-    await assert.rejects(conn.presence("a,b"), (e) => e.code === "bad_request");
-    const first = conn.presence("room:1", { limit: 2 });
-    const refused = conn.presence("secret", { cursor: "17" });
+    await assert.rejects(t.conn.presence("a,b"), (e) => e.code === "bad_request");
+    const first = t.conn.presence("room:1", { limit: 2 });
+    const refused = t.conn.presence("secret", { cursor: "17" });
     const [p1, p2] = ws.frames("presence");
     assert.deepEqual(p1, { type: "presence", id: p1.id, topic: "room:1", limit: 2 });
     assert.deepEqual(p2, { type: "presence", id: p2.id, topic: "secret", cursor: "17" });
@@ -81,8 +70,8 @@ describe("Session presence", () => {
 
   test("a direct message reaches onDirect and `direct` listeners", async () => {
     const got = [];
-    conn = LongConn.session({ url: "ws://h/ws", ...FAST, onDirect: (data) => got.push(["option", data]) });
-    conn.on("direct", (data) => got.push(["listener", data]));
+    t.conn = LongConn.session({ url: "ws://h/ws", ...FAST, onDirect: (data) => got.push(["option", data]) });
+    t.conn.on("direct", (data) => got.push(["listener", data]));
     const ws = await FakeWebSocket.nth(0);
     ws.accept();
     ws.push({ type: "direct", data: { text: "hi" } });
@@ -94,26 +83,12 @@ describe("Session presence", () => {
 });
 
 describe("Session presence over SSE and long-poll", () => {
-  let conn;
-  let fetcher;
-  beforeEach(() => {
-    FakeEventSource.reset();
-    fetcher = new FakeFetch();
-    globalThis.EventSource = FakeEventSource;
-    globalThis.__realFetch = globalThis.__realFetch || globalThis.fetch;
-    globalThis.fetch = fetcher.fetch;
-  });
-  afterEach(() => {
-    if (conn) conn.close();
-    conn = null;
-    delete globalThis.EventSource;
-    globalThis.fetch = globalThis.__realFetch;
-  });
+  const t = sessionTest();
 
   test("SSE sends the presence client and presence=1, and delivers join / leave events", async () => {
-    conn = LongConn.session({ sseUrl: "http://h/sse", transport: "sse", presenceClient: "tab-1", ...FAST });
+    t.conn = LongConn.session({ sseUrl: "http://h/sse", transport: "sse", presenceClient: "tab-1", ...FAST });
     const seen = [];
-    conn.subscribe("room:1", {
+    t.conn.subscribe("room:1", {
       onJoin: (m, info) => seen.push(["join", m.client, info.topic]),
       onLeave: (m, info) => seen.push(["leave", m.client, info.reason]),
     });
@@ -132,44 +107,30 @@ describe("Session presence over SSE and long-poll", () => {
   });
 
   test("a long-poll carries the session's presence client; no presence=1 without handlers", async () => {
-    conn = LongConn.session({ pollUrl: "http://h/poll", transport: "longpoll", ...FAST });
-    conn.subscribe("a");
-    const poll = await fetcher.nth(0);
+    t.conn = LongConn.session({ pollUrl: "http://h/poll", transport: "longpoll", ...FAST });
+    t.conn.subscribe("a");
+    const poll = await t.fetcher.nth(0);
     assert.match(poll.url.searchParams.get("client"), /^[0-9a-f]{16}$/);
-    assert.equal(poll.url.searchParams.get("client"), conn.presenceClient);
+    assert.equal(poll.url.searchParams.get("client"), t.conn.presenceClient);
     assert.equal(poll.url.searchParams.get("presence"), null);
   });
 });
 
 describe("Session presence over HTTP: long-poll events, direct messages, disconnects", () => {
-  let conn;
-  let fetcher;
-  beforeEach(() => {
-    FakeEventSource.reset();
-    fetcher = new FakeFetch();
-    globalThis.EventSource = FakeEventSource;
-    globalThis.__realFetch = globalThis.__realFetch || globalThis.fetch;
-    globalThis.fetch = fetcher.fetch;
-  });
-  afterEach(() => {
-    if (conn) conn.close();
-    conn = null;
-    delete globalThis.EventSource;
-    globalThis.fetch = globalThis.__realFetch;
-  });
+  const t = sessionTest();
 
   test("a long-poll asks presence=1 and delivers the answer's events in order", async () => {
     const direct = [];
-    conn = LongConn.session({ pollUrl: "http://h/poll", transport: "longpoll", onDirect: (d) => direct.push(d), ...FAST });
+    t.conn = LongConn.session({ pollUrl: "http://h/poll", transport: "longpoll", onDirect: (d) => direct.push(d), ...FAST });
     const seen = [];
-    conn.subscribe("room:1", {
+    t.conn.subscribe("room:1", {
       onJoin: (m, info) => seen.push(["join", m.client, info.topic]),
       onLeave: (m, info) => seen.push(["leave", m.client, info.reason]),
       onPresenceGap: (info) => seen.push(["gap", info.reason]),
     });
-    const first = await fetcher.nth(0);
+    const first = await t.fetcher.nth(0);
     assert.equal(first.url.searchParams.get("presence"), "1");
-    const me = { client: conn.presenceClient, user: null, info: null, since: 1, transport: "longpoll" };
+    const me = { client: t.conn.presenceClient, user: null, info: null, since: 1, transport: "longpoll" };
     const bob = { client: "b", user: "bob", info: null, since: 2, transport: "websocket" };
     first.respond(200, {
       messages: [],
@@ -184,10 +145,10 @@ describe("Session presence over HTTP: long-poll events, direct messages, disconn
         { type: "presence_gap", topic: "room:1", reason: "overflow" },
       ],
     });
-    const second = await fetcher.nth(1);
+    const second = await t.fetcher.nth(1);
     assert.equal(second.url.searchParams.get("presence"), "1");
     assert.deepEqual(seen, [
-      ["join", conn.presenceClient, "room:1"],
+      ["join", t.conn.presenceClient, "room:1"],
       ["join", "b", "room:1"],
       ["leave", "b", "expired"],
       ["gap", "overflow"],
@@ -203,22 +164,22 @@ describe("Session presence over HTTP: long-poll events, direct messages, disconn
       statuses.push(s);
       if (s.state === "closed") onClosed();
     };
-    conn = LongConn.session({ pollUrl: "http://h/poll", transport: "longpoll", onStatus, ...FAST });
-    conn.subscribe("a");
-    const old = conn.presenceClient;
-    const poll = await fetcher.nth(0);
+    t.conn = LongConn.session({ pollUrl: "http://h/poll", transport: "longpoll", onStatus, ...FAST });
+    t.conn.subscribe("a");
+    const old = t.conn.presenceClient;
+    const poll = await t.fetcher.nth(0);
     poll.respond(403, { code: "disconnected", close_code: 4403, reason: "revoked" });
     await closedOnce;
     const closed = statuses.filter((s) => s.state === "closed");
     assert.equal(closed.length, 1);
     assert.deepEqual([closed[0].code, closed[0].reason, closed[0].fatal], [4403, "revoked", true]);
-    assert.notEqual(conn.presenceClient, old); // a new id for a new session
+    assert.notEqual(t.conn.presenceClient, old); // a new id for a new session
   });
 
   test("SSE delivers `direct` and ends at `disconnect` with its close code", async () => {
     const direct = [];
     const statuses = [];
-    conn = LongConn.session({
+    t.conn = LongConn.session({
       sseUrl: "http://h/sse",
       transport: "sse",
       presenceClient: "tab-1",
@@ -226,7 +187,7 @@ describe("Session presence over HTTP: long-poll events, direct messages, disconn
       onStatus: (s) => statuses.push(s),
       ...FAST,
     });
-    conn.subscribe("room:1");
+    t.conn.subscribe("room:1");
     const es = await FakeEventSource.nth(0);
     es.accept();
     es.event("ready", { cursors: { "room:1": "e-1" } });
@@ -235,6 +196,6 @@ describe("Session presence over HTTP: long-poll events, direct messages, disconn
     assert.deepEqual(direct, [7]);
     const closed = statuses.filter((s) => s.state === "closed");
     assert.deepEqual([closed[0].code, closed[0].fatal], [4401, true]);
-    assert.equal(conn.presenceClient, "tab-1"); // the application's own id is kept
+    assert.equal(t.conn.presenceClient, "tab-1"); // the application's own id is kept
   });
 });
