@@ -12,7 +12,9 @@ import asyncio
 import gc
 import hashlib
 import inspect
+import os
 import socket
+import struct
 import textwrap
 import weakref
 import zlib
@@ -27,7 +29,7 @@ import tornado.ioloop
 import tornado.web
 import tornado.websocket
 import websockets
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import _PerMessageDeflateCompressor
 
 from tests.helpers import wait_until
@@ -564,6 +566,107 @@ async def test_keep_reading_stops_listening_past_its_limit(
     assert not stream._state & tornado.ioloop.IOLoop.READ
     data = await stream.read_bytes(100 + iostream.KEEP_READING_BYTES * 2)
     assert data == b"b" * 100 + b"c" * (iostream.KEEP_READING_BYTES * 2)
+
+
+class CountingSocket:
+    """The stream's socket, with its recv() calls counted (and those answered EAGAIN)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.recvs = 0
+        self.eagain = 0
+
+    def recv(self, n: int) -> bytes:
+        self.recvs += 1
+        try:
+            return self.sock.recv(n)
+        except BlockingIOError:
+            self.eagain += 1
+            raise
+
+    def recv_into(self, buf: Any, n: int = 0) -> int:
+        self.recvs += 1
+        try:
+            return self.sock.recv_into(buf, n)
+        except BlockingIOError:
+            self.eagain += 1
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+async def _recvs_per_frame(stream: IOStream, peer: socket.socket, frames: int) -> CountingSocket:
+    counting = CountingSocket(stream.socket)
+    stream.socket = counting  # type: ignore[assignment]
+    for n in range(frames):
+        read = stream.read_bytes(65536, partial=True)  # what the WebSocket reader asks
+        peer.send(b"frame %d" % n)
+        assert await asyncio.wait_for(read, scaled(5)) == b"frame %d" % n
+    return counting
+
+
+async def test_keep_reading_makes_one_recv_per_frame(
+    pair: tuple[IOStream, socket.socket],
+) -> None:
+    stream, peer = pair
+    assert iostream.keep_reading(stream)
+    counting = await _recvs_per_frame(stream, peer, 20)
+    # Tornado's stream also tries the socket inline for each read and reads again after
+    # a short read: two more recv() calls per frame, both answered EAGAIN.
+    assert (counting.recvs, counting.eagain) == (20, 0)
+
+
+async def test_stock_stream_recvs_answered_eagain(pair: tuple[IOStream, socket.socket]) -> None:
+    stream, peer = pair
+    counting = await _recvs_per_frame(stream, peer, 20)
+    assert counting.eagain >= 20  # what the test above shows KeepReadingIOStream avoids
+
+
+async def test_keep_reading_reads_a_large_payload_in_one_exact_read(
+    pair: tuple[IOStream, socket.socket],
+) -> None:
+    stream, peer = pair
+    assert iostream.keep_reading(stream)
+    payload = os.urandom(1 << 20)
+    read = stream.read_bytes(len(payload))
+    sent = asyncio.ensure_future(asyncio.get_running_loop().sock_sendall(peer, payload))
+    assert await asyncio.wait_for(read, scaled(10)) == payload
+    await sent
+
+
+async def test_keep_reading_sees_the_peer_close_and_reset(
+    pair: tuple[IOStream, socket.socket],
+) -> None:
+    stream, peer = pair
+    assert iostream.keep_reading(stream)
+    read = stream.read_bytes(65536, partial=True)
+    peer.send(b"last")
+    assert await read == b"last"
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # a reset
+    with pytest.raises(StreamClosedError):
+        await asyncio.wait_for(stream.read_bytes(65536, partial=True), scaled(5))
+    assert stream.closed() and isinstance(stream.error, ConnectionResetError)
+
+
+async def test_keep_reading_keeps_the_buffer_limit() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    server_side, _ = listener.accept()
+    listener.close()
+    server_side.setblocking(False)
+    stream = IOStream(server_side, max_buffer_size=1000, read_chunk_size=512)
+    try:
+        assert iostream.keep_reading(stream)
+        read = stream.read_bytes(5000)  # more than the stream may buffer
+        peer.sendall(b"x" * 5000)
+        with pytest.raises(StreamClosedError):
+            await asyncio.wait_for(read, scaled(5))
+        assert isinstance(stream.error, StreamBufferFullError)
+    finally:
+        stream.close()
+        peer.close()
 
 
 # -- class-level WebSocket close hooks ----------------------------------------------------

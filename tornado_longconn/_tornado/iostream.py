@@ -31,6 +31,7 @@ from typing import Any, Final, Protocol
 
 import tornado.iostream
 from tornado.iostream import IOStream, SSLIOStream
+from tornado.iostream import StreamBufferFullError as _StreamBufferFullError
 from tornado.iostream import UnsatisfiableReadError as _UnsatisfiableReadError
 from tornado.log import gen_log as _gen_log
 
@@ -242,6 +243,14 @@ def release_error(stream: IOStream | None) -> None:
 # stops listening exactly as Tornado's does). Its ``_handle_events`` is Tornado's
 # (identical in 6.4.2, 6.5.2 and 6.6.1; ``tests/test_tornado_canary.py`` compares
 # the source) with that one condition changed.
+#
+# It also reads with one ``recv()`` per readiness event: Tornado's stream tries the
+# socket inline for every read (``_try_inline_read``) and keeps reading after a
+# short read until the socket answers EAGAIN (``_read_to_buffer_loop``), two
+# ``recv()`` calls per inbound frame answered EAGAIN, each an exception in Python;
+# and each ``recv`` goes into a zero-filled ``bytearray`` of ``read_chunk_size``
+# (64 KiB) that is then copied. The selector is level-triggered, so bytes that
+# arrive after a short read are reported by the next poll.
 
 #: Bytes that may wait in a stream's read buffer while it keeps listening for reads.
 KEEP_READING_BYTES: Final = 4096
@@ -309,6 +318,91 @@ class KeepReadingIOStream(IOStream):
             self.close(exc_info=e)
             raise
 
+    # -- reading: one recv per readiness event ------------------------------------
+
+    def _try_inline_read(self) -> None:
+        # Tornado's, without its inline socket read. This stream listens for reads
+        # whenever nothing is buffered, and the selector is level-triggered: bytes
+        # that arrived are reported by the next poll. The inline read is a recv()
+        # answered EAGAIN (an exception in Python) for nearly every WebSocket frame.
+        internals: _ReadInternals = self
+        pos = internals._find_read_pos()
+        if pos is not None:
+            internals._read_from_buffer(pos)
+            return
+        internals._check_closed()
+        if not self.closed():
+            internals._add_io_state(self.io_loop.READ)
+
+    def _read_to_buffer_loop(self) -> int | None:
+        # Tornado's loop reads until the socket answers EAGAIN; a short read already
+        # means the socket is empty for now (more is reported by the next poll), and
+        # each recv() gets a bytes object of its size instead of a zero-filled
+        # bytearray of read_chunk_size that is then copied.
+        internals: _ReadInternals = self
+        if internals._user_read_buffer:  # read_into(): Tornado's own loop
+            return super()._read_to_buffer_loop()
+        target = internals._read_bytes
+        chunk = self.read_chunk_size
+        while not self.closed():
+            if self._recv_chunk(internals, chunk) < chunk:
+                break
+            if target is None or internals._read_buffer_size >= target:
+                break
+        return internals._find_read_pos()
+
+    def _recv_chunk(self, internals: _ReadInternals, chunk: int) -> int:
+        """One recv() into the read buffer: bytes read, 0 if none (EAGAIN or closed)."""
+        try:
+            data = self.socket.recv(chunk)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            # Tornado's handling: a reset closes quietly, anything else closes and raises.
+            self.close(exc_info=exc)
+            if internals._is_connreset(exc):
+                return 0
+            raise
+        if not data:
+            self.close()
+            return 0
+        internals._read_buffer += data
+        internals._read_buffer_size += len(data)
+        if internals._read_buffer_size > self.max_buffer_size:
+            _gen_log.error("Reached maximum read buffer size")
+            full = _StreamBufferFullError("Reached maximum read buffer size")
+            self.close(exc_info=full)
+            raise full
+        return len(data)
+
+
+class _ReadInternals(Protocol):
+    """The private part of ``IOStream`` that :class:`KeepReadingIOStream` reads with."""
+
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1 (a bytearray)
+    _read_buffer: bytearray
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1
+    _read_buffer_size: int
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1 (bytes a pending read_bytes wants)
+    _read_bytes: int | None
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1 (True while a read_into is pending)
+    _user_read_buffer: bool
+
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1
+    def _find_read_pos(self) -> int | None: ...
+
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1
+    def _read_from_buffer(self, pos: int) -> None: ...
+
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1
+    def _check_closed(self) -> None: ...
+
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1
+    def _add_io_state(self, state: int) -> None: ...
+
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1
+    def _is_connreset(self, exc: BaseException) -> bool: ...
+
 
 def keep_reading(stream: IOStream | None) -> bool:
     """Make ``stream`` a :class:`KeepReadingIOStream` if it is a plain ``IOStream``.
@@ -344,6 +438,28 @@ def check_keep_reading() -> None:
         ),
     )
     require_init_attrs(IOStream, ("_connecting", "_read_buffer_size", "_state", "io_loop"))
+    require_attrs(
+        IOStream,
+        (
+            "_try_inline_read",
+            "_read_to_buffer_loop",
+            "_find_read_pos",
+            "_read_from_buffer",
+            "_check_closed",
+            "_add_io_state",
+            "_is_connreset",
+        ),
+    )
+    require_init_attrs(
+        IOStream,
+        (
+            "_read_buffer",
+            "_read_bytes",
+            "_user_read_buffer",
+            "read_chunk_size",
+            "max_buffer_size",
+        ),
+    )
 
 
 register(check_keep_reading)
