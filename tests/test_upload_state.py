@@ -176,9 +176,11 @@ async def test_an_upload_moves_between_stores(tmp_path: Path, state: SharedUploa
     assert one.stats().rehashed == 1  # the first store re-read the part written by the second
 
 
-async def test_concurrent_patches_on_two_stores_one_wins(
+async def test_concurrent_patches_on_two_stores_the_first_commit_wins(
     tmp_path: Path, state: SharedUploadState
 ) -> None:
+    """Two PATCHes at one offset both write a segment; the first to commit wins, the
+    other is answered 409 with the new offset and its segment is removed."""
     one, two = await two_servers(tmp_path, state)
     async with (
         serve(one) as (a, events),
@@ -190,25 +192,51 @@ async def test_concurrent_patches_on_two_stores_one_wins(
         sock = await raw_patch_start(a, upload_id, 100)
         try:
             await asyncio.wait_for(events["writing"].wait(), scaled(5))
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(sock, b"a" * 50)
             other = await http.patch(
                 b.url(f"/files/{upload_id}"),
                 headers={**OCTETS, "Upload-Offset": "0"},
                 content=b"b" * 100,
             )
-            assert other.status_code == 423
-            assert other.headers["Upload-Offset"] == "0"
+            assert other.status_code == 204
+            await loop.sock_sendall(sock, b"a" * 50)
+            reply = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(5))
+            assert reply.startswith(b"HTTP/1.1 409"), reply
+            assert b"\r\nUpload-Offset: 100\r\n" in reply
+        finally:
+            sock.close()
+        head = await http.head(a.url(f"/files/{upload_id}"), headers=TUS)
+        assert head.headers["Upload-Offset"] == "100"
+    assert read(one.final_path(upload_id)) == b"b" * 100
+    assert sorted(os.listdir(tmp_path)) == sorted([upload_id, upload_id + ".info"])
+    assert one.stats().lock_conflicts == 1
+
+
+async def test_a_delete_while_a_patch_writes_its_segment(
+    tmp_path: Path, state: SharedUploadState
+) -> None:
+    """The PATCH finds the upload gone at its commit: 404, and no file is left behind."""
+    one, two = await two_servers(tmp_path, state)
+    async with (
+        serve(one) as (a, events),
+        serve(two) as (b, _),
+        httpx.AsyncClient() as http,
+    ):
+        resp = await http.post(a.url("/files/"), headers={**TUS, "Upload-Length": "100"})
+        upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+        sock = await raw_patch_start(a, upload_id, 100)
+        try:
+            await asyncio.wait_for(events["writing"].wait(), scaled(5))
             deleted = await http.delete(b.url(f"/files/{upload_id}"), headers=TUS)
-            assert deleted.status_code == 423
+            assert deleted.status_code == 204
             loop = asyncio.get_running_loop()
             await loop.sock_sendall(sock, b"a" * 100)
             reply = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(5))
-            assert reply.startswith(b"HTTP/1.1 204")
+            assert reply.startswith(b"HTTP/1.1 404"), reply
         finally:
             sock.close()
-        head = await http.head(b.url(f"/files/{upload_id}"), headers=TUS)
-        assert head.headers["Upload-Offset"] == "100"
-    assert read(one.final_path(upload_id)) == b"a" * 100
-    assert two.stats().lock_conflicts == 2
+    assert os.listdir(tmp_path) == []
 
 
 async def raw_patch_start(server: AppServer, upload_id: str, length: int) -> socket.socket:
@@ -362,7 +390,8 @@ async def test_a_lost_record_is_rebuilt_from_the_disk(tmp_path: Path) -> None:
         assert resp.status_code == 204
         record = await state.get(upload_id)
         assert record is not None and record.data is not None
-        assert record.data["status"] == "complete"
+        assert record.data["offset"] == 10
+        assert (await one.describe(upload_id)).complete
         head = await http.head(a.url(f"/files/{upload_id}"), headers=TUS)
         assert head.headers["Upload-Offset"] == "10"
         unknown = await http.head(a.url("/files/" + "f" * 32), headers=TUS)
@@ -421,9 +450,10 @@ async def test_redis_down_is_503_with_retry_after_and_counted(tmp_path: Path) ->
         await redis.close()
 
 
-async def test_a_tus_patch_costs_two_redis_round_trips(tmp_path: Path) -> None:
-    """Lock + read the record in one script before the body, record + unlock in one
-    script before the answer: two round trips per PATCH (on a Redis of our own)."""
+async def test_a_tus_patch_costs_one_redis_round_trip(tmp_path: Path) -> None:
+    """Nothing before the body (it goes to a segment file of its own), one
+    compare-and-set script before the answer: one round trip per PATCH, the last one
+    (which finishes the upload) included (on a Redis of our own)."""
     from tests.backends.redisproc import REDIS_SERVER, RedisProcess
 
     if not Path(REDIS_SERVER).exists():
@@ -451,9 +481,12 @@ async def test_a_tus_patch_costs_two_redis_round_trips(tmp_path: Path) -> None:
                 assert resp.status_code == 204
             after = state.round_trips
             info = await state._client.info("commandstats")
-        # 10 PATCHes, 2 scripts each (and Redis ran exactly those).
-        assert after - before == 2 * 10
-        assert info["cmdstat_evalsha"]["calls"] - scripts == 2 * 10
+        # 10 PATCHes, 1 script each (and Redis ran exactly those).
+        assert after - before == 10
+        assert info["cmdstat_evalsha"]["calls"] - scripts == 10
+        upload_id = url.rsplit("/", 1)[1]
+        assert read(store.final_path(upload_id)) == b"x" * 40000
+        assert store.stats().rehashed == 0  # one process: its running sha256 went on
     finally:
         await state.close()
         await redis.close()
