@@ -2186,12 +2186,21 @@ class UploadStore:
         """Copy committed segments into the partial file at their offsets, then unlink them.
 
         A segment already gone was copied by another writer (a segment is unlinked only
-        once copied); copying one twice writes the same bytes again.
+        once copied); copying one twice writes the same bytes again. A segment at offset
+        0 is not copied: it becomes the partial file (a rename; nothing was committed
+        before it, so the partial file holds no byte of the upload).
         """
         part = -1
         try:
             for start, length, name in segments:
                 path = self._segment_path(upload_id, name)
+                if start == 0:
+                    if part >= 0:
+                        os.close(part)
+                        part = -1
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(path, self.partial_path(upload_id))
+                    continue
                 try:
                     src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
