@@ -36,7 +36,8 @@ unverified bytes never count.
 
 Files in the storage root: ``<id>.info`` (JSON: size, sanitized metadata, creation
 time), ``<id>.part`` while receiving, ``<id>.seg`` during a checksummed segment,
-``<id>`` once complete. ``<id>`` is 32 lowercase hex digits from :mod:`secrets`.
+``<id>.<name>.seg`` for a body appended without the lock (with shared state, see
+:meth:`UploadStore.open_append`), ``<id>`` once complete. ``<id>`` is 32 lowercase hex digits from :mod:`secrets`.
 """
 
 from __future__ import annotations
@@ -1222,9 +1223,10 @@ class UploadStore:
     * ``executor`` [None: the loop's default executor] -- where file I/O runs.
     * ``shared`` [None] -- a :class:`~tornado_longconn.upload_state.SharedUploadState`
       (e.g. :class:`~tornado_longconn.upload_state.RedisUploadState`) when several
-      processes serve this ``root`` (a shared disk): writers then take its lock (423
-      while another process writes), offsets and metadata are recorded in it, and a
-      process reloads an upload another process wrote (see
+      processes serve this ``root`` (a shared disk): offsets and metadata are recorded
+      in it, a tus PATCH appends through a segment file and one commit
+      (:meth:`open_append`), other writers take its lock (423 while another process
+      writes), and a process reloads an upload another process wrote (see
       :mod:`tornado_longconn.upload_state`). A lost record (a flushed Redis) is
       rebuilt from the disk by the upload's next writer.
     * ``lock_ttl`` [30 s] -- with ``shared``: the writer lock's expiry; the holder

@@ -11,21 +11,32 @@ a mounted volume) serve the same uploads when their
 The contract (:class:`SharedUploadState`, kept by :class:`MemoryUploadState` for one
 process and tests, and by :class:`RedisUploadState` for many):
 
+* **A commit.** :meth:`~SharedUploadState.commit` is how a tus PATCH appends without
+  the lock, in one round trip: its body went to a segment file of its own; the commit
+  moves the record's offset from the request's offset to the end of the segment only
+  if the offset is still that (a compare-and-set: of two writers at one offset exactly
+  one commits, the other deletes its segment and answers 409), the upload is active,
+  within its size, not expired and not locked. The segment joins the record's
+  ``pending`` list (committed, maybe not yet copied into the partial file); the
+  committer copies every pending segment whose file still exists, and reports them
+  copied at its next commit. A segment file is deleted only once copied, so one that
+  is gone was copied.
 * **A writer lock with an expiry.** :meth:`~SharedUploadState.lock` takes an upload
   for one writer (``owner``, a random token per request) for ``ttl`` seconds, or
   answers None if another owner holds it (the tus handler answers 423). The holder
   extends it while it writes; a holder that dies (``kill -9``, a lost host) stops
   extending, and the upload is free again ``ttl`` seconds later.
-* **A generation.** Every lock and every unlock adds 1 to the upload's generation. A
+* **A generation.** Every lock, unlock and commit adds 1 to the upload's generation. A
   process trusts what it keeps in memory about an upload (offset, running sha256)
   only if the generation says that no other process locked it since: otherwise it
   reloads the upload from the shared disk (re-hashing the partial file).
 * **A record.** The upload's declared size, durable offset, metadata, status and
   concatenation, as JSON. The writer updates it before it answers a request, so a
   HEAD answered by any process gives an offset a client can resume at. The record is
-  the truth about the offset: a writer that died between writing bytes and
+  the truth about the offset: a locked writer that died between writing bytes and
   recording them leaves bytes past the recorded offset, and the next writer cuts
-  them off before it appends (no client was ever told of them). A record that is
+  them off before it appends (no client was ever told of them); the next locked
+  writer also copies the pending segments first. A record that is
   lost (a Redis flushed or replaced) is not fatal: the upload is read from the disk
   until its next writer records it again.
 
@@ -388,9 +399,10 @@ class RedisUploadState:
     :class:`redis.asyncio.Redis` client (then :meth:`close` leaves it open); ``prefix``
     starts every key (use one per application on a shared Redis). Needs the
     ``redis`` extra (``pip install tornado-longconn[redis]``). Each operation is one
-    round trip (a script for lock, extend and unlock; :meth:`lock_and_get` and
-    :meth:`put_and_unlock`, which the store uses, do two operations in one, so a tus
-    PATCH costs two round trips: one before its body, one before its answer), waits at most
+    round trip (a script for lock, extend, unlock and commit; :meth:`lock_and_get` and
+    :meth:`put_and_unlock`, which locked writers use, do two operations in one). A tus
+    PATCH with a body costs one: its :meth:`commit` before the answer, nothing before
+    the body. Each waits at most
     ``connect_timeout`` [2 s] to connect and ``command_timeout`` [5 s] for a reply or
     a free connection (at most ``max_connections`` [64]), and is never retried. Errors
     of the client (``redis.exceptions.ConnectionError``, ``TimeoutError``, ...)

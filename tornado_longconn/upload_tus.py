@@ -18,7 +18,8 @@ unknown ids (and any id the store did not generate), 410 for an expired upload, 
 for a missing or unsupported ``Tus-Resumable``, 413 past ``Tus-Max-Size`` or the
 declared length, 415 for a PATCH without ``application/offset+octet-stream``, 423
 (Locked) when another request is writing the same upload (exactly one PATCH proceeds;
-the client retries after a HEAD), 460 for a checksum mismatch (chunk discarded, offset
+the client retries after a HEAD; with a store on shared state a PATCH takes no lock:
+of two at one offset the first to commit proceeds and the other gets 409), 460 for a checksum mismatch (chunk discarded, offset
 unchanged), 507 when the storage is full (the offset stays at the bytes on disk), 405
 for an ``X-HTTP-Method-Override`` other than ``PATCH``, ``DELETE`` or ``HEAD``.
 
