@@ -692,3 +692,22 @@ async def test_a_segment_committed_by_a_writer_that_died_is_copied_by_the_next(
                 finally:
                     await sink.end_write()
             assert not [name for name in os.listdir(tmp_path) if name.endswith(".seg")]
+
+
+async def test_an_append_handle_let_go_from_synchronous_code_is_committed(
+    tmp_path: Path, state: SharedUploadState
+) -> None:
+    store = UploadStore(tmp_path, shared=state)
+    created = await store.create(6)
+    sink = await store.open_append(created.id, 0)
+    assert sink is not None
+    assert store.stats().active == 1
+    await sink.write(b"abc")
+    sink.release_later()  # as a handler's on_finish does
+    await store.drain_tasks()
+    await asyncio.wait_for(store.wait_writers(), scaled(5))
+    assert store.stats().active == 0
+    assert (await store.describe(created.id)).offset == 3
+    assert read(store.partial_path(created.id)) == b"abc"
+    assert await UploadStore(tmp_path / "other").open_append(created.id, 0) is None
+    store.close()

@@ -1882,7 +1882,7 @@ class UploadStore:
 
     def release_later(self, sink: ChunkedUploadSink) -> None:
         """:meth:`end_write` from synchronous code (a task the store keeps)."""
-        if sink._shared_owner is None:
+        if sink._shared_owner is None and sink not in self._appending:
             sink.release()
         else:
             self.spawn(self.end_write(sink))
