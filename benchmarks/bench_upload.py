@@ -641,6 +641,10 @@ Notes:
   part: the sha256 of the whole file is computed once, at finish (one read of the
   file, from the page cache here); one process that keeps the upload keeps its
   running sha256 instead (the script's generation tells it nobody else committed).
+* The copy is the price of taking no lock: `os.copy_file_range` of 64 MiB between
+  two files in the page cache took 16-32 ms on this VM (2-3.7 GB/s; ext4 copies, a
+  file system that shares blocks would not), against 41-45 ms for the sha256 of the
+  same bytes. The one-PATCH row writes every byte once.
 * Before this change a PATCH cost two round trips (a lock script before the body,
   a record-and-unlock script before the answer), and before that four.
 """
