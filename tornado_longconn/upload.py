@@ -432,7 +432,8 @@ class UploadStats:
     storage_errors: int = field(default=0, metadata=COUNTER)
     #: Bytes durably stored.
     bytes_stored: int = field(default=0, metadata=COUNTER)
-    #: Requests refused because another writer held the upload.
+    #: Requests refused because another writer held the upload, or (a PATCH appended
+    #: without the lock, see :meth:`UploadStore.open_append`) committed first.
     lock_conflicts: int = field(default=0, metadata=COUNTER)
     #: Writers that asked the holder of an upload to let go, and got it (see
     #: :meth:`ChunkedUploadSink.take_over`).
