@@ -37,7 +37,8 @@ unverified bytes never count.
 Files in the storage root: ``<id>.info`` (JSON: size, sanitized metadata, creation
 time), ``<id>.part`` while receiving, ``<id>.seg`` during a checksummed segment,
 ``<id>.<name>.seg`` for a body appended without the lock (with shared state, see
-:meth:`UploadStore.open_append`), ``<id>`` once complete. ``<id>`` is 32 lowercase hex digits from :mod:`secrets`.
+:meth:`UploadStore.open_append`), ``<id>`` once complete. ``<id>`` is 32 lowercase
+hex digits from :mod:`secrets`.
 """
 
 from __future__ import annotations
