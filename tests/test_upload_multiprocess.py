@@ -3,7 +3,9 @@
 Run as a script, this file is one such server: ``python tests/test_upload_multiprocess.py
 --root DIR --redis URL --prefix P`` serves tus at ``/files/`` and the WebSocket upload
 protocol at ``/ws`` on a free 127.0.0.1 port,
-prints ``READY <port>`` and stops on SIGTERM.
+prints ``READY <port>`` and stops on SIGTERM. ``GET /settle`` answers once no request
+writes an upload there and its clean-up tasks ended, with the Redis round trips the
+process's upload state sent so far (``{"round_trips": n}``).
 """
 
 from __future__ import annotations
@@ -55,9 +57,17 @@ async def serve(root: str, redis_url: str, prefix: str) -> None:
     """Serve tus on a free port until SIGTERM; everything is made after the process started."""
     state = RedisUploadState(redis_url, prefix=prefix)
     store = UploadStore(root, chunk_size=64 * 1024, shared=state, lock_ttl=30.0)
+
+    class Settle(tornado.web.RequestHandler):
+        async def get(self) -> None:
+            await store.wait_writers()
+            await store.drain_tasks()
+            self.write({"round_trips": state.round_trips})
+
     app = tornado.web.Application(
         [
             *TusUploadHandler.routes("/files", store=store),
+            (r"/settle", Settle),
             (r"/ws", WebSocketUploadHandler, {"store": store}),
         ]
     )
@@ -164,7 +174,21 @@ async def test_resume_on_the_other_process_with_tuspy(tmp_path: Path) -> None:
     assert await asyncio.to_thread(final.read_bytes) == data
 
 
-async def test_concurrent_patches_on_two_processes_one_204_one_423(tmp_path: Path) -> None:
+async def settle(http: httpx.AsyncClient, url: str) -> int:
+    """Wait until the process of ``url`` wrote and recorded everything; its round trips."""
+    resp = await http.get(url.replace("/files/", "/settle"), timeout=scaled(10))
+    assert resp.status_code == 200
+    return int(resp.json()["round_trips"])
+
+
+def leftovers(root: Path, upload_id: str) -> list[str]:
+    """Files of the upload besides the final file and its record (segments, part)."""
+    return sorted(set(os.listdir(root)) - {upload_id, upload_id + ".info"})
+
+
+async def test_concurrent_patches_on_two_processes_the_first_commit_wins(
+    tmp_path: Path,
+) -> None:
     prefix = f"test-upload-mp-{secrets.token_hex(4)}:"
     async with servers(tmp_path, prefix) as (one, two), httpx.AsyncClient() as http:
         resp = await http.post(one, headers={**TUS, "Upload-Length": "1000"})
@@ -174,7 +198,8 @@ async def test_concurrent_patches_on_two_processes_one_204_one_423(tmp_path: Pat
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         try:
-            # Tornado answers "100 Continue" once prepare() returned: the lock is held.
+            # Tornado answers "100 Continue" once prepare() returned; no lock is taken:
+            # the body goes to a segment file, committed after it.
             await loop.sock_sendall(
                 sock,
                 (
@@ -188,21 +213,22 @@ async def test_concurrent_patches_on_two_processes_one_204_one_423(tmp_path: Pat
             other = await http.patch(
                 two + upload_id, headers={**OCTETS, "Upload-Offset": "0"}, content=b"b" * 1000
             )
-            assert other.status_code == 423
-            assert other.headers["Upload-Offset"] == "0"
+            assert other.status_code == 204
             await loop.sock_sendall(sock, b"a" * 1000)
             reply = b""
             while b"\r\n\r\n" not in reply:
                 chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(10))
                 assert chunk, reply
                 reply += chunk
-            assert reply.startswith(b"HTTP/1.1 204"), reply
+            assert reply.startswith(b"HTTP/1.1 409"), reply
+            assert b"\r\nUpload-Offset: 1000\r\n" in reply
         finally:
             sock.close()
-        head = await http.head(two + upload_id, headers=TUS)
+        head = await http.head(one + upload_id, headers=TUS)
         assert head.headers["Upload-Offset"] == "1000"
     final = tmp_path / upload_id
-    assert await asyncio.to_thread(final.read_bytes) == b"a" * 1000
+    assert await asyncio.to_thread(final.read_bytes) == b"b" * 1000
+    assert leftovers(tmp_path, upload_id) == []  # the loser's segment is gone
 
 
 async def test_a_writer_killed_mid_patch_leaves_the_recorded_offset(tmp_path: Path) -> None:
@@ -230,23 +256,14 @@ async def test_a_writer_killed_mid_patch_leaves_the_recorded_offset(tmp_path: Pa
                 ).encode(),
             )
             interim = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(10))
-            assert interim.startswith(b"HTTP/1.1 100"), interim  # the lock is held
+            assert interim.startswith(b"HTTP/1.1 100"), interim
             await loop.sock_sendall(sock, data[500_000:1_500_000])
-            # However much of that reached the disk, it was never recorded: kill -9.
+            # However much of that reached the disk, it was never committed: kill -9.
             procs[0].kill()
             await procs[0].wait()
         finally:
             sock.close()
-        resp = await http.patch(
-            two + upload_id, headers={**OCTETS, "Upload-Offset": "500000"}, content=b"x"
-        )
-        assert resp.status_code == 423  # the dead writer's lock has not expired yet
-        # Its expiry (lock_ttl) is what frees the upload; expire it now.
-        state = RedisUploadState(REDIS_URL, prefix=prefix)
-        try:
-            assert await state._client.delete(f"{prefix}upload:{upload_id}:lock") == 1
-        finally:
-            await state.close()
+        # The dead writer held no lock: the upload is free at once, at the recorded offset.
         head = await http.head(two + upload_id, headers=TUS)
         assert head.headers["Upload-Offset"] == "500000"
         resp = await http.patch(
@@ -255,6 +272,7 @@ async def test_a_writer_killed_mid_patch_leaves_the_recorded_offset(tmp_path: Pa
         assert resp.status_code == 204, resp.text
     final = tmp_path / upload_id
     assert await asyncio.to_thread(final.read_bytes) == data
+    assert leftovers(tmp_path, upload_id) == []  # the dead writer's segment too
 
 
 # -- 3 processes, PATCHes rotating among them and cut at random points ------------------
@@ -265,7 +283,8 @@ async def raw_patch_headers(
 ) -> tuple[socket.socket, bytes]:
     """Send a PATCH's headers with ``Expect: 100-continue``; the socket and the first reply.
 
-    A ``100 Continue`` means the server took the upload's lock (prepare() returned).
+    A ``100 Continue`` means prepare() returned.
+    No lock is taken: the body will go to a segment file of its own.
     """
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setblocking(False)
@@ -291,39 +310,38 @@ def port_of(url: str) -> int:
 
 
 async def test_patches_rotating_on_three_processes_cut_at_30_points(tmp_path: Path) -> None:
-    """Every cut leaves HEAD's offset == the bytes on disk (sha256 of the prefix checked)."""
+    """Every cut leaves HEAD's offset == the bytes on disk (sha256 of the prefix checked),
+    and a PATCH that stored bytes cost one Redis round trip (one that stored none, none)."""
     rng = random.Random(18)
     data = rng.randbytes(3 * 1024 * 1024)
     cuts = sorted(rng.sample(range(1, len(data)), 30))
     prefix = f"test-upload-mp-{secrets.token_hex(4)}:"
     loop = asyncio.get_running_loop()
-    checked = 0
+    checked = heads = moved = 0
+    last = 0
     async with servers(tmp_path, prefix, count=3) as urls, httpx.AsyncClient() as http:
         resp = await http.post(urls[0], headers={**TUS, "Upload-Length": str(len(data))})
         assert resp.status_code == 201
         upload_id = resp.headers["Location"].rsplit("/", 1)[1]
         partial = tmp_path / f"{upload_id}.part"
-        request = 0
-        for cut in [*cuts, None]:
-            while True:  # a tus client's loop: HEAD on one process, PATCH on the next
-                request += 1
-                head = await http.head(urls[request % 3] + upload_id, headers=TUS)
-                assert head.status_code == 200
-                offset = int(head.headers["Upload-Offset"])
-                port = port_of(urls[(request + 1) % 3])
-                sock, reply = await raw_patch_headers(port, upload_id, offset, len(data) - offset)
-                if reply.startswith((b"HTTP/1.1 423", b"HTTP/1.1 409")):
-                    # The cut request still settles: it holds the lock (423), or the
-                    # HEAD came before it recorded its last bytes (409); HEAD again.
-                    sock.close()
-                    await asyncio.sleep(scaled(0.02))  # the client's retry delay
-                    continue
-                break
+        for request, cut in enumerate([*cuts, None]):
+            # A tus client's loop: HEAD on one process, PATCH on the next.
+            head = await http.head(urls[request % 3] + upload_id, headers=TUS)
+            heads += 1
+            assert head.status_code == 200
+            offset = int(head.headers["Upload-Offset"])
+            moved += offset != last
+            last = offset
+            patch_url = urls[(request + 1) % 3]
+            sock, reply = await raw_patch_headers(
+                port_of(patch_url), upload_id, offset, len(data) - offset
+            )
             try:
                 assert reply.startswith(b"HTTP/1.1 100"), reply
-                # This request holds the lock: the offset HEAD (on a third process)
-                # reports is what the disk holds, and those bytes are the client's.
+                # Every earlier request settled: the offset HEAD (on a third process)
+                # reports is what the part file holds, and those bytes are the client's.
                 check = await http.head(urls[(request + 2) % 3] + upload_id, headers=TUS)
+                heads += 1
                 assert int(check.headers["Upload-Offset"]) == offset
                 on_disk = await asyncio.to_thread(partial.read_bytes)
                 assert len(on_disk) == offset
@@ -337,17 +355,51 @@ async def test_patches_rotating_on_three_processes_cut_at_30_points(tmp_path: Pa
                         assert chunk, reply
                         reply += chunk
                     assert reply.startswith(b"HTTP/1.1 204"), reply
+                    moved += 1
                     break
                 await loop.sock_sendall(sock, data[offset : max(cut, offset)])
                 if checked % 2:  # half the cuts are a reset, half a FIN
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             finally:
                 sock.close()
+            # The cut request commits what it stored (as a tus server keeps a cut body).
+            await settle(http, patch_url)
         head = await http.head(urls[0] + upload_id, headers=TUS)
+        heads += 1
         assert head.headers["Upload-Offset"] == str(len(data))
+        trips = sum([await settle(http, url) for url in urls])
     assert checked == 31
+    assert moved > 15  # most cuts stored bytes
+    # Creation, the HEADs, and one commit per PATCH that stored bytes: nothing else.
+    assert trips == 1 + heads + moved
     final = await asyncio.to_thread((tmp_path / upload_id).read_bytes)
     assert hashlib.sha256(final).digest() == hashlib.sha256(data).digest()
+    assert leftovers(tmp_path, upload_id) == []
+
+
+async def test_patches_rotating_on_three_processes_cost_one_round_trip_each(
+    tmp_path: Path,
+) -> None:
+    """12 PATCHes, each on the next process: 12 round trips (and one for the creation)."""
+    data = os.urandom(3 * 1024 * 1024)
+    step = len(data) // 12
+    prefix = f"test-upload-mp-{secrets.token_hex(4)}:"
+    async with servers(tmp_path, prefix, count=3) as urls, httpx.AsyncClient() as http:
+        resp = await http.post(urls[0], headers={**TUS, "Upload-Length": str(len(data))})
+        upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+        for n, offset in enumerate(range(0, len(data), step)):
+            resp = await http.patch(
+                urls[n % 3] + upload_id,
+                headers={**OCTETS, "Upload-Offset": str(offset)},
+                content=data[offset : offset + step],
+            )
+            assert resp.status_code == 204, resp.text
+        trips = [await settle(http, url) for url in urls]
+    assert sum(trips) == 1 + 12
+    assert trips == [1 + 4, 4, 4]
+    final = await asyncio.to_thread((tmp_path / upload_id).read_bytes)
+    assert final == data
+    assert leftovers(tmp_path, upload_id) == []
 
 
 async def test_two_processes_racing_at_one_offset_exactly_one_proceeds(tmp_path: Path) -> None:
@@ -364,13 +416,19 @@ async def test_two_processes_racing_at_one_offset_exactly_one_proceeds(tmp_path:
             )
         )
         statuses = [answer.status_code for answer in answers]
-        # The loser is refused while the winner writes (423) or, if it came later,
-        # told the offset moved (409); never two writers.
-        assert statuses.count(204) == 1, statuses
-        assert set(statuses) - {204} <= {409, 423}, statuses
+        # Both write a segment; the first to commit wins, the other is told the
+        # offset moved (409); never two writers' bytes in the file.
+        assert sorted(statuses) == [204, 409], statuses
         winner = statuses.index(204)
+        loser = answers[1 - winner]
+        assert loser.headers["Upload-Offset"] == str(size)
+        trips = [await settle(http, url) for url in urls]
     final = await asyncio.to_thread((tmp_path / upload_id).read_bytes)
     assert final == bodies[winner]
+    # Creation, and one commit each (the loser's refused); a loser that arrives only
+    # after the upload was finished is answered by the locked path (two).
+    assert sum(trips) in (1 + 2, 1 + 1 + 2)
+    assert leftovers(tmp_path, upload_id) == []  # exactly one segment was committed
 
 
 # -- WebSocket uploads: a resume on another process takes the upload over ----------------

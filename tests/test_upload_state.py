@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urljoin
@@ -176,9 +178,11 @@ async def test_an_upload_moves_between_stores(tmp_path: Path, state: SharedUploa
     assert one.stats().rehashed == 1  # the first store re-read the part written by the second
 
 
-async def test_concurrent_patches_on_two_stores_one_wins(
+async def test_concurrent_patches_on_two_stores_the_first_commit_wins(
     tmp_path: Path, state: SharedUploadState
 ) -> None:
+    """Two PATCHes at one offset both write a segment; the first to commit wins, the
+    other is answered 409 with the new offset and its segment is removed."""
     one, two = await two_servers(tmp_path, state)
     async with (
         serve(one) as (a, events),
@@ -190,25 +194,51 @@ async def test_concurrent_patches_on_two_stores_one_wins(
         sock = await raw_patch_start(a, upload_id, 100)
         try:
             await asyncio.wait_for(events["writing"].wait(), scaled(5))
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(sock, b"a" * 50)
             other = await http.patch(
                 b.url(f"/files/{upload_id}"),
                 headers={**OCTETS, "Upload-Offset": "0"},
                 content=b"b" * 100,
             )
-            assert other.status_code == 423
-            assert other.headers["Upload-Offset"] == "0"
+            assert other.status_code == 204
+            await loop.sock_sendall(sock, b"a" * 50)
+            reply = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(5))
+            assert reply.startswith(b"HTTP/1.1 409"), reply
+            assert b"\r\nUpload-Offset: 100\r\n" in reply
+        finally:
+            sock.close()
+        head = await http.head(a.url(f"/files/{upload_id}"), headers=TUS)
+        assert head.headers["Upload-Offset"] == "100"
+    assert read(one.final_path(upload_id)) == b"b" * 100
+    assert sorted(os.listdir(tmp_path)) == sorted([upload_id, upload_id + ".info"])
+    assert one.stats().lock_conflicts == 1
+
+
+async def test_a_delete_while_a_patch_writes_its_segment(
+    tmp_path: Path, state: SharedUploadState
+) -> None:
+    """The PATCH finds the upload gone at its commit: 404, and no file is left behind."""
+    one, two = await two_servers(tmp_path, state)
+    async with (
+        serve(one) as (a, events),
+        serve(two) as (b, _),
+        httpx.AsyncClient() as http,
+    ):
+        resp = await http.post(a.url("/files/"), headers={**TUS, "Upload-Length": "100"})
+        upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+        sock = await raw_patch_start(a, upload_id, 100)
+        try:
+            await asyncio.wait_for(events["writing"].wait(), scaled(5))
             deleted = await http.delete(b.url(f"/files/{upload_id}"), headers=TUS)
-            assert deleted.status_code == 423
+            assert deleted.status_code == 204
             loop = asyncio.get_running_loop()
             await loop.sock_sendall(sock, b"a" * 100)
             reply = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(5))
-            assert reply.startswith(b"HTTP/1.1 204")
+            assert reply.startswith(b"HTTP/1.1 404"), reply
         finally:
             sock.close()
-        head = await http.head(b.url(f"/files/{upload_id}"), headers=TUS)
-        assert head.headers["Upload-Offset"] == "100"
-    assert read(one.final_path(upload_id)) == b"a" * 100
-    assert two.stats().lock_conflicts == 2
+    assert os.listdir(tmp_path) == []
 
 
 async def raw_patch_start(server: AppServer, upload_id: str, length: int) -> socket.socket:
@@ -362,7 +392,8 @@ async def test_a_lost_record_is_rebuilt_from_the_disk(tmp_path: Path) -> None:
         assert resp.status_code == 204
         record = await state.get(upload_id)
         assert record is not None and record.data is not None
-        assert record.data["status"] == "complete"
+        assert record.data["offset"] == 10
+        assert (await one.describe(upload_id)).complete
         head = await http.head(a.url(f"/files/{upload_id}"), headers=TUS)
         assert head.headers["Upload-Offset"] == "10"
         unknown = await http.head(a.url("/files/" + "f" * 32), headers=TUS)
@@ -421,9 +452,10 @@ async def test_redis_down_is_503_with_retry_after_and_counted(tmp_path: Path) ->
         await redis.close()
 
 
-async def test_a_tus_patch_costs_two_redis_round_trips(tmp_path: Path) -> None:
-    """Lock + read the record in one script before the body, record + unlock in one
-    script before the answer: two round trips per PATCH (on a Redis of our own)."""
+async def test_a_tus_patch_costs_one_redis_round_trip(tmp_path: Path) -> None:
+    """Nothing before the body (it goes to a segment file of its own), one
+    compare-and-set script before the answer: one round trip per PATCH, the last one
+    (which finishes the upload) included (on a Redis of our own)."""
     from tests.backends.redisproc import REDIS_SERVER, RedisProcess
 
     if not Path(REDIS_SERVER).exists():
@@ -451,9 +483,12 @@ async def test_a_tus_patch_costs_two_redis_round_trips(tmp_path: Path) -> None:
                 assert resp.status_code == 204
             after = state.round_trips
             info = await state._client.info("commandstats")
-        # 10 PATCHes, 2 scripts each (and Redis ran exactly those).
-        assert after - before == 2 * 10
-        assert info["cmdstat_evalsha"]["calls"] - scripts == 2 * 10
+        # 10 PATCHes, 1 script each (and Redis ran exactly those).
+        assert after - before == 10
+        assert info["cmdstat_evalsha"]["calls"] - scripts == 10
+        upload_id = url.rsplit("/", 1)[1]
+        assert read(store.final_path(upload_id)) == b"x" * 40000
+        assert store.stats().rehashed == 0  # one process: its running sha256 went on
     finally:
         await state.close()
         await redis.close()
@@ -509,3 +544,170 @@ async def test_redis_down_closes_a_websocket_upload_with_1011_and_counts_it(
     finally:
         await state.close()
         await redis.close()
+
+
+# -- appending without the lock: segments committed by one compare-and-set -------------
+
+
+async def test_contract_commit(state: SharedUploadState) -> None:
+    upload = "c" * 32
+    day = 86400.0
+    refused = await state.commit(
+        upload, offset=0, length=3, segment="s0", activity=5.0, now=6.0, expire_after=day
+    )
+    assert (refused.ok, refused.reason) == (False, "missing")
+    record = {"size": 10, "offset": 0, "metadata": {}, "parts": [], "status": "active"}
+    await state.put(upload, {**record, "activity": 5.0})
+    first = await state.commit(
+        upload, offset=0, length=3, segment="s0", activity=7.5, now=6.0, expire_after=day
+    )
+    assert (first.ok, first.offset, first.previous, first.pending) == (True, 3, 0, ())
+    late = await state.commit(
+        upload, offset=0, length=3, segment="s1", activity=7.5, now=6.0, expire_after=day
+    )
+    assert (late.reason, late.offset) == ("offset", 3)
+    second = await state.commit(
+        upload, offset=3, length=3, segment="s2", activity=8.0, now=6.0, expire_after=day
+    )
+    assert (second.offset, second.previous, second.pending) == (6, 1, ((0, 3, "s0"),))
+    too_long = await state.commit(
+        upload, offset=6, length=5, segment="s3", activity=8.0, now=6.0, expire_after=day
+    )
+    assert too_long.reason == "size"
+    expired = await state.commit(
+        upload, offset=6, length=1, segment="s3", activity=8.0, now=8.0 + day, expire_after=day
+    )
+    assert expired.reason == "expired"
+    # Segments reported merged leave the pending list.
+    third = await state.commit(
+        upload,
+        offset=6,
+        length=4,
+        segment="s3",
+        activity=9.0,
+        now=6.0,
+        expire_after=day,
+        merged=["s0"],
+    )
+    assert (third.offset, third.pending) == (10, ((3, 3, "s2"),))
+    got = await state.get(upload)
+    assert got is not None and got.data is not None
+    assert got.generation == 3
+    assert (got.data["offset"], got.data["activity"]) == (10, 9.0)
+    assert got.data["pending"] == [[3, 3, "s2"], [6, 4, "s3"]]
+    assert got.data["metadata"] == {} and not got.data["parts"]
+    assert await state.lock(upload, "writer", 30) == 4
+    locked = await state.commit(
+        upload, offset=10, length=0, segment="s4", activity=9.0, now=6.0, expire_after=day
+    )
+    assert (locked.reason, locked.offset) == ("locked", 10)
+    await state.put(upload, {**record, "offset": 10, "status": "complete"})
+    await state.unlock(upload, "writer")
+    done = await state.commit(
+        upload, offset=10, length=0, segment="s4", activity=9.0, now=6.0, expire_after=day
+    )
+    assert done.reason == "complete"
+    await state.delete(upload)
+
+
+async def test_a_checksum_mismatch_leaves_the_offset_and_no_segment(
+    tmp_path: Path, state: SharedUploadState
+) -> None:
+    one, two = await two_servers(tmp_path, state)
+    async with serve(one) as (a, _), serve(two) as (b, _), httpx.AsyncClient() as http:
+        resp = await http.post(a.url("/files/"), headers={**TUS, "Upload-Length": "8"})
+        upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+        resp = await http.patch(
+            a.url(f"/files/{upload_id}"), headers={**OCTETS, "Upload-Offset": "0"}, content=b"abcd"
+        )
+        assert resp.status_code == 204
+        wrong = "sha1 " + base64.b64encode(hashlib.sha1(b"nope").digest()).decode()
+        resp = await http.patch(
+            b.url(f"/files/{upload_id}"),
+            headers={**OCTETS, "Upload-Offset": "4", "Upload-Checksum": wrong},
+            content=b"efgh",
+        )
+        assert resp.status_code == 460
+        assert sorted(os.listdir(tmp_path)) == sorted([upload_id + ".info", upload_id + ".part"])
+        head = await http.head(a.url(f"/files/{upload_id}"), headers=TUS)
+        assert head.headers["Upload-Offset"] == "4"
+        right = "sha1 " + base64.b64encode(hashlib.sha1(b"efgh").digest()).decode()
+        resp = await http.patch(
+            b.url(f"/files/{upload_id}"),
+            headers={**OCTETS, "Upload-Offset": "4", "Upload-Checksum": right},
+            content=b"efgh",
+        )
+        assert resp.status_code == 204
+    assert read(one.final_path(upload_id)) == b"abcdefgh"
+    assert two.stats().checksum_mismatches == 1
+
+
+async def test_a_segment_committed_by_a_writer_that_died_is_copied_by_the_next(
+    tmp_path: Path, state: SharedUploadState
+) -> None:
+    """A writer that committed and died before copying its segment into the part file
+    leaves it listed as pending: the next commit (or the next locked writer) copies it."""
+    one, two = await two_servers(tmp_path, state)
+    async with serve(one) as (a, _), serve(two) as (b, _), httpx.AsyncClient() as http:
+        for writer in ("commit", "lock"):
+            resp = await http.post(a.url("/files/"), headers={**TUS, "Upload-Length": "10"})
+            upload_id = resp.headers["Location"].rsplit("/", 1)[1]
+            resp = await http.patch(
+                a.url(f"/files/{upload_id}"),
+                headers={**OCTETS, "Upload-Offset": "0"},
+                content=b"abcd",
+            )
+            assert resp.status_code == 204
+            # The dead writer's segment, committed but never copied.
+            await asyncio.to_thread(
+                Path(tmp_path / f"{upload_id}.0123456789abcdef.seg").write_bytes, b"efg"
+            )
+            now = time.time()
+            done = await state.commit(
+                upload_id,
+                offset=4,
+                length=3,
+                segment="0123456789abcdef",
+                activity=now,
+                now=now,
+                expire_after=86400.0,
+            )
+            assert done.ok
+            assert size_of(one.partial_path(upload_id)) == 4
+            head = await http.head(b.url(f"/files/{upload_id}"), headers=TUS)
+            assert head.headers["Upload-Offset"] == "7"
+            if writer == "commit":
+                resp = await http.patch(
+                    b.url(f"/files/{upload_id}"),
+                    headers={**OCTETS, "Upload-Offset": "7"},
+                    content=b"hij",
+                )
+                assert resp.status_code == 204
+                assert read(two.final_path(upload_id)) == b"abcdefghij"
+            else:
+                sink = await two.lock_for_write(upload_id)
+                try:
+                    assert sink.offset == 7
+                    assert read(two.partial_path(upload_id)) == b"abcdefg"
+                finally:
+                    await sink.end_write()
+            assert not [name for name in os.listdir(tmp_path) if name.endswith(".seg")]
+
+
+async def test_an_append_handle_let_go_from_synchronous_code_is_committed(
+    tmp_path: Path, state: SharedUploadState
+) -> None:
+    store = UploadStore(tmp_path, shared=state)
+    created = await store.create(6)
+    sink = await store.open_append(created.id, 0)
+    assert sink is not None
+    assert store.stats().active == 1
+    await sink.write(b"abc")
+    sink.release_later()  # as a handler's on_finish does
+    await store.drain_tasks()
+    await asyncio.wait_for(store.wait_writers(), scaled(5))
+    assert store.stats().active == 0
+    assert (await store.describe(created.id)).offset == 3
+    assert read(store.partial_path(created.id)) == b"abc"
+    assert await UploadStore(tmp_path / "other").open_append(created.id, 0) is None
+    store.close()

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from urllib.parse import urljoin
@@ -15,10 +16,12 @@ import httpx
 import pytest
 from tusclient import client as tus_client
 
+from tests.helpers import REDIS_URL, redis_reachable
 from tests.helpers import read_bytes as read
 from tests.test_upload_tus import OCTETS, TUS, create, serve
 from tornado_longconn.testing import scaled
 from tornado_longconn.upload import ChunkedUploadSink, UploadStore
+from tornado_longconn.upload_state import MemoryUploadState, RedisUploadState, SharedUploadState
 
 
 @pytest.fixture
@@ -407,14 +410,36 @@ upload.start();
 """
 
 
+@pytest.mark.parametrize("shared", [None, "memory", "redis"])
 async def test_tus_js_client_four_parallel_uploads_paused_resumed_checksummed(
-    tmp_path: Path,
+    tmp_path: Path, shared: str | None
 ) -> None:
+    """Also on shared state, where each PATCH appends through a segment and a commit."""
     node = shutil.which("node")
     where = tus_js_dir()
     if node is None or where is None:
         pytest.skip("needs node and tus-js-client (npm install tus-js-client; LONGCONN_TUS_JS_DIR)")
-    store = UploadStore(tmp_path / "uploads", max_size=1 << 23, chunk_size=64 * 1024)
+    state: SharedUploadState | None = None
+    if shared == "memory":
+        state = MemoryUploadState()
+    elif shared == "redis":
+        if not await redis_reachable():
+            pytest.skip("needs Redis")
+        state = RedisUploadState(REDIS_URL, prefix=f"test-tus-js-{secrets.token_hex(4)}:")
+    try:
+        await _four_parallel_uploads(tmp_path, node, where, state)
+    finally:
+        if isinstance(state, RedisUploadState):
+            keys = [key async for key in state._client.scan_iter(state.prefix + "*")]
+            if keys:
+                await state._client.delete(*keys)
+            await state.close()
+
+
+async def _four_parallel_uploads(
+    tmp_path: Path, node: str, where: str, state: SharedUploadState | None
+) -> None:
+    store = UploadStore(tmp_path / "uploads", max_size=1 << 23, chunk_size=64 * 1024, shared=state)
     script = tmp_path / "four.mjs"
     script.write_text(TUS_JS_FULL_SCRIPT)
     size = 2 * 1024 * 1024 + 17
@@ -451,3 +476,4 @@ async def test_tus_js_client_four_parallel_uploads_paused_resumed_checksummed(
     assert statuses.count(460) == 1 and stats.checksum_mismatches == 1
     assert dict(stats.refused).get("460") == 1
     assert stats.created == 5 and stats.concatenated == 1
+    assert not [name for name in os.listdir(tmp_path / "uploads") if name.endswith(".seg")]

@@ -36,7 +36,9 @@ unverified bytes never count.
 
 Files in the storage root: ``<id>.info`` (JSON: size, sanitized metadata, creation
 time), ``<id>.part`` while receiving, ``<id>.seg`` during a checksummed segment,
-``<id>`` once complete. ``<id>`` is 32 lowercase hex digits from :mod:`secrets`.
+``<id>.<name>.seg`` for a body appended without the lock (with shared state, see
+:meth:`UploadStore.open_append`), ``<id>`` once complete. ``<id>`` is 32 lowercase
+hex digits from :mod:`secrets`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import binascii
 import concurrent.futures
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -430,7 +433,8 @@ class UploadStats:
     storage_errors: int = field(default=0, metadata=COUNTER)
     #: Bytes durably stored.
     bytes_stored: int = field(default=0, metadata=COUNTER)
-    #: Requests refused because another writer held the upload.
+    #: Requests refused because another writer held the upload, or (a PATCH appended
+    #: without the lock, see :meth:`UploadStore.open_append`) committed first.
     lock_conflicts: int = field(default=0, metadata=COUNTER)
     #: Writers that asked the holder of an upload to let go, and got it (see
     #: :meth:`ChunkedUploadSink.take_over`).
@@ -503,6 +507,67 @@ def _storage_error(exc: OSError) -> UploadError:
     return err
 
 
+def _pending(data: Mapping[str, Any] | None) -> list[tuple[int, int, str]]:
+    """The committed segments a shared record lists (``pending``; see ``commit``)."""
+    listed = None if data is None else data.get("pending")
+    if not listed:  # None, [] or {} (an empty list after a Lua round trip)
+        return []
+    return [(int(start), int(length), str(name)) for start, length, name in listed]
+
+
+def _refusal(
+    reason: str | None, offset: int, current: int, counters: _UploadCounters
+) -> UploadError:
+    """The ``UploadError`` of a refused commit (see ``CommitResult.reason``)."""
+    if reason in ("offset", "locked"):
+        counters.lock_conflicts += 1
+    if reason == "locked":
+        return UploadError("another request is writing this upload", status=423)
+    if reason == "complete":
+        return UploadError("upload is already complete", status=409)
+    if reason == "size":
+        return UploadError("the bytes pass the declared size", status=413)
+    if reason == "expired":
+        return UploadError("upload expired", status=410)
+    return UploadError(
+        f"Upload-Offset {offset} does not match the current offset {current}", status=409
+    )
+
+
+#: errno values of copy_file_range that mean "not here": copy through user space.
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+
+
+def _copy_range(src: int, dst: int, length: int, dst_offset: int) -> None:
+    """Copy ``length`` bytes from the start of ``src`` to ``dst`` at ``dst_offset``.
+
+    ``os.copy_file_range`` (in the kernel: no copy through Python, a reflink where the
+    file system shares blocks), else ``pread``/``pwrite`` in 1 MiB blocks.
+    """
+    done = 0
+    copy = getattr(os, "copy_file_range", None)
+    while done < length and copy is not None:
+        try:
+            n = copy(src, dst, length - done, done, dst_offset + done)
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_RANGE:
+                raise
+            copy = None
+            break
+        if n == 0:
+            raise OSError(errno.EIO, "a committed segment is shorter than recorded")
+        done += n
+    while done < length:
+        block = os.pread(src, min(1 << 20, length - done), done)
+        if not block:
+            raise OSError(errno.EIO, "a committed segment is shorter than recorded")
+        view = memoryview(block)
+        while view:
+            written = os.pwrite(dst, view, dst_offset + done)
+            view = view[written:]
+            done += written
+
+
 class ChunkedUploadSink:
     """Receives the chunks of ONE upload and stores them without blocking the loop.
 
@@ -570,6 +635,15 @@ class ChunkedUploadSink:
         self.generation = 0
         self._shared_owner: str | None = None
         self._renewal: asyncio.Task[None] | None = None
+        # An append handle (UploadStore.open_append): the name of its segment file,
+        # the upload offset its first byte goes to, the generation its running sha256
+        # is valid for, and whether it was committed (or dropped) already.
+        self._segment_name: str | None = None
+        self._base = 0
+        self._append_gen = -2
+        self._append_done = False
+        # Pending segments this process saw merged (reported at its next commit).
+        self._merged_names: tuple[str, ...] = ()
         #: Optional ``callback(durable_offset, error)``, called on the event loop after
         #: each write job is stored (``error`` None) or failed (``error`` the
         #: ``UploadError``, which :meth:`write`/:meth:`flush` still raise once).
@@ -591,6 +665,22 @@ class ChunkedUploadSink:
     def info(self) -> UploadInfo:
         """A snapshot of this upload (:class:`UploadInfo`, what hooks receive)."""
         return upload_info(self)
+
+    @property
+    def _fd_key(self) -> str:
+        """The key of this handle's descriptor in the store's budget."""
+        name = self._segment_name
+        return self.id if name is None else f"{self.id}.{name}"
+
+    async def end_append(self) -> int:
+        """Commit the bytes of an append handle; return the durable offset.
+
+        See :meth:`UploadStore.open_append`; a handle of :meth:`UploadStore.lock_for_write`
+        has nothing to commit here and returns its offset. Raises ``UploadError`` when
+        the commit is refused (409 another writer committed first, 423 locked, 404, 410,
+        413, 503 shared state unreachable): the bytes are then discarded.
+        """
+        return await self.store.commit_append(self)
 
     async def end_write(self) -> None:
         """Record the upload and let the writer lock go (:meth:`UploadStore.end_write`)."""
@@ -824,7 +914,12 @@ class ChunkedUploadSink:
                     fd = await self._use_fd()
                     try:
                         await loop.run_in_executor(
-                            store.executor, store._write_chunk, fd, data, self.offset, hashers
+                            store.executor,
+                            store._write_chunk,
+                            fd,
+                            data,
+                            self.offset - self._base,
+                            hashers,
                         )
                     finally:
                         self._done_fd()
@@ -868,8 +963,11 @@ class ChunkedUploadSink:
         if self._segment is not None:
             raise UploadError("a checksummed segment is already open", status=409)
         start = await self.flush()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.store.executor, self.store._write_marker, self.id, start)
+        if self._segment_name is None:  # an append handle's file is dropped as a whole
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                self.store.executor, self.store._write_marker, self.id, start
+            )
         hasher: _Hasher = hashlib.new(algorithm)
         before = None if self._sha256 is None else self._sha256.copy()
         self._segment = (start, before, hasher, algorithm, expected)
@@ -895,9 +993,10 @@ class ChunkedUploadSink:
             await self.rollback_segment()
             raise UploadError(f"{algorithm} checksum mismatch; chunk discarded", status=460)
         self._segment = None
-        await asyncio.get_running_loop().run_in_executor(
-            self.store.executor, self.store._remove_marker, self.id
-        )
+        if self._segment_name is None:
+            await asyncio.get_running_loop().run_in_executor(
+                self.store.executor, self.store._remove_marker, self.id
+            )
         return self.offset
 
     async def rollback_segment(self) -> int:
@@ -914,7 +1013,12 @@ class ChunkedUploadSink:
         fd = await self._use_fd()
         try:
             await asyncio.get_running_loop().run_in_executor(
-                self.store.executor, self.store._truncate, fd, self.id, start
+                self.store.executor,
+                self.store._truncate,
+                fd,
+                self.id,
+                start - self._base,
+                self._segment_name is None,
             )
         finally:
             self._done_fd()
@@ -1052,7 +1156,14 @@ class ChunkedUploadSink:
             try:
                 await store._reserve_fd()
                 try:
-                    fd = await loop.run_in_executor(store.executor, store._open_partial, self.id)
+                    if self._segment_name is None:
+                        fd = await loop.run_in_executor(
+                            store.executor, store._open_partial, self.id
+                        )
+                    else:
+                        fd = await loop.run_in_executor(
+                            store.executor, store._open_segment, self.id, self._segment_name
+                        )
                 except BaseException:
                     store._unreserve_fd()
                     raise
@@ -1114,9 +1225,10 @@ class UploadStore:
     * ``executor`` [None: the loop's default executor] -- where file I/O runs.
     * ``shared`` [None] -- a :class:`~tornado_longconn.upload_state.SharedUploadState`
       (e.g. :class:`~tornado_longconn.upload_state.RedisUploadState`) when several
-      processes serve this ``root`` (a shared disk): writers then take its lock (423
-      while another process writes), offsets and metadata are recorded in it, and a
-      process reloads an upload another process wrote (see
+      processes serve this ``root`` (a shared disk): offsets and metadata are recorded
+      in it, a tus PATCH appends through a segment file and one commit
+      (:meth:`open_append`), other writers take its lock (423 while another process
+      writes), and a process reloads an upload another process wrote (see
       :mod:`tornado_longconn.upload_state`). A lost record (a flushed Redis) is
       rebuilt from the disk by the upload's next writer.
     * ``lock_ttl`` [30 s] -- with ``shared``: the writer lock's expiry; the holder
@@ -1169,6 +1281,8 @@ class UploadStore:
         self._fd_waiters: deque[asyncio.Future[None]] = deque()
         # Set when a writer lock is released while someone waits in wait_writers.
         self._released: asyncio.Event | None = None
+        # Append handles receiving a body now (open_append .. end_write).
+        self._appending: set[ChunkedUploadSink] = set()
 
     # -- paths (ids only, never client names) ---------------------------------------
 
@@ -1392,6 +1506,13 @@ class UploadStore:
         offset = int(data.get("offset", 0))
         complete = data.get("status") == UploadStatus.COMPLETE.value
         stored = complete or (size is not None and offset == size)
+        sha256 = data.get("sha256")
+        if stored and not complete:
+            # Finished by an append handle: the disk tells whether it is complete.
+            sha256 = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._finished_sha256, upload_id
+            )
+            complete = sha256 is not None
         expires = None if stored else float(data.get("activity", 0.0)) + self.expire_after
         if expires is not None and now >= expires:
             raise UploadError("upload expired", status=410)
@@ -1403,7 +1524,7 @@ class UploadStore:
             concat=data.get("concat"),
             parts=tuple(str(part) for part in data.get("parts") or ()),
             path=self.final_path(upload_id) if complete else self.partial_path(upload_id),
-            sha256=data.get("sha256"),
+            sha256=sha256,
             complete=complete,
             expires=expires,
         )
@@ -1467,6 +1588,9 @@ class UploadStore:
                 sink = cached
             else:
                 self._forget(upload_id)
+                pending = _pending(data)
+                if pending:  # committed segments a writer may not have copied yet
+                    await self._merge(upload_id, pending)
                 sink = await self._load(upload_id, repair=True, limit=limit, hash_now=False)
                 if sink.state.status is UploadStatus.ACTIVE:
                     self._remember(sink)
@@ -1478,6 +1602,197 @@ class UploadStore:
         sink._shared_owner = owner
         sink._renewal = asyncio.get_running_loop().create_task(self._renew(sink, owner))
         return sink
+
+    async def open_append(
+        self, upload_id: str, offset: int, *, now: float | None = None
+    ) -> ChunkedUploadSink | None:
+        """A handle that appends at ``offset`` without taking the shared lock.
+
+        With a ``shared`` state that can commit (both
+        :class:`~tornado_longconn.upload_state.SharedUploadState` classes of the
+        library), the bytes go to a segment file of their own (``<id>.<name>.seg``), so
+        nothing is asked of the shared state before the body: write, flush and verify
+        as with any handle, then :meth:`ChunkedUploadSink.end_append` commits the
+        segment in one round trip (the record's offset moves from ``offset`` to the
+        end of the bytes only if nobody committed meanwhile) and copies it into the
+        partial file before it returns; :meth:`end_write` then lets the handle go
+        (after a disconnect it commits what was stored, as a locked writer keeps it).
+
+        Returns None when this store has no such state, and for an upload this
+        process cannot append to without reading the shared record (unknown,
+        complete, a final concatenation): use :meth:`lock_for_write` then. Raises
+        ``UploadError`` 409 if ``offset`` is past the declared size.
+        """
+        shared = self.shared
+        if shared is None or getattr(shared, "commit", None) is None:
+            return None
+        self._checked(upload_id)
+        now = time.time() if now is None else now
+        cached = self._sinks.get(upload_id)
+        if cached is not None and (
+            cached._retired or cached.deferred or cached.state.status is not UploadStatus.ACTIVE
+        ):
+            cached = None
+        if cached is not None:
+            size: int | None = cached.size
+            metadata, created = dict(cached.metadata), cached.created
+            concat, parts = cached.concat, cached.parts
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                info = await loop.run_in_executor(self.executor, self._read_info, upload_id)
+            except OSError:
+                return None
+            if info is None or "sha256" in info:
+                return None
+            declared = info.get("size")
+            size = None if declared is None else int(declared)
+            metadata = {str(k): str(v) for k, v in dict(info.get("metadata") or {}).items()}
+            created = float(info.get("created", now))
+            raw_concat = info.get("concat")
+            concat = raw_concat if raw_concat in ("partial", "final") else None
+            parts = tuple(str(part) for part in info.get("parts") or ())
+        if concat == "final":
+            return None
+        state = UploadState(
+            size=size, max_size=max(size or 0, self.max_size), offset=offset, now=now
+        )
+        hasher: _Hasher | None = None
+        # This process's running sha256 goes on if it wrote the bytes before ``offset``
+        # (checked at commit: nobody committed since, the generation says so).
+        if (
+            cached is not None
+            and cached._sha256 is not None
+            and not cached.locked
+            and cached.offset == offset == cached.state.accepted
+        ):
+            hasher = cached._sha256.copy()
+        sink = ChunkedUploadSink(self, upload_id, state, metadata, created, -1, hasher)
+        sink.concat, sink.parts = concat, parts
+        sink._segment_name = secrets.token_hex(8)
+        sink._base = offset
+        if hasher is not None and cached is not None:
+            sink._append_gen = cached.generation
+        if cached is not None:
+            sink._merged_names = cached._merged_names
+        sink.acquire()
+        self._appending.add(sink)
+        return sink
+
+    async def commit_append(self, sink: ChunkedUploadSink) -> int:
+        """Commit an append handle's bytes (see :meth:`ChunkedUploadSink.end_append`)."""
+        name = sink._segment_name
+        if name is None or sink._append_done:
+            return sink.offset
+        shared = self.shared
+        assert shared is not None
+        sink._append_done = True
+        base = sink._base
+        try:
+            await sink.flush()
+        except BaseException:
+            await self._drop_segment(sink, base)
+            raise
+        length = sink.offset - base
+        if length == 0 or sink.state.status is not UploadStatus.ACTIVE:
+            await self._drop_segment(sink, base)
+            return sink.offset
+        self._close_segment_fd(sink)
+        try:
+            result = await shared.commit(
+                sink.id,
+                offset=base,
+                length=length,
+                segment=name,
+                activity=sink.state.last_activity,
+                now=time.time(),
+                expire_after=self.expire_after,
+                merged=sink._merged_names,
+            )
+        except BaseException:
+            await self._drop_segment(sink, base)
+            raise
+        if result.reason == "missing":
+            return await self._commit_without_record(sink, base, length, name)
+        if not result.ok:
+            await self._drop_segment(sink, result.offset)
+            raise _refusal(result.reason, base, result.offset, self._counters)
+        segments = [*result.pending, (base, length, name)]
+        try:
+            await self._merge(sink.id, segments)
+            sink._merged_names = tuple(segment[2] for segment in segments)
+        except OSError:
+            # The bytes are committed (durable in their segment): the next writer copies them.
+            _log.exception("upload %s: a committed segment was not copied yet", sink.id)
+            sink._merged_names = ()
+        valid = sink._sha256 is not None and result.previous == sink._append_gen
+        self._adopt(sink, result.previous + 1, sink._sha256 if valid else None)
+        return sink.offset
+
+    async def _commit_without_record(
+        self, sink: ChunkedUploadSink, base: int, length: int, name: str
+    ) -> int:
+        """The record is lost (a Redis flushed): append under the lock, as the disk says."""
+        try:
+            regular = await self.lock_for_write(sink.id)
+        except BaseException:
+            await self._drop_segment(sink, base)
+            raise
+        try:
+            if regular.offset != base:
+                await self._drop_segment(sink, regular.offset)
+                self._counters.lock_conflicts += 1
+                raise UploadError(
+                    f"Upload-Offset {base} does not match the current offset {regular.offset}",
+                    status=409,
+                )
+            await self._merge(sink.id, [(base, length, name)])
+            regular.state.accept(length)
+            regular.state.stored(length, sink.state.last_activity)
+            regular._sha256 = None
+        finally:
+            await self.end_write(regular)
+        self._adopt(sink, regular.generation, None)
+        return sink.offset
+
+    def _close_segment_fd(self, sink: ChunkedUploadSink) -> None:
+        if sink._fd >= 0:
+            os.close(sink._fd)
+            sink._fd = -1
+            self._fd_gone(sink)
+
+    async def _drop_segment(self, sink: ChunkedUploadSink, offset: int) -> None:
+        """Discard an append handle's segment; its state shows ``offset`` (for answers)."""
+        name = sink._segment_name
+        self._close_segment_fd(sink)
+        if name is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._unlink_segment, sink.id, name
+            )
+        sink._queue.clear()
+        sink._buffer.clear()
+        sink.state.offset = sink.state.accepted = offset
+
+    def _adopt(self, sink: ChunkedUploadSink, generation: int, sha256: _Hasher | None) -> None:
+        """A committed append handle becomes the upload's cached handle (on its part file)."""
+        self._close_segment_fd(sink)
+        sink._segment_name = None
+        sink._base = 0
+        sink._sha256 = sha256
+        sink.generation = generation
+        old = self._sinks.get(sink.id)
+        if old is not None and old is not sink:
+            busy = old._fd_users or old._fd_opening is not None or old.locked
+            if busy or (old._writer is not None and not old._writer.done()):
+                old.generation = -1  # in use: never trusted again, and not replaced
+                return
+            self._forget(sink.id)
+        self._remember(sink)
+
+    async def _merge(self, upload_id: str, segments: Sequence[tuple[int, int, str]]) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._merge_files, upload_id, list(segments)
+        )
 
     async def _watch_releases(self) -> None:
         """With a shared state that relays release requests: answer them (once started)."""
@@ -1535,6 +1850,17 @@ class UploadStore:
         ``finish``). Errors of the shared state are logged; the lock then expires by
         itself. Idempotent.
         """
+        if sink in self._appending:
+            if not sink._append_done:
+                try:
+                    await self.commit_append(sink)
+                except UploadError:
+                    pass  # refused: the segment is gone, the upload unchanged
+                except Exception:
+                    _log.exception("upload %s: an appended segment was not committed", sink.id)
+            self._appending.discard(sink)
+            sink.release()
+            return
         owner, sink._shared_owner = sink._shared_owner, None
         if owner is not None and self.shared is not None:
             if sink._renewal is not None:
@@ -1558,7 +1884,7 @@ class UploadStore:
 
     def release_later(self, sink: ChunkedUploadSink) -> None:
         """:meth:`end_write` from synchronous code (a task the store keeps)."""
-        if sink._shared_owner is None:
+        if sink._shared_owner is None and sink not in self._appending:
             sink.release()
         else:
             self.spawn(self.end_write(sink))
@@ -1672,7 +1998,8 @@ class UploadStore:
             files_closed=c.files_closed,
             file_waits=c.file_waits,
             cached=len(self._sinks),
-            active=sum(1 for sink in self._sinks.values() if sink.locked),
+            active=sum(1 for sink in self._sinks.values() if sink.locked)
+            + sum(1 for sink in self._appending if self._sinks.get(sink.id) is not sink),
             concatenated=c.concatenated,
             hook_rejections=c.hook_rejections,
             hook_errors=c.hook_errors,
@@ -1744,7 +2071,8 @@ class UploadStore:
     def _http_writers(self) -> int:
         # A writer without let_go is a request (tus PATCH, chunked PUT); one with it
         # is a WebSocket upload connection, which lasts until the connection closes.
-        return sum(1 for sink in self._sinks.values() if sink.locked and sink._let_go is None)
+        cached = sum(1 for sink in self._sinks.values() if sink.locked and sink._let_go is None)
+        return cached + sum(1 for sink in self._appending if sink not in self._sinks.values())
 
     async def wait_writers(self) -> None:
         """Return once no HTTP request is writing an upload (for a graceful drain).
@@ -1844,6 +2172,70 @@ class UploadStore:
     def _open_partial(self, upload_id: str) -> int:
         return os.open(self.partial_path(upload_id), os.O_RDWR | os.O_CLOEXEC)
 
+    def _segment_path(self, upload_id: str, name: str) -> str:
+        return os.path.join(self.root, f"{self._checked(upload_id)}.{name}.seg")
+
+    def _open_segment(self, upload_id: str, name: str) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        return os.open(self._segment_path(upload_id, name), flags, 0o600)
+
+    def _unlink_segment(self, upload_id: str, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._segment_path(upload_id, name))
+
+    def _segment_files(self, upload_id: str) -> list[str]:
+        return glob.glob(os.path.join(glob.escape(self.root), f"{upload_id}.*.seg"))
+
+    def _merge_files(self, upload_id: str, segments: list[tuple[int, int, str]]) -> None:
+        """Copy committed segments into the partial file at their offsets, then unlink them.
+
+        A segment already gone was copied by another writer (a segment is unlinked only
+        once copied); copying one twice writes the same bytes again. A segment at offset
+        0 is not copied: it becomes the partial file (a rename; nothing was committed
+        before it, so the partial file holds no byte of the upload).
+        """
+        part = -1
+        try:
+            for start, length, name in segments:
+                path = self._segment_path(upload_id, name)
+                if start == 0:
+                    if part >= 0:
+                        os.close(part)
+                        part = -1
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(path, self.partial_path(upload_id))
+                    continue
+                try:
+                    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                try:
+                    if part < 0:
+                        part = os.open(self.partial_path(upload_id), os.O_WRONLY | os.O_CLOEXEC)
+                    _copy_range(src, part, length, start)
+                finally:
+                    os.close(src)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        finally:
+            if part >= 0:
+                os.close(part)
+
+    def _read_info(self, upload_id: str) -> dict[str, Any] | None:
+        """``<id>.info`` of a partial upload (with ``sha256`` once complete), or None."""
+        try:
+            with open(self.info_path(upload_id), encoding="utf-8") as fh:
+                info = json.load(fh)
+        except (FileNotFoundError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def _finished_sha256(self, upload_id: str) -> str | None:
+        info = self._read_info(upload_id)
+        if info is None or "sha256" not in info or not os.path.exists(self.final_path(upload_id)):
+            return None
+        return str(info["sha256"])
+
     def _delete_completed(self, upload_id: str) -> None:
         for path in (self.final_path(upload_id), self.info_path(upload_id)):
             try:
@@ -1863,9 +2255,10 @@ class UploadStore:
         except FileNotFoundError:
             pass
 
-    def _truncate(self, fd: int, upload_id: str, offset: int) -> None:
+    def _truncate(self, fd: int, upload_id: str, offset: int, marker: bool = True) -> None:
         os.ftruncate(fd, offset)
-        self._remove_marker(upload_id)
+        if marker:
+            self._remove_marker(upload_id)
 
     def _finish_files(self, fd: int, upload_id: str, digest: str) -> None:
         try:
@@ -1873,6 +2266,9 @@ class UploadStore:
         finally:
             os.close(fd)
         os.replace(self.partial_path(upload_id), self.final_path(upload_id))
+        for path in self._segment_files(upload_id):  # left by writers that died or lost
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         info_path = self.info_path(upload_id)
         with open(info_path, encoding="utf-8") as fh:
             info = json.load(fh)
@@ -1893,6 +2289,7 @@ class UploadStore:
             self.partial_path(upload_id),
             self.info_path(upload_id),
             self._marker_path(upload_id),
+            *self._segment_files(upload_id),
         ):
             try:
                 os.unlink(path)
@@ -2046,7 +2443,7 @@ class UploadStore:
     # -- descriptor budget (max_open_files) -------------------------------------------
 
     def _touch_fd(self, sink: ChunkedUploadSink) -> None:
-        self._open_fds.move_to_end(sink.id)
+        self._open_fds.move_to_end(sink._fd_key)
 
     async def _reserve_fd(self) -> None:
         """Wait for room in the budget (closing idle descriptors), then hold one place."""
@@ -2072,11 +2469,11 @@ class UploadStore:
 
     def _fd_opened(self, sink: ChunkedUploadSink) -> None:
         self._fd_reserved -= 1
-        self._open_fds[sink.id] = sink
+        self._open_fds[sink._fd_key] = sink
 
     def _fd_gone(self, sink: ChunkedUploadSink) -> None:
-        if self._open_fds.get(sink.id) is sink:
-            del self._open_fds[sink.id]
+        if self._open_fds.get(sink._fd_key) is sink:
+            del self._open_fds[sink._fd_key]
         self._wake_fd_waiter()
 
     def _close_idle_fd(self) -> bool:
@@ -2084,7 +2481,7 @@ class UploadStore:
         for sink in self._open_fds.values():
             if sink._fd_users == 0:
                 fd, sink._fd = sink._fd, -1
-                del self._open_fds[sink.id]
+                del self._open_fds[sink._fd_key]
                 self._counters.files_closed += 1
                 os.close(fd)
                 return True

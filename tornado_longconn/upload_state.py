@@ -11,21 +11,32 @@ a mounted volume) serve the same uploads when their
 The contract (:class:`SharedUploadState`, kept by :class:`MemoryUploadState` for one
 process and tests, and by :class:`RedisUploadState` for many):
 
+* **A commit.** :meth:`~SharedUploadState.commit` is how a tus PATCH appends without
+  the lock, in one round trip: its body went to a segment file of its own; the commit
+  moves the record's offset from the request's offset to the end of the segment only
+  if the offset is still that (a compare-and-set: of two writers at one offset exactly
+  one commits, the other deletes its segment and answers 409), the upload is active,
+  within its size, not expired and not locked. The segment joins the record's
+  ``pending`` list (committed, maybe not yet copied into the partial file); the
+  committer copies every pending segment whose file still exists, and reports them
+  copied at its next commit. A segment file is deleted only once copied, so one that
+  is gone was copied.
 * **A writer lock with an expiry.** :meth:`~SharedUploadState.lock` takes an upload
   for one writer (``owner``, a random token per request) for ``ttl`` seconds, or
   answers None if another owner holds it (the tus handler answers 423). The holder
   extends it while it writes; a holder that dies (``kill -9``, a lost host) stops
   extending, and the upload is free again ``ttl`` seconds later.
-* **A generation.** Every lock and every unlock adds 1 to the upload's generation. A
+* **A generation.** Every lock, unlock and commit adds 1 to the upload's generation. A
   process trusts what it keeps in memory about an upload (offset, running sha256)
   only if the generation says that no other process locked it since: otherwise it
   reloads the upload from the shared disk (re-hashing the partial file).
 * **A record.** The upload's declared size, durable offset, metadata, status and
   concatenation, as JSON. The writer updates it before it answers a request, so a
   HEAD answered by any process gives an offset a client can resume at. The record is
-  the truth about the offset: a writer that died between writing bytes and
+  the truth about the offset: a locked writer that died between writing bytes and
   recording them leaves bytes past the recorded offset, and the next writer cuts
-  them off before it appends (no client was ever told of them). A record that is
+  them off before it appends (no client was ever told of them); the next locked
+  writer also copies the pending segments first. A record that is
   lost (a Redis flushed or replaced) is not fatal: the upload is read from the disk
   until its next writer records it again.
 
@@ -42,7 +53,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -52,6 +63,7 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
 __all__ = [
+    "CommitResult",
     "MemoryUploadState",
     "RedisUploadState",
     "SharedUploadRecord",
@@ -90,6 +102,54 @@ class SharedUploadRecord:
     data: dict[str, Any] | None
 
 
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """What :meth:`SharedUploadState.commit` answers.
+
+    ``reason`` is None when the segment was committed, else why not: ``"missing"``
+    (no record), ``"locked"`` (a writer holds the lock), ``"complete"`` (the upload
+    is no longer active), ``"offset"`` (the offset moved: another writer committed
+    first), ``"size"`` (past the declared size) or ``"expired"`` (idle past
+    ``expire_after``). Nothing changes when it is refused.
+    """
+
+    #: None if committed, else the refusal (see above).
+    reason: str | None
+    #: The record's offset after the call (the new one, or the current one if refused).
+    offset: int
+    #: The generation before the call (-1 if there was no record).
+    previous: int
+    #: The pending segments committed before this one and not reported merged, as
+    #: ``(start, length, name)`` (empty if refused).
+    pending: tuple[tuple[int, int, str], ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True if the segment was committed."""
+        return self.reason is None
+
+
+def _decide_commit(
+    data: dict[str, Any], locked: bool, offset: int, length: int, now: float, expire_after: float
+) -> str | None:
+    """The refusal of a commit (see :class:`CommitResult`), None to commit; I/O-free.
+
+    The Redis script ``_COMMIT`` makes the same decisions in the same order.
+    """
+    if locked:
+        return "locked"
+    if data.get("status", "active") != "active":
+        return "complete"
+    if int(data.get("offset", 0)) != offset:
+        return "offset"
+    size = data.get("size")
+    if size is not None and offset + length > int(size):
+        return "size"
+    if float(data.get("activity") or 0.0) + expire_after <= now:
+        return "expired"
+    return None
+
+
 @runtime_checkable
 class SharedUploadState(Protocol):
     """The shared-state contract of uploads (see the module documentation)."""
@@ -116,6 +176,28 @@ class SharedUploadState(Protocol):
 
     async def delete(self, upload_id: str) -> None:
         """Forget the upload (record and generation; a held lock expires by itself)."""
+        ...
+
+    async def commit(
+        self,
+        upload_id: str,
+        *,
+        offset: int,
+        length: int,
+        segment: str,
+        activity: float,
+        now: float,
+        expire_after: float,
+        merged: Sequence[str] = (),
+    ) -> CommitResult:
+        """Append a stored segment to the upload if its offset is still ``offset``.
+
+        One atomic compare-and-set (see :class:`CommitResult` for the refusals): the
+        record's offset moves from ``offset`` to ``offset + length``, ``activity`` is
+        recorded, ``[offset, length, segment]`` joins the record's ``pending`` list
+        (segments committed but maybe not yet copied into the upload's file) and the
+        ``merged`` segment names leave it; the generation goes up by one.
+        """
         ...
 
     async def close(self) -> None:
@@ -184,6 +266,39 @@ class MemoryUploadState:
         self._rec.pop(upload_id, None)
         self._gen.pop(upload_id, None)
 
+    async def commit(
+        self,
+        upload_id: str,
+        *,
+        offset: int,
+        length: int,
+        segment: str,
+        activity: float,
+        now: float,
+        expire_after: float,
+        merged: Sequence[str] = (),
+    ) -> CommitResult:
+        """Commit a segment (see :meth:`SharedUploadState.commit`)."""
+        raw = self._rec.get(upload_id)
+        if raw is None:
+            return CommitResult("missing", 0, -1)
+        data = json.loads(raw)
+        locked = self._holder(upload_id) is not None
+        reason = _decide_commit(data, locked, offset, length, now, expire_after)
+        previous = self._gen.get(upload_id, 0)
+        if reason is not None:
+            return CommitResult(reason, int(data.get("offset", 0)), previous)
+        done = set(merged)
+        prior = [p for p in data.get("pending") or [] if p[2] not in done]
+        data.update(
+            offset=offset + length, activity=activity, pending=[*prior, [offset, length, segment]]
+        )
+        self._rec[upload_id] = json.dumps(data)
+        self._gen[upload_id] = previous + 1
+        return CommitResult(
+            None, offset + length, previous, tuple((int(a), int(b), str(c)) for a, b, c in prior)
+        )
+
     async def close(self) -> None:
         """Nothing to release."""
 
@@ -210,6 +325,50 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then
   return 1
 end
 return 0
+"""
+# The decisions of _decide_commit, in its order. cjson keeps the record's other fields
+# (an empty list comes back as {}: readers take a falsy value as empty).
+_COMMIT = """
+local raw = redis.call('HGET', KEYS[1], 'rec')
+if not raw then return {'missing', 0, -1, ''} end
+local rec = cjson.decode(raw)
+local gen = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+local off = tonumber(rec['offset']) or 0
+local offset = tonumber(ARGV[1])
+local length = tonumber(ARGV[2])
+local reason = false
+local status = rec['status']
+if status == nil or status == cjson.null then status = 'active' end
+local activity = rec['activity']
+if activity == nil or activity == cjson.null then activity = 0 end
+local size = rec['size']
+if redis.call('EXISTS', KEYS[2]) == 1 then reason = 'locked'
+elseif status ~= 'active' then reason = 'complete'
+elseif off ~= offset then reason = 'offset'
+elseif size ~= nil and size ~= cjson.null and offset + length > tonumber(size) then reason = 'size'
+elseif tonumber(activity) + tonumber(ARGV[6]) <= tonumber(ARGV[5]) then reason = 'expired'
+end
+if reason then return {reason, tostring(off), gen, ''} end
+local done = {}
+for name in string.gmatch(ARGV[7], '%S+') do done[name] = true end
+local prior = {}
+local pending = rec['pending']
+if type(pending) == 'table' then
+  for _, p in ipairs(pending) do
+    if not done[p[3]] then table.insert(prior, p) end
+  end
+end
+local kept = {}
+for i, p in ipairs(prior) do kept[i] = p end
+table.insert(kept, {offset, length, ARGV[3]})
+rec['offset'] = offset + length
+rec['activity'] = tonumber(ARGV[4])
+rec['pending'] = kept
+redis.call('HSET', KEYS[1], 'rec', cjson.encode(rec))
+redis.call('HSET', KEYS[1], 'gen', gen + 1)
+local listed = ''
+if #prior > 0 then listed = cjson.encode(prior) end
+return {'ok', tostring(offset + length), gen, listed}
 """
 _EXTEND = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -240,9 +399,10 @@ class RedisUploadState:
     :class:`redis.asyncio.Redis` client (then :meth:`close` leaves it open); ``prefix``
     starts every key (use one per application on a shared Redis). Needs the
     ``redis`` extra (``pip install tornado-longconn[redis]``). Each operation is one
-    round trip (a script for lock, extend and unlock; :meth:`lock_and_get` and
-    :meth:`put_and_unlock`, which the store uses, do two operations in one, so a tus
-    PATCH costs two round trips: one before its body, one before its answer), waits at most
+    round trip (a script for lock, extend, unlock and commit; :meth:`lock_and_get` and
+    :meth:`put_and_unlock`, which locked writers use, do two operations in one). A tus
+    PATCH with a body costs one: its :meth:`commit` before the answer, nothing before
+    the body. Each waits at most
     ``connect_timeout`` [2 s] to connect and ``command_timeout`` [5 s] for a reply or
     a free connection (at most ``max_connections`` [64]), and is never retried. Errors
     of the client (``redis.exceptions.ConnectionError``, ``TimeoutError``, ...)
@@ -299,6 +459,7 @@ class RedisUploadState:
         self._lock_get = self._client.register_script(_LOCK_GET)
         self._put_unlock = self._client.register_script(_PUT_UNLOCK)
         self._extend = self._client.register_script(_EXTEND)
+        self._commit = self._client.register_script(_COMMIT)
         self._unlock = self._client.register_script(_UNLOCK)
 
     async def _call(self, awaitable: Awaitable[_T]) -> _T:
@@ -371,6 +532,38 @@ class RedisUploadState:
     async def delete(self, upload_id: str) -> None:
         """Forget the upload (see :meth:`SharedUploadState.delete`)."""
         await self._call(self._client.delete(self._keys(upload_id)[0]))
+
+    async def commit(
+        self,
+        upload_id: str,
+        *,
+        offset: int,
+        length: int,
+        segment: str,
+        activity: float,
+        now: float,
+        expire_after: float,
+        merged: Sequence[str] = (),
+    ) -> CommitResult:
+        """Commit a segment in one script (see :meth:`SharedUploadState.commit`)."""
+        args: list[str | int] = [
+            offset,
+            length,
+            segment,
+            repr(activity),
+            repr(now),
+            repr(expire_after),
+            " ".join(merged),
+        ]
+        reply = await self._call(self._commit(keys=self._keys(upload_id), args=args))
+        reason = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        listed = reply[3]
+        pending: tuple[tuple[int, int, str], ...] = ()
+        if listed:
+            pending = tuple((int(a), int(b), str(c)) for a, b, c in json.loads(listed))
+        return CommitResult(
+            None if reason == "ok" else reason, int(reply[1]), int(reply[2]), pending
+        )
 
     # -- release requests (WebSocket takeover across processes) ------------------------
 

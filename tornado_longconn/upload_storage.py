@@ -35,7 +35,12 @@ of a failed segment: on S3, keep a segment in the tail (or in parts not yet list
 for completion) until it is verified.
 
 Shared state (:mod:`tornado_longconn.upload_state`) is independent of the medium: a
-store uses it to lock and record uploads so several processes serve them.
+store uses it to lock and record uploads so several processes serve them. A store may
+also offer ``open_append(upload_id, offset)`` (the local-disk store does, with shared
+state): a handle that writes the body without the lock, whose ``end_append()`` commits
+it in one compare-and-set before the answer; the tus handler uses it for a PATCH with
+a body when the store has it (else ``lock_for_write``). On S3 the segment is a part (or
+the tail) not yet listed for completion, committed the same way.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ unknown ids (and any id the store did not generate), 410 for an expired upload, 
 for a missing or unsupported ``Tus-Resumable``, 413 past ``Tus-Max-Size`` or the
 declared length, 415 for a PATCH without ``application/offset+octet-stream``, 423
 (Locked) when another request is writing the same upload (exactly one PATCH proceeds;
-the client retries after a HEAD), 460 for a checksum mismatch (chunk discarded, offset
+the client retries after a HEAD; with a store on shared state a PATCH takes no lock:
+of two at one offset the first to commit proceeds and the other gets 409), 460 for a checksum mismatch (chunk discarded, offset
 unchanged), 507 when the storage is full (the offset stays at the bytes on disk), 405
 for an ``X-HTTP-Method-Override`` other than ``PATCH``, ``DELETE`` or ``HEAD``.
 
@@ -349,6 +350,17 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         self._holding = True
         return sink
 
+    async def _append(self, upload_id: str, offset: int) -> UploadHandle | None:
+        """An append handle (no lock before the body; see ``UploadStore.open_append``)."""
+        opener = getattr(self.store, "open_append", None)
+        if opener is None or not is_upload_id(upload_id):
+            return None
+        sink: UploadHandle | None = await opener(upload_id, offset)
+        if sink is not None:
+            self._sink = sink
+            self._holding = True
+        return sink
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Plain-text errors (tus clients show the body)."""
         self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -510,7 +522,11 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
         declared = headers.get("Upload-Length")
         new_size = None if declared is None else _parse_int(declared, "Upload-Length")
         upload_id = self.path_args[0] if self.path_args else ""
-        sink = await self._lock(upload_id)  # exactly one writer: a concurrent PATCH gets 423
+        sink = None
+        if new_size is None and length:  # bytes to append, no length to declare
+            sink = await self._append(upload_id, offset)
+        if sink is None:
+            sink = await self._lock(upload_id)  # one writer: a concurrent PATCH gets 423
         if sink.concat == "final":
             raise UploadError("a final upload cannot be modified", status=403)
         sink.state.check_offset(offset)
@@ -617,6 +633,9 @@ class TusUploadHandler(EarlyAnswerMixin, tornado.web.RequestHandler):
                 await self._completed(sink)
                 return sink
             await sink.end_segment()
+            commit = getattr(sink, "end_append", None)
+            if commit is not None:  # an append handle: one compare-and-set commits it
+                await commit()
             if self._with_body and sink.offset != self._reported:
                 self._reported = sink.offset
                 await self._post_hook(self.post_receive, sink.info())
