@@ -21,6 +21,9 @@ ping with a pong and record when pings and the broadcast arrive.
 Variants, each connection joining one group (or the peer's equivalent, a set):
 
 * ``ours``: ``HeartbeatMixin`` + ``BroadcastGroup`` (``group.join(self)`` in ``open()``);
+* ``ours-tuned``: the same with the documented production setting,
+  ``tornado_longconn.tune_gc()`` at start-up (freeze after heartbeat ticks, no
+  periodic full collection);
 * ``tornado``: Tornado's ``websocket_ping_interval``, handlers in a set,
   ``write_message`` to each;
 * ``websockets``: the ``websockets`` library's keepalive, ``websockets.broadcast()``.
@@ -72,7 +75,7 @@ from benchmarks.harness import (
     write_markdown,
 )
 
-VARIANTS = ("ours", "tornado", "websockets")
+VARIANTS = ("ours", "ours-tuned", "tornado", "websockets")
 MESSAGE = b"x" * 64
 STALL = 0.1
 
@@ -227,7 +230,10 @@ def serve(variant: str, interval: float, hold: float, redis_prefix: str) -> None
         _serve_tornado_with(app, on_start)
         return
 
-    from tornado_longconn import BroadcastHub, HeartbeatMixin
+    from tornado_longconn import BroadcastHub, HeartbeatMixin, tune_gc
+
+    if variant == "ours-tuned":
+        tune_gc()  # the documented production setting (docs/topics/keepalive.md)
 
     backend: Any = None
     if redis_prefix:
@@ -529,7 +535,7 @@ def run_one(
 ) -> Result:
     me = [sys.executable, "-m", "benchmarks.bench_scale"]
     prefix = ""
-    if variant == "ours" and servers > 1:
+    if variant.startswith("ours") and servers > 1:
         prefix = f"bench-scale-{uuid.uuid4().hex[:8]}:"
     procs: list[_Proc] = []
     label = f"{scenario} {connections:,} / heartbeat {interval:g} s"

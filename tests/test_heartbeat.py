@@ -388,13 +388,14 @@ async def test_closed_handler_is_garbage_collectable(recorder: Recorder) -> None
 
 
 async def test_closed_handler_is_freed_by_refcount_with_gc_freeze_on(recorder: Recorder) -> None:
-    # No periodic collection in this test: the handler must go by reference counting
-    # alone, i.e. closing leaves no reference cycle that freezing would keep forever.
-    tune_gc(collect_interval=3600.0)
+    # The default never collects frozen objects: the handler must go by reference
+    # counting alone, i.e. closing leaves no reference cycle that freezing would keep.
+    tune_gc()
     try:
         await _timed_out_handler_is_freed(recorder, make_app(recorder), frozen=True)
         stats = gc_tuning_stats()
         assert stats.active and stats.freezes >= 1 and stats.collections == 0
+        assert stats.collect_interval is None
     finally:
         untune_gc()
     assert gc.get_freeze_count() == 0
@@ -443,6 +444,32 @@ async def test_a_freeze_made_by_someone_else_is_never_undone(recorder: Recorder)
     finally:
         untune_gc()
         gc.unfreeze()
+
+
+async def test_periodic_collection_is_off_by_default_and_can_be_turned_off(
+    recorder: Recorder,
+) -> None:
+    tune_gc(collect_interval=scaled(0.05))
+    try:
+        assert gc_tuning_stats().collect_interval == scaled(0.05)
+        tune_gc()  # back to the default: freeze, never collect
+        app = tornado.web.Application([(r"/ws", Cyclic, {"recorder": recorder})])
+        async with AppServer(app) as srv:
+            client = await open_client(srv, recorder)
+            ref = recorder.handler
+            assert ref is not None
+            opened_at = gc_tuning_stats().freezes
+            # A freeze after the open: the handler (a cycle of its own) is frozen.
+            await wait_until(lambda: gc_tuning_stats().freezes > opened_at, timeout=scaled(10))
+            client.vanish()
+            await asyncio.wait_for(recorder.closed.wait(), scaled(5))
+        stats = gc_tuning_stats()
+        assert stats.collections == 0 and stats.collect_interval is None
+        assert ref() is not None  # frozen and never collected: the documented trade-off
+    finally:
+        untune_gc()
+    gc.collect()
+    assert ref() is None
 
 
 def test_tune_gc_rejects_a_bad_interval() -> None:
@@ -594,3 +621,27 @@ async def test_gc_freeze_setting_does_not_count_frozen_objects_per_connection(
                 await client.close()
     finally:
         untune_gc()
+
+
+def test_default_tuning_does_not_walk_the_frozen_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tornado_longconn import gc_tuning
+
+    counted: list[int] = []
+    real = gc.get_freeze_count
+
+    def counting() -> int:
+        counted.append(1)
+        return real()
+
+    tuner = gc_tuning._Tuner(None, 0.0)
+    monkeypatch.setattr(gc_tuning.gc, "get_freeze_count", counting)
+    try:
+        for second in range(5):
+            tuner.after_tick(float(second))
+        assert tuner.freezes == 5 and counted == []  # get_freeze_count() walks them all
+        tuner.set_interval(60.0, 5.0)
+        tuner.after_tick(5.0)
+        assert tuner.freezes == 6 and len(counted) == 2  # with collections it must count
+    finally:
+        monkeypatch.undo()
+        gc.unfreeze()

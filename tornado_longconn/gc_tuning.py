@@ -8,27 +8,33 @@ idle CPU (``benchmarks/results/heartbeat.md``: 3.4 s of 7.8 s). Freezing
 collector's sight, so full collections only look at what is new.
 
 The trade-off: an object caught in a reference cycle after it was frozen is not
-reclaimed until it is unfrozen. Objects freed by reference counting (a closed
-connection whose cycles Tornado and this library break) are freed at once
-either way. To bound what frozen cycles can hold, the tuning runs one full
-collection every ``collect_interval`` seconds (``gc.unfreeze(); gc.collect();
-gc.freeze()``), whose pause grows with the number of live objects. Measure
-before turning it on.
+reclaimed until it is unfrozen. Objects freed by reference counting are freed
+at once either way, and a closed connection is: neither Tornado's objects nor
+this library's are left in a cycle (the test suite checks it with the collector
+off). So by default nothing is ever collected among frozen objects, and there is
+no pause that grows with the number of connections. An application that makes
+reference cycles of its own can bound what they hold with ``collect_interval``:
+one full collection every that many seconds (``gc.unfreeze(); gc.collect();
+gc.freeze()``), a pause of about 0.07 s per 1,000 connections held on CPython 3.11
+(0.35 s at 5,000 in ``benchmarks/results/broadcast.md``).
 
 Call :func:`tune_gc` once at start-up, in the process that serves connections
 (after forking, if you fork)::
 
-    tornado_longconn.tune_gc()       # freeze after heartbeat ticks (1/s), collect every 60 s
+    tornado_longconn.tune_gc()       # freeze after heartbeat ticks (1/s); never collect them
+    tornado_longconn.tune_gc(collect_interval=600)   # ... and a full collection every 10 min
     ...
     tornado_longconn.untune_gc()     # hand frozen objects back to the collector
 
 The freezing runs after a tick of the heartbeat scheduler
 (:class:`~tornado_longconn.heartbeat.HeartbeatScheduler`), at most once a
-second (each freeze counts the frozen objects, a walk of them all): with no
-heartbeat connections, nothing is frozen. The tuning never undoes a freeze it did not
-make: if anything else froze objects (before :func:`tune_gc` or in between),
-it stops unfreezing -- no periodic collection and no unfreeze in
-:func:`untune_gc` -- and :func:`gc_tuning_stats` says so.
+second: with no heartbeat connections, nothing is frozen. The tuning never
+undoes a freeze it did not make: if anything else froze objects before
+:func:`tune_gc`, it never unfreezes -- no periodic collection and no unfreeze in
+:func:`untune_gc` -- and :func:`gc_tuning_stats` says so. With
+``collect_interval`` it also notices a freeze made in between (each of its
+freezes then counts the frozen objects, a walk of them all); without one it does
+not count, and :func:`untune_gc` unfreezes everything unless a freeze came first.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ class GCTuningStats:
 
     #: Whether :func:`tune_gc` is in effect (flag).
     active: bool = field(metadata=FLAG)
-    #: Seconds between periodic full collections (None when not active; a peak).
+    #: Seconds between periodic full collections (None when not active or when it
+    #: never collects, the default; a peak).
     collect_interval: float | None = field(metadata=PEAK)
     #: ``gc.freeze()`` calls made by the tuning since it was turned on (counter).
     freezes: int = field(metadata=COUNTER)
@@ -82,15 +89,19 @@ class _Tuner:
         "next_at",
     )
 
-    def __init__(self, collect_interval: float, now: float) -> None:
+    def __init__(self, collect_interval: float | None, now: float) -> None:
         self.collect_interval = collect_interval
-        self.next_at = now + collect_interval
+        self.next_at = math.inf if collect_interval is None else now + collect_interval
         self.freeze_at = now
         self.freezes = 0
         self.collections = 0
         # Objects frozen before we start are someone else's: never unfreeze them.
         self.last_count = gc.get_freeze_count()
         self.foreign = self.last_count > 0
+
+    def set_interval(self, collect_interval: float | None, now: float) -> None:
+        self.collect_interval = collect_interval
+        self.next_at = math.inf if collect_interval is None else now + collect_interval
 
     def after_tick(self, now: float) -> None:
         # gc.get_freeze_count() walks every frozen object (24 ms for a million on
@@ -99,9 +110,16 @@ class _Tuner:
         if now < self.freeze_at:
             return
         self.freeze_at = now + _FREEZE_EVERY
+        if self.collect_interval is None:
+            # Nothing to unfreeze before untune_gc(): no counting (two walks of every
+            # frozen object, about 50 ms a second at 10,000 connections).
+            gc.freeze()
+            self.freezes += 1
+            return
         if gc.get_freeze_count() > self.last_count:
             self.foreign = True  # someone froze objects since our last freeze
         if not self.foreign and now >= self.next_at:
+            assert self.collect_interval is not None  # next_at is inf without one
             self.next_at = now + self.collect_interval
             gc.unfreeze()
             gc.collect()
@@ -114,27 +132,30 @@ class _Tuner:
 _tuner: _Tuner | None = None
 
 
-def tune_gc(*, collect_interval: float = 60.0) -> None:
+def tune_gc(*, collect_interval: float | None = None) -> None:
     """Turn on GC tuning for this PROCESS (see the module docs for the trade-off).
 
-    After a heartbeat scheduler tick, at most once a second, ``gc.freeze()``; every
-    ``collect_interval`` seconds (default 60), one full collection of frozen
-    objects too. Calling it again only changes ``collect_interval``. Raises
+    After a heartbeat scheduler tick, at most once a second, ``gc.freeze()``. With
+    ``collect_interval`` (seconds), one full collection of frozen objects too, that
+    often; by default (``None``) never: closed connections are freed by reference
+    counting, and a full collection pauses the loop for a time that grows with the
+    connections held. Calling it again only changes ``collect_interval``. Raises
     ``ValueError`` for a non-positive or non-finite interval. Undo with
     :func:`untune_gc`.
     """
     global _tuner
-    if (
+    if collect_interval is not None and (
         isinstance(collect_interval, bool)
         or not isinstance(collect_interval, (int, float))
         or not math.isfinite(collect_interval)
         or collect_interval <= 0
     ):
-        raise ValueError(f"collect_interval must be > 0 seconds, got {collect_interval!r}")
+        raise ValueError(f"collect_interval must be None or > 0 seconds, got {collect_interval!r}")
+    interval = None if collect_interval is None else float(collect_interval)
     if _tuner is None:
-        _tuner = _Tuner(float(collect_interval), time.monotonic())
+        _tuner = _Tuner(interval, time.monotonic())
     else:
-        _tuner.collect_interval = float(collect_interval)
+        _tuner.set_interval(interval, time.monotonic())
 
 
 def untune_gc() -> None:
@@ -146,7 +167,9 @@ def untune_gc() -> None:
     """
     global _tuner
     tuner, _tuner = _tuner, None
-    if tuner is not None and not tuner.foreign and gc.get_freeze_count() <= tuner.last_count:
+    if tuner is None or tuner.foreign:
+        return
+    if tuner.collect_interval is None or gc.get_freeze_count() <= tuner.last_count:
         gc.unfreeze()
 
 
@@ -166,7 +189,8 @@ def gc_tuning_stats() -> GCTuningStats:
         tuner.freezes,
         tuner.collections,
         gc.get_freeze_count(),
-        tuner.foreign or gc.get_freeze_count() > tuner.last_count,
+        tuner.foreign
+        or (tuner.collect_interval is not None and gc.get_freeze_count() > tuner.last_count),
     )
 
 
