@@ -20,7 +20,8 @@ import tornado.websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import run_on_suite_loop
+from tests.helpers import Seen, run_on_suite_loop, wait_until
+from tornado_longconn._tornado import iostream
 from tornado_longconn._tornado.websocket import READ_CHUNK
 from tornado_longconn.strict import StrictWebSocketMixin
 from tornado_longconn.testing import AppServer, WebSocketTestClient, scaled
@@ -148,3 +149,120 @@ def test_ping_between_compressed_fragments_keeps_the_message_compressed() -> Non
     text = ("squeezed " * 200).encode()
     msgs = [(False, text, [10, 40], [True, True, False]), (True, b"\x00" * 300, [], [True])]
     run_on_suite_loop(scenario(msgs, True, []))
+
+
+class Parking(StrictWebSocketMixin, tornado.websocket.WebSocketHandler):
+    """Records messages; an ``async`` callback for messages starting with "wait"."""
+
+    def initialize(self, seen: Seen) -> None:
+        self.seen = seen
+        self.release = asyncio.Event()
+
+    def open(self) -> None:
+        self.seen.handlers.put_nowait(self)
+
+    def on_message(self, message: str | bytes) -> Any:
+        if isinstance(message, str) and message.startswith("wait"):
+            return self._wait(message)
+        self.seen.received.put_nowait(message)
+        return None
+
+    async def _wait(self, message: str) -> None:
+        await self.release.wait()
+        self.seen.received.put_nowait(message)
+
+    def on_pong(self, data: bytes) -> None:
+        self.seen.pongs.put_nowait(data)
+
+    def on_close(self) -> None:
+        self.seen.closed.put_nowait((self.close_code, self.close_reason))
+
+
+def parked(handler: Parking) -> bool:
+    """The reader is parked: no read pending on the stream, no reader task."""
+    protocol: Any = handler.ws_connection
+    stream: Any = protocol.stream
+    return bool(protocol._strict_parked) and stream._read_future is None
+
+
+async def test_an_idle_connection_parks_and_wakes_for_each_frame() -> None:
+    seen = Seen()
+    before = iostream.attached_readers()
+    app = tornado.web.Application([("/ws", Parking, {"seen": seen})])
+    async with AppServer(app) as server:
+        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+        try:
+            handler = await seen.handler()
+            await wait_until(lambda: parked(handler))
+            assert iostream.attached_readers() == before + 1
+            for n in range(5):
+                await client.send(f"m{n}")
+                assert await asyncio.wait_for(seen.received.get(), scaled(5)) == f"m{n}"
+                await client.send_raw(build(0xA, b"p%d" % n))  # an unsolicited pong
+                assert await asyncio.wait_for(seen.pongs.get(), scaled(5)) == b"p%d" % n
+                assert parked(handler)  # read by the parked reader, no future made
+            await client.close(1000, "bye")
+            assert await seen.close_seen() == (1000, "bye")
+        finally:
+            client.vanish()
+    assert iostream.attached_readers() == before
+
+
+async def test_an_async_callback_hands_over_to_the_coroutine_and_back() -> None:
+    seen = Seen()
+    app = tornado.web.Application([("/ws", Parking, {"seen": seen})])
+    async with AppServer(app) as server:
+        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+        try:
+            handler = await seen.handler()
+            await wait_until(lambda: parked(handler))
+            # Three frames in one write: the reader waits for the first one's callback
+            # before it dispatches the next, as Tornado's reader does.
+            await client.send_raw(build(0x1, b"wait-1") + build(0x1, b"two") + build(0x1, b"3"))
+            await wait_until(lambda: not handler.ws_connection._strict_parked)  # type: ignore[union-attr]
+            assert seen.received.empty()
+            handler.release.set()
+            got = [await asyncio.wait_for(seen.received.get(), scaled(5)) for _ in range(3)]
+            assert got == ["wait-1", "two", "3"]
+            await wait_until(lambda: parked(handler))  # parked again once idle
+            await client.send("after")
+            assert await asyncio.wait_for(seen.received.get(), scaled(5)) == "after"
+        finally:
+            client.vanish()
+        assert await seen.close_seen() == (None, None)  # a vanished peer: on_close ran
+
+
+async def test_a_parked_reader_ends_when_the_stream_is_closed_under_it() -> None:
+    seen = Seen()
+    before = iostream.attached_readers()
+    app = tornado.web.Application([("/ws", Parking, {"seen": seen})])
+    async with AppServer(app) as server:
+        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+        try:
+            handler = await seen.handler()
+            await wait_until(lambda: parked(handler))
+            handler.ws_connection.stream.close()  # type: ignore[union-attr]
+            assert await seen.close_seen() == (None, None)
+            await client.wait_closed(scaled(5))
+        finally:
+            client.vanish()
+    assert iostream.attached_readers() == before
+
+
+async def test_a_frame_split_across_reads_resumes_in_the_coroutine() -> None:
+    seen = Seen()
+    app = tornado.web.Application([("/ws", Parking, {"seen": seen})])
+    async with AppServer(app) as server:
+        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
+        try:
+            handler = await seen.handler()
+            await wait_until(lambda: parked(handler))
+            frame = build(0x2, b"x" * 1000)
+            await client.send_raw(frame[:1])  # half a header
+            await wait_until(lambda: not handler.ws_connection._strict_parked)  # type: ignore[union-attr]
+            await client.send_raw(frame[1:500])
+            await client.send_raw(frame[500:])
+            assert await asyncio.wait_for(seen.received.get(), scaled(5)) == b"x" * 1000
+            await wait_until(lambda: parked(handler))
+        finally:
+            client.vanish()

@@ -41,12 +41,17 @@ __all__ = [
     "KEEP_READING_BYTES",
     "KeepReadingIOStream",
     "StreamInternals",
+    "StreamReader",
     "abort",
+    "attach_reader",
+    "attached_readers",
     "check_iostream",
     "check_keep_reading",
     "close_callback",
+    "detach_reader",
     "idle",
     "keep_reading",
+    "listen_for_reads",
     "pending_bytes",
     "plain_socket",
     "release_error",
@@ -318,6 +323,20 @@ class KeepReadingIOStream(IOStream):
             self.close(exc_info=e)
             raise
 
+    # -- a parked reader -------------------------------------------------------------
+
+    def _handle_read(self) -> None:
+        super()._handle_read()
+        reader = _READERS.get(self)
+        if reader is not None:
+            reader.readable()
+
+    def _signal_closed(self) -> None:
+        reader = _READERS.pop(self, None)
+        super()._signal_closed()
+        if reader is not None:
+            reader.stream_closed()
+
     # -- reading: one recv per readiness event ------------------------------------
 
     def _try_inline_read(self) -> None:
@@ -404,6 +423,49 @@ class _ReadInternals(Protocol):
     def _is_connreset(self, exc: BaseException) -> bool: ...
 
 
+class StreamReader(Protocol):
+    """What :func:`attach_reader` attaches: told about read events and the close."""
+
+    def readable(self) -> None:
+        """The stream read bytes (after any pending read was served)."""
+
+    def stream_closed(self) -> None:
+        """The stream closed."""
+
+
+# Streams whose reader parks (holds no pending read between frames) -> that reader.
+# A stream leaves on close, or by detach_reader(); one entry per such connection.
+_READERS: dict[IOStream, StreamReader] = {}
+
+
+def attach_reader(stream: IOStream | None, reader: StreamReader) -> bool:
+    """Make ``stream`` a :class:`KeepReadingIOStream` that tells ``reader`` of reads and close.
+
+    False (nothing attached) for any other stream than a plain, open ``IOStream``.
+    """
+    if stream is None or not keep_reading(stream) or stream.closed():
+        return False
+    _READERS[stream] = reader
+    return True
+
+
+def detach_reader(stream: IOStream | None) -> None:
+    """Undo :func:`attach_reader` (a no-op if nothing is attached)."""
+    if stream is not None:
+        _READERS.pop(stream, None)
+
+
+def attached_readers() -> int:
+    """How many streams have a reader attached (for tests and inspection)."""
+    return len(_READERS)
+
+
+def listen_for_reads(stream: IOStream) -> None:
+    """Make sure ``stream`` is registered for read events (a no-op if it is, or closed)."""
+    internals: _ReadInternals = stream
+    internals._add_io_state(stream.io_loop.READ)
+
+
 def keep_reading(stream: IOStream | None) -> bool:
     """Make ``stream`` a :class:`KeepReadingIOStream` if it is a plain ``IOStream``.
 
@@ -448,6 +510,7 @@ def check_keep_reading() -> None:
             "_check_closed",
             "_add_io_state",
             "_is_connreset",
+            "_signal_closed",
         ),
     )
     require_init_attrs(

@@ -68,7 +68,7 @@ import asyncio
 import struct
 import zlib
 from collections.abc import Callable
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol, cast
 
 import tornado
 import tornado.util
@@ -78,7 +78,7 @@ from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProt
 
 from ..exceptions import LongConnError
 from ._check import missing, register, require_attrs, require_init_attrs
-from .iostream import keep_reading
+from .iostream import attach_reader, detach_reader, listen_for_reads, unread_bytes
 
 __all__ = [
     "PROTOCOL_ERROR",
@@ -106,6 +106,11 @@ _OP_TEXT: Final = 0x1
 _OP_BINARY: Final = 0x2
 _OP_CLOSE: Final = 0x8
 _KNOWN_OPCODES: Final = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))
+# What the parser answers (see StrictWebSocketProtocol._parse).
+_IDLE: Final = 0
+_NEED: Final = 1
+_WAIT: Final = 2
+_END: Final = 3
 _U16: Final = struct.Struct("!H")
 _U64: Final = struct.Struct("!Q")
 
@@ -317,9 +322,19 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
     # table (a split dict) while they have the same keys; six more keys would give
     # every connection a dict of its own (about 1.5 KB).
     __slots__ = (
+        "_strict_can_park",
+        "_strict_checked",
+        "_strict_checker",
+        "_strict_compressed",
+        "_strict_ended",
         "_strict_failure",
+        "_strict_fragment_opcode",
+        "_strict_fragments",
+        "_strict_parked",
         "_strict_quiet",
         "_strict_reader",
+        "_strict_syncing",
+        "_strict_task",
         "on_error",
     )
 
@@ -339,20 +354,123 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
         self._strict_reader: asyncio.Task[Any] | None = None
         self._strict_quiet = False
         self._strict_failure: Failure = _OTHER
+        # The reader's state between reads (see "reading" below).
+        self._strict_checker: FrameChecker | None = None
+        self._strict_checked = False  # the next frame's header passed the checker
+        self._strict_fragments: bytearray | None = None
+        self._strict_fragment_opcode = 0
+        self._strict_compressed = False
+        self._strict_can_park = False
+        self._strict_parked = False
+        self._strict_syncing = False  # readable() is parsing
+        self._strict_ended: asyncio.Future[None] | None = None
+        self._strict_task: asyncio.Future[None] | None = None
 
     # -- reading -------------------------------------------------------------
+    #
+    # Two ways in, one parser (_parse). While a coroutine is needed -- a payload
+    # that has not all arrived, an ``async`` handler callback to wait for -- frames
+    # are read by a coroutine (_read_async) with one pending read per wait for the
+    # socket. At a frame boundary with nothing buffered, and when the stream is a
+    # KeepReadingIOStream, the reader PARKS instead: no read stays pending, and the
+    # stream hands each read event's bytes to :meth:`readable`, which parses them
+    # synchronously. An idle connection then holds no future and no suspended
+    # coroutine of the reader, and a pong costs no future and no task step (what a
+    # heartbeat's pong used to leave for the collector to promote). The reader
+    # leaves the parked state for the coroutine whenever it needs one.
 
     async def _receive_frame_loop(self) -> None:
         # Tornado's loop (``try: frames; except StreamClosedError: abort; then
         # on_ws_connection_close``) around a reader of our own.
         self._strict_reader = asyncio.current_task()
+        stream = self.stream
         try:
-            await self._read_frames()
+            internals: ReaderInternals = self  # type: ignore[assignment]
+            self._strict_checker = FrameChecker(
+                expect_masked=not self.mask_outgoing,
+                deflate=internals._decompressor is not None,
+            )
+            self._strict_can_park = attach_reader(stream, self)
+            await self._read_async(b"", 0, None)
+            if self._strict_parked:
+                self._strict_reader = None
+                ended = self._strict_ended = asyncio.get_running_loop().create_future()
+                await ended
         except StreamClosedError:
             self._abort()
         finally:
             self._strict_reader = None
+            self._strict_parked = False
+            detach_reader(stream)
             self.handler.on_ws_connection_close(self.close_code, self.close_reason)
+
+    def readable(self) -> None:
+        """Parse what the stream read, if the reader is parked (called by the stream).
+
+        Runs after every read event of a :class:`KeepReadingIOStream` this
+        protocol is attached to. Hands over to the coroutine when a frame is
+        incomplete or a handler callback returned an awaitable.
+        """
+        if not self._strict_parked:
+            return
+        stream = self.stream
+        self._strict_syncing = True
+        try:
+            while unread_bytes(stream) and not self.client_terminated:
+                # Served from the stream's buffer at once: a future that is done.
+                read = cast("Future[bytes]", stream.read_bytes(READ_CHUNK, partial=True))
+                buf = read.result()
+                internals: ReaderInternals = self  # type: ignore[assignment]
+                internals._wire_bytes_in += len(buf)
+                status, pos, extra = self._parse(buf, 0)
+                if status == _IDLE:
+                    continue
+                if status == _END:
+                    break
+                self._strict_parked = False
+                pending = extra if status == _WAIT else None
+                self._strict_task = asyncio.ensure_future(self._resume(buf, pos, pending))
+                return
+        finally:
+            self._strict_syncing = False
+        if self.client_terminated:
+            self._end()
+
+    def stream_closed(self) -> None:
+        """The stream closed (called by the stream): a parked reader ends, as Tornado's would."""
+        if self._strict_parked:
+            # Tornado's reader learns it from its read future, a callback later.
+            asyncio.get_running_loop().call_soon(self._closed_while_parked)
+
+    def _closed_while_parked(self) -> None:
+        if self._strict_parked:
+            self._abort()
+
+    def _end(self, exc: BaseException | None = None) -> None:
+        """The reader is done: let _receive_frame_loop end (raising ``exc`` if given)."""
+        self._strict_parked = False
+        ended = self._strict_ended
+        if ended is not None and not ended.done():
+            if exc is None:
+                ended.set_result(None)
+            else:
+                ended.set_exception(exc)
+
+    async def _resume(self, buf: bytes, pos: int, pending: Future[None] | None) -> None:
+        """The coroutine reader, after the parked reader handed over."""
+        self._strict_reader = asyncio.current_task()
+        try:
+            await self._read_async(buf, pos, pending)
+        except StreamClosedError:
+            self._abort()
+        except BaseException as exc:  # as from Tornado's reader: out of _receive_frame_loop
+            self._end(exc)
+            return
+        finally:
+            self._strict_reader = None
+            self._strict_task = None
+        if not self._strict_parked:
+            self._end()
 
     async def _fill(self, rest: bytes, n: int) -> bytes:
         """``rest`` and what follows it on the stream: at least ``n`` bytes.
@@ -381,81 +499,100 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
             acc += chunk
         return bytes(acc)
 
-    async def _read_frames(self) -> None:
-        """Read, check and dispatch frames until the peer's close frame or a failure.
+    async def _read_async(self, buf: bytes, pos: int, pending: Future[None] | None) -> None:
+        """Read and dispatch frames until the reader parks, the peer's close, or a failure.
 
-        One pending read per wait for the socket: the frames the stream has
-        buffered are parsed from one chunk, header, mask and payload, where
-        Tornado's reader awaits a read (a future and a coroutine) for each of the
-        three. Messages go to ``_handle_message`` as Tornado's reader hands them
-        over; a returned future (an ``async`` ``on_message``) is awaited before
-        the next frame is read.
+        Starts with ``buf[pos:]`` (bytes already taken from the stream) after
+        awaiting ``pending`` (a handler callback's awaitable), as Tornado's reader
+        awaits it before the next frame.
         """
         internals: ReaderInternals = self  # type: ignore[assignment]
         stream = self.stream
-        keep_reading(stream)  # see iostream.keep_reading
-        deflate = internals._decompressor is not None
-        checker = FrameChecker(expect_masked=not self.mask_outgoing, deflate=deflate)
-        max_size = self.params.max_message_size
-        buf = b""
-        pos = 0
-        fragments: bytearray | None = None
-        fragment_opcode = 0
-        compressed = False
         work = 0
-        while not self.client_terminated:
+        while True:
+            if pending is not None:
+                await pending
+                pending = None
             if work >= _YIELD_THRESHOLD:
                 # Tornado 6.6's fairness rule, on every version: a peer whose frames
                 # are always buffered does not keep the loop to itself.
                 work = 0
                 await asyncio.sleep(0)
-                continue  # the connection may have ended meanwhile
+            if self.client_terminated:
+                return
             if pos == len(buf):
-                # Idle: the one object that waits is the stream's read future (no
-                # coroutine of ours is made per wait).
+                if self._strict_can_park and not unread_bytes(stream):
+                    self._strict_parked = True
+                    listen_for_reads(stream)  # the read events now reach readable()
+                    return
                 buf = await stream.read_bytes(READ_CHUNK, partial=True)
                 internals._wire_bytes_in += len(buf)
                 pos = 0
-            if len(buf) - pos < 2:
-                buf = await self._fill(buf[pos:], 2)
+            start = pos
+            status, pos, extra = self._parse(buf, pos)
+            work += _FRAME_YIELD_COST + pos - start
+            if status == _END:
+                return
+            if status == _WAIT:
+                pending = extra
+            elif status == _NEED:
+                buf = await self._fill(buf[pos:], extra)
                 pos = 0
+
+    def _parse(self, buf: bytes, pos: int) -> tuple[int, int, Any]:
+        """Check and dispatch the complete frames of ``buf`` from ``pos`` (no I/O).
+
+        Returns ``(status, pos, extra)``: :data:`_IDLE` when every byte was used;
+        :data:`_NEED` with ``buf[pos:]`` the start of a frame that needs ``extra``
+        bytes in all; :data:`_WAIT` with ``extra`` the awaitable a handler
+        callback returned (wait for it before the next frame, at ``pos``);
+        :data:`_END` after the peer's close frame or a failure (the connection
+        is closing).
+        """
+        internals: ReaderInternals = self  # type: ignore[assignment]
+        checker = self._strict_checker
+        assert checker is not None
+        deflate = checker.deflate
+        size = len(buf)
+        while True:
+            if self.client_terminated:
+                return _END, pos, None
+            if size - pos < 2:
+                return (_IDLE, pos, None) if pos == size else (_NEED, pos, 2)
             first = buf[pos]
             second = buf[pos + 1]
-            failure = checker.check(first, second)
-            if failure is not None:
-                self._fail(failure)
-                return
+            if not self._strict_checked:
+                # At first sight of the header: its two bytes decide (before the rest).
+                failure = checker.check(first, second)
+                if failure is not None:
+                    self._fail(failure)
+                    return _END, pos, None
+                self._strict_checked = True
             length = second & 0x7F
             head = 2 if length < 126 else 4 if length == 126 else 10
-            masked = second & 0x80
-            if masked:
+            if second & 0x80:
                 head += 4
-            if len(buf) - pos < head:
-                buf = await self._fill(buf[pos:], head)
-                pos = 0
+            if size - pos < head:
+                return _NEED, pos, head
             if length == 126:
                 length = _U16.unpack_from(buf, pos + 2)[0]
             elif length == 127:
                 length = _U64.unpack_from(buf, pos + 2)[0]
-            opcode = first & 0x0F
-            if length + (0 if fragments is None else len(fragments)) > max_size:
+            fragments = self._strict_fragments
+            if length + (0 if fragments is None else len(fragments)) > self.params.max_message_size:
                 self.close(1009, "message too big")  # Tornado's answer, kept
                 self._abort()
-                return
-            mask = buf[pos + head - 4 : pos + head] if masked else b""
-            pos += head
-            end = pos + length
-            if end <= len(buf):
-                payload = buf[pos:end]
-                pos = end
-            else:
-                # What the stream had may reach into the next frames: keep it.
-                buf = await self._fill(buf[pos:], length)
-                payload = buf[:length]
-                pos = length
-            if mask and length:
-                payload = _unmask(mask, payload)
-            work += _FRAME_YIELD_COST + head + length
+                return _END, pos, None
+            start = pos + head
+            stop = start + length
+            if stop > size:
+                return _NEED, pos, head + length
+            self._strict_checked = False
+            payload = buf[start:stop]
+            if second & 0x80 and length:
+                payload = _unmask(buf[start - 4 : start], payload)
+            pos = stop
+            opcode = first & 0x0F
             final = first & 0x80
             if opcode & 0x8:  # control: between the frames of a message, never compressed
                 if deflate:
@@ -465,21 +602,21 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
                 fragments += payload
                 if not final:
                     continue
-                opcode = fragment_opcode
+                opcode = self._strict_fragment_opcode
                 payload = bytes(fragments)
-                fragments = None
+                self._strict_fragments = None
                 if deflate:
-                    internals._frame_compressed = compressed
+                    internals._frame_compressed = self._strict_compressed
             else:
                 if deflate:
-                    compressed = internals._frame_compressed = bool(first & 0x40)
+                    self._strict_compressed = internals._frame_compressed = bool(first & 0x40)
                 if not final:
-                    fragment_opcode = opcode
-                    fragments = bytearray(payload)
+                    self._strict_fragment_opcode = opcode
+                    self._strict_fragments = bytearray(payload)
                     continue
             handled = self._handle_message(opcode, payload)
             if handled is not None:
-                await handled
+                return _WAIT, pos, handled
 
     def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
         if opcode == _OP_CLOSE and not self.client_terminated:
@@ -525,8 +662,12 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
 
     def _reading_now(self) -> bool:
         """True in _receive_frame's own synchronous code (not a handler callback)."""
+        if self._strict_quiet:
+            return False
+        if self._strict_syncing:
+            return True
         reader = self._strict_reader
-        if reader is None or self._strict_quiet:
+        if reader is None:
             return False
         try:
             return asyncio.current_task() is reader
@@ -544,6 +685,8 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
                 failure = self._strict_failure
                 self.close(failure.code, failure.reason)
         super()._abort()
+        if self._strict_parked:
+            self._end()
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         """Tornado's ``close``; a close sent because of a protocol failure is reported."""
