@@ -26,7 +26,11 @@ Variants, each connection joining one group (or the peer's equivalent, a set):
   periodic full collection);
 * ``tornado``: Tornado's ``websocket_ping_interval``, handlers in a set,
   ``write_message`` to each;
-* ``websockets``: the ``websockets`` library's keepalive, ``websockets.broadcast()``.
+* ``websockets``: the ``websockets`` library's keepalive, ``websockets.broadcast()``;
+* ``floor``: the least a Python server can spend on it -- asyncio's transports, a
+  handshake, one timer per 50 ms bucket writing a 2-byte ping to each connection
+  due, pongs dropped without being parsed, the broadcast one write per connection
+  (no parsing, timeouts or flow control: a reference, not a server).
 
 For each heartbeat interval (25 s and 1 s; ``--intervals``) and variant: connect rate
 (connections / seconds until the last one opened), RSS per connection (the servers'
@@ -49,6 +53,7 @@ import argparse
 import asyncio
 import base64
 import gc
+import hashlib
 import json
 import os
 import resource
@@ -75,7 +80,7 @@ from benchmarks.harness import (
     write_markdown,
 )
 
-VARIANTS = ("ours", "ours-tuned", "tornado", "websockets")
+VARIANTS = ("ours", "ours-tuned", "tornado", "websockets", "floor")
 MESSAGE = b"x" * 64
 STALL = 0.1
 
@@ -158,6 +163,10 @@ def serve(variant: str, interval: float, hold: float, redis_prefix: str) -> None
                 pending.add(loop.create_task(result))
 
         loop.add_signal_handler(signal.SIGUSR2, fire)
+
+    if variant == "floor":
+        _serve_floor(meter, signals, interval)
+        return
 
     if variant == "websockets":
         from websockets.asyncio.server import ServerConnection, broadcast
@@ -261,6 +270,112 @@ def serve(variant: str, interval: float, hold: float, redis_prefix: str) -> None
         signals(lambda: len(group), lambda: group.publish(MESSAGE))
 
     _serve_tornado_with(tornado.web.Application([("/", Ours)]), ours_start)
+
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_FLOOR_RESOLUTION = 0.05
+
+
+class _FloorConn(asyncio.Protocol):
+    """The floor: the handshake, then pongs read and dropped unparsed (see ``_serve_floor``)."""
+
+    __slots__ = ("buf", "floor", "transport", "up")
+
+    def __init__(self, floor: _Floor) -> None:
+        self.floor = floor
+        self.buf = b""
+        self.up = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.up:
+            return  # a pong: read by the loop, not even parsed
+        buf = self.buf + data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            self.buf = buf
+            return
+        key = b""
+        for line in buf[:end].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"sec-websocket-key":
+                key = value.strip()
+        accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        self.up = True
+        self.buf = b""
+        self.floor.opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.floor.lost(self)
+
+
+class _Floor:
+    """One timer per 50 ms bucket sends an empty ping to each connection due in it."""
+
+    def __init__(self, meter: Hold, interval: float) -> None:
+        self.meter = meter
+        self.interval = interval
+        self.conns: set[_FloorConn] = set()
+        self.buckets: dict[int, list[_FloorConn]] = {}
+
+    def opened(self, conn: _FloorConn) -> None:
+        self.conns.add(conn)
+        self.meter.opened += 1
+        self._schedule(conn, asyncio.get_running_loop().time() + self.interval)
+
+    def lost(self, conn: _FloorConn) -> None:
+        if conn.up:
+            self.conns.discard(conn)
+            self.meter.closed += 1
+
+    def _schedule(self, conn: _FloorConn, at: float) -> None:
+        key = int(at / _FLOOR_RESOLUTION) + 1
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = []
+            asyncio.get_running_loop().call_at(key * _FLOOR_RESOLUTION, self._tick, key)
+        bucket.append(conn)
+
+    def _tick(self, key: int) -> None:
+        at = key * _FLOOR_RESOLUTION + self.interval
+        for conn in self.buckets.pop(key, ()):
+            if conn in self.conns and conn.transport is not None:
+                conn.transport.write(b"\x89\x00")
+                self._schedule(conn, at)
+
+    def broadcast(self) -> None:
+        frame = b"\x82" + bytes([len(MESSAGE)]) + MESSAGE
+        for conn in self.conns:
+            if conn.transport is not None:
+                conn.transport.write(frame)
+
+
+def _serve_floor(meter: Hold, signals: Any, interval: float) -> None:
+    """The least a Python server holding idle WebSockets with a heartbeat can spend.
+
+    asyncio's own transports, a handshake, one timer per 50 ms bucket writing a
+    2-byte ping to each connection due, pongs dropped unread by any parser, the
+    broadcast one write per connection: no frame parsing, no timeout, no flow
+    control, no per-connection state beyond the transport. Not a server anyone
+    should run; the reference the other variants' CPU is compared with.
+    """
+    floor = _Floor(meter, interval)
+
+    async def start() -> int:
+        signals(lambda: len(floor.conns), floor.broadcast)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _FloorConn(floor), "127.0.0.1", 0, backlog=4096)
+        return int(server.sockets[0].getsockname()[1])
+
+    serve_until_sigterm(start)
 
 
 def _serve_tornado_with(app: Any, on_start: Any) -> None:
