@@ -11,8 +11,10 @@ that continues in the next read, several frames in one read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import tornado.web
@@ -185,7 +187,13 @@ def parked(handler: Parking) -> bool:
     return bool(protocol._strict_parked) and stream._read_future is None
 
 
-async def test_an_idle_connection_parks_and_wakes_for_each_frame() -> None:
+@contextlib.asynccontextmanager
+async def parked_connection() -> AsyncIterator[tuple[Seen, WebSocketTestClient, Parking]]:
+    """A connection to a :class:`Parking` handler whose reader has parked.
+
+    Afterwards (the client vanished, the server stopped) no stream of it is left
+    attached to a reader.
+    """
     seen = Seen()
     before = iostream.attached_readers()
     app = tornado.web.Application([("/ws", Parking, {"seen": seen})])
@@ -195,74 +203,58 @@ async def test_an_idle_connection_parks_and_wakes_for_each_frame() -> None:
             handler = await seen.handler()
             await wait_until(lambda: parked(handler))
             assert iostream.attached_readers() == before + 1
-            for n in range(5):
-                await client.send(f"m{n}")
-                assert await asyncio.wait_for(seen.received.get(), scaled(5)) == f"m{n}"
-                await client.send_raw(build(0xA, b"p%d" % n))  # an unsolicited pong
-                assert await asyncio.wait_for(seen.pongs.get(), scaled(5)) == b"p%d" % n
-                assert parked(handler)  # read by the parked reader, no future made
-            await client.close(1000, "bye")
-            assert await seen.close_seen() == (1000, "bye")
+            yield seen, client, handler
         finally:
             client.vanish()
     assert iostream.attached_readers() == before
 
 
+def protocol_of(handler: Parking) -> Any:
+    return handler.ws_connection
+
+
+async def test_an_idle_connection_parks_and_wakes_for_each_frame() -> None:
+    async with parked_connection() as (seen, client, handler):
+        for n in range(5):
+            await client.send(f"m{n}")
+            assert await asyncio.wait_for(seen.received.get(), scaled(5)) == f"m{n}"
+            await client.send_raw(build(0xA, b"p%d" % n))  # an unsolicited pong
+            assert await asyncio.wait_for(seen.pongs.get(), scaled(5)) == b"p%d" % n
+            assert parked(handler)  # read by the parked reader, no future made
+        await client.close(1000, "bye")
+        assert await seen.close_seen() == (1000, "bye")
+
+
 async def test_an_async_callback_hands_over_to_the_coroutine_and_back() -> None:
-    seen = Seen()
-    app = tornado.web.Application([("/ws", Parking, {"seen": seen})])
-    async with AppServer(app) as server:
-        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
-        try:
-            handler = await seen.handler()
-            await wait_until(lambda: parked(handler))
-            # Three frames in one write: the reader waits for the first one's callback
-            # before it dispatches the next, as Tornado's reader does.
-            await client.send_raw(build(0x1, b"wait-1") + build(0x1, b"two") + build(0x1, b"3"))
-            await wait_until(lambda: not handler.ws_connection._strict_parked)  # type: ignore[union-attr]
-            assert seen.received.empty()
-            handler.release.set()
-            got = [await asyncio.wait_for(seen.received.get(), scaled(5)) for _ in range(3)]
-            assert got == ["wait-1", "two", "3"]
-            await wait_until(lambda: parked(handler))  # parked again once idle
-            await client.send("after")
-            assert await asyncio.wait_for(seen.received.get(), scaled(5)) == "after"
-        finally:
-            client.vanish()
+    async with parked_connection() as (seen, client, handler):
+        # Three frames in one write: the reader waits for the first one's callback
+        # before it dispatches the next, as Tornado's reader does.
+        await client.send_raw(build(0x1, b"wait-1") + build(0x1, b"two") + build(0x1, b"3"))
+        await wait_until(lambda: not protocol_of(handler)._strict_parked)
+        assert seen.received.empty()
+        handler.release.set()
+        got = [await asyncio.wait_for(seen.received.get(), scaled(5)) for _ in range(3)]
+        assert got == ["wait-1", "two", "3"]
+        await wait_until(lambda: parked(handler))  # parked again once idle
+        await client.send("after")
+        assert await asyncio.wait_for(seen.received.get(), scaled(5)) == "after"
+        client.vanish()
         assert await seen.close_seen() == (None, None)  # a vanished peer: on_close ran
 
 
 async def test_a_parked_reader_ends_when_the_stream_is_closed_under_it() -> None:
-    seen = Seen()
-    before = iostream.attached_readers()
-    app = tornado.web.Application([("/ws", Parking, {"seen": seen})])
-    async with AppServer(app) as server:
-        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
-        try:
-            handler = await seen.handler()
-            await wait_until(lambda: parked(handler))
-            handler.ws_connection.stream.close()  # type: ignore[union-attr]
-            assert await seen.close_seen() == (None, None)
-            await client.wait_closed(scaled(5))
-        finally:
-            client.vanish()
-    assert iostream.attached_readers() == before
+    async with parked_connection() as (seen, client, handler):
+        protocol_of(handler).stream.close()
+        assert await seen.close_seen() == (None, None)
+        await client.wait_closed(scaled(5))
 
 
 async def test_a_frame_split_across_reads_resumes_in_the_coroutine() -> None:
-    seen = Seen()
-    app = tornado.web.Application([("/ws", Parking, {"seen": seen})])
-    async with AppServer(app) as server:
-        client = await WebSocketTestClient.connect(server.ws_url("/ws"))
-        try:
-            handler = await seen.handler()
-            await wait_until(lambda: parked(handler))
-            frame = build(0x2, b"x" * 1000)
-            await client.send_raw(frame[:1])  # half a header
-            await wait_until(lambda: not handler.ws_connection._strict_parked)  # type: ignore[union-attr]
-            await client.send_raw(frame[1:500])
-            await client.send_raw(frame[500:])
-            assert await asyncio.wait_for(seen.received.get(), scaled(5)) == b"x" * 1000
-            await wait_until(lambda: parked(handler))
-        finally:
-            client.vanish()
+    async with parked_connection() as (seen, client, handler):
+        frame = build(0x2, b"x" * 1000)
+        await client.send_raw(frame[:1])  # half a header
+        await wait_until(lambda: not protocol_of(handler)._strict_parked)
+        await client.send_raw(frame[1:500])
+        await client.send_raw(frame[500:])
+        assert await asyncio.wait_for(seen.received.get(), scaled(5)) == b"x" * 1000
+        await wait_until(lambda: parked(handler))

@@ -70,16 +70,21 @@ def test_every_door_module_names_the_versions_it_was_checked_against() -> None:
 # -- IOStream --------------------------------------------------------------------
 
 
-@pytest.fixture
-async def pair() -> AsyncIterator[tuple[IOStream, socket.socket]]:
-    """A Tornado IOStream and the raw socket at the other end (127.0.0.1 TCP)."""
+def _connected_stream(**options: Any) -> tuple[IOStream, socket.socket]:
+    """A Tornado IOStream (``options`` for it) and the raw socket at the other end."""
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname())
     server_side, _ = listener.accept()
     listener.close()
     server_side.setblocking(False)
     client.setblocking(False)
-    stream = IOStream(server_side)
+    return IOStream(server_side, **options), client
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[IOStream, socket.socket]]:
+    """A Tornado IOStream and the raw socket at the other end (127.0.0.1 TCP)."""
+    stream, client = _connected_stream()
     yield stream, client
     stream.close()
     client.close()
@@ -651,12 +656,7 @@ async def test_keep_reading_sees_the_peer_close_and_reset(
 
 
 async def test_keep_reading_keeps_the_buffer_limit() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    peer = socket.create_connection(listener.getsockname())
-    server_side, _ = listener.accept()
-    listener.close()
-    server_side.setblocking(False)
-    stream = IOStream(server_side, max_buffer_size=1000, read_chunk_size=512)
+    stream, peer = _connected_stream(max_buffer_size=1000, read_chunk_size=512)
     try:
         assert iostream.keep_reading(stream)
         read = stream.read_bytes(5000)  # more than the stream may buffer
