@@ -2298,6 +2298,10 @@ class UploadStore:
 
     def _hash_fd(self, fd: int, size: int) -> _Hasher:
         """The sha256 state of the first ``size`` bytes of ``fd`` (executor job)."""
+        return self._hash_prefix(fd, size)[0]
+
+    def _hash_prefix(self, fd: int, size: int) -> tuple[_Hasher, int]:
+        """The sha256 state of up to ``size`` bytes of ``fd``, and how many it read."""
         hasher: _Hasher = hashlib.sha256()
         pos = 0
         while pos < size:
@@ -2306,7 +2310,7 @@ class UploadStore:
                 break
             hasher.update(block)
             pos += len(block)
-        return hasher
+        return hasher, pos
 
     def _load_files(
         self,
@@ -2347,14 +2351,7 @@ class UploadStore:
             hasher: _Hasher | None = None
             pos = size
             if hash_now:
-                hasher = hashlib.sha256()
-                pos = 0
-                while pos < size:
-                    block = os.pread(fd, min(self.chunk_size, size - pos), pos)
-                    if not block:
-                        break
-                    hasher.update(block)
-                    pos += len(block)
+                hasher, pos = self._hash_prefix(fd, size)
         finally:
             # Writes reopen the file within the store's descriptor budget.
             os.close(fd)
