@@ -525,20 +525,21 @@ def heartbeat_stats(application: tornado.web.Application) -> HeartbeatStats:
     return HeartbeatCounters.for_application(application).stats()
 
 
-def _sample_writes(state: HeartbeatState, stream: IOStream, now: float) -> None:
-    state.writes(now, write_total(stream), write_done(stream))  # no tuple per check
+def _send(stream: IOStream, frame: bytes) -> bool:
+    """Queue ``frame`` after anything already pending on ``stream`` (never raises).
 
-
-def _send(stream: IOStream, frame: bytes) -> None:
-    """Queue ``frame`` after anything already pending on ``stream`` (never raises)."""
+    True when some of it waits in the stream (the kernel did not take it all).
+    """
     try:
         sent = try_send(stream, frame)
         if sent < len(frame):
             # The write Future is not kept: IOStream marks its exception as
             # retrieved when the stream closes, so nothing is logged.
             stream.write(frame[sent:] if sent else frame)
+            return True
     except Exception as exc:  # OSError, StreamClosedError: the peer is gone
         stream.close(exc_info=exc)
+    return False
 
 
 _SCHEDULERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, HeartbeatScheduler] = (
@@ -568,7 +569,8 @@ class HeartbeatScheduler:
         if not resolution > 0:
             raise ValueError(f"resolution must be > 0 seconds, got {resolution!r}")
         self.resolution = resolution
-        self._buckets: dict[int, dict[HeartbeatMixin, None]] = {}
+        # Slot key -> the connections due in it, each with its state.
+        self._buckets: dict[int, dict[HeartbeatMixin, HeartbeatState]] = {}
         self._heap: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_key: int | None = None
@@ -626,7 +628,9 @@ class HeartbeatScheduler:
         self._heap.clear()
 
     def _schedule(self, handler: HeartbeatMixin, state: HeartbeatState) -> None:
-        deadline = state.deadline
+        deadline = state.last_activity + state.interval + state.timeout  # state.deadline
+        if state.next_ping < deadline:
+            deadline = state.next_ping
         key = math.ceil(deadline / self.resolution)
         if key * self.resolution < deadline:  # float rounding: never fire before the deadline
             key += 1
@@ -637,7 +641,7 @@ class HeartbeatScheduler:
             heapq.heappush(self._heap, key)
             if self._timer_key is None or key < self._timer_key:
                 self._arm(key)
-        bucket[handler] = None
+        bucket[handler] = state
 
     def _arm(self, key: int) -> None:
         if self._timer is not None:
@@ -661,39 +665,36 @@ class HeartbeatScheduler:
                 continue
             # A timer may fire a hair early: never judge a bucket before its time.
             at = max(now, key * resolution)
-            for handler in bucket:
+            for handler, state in bucket.items():
                 try:
-                    self._check(handler, at)
+                    self._check(handler, state, at)
                 except Exception:  # one broken connection must not stop the others
                     _log.exception(
                         "heartbeat check failed; connection no longer watched",
                         extra=log_fields(handler),
                     )
-                    state = handler._heartbeat
-                    if state is not None:
-                        self.discard(handler, state)
+                    self.discard(handler, state)
         if heap:
             self._arm(heap[0])
         gc_after_tick()
 
-    def _check(self, handler: HeartbeatMixin, now: float) -> None:
-        state = handler._heartbeat
+    def _check(self, handler: HeartbeatMixin, state: HeartbeatState, now: float) -> None:
+        if state._slot is None:
+            return
         ws = handler.ws_connection
         stream = None if ws is None else ws.stream
-        if state is None or state._slot is None:
-            return
         if stream is None or stream.closed():
             # Closed, or the handshake never completed: stop watching.
             self._forget(state)
             return
-        _sample_writes(state, stream, now)
+        state.writes(now, write_total(stream), write_done(stream))
         action = state.next_action(now, read_progress(ws, stream))
         if action is _PING:
             if not ws.is_closing():  # type: ignore[union-attr]
-                _send(stream, state.frame)
-                # Our own heartbeat is not the peer's progress; what of it waits
-                # in the stream is, once the peer makes room for it.
-                _sample_writes(state, stream, now)
+                if _send(stream, state.frame):
+                    # Our own heartbeat is not the peer's progress; what of it
+                    # waits in the stream is, once the peer makes room for it.
+                    state.writes(now, write_total(stream), write_done(stream))
                 if state.counters is not None:
                     state.counters.pings_sent += 1
         elif action is _CLOSE:

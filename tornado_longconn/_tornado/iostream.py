@@ -195,7 +195,10 @@ def try_send(stream: IOStream, data: bytes) -> int:
     and busy streams it sends nothing and returns 0, and the caller must
     ``stream.write`` all of ``data``. Connection errors propagate as ``OSError``.
     """
-    if stream.writing() or stream.closed() or isinstance(stream, SSLIOStream):
+    s: StreamInternals = stream  # type: ignore[assignment]
+    if s._total_write_index != s._total_write_done_index or s._closed:
+        return 0  # bytes wait (``stream.writing()``), or closed
+    if isinstance(stream, SSLIOStream):
         return 0
     return socket_send(stream.socket, data)
 
@@ -284,7 +287,17 @@ class KeepReadingIOStream(IOStream):
             if self.closed():
                 return
             if events & self.io_loop.READ:
-                self._handle_read()
+                reader = _READERS.get(self)
+                internals: _ReadInternals = self
+                if (
+                    reader is not None
+                    and reader.parked
+                    and internals._read_future is None
+                    and not internals._read_buffer_size
+                ):
+                    self._hand_over(reader)
+                else:
+                    self._handle_read()
             if self.closed():
                 return
             if events & self.io_loop.WRITE:
@@ -330,6 +343,26 @@ class KeepReadingIOStream(IOStream):
         reader = _READERS.get(self)
         if reader is not None:
             reader.readable()
+
+    def _hand_over(self, reader: StreamReader) -> None:
+        # A parked reader with nothing buffered and no read pending: what one recv()
+        # returns goes to the reader as it is, past the read buffer (no read_bytes,
+        # no future, no copy). Errors as in Tornado's _handle_read: a reset closes
+        # quietly, anything else closes with a warning.
+        try:
+            data = self.socket.recv(self.read_chunk_size)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close(exc_info=exc)
+            internals: _ReadInternals = self
+            if not internals._is_connreset(exc):
+                _gen_log.warning("error on read: %s", exc)
+            return
+        if not data:
+            self.close()
+            return
+        reader.received(data)
 
     def _signal_closed(self) -> None:
         reader = _READERS.pop(self, None)
@@ -406,6 +439,8 @@ class _ReadInternals(Protocol):
     _read_bytes: int | None
     # checked against Tornado 6.4.2, 6.5.2, 6.6.1 (True while a read_into is pending)
     _user_read_buffer: bool
+    # checked against Tornado 6.4.2, 6.5.2, 6.6.1 (the pending read's future, or None)
+    _read_future: Any
 
     # checked against Tornado 6.4.2, 6.5.2, 6.6.1
     def _find_read_pos(self) -> int | None: ...
@@ -426,8 +461,15 @@ class _ReadInternals(Protocol):
 class StreamReader(Protocol):
     """What :func:`attach_reader` attaches: told about read events and the close."""
 
+    @property
+    def parked(self) -> bool:
+        """True while the reader holds no pending read and takes bytes from :meth:`received`."""
+
+    def received(self, data: bytes) -> None:
+        """Bytes read for a parked reader, in order; the stream's read buffer was empty."""
+
     def readable(self) -> None:
-        """The stream read bytes (after any pending read was served)."""
+        """The stream read bytes into its buffer (after any pending read was served)."""
 
     def stream_closed(self) -> None:
         """The stream closed."""
@@ -519,6 +561,7 @@ def check_keep_reading() -> None:
             "_read_buffer",
             "_read_bytes",
             "_user_read_buffer",
+            "_read_future",
             "read_chunk_size",
             "max_buffer_size",
         ),

@@ -404,12 +404,36 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
             detach_reader(stream)
             self.handler.on_ws_connection_close(self.close_code, self.close_reason)
 
+    @property
+    def parked(self) -> bool:
+        """True while the reader holds no pending read: the stream hands it what it reads."""
+        return self._strict_parked
+
+    def received(self, data: bytes) -> None:
+        """Parse bytes the stream read for the parked reader (called by the stream).
+
+        The stream's buffer was empty and no read was pending: ``data`` is all
+        there is. Hands over to the coroutine when a frame is incomplete or a
+        handler callback returned an awaitable.
+        """
+        if not self._strict_parked:  # never, as the stream checks first
+            raise RuntimeError("received() on a reader that is not parked")
+        self._strict_syncing = True
+        try:
+            if self._take(data) not in (_IDLE, _END):
+                return  # the coroutine reads on
+        finally:
+            self._strict_syncing = False
+        if self.client_terminated:
+            self._end()
+
     def readable(self) -> None:
-        """Parse what the stream read, if the reader is parked (called by the stream).
+        """Parse what the stream read into its buffer, if the reader is parked (called by the stream).
 
         Runs after every read event of a :class:`KeepReadingIOStream` this
-        protocol is attached to. Hands over to the coroutine when a frame is
-        incomplete or a handler callback returned an awaitable.
+        protocol is attached to that did not go to :meth:`received` (bytes were
+        buffered, or a read was pending). Hands over to the coroutine when a
+        frame is incomplete or a handler callback returned an awaitable.
         """
         if not self._strict_parked:
             return
@@ -419,22 +443,33 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
             while unread_bytes(stream) and not self.client_terminated:
                 # Served from the stream's buffer at once: a future that is done.
                 read = cast("Future[bytes]", stream.read_bytes(READ_CHUNK, partial=True))
-                buf = read.result()
-                internals: ReaderInternals = self  # type: ignore[assignment]
-                internals._wire_bytes_in += len(buf)
-                status, pos, extra = self._parse(buf, 0)
-                if status == _IDLE:
-                    continue
+                status = self._take(read.result())
                 if status == _END:
                     break
-                self._strict_parked = False
-                pending = extra if status == _WAIT else None
-                self._strict_task = asyncio.ensure_future(self._resume(buf, pos, pending))
-                return
+                if status != _IDLE:
+                    return  # the coroutine reads on
         finally:
             self._strict_syncing = False
         if self.client_terminated:
             self._end()
+
+    def _take(self, buf: bytes) -> int:
+        """Parse ``buf`` for the parked reader; the status of :meth:`_parse`.
+
+        :data:`_IDLE`: every byte used, still parked. :data:`_END`: the
+        connection is closing. :data:`_NEED` or :data:`_WAIT`: handed over to
+        the coroutine (which then owns the reading): a frame is incomplete or a
+        handler callback returned an awaitable.
+        """
+        internals: ReaderInternals = self  # type: ignore[assignment]
+        internals._wire_bytes_in += len(buf)
+        status, pos, extra = self._parse(buf, 0)
+        if status == _IDLE or status == _END:
+            return status
+        self._strict_parked = False
+        pending = extra if status == _WAIT else None
+        self._strict_task = asyncio.ensure_future(self._resume(buf, pos, pending))
+        return status
 
     def stream_closed(self) -> None:
         """The stream closed (called by the stream): a parked reader ends, as Tornado's would."""
