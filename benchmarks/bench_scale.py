@@ -516,7 +516,13 @@ async def client_main(config: dict[str, Any]) -> None:
     sem = asyncio.Semaphore(config.get("concurrency", 100))
     keep: list[Any] = []
 
+    spread: float = config.get("spread", 0.0)
+
     async def one(i: int) -> None:
+        if spread:
+            # Opens spread evenly over ``spread`` seconds: each connection's
+            # heartbeat phase as on a long-running server (opened at random times).
+            await asyncio.sleep(spread * i / client.count)
         async with sem:
             try:
                 transport, _proto = await loop.create_connection(
@@ -647,6 +653,7 @@ def run_one(
     servers: int,
     clients: int,
     hold: float,
+    spread: float = 0.0,
 ) -> Result:
     me = [sys.executable, "-m", "benchmarks.bench_scale"]
     prefix = ""
@@ -654,6 +661,8 @@ def run_one(
         prefix = f"bench-scale-{uuid.uuid4().hex[:8]}:"
     procs: list[_Proc] = []
     label = f"{scenario} {connections:,} / heartbeat {interval:g} s"
+    if spread:
+        label += f" / opened over {spread:g} s"
     try:
         srv = []
         for _ in range(servers):
@@ -669,12 +678,13 @@ def run_one(
                 "ports": ports,
                 "source": f"127.0.0.{10 + i}",
                 "interval": interval,
-                "timeout": max(120.0, connections / 100),
+                "timeout": max(120.0, connections / 100) + spread,
+                "spread": spread,
             }
             p = _Proc([*me, "--client", json.dumps(config)], CLIENT_CPU)
             procs.append(p)
             cli.append(p)
-        connected = [p.wait_report("CONNECTED", max(180.0, connections / 100)) for p in cli]
+        connected = [p.wait_report("CONNECTED", max(180.0, connections / 100) + spread) for p in cli]
         opened = sum(c["opened"] for c in connected)
         connect_s = max(c["seconds"] for c in connected)
         for p in cli:
@@ -716,7 +726,8 @@ def run_one(
     last = max((r["last"] for r in reports if r["got"]), default=sent)
     stats = {
         "connections": opened,
-        "connect_rate": opened / connect_s if connect_s else 0.0,
+        # Paced opens (spread) measure no connect rate.
+        "connect_rate": opened / connect_s if connect_s and not spread else None,
         "rss_per_conn": sum(h["rss_growth"] for h in holds) / max(1, opened),
         "cpu_s": sum(h["cpu_s"] for h in holds),
         "hold_s": max(h["seconds"] for h in holds),
@@ -775,7 +786,7 @@ def table(rows: list[Result]) -> str:
             r.scenario,
             r.variant,
             ok,
-            f"{s['connect_rate']:,.0f}",
+            f"{s['connect_rate']:,.0f}" if s["connect_rate"] is not None else "paced",
             f"{s['rss_per_conn'] / 1024:.2f}",
             f"{s['cpu_s']:.2f}",
             f"{s['cpu_s'] / ref:.2f}x" if ref else "-",
@@ -810,12 +821,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=0, help="default: one per 16,000")
     p.add_argument("--hold", type=float, default=30.0)
     p.add_argument("--intervals", default="25,1")
+    p.add_argument(
+        "--steady",
+        default="25",
+        help="intervals whose one-process scenario runs again with the opens spread over "
+        "one interval (heartbeat phases as on a long-running server); '' for none",
+    )
     args = p.parse_args(argv)
     if args.tiny:
         args.single, args.multi, args.servers, args.hold = 200, 200, 2, 2.0
-        args.intervals = "1"
+        args.intervals = args.steady = "1"
     variants = [v for v in args.variants.split(",") if v]
     intervals = [float(x) for x in args.intervals.split(",")]
+    steady = {float(x) for x in args.steady.split(",") if x}
     scenarios = [("single", args.single, 1), ("multi", args.multi, args.servers)]
     if args.only:
         scenarios = [s for s in scenarios if s[0] == args.only]
@@ -824,9 +842,14 @@ def main(argv: list[str] | None = None) -> int:
         clients = args.clients or max(1, -(-n // 16_000))
         if args.tiny:
             clients = 2 if name == "multi" else 1
-        for interval in intervals:
+        runs: list[tuple[float, float]] = []
+        for i in intervals:
+            runs.append((i, 0.0))
+            if name == "single" and i in steady:
+                runs.append((i, i))
+        for interval, spread in runs:
             for variant in variants:
-                row = run_one(name, variant, interval, n, servers, clients, args.hold)
+                row = run_one(name, variant, interval, n, servers, clients, args.hold, spread)
                 rows.append(row)
                 s = row.extra.get("stats") or {}
                 print(

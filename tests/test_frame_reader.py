@@ -258,3 +258,27 @@ async def test_a_frame_split_across_reads_resumes_in_the_coroutine() -> None:
         await client.send_raw(frame[500:])
         assert await asyncio.wait_for(seen.received.get(), scaled(5)) == b"x" * 1000
         await wait_until(lambda: parked(handler))
+
+
+async def test_a_parked_reader_takes_what_recv_returns_without_a_read() -> None:
+    async with parked_connection() as (seen, client, handler):
+        stream = protocol_of(handler).stream
+        reads: list[tuple[Any, ...]] = []
+        read_bytes = stream.read_bytes
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            reads.append(args)
+            return read_bytes(*args, **kwargs)
+
+        stream.read_bytes = counted  # the instance's own: seen before the class's
+        for n in range(3):
+            await client.send(f"m{n}")
+            assert await asyncio.wait_for(seen.received.get(), scaled(5)) == f"m{n}"
+            await client.send_raw(build(0xA, b"p%d" % n) + build(0x1, b"also"))
+            assert await asyncio.wait_for(seen.pongs.get(), scaled(5)) == b"p%d" % n
+            assert await asyncio.wait_for(seen.received.get(), scaled(5)) == "also"
+            assert parked(handler)
+        # Each read event's bytes went from recv() to the parser: no read_bytes,
+        # nothing through the stream's read buffer.
+        assert reads == []
+        assert iostream.unread_bytes(stream) == 0

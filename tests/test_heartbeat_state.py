@@ -9,10 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tornado_longconn.heartbeat import (
+    COALESCE_FRACTION,
     DEFAULT_INTERVAL,
     HeartbeatAction,
     HeartbeatConfig,
     HeartbeatCounters,
+    HeartbeatScheduler,
     HeartbeatState,
     HeartbeatStats,
 )
@@ -295,3 +297,35 @@ def test_stats_percentiles_and_bound() -> None:
         counters.percentile(1.5)
     with pytest.raises(ValueError, match="max_samples"):
         HeartbeatCounters(max_samples=0)
+
+
+# -- HeartbeatScheduler buckets -------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    interval=st.sampled_from([0.5, 1.0, 5.0, 9.99, 10.0, 20.0, 25.0, 60.0, 3600.0]),
+    deadline=st.floats(min_value=0.0, max_value=1e6, allow_nan=False),
+)
+def test_a_deadline_is_rounded_up_by_at_most_one_step(interval: float, deadline: float) -> None:
+    resolution = 0.05
+    state = HeartbeatState(interval=interval, timeout=interval, now=0.0)
+    state.next_ping = deadline  # due before it is dead
+    state.last_activity = deadline
+    key = HeartbeatScheduler(resolution=resolution).bucket_key(state)
+    step = max(resolution, resolution * int(interval * COALESCE_FRACTION / resolution + 1e-9))
+    assert key * resolution >= deadline  # never early
+    assert key * resolution <= deadline + step + 1e-6  # at most one step late
+    assert key % round(step / resolution) == 0  # on the step's grid: fuller buckets
+
+
+def test_long_intervals_share_fewer_buckets() -> None:
+    scheduler = HeartbeatScheduler(resolution=0.05)
+    keys: dict[float, set[int]] = {}
+    for interval in (1.0, 25.0):
+        for i in range(2_500):  # deadlines spread evenly over 25 s
+            state = HeartbeatState(interval=interval, timeout=interval, now=0.0)
+            state.next_ping = state.last_activity = (i + 0.5) / 100
+            keys.setdefault(interval, set()).add(scheduler.bucket_key(state))
+    assert len(keys[1.0]) == 500  # one tick (0.05 s)
+    assert len(keys[25.0]) == 100  # 1% of the interval (0.25 s)

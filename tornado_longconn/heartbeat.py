@@ -100,6 +100,9 @@ DEFAULT_MESSAGE: Final = '{"type":"ping"}'
 DEFAULT_REPLY: Final = '{"type":"pong"}'
 #: Default scheduler tick (seconds): deadlines are rounded UP to a multiple of it.
 DEFAULT_RESOLUTION: Final = 0.05
+#: A connection's deadline may be rounded up by this fraction of its interval
+#: (in whole ticks; never less than one tick): see :class:`HeartbeatScheduler`.
+COALESCE_FRACTION: Final = 0.01
 #: Payload of the protocol pings this module sends; a pong echoing it is an answer.
 PING_PAYLOAD: Final = b"lc-hb"
 
@@ -551,15 +554,22 @@ class HeartbeatScheduler:
     """One timer wheel per event loop, shared by every heartbeat connection on it.
 
     Each connection sits in exactly one bucket: its next deadline rounded UP to a
-    multiple of ``resolution`` seconds (default :data:`DEFAULT_RESOLUTION`). One
-    ``loop.call_at`` timer fires per non-empty bucket and handles all of its
+    multiple of its *step*, which is ``resolution`` seconds (default
+    :data:`DEFAULT_RESOLUTION`) times the whole number of ticks in
+    :data:`COALESCE_FRACTION` of its interval, at least one. With the default
+    tick: 0.05 s for intervals below 10 s, 0.1 s at 10 s, 0.2 s at the default
+    20 s, 0.25 s at 25 s.
+    One ``loop.call_at`` timer fires per non-empty bucket and handles all of its
     connections in one pass, so 10,000 connections cost a few wakeups per second,
-    not 10,000 tasks. First pings are jittered uniformly over one interval, so
-    connections opened together do not ping together.
+    not 10,000 tasks; a longer interval means fewer, fuller buckets (each wakeup of
+    an idle process costs far more than one connection's check). First pings are
+    jittered uniformly over one interval, so connections opened together do not
+    ping together.
 
     Get the loop's scheduler with :meth:`current`; the mixin does this for you.
-    A connection is detected dead at most ``resolution`` seconds after
-    ``interval + timeout`` of silence.
+    Nothing happens before its time: a ping is sent, and a connection detected
+    dead, at most one step late (``interval + timeout`` of silence, plus up to
+    1% of the interval or one tick, whichever is more).
 
     GC tuning is a process-level choice made once at start-up
     (:func:`tornado_longconn.tune_gc`); it runs after each tick.
@@ -627,14 +637,26 @@ class HeartbeatScheduler:
         self._buckets.clear()
         self._heap.clear()
 
-    def _schedule(self, handler: HeartbeatMixin, state: HeartbeatState) -> None:
+    def bucket_key(self, state: HeartbeatState) -> int:
+        """The bucket of ``state``'s next deadline, in ticks: never before it, at most one step after.
+
+        The step is :attr:`resolution` times the whole ticks in
+        :data:`COALESCE_FRACTION` of the state's interval (at least one tick).
+        """
         deadline = state.last_activity + state.interval + state.timeout  # state.deadline
         if state.next_ping < deadline:
             deadline = state.next_ping
-        key = math.ceil(deadline / self.resolution)
-        if key * self.resolution < deadline:  # float rounding: never fire before the deadline
+        resolution = self.resolution
+        key = math.ceil(deadline / resolution)
+        if key * resolution < deadline:  # float rounding: never fire before the deadline
             key += 1
-        state._slot = key
+        step = int(state.interval * COALESCE_FRACTION / resolution + 1e-9)
+        if step > 1:  # up to the next multiple of the step: fewer, fuller buckets
+            key = -(-key // step) * step
+        return key
+
+    def _schedule(self, handler: HeartbeatMixin, state: HeartbeatState) -> None:
+        key = state._slot = self.bucket_key(state)
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = {}
