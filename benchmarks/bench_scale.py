@@ -684,7 +684,9 @@ def run_one(
             p = _Proc([*me, "--client", json.dumps(config)], CLIENT_CPU)
             procs.append(p)
             cli.append(p)
-        connected = [p.wait_report("CONNECTED", max(180.0, connections / 100) + spread) for p in cli]
+        connected = [
+            p.wait_report("CONNECTED", max(180.0, connections / 100) + spread) for p in cli
+        ]
         opened = sum(c["opened"] for c in connected)
         connect_s = max(c["seconds"] for c in connected)
         for p in cli:

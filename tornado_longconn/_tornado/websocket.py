@@ -464,7 +464,7 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
         internals: ReaderInternals = self  # type: ignore[assignment]
         internals._wire_bytes_in += len(buf)
         status, pos, extra = self._parse(buf, 0)
-        if status == _IDLE or status == _END:
+        if status in (_IDLE, _END):
             return status
         self._strict_parked = False
         pending = extra if status == _WAIT else None
