@@ -101,6 +101,16 @@ def test_ping_then_answer_measures_latency() -> None:
     assert s.last_activity == 10.6
 
 
+def test_a_late_check_keeps_the_ping_schedule() -> None:
+    s = HeartbeatState(10, 50, now=0.0)
+    assert s.next_action(10.3) is PING  # checked 0.3 s late (a busy loop)
+    assert s.ping_sent_at == 10.3  # the round trip is timed from the send
+    assert s.next_ping == 20.0  # one interval after the ping was due
+    s.answer(10.4)
+    assert s.next_action(45.0) is PING  # more than an interval late: start again from now
+    assert s.next_ping == 55.0
+
+
 def test_silent_peer_is_closed_exactly_at_interval_plus_timeout() -> None:
     s = HeartbeatState(10, 5, now=0.0)
     assert s.next_action(10.0) is PING

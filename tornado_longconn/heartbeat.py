@@ -13,7 +13,8 @@ pong, ping), dated when it arrives, or the peer making room for bytes that were
 waiting to be sent to it, dated at the scheduler's check that sees it (checks
 run at least once per interval). A peer that sends nothing and drains nothing
 for ``interval + timeout`` seconds is *dead*: it is dropped within one
-scheduler tick (:data:`DEFAULT_RESOLUTION`) of that bound, its TCP connection
+scheduler step (:data:`DEFAULT_RESOLUTION`, or :data:`COALESCE_FRACTION` of the
+interval when that is longer) of that bound, its TCP connection
 aborted (no close handshake with a peer that is gone), and ``on_close`` runs
 once, as for any other close. Bytes the kernel takes at once are not activity:
 a dead peer's kernel buffer takes them too (until it is full).
@@ -74,6 +75,7 @@ from .stats import COUNTER, GAUGE, PEAK
 from .strict import StrictWebSocketMixin
 
 __all__ = [
+    "COALESCE_FRACTION",
     "DEFAULT_INTERVAL",
     "DEFAULT_MESSAGE",
     "DEFAULT_REPLY",
@@ -248,7 +250,9 @@ class HeartbeatState:
 
     The rules:
 
-    * a heartbeat is due every ``interval`` seconds (:attr:`next_ping`);
+    * a heartbeat is due every ``interval`` seconds (:attr:`next_ping`), counted
+      from when the last one was due, not from when a late check sent it (more
+      than an interval late, from the send);
     * any activity -- :meth:`activity`, :meth:`answer`, or a changed ``progress``
       value passed to :meth:`next_action` -- moves :attr:`last_activity` to ``now``;
     * the peer is dead once ``now >= last_activity + interval + timeout``;
@@ -404,7 +408,11 @@ class HeartbeatState:
         if now >= self.next_ping:
             # The peer may answer only the latest ping (RFC 6455 5.5.3): time that one.
             self.ping_sent_at = now
-            self.next_ping = now + self.interval
+            # One interval after this ping was DUE, not after it went: a late check
+            # (a busy loop) neither pushes every later ping back nor lets the
+            # connections of several late buckets fall into one bucket from then on.
+            due = self.next_ping + self.interval
+            self.next_ping = due if due > now else now + self.interval
             return _PING
         return _WAIT
 
