@@ -362,7 +362,7 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
         self._strict_compressed = False
         self._strict_can_park = False
         self._strict_parked = False
-        self._strict_syncing = False  # readable() is parsing
+        self._strict_syncing = False  # received() is parsing
         self._strict_ended: asyncio.Future[None] | None = None
         self._strict_task: asyncio.Future[None] | None = None
 
@@ -373,8 +373,8 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
     # are read by a coroutine (_read_async) with one pending read per wait for the
     # socket. At a frame boundary with nothing buffered, and when the stream is a
     # KeepReadingIOStream, the reader PARKS instead: no read stays pending, and the
-    # stream hands each read event's bytes to :meth:`readable`, which parses them
-    # synchronously. An idle connection then holds no future and no suspended
+    # stream hands what each read event's recv() returned to :meth:`received`,
+    # which parses it synchronously. An idle connection then holds no future and no suspended
     # coroutine of the reader, and a pong costs no future and no task step (what a
     # heartbeat's pong used to leave for the collector to promote). The reader
     # leaves the parked state for the coroutine whenever it needs one.
@@ -432,26 +432,14 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
 
         Runs after every read event of a :class:`KeepReadingIOStream` this
         protocol is attached to that did not go to :meth:`received` (bytes were
-        buffered, or a read was pending). Hands over to the coroutine when a
-        frame is incomplete or a handler callback returned an awaitable.
+        buffered, or a read was pending); each chunk taken goes to
+        :meth:`received`, until the reader is no longer parked.
         """
-        if not self._strict_parked:
-            return
         stream = self.stream
-        self._strict_syncing = True
-        try:
-            while unread_bytes(stream) and not self.client_terminated:
-                # Served from the stream's buffer at once: a future that is done.
-                read = cast("Future[bytes]", stream.read_bytes(READ_CHUNK, partial=True))
-                status = self._take(read.result())
-                if status == _END:
-                    break
-                if status != _IDLE:
-                    return  # the coroutine reads on
-        finally:
-            self._strict_syncing = False
-        if self.client_terminated:
-            self._end()
+        while self._strict_parked and unread_bytes(stream) and not self.client_terminated:
+            # Served from the stream's buffer at once: a future that is done.
+            read = cast("Future[bytes]", stream.read_bytes(READ_CHUNK, partial=True))
+            self.received(read.result())
 
     def _take(self, buf: bytes) -> int:
         """Parse ``buf`` for the parked reader; the status of :meth:`_parse`.
@@ -558,7 +546,7 @@ class StrictWebSocketProtocol(WebSocketProtocol13):
             if pos == len(buf):
                 if self._strict_can_park and not unread_bytes(stream):
                     self._strict_parked = True
-                    listen_for_reads(stream)  # the read events now reach readable()
+                    listen_for_reads(stream)  # the read events now reach received()
                     return
                 buf = await stream.read_bytes(READ_CHUNK, partial=True)
                 internals._wire_bytes_in += len(buf)
